@@ -1,0 +1,217 @@
+"""The one module that touches the compiled core (``callbackworker._cbw_native``).
+
+It provides three things to the rest of the package:
+
+* ``ffi`` and the C functions the worker calls, re-exported by name;
+* ``CallbackTable``, the Python half of the executor: it keeps every callback
+  that queued jobs refer to alive, runs a job's callback when a C worker
+  thread asks for it (``cbwpy_run``), and records what the callback raised;
+* ``raise_for``, which turns the core's negative error codes into the
+  exceptions of ``callbackworker.errors``.
+
+No exception ever escapes ``cbwpy_run`` into C: a callback's exception is
+stored with its traceback (``CallbackTable.failures``) and re-raised to
+whoever waits for the job; anything else is logged and fails the job.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from typing import Any, Callable, Dict, List, NoReturn, Optional
+
+from ._cbw_native import ffi, lib
+from .errors import (
+    CallbackWorkerError,
+    DeadlockError,
+    JobNotCompleteError,
+    RouteClosedError,
+    ShutdownError,
+    UnknownJobError,
+    UnknownRouteError,
+    WaitTimeoutError,
+    WorkerClosedError,
+)
+from .states import Status
+
+__all__ = ["ffi", "lib", "CallbackInterrupt", "CallbackTable", "raise_for"]
+
+log = logging.getLogger("callbackworker")
+
+STATUS_OK = int(lib.CBW_STATUS_OK)
+STATUS_ERROR = int(lib.CBW_STATUS_ERROR)
+_INT64_MIN = -(1 << 63)
+_INT64_MAX = (1 << 63) - 1
+_getrefcount = sys.getrefcount
+
+
+class CallbackInterrupt(BaseException):
+    """Raised inside a callback that ran past its run-time limit (or whose
+    worker is shutting down at interpreter exit).  It derives from
+    ``BaseException`` so that ``except Exception`` in user code lets it pass.
+    The job has already completed with ``Status.TIMEOUT``; whatever the
+    callback does afterwards is discarded."""
+
+
+# The bridge keeps its own reference to the class (CPython's id() is the
+# object's address).
+lib.cbwpy_init(ffi.cast("void *", id(CallbackInterrupt)))
+
+
+def _describe(exc: BaseException) -> str:
+    try:
+        text = str(exc)
+    except Exception:  # a broken __str__ must not break the job's bookkeeping
+        text = "<unprintable exception>"
+    name = type(exc).__name__
+    return f"{name}: {text}" if text else name
+
+
+class CallbackTable:
+    """The Python half of one worker's executor.
+
+    ``hold(cb)`` is called for every job started and returns the token the C
+    core stores with the job; the callback stays referenced until the job has
+    run (``run``) or was cancelled (``release``).  A worker's table is shared
+    by all its threads; the lock makes counting safe without relying on the
+    interpreter lock.
+    """
+
+    __slots__ = ("callbacks", "failures", "lock", "handle", "__weakref__")
+
+    def __init__(self) -> None:
+        self.callbacks: Dict[int, List[Any]] = {}
+        self.failures: Dict[int, BaseException] = {}
+        self.lock = threading.Lock()
+        self.handle = ffi.new_handle(self)
+
+    def hold(self, callback: Callable[..., Any], count: int = 1) -> int:
+        token = id(callback)
+        with self.lock:
+            entry = self.callbacks.get(token)
+            if entry is None:
+                self.callbacks[token] = [callback, count]
+            else:
+                entry[1] += count
+        return token
+
+    def release(self, token: int, count: int = 1) -> None:
+        with self.lock:
+            entry = self.callbacks.get(token)
+            if entry is None:
+                return
+            entry[1] -= count
+            if entry[1] <= 0:
+                del self.callbacks[token]
+
+    def clear(self) -> None:
+        with self.lock:
+            self.callbacks.clear()
+        self.failures.clear()
+
+    def run(self, slot: Any, run: Any) -> int:
+        """Runs one job's callback on a worker thread (interpreter lock held)."""
+        token = run.callback
+        callback = self.callbacks[token][0]
+        buf = ffi.buffer(run.data, run.size)
+        view = memoryview(buf)
+        status = STATUS_OK
+        try:
+            slot.exec_flags = 1
+            try:
+                out = callback(view)
+            finally:
+                slot.exec_flags = 0
+            if out is not None and out is not view:
+                status = self._record_return(run, out)
+            out = None
+        except CallbackInterrupt:
+            status = STATUS_ERROR  # the job already completed as TIMEOUT
+        except BaseException as exc:  # the job fails; the waiter gets exc
+            status = self._record_failure(run, exc)
+        finally:
+            escaped = self._release_view(view, buf)
+            self.release(token)
+        if escaped:
+            lib.cbw_run_keep_alive(run)
+            if status == STATUS_OK:
+                status = self._record_failure(run, BufferError(
+                    "the callback kept a view of its request after returning; "
+                    "copy it (bytes(request)) to keep the data"))
+        return status
+
+    @staticmethod
+    def _release_view(view: memoryview, buf: Any) -> bool:
+        """Releases the callback's view; True if something still refers to
+        the job's memory (an export, or a slice of the view)."""
+        try:
+            view.release()
+        except BufferError:
+            return True
+        # Three references are ours: run()'s local, this parameter and
+        # getrefcount's argument; a fourth is an escaped slice of the view.
+        return _getrefcount(buf) > 3
+
+    def _record_return(self, run: Any, out: Any) -> int:
+        if isinstance(out, int):
+            run.rc = min(max(out, _INT64_MIN), _INT64_MAX)
+            return STATUS_OK
+        try:
+            data = out if isinstance(out, bytes) else ffi.from_buffer(out)
+        except TypeError:
+            return self._record_failure(run, TypeError(
+                f"callback returned {type(out).__name__}; expected None, an int "
+                "or a bytes-like object"))
+        if lib.cbw_run_set_result(run, data, len(data)) != lib.CBW_OK:
+            return self._record_failure(run, MemoryError("no memory for the callback's result"))
+        return STATUS_OK
+
+    def _record_failure(self, run: Any, exc: BaseException) -> int:
+        self.failures[run.id] = exc
+        lib.cbw_run_set_error(run, _describe(exc).encode("utf-8", "replace"))
+        return STATUS_ERROR
+
+
+def _bridge_error(exc_type: type, exc: BaseException, tb: Any) -> int:
+    if not issubclass(exc_type, CallbackInterrupt):
+        log.error("callbackworker: internal error while running a job",
+                  exc_info=(exc_type, exc, tb))
+    return STATUS_ERROR
+
+
+@ffi.def_extern(onerror=_bridge_error)
+def cbwpy_run(ctx: Any, slot: Any, run: Any) -> int:
+    table: CallbackTable = ffi.from_handle(ctx)
+    return table.run(slot, run)
+
+
+_SIMPLE_ERRORS = {
+    int(lib.CBW_ECLOSED): lambda what: WorkerClosedError("the worker is closed"),
+    int(lib.CBW_EUNKNOWN): UnknownJobError,
+    int(lib.CBW_ENOTDONE): lambda what: JobNotCompleteError(f"job {what} has not completed"),
+    int(lib.CBW_ETIMEDOUT): lambda what: WaitTimeoutError(
+        f"job {what} did not complete within the wait timeout"),
+    int(lib.CBW_EDEADLOCK): lambda what: DeadlockError(
+        f"waiting for job {what} from this callback could never end: it is the "
+        "caller's own job, or is queued behind it on the same route with no "
+        "other thread free to run it"),
+    int(lib.CBW_ESHUTDOWN): lambda what: ShutdownError(
+        what, Status.SHUTDOWN, "the worker was closed while waiting"),
+    int(lib.CBW_ENOMEM): lambda what: MemoryError("callbackworker: out of memory"),
+    int(lib.CBW_ETHREAD): lambda what: CallbackWorkerError(
+        "callbackworker: could not start a worker thread"),
+    int(lib.CBW_ENOROUTE): UnknownRouteError,
+    int(lib.CBW_EROUTECLOSED): lambda what: RouteClosedError(f"route {what!r} is closed"),
+    int(lib.CBW_EEXIST): lambda what: ValueError(f"a route named {what!r} exists already"),
+    int(lib.CBW_EINVAL): lambda what: ValueError(f"invalid argument ({what!r})"),
+}
+
+
+def raise_for(code: int, what: Optional[object] = None) -> NoReturn:
+    """Raises the exception for a negative core error code; ``what`` is the
+    job id or route name the call was about."""
+    factory = _SIMPLE_ERRORS.get(code)
+    if factory is None:
+        raise CallbackWorkerError(f"callbackworker: unexpected core error {code}")
+    raise factory(what)

@@ -1,0 +1,133 @@
+"""Every exception callbackworker raises.
+
+``CallbackWorkerError`` is the base.  Several classes also derive from the
+built-in a caller would naturally catch (``KeyError`` for an unknown id,
+``TimeoutError`` for timeouts, ``RuntimeError`` for a closed worker), so
+generic code keeps working.  Wrong argument types raise plain ``TypeError``;
+values out of range raise plain ``ValueError``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from .states import Status
+
+__all__ = [
+    "CallbackWorkerError",
+    "UnknownJobError",
+    "JobNotCompleteError",
+    "JobFailedError",
+    "JobTimeoutError",
+    "JobCancelledError",
+    "ShutdownError",
+    "WaitTimeoutError",
+    "WorkerClosedError",
+    "DeadlockError",
+    "UnknownRouteError",
+    "RouteClosedError",
+]
+
+
+class CallbackWorkerError(Exception):
+    """Base class of every callbackworker error."""
+
+
+class UnknownJobError(CallbackWorkerError, KeyError):
+    """The job id was never issued by this worker, or the job was destroyed
+    (by ``wait``, ``take`` or ``take_blob``)."""
+
+    def __init__(self, job_id: object) -> None:
+        super().__init__(f"unknown job id {job_id!r}: never issued or already destroyed")
+        self.job_id = job_id
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class JobNotCompleteError(CallbackWorkerError):
+    """``take``/``take_blob``/``job_blob_result_size`` on a job that has not
+    completed yet.  The job is untouched."""
+
+
+class JobFailedError(CallbackWorkerError):
+    """The job completed without success.
+
+    ``status`` is the job's ``Status``; ``error_text`` the worker's
+    description.  When the callback raised, ``__cause__`` is that exception,
+    with its traceback.
+    """
+
+    def __init__(self, job_id: int, status: int, error_text: str) -> None:
+        super().__init__(f"job {job_id} {_STATUS_WORDS.get(status, 'failed')}: {error_text}")
+        self.job_id = job_id
+        self.status = status
+        self.error_text = error_text
+
+
+class JobTimeoutError(JobFailedError, TimeoutError):
+    """The callback ran past its run-time limit (``timeout_ms`` at start)."""
+
+
+class JobCancelledError(JobFailedError):
+    """The job was cancelled before it started."""
+
+
+class ShutdownError(JobFailedError):
+    """The worker was closed before the job could finish, or while a caller
+    was waiting for it."""
+
+
+class WaitTimeoutError(CallbackWorkerError, TimeoutError):
+    """A wait ran out of time.  The job is untouched and may be waited for
+    again."""
+
+
+class WorkerClosedError(CallbackWorkerError, RuntimeError):
+    """The worker has been closed: no verb but ``close`` works any more."""
+
+
+class DeadlockError(CallbackWorkerError, RuntimeError):
+    """The call could never return: a callback waited for its own job, or for
+    a job queued behind it on its own route with no other thread free to run
+    it, or asked to drain the worker it runs on."""
+
+
+class UnknownRouteError(CallbackWorkerError, KeyError):
+    """No route with that name exists on this worker."""
+
+    def __init__(self, name: object) -> None:
+        super().__init__(f"unknown route {name!r}")
+        self.route = name
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class RouteClosedError(CallbackWorkerError):
+    """The route was closed with ``close_route`` and accepts no new jobs."""
+
+
+_STATUS_WORDS = {
+    Status.ERROR: "failed",
+    Status.TIMEOUT: "timed out",
+    Status.SHUTDOWN: "was shut down",
+    Status.CANCELLED: "was cancelled",
+}
+
+
+def failure_for_status(job_id: int, status: int, error_text: str,
+                       cause: Optional[BaseException] = None) -> JobFailedError:
+    """The exception a failed job raises from ``wait``/``take``."""
+    cls = _FAILURE_CLASSES.get(status, JobFailedError)
+    err = cls(job_id, status, error_text)
+    if cause is not None:
+        err.__cause__ = cause
+    return err
+
+
+_FAILURE_CLASSES = {
+    Status.TIMEOUT: JobTimeoutError,
+    Status.SHUTDOWN: ShutdownError,
+    Status.CANCELLED: JobCancelledError,
+}

@@ -1,0 +1,625 @@
+"""``Worker``: run Python callbacks on C threads and track them as jobs.
+
+A job is a callback plus a private copy of an input blob.  ``start`` copies
+the request into the C core and returns a job id at once; a C thread of the
+job's route later calls ``callback(request)`` with a writable ``memoryview``
+of that copy, holding the interpreter lock only while callbacks run.  The
+caller queries the job (``phase``, ``status``, ``state``, ``job_meta``,
+``info``...), waits for it, takes its response, or cancels it while queued.
+
+Threads: every method may be called from any thread, including from inside a
+callback.  Blocking waits happen in C with the interpreter lock released; on
+the main thread they wake up every 50 ms so that Ctrl-C interrupts them
+(the job is untouched).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+import time
+import weakref
+from typing import Any, Callable, Iterable, List, Optional, Union
+
+from . import _native
+from ._native import CallbackTable, ffi, lib, raise_for
+from .asyncmeta import JobMetaKey, Phase, Profile, RouteMetaKey, RouteState
+from .errors import DeadlockError, failure_for_status
+from .states import PHASE_TEXT, STATE_TEXT, STATUS_TEXT, State, Status
+
+__all__ = ["Worker", "Callback", "Request"]
+
+Request = Union[bytes, bytearray, memoryview, Any]
+"""Any object supporting the buffer protocol (C-contiguous)."""
+
+Callback = Callable[[memoryview], Any]
+"""``callback(request: memoryview) -> None | int | bytes-like``."""
+
+_TIMEOUT_MAX = int(lib.CBW_TIMEOUT_MAX)
+_TIMEOUT_ROUTE = int(lib.CBW_TIMEOUT_ROUTE)
+_ETIMEDOUT = int(lib.CBW_ETIMEDOUT)
+_EDEADLOCK = int(lib.CBW_EDEADLOCK)
+_EENCODE = -100  # cbwpy_start_text: the str cannot be encoded
+_INT64_MAX = (1 << 63) - 1
+_DEFAULT_ROUTE = int(lib.CBW_DEFAULT_ROUTE)
+_STATUS_OK = int(lib.CBW_STATUS_OK)
+_MAIN_SLICE_MS = 50
+_EXIT_GRACE_MS = 200
+_ROUTE_NAME_MAX = int(lib.CBW_ROUTE_NAME_MAX)
+
+_start = lib.cbw_start
+_main_ident = threading.main_thread().ident
+
+
+def _check_timeout(value: object, name: str = "timeout_ms") -> int:
+    if type(value) is not int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = int(value)  # an int subclass such as IntEnum
+        else:
+            raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value != -1 and not 0 <= value <= _TIMEOUT_MAX:
+        raise ValueError(f"{name} must be -1 (infinite) or 0..{_TIMEOUT_MAX}, not {value}")
+    return value
+
+
+def _check_id(job_id: object) -> int:
+    if type(job_id) is not int:
+        if isinstance(job_id, int) and not isinstance(job_id, bool):
+            return int(job_id)
+        raise TypeError(f"job_id must be an int, not {type(job_id).__name__}")
+    return job_id
+
+
+def _known_id(job_id: int) -> bool:
+    """Only ids in 1..2**63-1 can have been issued."""
+    return 0 < job_id <= _INT64_MAX
+
+
+def _check_callback(callback: object) -> None:
+    if not callable(callback):
+        raise TypeError(f"callback must be callable, not {type(callback).__name__}")
+
+
+def _check_positive(value: object, name: str) -> int:
+    if type(value) is not int:
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if not 1 <= value <= 1024:
+        raise ValueError(f"{name} must be between 1 and 1024, not {value}")
+    return value
+
+
+def _route_name(name: object) -> bytes:
+    if not isinstance(name, str):
+        raise TypeError(f"route name must be a str, not {type(name).__name__}")
+    raw = name.encode("utf-8")
+    if not 0 < len(raw) <= _ROUTE_NAME_MAX or "\0" in name:
+        raise ValueError(f"route name must be 1..{_ROUTE_NAME_MAX} UTF-8 bytes without NUL")
+    return raw
+
+
+class Worker:
+    """Runs jobs (a callback plus a copied input blob) on C threads.
+
+    ``concurrency`` is the number of threads of the default route (route 1,
+    ``"default"``); with 1, jobs run one at a time in start order.
+
+    Use it as a context manager, or call ``close()``; an open worker is
+    closed at interpreter exit.
+    """
+
+    def __init__(self, concurrency: int = 1) -> None:
+        self._concurrency = _check_positive(concurrency, "concurrency")
+        self._table = CallbackTable()
+        self._closed = False
+        self._w = self._new_native()
+        self._finalizer = self._track_native()
+        self._routes: dict[str, int] = {"default": _DEFAULT_ROUTE}
+        _live_workers.add(self)
+
+    def _new_native(self) -> Any:
+        err = ffi.new("int *")
+        native = lib.cbwpy_worker_new(self._table.handle, self._concurrency, err)
+        if native == ffi.NULL:
+            raise_for(err[0])
+        return native
+
+    # ---- lifecycle ----------------------------------------------------
+
+    def __enter__(self) -> "Worker":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<callbackworker.Worker {state} concurrency={self._concurrency}>"
+
+    def capabilities(self) -> int:
+        """The worker's asyncmeta capability mask: ``Profile.ROUTE_SERVICE``
+        (4095), which contains ``Profile.BLOB_JOB`` (3701).  Fixed for the
+        worker's life."""
+        return int(Profile.ROUTE_SERVICE)
+
+    def close(self, drain: bool = False) -> int:
+        """Shuts the worker down and returns 0.
+
+        No job starts afterwards.  Queued jobs complete with SHUTDOWN (with
+        ``drain=True``, every queued job runs first); blocked waiters wake
+        with ``ShutdownError``; a running callback may finish, bounded by its
+        timeout; all C threads are joined before this returns (except the
+        caller's own thread when called from inside a callback).  Every other
+        verb then raises ``WorkerClosedError``.  Calling it again returns 0.
+        """
+        if type(drain) is not bool:
+            raise TypeError(f"drain must be a bool, not {type(drain).__name__}")
+        return self._close(lib.CBW_CLOSE_DRAIN if drain else 0, 0)
+
+    def _close(self, flags: int, grace_ms: int) -> int:
+        if self._closed:
+            return 0
+        rc = lib.cbw_worker_close(self._w, flags, grace_ms)
+        if rc == _EDEADLOCK:
+            raise DeadlockError("close(drain=True) cannot be called from inside one of "
+                                "the worker's own callbacks: that callback keeps it busy")
+        self._closed = True
+        self._table.clear()
+        _live_workers.discard(self)
+        return 0
+
+    def _reset_after_fork(self) -> None:
+        """In a forked child: the parent's C threads do not exist here, so the
+        parent's core state is abandoned (never touched again) and this worker
+        starts over, empty, with the same configuration."""
+        self._finalizer.detach()
+        self._table = CallbackTable()
+        self._routes = {"default": _DEFAULT_ROUTE}
+        if self._closed:
+            self._w = ffi.NULL
+            return
+        self._w = self._new_native()
+        self._finalizer = self._track_native()
+
+    def _track_native(self) -> "weakref.finalize":
+        """Frees the core worker when this object is collected.  Not at
+        interpreter exit: _close_all_at_exit closes workers then, and memory
+        is left to the process's end."""
+        finalizer = weakref.finalize(self, _release_native, self._w, self._table)
+        finalizer.atexit = False
+        return finalizer
+
+    # ---- starting jobs ------------------------------------------------
+
+    def _route_id(self, route: Optional[str]) -> int:
+        if route is None:
+            return _DEFAULT_ROUTE
+        rid = self._routes.get(route)  # type: ignore[arg-type]
+        if rid is None:
+            rid = lib.cbw_route_find(self._w, _route_name(route))
+            if rid < 0:
+                raise_for(rid, route)
+            self._routes[route] = rid
+        return rid
+
+    def start(self, callback: Callback, request: Request, timeout_ms: int = -1,
+              *, route: Optional[str] = None) -> int:
+        """Schedules ``callback(request)`` and returns the new job id (> 0).
+
+        ``request`` (any bytes-like object) is copied; the callback receives a
+        writable memoryview of the copy, and its in-place edits become the
+        response.  Returning a bytes-like object replaces the response; an
+        int or None is recorded (``info``) and otherwise ignored; raising
+        fails the job.  ``timeout_ms`` is the callback's run-time limit
+        (-1 = none): past it the job completes with TIMEOUT at once and the
+        callback is interrupted.
+        """
+        _check_callback(callback)
+        if timeout_ms != -1:
+            timeout_ms = _check_timeout(timeout_ms)
+        elif route is not None:
+            timeout_ms = _TIMEOUT_ROUTE
+        rid = self._route_id(route) if route is not None else _DEFAULT_ROUTE
+        if self._closed:
+            raise_for(lib.CBW_ECLOSED)
+        table = self._table
+        token = table.hold(callback)
+        if type(request) is bytes:
+            jid = _start(self._w, rid, token, request, len(request), timeout_ms)
+        else:
+            try:
+                data = ffi.from_buffer(request)
+            except TypeError:
+                table.release(token)
+                raise TypeError(f"request must be a bytes-like object, not "
+                                f"{type(request).__name__}") from None
+            jid = _start(self._w, rid, token, data, len(data), timeout_ms)
+        if jid < 0:
+            table.release(token)
+            raise_for(jid, route)
+        return jid
+
+    def start_text(self, callback: Callback, text: str, timeout_ms: int = -1,
+                   *, route: Optional[str] = None) -> int:
+        """Like ``start``, with a ``str`` request: the callback receives its
+        UTF-8 bytes (copied once, straight from the string for ASCII text)."""
+        _check_callback(callback)
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, not {type(text).__name__}")
+        if timeout_ms != -1:
+            timeout_ms = _check_timeout(timeout_ms)
+        elif route is not None:
+            timeout_ms = _TIMEOUT_ROUTE
+        rid = self._route_id(route) if route is not None else _DEFAULT_ROUTE
+        if self._closed:
+            raise_for(lib.CBW_ECLOSED)
+        token = self._table.hold(callback)
+        jid = lib.cbwpy_start_text(self._w, rid, token, ffi.cast("void *", id(text)),
+                                   timeout_ms)
+        if jid == _EENCODE:
+            self._table.release(token)
+            text.encode("utf-8")  # raises the UnicodeEncodeError
+            raise ValueError("text could not be encoded as UTF-8")
+        if jid < 0:
+            self._table.release(token)
+            raise_for(jid, route)
+        return jid
+
+    def start_many(self, callback: Callback, requests: Iterable[Request],
+                   timeout_ms: int = -1, *, route: Optional[str] = None) -> List[int]:
+        """Starts one job per request with one call into the core; all or
+        none.  Same semantics as ``start`` for each; ids are in order."""
+        _check_callback(callback)
+        if timeout_ms != -1:
+            timeout_ms = _check_timeout(timeout_ms)
+        elif route is not None:
+            timeout_ms = _TIMEOUT_ROUTE
+        rid = self._route_id(route) if route is not None else _DEFAULT_ROUTE
+        if self._closed:
+            raise_for(lib.CBW_ECLOSED)
+        keep = []
+        for request in requests:
+            if type(request) is bytes:
+                keep.append(request)
+                continue
+            try:
+                keep.append(ffi.from_buffer(request))
+            except TypeError:
+                raise TypeError(f"every request must be a bytes-like object, not "
+                                f"{type(request).__name__}") from None
+        n = len(keep)
+        if n == 0:
+            return []
+        ids = ffi.new("int64_t[]", n)
+        token = self._table.hold(callback, n)
+        rc = lib.cbw_start_many(self._w, rid, token, keep, [len(r) for r in keep], n,
+                                timeout_ms, ids)
+        if rc < 0:
+            self._table.release(token, n)
+            raise_for(rc, route)
+        return list(ids)
+
+    # ---- waiting and taking -------------------------------------------
+
+    def _blocking(self, call: Callable[..., int], job_id: int, timeout_ms: int,
+                  *extra: Any, timed_out: int = _ETIMEDOUT) -> int:
+        """Runs a blocking core call; on the main thread in slices, so that
+        signal handlers (Ctrl-C) run while it waits."""
+        if timeout_ms == 0 or threading.get_ident() != _main_ident:
+            return call(self._w, job_id, timeout_ms, *extra)
+        deadline = None if timeout_ms < 0 else time.monotonic() + timeout_ms / 1000
+        while True:
+            if deadline is None:
+                slice_ms = _MAIN_SLICE_MS
+            else:
+                left = int((deadline - time.monotonic()) * 1000 + 0.999)
+                slice_ms = max(0, min(_MAIN_SLICE_MS, left))
+            rc = call(self._w, job_id, slice_ms, *extra)
+            if rc != timed_out or (deadline is not None and time.monotonic() >= deadline):
+                return rc
+
+    def wait(self, job_id: int, timeout_ms: int = -1) -> bytes:
+        """Blocks until the job completes and returns its response; the job
+        is destroyed.  A failed job raises its ``JobFailedError`` (and is
+        destroyed); ``WaitTimeoutError`` if ``timeout_ms`` passes first (the
+        job is untouched)."""
+        jid = _check_id(job_id)
+        timeout_ms = _check_timeout(timeout_ms)
+        if self._closed:
+            raise_for(lib.CBW_ECLOSED)
+        if not _known_id(jid):
+            raise_for(lib.CBW_EUNKNOWN, job_id)
+        res = ffi.new("cbw_result *")
+        rc = self._blocking(lib.cbw_wait, jid, timeout_ms, res)
+        if rc < 0:
+            raise_for(rc, jid)
+        return self._consume(res)
+
+    def wait_complete(self, job_id: int, timeout_ms: int = -1) -> bool:
+        """Blocks until the job completes; True if it did, False if
+        ``timeout_ms`` passed first.  Never destroys the job."""
+        jid = _check_id(job_id)
+        timeout_ms = _check_timeout(timeout_ms)
+        if self._closed:
+            raise_for(lib.CBW_ECLOSED)
+        if not _known_id(jid):
+            raise_for(lib.CBW_EUNKNOWN, job_id)
+        rc = self._blocking(lib.cbw_wait_complete, jid, timeout_ms, timed_out=0)
+        if rc < 0:
+            raise_for(rc, jid)
+        return rc == 1
+
+    def take(self, job_id: int) -> bytes:
+        """Returns the response of a completed job and destroys the job.
+        ``JobNotCompleteError`` if it has not completed (the job is
+        untouched); a failed job raises its ``JobFailedError`` and is
+        destroyed."""
+        jid = _check_id(job_id)
+        if self._closed:
+            raise_for(lib.CBW_ECLOSED)
+        if not _known_id(jid):
+            raise_for(lib.CBW_EUNKNOWN, job_id)
+        res = ffi.new("cbw_result *")
+        rc = lib.cbw_take(self._w, jid, res)
+        if rc < 0:
+            raise_for(rc, jid)
+        return self._consume(res)
+
+    take_blob = take
+
+    def _consume(self, res: Any) -> bytes:
+        """Copies out a detached result, releases it, raises for failure."""
+        try:
+            status = res.status
+            if status == _STATUS_OK:
+                return ffi.buffer(res.data, res.size)[:] if res.size else b""
+            error_text = ffi.string(res.error).decode("utf-8", "replace")
+            jid = res.id
+        finally:
+            lib.cbw_result_release(res)
+        cause = self._table.failures.pop(jid, None)
+        raise failure_for_status(jid, Status(status), error_text, cause)
+
+    def cancel(self, job_id: int) -> bool:
+        """Removes a job that is still queued: True, and the job completes
+        with status CANCELLED.  False if it is running or has completed."""
+        jid = _check_id(job_id)
+        if self._closed:
+            raise_for(lib.CBW_ECLOSED)
+        if not _known_id(jid):
+            raise_for(lib.CBW_EUNKNOWN, job_id)
+        token = ffi.new("uint64_t *")
+        rc = lib.cbw_cancel(self._w, jid, token)
+        if rc < 0:
+            raise_for(rc, jid)
+        if rc == 1:
+            self._table.release(token[0])
+        return rc == 1
+
+    # ---- queries ------------------------------------------------------
+
+    def _info(self, job_id: object) -> Any:
+        jid = _check_id(job_id)
+        if self._closed:
+            raise_for(lib.CBW_ECLOSED)
+        if not _known_id(jid):
+            raise_for(lib.CBW_EUNKNOWN, job_id)
+        out = ffi.new("cbw_job_info *")
+        rc = lib.cbw_job_info_get(self._w, jid, out)
+        if rc < 0:
+            raise_for(rc, jid)
+        return out
+
+    def phase(self, job_id: int) -> Phase:
+        """``Phase.QUEUED``, ``RUNNING`` or ``COMPLETED``."""
+        return Phase(self._info(job_id).phase)
+
+    def phase_text(self, job_id: int) -> str:
+        """"queued", "running" or "completed"."""
+        return PHASE_TEXT[self._info(job_id).phase]
+
+    def status(self, job_id: int) -> Status:
+        """``Status.PENDING`` until the job completes, then how it did."""
+        return Status(self._info(job_id).status)
+
+    def status_text(self, job_id: int) -> str:
+        """"success", "pending", "error", "timeout", "shutdown" or
+        "cancelled"."""
+        return STATUS_TEXT[Status(self._info(job_id).status)]
+
+    def state(self, job_id: int) -> State:
+        """Phase and status in one code (``State``)."""
+        return State(self._info(job_id).state)
+
+    def error_text(self, job_id: int) -> str:
+        """"" on success (or while the job is not completed); otherwise what
+        went wrong, "ExcType: message" after a callback exception."""
+        info = self._info(job_id)
+        if info.error_len == 0:
+            return ""
+        buf = ffi.new("char[]", info.error_len + 1)
+        rc = lib.cbw_job_error_text(self._w, info.id, buf, len(buf))
+        if rc < 0:
+            raise_for(rc, info.id)
+        return ffi.string(buf).decode("utf-8", "replace")
+
+    def job_known(self, job_id: int) -> bool:
+        """True while the job exists (not yet destroyed by wait/take)."""
+        jid = _check_id(job_id)
+        if self._closed:
+            raise_for(lib.CBW_ECLOSED)
+        if not _known_id(jid):
+            return False
+        out = ffi.new("cbw_job_info *")
+        rc = lib.cbw_job_info_get(self._w, jid, out)
+        if rc == lib.CBW_EUNKNOWN:
+            return False
+        if rc < 0:
+            raise_for(rc, jid)
+        return True
+
+    def job_timeout(self, job_id: int) -> int:
+        """The run-time limit the job was started with (-1 = infinite)."""
+        return int(self._info(job_id).timeout_ms)
+
+    def job_has_blob_result(self, job_id: int) -> bool:
+        """True if the job completed successfully (it has a response)."""
+        return bool(self._info(job_id).has_result)
+
+    def job_blob_result_size(self, job_id: int) -> int:
+        """The response size in bytes.  ``JobNotCompleteError`` before the
+        job completes; the job's ``JobFailedError`` if it did not succeed
+        (the job is not destroyed)."""
+        info = self._info(job_id)
+        if info.phase != Phase.COMPLETED:
+            raise_for(lib.CBW_ENOTDONE, info.id)
+        if not info.has_result:
+            raise failure_for_status(info.id, Status(info.status), self.error_text(info.id),
+                                     self._table.failures.get(info.id))
+        return int(info.result_size)
+
+    def job_meta(self, job_id: int, key: int) -> int:
+        """One field by ``JobMetaKey``.  ``KNOWN`` gives 0 for an unknown id;
+        every other key raises ``UnknownJobError`` for one."""
+        if type(key) is not int and not isinstance(key, JobMetaKey):
+            raise TypeError(f"key must be an int, not {type(key).__name__}")
+        if not 1 <= key <= 7:
+            raise ValueError(f"key must be a JobMetaKey (1..7), not {key}")
+        key = JobMetaKey(key)
+        if key is JobMetaKey.KNOWN:
+            return int(self.job_known(job_id))
+        info = self._info(job_id)
+        if key is JobMetaKey.PHASE:
+            return int(info.phase)
+        if key is JobMetaKey.STATUS:
+            return int(info.status)
+        if key is JobMetaKey.ROUTE:
+            return int(info.route)
+        if key is JobMetaKey.TIMEOUT:
+            return int(info.timeout_ms)
+        if key is JobMetaKey.HAS_BLOB_RESULT:
+            return int(info.has_result)
+        return int(info.result_size)
+
+    def info(self, job_id: int) -> str:
+        """One line of space-separated ``key=value`` pairs with stable keys:
+        id phase status state timeout_ms route attempt result_size rc."""
+        i = self._info(job_id)
+        return (f"id={i.id} phase={PHASE_TEXT[i.phase]} status={STATUS_TEXT[Status(i.status)]} "
+                f"state={STATE_TEXT[State(i.state)]} timeout_ms={i.timeout_ms} "
+                f"route={i.route} attempt={i.attempt} result_size={i.result_size} rc={i.rc}")
+
+    # ---- routes -------------------------------------------------------
+
+    def open_route(self, name: str, *, concurrency: int = 1, timeout_ms: int = -1) -> int:
+        """Adds a named FIFO route with its own ``concurrency`` threads and
+        default run-time limit; returns its id."""
+        raw = _route_name(name)
+        concurrency = _check_positive(concurrency, "concurrency")
+        timeout_ms = _check_timeout(timeout_ms)
+        if self._closed:
+            raise_for(lib.CBW_ECLOSED)
+        rid = lib.cbw_route_open(self._w, raw, concurrency, timeout_ms)
+        if rid < 0:
+            raise_for(rid, name)
+        self._routes[name] = rid
+        return rid
+
+    def close_route(self, name: str) -> bool:
+        """Stops the route accepting jobs (queued and running ones finish);
+        True if it was open."""
+        if self._closed:
+            raise_for(lib.CBW_ECLOSED)
+        rc = lib.cbw_route_close(self._w, self._route_id(name))
+        if rc < 0:
+            raise_for(rc, name)
+        return rc == 1
+
+    def wait_drained(self, name: str, timeout_ms: int = -1) -> bool:
+        """Blocks until the route has no queued or running job; False if
+        ``timeout_ms`` passed first."""
+        timeout_ms = _check_timeout(timeout_ms)
+        if self._closed:
+            raise_for(lib.CBW_ECLOSED)
+        rid = self._route_id(name)
+        rc = self._blocking(lib.cbw_route_wait_drained, rid, timeout_ms, timed_out=0)
+        if rc < 0:
+            raise_for(rc, name)
+        return rc == 1
+
+    def _route_info(self, name: str) -> Any:
+        if self._closed:
+            raise_for(lib.CBW_ECLOSED)
+        out = ffi.new("cbw_route_info *")
+        rc = lib.cbw_route_info_get(self._w, self._route_id(name), out)
+        if rc < 0:
+            raise_for(rc, name)
+        return out
+
+    def route_meta(self, name: str, key: int) -> int:
+        """One route field by ``RouteMetaKey``; ``KNOWN`` gives 0 for an
+        unknown route, other keys raise ``UnknownRouteError``."""
+        if type(key) is not int and not isinstance(key, RouteMetaKey):
+            raise TypeError(f"key must be an int, not {type(key).__name__}")
+        if not 1 <= key <= 9:
+            raise ValueError(f"key must be a RouteMetaKey (1..9), not {key}")
+        key = RouteMetaKey(key)
+        if key is RouteMetaKey.KNOWN:
+            _route_name(name)
+            if self._closed:
+                raise_for(lib.CBW_ECLOSED)
+            return int(name in self._routes or lib.cbw_route_find(self._w, name.encode()) > 0)
+        r = self._route_info(name)
+        busy = r.queued + r.running
+        return int({
+            RouteMetaKey.STATE: r.state,
+            RouteMetaKey.TIMEOUT: r.timeout_ms,
+            RouteMetaKey.PENDING: r.queued,
+            RouteMetaKey.QUEUED: r.queued,
+            RouteMetaKey.RUNNING: r.running,
+            RouteMetaKey.DRAINED: busy == 0,
+            RouteMetaKey.CLOSE_ACCEPTED: r.close_accepted,
+            RouteMetaKey.CLOSED_QUEUED: r.state == RouteState.CLOSED and busy > 0,
+        }[key])
+
+    def route_info(self, name: str) -> str:
+        """One line of ``key=value`` pairs describing the route."""
+        r = self._route_info(name)
+        state = "open" if r.state == RouteState.OPEN else "closed"
+        return (f"id={r.id} state={state} concurrency={r.concurrency} "
+                f"timeout_ms={r.timeout_ms} queued={r.queued} running={r.running} "
+                f"threads={r.threads} close_accepted={r.close_accepted}")
+
+
+def _release_native(native: Any, table: CallbackTable) -> None:
+    """Finalizer: closes (if still open) and frees the core worker.  The
+    table (and its handle) stays alive until then, so no C thread can call
+    into a freed handle."""
+    lib.cbw_worker_release(native)
+    table.clear()
+
+
+_live_workers: "weakref.WeakSet[Worker]" = weakref.WeakSet()
+
+
+def _close_all_at_exit() -> None:
+    """Closes every open worker before the interpreter finalizes: queued jobs
+    are shut down, running callbacks are interrupted, and threads still busy
+    after a short grace period are abandoned, so exit never hangs."""
+    for worker in list(_live_workers):
+        try:
+            worker._close(lib.CBW_CLOSE_INTERRUPT, _EXIT_GRACE_MS)
+        except Exception:  # exit must go on whatever one worker does
+            _native.log.exception("callbackworker: error closing a worker at exit")
+
+
+def _after_fork_in_child() -> None:
+    global _main_ident
+    _main_ident = threading.main_thread().ident
+    for worker in list(_live_workers):
+        worker._reset_after_fork()
+
+
+atexit.register(_close_all_at_exit)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,182 @@
+/*
+ * cbw.h - the exported API of the callbackworker C core.
+ *
+ * A worker owns routes (named FIFO queues, each served by its own threads),
+ * a table of jobs keyed by 64-bit ids that are never reused, and one timer
+ * thread that enforces run-time limits.  A job is an opaque callback token
+ * plus a private copy of an input blob.  The core never interprets the token:
+ * it hands each job to an executor through cbw_hooks, which is where a
+ * language binding (the cffi bridge) takes its interpreter lock and calls the
+ * real callback.  The core never calls a hook while holding its own mutex.
+ *
+ * Every function returning int returns CBW_OK (0) or a negative CBW_E* code,
+ * unless its comment says otherwise.  Caller mistakes are error codes; a
+ * broken internal invariant aborts.
+ */
+#ifndef CBW_H
+#define CBW_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "cbw_asyncmeta.h"
+
+#define CBW_OK 0
+#define CBW_ENOMEM (-1)     /* an allocation failed; nothing was changed */
+#define CBW_EUNKNOWN (-2)   /* job id never issued or already destroyed */
+#define CBW_ECLOSED (-3)    /* the worker is closing or closed */
+#define CBW_EINVAL (-4)     /* an argument is out of range */
+#define CBW_ENOTDONE (-5)   /* the job has not completed */
+#define CBW_ETIMEDOUT (-6)  /* a wait ran out of time; the job is untouched */
+#define CBW_EDEADLOCK (-7)  /* the wait could never be satisfied */
+#define CBW_ESHUTDOWN (-8)  /* a wait was ended by close() */
+#define CBW_ETHREAD (-9)    /* a thread could not be started */
+#define CBW_ENOROUTE (-10)  /* no route with that id or name */
+#define CBW_EROUTECLOSED (-11) /* the route accepts no new jobs */
+#define CBW_EEXIST (-12)    /* a route with that name exists already */
+
+#define CBW_TIMEOUT_INFINITE (-1)
+#define CBW_TIMEOUT_ROUTE (-2) /* cbw_start: use the route's timeout */
+#define CBW_TIMEOUT_MAX 2147483647
+#define CBW_DEFAULT_ROUTE 1
+#define CBW_ROUTE_NAME_MAX 128
+
+/* close() flags. */
+#define CBW_CLOSE_DRAIN 1     /* run every queued job before shutting down */
+#define CBW_CLOSE_INTERRUPT 2 /* interrupt running callbacks; abandon threads
+                                 still busy after the grace period */
+
+typedef struct cbw_worker cbw_worker;
+
+/*
+ * One attempt of a job, as the executor sees it.  `data`/`size` is the job's
+ * private copy of the request; the callback may edit it in place and it then
+ * becomes the response.  The executor may shrink `size`, store an integer
+ * return code in `rc`, replace the response with cbw_run_set_result() or
+ * record an error text with cbw_run_set_error().
+ */
+typedef struct cbw_run {
+    int64_t id;
+    uint64_t callback;
+    unsigned char *data;
+    size_t size;
+    int64_t rc;
+    int64_t deadline_ns;   /* monotonic; INT64_MAX when there is no limit */
+    int32_t timeout_ms;
+    int32_t route;
+    uint32_t attempt;
+} cbw_run;
+
+/*
+ * One worker thread, as its executor sees it.  The exec_* fields belong to
+ * the executor; the core only stores them.
+ */
+typedef struct cbw_slot {
+    void *exec_state;
+    uintptr_t exec_ident;
+    int64_t exec_job;
+    int exec_flags;
+    int exec_interrupted;
+} cbw_slot;
+
+/*
+ * How the core runs jobs.  Only `run` is required.  A worker thread calls
+ * thread_enter once, then for every burst of ready jobs session_begin,
+ * run (once per job, up to a bounded number), session_end; thread_exit last.
+ * The timer thread calls interrupt when a running job passes its deadline
+ * (or at close with CBW_CLOSE_INTERRUPT); the job may already have left the
+ * slot, so the executor must track which job its slot runs (exec_job) and
+ * compare.  The core never touches the exec_* fields.
+ */
+typedef struct cbw_hooks {
+    void *ctx;
+    void (*thread_enter)(void *ctx, cbw_slot *slot);
+    void (*thread_exit)(void *ctx, cbw_slot *slot);
+    void (*session_begin)(void *ctx, cbw_slot *slot);
+    void (*session_end)(void *ctx, cbw_slot *slot);
+    int (*run)(void *ctx, cbw_slot *slot, cbw_run *run); /* CBW_STATUS_OK or _ERROR */
+    void (*interrupt)(void *ctx, cbw_slot *slot, int64_t job_id);
+} cbw_hooks;
+
+/* A completed job detached from the table by cbw_wait() or cbw_take(). */
+typedef struct cbw_result {
+    int64_t id;
+    int status;
+    int32_t route;
+    const unsigned char *data; /* the response; valid until released */
+    size_t size;
+    const char *error;         /* "" when the job succeeded */
+    uint64_t callback;
+    void *job_;                /* private */
+    cbw_worker *worker_;       /* private */
+} cbw_result;
+
+/* A snapshot of one job. */
+typedef struct cbw_job_info {
+    int64_t id;
+    int phase;
+    int status;
+    int state;
+    int32_t timeout_ms;
+    int32_t route;
+    uint32_t attempt;
+    int has_result;
+    size_t result_size;
+    int64_t rc;
+    size_t error_len;
+} cbw_job_info;
+
+/* A snapshot of one route. */
+typedef struct cbw_route_info {
+    int32_t id;
+    int state;
+    int close_accepted;
+    int32_t concurrency;
+    int32_t timeout_ms;
+    int64_t queued;
+    int64_t running;
+    int64_t threads;
+} cbw_route_info;
+
+/* Worker lifecycle. */
+cbw_worker *cbw_worker_new(const cbw_hooks *hooks, int32_t concurrency, int *err);
+int cbw_worker_close(cbw_worker *w, int flags, int32_t grace_ms);
+void cbw_worker_release(cbw_worker *w);
+int cbw_worker_set_grace(cbw_worker *w, int32_t grace_ms);
+int cbw_worker_is_own_thread(cbw_worker *w);
+
+/* Routes.  Route ids start at 1 (the default route, "default"). */
+int32_t cbw_route_open(cbw_worker *w, const char *name, int32_t concurrency,
+                       int32_t timeout_ms);
+int32_t cbw_route_find(cbw_worker *w, const char *name);
+int cbw_route_close(cbw_worker *w, int32_t route);
+int cbw_route_info_get(cbw_worker *w, int32_t route, cbw_route_info *out);
+int cbw_route_wait_drained(cbw_worker *w, int32_t route, int32_t timeout_ms);
+
+/* Jobs.  cbw_start returns the new job id (> 0) or a CBW_E* code (< 0). */
+int64_t cbw_start(cbw_worker *w, int32_t route, uint64_t callback,
+                  const char *data, size_t size, int32_t timeout_ms);
+int cbw_start_many(cbw_worker *w, int32_t route, uint64_t callback,
+                   const char *const *data, const size_t *sizes, size_t n,
+                   int32_t timeout_ms, int64_t *ids);
+int cbw_cancel(cbw_worker *w, int64_t id, uint64_t *callback);
+int cbw_wait_complete(cbw_worker *w, int64_t id, int32_t timeout_ms);
+int cbw_wait(cbw_worker *w, int64_t id, int32_t timeout_ms, cbw_result *out);
+int cbw_take(cbw_worker *w, int64_t id, cbw_result *out);
+void cbw_result_release(cbw_result *res);
+int cbw_job_info_get(cbw_worker *w, int64_t id, cbw_job_info *out);
+int cbw_job_error_text(cbw_worker *w, int64_t id, char *buf, size_t cap);
+
+/* For executors, during run(). */
+int cbw_run_set_result(cbw_run *run, const char *data, size_t size);
+int cbw_run_set_error(cbw_run *run, const char *text);
+/* The callback kept a view of the request after returning: the job record
+ * is never freed, so that view stays valid. */
+int cbw_run_keep_alive(cbw_run *run);
+
+/* Allocation hooks for tests: the Nth allocation from now fails (0 = never);
+ * cbw_live_allocations counts blocks the core holds right now. */
+void cbw_debug_fail_allocation(int64_t nth);
+int64_t cbw_live_allocations(void);
+
+#endif /* CBW_H */

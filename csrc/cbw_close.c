@@ -1,0 +1,164 @@
+/*
+ * cbw_close.c - shutting a worker down and letting it go.
+ *
+ * DESIGN
+ * close() runs once; a second or concurrent call waits for the first to
+ * finish (unless it comes from one of the worker's own threads, which must
+ * not wait for itself) and returns CBW_OK.  The steps, each under w->mu
+ * except the joins:
+ *  1. closing: cbw_start fails from now on.
+ *  2. with CBW_CLOSE_DRAIN, wait until every route is empty.
+ *  3. every queued job completes with SHUTDOWN; stopping: every verb fails,
+ *     blocked waiters wake with CBW_ESHUTDOWN, idle threads leave.
+ *  4. with CBW_CLOSE_INTERRUPT, every running job's deadline becomes now, so
+ *     the timer interrupts it and abandons its thread after grace_ms.
+ *  5. join every route thread but the caller's own (which detaches), then
+ *     the timer.  Threads abandoned by the timer are not joined: they hold a
+ *     worker reference and leave by themselves.
+ */
+#include "cbw_internal.h"
+
+static int routes_busy(cbw_worker *w)
+{
+    int32_t i;
+    for (i = 0; i < w->nroutes; i++)
+        if (w->routes[i]->queued > 0 || w->routes[i]->running > 0)
+            return 1;
+    return 0;
+}
+
+static void shut_down_queues(cbw_worker *w)
+{
+    int32_t i;
+    cbw__job *job;
+    for (i = 0; i < w->nroutes; i++) {
+        cbw__route *r = w->routes[i];
+        while ((job = r->head) != NULL) {
+            r->head = job->next;
+            job->next = NULL;
+            job->in_queue = 0;
+            if (job->phase == CBW_PHASE_QUEUED)
+                cbw__job_complete(w, job, CBW_STATUS_SHUTDOWN,
+                                  "the worker was closed before the job started");
+            cbw__job_unref(job);
+        }
+        r->tail = NULL;
+        r->queued = 0;
+    }
+}
+
+static void wake_everyone(cbw_worker *w)
+{
+    int32_t i;
+    for (i = 0; i < w->nroutes; i++)
+        cbw__cond_broadcast(&w->routes[i]->cond);
+    for (i = 0; i < CBW__WAIT_STRIPES; i++)
+        cbw__cond_broadcast(&w->waitc[i]);
+    cbw__cond_broadcast(&w->statec);
+    cbw__cond_signal(&w->timerc);
+}
+
+static void interrupt_running(cbw_worker *w)
+{
+    int32_t i;
+    cbw__thread_rec *t;
+    int64_t now = cbw__now_ns();
+    for (i = 0; i < w->nroutes; i++)
+        for (t = w->routes[i]->threads; t != NULL; t = t->next)
+            if (t->job != NULL && t->job->phase == CBW_PHASE_RUNNING &&
+                t->deadline_ns > now)
+                t->deadline_ns = now;
+    if (cbw__timer_start(w) == CBW_OK)
+        cbw__cond_signal(&w->timerc);
+}
+
+/* A live route thread other than the caller, or NULL. */
+static cbw__thread_rec *next_to_join(cbw_worker *w)
+{
+    int32_t i;
+    cbw__thread_rec *t;
+    for (i = 0; i < w->nroutes; i++)
+        for (t = w->routes[i]->threads; t != NULL; t = t->next)
+            if (t != cbw__self)
+                return t;
+    return NULL;
+}
+
+static void join_threads(cbw_worker *w)
+{
+    cbw__thread_rec *t;
+    while ((t = next_to_join(w)) != NULL) {
+        while (!t->exited && !t->orphaned)
+            cbw__cond_wait(&w->statec, &w->mu);
+        if (t->orphaned)
+            continue; /* the timer unlinked it; it leaves by itself */
+        cbw__route_unlink_thread(t->route, t);
+        cbw__mutex_unlock(&w->mu);
+        cbw__thread_join(t->handle);
+        cbw__mutex_lock(&w->mu);
+    }
+}
+
+int cbw_worker_close(cbw_worker *w, int flags, int32_t grace_ms)
+{
+    cbw__thread_rec *self = cbw__self;
+    int own = self != NULL && self->w == w;
+
+    if (grace_ms < 0)
+        return CBW_EINVAL;
+    cbw__mutex_lock(&w->mu);
+    if (w->closing) {
+        while (!w->closed && !own)
+            cbw__cond_wait(&w->statec, &w->mu);
+        cbw__mutex_unlock(&w->mu);
+        return CBW_OK;
+    }
+    if (own && (flags & CBW_CLOSE_DRAIN)) {
+        cbw__mutex_unlock(&w->mu);
+        return CBW_EDEADLOCK; /* the caller's own job keeps its route busy */
+    }
+    w->closing = 1;
+    if (flags & CBW_CLOSE_DRAIN) {
+        w->draining = 1;
+        while (routes_busy(w))
+            cbw__cond_wait(&w->statec, &w->mu);
+        w->draining = 0;
+    }
+    shut_down_queues(w);
+    w->stopping = 1;
+    if (flags & CBW_CLOSE_INTERRUPT) {
+        w->grace_ms = grace_ms;
+        interrupt_running(w);
+    }
+    if (own && !self->detached) {
+        self->detached = 1; /* leaves after its callback returns */
+        w->refs++;
+    }
+    wake_everyone(w);
+    join_threads(w);
+    if (w->timer_started) {
+        w->timer_stop = 1;
+        cbw__cond_signal(&w->timerc);
+        cbw__mutex_unlock(&w->mu);
+        cbw__thread_join(w->timer);
+        cbw__mutex_lock(&w->mu);
+        w->timer_started = 0;
+    }
+    w->closed = 1;
+    cbw__cond_broadcast(&w->statec);
+    cbw__mutex_unlock(&w->mu);
+    return CBW_OK;
+}
+
+void cbw_worker_release(cbw_worker *w)
+{
+    if (w == NULL)
+        return;
+    cbw__mutex_lock(&w->mu);
+    if (!w->closing) {
+        cbw__mutex_unlock(&w->mu);
+        (void)cbw_worker_close(w, 0, 0);
+        cbw__mutex_lock(&w->mu);
+    }
+    cbw__worker_unref(w);
+}

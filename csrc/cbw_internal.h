@@ -1,0 +1,151 @@
+/*
+ * cbw_internal.h - structures shared by the core's translation units.
+ *
+ * Ownership and locking, for every file that includes this:
+ *  - One mutex per worker (w->mu) guards everything below: the job table,
+ *    every route's queue and counters, every thread record, every job's
+ *    phase/status/refs/waiters, and the timer state.  The only fields read
+ *    without it are a running job's run.data/size, which belong to the
+ *    thread running it.
+ *  - Nothing is called through cbw_hooks while w->mu is held.  An executor
+ *    may therefore take its own lock (an interpreter lock) and then call back
+ *    into the core, which takes w->mu: the order is always executor lock,
+ *    then w->mu.
+ *  - A job is freed when its last reference goes: the table holds one while
+ *    the job is known, the thread running it holds one, a detached cbw_result
+ *    holds one.  So a job that timed out and was taken while its callback
+ *    still runs stays valid until the callback returns.
+ *  - The worker is freed when its last reference goes: the owner's, plus one
+ *    per detached thread (a thread abandoned after a timeout, or the thread
+ *    that called close from inside a callback).
+ */
+#ifndef CBW_INTERNAL_H
+#define CBW_INTERNAL_H
+
+#include "cbw.h"
+#include "cbw_platform.h"
+
+#define CBW__WAIT_STRIPES 64
+#define CBW__BATCH_MAX 256
+#define CBW__DEFAULT_GRACE_MS 100
+
+typedef struct cbw__job cbw__job;
+typedef struct cbw__route cbw__route;
+typedef struct cbw__thread_rec cbw__thread_rec;
+
+struct cbw__job {
+    cbw_run run;              /* first: executors get &job->run */
+    cbw__job *next;           /* route FIFO link */
+    unsigned char *result;    /* replacement response (malloc) or NULL */
+    char *error;              /* error text (malloc) or NULL */
+    uint32_t refs;
+    int32_t waiters;          /* threads blocked on this job */
+    uint8_t phase;
+    uint8_t status;
+    uint8_t in_queue;
+    unsigned char inline_data[]; /* the request copy: one allocation per job */
+};
+
+struct cbw__thread_rec {
+    cbw_slot slot;            /* first: executors get &rec->slot */
+    cbw_worker *w;
+    cbw__route *route;
+    cbw__thread handle;
+    cbw__job *job;            /* the job it is running, or NULL */
+    int64_t deadline_ns;      /* the running job's deadline, as the timer
+                                 sees it; close may pull it forward */
+    char *pending_error;      /* cbw_run_set_error text, moved to the job
+                                 under w->mu when the run finishes */
+    cbw__thread_rec *next;    /* the route's live threads */
+    cbw__thread_rec *all_next; /* every thread record the worker made */
+    uint8_t detached;         /* leaves on its own; never joined */
+    uint8_t orphaned;         /* abandoned after its job timed out */
+    uint8_t exited;
+    uint8_t blocked;          /* in an infinite cbw_wait (deadlock check) */
+};
+
+struct cbw__route {
+    int32_t id;
+    char name[CBW_ROUTE_NAME_MAX + 1];
+    int32_t concurrency;
+    int32_t timeout_ms;
+    uint8_t open;
+    uint8_t close_accepted;
+    cbw__job *head, *tail;
+    int64_t queued;
+    int64_t running;
+    int64_t nthreads;          /* live (not orphaned, not exited) threads */
+    int32_t idle;              /* threads waiting on cond */
+    int32_t wakeups;           /* signals sent but not yet consumed */
+    int32_t drain_waiters;
+    cbw__cond cond;            /* idle threads wait here for work */
+    cbw__thread_rec *threads;
+};
+
+typedef struct cbw__table {
+    cbw__job **slots;
+    size_t mask;               /* capacity - 1; capacity is a power of two */
+    size_t count;
+} cbw__table;
+
+struct cbw_worker {
+    cbw__mutex mu;
+    cbw_hooks hooks;
+    uint32_t refs;
+    uint8_t closing;           /* no new starts */
+    uint8_t draining;          /* close(drain) is running the queue empty */
+    uint8_t stopping;          /* threads leave; waiters wake with SHUTDOWN */
+    uint8_t closed;            /* close() has finished */
+    int64_t next_id;
+    int32_t grace_ms;
+    cbw__table table;
+    cbw__route **routes;       /* routes[i] has id i + 1 */
+    int32_t nroutes;
+    int32_t routes_cap;
+    cbw__thread_rec *all_threads;
+    cbw__cond waitc[CBW__WAIT_STRIPES]; /* job waiters, striped by job id */
+    cbw__cond statec;          /* drain, close and thread-exit changes */
+    /* The timer thread. */
+    cbw__thread timer;
+    cbw__cond timerc;
+    uint8_t timer_started;
+    uint8_t timer_stop;
+    int64_t timer_wake_ns;     /* when it will next look; INT64_MIN: awake */
+};
+
+extern CBW__TLS cbw__thread_rec *cbw__self;
+
+/* Memory (cbw_alloc.c): every core allocation goes through these. */
+void *cbw__malloc(size_t n);
+void *cbw__calloc(size_t n, size_t size);
+void cbw__free(void *p);
+char *cbw__strdup(const char *s);
+
+/* Job table (cbw_table.c). */
+int cbw__table_init(cbw__table *t);
+void cbw__table_destroy(cbw__table *t);
+cbw__job *cbw__table_get(const cbw__table *t, int64_t id);
+int cbw__table_put(cbw__table *t, cbw__job *job);
+int cbw__table_reserve(cbw__table *t, size_t more);
+void cbw__table_remove(cbw__table *t, int64_t id);
+
+/* Jobs (cbw_job.c); all under w->mu. */
+cbw__job *cbw__job_new(const char *data, size_t size);
+void cbw__job_unref(cbw__job *job);
+void cbw__job_complete(cbw_worker *w, cbw__job *job, int status, const char *why);
+int cbw__job_state(const cbw__job *job);
+cbw__route *cbw__route_get(cbw_worker *w, int32_t id);
+
+/* Threads (cbw_thread.c); all under w->mu. */
+int cbw__route_ensure_threads(cbw_worker *w, cbw__route *r);
+void cbw__route_unlink_thread(cbw__route *r, cbw__thread_rec *t);
+void cbw__route_wake(cbw__route *r);
+int cbw__timer_start(cbw_worker *w);
+void cbw__timer_arm(cbw_worker *w, int64_t deadline_ns);
+
+/* Routes (cbw_route.c); under w->mu. */
+int32_t cbw__route_add(cbw_worker *w, const char *name, int32_t concurrency,
+                       int32_t timeout_ms);
+void cbw__worker_unref(cbw_worker *w); /* called with w->mu held; unlocks */
+
+#endif /* CBW_INTERNAL_H */

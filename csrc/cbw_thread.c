@@ -1,0 +1,328 @@
+/*
+ * cbw_thread.c - the threads that run jobs, and the timer thread.
+ *
+ * DESIGN
+ * Each route has `concurrency` threads, started when its first job arrives.
+ * An idle thread sleeps on its route's condition variable.  A start signals
+ * that variable only when some thread is idle and not already being woken
+ * (r->idle > r->wakeups), so a burst of starts against a busy route costs no
+ * system call at all.
+ *
+ * A woken thread runs a burst: it asks its executor for a session
+ * (session_begin, where a binding takes its interpreter lock once), then pops
+ * and runs ready jobs one after the other, up to CBW__BATCH_MAX, and ends the
+ * session.  The worker mutex is dropped around every run() call, so starts,
+ * waits and cancels proceed while callbacks run; a job popped from the queue
+ * is RUNNING before the mutex is dropped, so cancel never races with it.
+ *
+ * Cancelled jobs are left in the FIFO (cancel is O(1)); the queue holds a
+ * reference and the popping thread drops them.
+ *
+ * The timer thread enforces run-time limits.  It sleeps until the earliest
+ * deadline of a running job (a start with a later deadline does not wake it),
+ * completes an overdue job with TIMEOUT, so its waiters wake at once, and
+ * asks the executor to interrupt the callback.  If the thread is still inside
+ * the callback a grace period later, the thread is abandoned: it is marked
+ * orphaned and detached, a replacement is started for its route, and when
+ * the callback finally returns the thread discards the result and leaves.
+ */
+#include <stdlib.h>
+
+#include "cbw_internal.h"
+
+CBW__TLS cbw__thread_rec *cbw__self;
+
+#define CBW__FIRE_MAX 16
+
+void cbw__route_wake(cbw__route *r)
+{
+    if (r->idle > r->wakeups) {
+        r->wakeups++;
+        cbw__cond_signal(&r->cond);
+    }
+}
+
+void cbw__route_unlink_thread(cbw__route *r, cbw__thread_rec *t)
+{
+    cbw__thread_rec **p = &r->threads;
+    while (*p != t) {
+        if (*p == NULL)
+            abort();
+        p = &(*p)->next;
+    }
+    *p = t->next;
+    t->next = NULL;
+    r->nthreads--;
+}
+
+static cbw__job *pop_ready(cbw_worker *w, cbw__route *r)
+{
+    cbw__job *job;
+    (void)w;
+    while ((job = r->head) != NULL) {
+        r->head = job->next;
+        if (r->head == NULL)
+            r->tail = NULL;
+        job->next = NULL;
+        job->in_queue = 0;
+        if (job->phase == CBW_PHASE_QUEUED)
+            return job; /* the queue's reference passes to the thread */
+        cbw__job_unref(job); /* cancelled while queued */
+    }
+    return NULL;
+}
+
+static void begin_run(cbw_worker *w, cbw__route *r, cbw__thread_rec *t,
+                      cbw__job *job)
+{
+    r->queued--;
+    r->running++;
+    job->phase = CBW_PHASE_RUNNING;
+    job->run.attempt++;
+    t->job = job;
+    job->run.deadline_ns = cbw__deadline_after_ms(job->run.timeout_ms);
+    t->deadline_ns = job->run.deadline_ns;
+    if (t->deadline_ns != CBW__NEVER)
+        cbw__timer_arm(w, t->deadline_ns);
+}
+
+static void end_run(cbw_worker *w, cbw__route *r, cbw__thread_rec *t,
+                    cbw__job *job, int status)
+{
+    t->job = NULL;
+    if (!t->orphaned)
+        r->running--;
+    if (job->phase != CBW_PHASE_COMPLETED) {
+        if (t->deadline_ns != CBW__NEVER && cbw__now_ns() >= t->deadline_ns) {
+            cbw__job_complete(w, job, CBW_STATUS_TIMEOUT,
+                              "the callback ran past its timeout");
+        } else {
+            if (t->pending_error != NULL) {
+                cbw__free(job->error);
+                job->error = t->pending_error;
+                t->pending_error = NULL;
+            }
+            cbw__job_complete(w, job,
+                              status == CBW_STATUS_OK ? CBW_STATUS_OK
+                                                      : CBW_STATUS_ERROR,
+                              NULL);
+        }
+    }
+    cbw__free(t->pending_error);
+    t->pending_error = NULL;
+    cbw__job_unref(job);
+    if (r->queued == 0 && r->running == 0 && (r->drain_waiters || w->draining))
+        cbw__cond_broadcast(&w->statec);
+}
+
+/* Runs ready jobs under one executor session.  Called and returns with
+ * w->mu held. */
+static void run_burst(cbw_worker *w, cbw__route *r, cbw__thread_rec *t)
+{
+    const cbw_hooks *h = &w->hooks;
+    int n, status;
+    cbw__job *job;
+
+    cbw__mutex_unlock(&w->mu);
+    if (h->session_begin)
+        h->session_begin(h->ctx, &t->slot);
+    cbw__mutex_lock(&w->mu);
+    for (n = 0; n < CBW__BATCH_MAX && !t->orphaned; n++) {
+        job = pop_ready(w, r);
+        if (job == NULL)
+            break;
+        begin_run(w, r, t, job);
+        cbw__mutex_unlock(&w->mu);
+        status = h->run(h->ctx, &t->slot, &job->run);
+        cbw__mutex_lock(&w->mu);
+        end_run(w, r, t, job, status);
+    }
+    cbw__mutex_unlock(&w->mu);
+    if (h->session_end)
+        h->session_end(h->ctx, &t->slot);
+    cbw__mutex_lock(&w->mu);
+}
+
+static void thread_main(void *arg)
+{
+    cbw__thread_rec *t = arg;
+    cbw_worker *w = t->w;
+    cbw__route *r = t->route;
+    const cbw_hooks *h = &w->hooks;
+    int detached;
+
+    cbw__self = t;
+    if (h->thread_enter)
+        h->thread_enter(h->ctx, &t->slot);
+    cbw__mutex_lock(&w->mu);
+    for (;;) {
+        while (r->head == NULL && !t->orphaned && !w->stopping) {
+            r->idle++;
+            cbw__cond_wait(&r->cond, &w->mu);
+            r->idle--;
+            if (r->wakeups > 0)
+                r->wakeups--;
+        }
+        if (t->orphaned || r->head == NULL)
+            break;
+        run_burst(w, r, t);
+    }
+    t->exited = 1;
+    detached = t->detached;
+    if (detached && !t->orphaned)
+        cbw__route_unlink_thread(r, t); /* otherwise close() unlinks and joins */
+    if (detached)
+        cbw__thread_detach(t->handle);
+    cbw__cond_broadcast(&w->statec);
+    cbw__mutex_unlock(&w->mu);
+    if (h->thread_exit)
+        h->thread_exit(h->ctx, &t->slot);
+    cbw__self = NULL;
+    if (detached) {
+        cbw__mutex_lock(&w->mu);
+        cbw__worker_unref(w); /* may free w and t */
+    }
+}
+
+static int spawn(cbw_worker *w, cbw__route *r)
+{
+    cbw__thread_rec *t = cbw__calloc(1, sizeof(*t));
+    if (t == NULL)
+        return CBW_ENOMEM;
+    t->w = w;
+    t->route = r;
+    if (cbw__thread_start(&t->handle, thread_main, t) != 0) {
+        cbw__free(t);
+        return CBW_ETHREAD;
+    }
+    t->next = r->threads;
+    r->threads = t;
+    r->nthreads++;
+    t->all_next = w->all_threads;
+    w->all_threads = t;
+    return CBW_OK;
+}
+
+int cbw__route_ensure_threads(cbw_worker *w, cbw__route *r)
+{
+    int rc = CBW_OK;
+    while (r->nthreads < r->concurrency && !w->stopping) {
+        rc = spawn(w, r);
+        if (rc != CBW_OK)
+            break;
+    }
+    return r->nthreads > 0 ? CBW_OK : rc;
+}
+
+/* The timer abandons a thread stuck in a callback past deadline + grace. */
+static void orphan(cbw_worker *w, cbw__route *r, cbw__thread_rec *t)
+{
+    t->orphaned = 1;
+    t->detached = 1;
+    r->running--;
+    cbw__route_unlink_thread(r, t);
+    w->refs++; /* dropped by the thread when it finally leaves */
+    if (!w->stopping)
+        (void)cbw__route_ensure_threads(w, r); /* best effort */
+    cbw__route_wake(r);
+    cbw__cond_broadcast(&w->statec);
+}
+
+static int64_t add_saturating(int64_t a, int64_t b)
+{
+    return a > CBW__NEVER - b ? CBW__NEVER : a + b;
+}
+
+typedef struct { cbw__thread_rec *t; int64_t job_id; } cbw__fire;
+
+/* One pass over the running jobs: times out the overdue ones (recording whom
+ * to interrupt in fire[]), abandons stuck threads, and returns when the timer
+ * must look again. */
+static int64_t timer_scan(cbw_worker *w, cbw__fire *fire, int *nfire)
+{
+    int64_t now = cbw__now_ns(), next = CBW__NEVER, grace, until;
+    cbw__thread_rec *t, *tn;
+    cbw__job *job;
+    int32_t i;
+
+    grace = (int64_t)w->grace_ms * 1000000;
+    for (i = 0; i < w->nroutes; i++) {
+        cbw__route *r = w->routes[i];
+        for (t = r->threads; t != NULL; t = tn) {
+            tn = t->next;
+            job = t->job;
+            if (job == NULL || t->deadline_ns == CBW__NEVER)
+                continue;
+            if (job->phase != CBW_PHASE_COMPLETED) {
+                if (now < t->deadline_ns) {
+                    if (t->deadline_ns < next)
+                        next = t->deadline_ns;
+                    continue;
+                }
+                if (*nfire == CBW__FIRE_MAX) {
+                    next = now; /* look again after these are delivered */
+                    continue;
+                }
+                cbw__job_complete(w, job,
+                                  w->stopping ? CBW_STATUS_SHUTDOWN
+                                              : CBW_STATUS_TIMEOUT,
+                                  w->stopping
+                                      ? "the worker was closed while the callback ran"
+                                      : "the callback ran past its timeout");
+                fire[*nfire].t = t;
+                fire[*nfire].job_id = job->run.id;
+                (*nfire)++;
+            }
+            until = add_saturating(t->deadline_ns, grace);
+            if (now >= until)
+                orphan(w, r, t);
+            else if (until < next)
+                next = until;
+        }
+    }
+    return next;
+}
+
+static void timer_main(void *arg)
+{
+    cbw_worker *w = arg;
+    const cbw_hooks *h = &w->hooks;
+    cbw__fire fire[CBW__FIRE_MAX];
+    int nfire, i;
+    int64_t next;
+
+    cbw__mutex_lock(&w->mu);
+    while (!w->timer_stop) {
+        nfire = 0;
+        next = timer_scan(w, fire, &nfire);
+        if (nfire > 0) {
+            w->timer_wake_ns = INT64_MIN; /* awake: nobody need signal */
+            cbw__mutex_unlock(&w->mu);
+            for (i = 0; i < nfire; i++)
+                if (h->interrupt)
+                    h->interrupt(h->ctx, &fire[i].t->slot, fire[i].job_id);
+            cbw__mutex_lock(&w->mu);
+            continue;
+        }
+        w->timer_wake_ns = next;
+        cbw__cond_wait_until(&w->timerc, &w->mu, next);
+    }
+    cbw__mutex_unlock(&w->mu);
+}
+
+int cbw__timer_start(cbw_worker *w)
+{
+    if (w->timer_started)
+        return CBW_OK;
+    w->timer_wake_ns = CBW__NEVER;
+    if (cbw__thread_start(&w->timer, timer_main, w) != 0)
+        return CBW_ETHREAD;
+    w->timer_started = 1;
+    return CBW_OK;
+}
+
+void cbw__timer_arm(cbw_worker *w, int64_t deadline_ns)
+{
+    if (w->timer_started && deadline_ns < w->timer_wake_ns)
+        cbw__cond_signal(&w->timerc);
+}
