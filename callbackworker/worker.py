@@ -76,6 +76,14 @@ def _known_id(job_id: int) -> bool:
     return 0 < job_id <= _INT64_MAX
 
 
+def _is_buffer(obj: object) -> bool:
+    try:
+        memoryview(obj)  # type: ignore[arg-type]
+    except TypeError:
+        return False
+    return True
+
+
 def _check_callback(callback: object) -> None:
     if not callable(callback):
         raise TypeError(f"callback must be callable, not {type(callback).__name__}")
@@ -277,23 +285,21 @@ class Worker:
         rid = self._route_id(route) if route is not None else _DEFAULT_ROUTE
         if self._closed:
             raise_for(lib.CBW_ECLOSED)
-        keep = []
-        for request in requests:
-            if type(request) is bytes:
-                keep.append(request)
-                continue
-            try:
-                keep.append(ffi.from_buffer(request))
-            except TypeError:
-                raise TypeError(f"every request must be a bytes-like object, not "
-                                f"{type(request).__name__}") from None
-        n = len(keep)
+        try:
+            requests = list(requests)
+            blob = b"".join(requests)
+        except TypeError:
+            bad = next((r for r in requests if not _is_buffer(r)), requests)
+            raise TypeError(f"every request must be a bytes-like object, not "
+                            f"{type(bad).__name__}") from None
+        n = len(requests)
         if n == 0:
             return []
+        sizes = ffi.new("size_t[]", [len(r) if type(r) is bytes else memoryview(r).nbytes
+                                     for r in requests])
         ids = ffi.new("int64_t[]", n)
         token = self._table.hold(callback, n)
-        rc = lib.cbw_start_many(self._w, rid, token, keep, [len(r) for r in keep], n,
-                                timeout_ms, ids)
+        rc = lib.cbw_start_many(self._w, rid, token, blob, sizes, n, timeout_ms, ids)
         if rc < 0:
             self._table.release(token, n)
             raise_for(rc, route)

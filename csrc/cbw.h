@@ -153,11 +153,13 @@ int cbw_route_close(cbw_worker *w, int32_t route);
 int cbw_route_info_get(cbw_worker *w, int32_t route, cbw_route_info *out);
 int cbw_route_wait_drained(cbw_worker *w, int32_t route, int32_t timeout_ms);
 
-/* Jobs.  cbw_start returns the new job id (> 0) or a CBW_E* code (< 0). */
+/* Jobs.  cbw_start returns the new job id (> 0) or a CBW_E* code (< 0).
+ * cbw_start_many starts n jobs, all or none: the requests lie back to back
+ * in data, sizes[i] bytes each; their ids are written to ids[]. */
 int64_t cbw_start(cbw_worker *w, int32_t route, uint64_t callback,
                   const char *data, size_t size, int32_t timeout_ms);
 int cbw_start_many(cbw_worker *w, int32_t route, uint64_t callback,
-                   const char *const *data, const size_t *sizes, size_t n,
+                   const char *data, const size_t *sizes, size_t n,
                    int32_t timeout_ms, int64_t *ids);
 int cbw_cancel(cbw_worker *w, int64_t id, uint64_t *callback);
 int cbw_wait_complete(cbw_worker *w, int64_t id, int32_t timeout_ms);

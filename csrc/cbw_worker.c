@@ -196,7 +196,7 @@ int64_t cbw_start(cbw_worker *w, int32_t route, uint64_t callback,
 }
 
 int cbw_start_many(cbw_worker *w, int32_t route, uint64_t callback,
-                   const char *const *data, const size_t *sizes, size_t n,
+                   const char *data, const size_t *sizes, size_t n,
                    int32_t timeout_ms, int64_t *ids)
 {
     cbw__job **jobs;
@@ -212,11 +212,13 @@ int cbw_start_many(cbw_worker *w, int32_t route, uint64_t callback,
     if (jobs == NULL)
         return CBW_ENOMEM;
     for (; made < n; made++) {
-        if (data[made] == NULL && sizes[made] > 0) {
+        if (data == NULL && sizes[made] > 0) {
             rc = CBW_EINVAL;
             break;
         }
-        jobs[made] = cbw__job_new(data[made], sizes[made]);
+        jobs[made] = cbw__job_new(data, sizes[made]);
+        if (data != NULL)
+            data += sizes[made];
         if (jobs[made] == NULL) {
             rc = CBW_ENOMEM;
             break;

@@ -157,7 +157,7 @@ int cbw_route_wait_drained(cbw_worker *w, int32_t route, int32_t timeout_ms);
 int64_t cbw_start(cbw_worker *w, int32_t route, uint64_t callback,
                   const char *data, size_t size, int32_t timeout_ms);
 int cbw_start_many(cbw_worker *w, int32_t route, uint64_t callback,
-                   const char *const *data, const size_t *sizes, size_t n,
+                   const char *data, const size_t *sizes, size_t n,
                    int32_t timeout_ms, int64_t *ids);
 int cbw_cancel(cbw_worker *w, int64_t id, uint64_t *callback);
 int cbw_wait_complete(cbw_worker *w, int64_t id, int32_t timeout_ms);
