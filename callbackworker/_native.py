@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import logging
 import sys
-import threading
-from typing import Any, Callable, Dict, List, NoReturn, Optional
+from typing import Any, Callable, Dict, NoReturn, Optional
 
 from ._cbw_native import ffi, lib
 from .errors import (
@@ -71,49 +70,28 @@ def _describe(exc: BaseException) -> str:
 class CallbackTable:
     """The Python half of one worker's executor.
 
-    ``hold(cb)`` is called for every job started and returns the token the C
-    core stores with the job; the callback stays referenced until the job has
-    run (``run``) or was cancelled (``release``).  A worker's table is shared
-    by all its threads; the lock makes counting safe without relying on the
-    interpreter lock.
+    ``callbacks`` maps a callback token (the callable's ``id``) to the
+    callable.  The C core counts the jobs that may still run each token and
+    the bridge adds and removes entries under the interpreter lock
+    (``ffibuild/bridge.c``, ``csrc/cbw_token.c``); Python only looks them up.
+    ``failures`` maps a job id to the exception its callback raised, until
+    ``wait``/``take`` consumes it.
     """
 
-    __slots__ = ("callbacks", "failures", "lock", "handle", "__weakref__")
+    __slots__ = ("callbacks", "failures", "handle", "__weakref__")
 
     def __init__(self) -> None:
-        self.callbacks: Dict[int, List[Any]] = {}
+        self.callbacks: Dict[int, Callable[..., Any]] = {}
         self.failures: Dict[int, BaseException] = {}
-        self.lock = threading.Lock()
         self.handle = ffi.new_handle(self)
 
-    def hold(self, callback: Callable[..., Any], count: int = 1) -> int:
-        token = id(callback)
-        with self.lock:
-            entry = self.callbacks.get(token)
-            if entry is None:
-                self.callbacks[token] = [callback, count]
-            else:
-                entry[1] += count
-        return token
-
-    def release(self, token: int, count: int = 1) -> None:
-        with self.lock:
-            entry = self.callbacks.get(token)
-            if entry is None:
-                return
-            entry[1] -= count
-            if entry[1] <= 0:
-                del self.callbacks[token]
-
     def clear(self) -> None:
-        with self.lock:
-            self.callbacks.clear()
+        self.callbacks.clear()
         self.failures.clear()
 
     def run(self, slot: Any, run: Any) -> int:
         """Runs one job's callback on a worker thread (interpreter lock held)."""
-        token = run.callback
-        callback = self.callbacks[token][0]
+        callback = self.callbacks[run.callback]
         buf = ffi.buffer(run.data, run.size)
         view = memoryview(buf)
         status = STATUS_OK
@@ -132,7 +110,6 @@ class CallbackTable:
             status = self._record_failure(run, exc)
         finally:
             escaped = self._release_view(view, buf)
-            self.release(token)
         if escaped:
             lib.cbw_run_keep_alive(run)
             if status == STATUS_OK:

@@ -127,7 +127,9 @@ class Worker:
 
     def _new_native(self) -> Any:
         err = ffi.new("int *")
-        native = lib.cbwpy_worker_new(self._table.handle, self._concurrency, err)
+        native = lib.cbwpy_worker_new(self._table.handle,
+                                      ffi.cast("void *", id(self._table.callbacks)),
+                                      self._concurrency, err)
         if native == ffi.NULL:
             raise_for(err[0])
         return native
@@ -199,10 +201,8 @@ class Worker:
 
     # ---- starting jobs ------------------------------------------------
 
-    def _route_id(self, route: Optional[str]) -> int:
-        if route is None:
-            return _DEFAULT_ROUTE
-        rid = self._routes.get(route)  # type: ignore[arg-type]
+    def _route_id(self, route: str) -> int:
+        rid = self._routes.get(route) if type(route) is str else None
         if rid is None:
             rid = lib.cbw_route_find(self._w, _route_name(route))
             if rid < 0:
@@ -223,27 +223,23 @@ class Worker:
         callback is interrupted.
         """
         _check_callback(callback)
-        if timeout_ms != -1:
+        if type(timeout_ms) is not int or timeout_ms != -1:
             timeout_ms = _check_timeout(timeout_ms)
         elif route is not None:
             timeout_ms = _TIMEOUT_ROUTE
         rid = self._route_id(route) if route is not None else _DEFAULT_ROUTE
         if self._closed:
             raise_for(lib.CBW_ECLOSED)
-        table = self._table
-        token = table.hold(callback)
         if type(request) is bytes:
-            jid = _start(self._w, rid, token, request, len(request), timeout_ms)
+            jid = _start(self._w, rid, id(callback), request, len(request), timeout_ms)
         else:
             try:
                 data = ffi.from_buffer(request)
             except TypeError:
-                table.release(token)
                 raise TypeError(f"request must be a bytes-like object, not "
                                 f"{type(request).__name__}") from None
-            jid = _start(self._w, rid, token, data, len(data), timeout_ms)
+            jid = _start(self._w, rid, id(callback), data, len(data), timeout_ms)
         if jid < 0:
-            table.release(token)
             raise_for(jid, route)
         return jid
 
@@ -254,22 +250,19 @@ class Worker:
         _check_callback(callback)
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, not {type(text).__name__}")
-        if timeout_ms != -1:
+        if type(timeout_ms) is not int or timeout_ms != -1:
             timeout_ms = _check_timeout(timeout_ms)
         elif route is not None:
             timeout_ms = _TIMEOUT_ROUTE
         rid = self._route_id(route) if route is not None else _DEFAULT_ROUTE
         if self._closed:
             raise_for(lib.CBW_ECLOSED)
-        token = self._table.hold(callback)
-        jid = lib.cbwpy_start_text(self._w, rid, token, ffi.cast("void *", id(text)),
+        jid = lib.cbwpy_start_text(self._w, rid, id(callback), ffi.cast("void *", id(text)),
                                    timeout_ms)
         if jid == _EENCODE:
-            self._table.release(token)
             text.encode("utf-8")  # raises the UnicodeEncodeError
             raise ValueError("text could not be encoded as UTF-8")
         if jid < 0:
-            self._table.release(token)
             raise_for(jid, route)
         return jid
 
@@ -278,7 +271,7 @@ class Worker:
         """Starts one job per request with one call into the core; all or
         none.  Same semantics as ``start`` for each; ids are in order."""
         _check_callback(callback)
-        if timeout_ms != -1:
+        if type(timeout_ms) is not int or timeout_ms != -1:
             timeout_ms = _check_timeout(timeout_ms)
         elif route is not None:
             timeout_ms = _TIMEOUT_ROUTE
@@ -298,10 +291,8 @@ class Worker:
         sizes = ffi.new("size_t[]", [len(r) if type(r) is bytes else memoryview(r).nbytes
                                      for r in requests])
         ids = ffi.new("int64_t[]", n)
-        token = self._table.hold(callback, n)
-        rc = lib.cbw_start_many(self._w, rid, token, blob, sizes, n, timeout_ms, ids)
+        rc = lib.cbw_start_many(self._w, rid, id(callback), blob, sizes, n, timeout_ms, ids)
         if rc < 0:
-            self._table.release(token, n)
             raise_for(rc, route)
         return list(ids)
 
@@ -394,12 +385,9 @@ class Worker:
             raise_for(lib.CBW_ECLOSED)
         if not _known_id(jid):
             raise_for(lib.CBW_EUNKNOWN, job_id)
-        token = ffi.new("uint64_t *")
-        rc = lib.cbw_cancel(self._w, jid, token)
+        rc = lib.cbw_cancel(self._w, jid, ffi.NULL)
         if rc < 0:
             raise_for(rc, jid)
-        if rc == 1:
-            self._table.release(token[0])
         return rc == 1
 
     # ---- queries ------------------------------------------------------
@@ -487,11 +475,11 @@ class Worker:
     def job_meta(self, job_id: int, key: int) -> int:
         """One field by ``JobMetaKey``.  ``KNOWN`` gives 0 for an unknown id;
         every other key raises ``UnknownJobError`` for one."""
-        if type(key) is not int and not isinstance(key, JobMetaKey):
+        if not isinstance(key, int) or isinstance(key, bool):
             raise TypeError(f"key must be an int, not {type(key).__name__}")
         if not 1 <= key <= 7:
             raise ValueError(f"key must be a JobMetaKey (1..7), not {key}")
-        key = JobMetaKey(key)
+        key = JobMetaKey(int(key))
         if key is JobMetaKey.KNOWN:
             return int(self.job_known(job_id))
         info = self._info(job_id)
@@ -565,11 +553,11 @@ class Worker:
     def route_meta(self, name: str, key: int) -> int:
         """One route field by ``RouteMetaKey``; ``KNOWN`` gives 0 for an
         unknown route, other keys raise ``UnknownRouteError``."""
-        if type(key) is not int and not isinstance(key, RouteMetaKey):
+        if not isinstance(key, int) or isinstance(key, bool):
             raise TypeError(f"key must be an int, not {type(key).__name__}")
         if not 1 <= key <= 9:
             raise ValueError(f"key must be a RouteMetaKey (1..9), not {key}")
-        key = RouteMetaKey(key)
+        key = RouteMetaKey(int(key))
         if key is RouteMetaKey.KNOWN:
             _route_name(name)
             if self._closed:

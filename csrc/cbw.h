@@ -96,6 +96,14 @@ typedef struct cbw_hooks {
     void (*session_end)(void *ctx, cbw_slot *slot);
     int (*run)(void *ctx, cbw_slot *slot, cbw_run *run); /* CBW_STATUS_OK or _ERROR */
     void (*interrupt)(void *ctx, cbw_slot *slot, int64_t job_id);
+    /* Callback lifetime (see cbw_token.c): retain is called, without the
+     * core's mutex, before the first job with a token becomes visible;
+     * release when some token may have no job left, after which the
+     * executor calls cbw_tokens_collect under its own lock. */
+    int (*retain)(void *ctx, uint64_t callback);
+    void (*release)(void *ctx);
+    /* Called once when the worker's memory is freed. */
+    void (*finalize)(void *ctx);
 } cbw_hooks;
 
 /* A completed job detached from the table by cbw_wait() or cbw_take(). */
@@ -168,6 +176,10 @@ int cbw_take(cbw_worker *w, int64_t id, cbw_result *out);
 void cbw_result_release(cbw_result *res);
 int cbw_job_info_get(cbw_worker *w, int64_t id, cbw_job_info *out);
 int cbw_job_error_text(cbw_worker *w, int64_t id, char *buf, size_t cap);
+
+/* For executors: removes the tokens no job refers to any more and writes
+ * them to out (at most cap); returns how many. */
+size_t cbw_tokens_collect(cbw_worker *w, uint64_t *out, size_t cap);
 
 /* For executors, during run(). */
 int cbw_run_set_result(cbw_run *run, const char *data, size_t size);

@@ -37,14 +37,24 @@ static void shut_down_queues(cbw_worker *w)
             r->head = job->next;
             job->next = NULL;
             job->in_queue = 0;
-            if (job->phase == CBW_PHASE_QUEUED)
+            if (job->phase == CBW_PHASE_QUEUED) {
+                cbw__tokens_done(w, job->run.callback, 1);
                 cbw__job_complete(w, job, CBW_STATUS_SHUTDOWN,
                                   "the worker was closed before the job started");
+            }
             cbw__job_unref(job);
         }
         r->tail = NULL;
         r->queued = 0;
     }
+}
+
+/* Drain must not wait for coalescing threads to time out. */
+static void wake_coalescing(cbw_worker *w)
+{
+    int32_t i;
+    for (i = 0; i < w->nroutes; i++)
+        cbw__cond_broadcast(&w->routes[i]->cond);
 }
 
 static void wake_everyone(cbw_worker *w)
@@ -102,7 +112,7 @@ static void join_threads(cbw_worker *w)
 int cbw_worker_close(cbw_worker *w, int flags, int32_t grace_ms)
 {
     cbw__thread_rec *self = cbw__self;
-    int own = self != NULL && self->w == w;
+    int own = self != NULL && self->w == w, dead;
 
     if (grace_ms < 0)
         return CBW_EINVAL;
@@ -120,6 +130,7 @@ int cbw_worker_close(cbw_worker *w, int flags, int32_t grace_ms)
     w->closing = 1;
     if (flags & CBW_CLOSE_DRAIN) {
         w->draining = 1;
+        wake_coalescing(w);
         while (routes_busy(w))
             cbw__cond_wait(&w->statec, &w->mu);
         w->draining = 0;
@@ -146,7 +157,9 @@ int cbw_worker_close(cbw_worker *w, int flags, int32_t grace_ms)
     }
     w->closed = 1;
     cbw__cond_broadcast(&w->statec);
+    dead = w->tokens.dead > 0;
     cbw__mutex_unlock(&w->mu);
+    cbw__tokens_notify(w, dead);
     return CBW_OK;
 }
 

@@ -28,6 +28,8 @@
 #define CBW__WAIT_STRIPES 64
 #define CBW__BATCH_MAX 256
 #define CBW__DEFAULT_GRACE_MS 100
+#define CBW__QUIET_NS 100000      /* producer quiet this long: run now */
+#define CBW__COALESCE_MAX_NS 2000000 /* never hold ready jobs back longer */
 
 typedef struct cbw__job cbw__job;
 typedef struct cbw__route cbw__route;
@@ -78,6 +80,9 @@ struct cbw__route {
     int32_t idle;              /* threads waiting on cond */
     int32_t wakeups;           /* signals sent but not yet consumed */
     int32_t drain_waiters;
+    int32_t waiting;           /* threads blocked on this route's jobs */
+    int32_t delaying;          /* threads coalescing before a burst */
+    int64_t enqueued;          /* jobs ever queued (coalescing watches it) */
     cbw__cond cond;            /* idle threads wait here for work */
     cbw__thread_rec *threads;
 };
@@ -87,6 +92,19 @@ typedef struct cbw__table {
     size_t mask;               /* capacity - 1; capacity is a power of two */
     size_t count;
 } cbw__table;
+
+typedef struct cbw__token {
+    uint64_t token;            /* 0: empty slot */
+    int64_t count;             /* jobs that may still run this callback */
+} cbw__token;
+
+typedef struct cbw__tokens {
+    cbw__token *slots;
+    size_t mask;
+    size_t count;
+    int64_t dead;              /* counts that reached 0 since the last collect */
+    uint8_t need_retain;       /* the executor has a retain hook */
+} cbw__tokens;
 
 struct cbw_worker {
     cbw__mutex mu;
@@ -99,6 +117,7 @@ struct cbw_worker {
     int64_t next_id;
     int32_t grace_ms;
     cbw__table table;
+    cbw__tokens tokens;
     cbw__route **routes;       /* routes[i] has id i + 1 */
     int32_t nroutes;
     int32_t routes_cap;
@@ -135,6 +154,15 @@ void cbw__job_unref(cbw__job *job);
 void cbw__job_complete(cbw_worker *w, cbw__job *job, int status, const char *why);
 int cbw__job_state(const cbw__job *job);
 cbw__route *cbw__route_get(cbw_worker *w, int32_t id);
+
+/* Callback tokens (cbw_token.c); under w->mu.  cbw__tokens_add sets
+ * *missing instead of adding when the executor must retain the token first
+ * (pass missing = NULL once it has). */
+int cbw__tokens_add(cbw__tokens *t, uint64_t token, int64_t n, int *missing);
+void cbw__tokens_done(cbw_worker *w, uint64_t token, int64_t n);
+void cbw__tokens_destroy(cbw__tokens *t);
+/* Calls hooks->release if some token's count reached 0; w->mu not held. */
+void cbw__tokens_notify(cbw_worker *w, int dead);
 
 /* Threads (cbw_thread.c); all under w->mu. */
 int cbw__route_ensure_threads(cbw_worker *w, cbw__route *r);

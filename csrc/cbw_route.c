@@ -146,10 +146,14 @@ int cbw_route_wait_drained(cbw_worker *w, int32_t route, int32_t timeout_ms)
         rc = CBW_ENOROUTE;
     } else {
         r->drain_waiters++;
+        r->waiting++;
+        if (r->delaying > 0)
+            cbw__cond_broadcast(&r->cond);
         while ((r->queued > 0 || r->running > 0) && !w->stopping)
             if (cbw__cond_wait_until(&w->statec, &w->mu, deadline))
                 break;
         r->drain_waiters--;
+        r->waiting--;
         rc = r->queued == 0 && r->running == 0;
     }
     cbw__mutex_unlock(&w->mu);

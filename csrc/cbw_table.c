@@ -4,7 +4,9 @@
  * DESIGN: open addressing with linear probing over a power-of-two array of
  * job pointers; the key is stored in the job itself (job->run.id), so a slot
  * is one pointer.  Ids are handed out in increasing order and never reused,
- * so Fibonacci hashing spreads consecutive ids evenly.  Removal uses backward
+ * so Fibonacci hashing spreads consecutive ids evenly.  (The identity hash
+ * would be kinder to caches, but consecutive ids then form one long probe
+ * run and backward-shift deletion would scan all of it: O(n) per take.)  Removal uses backward
  * shift deletion, so there are no tombstones and lookups of ids that were
  * destroyed stop at the first empty slot.  The load factor stays under 1/2:
  * the table doubles when it would pass that, and halves (down to its initial

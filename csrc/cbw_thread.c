@@ -18,6 +18,16 @@
  * Cancelled jobs are left in the FIFO (cancel is O(1)); the queue holds a
  * reference and the popping thread drops them.
  *
+ * Coalescing: when an executor session is costly (it takes an interpreter
+ * lock the producer also needs), a thread woken with work does not start a
+ * burst at once while jobs are still arriving.  It waits until some thread
+ * blocks waiting for a job of its route (the lock is then free), or the
+ * producer has been quiet for CBW__QUIET_NS, or CBW__COALESCE_MAX_NS have
+ * passed.  Competing for the lock with a thread that is busy starting jobs
+ * would cost that thread a wake-up system call on every start; waiting
+ * turns many small bursts into a few large ones.  A waiter never waits for
+ * this: blocking in a wait ends the coalescing at once.
+ *
  * The timer thread enforces run-time limits.  It sleeps until the earliest
  * deadline of a running job (a start with a later deadline does not wake it),
  * completes an overdue job with TIMEOUT, so its waiters wake at once, and
@@ -110,6 +120,7 @@ static void end_run(cbw_worker *w, cbw__route *r, cbw__thread_rec *t,
     }
     cbw__free(t->pending_error);
     t->pending_error = NULL;
+    cbw__tokens_done(w, job->run.callback, 1);
     cbw__job_unref(job);
     if (r->queued == 0 && r->running == 0 && (r->drain_waiters || w->draining))
         cbw__cond_broadcast(&w->statec);
@@ -136,11 +147,35 @@ static void run_burst(cbw_worker *w, cbw__route *r, cbw__thread_rec *t)
         status = h->run(h->ctx, &t->slot, &job->run);
         cbw__mutex_lock(&w->mu);
         end_run(w, r, t, job, status);
+        if (w->tokens.dead > 0) {
+            cbw__mutex_unlock(&w->mu);
+            cbw__tokens_notify(w, 1); /* inside the session: cheap */
+            cbw__mutex_lock(&w->mu);
+        }
     }
     cbw__mutex_unlock(&w->mu);
     if (h->session_end)
         h->session_end(h->ctx, &t->slot);
     cbw__mutex_lock(&w->mu);
+}
+
+/* Holds back a burst while a producer is still starting jobs (see DESIGN).
+ * Called and returns with w->mu held. */
+static void coalesce(cbw_worker *w, cbw__route *r, cbw__thread_rec *t)
+{
+    int64_t now = cbw__now_ns(), give_up = now + CBW__COALESCE_MAX_NS, seen;
+    r->delaying++;
+    while (r->head != NULL && r->waiting == 0 && !w->draining && !w->stopping &&
+           !t->orphaned &&
+           now < give_up) {
+        seen = r->enqueued;
+        cbw__cond_wait_until(&r->cond, &w->mu,
+                             now + CBW__QUIET_NS < give_up ? now + CBW__QUIET_NS : give_up);
+        now = cbw__now_ns();
+        if (r->enqueued == seen)
+            break; /* quiet */
+    }
+    r->delaying--;
 }
 
 static void thread_main(void *arg)
@@ -165,6 +200,8 @@ static void thread_main(void *arg)
         }
         if (t->orphaned || r->head == NULL)
             break;
+        if (h->session_begin != NULL)
+            coalesce(w, r, t);
         run_burst(w, r, t);
     }
     t->exited = 1;

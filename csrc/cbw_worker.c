@@ -29,6 +29,7 @@ static void worker_destroy(cbw_worker *w)
         if (w->table.slots[i] != NULL)
             cbw__job_unref(w->table.slots[i]);
     cbw__table_destroy(&w->table);
+    cbw__tokens_destroy(&w->tokens);
     for (r = 0; r < w->nroutes; r++) {
         cbw__cond_destroy(&w->routes[r]->cond);
         cbw__free(w->routes[r]);
@@ -44,6 +45,8 @@ static void worker_destroy(cbw_worker *w)
     cbw__cond_destroy(&w->statec);
     cbw__cond_destroy(&w->timerc);
     cbw__mutex_destroy(&w->mu);
+    if (w->hooks.finalize != NULL)
+        w->hooks.finalize(w->hooks.ctx);
     cbw__free(w);
 }
 
@@ -79,6 +82,7 @@ cbw_worker *cbw_worker_new(const cbw_hooks *hooks, int32_t concurrency, int *err
     if (w == NULL)
         return NULL;
     w->hooks = *hooks;
+    w->tokens.need_retain = hooks->retain != NULL;
     w->refs = 1;
     w->next_id = 1;
     w->grace_ms = CBW__DEFAULT_GRACE_MS;
@@ -142,6 +146,31 @@ static int check_start(cbw_worker *w, int32_t route_id, int32_t timeout_ms,
     return CBW_OK;
 }
 
+/* Counts n more jobs for callback; calls the retain hook first (dropping
+ * w->mu meanwhile) if the token is new, then checks the start again. */
+static int take_tokens(cbw_worker *w, int32_t route_id, int32_t timeout_ms,
+                       uint64_t callback, int64_t n, cbw__route **r)
+{
+    int rc, missing;
+    rc = cbw__tokens_add(&w->tokens, callback, n, &missing);
+    if (rc != CBW_OK || !missing)
+        return rc;
+    cbw__mutex_unlock(&w->mu);
+    rc = w->hooks.retain(w->hooks.ctx, callback);
+    cbw__mutex_lock(&w->mu);
+    if (rc != CBW_OK)
+        return CBW_ENOMEM;
+    rc = cbw__tokens_add(&w->tokens, callback, n, NULL);
+    if (rc != CBW_OK) {
+        w->tokens.dead++; /* the executor holds a token the core lost */
+        return rc;
+    }
+    rc = check_start(w, route_id, timeout_ms, r); /* state may have changed */
+    if (rc != CBW_OK)
+        cbw__tokens_done(w, callback, n);
+    return rc;
+}
+
 /* Gives the job its id and puts it at the tail of r; the table must have
  * room (cbw__table_put cannot fail after a reserve). */
 static int enqueue(cbw_worker *w, cbw__route *r, cbw__job *job,
@@ -163,6 +192,7 @@ static int enqueue(cbw_worker *w, cbw__route *r, cbw__job *job,
         r->head = job;
     r->tail = job;
     r->queued++;
+    r->enqueued++;
     return CBW_OK;
 }
 
@@ -171,8 +201,8 @@ int64_t cbw_start(cbw_worker *w, int32_t route, uint64_t callback,
 {
     cbw__job *job;
     cbw__route *r;
-    int rc;
-    int64_t id;
+    int rc, dead;
+    int64_t id = 0;
 
     if (timeout_ms < CBW_TIMEOUT_ROUTE || (data == NULL && size > 0))
         return CBW_EINVAL;
@@ -182,12 +212,19 @@ int64_t cbw_start(cbw_worker *w, int32_t route, uint64_t callback,
     cbw__mutex_lock(&w->mu);
     rc = check_start(w, route, timeout_ms, &r);
     if (rc == CBW_OK)
+        rc = take_tokens(w, route, timeout_ms, callback, 1, &r);
+    if (rc == CBW_OK) {
         rc = enqueue(w, r, job, callback, timeout_ms);
+        if (rc != CBW_OK)
+            cbw__tokens_done(w, callback, 1);
+    }
     if (rc == CBW_OK) {
         id = job->run.id;
         cbw__route_wake(r);
     }
+    dead = w->tokens.dead > 0;
     cbw__mutex_unlock(&w->mu);
+    cbw__tokens_notify(w, dead);
     if (rc != CBW_OK) {
         cbw__job_unref(job); /* never shared */
         return rc;
@@ -202,7 +239,7 @@ int cbw_start_many(cbw_worker *w, int32_t route, uint64_t callback,
     cbw__job **jobs;
     cbw__route *r;
     size_t i, made = 0;
-    int rc = CBW_OK;
+    int rc = CBW_OK, dead;
 
     if (timeout_ms < CBW_TIMEOUT_ROUTE || (n > 0 && (data == NULL || sizes == NULL || ids == NULL)))
         return CBW_EINVAL;
@@ -229,13 +266,19 @@ int cbw_start_many(cbw_worker *w, int32_t route, uint64_t callback,
         rc = check_start(w, route, timeout_ms, &r);
         if (rc == CBW_OK)
             rc = cbw__table_reserve(&w->table, n);
+        if (rc == CBW_OK)
+            rc = take_tokens(w, route, timeout_ms, callback, (int64_t)n, &r);
+        if (rc == CBW_OK)
+            rc = cbw__table_reserve(&w->table, n); /* again: w->mu was dropped */
         for (i = 0; rc == CBW_OK && i < n; i++) {
             rc = enqueue(w, r, jobs[i], callback, timeout_ms);
             ids[i] = jobs[i]->run.id;
         }
         if (rc == CBW_OK)
             cbw__route_wake(r);
+        dead = w->tokens.dead > 0;
         cbw__mutex_unlock(&w->mu);
+        cbw__tokens_notify(w, dead);
     }
     if (rc != CBW_OK)
         for (i = 0; i < made; i++)
@@ -250,7 +293,7 @@ int cbw_cancel(cbw_worker *w, int64_t id, uint64_t *callback)
 {
     cbw__job *job;
     cbw__route *r;
-    int rc = 0;
+    int rc = 0, dead;
     cbw__mutex_lock(&w->mu);
     if (w->stopping) {
         rc = CBW_ECLOSED;
@@ -261,13 +304,16 @@ int cbw_cancel(cbw_worker *w, int64_t id, uint64_t *callback)
         r->queued--;
         if (callback != NULL)
             *callback = job->run.callback;
+        cbw__tokens_done(w, job->run.callback, 1);
         cbw__job_complete(w, job, CBW_STATUS_CANCELLED,
                           "the job was cancelled before it started");
         if (r->queued == 0 && r->running == 0 && (r->drain_waiters || w->draining))
             cbw__cond_broadcast(&w->statec);
         rc = 1;
     }
+    dead = w->tokens.dead > 0;
     cbw__mutex_unlock(&w->mu);
+    cbw__tokens_notify(w, dead);
     return rc;
 }
 
@@ -299,6 +345,7 @@ static int wait_locked(cbw_worker *w, cbw__job *job, int32_t timeout_ms)
 {
     cbw__cond *c = &w->waitc[(uint64_t)job->run.id % CBW__WAIT_STRIPES];
     cbw__thread_rec *self = cbw__self;
+    cbw__route *r;
     int64_t deadline;
     int own = self != NULL && self->w == w, done;
 
@@ -309,6 +356,10 @@ static int wait_locked(cbw_worker *w, cbw__job *job, int32_t timeout_ms)
     if (would_deadlock(w, job, timeout_ms))
         return CBW_EDEADLOCK;
     deadline = cbw__deadline_after_ms(timeout_ms);
+    r = cbw__route_get(w, job->run.route);
+    r->waiting++;
+    if (r->delaying > 0)
+        cbw__cond_broadcast(&r->cond); /* stop coalescing: someone waits */
     job->waiters++;
     job->refs++;
     if (own && timeout_ms < 0)
@@ -319,6 +370,7 @@ static int wait_locked(cbw_worker *w, cbw__job *job, int32_t timeout_ms)
     if (own)
         self->blocked = 0;
     job->waiters--;
+    r->waiting--;
     done = job->phase == CBW_PHASE_COMPLETED;
     cbw__job_unref(job);
     if (done)

@@ -22,6 +22,12 @@
  * delivered when the callback returned, it is withdrawn before the next job
  * can see it (exec_interrupted).
  *
+ * Callbacks: the core counts jobs per callback token (the callable's
+ * address); retain puts the callable into the worker's registry dict before
+ * its first job is visible, release removes the entries the core reports
+ * dead, holding the interpreter lock throughout (see csrc/cbw_token.c).
+ * The Python side looks callables up in that dict; it never counts.
+ *
  * Lock order: the interpreter lock may be held when the core's mutex is
  * taken, never the reverse (the core never calls a hook with its mutex held).
  */
@@ -32,6 +38,13 @@ static int cbwpy_run(void *ctx, cbw_slot *slot, cbw_run *run); /* Python */
 #define CBWPY_EENCODE (-100)
 
 static PyObject *cbwpy_interrupt_type;
+
+/* What the hooks of one worker need. */
+typedef struct cbwpy_ctx {
+    void *handle;        /* ffi.new_handle of the worker's CallbackTable */
+    PyObject *registry;  /* token (int) -> callable */
+    cbw_worker *worker;
+} cbwpy_ctx;
 
 /* Registers the exception class raised inside an overdue callback.  The
  * argument is that class object's address (CPython's id()). */
@@ -78,7 +91,7 @@ static int cbwpy_run_hook(void *ctx, cbw_slot *slot, cbw_run *run)
 {
     int status;
     slot->exec_job = run->id;
-    status = cbwpy_run(ctx, slot, run);
+    status = cbwpy_run(((cbwpy_ctx *)ctx)->handle, slot, run);
     slot->exec_flags = 0;
     slot->exec_job = 0;
     if (slot->exec_interrupted) {
@@ -103,10 +116,74 @@ static void cbwpy_interrupt(void *ctx, cbw_slot *slot, int64_t job_id)
     PyGILState_Release(st);
 }
 
-/* A worker whose jobs are Python callbacks; ctx is the executor's handle. */
-static cbw_worker *cbwpy_worker_new(void *ctx, int32_t concurrency, int *err)
+static int cbwpy_retain(void *ctx, uint64_t callback)
+{
+    cbwpy_ctx *c = ctx;
+    PyGILState_STATE st = PyGILState_Ensure();
+    PyObject *key = PyLong_FromUnsignedLongLong(callback);
+    /* The token is the callable's address; the caller of cbw_start keeps
+     * the callable alive for the duration of the call. */
+    int rc = key == NULL ? -1
+                         : PyDict_SetItem(c->registry, key, (PyObject *)(uintptr_t)callback);
+    Py_XDECREF(key);
+    if (rc < 0)
+        PyErr_Clear();
+    PyGILState_Release(st);
+    return rc < 0 ? CBW_ENOMEM : CBW_OK;
+}
+
+static void cbwpy_release(void *ctx)
+{
+    cbwpy_ctx *c = ctx;
+    uint64_t dead[64];
+    size_t n, i;
+    PyGILState_STATE st;
+    if (!Py_IsInitialized())
+        return;
+    st = PyGILState_Ensure();
+    do {
+        n = cbw_tokens_collect(c->worker, dead, 64);
+        for (i = 0; i < n; i++) {
+            PyObject *key = PyLong_FromUnsignedLongLong(dead[i]);
+            if (key == NULL || PyDict_DelItem(c->registry, key) < 0)
+                PyErr_Clear(); /* already gone (the worker was closed) */
+            Py_XDECREF(key);
+        }
+    } while (n == 64);
+    PyGILState_Release(st);
+}
+
+static void cbwpy_finalize(void *ctx)
+{
+    cbwpy_ctx *c = ctx;
+    if (Py_IsInitialized()) {
+        PyGILState_STATE st = PyGILState_Ensure();
+        Py_XDECREF(c->registry);
+        PyGILState_Release(st);
+    }
+    free(c);
+}
+
+/* A worker whose jobs are Python callbacks.  handle is the ffi handle of
+ * its CallbackTable, registry that table's token -> callable dict, by
+ * address. */
+static cbw_worker *cbwpy_worker_new(void *handle, void *registry,
+                                    int32_t concurrency, int *err)
 {
     cbw_hooks hooks;
+    cbw_worker *w;
+    PyGILState_STATE st;
+    cbwpy_ctx *ctx = malloc(sizeof(*ctx));
+    if (ctx == NULL) {
+        *err = CBW_ENOMEM;
+        return NULL;
+    }
+    ctx->handle = handle;
+    ctx->registry = (PyObject *)registry;
+    ctx->worker = NULL;
+    st = PyGILState_Ensure();
+    Py_INCREF(ctx->registry);
+    PyGILState_Release(st);
     hooks.ctx = ctx;
     hooks.thread_enter = cbwpy_thread_enter;
     hooks.thread_exit = cbwpy_thread_exit;
@@ -114,7 +191,15 @@ static cbw_worker *cbwpy_worker_new(void *ctx, int32_t concurrency, int *err)
     hooks.session_end = cbwpy_session_end;
     hooks.run = cbwpy_run_hook;
     hooks.interrupt = cbwpy_interrupt;
-    return cbw_worker_new(&hooks, concurrency, err);
+    hooks.retain = cbwpy_retain;
+    hooks.release = cbwpy_release;
+    hooks.finalize = cbwpy_finalize;
+    w = cbw_worker_new(&hooks, concurrency, err);
+    if (w == NULL)
+        cbwpy_finalize(ctx);
+    else
+        ctx->worker = w;
+    return w;
 }
 
 /* Starts a job whose request is the UTF-8 form of a str, given by address.

@@ -7,6 +7,7 @@
 extern "Python" int cbwpy_run(void *ctx, cbw_slot *slot, cbw_run *run);
 
 void cbwpy_init(void *interrupt_type);
-cbw_worker *cbwpy_worker_new(void *ctx, int32_t concurrency, int *err);
+cbw_worker *cbwpy_worker_new(void *handle, void *registry, int32_t concurrency,
+                             int *err);
 int64_t cbwpy_start_text(cbw_worker *w, int32_t route, uint64_t callback,
                          void *text, int32_t timeout_ms);

@@ -167,6 +167,8 @@ void cbw_result_release(cbw_result *res);
 int cbw_job_info_get(cbw_worker *w, int64_t id, cbw_job_info *out);
 int cbw_job_error_text(cbw_worker *w, int64_t id, char *buf, size_t cap);
 
+size_t cbw_tokens_collect(cbw_worker *w, uint64_t *out, size_t cap);
+
 int cbw_run_set_result(cbw_run *run, const char *data, size_t size);
 int cbw_run_set_error(cbw_run *run, const char *text);
 int cbw_run_keep_alive(cbw_run *run);

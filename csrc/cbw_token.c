@@ -1,0 +1,145 @@
+/*
+ * cbw_token.c - how many unfinished jobs refer to each callback token.
+ *
+ * DESIGN
+ * Executors usually map a token to an object that must stay alive while a
+ * job may still run it (a Python callable).  Counting per job in the
+ * executor would cost a lock on every start and every run, so the core
+ * counts, under w->mu, in a small open-addressing table (tokens are few:
+ * one per distinct callback in flight).
+ *
+ *  - A start whose token is not in the table calls hooks->retain (outside
+ *    w->mu) before the job becomes visible, then inserts the token.
+ *  - A token's count drops when a job will never run its callback again:
+ *    after its run, or when it is cancelled or shut down.  A count that
+ *    reaches 0 stays in the table (a new start revives it for free) and
+ *    marks the worker as having dead tokens; hooks->release is then called
+ *    outside w->mu.
+ *  - The executor, holding whatever lock guards its own map, calls
+ *    cbw_tokens_collect(), which removes and returns the tokens whose count
+ *    is still 0.  A start racing with this either revived the token first,
+ *    or finds it gone and calls retain, which waits for the executor's lock.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "cbw_internal.h"
+
+static size_t home(uint64_t token, size_t mask)
+{
+    return (size_t)((token * UINT64_C(0x9E3779B97F4A7C15)) >> 32) & mask;
+}
+
+static cbw__token *find(cbw__tokens *t, uint64_t token)
+{
+    size_t i;
+    if (t->slots == NULL)
+        return NULL;
+    for (i = home(token, t->mask); t->slots[i].token != 0; i = (i + 1) & t->mask)
+        if (t->slots[i].token == token)
+            return &t->slots[i];
+    return NULL;
+}
+
+static int grow(cbw__tokens *t)
+{
+    size_t cap = t->slots ? (t->mask + 1) * 2 : 16, i, j;
+    cbw__token *slots = cbw__calloc(cap, sizeof(*slots));
+    if (slots == NULL)
+        return CBW_ENOMEM;
+    for (i = 0; t->slots != NULL && i <= t->mask; i++) {
+        if (t->slots[i].token == 0)
+            continue;
+        for (j = home(t->slots[i].token, cap - 1); slots[j].token != 0; j = (j + 1) & (cap - 1))
+            ;
+        slots[j] = t->slots[i];
+    }
+    cbw__free(t->slots);
+    t->slots = slots;
+    t->mask = cap - 1;
+    return CBW_OK;
+}
+
+int cbw__tokens_add(cbw__tokens *t, uint64_t token, int64_t n, int *missing)
+{
+    cbw__token *e = find(t, token);
+    size_t i;
+    if (missing != NULL)
+        *missing = 0;
+    if (e != NULL) {
+        e->count += n;
+        return CBW_OK;
+    }
+    if (missing != NULL && t->need_retain) {
+        *missing = 1; /* the caller retains outside w->mu and comes back */
+        return CBW_OK;
+    }
+    if (t->slots == NULL || (t->count + 1) * 2 > t->mask + 1)
+        if (grow(t) != CBW_OK)
+            return CBW_ENOMEM;
+    for (i = home(token, t->mask); t->slots[i].token != 0; i = (i + 1) & t->mask)
+        ;
+    t->slots[i].token = token;
+    t->slots[i].count = n;
+    t->count++;
+    return CBW_OK;
+}
+
+void cbw__tokens_done(cbw_worker *w, uint64_t token, int64_t n)
+{
+    cbw__token *e = find(&w->tokens, token);
+    if (e == NULL)
+        abort();
+    e->count -= n;
+    if (e->count == 0)
+        w->tokens.dead++;
+}
+
+static void remove_at(cbw__tokens *t, size_t i)
+{
+    size_t j = i, k;
+    t->slots[i].token = 0;
+    t->count--;
+    for (;;) {
+        j = (j + 1) & t->mask;
+        if (t->slots[j].token == 0)
+            return;
+        k = home(t->slots[j].token, t->mask);
+        if (((j - k) & t->mask) >= ((j - i) & t->mask)) {
+            t->slots[i] = t->slots[j];
+            t->slots[j].token = 0;
+            i = j;
+        }
+    }
+}
+
+size_t cbw_tokens_collect(cbw_worker *w, uint64_t *out, size_t cap)
+{
+    cbw__tokens *t = &w->tokens;
+    size_t n = 0, i = 0;
+    cbw__mutex_lock(&w->mu);
+    while (t->slots != NULL && i <= t->mask && n < cap) {
+        if (t->slots[i].token != 0 && t->slots[i].count == 0) {
+            out[n++] = t->slots[i].token;
+            remove_at(t, i); /* may shift a later entry into slot i */
+            continue;
+        }
+        i++;
+    }
+    if (n < cap)
+        t->dead = 0;
+    cbw__mutex_unlock(&w->mu);
+    return n;
+}
+
+void cbw__tokens_destroy(cbw__tokens *t)
+{
+    cbw__free(t->slots);
+    memset(t, 0, sizeof(*t));
+}
+
+void cbw__tokens_notify(cbw_worker *w, int dead)
+{
+    if (dead && w->hooks.release != NULL)
+        w->hooks.release(w->hooks.ctx);
+}
