@@ -89,27 +89,22 @@ class CallbackTable:
         self.callbacks.clear()
         self.failures.clear()
 
-    def run(self, slot: Any, run: Any) -> int:
-        """Runs one job's callback on a worker thread (interpreter lock held)."""
-        callback = self.callbacks[run.callback]
-        buf = ffi.buffer(run.data, run.size)
-        view = memoryview(buf)
-        status = STATUS_OK
+    def fail(self, run: Any, exc: BaseException) -> int:
+        """After the callback raised ``exc``."""
+        if isinstance(exc, CallbackInterrupt):
+            return STATUS_ERROR  # the job already completed as TIMEOUT
+        return self._record_failure(run, exc)
+
+    def settle(self, run: Any, view: memoryview, buf: Any, status: int) -> int:
+        """Releases the callback's view.  If something still refers to the
+        job's memory (an export, or a slice of the view), that memory is kept
+        for good and a successful job fails: its response could still
+        change under the caller."""
         try:
-            slot.exec_flags = 1
-            try:
-                out = callback(view)
-            finally:
-                slot.exec_flags = 0
-            if out is not None and out is not view:
-                status = self._record_return(run, out)
-            out = None
-        except CallbackInterrupt:
-            status = STATUS_ERROR  # the job already completed as TIMEOUT
-        except BaseException as exc:  # the job fails; the waiter gets exc
-            status = self._record_failure(run, exc)
-        finally:
-            escaped = self._release_view(view, buf)
+            view.release()
+            escaped = _getrefcount(buf) > 3  # ours: cbwpy_run's local, this one, the call
+        except BufferError:
+            escaped = True
         if escaped:
             lib.cbw_run_keep_alive(run)
             if status == STATUS_OK:
@@ -118,19 +113,8 @@ class CallbackTable:
                     "copy it (bytes(request)) to keep the data"))
         return status
 
-    @staticmethod
-    def _release_view(view: memoryview, buf: Any) -> bool:
-        """Releases the callback's view; True if something still refers to
-        the job's memory (an export, or a slice of the view)."""
-        try:
-            view.release()
-        except BufferError:
-            return True
-        # Three references are ours: run()'s local, this parameter and
-        # getrefcount's argument; a fourth is an escaped slice of the view.
-        return _getrefcount(buf) > 3
-
-    def _record_return(self, run: Any, out: Any) -> int:
+    def record_return(self, run: Any, out: Any) -> int:
+        """After the callback returned ``out`` (not None, not the view)."""
         if isinstance(out, int):
             run.rc = min(max(out, _INT64_MIN), _INT64_MAX)
             return STATUS_OK
@@ -157,10 +141,39 @@ def _bridge_error(exc_type: type, exc: BaseException, tb: Any) -> int:
     return STATUS_ERROR
 
 
+_from_handle = ffi.from_handle
+_buffer = ffi.buffer
+
+
 @ffi.def_extern(onerror=_bridge_error)
 def cbwpy_run(ctx: Any, slot: Any, run: Any) -> int:
-    table: CallbackTable = ffi.from_handle(ctx)
-    return table.run(slot, run)
+    """Runs one job's callback on a worker thread, interpreter lock held.
+
+    The hot path (the callback edits in place and returns None) is inlined
+    here; everything else goes through CallbackTable.  ``slot.exec_flags``
+    is 1 exactly while the user's callback runs: the timer only interrupts
+    then (see ffibuild/bridge.c)."""
+    table: CallbackTable = _from_handle(ctx)
+    buf = _buffer(run.data, run.size)
+    view = memoryview(buf)
+    callback = table.callbacks[run.callback]
+    slot.exec_flags = 1
+    try:
+        out = callback(view)
+    except BaseException as exc:
+        slot.exec_flags = 0
+        status = table.fail(run, exc)
+        exc = None  # type: ignore[assignment]
+        return table.settle(run, view, buf, status)
+    slot.exec_flags = 0
+    if out is not None and out is not view:
+        status = table.record_return(run, out)
+        out = None  # it may be a slice of the view
+        return table.settle(run, view, buf, status)
+    view.release()
+    if _getrefcount(buf) > 2:  # ours: this local and the call
+        return table.settle(run, view, buf, STATUS_OK)
+    return STATUS_OK
 
 
 _SIMPLE_ERRORS = {

@@ -49,7 +49,22 @@ _EXIT_GRACE_MS = 200
 _ROUTE_NAME_MAX = int(lib.CBW_ROUTE_NAME_MAX)
 
 _start = lib.cbw_start
+_wait_copy = lib.cbw_wait_copy
+_unpack = ffi.unpack
+_EMORE = int(lib.CBW_EMORE)
+_SCRATCH_SIZE = 256
 _main_ident = threading.main_thread().ident
+_local = threading.local()
+
+
+def _scratch() -> Any:
+    """This thread's buffers for cbw_wait_copy: one for small responses, one
+    result record for everything else."""
+    try:
+        return _local.scratch
+    except AttributeError:
+        _local.scratch = (ffi.new("char[]", _SCRATCH_SIZE), ffi.new("cbw_result *"))
+        return _local.scratch
 
 
 def _check_timeout(value: object, name: str = "timeout_ms") -> int:
@@ -320,17 +335,23 @@ class Worker:
         is destroyed.  A failed job raises its ``JobFailedError`` (and is
         destroyed); ``WaitTimeoutError`` if ``timeout_ms`` passes first (the
         job is untouched)."""
-        jid = _check_id(job_id)
-        timeout_ms = _check_timeout(timeout_ms)
+        jid = job_id if type(job_id) is int else _check_id(job_id)
+        if type(timeout_ms) is not int or timeout_ms < -1 or timeout_ms > _TIMEOUT_MAX:
+            timeout_ms = _check_timeout(timeout_ms)
         if self._closed:
             raise_for(lib.CBW_ECLOSED)
-        if not _known_id(jid):
+        if not 0 < jid <= _INT64_MAX:
             raise_for(lib.CBW_EUNKNOWN, job_id)
-        res = ffi.new("cbw_result *")
-        rc = self._blocking(lib.cbw_wait, jid, timeout_ms, res)
-        if rc < 0:
-            raise_for(rc, jid)
-        return self._consume(res)
+        scratch, slow = _scratch()
+        if timeout_ms == 0 or threading.get_ident() != _main_ident:
+            n = _wait_copy(self._w, jid, timeout_ms, scratch, _SCRATCH_SIZE, slow)
+        else:
+            n = self._blocking(_wait_copy, jid, timeout_ms, scratch, _SCRATCH_SIZE, slow)
+        if n >= 0:
+            return _unpack(scratch, n)
+        if n == _EMORE:
+            return self._consume(slow)  # failed, or too large for scratch
+        raise_for(n, jid)
 
     def wait_complete(self, job_id: int, timeout_ms: int = -1) -> bool:
         """Blocks until the job completes; True if it did, False if

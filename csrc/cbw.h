@@ -34,6 +34,7 @@
 #define CBW_ENOROUTE (-10)  /* no route with that id or name */
 #define CBW_EROUTECLOSED (-11) /* the route accepts no new jobs */
 #define CBW_EEXIST (-12)    /* a route with that name exists already */
+#define CBW_EMORE (-13)     /* cbw_wait_copy: see *slow instead */
 
 #define CBW_TIMEOUT_INFINITE (-1)
 #define CBW_TIMEOUT_ROUTE (-2) /* cbw_start: use the route's timeout */
@@ -173,6 +174,13 @@ int cbw_cancel(cbw_worker *w, int64_t id, uint64_t *callback);
 int cbw_wait_complete(cbw_worker *w, int64_t id, int32_t timeout_ms);
 int cbw_wait(cbw_worker *w, int64_t id, int32_t timeout_ms, cbw_result *out);
 int cbw_take(cbw_worker *w, int64_t id, cbw_result *out);
+/* cbw_wait for small responses, in one call: once the job has completed
+ * successfully with a response of at most cap bytes, copies it to buf,
+ * destroys the job and returns its size.  Otherwise (failed, or larger) the
+ * job is detached into *slow as cbw_wait would and CBW_EMORE is returned;
+ * other errors are cbw_wait's. */
+int64_t cbw_wait_copy(cbw_worker *w, int64_t id, int32_t timeout_ms,
+                      char *buf, size_t cap, cbw_result *slow);
 void cbw_result_release(cbw_result *res);
 int cbw_job_info_get(cbw_worker *w, int64_t id, cbw_job_info *out);
 int cbw_job_error_text(cbw_worker *w, int64_t id, char *buf, size_t cap);

@@ -419,6 +419,40 @@ int cbw_wait(cbw_worker *w, int64_t id, int32_t timeout_ms, cbw_result *out)
     return rc;
 }
 
+int64_t cbw_wait_copy(cbw_worker *w, int64_t id, int32_t timeout_ms,
+                      char *buf, size_t cap, cbw_result *slow)
+{
+    cbw__job *job;
+    int64_t rc;
+    if (timeout_ms < CBW_TIMEOUT_INFINITE || (buf == NULL && cap > 0) || slow == NULL)
+        return CBW_EINVAL;
+    memset(slow, 0, sizeof(*slow));
+    cbw__mutex_lock(&w->mu);
+    if (w->stopping) {
+        rc = CBW_ECLOSED;
+    } else if ((job = cbw__table_get(&w->table, id)) == NULL) {
+        rc = CBW_EUNKNOWN;
+    } else {
+        rc = wait_locked(w, job, timeout_ms);
+        if (rc == CBW_OK && (job = cbw__table_get(&w->table, id)) == NULL) {
+            rc = CBW_EUNKNOWN; /* another thread took it meanwhile */
+        } else if (rc == CBW_OK) {
+            if (job->status != CBW_STATUS_OK || job->run.size > cap) {
+                detach(w, job, slow);
+                rc = CBW_EMORE;
+            } else {
+                rc = (int64_t)job->run.size;
+                if (job->run.size)
+                    memcpy(buf, job->run.data, job->run.size);
+                cbw__table_remove(&w->table, id);
+                cbw__job_unref(job);
+            }
+        }
+    }
+    cbw__mutex_unlock(&w->mu);
+    return rc;
+}
+
 int cbw_wait_complete(cbw_worker *w, int64_t id, int32_t timeout_ms)
 {
     cbw__job *job;
