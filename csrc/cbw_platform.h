@@ -19,12 +19,16 @@
 typedef SRWLOCK cbw__mutex;
 typedef CONDITION_VARIABLE cbw__cond;
 typedef HANDLE cbw__thread;
-#define CBW__TLS __declspec(thread)
 #else
 #include <pthread.h>
 typedef pthread_mutex_t cbw__mutex;
 typedef pthread_cond_t cbw__cond;
 typedef pthread_t cbw__thread;
+#endif
+
+#ifdef _MSC_VER
+#define CBW__TLS __declspec(thread)
+#else
 #define CBW__TLS __thread
 #endif
 
