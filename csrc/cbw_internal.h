@@ -103,6 +103,7 @@ typedef struct cbw__tokens {
     size_t mask;
     size_t count;
     int64_t dead;              /* counts that reached 0 since the last collect */
+    uint64_t collects;         /* collects that removed something */
     uint8_t need_retain;       /* the executor has a retain hook */
 } cbw__tokens;
 

@@ -19,6 +19,11 @@
  *    cbw_tokens_collect(), which removes and returns the tokens whose count
  *    is still 0.  A start racing with this either revived the token first,
  *    or finds it gone and calls retain, which waits for the executor's lock.
+ *  - A collect may also run while a start is inside retain (w->mu is not
+ *    held there) and undo that retain if the token had meanwhile been added
+ *    and died again.  Every collect that removes something bumps
+ *    `collects`; a start that retained finds the token still absent and the
+ *    counter changed retains again before it inserts.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -126,6 +131,8 @@ size_t cbw_tokens_collect(cbw_worker *w, uint64_t *out, size_t cap)
         }
         i++;
     }
+    if (n > 0)
+        t->collects++;
     if (n < cap)
         t->dead = 0;
     cbw__mutex_unlock(&w->mu);

@@ -152,19 +152,24 @@ static int take_tokens(cbw_worker *w, int32_t route_id, int32_t timeout_ms,
                        uint64_t callback, int64_t n, cbw__route **r)
 {
     int rc, missing;
+    uint64_t seen;
     rc = cbw__tokens_add(&w->tokens, callback, n, &missing);
-    if (rc != CBW_OK || !missing)
-        return rc;
-    cbw__mutex_unlock(&w->mu);
-    rc = w->hooks.retain(w->hooks.ctx, callback);
-    cbw__mutex_lock(&w->mu);
-    if (rc != CBW_OK)
-        return CBW_ENOMEM;
-    rc = cbw__tokens_add(&w->tokens, callback, n, NULL);
-    if (rc != CBW_OK) {
-        w->tokens.dead++; /* the executor holds a token the core lost */
-        return rc;
+    while (rc == CBW_OK && missing) {
+        seen = w->tokens.collects;
+        cbw__mutex_unlock(&w->mu);
+        rc = w->hooks.retain(w->hooks.ctx, callback);
+        cbw__mutex_lock(&w->mu);
+        if (rc != CBW_OK)
+            return CBW_ENOMEM;
+        rc = cbw__tokens_add(&w->tokens, callback, n, &missing);
+        if (rc == CBW_OK && missing && w->tokens.collects == seen) {
+            /* No collect undid the retain: the registry holds the token. */
+            rc = cbw__tokens_add(&w->tokens, callback, n, NULL);
+            missing = 0;
+        }
     }
+    if (rc != CBW_OK)
+        return rc;
     rc = check_start(w, route_id, timeout_ms, r); /* state may have changed */
     if (rc != CBW_OK)
         cbw__tokens_done(w, callback, n);

@@ -26,6 +26,7 @@ COMMON_FLAGS = ("-std=gnu11", "-Wall", "-Wextra", "-Werror", "-D_GNU_SOURCE", "-
 RUN_TIMEOUT_S = 300
 BUILD_TIMEOUT_S = 120
 VALGRIND_STRESS_ITERS = "200"
+OUTPUT_TAIL = 12000
 SANITIZER_REPORTS = (
     "WARNING: ThreadSanitizer",
     "ERROR: AddressSanitizer",
@@ -120,13 +121,23 @@ def _run(command: List[str], extra_env: Dict[str, str]) -> subprocess.CompletedP
 
 
 def _assert_clean(result: subprocess.CompletedProcess, what: str) -> None:
+    """Fails with the TAP failures and diagnostics first, then the output's tail."""
     output = result.stdout + result.stderr
-    failed = [line for line in output.splitlines() if line.startswith(("not ok", "# ", "Bail out!"))]
-    summary = "\n".join(failed[:60])
-    for report in SANITIZER_REPORTS:
-        assert report not in output, f"{what}: {report!r} in the output:\n{output[-20000:]}"
-    assert result.returncode == 0, (
-        f"{what} exited with {result.returncode}:\n{summary}\n--- full output ---\n{output[-20000:]}"
+    code = result.returncode
+    reports = [report for report in SANITIZER_REPORTS if report in output]
+    if code == 0 and not reports:
+        return
+    failures = [
+        line for line in output.splitlines() if line.startswith(("not ok", "# ", "Bail out!"))
+    ]
+    pytest.fail(
+        f"{what} exited with {code}"
+        + (f" and printed {', '.join(map(repr, reports))}" if reports else "")
+        + ":\n"
+        + "\n".join(failures[:80])
+        + f"\n--- last {OUTPUT_TAIL} characters of the output ---\n"
+        + output[-OUTPUT_TAIL:],
+        pytrace=False,
     )
 
 

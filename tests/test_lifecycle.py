@@ -25,11 +25,10 @@ import textwrap
 import threading
 import time
 import weakref
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import pytest
 
-import callbackworker
 from callbackworker import (
     CallbackWorkerError,
     DeadlockError,
@@ -39,7 +38,6 @@ from callbackworker import (
     RouteMetaKey,
     ShutdownError,
     Status,
-    UnknownJobError,
     WaitTimeoutError,
     Worker,
     WorkerClosedError,
@@ -513,6 +511,10 @@ def test_close_racing_with_start_and_wait_from_four_threads(round_: int) -> None
             except WaitTimeoutError as exc:
                 problems.append(f"thread {k}: a wait hung: {exc}")
                 return
+            except JobFailedError as exc:
+                problems.append(f"thread {k}: job {exc.job_id} ended {Status(exc.status).name} "
+                                f"with error text {exc.error_text!r} (cause {exc.__cause__!r})")
+                return
             except BaseException as exc:  # noqa: BLE001 - reported
                 problems.append(f"thread {k}: {type(exc).__name__}: {exc}")
                 return
@@ -534,7 +536,7 @@ def test_close_racing_with_start_and_wait_from_four_threads(round_: int) -> None
     for t in threads:
         t.join(SETTLE * 2)
         assert not t.is_alive(), "a thread hung in a verb after close()"
-    assert problems == []
+    assert problems == [], "\n".join(problems)
     assert sum(counts) > 0
     with pytest.raises(WorkerClosedError):
         w.start(echo, b"")
@@ -740,14 +742,16 @@ def test_worker_collected_when_its_last_reference_drops_inside_its_own_callback(
     proc, elapsed = _run_script("""
         import gc, threading, time, callbackworker as cw
         box = [cw.Worker()]
-        done = threading.Event()
+        go, done = threading.Event(), threading.Event()
         def cb(m):
+            go.wait(10)
             box.clear()       # the last reference to the worker
             gc.collect()
             done.set()
             return b"z"
         box[0].start(cb, b"x")
         box[0].start_many(lambda m: None, [b"q"] * 100)
+        go.set()
         assert done.wait(10)
         time.sleep(0.3)
         # the module-level worker still works afterwards
@@ -951,7 +955,7 @@ def test_fork_with_a_closed_worker_and_from_a_busy_parent() -> None:
         closed = cw.Worker()
         closed.close()
         busy = cw.Worker(concurrency=2)
-        busy.start_many(lambda m: time.sleep(0.001), [b""] * 3000)
+        busy.start_many(lambda m: time.sleep(0.001), [b""] * 1000)
         pid = os.fork()
         if pid == 0:
             code = 1
@@ -982,11 +986,13 @@ def test_fork_with_a_closed_worker_and_from_a_busy_parent() -> None:
 
 
 SIGINT_SCRIPT = """
-import sys, time, callbackworker as cw
+import signal, sys, time, callbackworker as cw
+# a shell may start background jobs with SIGINT ignored: ask for Ctrl-C
+signal.signal(signal.SIGINT, signal.default_int_handler)
 verb = sys.argv[1]
 w = cw.Worker()
 def slow(m):
-    time.sleep(3.0)
+    time.sleep(2.0)
     return b"unharmed"
 j = w.start(slow, b"x")
 print("ready", flush=True)
@@ -1000,6 +1006,7 @@ try:
     elif verb == "wait_drained":
         w.wait_drained("default")
     print("not interrupted", flush=True)
+    sys.exit(0)
 except KeyboardInterrupt:
     print("KeyboardInterrupt %.6f" % time.monotonic(), flush=True)
 print("known", w.job_known(j), flush=True)
@@ -1029,8 +1036,8 @@ def test_keyboard_interrupt_while_the_main_thread_waits(verb: str) -> None:
     assert "Traceback" not in err, err
     lines = out.splitlines()
     assert lines[0].startswith("KeyboardInterrupt "), out
-    # promptly: well before the job (3 s) completes
+    # promptly: well before the job (2 s) completes
     if LINUX:
         latency = float(lines[0].split()[1]) - sent
-        assert latency < 1.5, f"KeyboardInterrupt {latency:.2f}s after SIGINT"
+        assert latency < 1.0, f"KeyboardInterrupt {latency:.2f}s after SIGINT"
     assert lines[1:] == ["known True", "status PENDING", "result unharmed"], out
