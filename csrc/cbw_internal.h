@@ -87,10 +87,14 @@ struct cbw__route {
     cbw__thread_rec *threads;
 };
 
+typedef struct cbw__page cbw__page;
+
 typedef struct cbw__table {
-    cbw__job **slots;
-    size_t mask;               /* capacity - 1; capacity is a power of two */
-    size_t count;
+    cbw__page **pages;         /* directory: hash of page number -> page */
+    size_t mask;               /* directory capacity - 1 (a power of two) */
+    size_t npages;
+    size_t count;              /* jobs in the table */
+    cbw__page *last;           /* the page of the latest put: a hot hint */
 } cbw__table;
 
 typedef struct cbw__token {
@@ -146,7 +150,8 @@ int cbw__table_init(cbw__table *t);
 void cbw__table_destroy(cbw__table *t);
 cbw__job *cbw__table_get(const cbw__table *t, int64_t id);
 int cbw__table_put(cbw__table *t, cbw__job *job);
-int cbw__table_reserve(cbw__table *t, size_t more);
+int cbw__table_reserve(cbw__table *t, int64_t first_id, size_t n);
+void cbw__table_each(cbw__table *t, void (*fn)(cbw__job *));
 void cbw__table_remove(cbw__table *t, int64_t id);
 
 /* Jobs (cbw_job.c); all under w->mu. */

@@ -25,9 +25,7 @@ static void worker_destroy(cbw_worker *w)
     size_t i;
     int32_t r;
     cbw__thread_rec *t, *tn;
-    for (i = 0; i <= w->table.mask; i++)
-        if (w->table.slots[i] != NULL)
-            cbw__job_unref(w->table.slots[i]);
+    cbw__table_each(&w->table, cbw__job_unref);
     cbw__table_destroy(&w->table);
     cbw__tokens_destroy(&w->tokens);
     for (r = 0; r < w->nroutes; r++) {
@@ -94,8 +92,7 @@ cbw_worker *cbw_worker_new(const cbw_hooks *hooks, int32_t concurrency, int *err
         rc = route < 0 ? (int)route : CBW_OK;
     }
     if (rc != CBW_OK) {
-        if (w->table.slots != NULL)
-            cbw__table_destroy(&w->table);
+        cbw__table_destroy(&w->table);
         cbw__free(w);
         *err = rc;
         return NULL;
@@ -176,8 +173,8 @@ static int take_tokens(cbw_worker *w, int32_t route_id, int32_t timeout_ms,
     return rc;
 }
 
-/* Gives the job its id and puts it at the tail of r; the table must have
- * room (cbw__table_put cannot fail after a reserve). */
+/* Gives the job its id and puts it at the tail of r.  After a
+ * cbw__table_reserve covering the id, it cannot fail. */
 static int enqueue(cbw_worker *w, cbw__route *r, cbw__job *job,
                    uint64_t callback, int32_t timeout_ms)
 {
@@ -270,11 +267,12 @@ int cbw_start_many(cbw_worker *w, int32_t route, uint64_t callback,
         cbw__mutex_lock(&w->mu);
         rc = check_start(w, route, timeout_ms, &r);
         if (rc == CBW_OK)
-            rc = cbw__table_reserve(&w->table, n);
-        if (rc == CBW_OK)
             rc = take_tokens(w, route, timeout_ms, callback, (int64_t)n, &r);
-        if (rc == CBW_OK)
-            rc = cbw__table_reserve(&w->table, n); /* again: w->mu was dropped */
+        if (rc == CBW_OK) {
+            rc = cbw__table_reserve(&w->table, w->next_id, n);
+            if (rc != CBW_OK)
+                cbw__tokens_done(w, callback, (int64_t)n);
+        }
         for (i = 0; rc == CBW_OK && i < n; i++) {
             rc = enqueue(w, r, jobs[i], callback, timeout_ms);
             ids[i] = jobs[i]->run.id;
