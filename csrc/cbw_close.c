@@ -54,14 +54,16 @@ static void wake_coalescing(cbw_worker *w)
 {
     int32_t i;
     for (i = 0; i < w->nroutes; i++)
-        cbw__cond_broadcast(&w->routes[i]->cond);
+        cbw__cond_broadcast(&w->routes[i]->coalc);
 }
 
 static void wake_everyone(cbw_worker *w)
 {
     int32_t i;
-    for (i = 0; i < w->nroutes; i++)
+    for (i = 0; i < w->nroutes; i++) {
         cbw__cond_broadcast(&w->routes[i]->cond);
+        cbw__cond_broadcast(&w->routes[i]->coalc);
+    }
     for (i = 0; i < CBW__WAIT_STRIPES; i++)
         cbw__cond_broadcast(&w->waitc[i]);
     cbw__cond_broadcast(&w->statec);
@@ -167,11 +169,10 @@ void cbw_worker_release(cbw_worker *w)
 {
     if (w == NULL)
         return;
+    /* close() returns at once when another thread is already closing, but
+     * only once that close has finished (or from the worker's own thread,
+     * which holds a reference of its own), so the memory outlives it. */
+    (void)cbw_worker_close(w, 0, 0);
     cbw__mutex_lock(&w->mu);
-    if (!w->closing) {
-        cbw__mutex_unlock(&w->mu);
-        (void)cbw_worker_close(w, 0, 0);
-        cbw__mutex_lock(&w->mu);
-    }
     cbw__worker_unref(w);
 }

@@ -82,6 +82,7 @@ struct cbw__route {
     int32_t drain_waiters;
     int32_t waiting;           /* threads blocked on this route's jobs */
     int32_t delaying;          /* threads coalescing before a burst */
+    cbw__cond coalc;           /* coalescing threads wait here */
     int64_t enqueued;          /* jobs ever queued (coalescing watches it) */
     cbw__cond cond;            /* idle threads wait here for work */
     cbw__thread_rec *threads;
@@ -98,8 +99,9 @@ typedef struct cbw__table {
 } cbw__table;
 
 typedef struct cbw__token {
-    uint64_t token;            /* 0: empty slot */
+    uint64_t token;
     int64_t count;             /* jobs that may still run this callback */
+    uint8_t used;              /* 0: empty slot (any token value is valid) */
 } cbw__token;
 
 typedef struct cbw__tokens {

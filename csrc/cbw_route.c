@@ -57,6 +57,11 @@ int32_t cbw__route_add(cbw_worker *w, const char *name, int32_t concurrency,
         cbw__free(r);
         return CBW_ENOMEM;
     }
+    if (cbw__cond_init(&r->coalc) != 0) {
+        cbw__cond_destroy(&r->cond);
+        cbw__free(r);
+        return CBW_ENOMEM;
+    }
     memcpy(r->name, name, strlen(name) + 1);
     r->concurrency = concurrency;
     r->timeout_ms = timeout_ms;
@@ -148,7 +153,7 @@ int cbw_route_wait_drained(cbw_worker *w, int32_t route, int32_t timeout_ms)
         r->drain_waiters++;
         r->waiting++;
         if (r->delaying > 0)
-            cbw__cond_broadcast(&r->cond);
+            cbw__cond_broadcast(&r->coalc);
         while ((r->queued > 0 || r->running > 0) && !w->stopping)
             if (cbw__cond_wait_until(&w->statec, &w->mu, deadline))
                 break;

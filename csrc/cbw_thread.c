@@ -169,7 +169,7 @@ static void coalesce(cbw_worker *w, cbw__route *r, cbw__thread_rec *t)
            !t->orphaned &&
            now < give_up) {
         seen = r->enqueued;
-        cbw__cond_wait_until(&r->cond, &w->mu,
+        cbw__cond_wait_until(&r->coalc, &w->mu,
                              now + CBW__QUIET_NS < give_up ? now + CBW__QUIET_NS : give_up);
         now = cbw__now_ns();
         if (r->enqueued == seen)
@@ -255,10 +255,12 @@ int cbw__route_ensure_threads(cbw_worker *w, cbw__route *r)
 static void orphan(cbw_worker *w, cbw__route *r, cbw__thread_rec *t)
 {
     t->orphaned = 1;
-    t->detached = 1;
     r->running--;
     cbw__route_unlink_thread(r, t);
-    w->refs++; /* dropped by the thread when it finally leaves */
+    if (!t->detached) {
+        t->detached = 1;
+        w->refs++; /* dropped by the thread when it finally leaves */
+    }
     if (!w->stopping)
         (void)cbw__route_ensure_threads(w, r); /* best effort */
     cbw__route_wake(r);

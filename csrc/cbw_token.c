@@ -40,7 +40,7 @@ static cbw__token *find(cbw__tokens *t, uint64_t token)
     size_t i;
     if (t->slots == NULL)
         return NULL;
-    for (i = home(token, t->mask); t->slots[i].token != 0; i = (i + 1) & t->mask)
+    for (i = home(token, t->mask); t->slots[i].used; i = (i + 1) & t->mask)
         if (t->slots[i].token == token)
             return &t->slots[i];
     return NULL;
@@ -53,9 +53,9 @@ static int grow(cbw__tokens *t)
     if (slots == NULL)
         return CBW_ENOMEM;
     for (i = 0; t->slots != NULL && i <= t->mask; i++) {
-        if (t->slots[i].token == 0)
+        if (!t->slots[i].used)
             continue;
-        for (j = home(t->slots[i].token, cap - 1); slots[j].token != 0; j = (j + 1) & (cap - 1))
+        for (j = home(t->slots[i].token, cap - 1); slots[j].used; j = (j + 1) & (cap - 1))
             ;
         slots[j] = t->slots[i];
     }
@@ -82,8 +82,9 @@ int cbw__tokens_add(cbw__tokens *t, uint64_t token, int64_t n, int *missing)
     if (t->slots == NULL || (t->count + 1) * 2 > t->mask + 1)
         if (grow(t) != CBW_OK)
             return CBW_ENOMEM;
-    for (i = home(token, t->mask); t->slots[i].token != 0; i = (i + 1) & t->mask)
+    for (i = home(token, t->mask); t->slots[i].used; i = (i + 1) & t->mask)
         ;
+    t->slots[i].used = 1;
     t->slots[i].token = token;
     t->slots[i].count = n;
     t->count++;
@@ -103,16 +104,16 @@ void cbw__tokens_done(cbw_worker *w, uint64_t token, int64_t n)
 static void remove_at(cbw__tokens *t, size_t i)
 {
     size_t j = i, k;
-    t->slots[i].token = 0;
+    t->slots[i].used = 0;
     t->count--;
     for (;;) {
         j = (j + 1) & t->mask;
-        if (t->slots[j].token == 0)
+        if (!t->slots[j].used)
             return;
         k = home(t->slots[j].token, t->mask);
         if (((j - k) & t->mask) >= ((j - i) & t->mask)) {
             t->slots[i] = t->slots[j];
-            t->slots[j].token = 0;
+            t->slots[j].used = 0;
             i = j;
         }
     }
@@ -124,7 +125,7 @@ size_t cbw_tokens_collect(cbw_worker *w, uint64_t *out, size_t cap)
     size_t n = 0, i = 0;
     cbw__mutex_lock(&w->mu);
     while (t->slots != NULL && i <= t->mask && n < cap) {
-        if (t->slots[i].token != 0 && t->slots[i].count == 0) {
+        if (t->slots[i].used && t->slots[i].count == 0) {
             out[n++] = t->slots[i].token;
             remove_at(t, i); /* may shift a later entry into slot i */
             continue;

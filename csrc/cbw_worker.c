@@ -30,6 +30,7 @@ static void worker_destroy(cbw_worker *w)
     cbw__tokens_destroy(&w->tokens);
     for (r = 0; r < w->nroutes; r++) {
         cbw__cond_destroy(&w->routes[r]->cond);
+        cbw__cond_destroy(&w->routes[r]->coalc);
         cbw__free(w->routes[r]);
     }
     cbw__free(w->routes);
@@ -93,6 +94,7 @@ cbw_worker *cbw_worker_new(const cbw_hooks *hooks, int32_t concurrency, int *err
     }
     if (rc != CBW_OK) {
         cbw__table_destroy(&w->table);
+        cbw__free(w->routes); /* cbw__route_add may have grown it, then failed */
         cbw__free(w);
         *err = rc;
         return NULL;
@@ -362,7 +364,7 @@ static int wait_locked(cbw_worker *w, cbw__job *job, int32_t timeout_ms)
     r = cbw__route_get(w, job->run.route);
     r->waiting++;
     if (r->delaying > 0)
-        cbw__cond_broadcast(&r->cond); /* stop coalescing: someone waits */
+        cbw__cond_broadcast(&r->coalc); /* stop coalescing: someone waits */
     job->waiters++;
     job->refs++;
     if (own && timeout_ms < 0)
