@@ -225,6 +225,21 @@ class Worker:
             self._routes[route] = rid
         return rid
 
+    def _prepare(self, callback: object, timeout_ms: object,
+                 route: Optional[str]) -> "tuple[int, int]":
+        """Checks the arguments every start verb shares; returns the route id
+        and the timeout to pass to the core (a start on a named route that
+        gives no timeout takes the route's)."""
+        _check_callback(callback)
+        if type(timeout_ms) is not int or timeout_ms != -1:
+            timeout_ms = _check_timeout(timeout_ms)
+        elif route is not None:
+            timeout_ms = _TIMEOUT_ROUTE
+        rid = self._route_id(route) if route is not None else _DEFAULT_ROUTE
+        if self._closed:
+            raise_for(lib.CBW_ECLOSED)
+        return rid, timeout_ms  # type: ignore[return-value]
+
     def start(self, callback: Callback, request: Request, timeout_ms: int = -1,
               *, route: Optional[str] = None) -> int:
         """Schedules ``callback(request)`` and returns the new job id (> 0).
@@ -237,14 +252,11 @@ class Worker:
         (-1 = none): past it the job completes with TIMEOUT at once and the
         callback is interrupted.
         """
-        _check_callback(callback)
-        if type(timeout_ms) is not int or timeout_ms != -1:
-            timeout_ms = _check_timeout(timeout_ms)
-        elif route is not None:
-            timeout_ms = _TIMEOUT_ROUTE
-        rid = self._route_id(route) if route is not None else _DEFAULT_ROUTE
-        if self._closed:
-            raise_for(lib.CBW_ECLOSED)
+        if (route is None and type(timeout_ms) is int and -1 <= timeout_ms <= _TIMEOUT_MAX
+                and callable(callback) and not self._closed):
+            rid = _DEFAULT_ROUTE
+        else:
+            rid, timeout_ms = self._prepare(callback, timeout_ms, route)
         if type(request) is bytes:
             jid = _start(self._w, rid, id(callback), request, len(request), timeout_ms)
         else:
@@ -262,16 +274,9 @@ class Worker:
                    *, route: Optional[str] = None) -> int:
         """Like ``start``, with a ``str`` request: the callback receives its
         UTF-8 bytes (copied once, straight from the string for ASCII text)."""
-        _check_callback(callback)
+        rid, timeout_ms = self._prepare(callback, timeout_ms, route)
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, not {type(text).__name__}")
-        if type(timeout_ms) is not int or timeout_ms != -1:
-            timeout_ms = _check_timeout(timeout_ms)
-        elif route is not None:
-            timeout_ms = _TIMEOUT_ROUTE
-        rid = self._route_id(route) if route is not None else _DEFAULT_ROUTE
-        if self._closed:
-            raise_for(lib.CBW_ECLOSED)
         jid = lib.cbwpy_start_text(self._w, rid, id(callback), ffi.cast("void *", id(text)),
                                    timeout_ms)
         if jid == _EENCODE:
@@ -285,14 +290,7 @@ class Worker:
                    timeout_ms: int = -1, *, route: Optional[str] = None) -> List[int]:
         """Starts one job per request with one call into the core; all or
         none.  Same semantics as ``start`` for each; ids are in order."""
-        _check_callback(callback)
-        if type(timeout_ms) is not int or timeout_ms != -1:
-            timeout_ms = _check_timeout(timeout_ms)
-        elif route is not None:
-            timeout_ms = _TIMEOUT_ROUTE
-        rid = self._route_id(route) if route is not None else _DEFAULT_ROUTE
-        if self._closed:
-            raise_for(lib.CBW_ECLOSED)
+        rid, timeout_ms = self._prepare(callback, timeout_ms, route)
         try:
             requests = list(requests)
             blob = b"".join(requests)
