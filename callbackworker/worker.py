@@ -370,11 +370,7 @@ class Worker:
         ``JobNotCompleteError`` if it has not completed (the job is
         untouched); a failed job raises its ``JobFailedError`` and is
         destroyed."""
-        jid = _check_id(job_id)
-        if self._closed:
-            raise_for(lib.CBW_ECLOSED)
-        if not _known_id(jid):
-            raise_for(lib.CBW_EUNKNOWN, job_id)
+        jid = self._job_id(job_id)
         res = ffi.new("cbw_result *")
         rc = lib.cbw_take(self._w, jid, res)
         if rc < 0:
@@ -399,11 +395,7 @@ class Worker:
     def cancel(self, job_id: int) -> bool:
         """Removes a job that is still queued: True, and the job completes
         with status CANCELLED.  False if it is running or has completed."""
-        jid = _check_id(job_id)
-        if self._closed:
-            raise_for(lib.CBW_ECLOSED)
-        if not _known_id(jid):
-            raise_for(lib.CBW_EUNKNOWN, job_id)
+        jid = self._job_id(job_id)
         rc = lib.cbw_cancel(self._w, jid, ffi.NULL)
         if rc < 0:
             raise_for(rc, jid)
@@ -411,12 +403,18 @@ class Worker:
 
     # ---- queries ------------------------------------------------------
 
-    def _info(self, job_id: object) -> Any:
+    def _job_id(self, job_id: object) -> int:
+        """Checks an id argument: TypeError for a non-int, WorkerClosedError
+        once closed, UnknownJobError for an int that was never an id."""
         jid = _check_id(job_id)
         if self._closed:
             raise_for(lib.CBW_ECLOSED)
         if not _known_id(jid):
             raise_for(lib.CBW_EUNKNOWN, job_id)
+        return jid
+
+    def _info(self, job_id: object) -> Any:
+        jid = self._job_id(job_id)
         out = ffi.new("cbw_job_info *")
         rc = lib.cbw_job_info_get(self._w, jid, out)
         if rc < 0:

@@ -1,0 +1,275 @@
+/*
+ * cbw_wait.c - cancelling, waiting for, taking and inspecting jobs.
+ *
+ * DESIGN: waiting happens on one of CBW__WAIT_STRIPES condition variables,
+ * chosen by job id; a completion broadcasts only when the job has waiters.
+ * A waiter holds a reference on the job while it sleeps, so a concurrent
+ * take cannot free the job under it, and looks the job up again by id once
+ * awake (ids are never reused, so a taken job simply is not found).  A
+ * waiter blocked on a job of its own route, from one of the worker's own
+ * threads, is refused with CBW_EDEADLOCK when nothing could ever run that
+ * job.  Everything runs under w->mu.
+ */
+#include <string.h>
+
+#include "cbw_internal.h"
+
+/* The job with this id, with w->mu held; on NULL, *rc says why.  Once
+ * close() is stopping the worker every verb fails with CBW_ECLOSED. */
+static cbw__job *lookup(cbw_worker *w, int64_t id, int *rc)
+{
+    cbw__job *job = NULL;
+    if (w->stopping)
+        *rc = CBW_ECLOSED;
+    else if ((job = cbw__table_get(&w->table, id)) == NULL)
+        *rc = CBW_EUNKNOWN;
+    return job;
+}
+
+int cbw_cancel(cbw_worker *w, int64_t id, uint64_t *callback)
+{
+    cbw__job *job;
+    cbw__route *r;
+    int rc = 0, dead;
+    cbw__mutex_lock(&w->mu);
+    job = lookup(w, id, &rc);
+    if (job != NULL && job->phase == CBW_PHASE_QUEUED) {
+        r = cbw__route_get(w, job->run.route);
+        r->queued--;
+        if (callback != NULL)
+            *callback = job->run.callback;
+        cbw__tokens_done(w, job->run.callback, 1);
+        cbw__job_complete(w, job, CBW_STATUS_CANCELLED,
+                          "the job was cancelled before it started");
+        if (r->queued == 0 && r->running == 0 && (r->drain_waiters || w->draining))
+            cbw__cond_broadcast(&w->statec);
+        rc = 1;
+    }
+    dead = w->tokens.dead > 0;
+    cbw__mutex_unlock(&w->mu);
+    cbw__tokens_notify(w, dead);
+    return rc;
+}
+
+/* True when waiting for job from this thread could never end: the job is the
+ * caller's own, or it is queued on the caller's route and every other thread
+ * of that route is itself blocked in an unbounded wait. */
+static int would_deadlock(cbw_worker *w, cbw__job *job, int32_t timeout_ms)
+{
+    cbw__thread_rec *self = cbw__self, *t;
+    if (self == NULL || self->w != w)
+        return 0;
+    if (self->job == job)
+        return 1;
+    if (timeout_ms >= 0 || job->phase != CBW_PHASE_QUEUED ||
+        job->run.route != self->route->id)
+        return 0;
+    for (t = self->route->threads; t != NULL; t = t->next)
+        if (t != self && !t->blocked)
+            return 0;
+    return 1;
+}
+
+/* Blocks until the job completes, the timeout passes or close() stops the
+ * worker, holding a reference meanwhile so a concurrent take cannot free the
+ * job under the waiter.  Called and returns with w->mu held; afterwards the
+ * caller must look the job up again by id (another thread may have taken
+ * it, and ids are never reused). */
+static int wait_locked(cbw_worker *w, cbw__job *job, int32_t timeout_ms)
+{
+    cbw__cond *c = &w->waitc[(uint64_t)job->run.id % CBW__WAIT_STRIPES];
+    cbw__thread_rec *self = cbw__self;
+    cbw__route *r;
+    int64_t deadline;
+    int own = self != NULL && self->w == w, done;
+
+    if (job->phase == CBW_PHASE_COMPLETED)
+        return CBW_OK;
+    if (timeout_ms == 0)
+        return CBW_ETIMEDOUT;
+    if (would_deadlock(w, job, timeout_ms))
+        return CBW_EDEADLOCK;
+    deadline = cbw__deadline_after_ms(timeout_ms);
+    r = cbw__route_get(w, job->run.route);
+    r->waiting++;
+    if (r->delaying > 0)
+        cbw__cond_broadcast(&r->coalc); /* stop coalescing: someone waits */
+    job->waiters++;
+    job->refs++;
+    if (own && timeout_ms < 0)
+        self->blocked = 1;
+    while (job->phase != CBW_PHASE_COMPLETED && !w->stopping)
+        if (cbw__cond_wait_until(c, &w->mu, deadline))
+            break;
+    if (own)
+        self->blocked = 0;
+    job->waiters--;
+    r->waiting--;
+    done = job->phase == CBW_PHASE_COMPLETED;
+    cbw__job_unref(job);
+    if (done)
+        return CBW_OK;
+    return w->stopping ? CBW_ESHUTDOWN : CBW_ETIMEDOUT;
+}
+
+static void detach(cbw_worker *w, cbw__job *job, cbw_result *out)
+{
+    int ok = job->status == CBW_STATUS_OK;
+    cbw__table_remove(&w->table, job->run.id);
+    out->id = job->run.id;
+    out->status = job->status;
+    out->route = job->run.route;
+    out->data = ok ? job->run.data : NULL;
+    out->size = ok ? job->run.size : 0;
+    out->error = job->error != NULL ? job->error : "";
+    out->callback = job->run.callback;
+    out->job_ = job; /* the table's reference passes to the result */
+    out->worker_ = w;
+}
+
+int cbw_wait(cbw_worker *w, int64_t id, int32_t timeout_ms, cbw_result *out)
+{
+    cbw__job *job;
+    int rc;
+    memset(out, 0, sizeof(*out));
+    if (timeout_ms < CBW_TIMEOUT_INFINITE)
+        return CBW_EINVAL;
+    cbw__mutex_lock(&w->mu);
+    if ((job = lookup(w, id, &rc)) != NULL) {
+        rc = wait_locked(w, job, timeout_ms);
+        if (rc == CBW_OK) {
+            job = cbw__table_get(&w->table, id);
+            if (job == NULL)
+                rc = CBW_EUNKNOWN; /* another thread took it meanwhile */
+            else
+                detach(w, job, out);
+        }
+    }
+    cbw__mutex_unlock(&w->mu);
+    return rc;
+}
+
+int64_t cbw_wait_copy(cbw_worker *w, int64_t id, int32_t timeout_ms,
+                      char *buf, size_t cap, cbw_result *slow)
+{
+    cbw__job *job;
+    int64_t rc;
+    int code = CBW_OK;
+    if (timeout_ms < CBW_TIMEOUT_INFINITE || (buf == NULL && cap > 0) || slow == NULL)
+        return CBW_EINVAL;
+    memset(slow, 0, sizeof(*slow));
+    cbw__mutex_lock(&w->mu);
+    if ((job = lookup(w, id, &code)) == NULL) {
+        rc = code;
+    } else {
+        rc = wait_locked(w, job, timeout_ms);
+        if (rc == CBW_OK && (job = cbw__table_get(&w->table, id)) == NULL) {
+            rc = CBW_EUNKNOWN; /* another thread took it meanwhile */
+        } else if (rc == CBW_OK) {
+            if (job->status != CBW_STATUS_OK || job->run.size > cap) {
+                detach(w, job, slow);
+                rc = CBW_EMORE;
+            } else {
+                rc = (int64_t)job->run.size;
+                if (job->run.size)
+                    memcpy(buf, job->run.data, job->run.size);
+                cbw__table_remove(&w->table, id);
+                cbw__job_unref(job);
+            }
+        }
+    }
+    cbw__mutex_unlock(&w->mu);
+    return rc;
+}
+
+int cbw_wait_complete(cbw_worker *w, int64_t id, int32_t timeout_ms)
+{
+    cbw__job *job;
+    int rc;
+    if (timeout_ms < CBW_TIMEOUT_INFINITE)
+        return CBW_EINVAL;
+    cbw__mutex_lock(&w->mu);
+    if ((job = lookup(w, id, &rc)) != NULL) {
+        rc = wait_locked(w, job, timeout_ms);
+        if (rc == CBW_OK)
+            rc = cbw__table_get(&w->table, id) != NULL ? 1 : CBW_EUNKNOWN;
+        else if (rc == CBW_ETIMEDOUT)
+            rc = 0;
+    }
+    cbw__mutex_unlock(&w->mu);
+    return rc;
+}
+
+int cbw_take(cbw_worker *w, int64_t id, cbw_result *out)
+{
+    cbw__job *job;
+    int rc = CBW_OK;
+    memset(out, 0, sizeof(*out));
+    cbw__mutex_lock(&w->mu);
+    job = lookup(w, id, &rc);
+    if (job != NULL && job->phase != CBW_PHASE_COMPLETED)
+        rc = CBW_ENOTDONE;
+    else if (job != NULL)
+        detach(w, job, out);
+    cbw__mutex_unlock(&w->mu);
+    return rc;
+}
+
+void cbw_result_release(cbw_result *res)
+{
+    cbw_worker *w = res->worker_;
+    if (res->job_ == NULL)
+        return;
+    cbw__mutex_lock(&w->mu);
+    cbw__job_unref(res->job_);
+    cbw__mutex_unlock(&w->mu);
+    res->job_ = NULL;
+    res->data = NULL;
+    res->error = NULL;
+}
+
+int cbw_job_info_get(cbw_worker *w, int64_t id, cbw_job_info *out)
+{
+    cbw__job *job;
+    int rc = CBW_OK;
+    memset(out, 0, sizeof(*out));
+    cbw__mutex_lock(&w->mu);
+    if ((job = lookup(w, id, &rc)) != NULL) {
+        out->id = id;
+        out->phase = job->phase;
+        out->status = job->status;
+        out->state = cbw__job_state(job);
+        out->timeout_ms = job->run.timeout_ms;
+        out->route = job->run.route;
+        out->attempt = job->run.attempt;
+        out->has_result = job->phase == CBW_PHASE_COMPLETED &&
+                          job->status == CBW_STATUS_OK;
+        out->result_size = out->has_result ? job->run.size : 0;
+        out->rc = out->has_result ? job->run.rc : 0;
+        out->error_len = job->error != NULL ? strlen(job->error) : 0;
+    }
+    cbw__mutex_unlock(&w->mu);
+    return rc;
+}
+
+int cbw_job_error_text(cbw_worker *w, int64_t id, char *buf, size_t cap)
+{
+    cbw__job *job;
+    int rc;
+    size_t n;
+    cbw__mutex_lock(&w->mu);
+    if ((job = lookup(w, id, &rc)) != NULL) {
+        const char *e = job->error != NULL && job->phase == CBW_PHASE_COMPLETED
+                            ? job->error : "";
+        n = strlen(e);
+        if (cap > 0) {
+            if (n >= cap)
+                n = cap - 1;
+            memcpy(buf, e, n);
+            buf[n] = '\0';
+        }
+        rc = (int)(strlen(e) > 0x7fffffff ? 0x7fffffff : strlen(e));
+    }
+    cbw__mutex_unlock(&w->mu);
+    return rc;
+}
