@@ -46,6 +46,7 @@ from .errors import (
     WaitTimeoutError,
     WorkerClosedError,
 )
+from .progress import JobContext, current_job
 from .states import State, Status
 from .worker import Worker
 
@@ -78,9 +79,11 @@ close_route = _FUNCTIONS["close_route"]
 wait_drained = _FUNCTIONS["wait_drained"]
 route_meta = _FUNCTIONS["route_meta"]
 route_info = _FUNCTIONS["route_info"]
+progress = _FUNCTIONS["progress"]
+query = _FUNCTIONS["query"]
 
 __all__ = [
-    "Worker", "default_worker", "asyncmeta",
+    "Worker", "default_worker", "asyncmeta", "current_job", "JobContext",
     "Phase", "Status", "State", "STATUS_PENDING", "Capability", "Profile", "RouteState",
     "JobMetaKey", "RouteMetaKey",
     "CallbackWorkerError", "UnknownJobError", "JobNotCompleteError", "JobFailedError",

@@ -44,7 +44,7 @@ VERBS = (
     "cancel", "phase", "phase_text", "status", "status_text", "state", "error_text",
     "job_known", "job_timeout", "job_has_blob_result", "job_blob_result_size", "job_meta",
     "info", "capabilities", "close", "open_route", "close_route", "wait_drained",
-    "route_meta", "route_info",
+    "route_meta", "route_info", "progress", "query",
 )
 
 FUNCTIONS = {name: _forward(name) for name in VERBS}

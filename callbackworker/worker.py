@@ -16,16 +16,18 @@ the main thread they wake up every 50 ms so that Ctrl-C interrupts them
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import threading
 import time
 import weakref
-from typing import Any, Callable, Iterable, List, Optional, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 
 from . import _native
 from ._native import CallbackTable, ffi, lib, raise_for
 from .asyncmeta import JobMetaKey, Phase, Profile, RouteMetaKey, RouteState
 from .errors import DeadlockError, failure_for_status
+from .progress import ProgressCallback, ProgressState, run_with_progress
 from .states import PHASE_TEXT, STATE_TEXT, STATUS_TEXT, State, Status
 
 __all__ = ["Worker", "Callback", "Request"]
@@ -138,6 +140,7 @@ class Worker:
         self._w = self._new_native()
         self._finalizer = self._track_native()
         self._routes: dict[str, int] = {"default": _DEFAULT_ROUTE}
+        self._progress: Dict[int, ProgressState] = {}
         _live_workers.add(self)
 
     def _new_native(self) -> Any:
@@ -190,6 +193,7 @@ class Worker:
                                 "the worker's own callbacks: that callback keeps it busy")
         self._closed = True
         self._table.clear()
+        self._progress.clear()
         _live_workers.discard(self)
         return 0
 
@@ -200,6 +204,7 @@ class Worker:
         self._finalizer.detach()
         self._table = CallbackTable()
         self._routes = {"default": _DEFAULT_ROUTE}
+        self._progress = {}
         if self._closed:
             self._w = ffi.NULL
             return
@@ -241,7 +246,9 @@ class Worker:
         return rid, timeout_ms  # type: ignore[return-value]
 
     def start(self, callback: Callback, request: Request, timeout_ms: int = -1,
-              *, route: Optional[str] = None) -> int:
+              *, route: Optional[str] = None, on_progress: Optional[ProgressCallback] = None,
+              store_response: bool = False,
+              callback_data: Optional[Dict[str, Any]] = None) -> int:
         """Schedules ``callback(request)`` and returns the new job id (> 0).
 
         ``request`` (any bytes-like object) is copied; the callback receives a
@@ -250,13 +257,21 @@ class Worker:
         int or None is recorded (``info``) and otherwise ignored; raising
         fails the job.  ``timeout_ms`` is the callback's run-time limit
         (-1 = none): past it the job completes with TIMEOUT at once and the
-        callback is interrupted.
+        callback is interrupted.  ``route`` names a route from ``open_route``.
+
+        ``on_progress``, ``store_response`` and ``callback_data`` track the
+        job's progress reports (see ``callbackworker.progress``).
         """
         if (route is None and type(timeout_ms) is int and -1 <= timeout_ms <= _TIMEOUT_MAX
-                and callable(callback) and not self._closed):
+                and callable(callback) and not self._closed and on_progress is None
+                and not store_response and callback_data is None):
             rid = _DEFAULT_ROUTE
+            state = None
         else:
             rid, timeout_ms = self._prepare(callback, timeout_ms, route)
+            state = _progress_state(on_progress, store_response, callback_data)
+            if state is not None:
+                callback = functools.partial(run_with_progress, state, callback)
         if type(request) is bytes:
             jid = _start(self._w, rid, id(callback), request, len(request), timeout_ms)
         else:
@@ -268,6 +283,8 @@ class Worker:
             jid = _start(self._w, rid, id(callback), data, len(data), timeout_ms)
         if jid < 0:
             raise_for(jid, route)
+        if state is not None:
+            self._progress[jid] = state
         return jid
 
     def start_text(self, callback: Callback, text: str, timeout_ms: int = -1,
@@ -345,6 +362,8 @@ class Worker:
             n = _wait_copy(self._w, jid, timeout_ms, scratch, _SCRATCH_SIZE, slow)
         else:
             n = self._blocking(_wait_copy, jid, timeout_ms, scratch, _SCRATCH_SIZE, slow)
+        if self._progress:
+            self._progress.pop(jid, None)
         if n >= 0:
             return _unpack(scratch, n)
         if n == _EMORE:
@@ -375,6 +394,7 @@ class Worker:
         rc = lib.cbw_take(self._w, jid, res)
         if rc < 0:
             raise_for(rc, jid)
+        self._progress.pop(jid, None)
         return self._consume(res)
 
     take_blob = take
@@ -520,6 +540,29 @@ class Worker:
                 f"state={STATE_TEXT[State(i.state)]} timeout_ms={i.timeout_ms} "
                 f"route={i.route} attempt={i.attempt} result_size={i.result_size} rc={i.rc}")
 
+    # ---- progress -----------------------------------------------------
+
+    def progress(self, job_id: int) -> Any:
+        """The latest progress report of a job started with ``on_progress``,
+        ``store_response`` or ``callback_data``; None before the first (and
+        for jobs started without those options)."""
+        jid = self._job_id(job_id)
+        if not self.job_known(jid):
+            raise_for(lib.CBW_EUNKNOWN, jid)
+        state = self._progress.get(jid)
+        return None if state is None else state.latest
+
+    def query(self, job_id: int) -> Dict[str, Any]:
+        """The job's response store: ``callback_data`` merged with every
+        dict progress report in order (later keys win) when the job was
+        started with ``store_response=True``; ``callback_data`` alone
+        otherwise ({} without it).  A new dict each call."""
+        jid = self._job_id(job_id)
+        if not self.job_known(jid):
+            raise_for(lib.CBW_EUNKNOWN, jid)
+        state = self._progress.get(jid)
+        return {} if state is None else state.snapshot()
+
     # ---- routes -------------------------------------------------------
 
     def open_route(self, name: str, *, concurrency: int = 1, timeout_ms: int = -1) -> int:
@@ -600,6 +643,20 @@ class Worker:
         return (f"id={r.id} state={state} concurrency={r.concurrency} "
                 f"timeout_ms={r.timeout_ms} queued={r.queued} running={r.running} "
                 f"threads={r.threads} close_accepted={r.close_accepted}")
+
+
+def _progress_state(on_progress: object, store_response: object,
+                    callback_data: object) -> Optional[ProgressState]:
+    """Checks the progress options of a start; None when none is used."""
+    if on_progress is not None and not callable(on_progress):
+        raise TypeError(f"on_progress must be callable, not {type(on_progress).__name__}")
+    if type(store_response) is not bool:
+        raise TypeError(f"store_response must be a bool, not {type(store_response).__name__}")
+    if callback_data is not None and not isinstance(callback_data, dict):
+        raise TypeError(f"callback_data must be a dict, not {type(callback_data).__name__}")
+    if on_progress is None and not store_response and callback_data is None:
+        return None
+    return ProgressState(on_progress, store_response, callback_data)  # type: ignore[arg-type]
 
 
 def _release_native(native: Any, table: CallbackTable) -> None:

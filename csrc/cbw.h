@@ -170,6 +170,8 @@ int64_t cbw_start(cbw_worker *w, int32_t route, uint64_t callback,
 int cbw_start_many(cbw_worker *w, int32_t route, uint64_t callback,
                    const char *data, const size_t *sizes, size_t n,
                    int32_t timeout_ms, int64_t *ids);
+/* 1: the job was queued and is now CANCELLED; 0: it is running (it is
+ * asked to stop, see cbw_current_cancel_requested) or has completed. */
 int cbw_cancel(cbw_worker *w, int64_t id, uint64_t *callback);
 int cbw_wait_complete(cbw_worker *w, int64_t id, int32_t timeout_ms);
 int cbw_wait(cbw_worker *w, int64_t id, int32_t timeout_ms, cbw_result *out);
@@ -188,6 +190,13 @@ int cbw_job_error_text(cbw_worker *w, int64_t id, char *buf, size_t cap);
 /* For executors: removes the tokens no job refers to any more and writes
  * them to out (at most cap); returns how many. */
 size_t cbw_tokens_collect(cbw_worker *w, uint64_t *out, size_t cap);
+
+/* Inside a callback: the attempt the calling thread is running, or NULL on
+ * any thread that is not running a job; and whether cbw_cancel was called
+ * on that running job (cooperative cancellation: cancel cannot stop a
+ * running job, the callback may look and stop itself). */
+const cbw_run *cbw_current_run(void);
+int cbw_current_cancel_requested(void);
 
 /* For executors, during run(). */
 int cbw_run_set_result(cbw_run *run, const char *data, size_t size);

@@ -45,6 +45,7 @@ struct cbw__job {
     uint8_t phase;
     uint8_t status;
     uint8_t in_queue;
+    uint8_t cancel_requested;  /* cancel() called while it ran */
     unsigned char inline_data[]; /* the request copy: one allocation per job */
 };
 

@@ -19,8 +19,8 @@
  * reference and the popping thread drops them.
  *
  * Coalescing: when an executor session is costly (it takes an interpreter
- * lock the producer also needs), a thread woken with work does not start a
- * burst at once while jobs are still arriving.  It waits until some thread
+ * lock the producer also needs), a thread woken with more than one ready job
+ * does not start a burst at once while jobs are still arriving.  It waits until some thread
  * blocks waiting for a job of its route (the lock is then free), or the
  * producer has been quiet for CBW__QUIET_NS, or CBW__COALESCE_MAX_NS have
  * passed.  Competing for the lock with a thread that is busy starting jobs
@@ -200,8 +200,8 @@ static void thread_main(void *arg)
         }
         if (t->orphaned || r->head == NULL)
             break;
-        if (h->session_begin != NULL)
-            coalesce(w, r, t);
+        if (h->session_begin != NULL && r->queued > 1)
+            coalesce(w, r, t); /* one ready job says nothing of a producer */
         run_burst(w, r, t);
     }
     t->exited = 1;

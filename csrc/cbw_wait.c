@@ -33,6 +33,8 @@ int cbw_cancel(cbw_worker *w, int64_t id, uint64_t *callback)
     int rc = 0, dead;
     cbw__mutex_lock(&w->mu);
     job = lookup(w, id, &rc);
+    if (job != NULL && job->phase == CBW_PHASE_RUNNING)
+        job->cancel_requested = 1;
     if (job != NULL && job->phase == CBW_PHASE_QUEUED) {
         r = cbw__route_get(w, job->run.route);
         r->queued--;
@@ -272,4 +274,22 @@ int cbw_job_error_text(cbw_worker *w, int64_t id, char *buf, size_t cap)
     }
     cbw__mutex_unlock(&w->mu);
     return rc;
+}
+
+const cbw_run *cbw_current_run(void)
+{
+    cbw__thread_rec *self = cbw__self;
+    return self != NULL && self->job != NULL ? &self->job->run : NULL;
+}
+
+int cbw_current_cancel_requested(void)
+{
+    cbw__thread_rec *self = cbw__self;
+    int requested;
+    if (self == NULL || self->job == NULL)
+        return 0;
+    cbw__mutex_lock(&self->w->mu);
+    requested = self->job->cancel_requested;
+    cbw__mutex_unlock(&self->w->mu);
+    return requested;
 }

@@ -1,0 +1,130 @@
+"""Inside a callback: ``current_job()``, progress reports and the response store.
+
+A callback asks ``current_job()`` about the job it runs (id, route, attempt,
+deadline, whether ``cancel()`` was called on it) and reports progress with
+``current_job().progress(data)``.
+
+Progress is tracked for jobs started with ``on_progress``, ``store_response``
+or ``callback_data``:
+
+* ``on_progress(job_id, data)`` is called for every update, synchronously, on
+  the worker thread that runs the job (inside ``progress()``), so it should
+  be quick; an exception it raises propagates into the callback.
+* ``Worker.progress(job_id)`` returns the latest update.
+* With ``store_response=True``, ``Worker.query(job_id)`` returns
+  ``callback_data`` merged with every dict update, in order, later keys
+  overriding earlier ones.  Without it, ``query`` returns ``callback_data``
+  alone.  Updates that are not dicts are reported and kept as the latest,
+  but not merged.
+
+The store lives as long as the job: ``wait``/``take`` destroy both.  Jobs
+started without these options carry no progress state and cost nothing
+extra; their ``progress()`` calls are accepted and dropped.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable, Dict, Optional
+
+from ._native import ffi, lib
+from .errors import CallbackWorkerError
+
+__all__ = ["JobContext", "current_job", "ProgressState"]
+
+ProgressCallback = Callable[[int, Any], Any]
+
+_local = threading.local()
+
+
+class ProgressState:
+    """What one job's progress reports go to."""
+
+    __slots__ = ("on_progress", "store", "merged", "latest")
+
+    def __init__(self, on_progress: Optional[ProgressCallback], store: bool,
+                 callback_data: Optional[Dict[str, Any]]) -> None:
+        self.on_progress = on_progress
+        self.store = store
+        self.merged: Dict[str, Any] = dict(callback_data or {})
+        self.latest: Any = None
+
+    def report(self, job_id: int, data: Any) -> None:
+        self.latest = data
+        if self.store and isinstance(data, dict):
+            self.merged.update(data)
+        if self.on_progress is not None:
+            self.on_progress(job_id, data)
+
+    def snapshot(self) -> Dict[str, Any]:
+        return dict(self.merged)
+
+
+def run_with_progress(state: ProgressState, callback: Callable[[memoryview], Any],
+                      request: memoryview) -> Any:
+    """The callback a progress-tracked job really runs (via functools.partial):
+    makes ``state`` the target of ``current_job().progress`` meanwhile."""
+    outer = getattr(_local, "state", None)
+    _local.state = state
+    try:
+        return callback(request)
+    finally:
+        _local.state = outer
+
+
+class JobContext:
+    """The job the calling callback runs.  Obtained from ``current_job()``."""
+
+    __slots__ = ("id", "route", "attempt", "deadline", "timeout_ms")
+
+    def __init__(self, run: Any) -> None:
+        self.id: int = int(run.id)
+        """The job id."""
+        self.route: int = int(run.route)
+        """The route id (1 is the default route), as ``job_meta(ROUTE)``."""
+        self.attempt: int = int(run.attempt)
+        """1 for the first run of the job."""
+        self.timeout_ms: int = int(run.timeout_ms)
+        self.deadline: Optional[float] = (
+            None if run.timeout_ms < 0 else run.deadline_ns / 1e9)
+        """When the run-time limit passes, in ``time.monotonic()`` seconds,
+        or None without a limit."""
+
+    @property
+    def cancel_requested(self) -> bool:
+        """True once ``cancel()`` was called on this (running) job.  Cancel
+        cannot stop a running callback; a long one should look at this and
+        return early."""
+        if _current_id() != self.id:
+            return False
+        return bool(lib.cbw_current_cancel_requested())
+
+    def progress(self, data: Any) -> None:
+        """Reports progress: ``on_progress(job_id, data)`` runs now, on this
+        thread; ``Worker.progress(job_id)`` returns ``data`` from now on; a
+        dict is merged into the response store when the job was started
+        with ``store_response=True``."""
+        if _current_id() != self.id:
+            raise CallbackWorkerError(
+                f"progress() for job {self.id} called outside that job's callback")
+        state: Optional[ProgressState] = getattr(_local, "state", None)
+        if state is not None:
+            state.report(self.id, data)
+
+    def __repr__(self) -> str:
+        return (f"<JobContext id={self.id} route={self.route} attempt={self.attempt} "
+                f"deadline={self.deadline}>")
+
+
+def _current_id() -> int:
+    run = lib.cbw_current_run()
+    return 0 if run == ffi.NULL else int(run.id)
+
+
+def current_job() -> JobContext:
+    """The job the calling callback runs.  Raises ``CallbackWorkerError``
+    outside a callback."""
+    run = lib.cbw_current_run()
+    if run == ffi.NULL:
+        raise CallbackWorkerError("current_job() called outside a callback")
+    return JobContext(run)
