@@ -46,6 +46,7 @@ from .errors import (
     WaitTimeoutError,
     WorkerClosedError,
 )
+from .executor import Executor
 from .progress import JobContext, current_job
 from .states import State, Status
 from .worker import Worker
@@ -83,7 +84,7 @@ progress = _FUNCTIONS["progress"]
 query = _FUNCTIONS["query"]
 
 __all__ = [
-    "Worker", "default_worker", "asyncmeta", "current_job", "JobContext",
+    "Worker", "Executor", "default_worker", "asyncmeta", "current_job", "JobContext",
     "Phase", "Status", "State", "STATUS_PENDING", "Capability", "Profile", "RouteState",
     "JobMetaKey", "RouteMetaKey",
     "CallbackWorkerError", "UnknownJobError", "JobNotCompleteError", "JobFailedError",

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, Callable, Dict, NoReturn, Optional
+from typing import Any, Callable, Dict, List, NoReturn, Optional
 
 from ._cbw_native import ffi, lib
 from .errors import (
@@ -78,16 +78,23 @@ class CallbackTable:
     ``wait``/``take`` consumes it.
     """
 
-    __slots__ = ("callbacks", "failures", "handle", "__weakref__")
+    __slots__ = ("callbacks", "failures", "watchers", "handle", "__weakref__")
 
     def __init__(self) -> None:
         self.callbacks: Dict[int, Callable[..., Any]] = {}
         self.failures: Dict[int, BaseException] = {}
+        self.watchers: Dict[int, List[Callable[[], None]]] = {}
         self.handle = ffi.new_handle(self)
 
     def clear(self) -> None:
         self.callbacks.clear()
         self.failures.clear()
+
+    def completed(self, ids: Any, n: int) -> None:
+        """Watched jobs completed: call their watchers (any thread)."""
+        for i in range(n):
+            for notify in self.watchers.pop(ids[i], ()):
+                notify()
 
     def fail(self, run: Any, exc: BaseException) -> int:
         """After the callback raised ``exc``."""
@@ -174,6 +181,18 @@ def cbwpy_run(ctx: Any, slot: Any, run: Any) -> int:
     if _getrefcount(buf) > 2:  # ours: this local and the call
         return table.settle(run, view, buf, STATUS_OK)
     return STATUS_OK
+
+
+def _report_error(exc_type: type, exc: BaseException, tb: Any) -> None:
+    log.error("callbackworker: error while reporting completions",
+              exc_info=(exc_type, exc, tb))
+
+
+@ffi.def_extern(onerror=_report_error)
+def cbwpy_completed(ctx: Any, ids: Any, n: int) -> None:
+    """The core reports completions of watched jobs."""
+    table: CallbackTable = _from_handle(ctx)
+    table.completed(ids, n)
 
 
 _SIMPLE_ERRORS = {

@@ -15,6 +15,7 @@ the main thread they wake up every 50 ms so that Ctrl-C interrupts them
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import functools
 import os
@@ -287,6 +288,18 @@ class Worker:
             self._progress[jid] = state
         return jid
 
+    def _start_detached(self, callback: Callable[[memoryview], Any],
+                        route: Optional[str] = None) -> int:
+        """Starts a job with an empty request that is destroyed as soon as it
+        completes (its callback reports results some other way: the
+        Executor's futures).  Returns its id, good for ``cancel`` only."""
+        rid, timeout_ms = self._prepare(callback, -1, route)
+        jid = lib.cbw_start_ex(self._w, rid, id(callback), b"", 0, timeout_ms,
+                               lib.CBW_JOB_DETACHED)
+        if jid < 0:
+            raise_for(jid, route)
+        return jid
+
     def start_text(self, callback: Callback, text: str, timeout_ms: int = -1,
                    *, route: Optional[str] = None) -> int:
         """Like ``start``, with a ``str`` request: the callback receives its
@@ -369,6 +382,45 @@ class Worker:
         if n == _EMORE:
             return self._consume(slow)  # failed, or too large for scratch
         raise_for(n, jid)
+
+    async def wait_complete_async(self, job_id: int, timeout_ms: int = -1) -> bool:
+        """``wait_complete`` for asyncio: True once the job has completed,
+        False if ``timeout_ms`` passed first.  The core reports the
+        completion and the event loop is woken with ``call_soon_threadsafe``;
+        nothing polls.  Never destroys the job."""
+        jid = self._job_id(job_id)
+        timeout_ms = _check_timeout(timeout_ms)
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def notify() -> None:  # called on whichever thread completed the job
+            loop.call_soon_threadsafe(_resolve, done)
+
+        watchers = self._table.watchers
+        watchers.setdefault(jid, []).append(notify)  # before the watch: it may fire at once
+        try:
+            rc = lib.cbw_job_watch(self._w, jid)
+            if rc < 0:
+                raise_for(rc, jid)
+            if rc == 1:
+                return True
+            if timeout_ms < 0:
+                await done
+            else:
+                await asyncio.wait_for(done, timeout_ms / 1000)
+            return True
+        except asyncio.TimeoutError:
+            return False
+        finally:
+            _discard_watcher(watchers, jid, notify)
+
+    async def wait_async(self, job_id: int, timeout_ms: int = -1) -> bytes:
+        """``wait`` for asyncio: the job's response once it has completed
+        (the job is destroyed; a failed job raises its ``JobFailedError``);
+        ``WaitTimeoutError`` if ``timeout_ms`` passes first."""
+        if not await self.wait_complete_async(job_id, timeout_ms):
+            raise_for(_ETIMEDOUT, job_id)
+        return self.wait(job_id, 0)
 
     def wait_complete(self, job_id: int, timeout_ms: int = -1) -> bool:
         """Blocks until the job completes; True if it did, False if
@@ -643,6 +695,23 @@ class Worker:
         return (f"id={r.id} state={state} concurrency={r.concurrency} "
                 f"timeout_ms={r.timeout_ms} queued={r.queued} running={r.running} "
                 f"threads={r.threads} close_accepted={r.close_accepted}")
+
+
+def _resolve(done: "asyncio.Future[None]") -> None:
+    if not done.done():
+        done.set_result(None)
+
+
+def _discard_watcher(watchers: Dict[int, List[Callable[[], None]]], jid: int,
+                     notify: Callable[[], None]) -> None:
+    entries = watchers.get(jid)
+    if entries is not None:
+        try:
+            entries.remove(notify)
+        except ValueError:
+            pass
+        if not entries:
+            watchers.pop(jid, None)
 
 
 def _progress_state(on_progress: object, store_response: object,

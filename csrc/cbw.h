@@ -47,6 +47,10 @@
 #define CBW_CLOSE_INTERRUPT 2 /* interrupt running callbacks; abandon threads
                                  still busy after the grace period */
 
+/* cbw_start_ex() flags. */
+#define CBW_JOB_DETACHED 1 /* destroyed as soon as it completes */
+#define CBW_JOB_NOTIFY 2   /* hooks->completed reports its completion */
+
 typedef struct cbw_worker cbw_worker;
 
 /*
@@ -105,6 +109,10 @@ typedef struct cbw_hooks {
     void (*release)(void *ctx);
     /* Called once when the worker's memory is freed. */
     void (*finalize)(void *ctx);
+    /* Some watched job (CBW_JOB_NOTIFY, cbw_job_watch) has completed; the
+     * executor calls cbw_completions_collect.  Never called with the core's
+     * mutex held; called on whichever thread completed the job. */
+    void (*completed)(void *ctx);
 } cbw_hooks;
 
 /* A completed job detached from the table by cbw_wait() or cbw_take(). */
@@ -167,6 +175,8 @@ int cbw_route_wait_drained(cbw_worker *w, int32_t route, int32_t timeout_ms);
  * in data, sizes[i] bytes each; their ids are written to ids[]. */
 int64_t cbw_start(cbw_worker *w, int32_t route, uint64_t callback,
                   const char *data, size_t size, int32_t timeout_ms);
+int64_t cbw_start_ex(cbw_worker *w, int32_t route, uint64_t callback,
+                     const char *data, size_t size, int32_t timeout_ms, int flags);
 int cbw_start_many(cbw_worker *w, int32_t route, uint64_t callback,
                    const char *data, const size_t *sizes, size_t n,
                    int32_t timeout_ms, int64_t *ids);
@@ -185,6 +195,11 @@ int64_t cbw_wait_copy(cbw_worker *w, int64_t id, int32_t timeout_ms,
                       char *buf, size_t cap, cbw_result *slow);
 void cbw_result_release(cbw_result *res);
 int cbw_job_info_get(cbw_worker *w, int64_t id, cbw_job_info *out);
+/* Asks for one completion report of a job: 1 if it has completed already
+ * (no report follows), 0 if hooks->completed will report it. */
+int cbw_job_watch(cbw_worker *w, int64_t id);
+/* Moves up to cap reported job ids to out; returns how many. */
+size_t cbw_completions_collect(cbw_worker *w, int64_t *out, size_t cap);
 int cbw_job_error_text(cbw_worker *w, int64_t id, char *buf, size_t cap);
 
 /* For executors: removes the tokens no job refers to any more and writes

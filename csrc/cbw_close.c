@@ -114,7 +114,7 @@ static void join_threads(cbw_worker *w)
 int cbw_worker_close(cbw_worker *w, int flags, int32_t grace_ms)
 {
     cbw__thread_rec *self = cbw__self;
-    int own = self != NULL && self->w == w, dead;
+    int own = self != NULL && self->w == w, pending;
 
     if (grace_ms < 0)
         return CBW_EINVAL;
@@ -159,9 +159,9 @@ int cbw_worker_close(cbw_worker *w, int flags, int32_t grace_ms)
     }
     w->closed = 1;
     cbw__cond_broadcast(&w->statec);
-    dead = w->tokens.dead > 0;
+    pending = cbw__pending(w);
     cbw__mutex_unlock(&w->mu);
-    cbw__tokens_notify(w, dead);
+    cbw__after_unlock(w, pending);
     return CBW_OK;
 }
 

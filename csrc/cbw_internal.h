@@ -46,6 +46,7 @@ struct cbw__job {
     uint8_t status;
     uint8_t in_queue;
     uint8_t cancel_requested;  /* cancel() called while it ran */
+    uint8_t flags;             /* CBW_JOB_DETACHED, CBW_JOB_NOTIFY */
     unsigned char inline_data[]; /* the request copy: one allocation per job */
 };
 
@@ -126,6 +127,10 @@ struct cbw_worker {
     int32_t grace_ms;
     cbw__table table;
     cbw__tokens tokens;
+    int64_t *done_ids;         /* completions to report (CBW_JOB_NOTIFY) */
+    size_t done_len, done_cap;
+    size_t notify_live;        /* watched jobs not yet completed: done_ids
+                                  always has room for all of them */
     cbw__route **routes;       /* routes[i] has id i + 1 */
     int32_t nroutes;
     int32_t routes_cap;
@@ -170,8 +175,12 @@ cbw__route *cbw__route_get(cbw_worker *w, int32_t id);
 int cbw__tokens_add(cbw__tokens *t, uint64_t token, int64_t n, int *missing);
 void cbw__tokens_done(cbw_worker *w, uint64_t token, int64_t n);
 void cbw__tokens_destroy(cbw__tokens *t);
-/* Calls hooks->release if some token's count reached 0; w->mu not held. */
-void cbw__tokens_notify(cbw_worker *w, int dead);
+/* What must be reported once w->mu is dropped: call cbw__pending under the
+ * lock, cbw__after_unlock after it (it calls the release and completed
+ * hooks as needed). */
+int cbw__pending(cbw_worker *w);
+void cbw__after_unlock(cbw_worker *w, int pending);
+int cbw__notify_reserve(cbw_worker *w);
 
 /* Threads (cbw_thread.c); all under w->mu. */
 int cbw__route_ensure_threads(cbw_worker *w, cbw__route *r);

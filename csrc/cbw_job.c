@@ -6,7 +6,10 @@
  * completes exactly once (cbw__job_complete), whoever gets there first: the
  * thread that ran it, the timer (TIMEOUT), cancel (CANCELLED) or close
  * (SHUTDOWN).  Completion wakes the job's waiters only if it has any, so the
- * common case of nobody waiting costs no system call.  All under w->mu.
+ * common case of nobody waiting costs no system call.  A watched job's id is
+ * queued for hooks->completed (room was reserved when it was watched, so
+ * this cannot fail); a detached job leaves the table at once.  All under
+ * w->mu.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -54,6 +57,36 @@ void cbw__job_complete(cbw_worker *w, cbw__job *job, int status, const char *why
         job->error = cbw__strdup(why); /* on ENOMEM the text stays empty */
     if (job->waiters > 0)
         cbw__cond_broadcast(&w->waitc[(uint64_t)job->run.id % CBW__WAIT_STRIPES]);
+    if (job->flags & CBW_JOB_NOTIFY) {
+        job->flags &= (uint8_t)~CBW_JOB_NOTIFY;
+        w->done_ids[w->done_len++] = job->run.id;
+        w->notify_live--;
+    }
+    if (job->flags & CBW_JOB_DETACHED) {
+        cbw__table_remove(&w->table, job->run.id);
+        cbw__job_unref(job); /* the table's reference; the caller holds one */
+    }
+}
+
+int cbw__notify_reserve(cbw_worker *w)
+{
+    size_t need = w->done_len + w->notify_live + 1, cap;
+    int64_t *grown;
+    if (need > w->done_cap) {
+        cap = w->done_cap ? w->done_cap * 2 : 16;
+        while (cap < need)
+            cap *= 2;
+        grown = cbw__malloc(cap * sizeof(*grown));
+        if (grown == NULL)
+            return CBW_ENOMEM;
+        if (w->done_len)
+            memcpy(grown, w->done_ids, w->done_len * sizeof(*grown));
+        cbw__free(w->done_ids);
+        w->done_ids = grown;
+        w->done_cap = cap;
+    }
+    w->notify_live++;
+    return CBW_OK;
 }
 
 int cbw__job_state(const cbw__job *job)

@@ -131,7 +131,7 @@ static void end_run(cbw_worker *w, cbw__route *r, cbw__thread_rec *t,
 static void run_burst(cbw_worker *w, cbw__route *r, cbw__thread_rec *t)
 {
     const cbw_hooks *h = &w->hooks;
-    int n, status;
+    int n, status, pending;
     cbw__job *job;
 
     cbw__mutex_unlock(&w->mu);
@@ -147,9 +147,10 @@ static void run_burst(cbw_worker *w, cbw__route *r, cbw__thread_rec *t)
         status = h->run(h->ctx, &t->slot, &job->run);
         cbw__mutex_lock(&w->mu);
         end_run(w, r, t, job, status);
-        if (w->tokens.dead > 0) {
+        pending = cbw__pending(w);
+        if (pending) {
             cbw__mutex_unlock(&w->mu);
-            cbw__tokens_notify(w, 1); /* inside the session: cheap */
+            cbw__after_unlock(w, pending); /* inside the session: cheap */
             cbw__mutex_lock(&w->mu);
         }
     }
@@ -327,7 +328,7 @@ static void timer_main(void *arg)
     cbw_worker *w = arg;
     const cbw_hooks *h = &w->hooks;
     cbw__fire fire[CBW__FIRE_MAX];
-    int nfire, i;
+    int nfire, i, pending;
     int64_t next;
 
     cbw__mutex_lock(&w->mu);
@@ -336,7 +337,9 @@ static void timer_main(void *arg)
         next = timer_scan(w, fire, &nfire);
         if (nfire > 0) {
             w->timer_wake_ns = INT64_MIN; /* awake: nobody need signal */
+            pending = cbw__pending(w);
             cbw__mutex_unlock(&w->mu);
+            cbw__after_unlock(w, pending);
             for (i = 0; i < nfire; i++)
                 if (h->interrupt)
                     h->interrupt(h->ctx, &fire[i].t->slot, fire[i].job_id);

@@ -146,8 +146,19 @@ void cbw__tokens_destroy(cbw__tokens *t)
     memset(t, 0, sizeof(*t));
 }
 
-void cbw__tokens_notify(cbw_worker *w, int dead)
+#define CBW__PENDING_TOKENS 1
+#define CBW__PENDING_DONE 2
+
+int cbw__pending(cbw_worker *w)
 {
-    if (dead && w->hooks.release != NULL)
+    return (w->tokens.dead > 0 ? CBW__PENDING_TOKENS : 0) |
+           (w->done_len > 0 ? CBW__PENDING_DONE : 0);
+}
+
+void cbw__after_unlock(cbw_worker *w, int pending)
+{
+    if ((pending & CBW__PENDING_TOKENS) && w->hooks.release != NULL)
         w->hooks.release(w->hooks.ctx);
+    if ((pending & CBW__PENDING_DONE) && w->hooks.completed != NULL)
+        w->hooks.completed(w->hooks.ctx);
 }

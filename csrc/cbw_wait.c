@@ -30,7 +30,7 @@ int cbw_cancel(cbw_worker *w, int64_t id, uint64_t *callback)
 {
     cbw__job *job;
     cbw__route *r;
-    int rc = 0, dead;
+    int rc = 0, pending;
     cbw__mutex_lock(&w->mu);
     job = lookup(w, id, &rc);
     if (job != NULL && job->phase == CBW_PHASE_RUNNING)
@@ -47,9 +47,9 @@ int cbw_cancel(cbw_worker *w, int64_t id, uint64_t *callback)
             cbw__cond_broadcast(&w->statec);
         rc = 1;
     }
-    dead = w->tokens.dead > 0;
+    pending = cbw__pending(w);
     cbw__mutex_unlock(&w->mu);
-    cbw__tokens_notify(w, dead);
+    cbw__after_unlock(w, pending);
     return rc;
 }
 
@@ -292,4 +292,36 @@ int cbw_current_cancel_requested(void)
     requested = self->job->cancel_requested;
     cbw__mutex_unlock(&self->w->mu);
     return requested;
+}
+
+int cbw_job_watch(cbw_worker *w, int64_t id)
+{
+    cbw__job *job;
+    int rc = CBW_OK;
+    cbw__mutex_lock(&w->mu);
+    if ((job = lookup(w, id, &rc)) != NULL) {
+        if (job->phase == CBW_PHASE_COMPLETED)
+            rc = 1;
+        else if (job->flags & CBW_JOB_NOTIFY)
+            rc = 0; /* already watched: one report serves every watcher */
+        else if ((rc = cbw__notify_reserve(w)) == CBW_OK)
+            job->flags |= CBW_JOB_NOTIFY;
+    }
+    cbw__mutex_unlock(&w->mu);
+    return rc;
+}
+
+size_t cbw_completions_collect(cbw_worker *w, int64_t *out, size_t cap)
+{
+    size_t n;
+    cbw__mutex_lock(&w->mu);
+    n = w->done_len < cap ? w->done_len : cap;
+    if (n > 0) {
+        memcpy(out, w->done_ids, n * sizeof(*out));
+        if (w->done_len > n)
+            memmove(w->done_ids, w->done_ids + n, (w->done_len - n) * sizeof(*out));
+        w->done_len -= n;
+    }
+    cbw__mutex_unlock(&w->mu);
+    return n;
 }

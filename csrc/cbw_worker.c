@@ -22,6 +22,7 @@ static void worker_destroy(cbw_worker *w)
     cbw__table_each(&w->table, cbw__job_unref);
     cbw__table_destroy(&w->table);
     cbw__tokens_destroy(&w->tokens);
+    cbw__free(w->done_ids);
     for (r = 0; r < w->nroutes; r++) {
         cbw__cond_destroy(&w->routes[r]->cond);
         cbw__cond_destroy(&w->routes[r]->coalc);
@@ -197,32 +198,50 @@ static int enqueue(cbw_worker *w, cbw__route *r, cbw__job *job,
 int64_t cbw_start(cbw_worker *w, int32_t route, uint64_t callback,
                   const char *data, size_t size, int32_t timeout_ms)
 {
+    return cbw_start_ex(w, route, callback, data, size, timeout_ms, 0);
+}
+
+int64_t cbw_start_ex(cbw_worker *w, int32_t route, uint64_t callback,
+                     const char *data, size_t size, int32_t timeout_ms, int flags)
+{
     cbw__job *job;
     cbw__route *r;
-    int rc, dead;
+    int rc, pending;
     int64_t id = 0;
 
-    if (timeout_ms < CBW_TIMEOUT_ROUTE || (data == NULL && size > 0))
+    if (timeout_ms < CBW_TIMEOUT_ROUTE || (data == NULL && size > 0) ||
+        (flags & ~(CBW_JOB_DETACHED | CBW_JOB_NOTIFY)) != 0)
         return CBW_EINVAL;
     job = cbw__job_new(data, size);
     if (job == NULL)
         return CBW_ENOMEM;
+    job->flags = (uint8_t)(flags & CBW_JOB_DETACHED);
     cbw__mutex_lock(&w->mu);
     rc = check_start(w, route, timeout_ms, &r);
     if (rc == CBW_OK)
         rc = take_tokens(w, route, timeout_ms, callback, 1, &r);
+    if (rc == CBW_OK && (flags & CBW_JOB_NOTIFY)) {
+        rc = cbw__notify_reserve(w);
+        if (rc == CBW_OK)
+            job->flags |= CBW_JOB_NOTIFY;
+        else
+            cbw__tokens_done(w, callback, 1);
+    }
     if (rc == CBW_OK) {
         rc = enqueue(w, r, job, callback, timeout_ms);
-        if (rc != CBW_OK)
+        if (rc != CBW_OK) {
             cbw__tokens_done(w, callback, 1);
+            if (job->flags & CBW_JOB_NOTIFY)
+                w->notify_live--;
+        }
     }
     if (rc == CBW_OK) {
         id = job->run.id;
         cbw__route_wake(r);
     }
-    dead = w->tokens.dead > 0;
+    pending = cbw__pending(w);
     cbw__mutex_unlock(&w->mu);
-    cbw__tokens_notify(w, dead);
+    cbw__after_unlock(w, pending);
     if (rc != CBW_OK) {
         cbw__job_unref(job); /* never shared */
         return rc;
@@ -237,7 +256,7 @@ int cbw_start_many(cbw_worker *w, int32_t route, uint64_t callback,
     cbw__job **jobs;
     cbw__route *r;
     size_t i, made = 0;
-    int rc = CBW_OK, dead;
+    int rc = CBW_OK, pending;
 
     if (timeout_ms < CBW_TIMEOUT_ROUTE || (n > 0 && (data == NULL || sizes == NULL || ids == NULL)))
         return CBW_EINVAL;
@@ -275,9 +294,9 @@ int cbw_start_many(cbw_worker *w, int32_t route, uint64_t callback,
         }
         if (rc == CBW_OK)
             cbw__route_wake(r);
-        dead = w->tokens.dead > 0;
+        pending = cbw__pending(w);
         cbw__mutex_unlock(&w->mu);
-        cbw__tokens_notify(w, dead);
+        cbw__after_unlock(w, pending);
     }
     if (rc != CBW_OK)
         for (i = 0; i < made; i++)

@@ -34,6 +34,7 @@
 #include "cbw.h"
 
 static int cbwpy_run(void *ctx, cbw_slot *slot, cbw_run *run); /* Python */
+static void cbwpy_completed(void *ctx, int64_t *ids, size_t n); /* Python */
 
 #define CBWPY_EENCODE (-100)
 
@@ -153,6 +154,22 @@ static void cbwpy_release(void *ctx)
     PyGILState_Release(st);
 }
 
+/* Watched jobs completed: hand their ids to Python, under the interpreter
+ * lock (taken here unless this thread already holds it in a session). */
+static void cbwpy_completed_hook(void *ctx)
+{
+    cbwpy_ctx *c = ctx;
+    int64_t ids[64];
+    size_t n;
+    PyGILState_STATE st;
+    if (!Py_IsInitialized())
+        return;
+    st = PyGILState_Ensure();
+    while ((n = cbw_completions_collect(c->worker, ids, 64)) > 0)
+        cbwpy_completed(c->handle, ids, n);
+    PyGILState_Release(st);
+}
+
 static void cbwpy_finalize(void *ctx)
 {
     cbwpy_ctx *c = ctx;
@@ -194,6 +211,7 @@ static cbw_worker *cbwpy_worker_new(void *handle, void *registry,
     hooks.retain = cbwpy_retain;
     hooks.release = cbwpy_release;
     hooks.finalize = cbwpy_finalize;
+    hooks.completed = cbwpy_completed_hook;
     w = cbw_worker_new(&hooks, concurrency, err);
     if (w == NULL)
         cbwpy_finalize(ctx);

@@ -5,6 +5,7 @@
  * by worker threads for every job, with the interpreter lock held.
  */
 extern "Python" int cbwpy_run(void *ctx, cbw_slot *slot, cbw_run *run);
+extern "Python" void cbwpy_completed(void *ctx, int64_t *ids, size_t n);
 
 void cbwpy_init(void *interrupt_type);
 cbw_worker *cbwpy_worker_new(void *handle, void *registry, int32_t concurrency,

@@ -80,6 +80,8 @@
 #define CBW_ROUTE_NAME_MAX ...
 #define CBW_CLOSE_DRAIN ...
 #define CBW_CLOSE_INTERRUPT ...
+#define CBW_JOB_DETACHED ...
+#define CBW_JOB_NOTIFY ...
 
 typedef struct cbw_worker cbw_worker;
 
@@ -157,6 +159,8 @@ int cbw_route_wait_drained(cbw_worker *w, int32_t route, int32_t timeout_ms);
 
 int64_t cbw_start(cbw_worker *w, int32_t route, uint64_t callback,
                   const char *data, size_t size, int32_t timeout_ms);
+int64_t cbw_start_ex(cbw_worker *w, int32_t route, uint64_t callback,
+                     const char *data, size_t size, int32_t timeout_ms, int flags);
 int cbw_start_many(cbw_worker *w, int32_t route, uint64_t callback,
                    const char *data, const size_t *sizes, size_t n,
                    int32_t timeout_ms, int64_t *ids);
@@ -168,6 +172,8 @@ int64_t cbw_wait_copy(cbw_worker *w, int64_t id, int32_t timeout_ms,
                       char *buf, size_t cap, cbw_result *slow);
 void cbw_result_release(cbw_result *res);
 int cbw_job_info_get(cbw_worker *w, int64_t id, cbw_job_info *out);
+int cbw_job_watch(cbw_worker *w, int64_t id);
+size_t cbw_completions_collect(cbw_worker *w, int64_t *out, size_t cap);
 int cbw_job_error_text(cbw_worker *w, int64_t id, char *buf, size_t cap);
 
 size_t cbw_tokens_collect(cbw_worker *w, uint64_t *out, size_t cap);

@@ -1,0 +1,116 @@
+"""``Executor``: a ``concurrent.futures.Executor`` on the C core.
+
+A drop-in for ``ThreadPoolExecutor``: ``submit``, ``map`` (with ``timeout``;
+``chunksize`` is accepted and, as for threads, ignored), ``shutdown(wait,
+cancel_futures)`` and the context manager, returning ordinary
+``concurrent.futures.Future`` objects (``result``, ``exception``,
+``cancel``, ``add_done_callback``, ``asyncio.wrap_future``).
+
+Each submitted call is one job on a C worker thread, started detached: the
+job record disappears as it completes, and the future carries the outcome.
+``Executor(max_workers=N)`` owns a worker with N threads; with
+``route="name"`` it submits to that route of the default worker instead
+(opening it with ``concurrency=max_workers`` if it does not exist), and
+``shutdown`` leaves that shared worker open.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent import futures
+from typing import Any, Callable, Dict, Optional
+
+from .errors import CallbackWorkerError, UnknownJobError, UnknownRouteError, WorkerClosedError
+from .worker import Worker
+
+__all__ = ["Executor"]
+
+
+class Executor(futures.Executor):
+    """Runs calls asynchronously on callbackworker's C threads."""
+
+    def __init__(self, max_workers: int = 1, route: Optional[str] = None) -> None:
+        if type(max_workers) is not int:
+            raise TypeError(f"max_workers must be an int, not {type(max_workers).__name__}")
+        if max_workers <= 0:
+            raise ValueError("max_workers must be greater than 0")
+        if route is None:
+            self._worker = Worker(concurrency=max_workers)
+            self._owns_worker = True
+        else:
+            from ._default import default_worker
+
+            self._worker = default_worker()
+            self._owns_worker = False
+            try:
+                self._worker.route_meta(route, 1)
+            except UnknownRouteError:
+                self._worker.open_route(route, concurrency=max_workers)
+        self._route = route
+        self._lock = threading.Lock()
+        self._shutdown = False
+        self._pending: Dict[futures.Future, int] = {}
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> futures.Future:
+        """Schedules ``fn(*args, **kwargs)``; returns its Future."""
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+        future: futures.Future = futures.Future()
+
+        def job(_request: memoryview) -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException as exc:  # the future carries every outcome
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            try:
+                jid = self._worker._start_detached(job, self._route)
+            except WorkerClosedError:
+                raise RuntimeError("cannot schedule new futures after the worker closed") from None
+            self._pending[future] = jid
+        future.add_done_callback(self._settled)
+        return future
+
+    def _settled(self, future: futures.Future) -> None:
+        with self._lock:
+            jid = self._pending.pop(future, None)
+        if jid is not None and future.cancelled():
+            try:  # take the cancelled call out of the queue too
+                self._worker.cancel(jid)
+            except (UnknownJobError, WorkerClosedError):
+                pass
+
+    submit.__doc__ = futures.Executor.submit.__doc__
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """No more submissions.  ``cancel_futures=True`` cancels every call
+        that has not started.  ``wait=True`` returns once every call that
+        was not cancelled has finished."""
+        with self._lock:
+            self._shutdown = True
+            pending = list(self._pending)
+        if cancel_futures:
+            for future in pending:
+                future.cancel()
+        if not self._owns_worker:
+            if wait:
+                futures.wait(pending)
+            return
+        if wait:
+            self._worker.close(drain=True)
+        else:
+            threading.Thread(target=self._drain_and_close, name="callbackworker-executor-shutdown",
+                             daemon=True).start()
+
+    def _drain_and_close(self) -> None:
+        try:
+            self._worker.close(drain=True)
+        except CallbackWorkerError:
+            pass
