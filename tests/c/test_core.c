@@ -1686,6 +1686,115 @@ static void test_stress_every_job_accounted_once(void)
     free(ex.ran);
 }
 
+/* ---- completion reports and detached jobs ------------------------------- */
+
+static struct {
+    pthread_mutex_t mu;
+    int64_t ids[64];
+    int n;
+    cbw_worker *w;
+} reports = { PTHREAD_MUTEX_INITIALIZER, {0}, 0, NULL };
+
+static void ex_completed(void *ctx)
+{
+    int64_t got[8];
+    size_t n, i;
+    (void)ctx;
+    while ((n = cbw_completions_collect(reports.w, got, 8)) > 0) {
+        pthread_mutex_lock(&reports.mu);
+        for (i = 0; i < n && reports.n < 64; i++)
+            reports.ids[reports.n++] = got[i];
+        pthread_mutex_unlock(&reports.mu);
+    }
+}
+
+static const cbw_hooks report_hooks = {
+    .ctx = &ex,
+    .thread_enter = ex_thread_enter,
+    .thread_exit = ex_thread_exit,
+    .session_begin = ex_session_begin,
+    .session_end = ex_session_end,
+    .run = ex_run,
+    .interrupt = ex_interrupt,
+    .completed = ex_completed,
+};
+
+static int reported(int64_t id)
+{
+    int i, found = 0;
+    pthread_mutex_lock(&reports.mu);
+    for (i = 0; i < reports.n; i++)
+        found += reports.ids[i] == id;
+    pthread_mutex_unlock(&reports.mu);
+    return found;
+}
+
+static void test_watched_jobs_are_reported_once(void)
+{
+    int err;
+    cbw_worker *w = cbw_worker_new(&report_hooks, 1, &err);
+    int64_t done, watched, gate_id, queued, cancelled, shut;
+    REQUIRE(w != NULL);
+    reports.w = w;
+    reports.n = 0;
+    STORE(&ex.worker, w);
+    done = start_text(w, CBW_DEFAULT_ROUTE, OP_ECHO, "a", CBW_TIMEOUT_INFINITE);
+    CHECK_EQ(cbw_wait_complete(w, done, WAIT_MS), 1);
+    CHECK_EQ(cbw_job_watch(w, done), 1); /* completed already: no report */
+    gate_id = start_text(w, CBW_DEFAULT_ROUTE, OP_BLOCK, "", CBW_TIMEOUT_INFINITE);
+    watched = cbw_start_ex(w, CBW_DEFAULT_ROUTE, OP_ECHO, "b", 1, CBW_TIMEOUT_INFINITE,
+                           CBW_JOB_NOTIFY);
+    queued = start_text(w, CBW_DEFAULT_ROUTE, OP_ECHO, "c", CBW_TIMEOUT_INFINITE);
+    cancelled = start_text(w, CBW_DEFAULT_ROUTE, OP_ECHO, "d", CBW_TIMEOUT_INFINITE);
+    shut = start_text(w, CBW_DEFAULT_ROUTE, OP_ECHO, "e", CBW_TIMEOUT_INFINITE);
+    CHECK_EQ(cbw_job_watch(w, queued), 0);
+    CHECK_EQ(cbw_job_watch(w, queued), 0); /* one report serves both */
+    CHECK_EQ(cbw_job_watch(w, cancelled), 0);
+    CHECK_EQ(cbw_job_watch(w, shut), 0);
+    CHECK_EQ(cbw_cancel(w, cancelled, NULL), 1);
+    CHECK_EQ(reported(cancelled), 1);
+    open_gate();
+    expect_result(w, gate_id, CBW_STATUS_OK, "");
+    CHECK_EQ(cbw_wait_complete(w, queued, WAIT_MS), 1);
+    CHECK(EVENTUALLY(reported(watched) == 1 && reported(queued) == 1, 2000));
+    expect_result(w, watched, CBW_STATUS_OK, "b");
+    expect_result(w, queued, CBW_STATUS_OK, "c");
+    expect_result(w, cancelled, CBW_STATUS_CANCELLED, NULL);
+    CHECK_EQ(cbw_job_watch(w, 999999), CBW_EUNKNOWN);
+    STORE(&ex.gate, 0);
+    gate_id = start_text(w, CBW_DEFAULT_ROUTE, OP_BLOCK, "", CBW_TIMEOUT_INFINITE);
+    shut = start_text(w, CBW_DEFAULT_ROUTE, OP_ECHO, "f", CBW_TIMEOUT_INFINITE);
+    CHECK_EQ(cbw_job_watch(w, shut), 0);
+    open_gate();
+    CHECK_EQ(cbw_worker_close(w, 0, 0), CBW_OK);
+    CHECK_EQ(reported(shut), 1); /* shut down, or ran before close: reported */
+    CHECK_EQ(reported(done), 0);
+    cbw_worker_release(w);
+    reports.w = NULL;
+}
+
+static void test_detached_jobs_leave_the_table(void)
+{
+    cbw_worker *w = new_worker(1);
+    cbw_result res;
+    int64_t gate_id, id, queued;
+    id = cbw_start_ex(w, CBW_DEFAULT_ROUTE, OP_ECHO, "x", 1, CBW_TIMEOUT_INFINITE,
+                      CBW_JOB_DETACHED);
+    CHECK(id > 0);
+    CHECK(EVENTUALLY(cbw_take(w, id, &res) == CBW_EUNKNOWN, 2000));
+    gate_id = start_text(w, CBW_DEFAULT_ROUTE, OP_BLOCK, "", CBW_TIMEOUT_INFINITE);
+    queued = cbw_start_ex(w, CBW_DEFAULT_ROUTE, OP_ECHO, "y", 1, CBW_TIMEOUT_INFINITE,
+                          CBW_JOB_DETACHED);
+    CHECK_EQ(cbw_cancel(w, queued, NULL), 1);
+    CHECK_EQ(cbw_take(w, queued, &res), CBW_EUNKNOWN); /* gone once cancelled */
+    CHECK_EQ(cbw_start_ex(w, CBW_DEFAULT_ROUTE, OP_ECHO, "z", 1, CBW_TIMEOUT_INFINITE, 64),
+             CBW_EINVAL);
+    open_gate();
+    expect_result(w, gate_id, CBW_STATUS_OK, "");
+    CHECK_EQ(cbw_worker_close(w, 0, 0), CBW_OK);
+    cbw_worker_release(w);
+}
+
 static void test_no_allocations_left(void)
 {
     CHECK_EQ(cbw_live_allocations(), kept_blocks);
@@ -1736,6 +1845,8 @@ static const test_case tests[] = {
     TEST(test_allocation_failures_are_clean),
     TEST(test_stress_every_job_accounted_once),
     TEST(test_callback_token_zero_is_ordinary),
+    TEST(test_watched_jobs_are_reported_once),
+    TEST(test_detached_jobs_leave_the_table),
     TEST(test_no_allocations_left),
 };
 
