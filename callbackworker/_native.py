@@ -97,9 +97,11 @@ class CallbackTable:
                 notify()
 
     def fail(self, run: Any, exc: BaseException) -> int:
-        """After the callback raised ``exc``."""
-        if isinstance(exc, CallbackInterrupt):
-            return STATUS_ERROR  # the job already completed as TIMEOUT
+        """After the callback raised ``exc``.  Past the deadline the job is
+        (or is about to be) completed as TIMEOUT and may already have been
+        consumed, so nothing is recorded that nobody could ever collect."""
+        if isinstance(exc, CallbackInterrupt) or lib.cbw_run_overdue(run):
+            return STATUS_ERROR
         return self._record_failure(run, exc)
 
     def settle(self, run: Any, view: memoryview, buf: Any, status: int) -> int:

@@ -219,6 +219,9 @@ int cbw_run_set_error(cbw_run *run, const char *text);
 /* The callback kept a view of the request after returning: the job record
  * is never freed, so that view stays valid. */
 int cbw_run_keep_alive(cbw_run *run);
+/* 1 if the run has passed its deadline (its job is, or is about to be,
+ * completed with TIMEOUT whatever the callback does). */
+int cbw_run_overdue(const cbw_run *run);
 
 /* Allocation hooks for tests: the Nth allocation from now fails (0 = never);
  * cbw_live_allocations counts blocks the core holds right now. */

@@ -112,6 +112,9 @@ typedef struct cbw__tokens {
     size_t count;
     int64_t dead;              /* counts that reached 0 since the last collect */
     uint64_t collects;         /* collects that removed something */
+    uint64_t orphans[8];       /* retained, but the table could not take
+                                  them (ENOMEM): the next collect returns them */
+    int norphans;
     uint8_t need_retain;       /* the executor has a retain hook */
 } cbw__tokens;
 

@@ -169,3 +169,8 @@ int cbw_run_keep_alive(cbw_run *run)
     cbw__mutex_unlock(&self->w->mu);
     return CBW_OK;
 }
+
+int cbw_run_overdue(const cbw_run *run)
+{
+    return run->deadline_ns != CBW__NEVER && cbw__now_ns() >= run->deadline_ns;
+}

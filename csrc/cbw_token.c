@@ -24,6 +24,9 @@
  *    and died again.  Every collect that removes something bumps
  *    `collects`; a start that retained finds the token still absent and the
  *    counter changed retains again before it inserts.
+ *  - If the insert after a retain fails (ENOMEM), the token goes on a small
+ *    orphan list that the next collect returns, so the executor lets go of
+ *    what it retained; the start fails.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -124,6 +127,11 @@ size_t cbw_tokens_collect(cbw_worker *w, uint64_t *out, size_t cap)
     cbw__tokens *t = &w->tokens;
     size_t n = 0, i = 0;
     cbw__mutex_lock(&w->mu);
+    while (t->norphans > 0 && n < cap) {
+        uint64_t token = t->orphans[--t->norphans];
+        if (find(t, token) == NULL) /* else a later start owns it again */
+            out[n++] = token;
+    }
     while (t->slots != NULL && i <= t->mask && n < cap) {
         if (t->slots[i].used && t->slots[i].count == 0) {
             out[n++] = t->slots[i].token;

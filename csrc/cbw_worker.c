@@ -160,6 +160,10 @@ static int take_tokens(cbw_worker *w, int32_t route_id, int32_t timeout_ms,
             /* No collect undid the retain: the registry holds the token. */
             rc = cbw__tokens_add(&w->tokens, callback, n, NULL);
             missing = 0;
+            if (rc != CBW_OK && w->tokens.norphans < 8) {
+                w->tokens.orphans[w->tokens.norphans++] = callback;
+                w->tokens.dead++; /* the caller's after_unlock releases it */
+            }
         }
     }
     if (rc != CBW_OK)

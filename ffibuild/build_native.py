@@ -39,20 +39,34 @@ def link_args() -> list[str]:
     return extra.split() if extra else []
 
 
-ffi = FFI()
-ffi.cdef((HERE / "cdef_core.h").read_text())
-ffi.cdef((HERE / "cdef_bridge.h").read_text())
-ffi.set_source(
-    "_cbw_native",
-    (HERE / "bridge.c").read_text(),
-    sources=CORE_SOURCES,
-    include_dirs=[os.path.relpath(CSRC, ROOT)],
-    define_macros=[] if sys.platform == "win32" else [("_GNU_SOURCE", "1")],
-    extra_compile_args=compile_args(),
-    extra_link_args=link_args(),
-    libraries=[] if sys.platform == "win32" else ["pthread"],
-    py_limited_api=False,  # the bridge uses thread-state APIs; no abi3 wheels
-)
+def make_ffi(absolute_paths: bool = False) -> FFI:
+    """The module definition.  setuptools wants source paths relative to
+    the project root; a direct ffi.compile() runs the compiler elsewhere and
+    needs absolute ones."""
+    made = FFI()
+    made.cdef((HERE / "cdef_core.h").read_text())
+    made.cdef((HERE / "cdef_bridge.h").read_text())
+    sources = [str(ROOT / s) for s in CORE_SOURCES] if absolute_paths else CORE_SOURCES
+    macros = [("_CFFI_NO_LIMITED_API", None)]  # the bridge uses thread-state APIs
+    if sys.platform != "win32":
+        macros.append(("_GNU_SOURCE", "1"))
+    made.set_source(
+        "_cbw_native",
+        (HERE / "bridge.c").read_text(),
+        sources=sources,
+        include_dirs=[str(CSRC) if absolute_paths else os.path.relpath(CSRC, ROOT)],
+        define_macros=macros,
+        extra_compile_args=compile_args(),
+        extra_link_args=link_args(),
+        libraries=[] if sys.platform == "win32" else ["pthread"],
+        py_limited_api=False,  # no abi3 wheels: see _CFFI_NO_LIMITED_API
+    )
+    return made
+
+
+ffi = make_ffi()
 
 if __name__ == "__main__":
-    ffi.compile(tmpdir=str(ROOT / "build" / "cffi"), verbose=True)
+    out = ROOT / "build" / "cffi"
+    built = make_ffi(absolute_paths=True).compile(tmpdir=str(out), verbose=True)
+    print(f"built {built}")

@@ -184,6 +184,7 @@ int cbw_current_cancel_requested(void);
 int cbw_run_set_result(cbw_run *run, const char *data, size_t size);
 int cbw_run_set_error(cbw_run *run, const char *text);
 int cbw_run_keep_alive(cbw_run *run);
+int cbw_run_overdue(const cbw_run *run);
 
 void cbw_debug_fail_allocation(int64_t nth);
 int64_t cbw_live_allocations(void);
