@@ -20,6 +20,11 @@ place):
               ThreadPoolExecutor's pending futures (each in a subprocess)
 * scaling     throughput at growing N
 * close       close() with N queued jobs
+* executor    callbackworker.Executor vs ThreadPoolExecutor(1): submit N
+              trivial calls, then result() of each
+* progress    the plain start/wait path, run next to the same jobs started
+              with an on_progress callback that is never called: the
+              plain path must not pay for the feature
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, List, Sequence, Tuple
 
+from .executor import Executor
 from .worker import Worker
 
 REQUEST = bytes(range(16))
@@ -207,7 +213,43 @@ def cbw_close_queued(n: int) -> float:
     return time.perf_counter() - t0
 
 
+# ---- executor and progress ---------------------------------------------
+
+def _trivial() -> int:
+    return 1
+
+
+def executor_rate(kind: str, n: int) -> float:
+    make = (lambda: Executor(max_workers=1)) if kind == "cbw" else (
+        lambda: ThreadPoolExecutor(max_workers=1))
+    with make() as ex:
+        submit = ex.submit
+        t0 = time.perf_counter()
+        futures = [submit(_trivial) for _ in range(n)]
+        for f in futures:
+            f.result()
+        return n / (time.perf_counter() - t0)
+
+
+def progress_tracked(n: int) -> float:
+    """The throughput workload with progress tracking switched on."""
+    def ignore(job_id: int, data: object) -> None:
+        pass
+
+    with Worker() as w:
+        start, wait, req = w.start, w.wait, REQUEST
+        t0 = time.perf_counter()
+        ids = [start(touch, req, on_progress=ignore) for _ in range(n)]
+        for job in ids:
+            wait(job)
+        return n / (time.perf_counter() - t0)
+
+
 # ---- driver -----------------------------------------------------------
+
+SECTIONS = ["throughput", "batch", "latency", "blobs", "memory", "scaling", "close",
+            "executor", "progress"]
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", type=int, default=5, help="runs per figure; the median is kept (default 5)")
@@ -215,7 +257,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
                    help="small sizes, for a smoke test (figures are not meaningful)")
     p.add_argument("--only", nargs="*", default=None,
-                   choices=["throughput", "batch", "latency", "blobs", "memory", "scaling", "close"],
+                   choices=SECTIONS,
                    help="run only these sections")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON to FILE")
 
@@ -233,7 +275,7 @@ def main(args: argparse.Namespace) -> int:
     if args.quick:
         n, scale, lat_n, blob_n, mem_n, close_n = 5_000, [2_000, 10_000], 500, 10, 20_000, 20_000
         runs = min(runs, 3)
-    want = set(args.only or ["throughput", "batch", "latency", "blobs", "memory", "scaling", "close"])
+    want = set(args.only or SECTIONS)
     figures: Dict[str, float] = {}
     rows: List[Tuple[str, str, str, str]] = []
     print(f"callbackworker bench: median of {runs} runs; ratios against baselines run in this process")
@@ -294,6 +336,21 @@ def main(args: argparse.Namespace) -> int:
         secs = statistics.median(cbw_close_queued(close_n) for _ in range(runs))
         figures["close_queued_s"] = secs
         _row(rows, f"close() with {close_n:,} queued jobs", f"{secs * 1000:.0f} ms", "", "")
+
+    if "executor" in want:
+        ex_n = n // 4
+        ours = _median_rate(lambda: executor_rate("cbw", ex_n), runs, "Executor")
+        base = _median_rate(lambda: executor_rate("tpe", ex_n), runs, "ThreadPoolExecutor")
+        figures.update(executor_per_s=ours, tpe_executor_per_s=base)
+        _row(rows, f"Executor, {ex_n:,} trivial calls, vs TPE(1)", f"{ours:,.0f}/s", f"{base:,.0f}/s",
+             f"{ours / base:.1f}x")
+
+    if "progress" in want:
+        plain = _median_rate(lambda: cbw_one_at_a_time(n), runs, "no progress")
+        tracked = _median_rate(lambda: progress_tracked(n), runs, "progress tracked")
+        figures.update(plain_per_s=plain, progress_tracked_per_s=tracked)
+        _row(rows, "jobs started with on_progress vs plain jobs", f"{tracked:,.0f}/s", f"{plain:,.0f}/s",
+             f"{tracked / plain:.2f}")
 
     if args.json:
         with open(args.json, "w") as f:

@@ -8,6 +8,9 @@ cancel_futures)`` and the context manager, returning ordinary
 
 Each submitted call is one job on a C worker thread, started detached: the
 job record disappears as it completes, and the future carries the outcome.
+Every job runs the same callback (so the core's per-callback bookkeeping is
+done once, not per call); the call itself waits in a dict under a key that
+travels in the job's request blob.
 ``Executor(max_workers=N)`` owns a worker with N threads; with
 ``route="name"`` it submits to that route of the default worker instead
 (opening it with ``concurrency=max_workers`` if it does not exist), and
@@ -16,9 +19,10 @@ job record disappears as it completes, and the future carries the outcome.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from concurrent import futures
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from .errors import CallbackWorkerError, UnknownJobError, UnknownRouteError, WorkerClosedError
 from .worker import Worker
@@ -49,43 +53,57 @@ class Executor(futures.Executor):
         self._route = route
         self._lock = threading.Lock()
         self._shutdown = False
-        self._pending: Dict[futures.Future, int] = {}
+        self._keys = itertools.count(1)
+        self._calls: Dict[int, Tuple[futures.Future, Callable[..., Any], tuple, dict]] = {}
+        self._pending: Dict[futures.Future, Tuple[int, int]] = {}  # future -> (job, key)
+        self._runner = self._run_call  # one callable for every job
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> futures.Future:
         """Schedules ``fn(*args, **kwargs)``; returns its Future."""
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
         future: futures.Future = futures.Future()
-
-        def job(_request: memoryview) -> None:
-            if not future.set_running_or_notify_cancel():
-                return
-            try:
-                result = fn(*args, **kwargs)
-            except BaseException as exc:  # the future carries every outcome
-                future.set_exception(exc)
-            else:
-                future.set_result(result)
-
+        key = next(self._keys)
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
+            self._calls[key] = (future, fn, args, kwargs)
             try:
-                jid = self._worker._start_detached(job, self._route)
+                jid = self._worker._start_detached(self._runner, key.to_bytes(8, "little"),
+                                                   self._route)
             except WorkerClosedError:
+                del self._calls[key]
                 raise RuntimeError("cannot schedule new futures after the worker closed") from None
-            self._pending[future] = jid
+            self._pending[future] = (jid, key)
         future.add_done_callback(self._settled)
         return future
 
+    def _run_call(self, request: memoryview) -> None:
+        """The callback of every job: runs the call its key names."""
+        call = self._calls.pop(int.from_bytes(request, "little"), None)
+        if call is None:  # cancelled meanwhile
+            return
+        future, fn, args, kwargs = call
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:  # the future carries every outcome
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+
     def _settled(self, future: futures.Future) -> None:
         with self._lock:
-            jid = self._pending.pop(future, None)
-        if jid is not None and future.cancelled():
-            try:  # take the cancelled call out of the queue too
-                self._worker.cancel(jid)
-            except (UnknownJobError, WorkerClosedError):
-                pass
+            entry = self._pending.pop(future, None)
+        if entry is None or not future.cancelled():
+            return
+        jid, key = entry
+        self._calls.pop(key, None)
+        try:  # take the cancelled call out of the queue too
+            self._worker.cancel(jid)
+        except (UnknownJobError, WorkerClosedError):
+            pass
 
     submit.__doc__ = futures.Executor.submit.__doc__
 

@@ -288,13 +288,13 @@ class Worker:
             self._progress[jid] = state
         return jid
 
-    def _start_detached(self, callback: Callable[[memoryview], Any],
+    def _start_detached(self, callback: Callable[[memoryview], Any], request: bytes,
                         route: Optional[str] = None) -> int:
-        """Starts a job with an empty request that is destroyed as soon as it
-        completes (its callback reports results some other way: the
-        Executor's futures).  Returns its id, good for ``cancel`` only."""
+        """Starts a job that is destroyed as soon as it completes (its
+        callback reports results some other way: the Executor's futures).
+        Returns its id, good for ``cancel`` only."""
         rid, timeout_ms = self._prepare(callback, -1, route)
-        jid = lib.cbw_start_ex(self._w, rid, id(callback), b"", 0, timeout_ms,
+        jid = lib.cbw_start_ex(self._w, rid, id(callback), request, len(request), timeout_ms,
                                lib.CBW_JOB_DETACHED)
         if jid < 0:
             raise_for(jid, route)
