@@ -61,9 +61,8 @@ from callbackworker import (
     Status,
     Worker,
 )
-from callbackworker import _default
-from callbackworker import worker as worker_module
 from callbackworker._native import lib
+from heapcheck import quiet_baseline
 
 WAIT_MS = 10_000          # the bound of every wait: a hang fails, it does not stall
 GRACE_MS = 120_000        # no thread is abandoned, however slow the machine
@@ -154,34 +153,6 @@ def call(out: Outcome, what: str, fn: Callable[..., Any], *args: Any, **kwargs: 
     except MemoryError:
         out.memory_errors.append(what)
         return FAILED
-
-
-def other_open_workers() -> List[Worker]:
-    default = _default._worker
-    return [w for w in list(worker_module._live_workers) if w is not default]
-
-
-def stable_count() -> int:
-    """The live block count once it has stopped moving for a moment: a worker
-    of an earlier test may still be freed by a thread it abandoned (that
-    thread frees the worker when its callback finally returns)."""
-    deadline = time.monotonic() + 5.0
-    last, since = int(lib.cbw_live_allocations()), time.monotonic()
-    while time.monotonic() < deadline and time.monotonic() - since < 0.2:
-        time.sleep(0.02)
-        now = int(lib.cbw_live_allocations())
-        if now != last:
-            last, since = now, time.monotonic()
-    return last
-
-
-def quiet_baseline() -> int:
-    gc.collect()
-    others = other_open_workers()
-    assert not others, (
-        f"{len(others)} other worker(s) open: their allocations would consume the "
-        "injected failure and skew the allocation count")
-    return stable_count()
 
 
 def settle(predicate: Callable[[], bool]) -> bool:

@@ -54,9 +54,8 @@ from callbackworker import (
     JobTimeoutError,
     Worker,
 )
-from callbackworker import _default
-from callbackworker import worker as worker_module
 from callbackworker._native import lib
+from heapcheck import quiet_baseline
 
 WAIT_MS = 10_000
 SETTLE_S = 10.0
@@ -68,32 +67,6 @@ LEAK_WARMUP = int(os.environ.get("CBW_LEAK_WARMUP", "100000"))
 LEAK_GROUP = int(os.environ.get("CBW_LEAK_GROUP", "16"))
 RSS_GROWTH_MAX = 0.01
 PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def other_open_workers() -> List[Worker]:
-    default = _default._worker
-    return [w for w in list(worker_module._live_workers) if w is not default]
-
-
-def stable_count() -> int:
-    """The live block count once it has stopped moving for a moment: a worker
-    of an earlier test may still be freed by a thread it abandoned (that
-    thread frees the worker when its callback finally returns)."""
-    deadline = time.monotonic() + 5.0
-    last, since = int(lib.cbw_live_allocations()), time.monotonic()
-    while time.monotonic() < deadline and time.monotonic() - since < 0.2:
-        time.sleep(0.02)
-        now = int(lib.cbw_live_allocations())
-        if now != last:
-            last, since = now, time.monotonic()
-    return last
-
-
-def quiet_baseline() -> int:
-    gc.collect()
-    others = other_open_workers()
-    assert not others, f"{len(others)} other worker(s) open: the allocation count is global"
-    return stable_count()
 
 
 def settle(predicate: Callable[[], bool]) -> bool:
