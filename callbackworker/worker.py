@@ -94,6 +94,18 @@ def _known_id(job_id: int) -> bool:
     return 0 < job_id <= _INT64_MAX
 
 
+class _RouteTimeout(int):
+    """The default of the start verbs' ``timeout_ms``: -1 (no limit) on the
+    default route, the route's own ``timeout_ms`` on a named route.  An
+    explicit -1 always means no limit."""
+
+    def __repr__(self) -> str:
+        return "-1"
+
+
+_UNSET = _RouteTimeout(-1)
+
+
 def _is_buffer(obj: object) -> bool:
     try:
         memoryview(obj)  # type: ignore[arg-type]
@@ -237,16 +249,16 @@ class Worker:
         and the timeout to pass to the core (a start on a named route that
         gives no timeout takes the route's)."""
         _check_callback(callback)
-        if type(timeout_ms) is not int or timeout_ms != -1:
+        if timeout_ms is _UNSET:
+            timeout_ms = _TIMEOUT_ROUTE if route is not None else -1
+        else:
             timeout_ms = _check_timeout(timeout_ms)
-        elif route is not None:
-            timeout_ms = _TIMEOUT_ROUTE
         rid = self._route_id(route) if route is not None else _DEFAULT_ROUTE
         if self._closed:
             raise_for(lib.CBW_ECLOSED)
         return rid, timeout_ms  # type: ignore[return-value]
 
-    def start(self, callback: Callback, request: Request, timeout_ms: int = -1,
+    def start(self, callback: Callback, request: Request, timeout_ms: int = _UNSET,
               *, route: Optional[str] = None, on_progress: Optional[ProgressCallback] = None,
               store_response: bool = False,
               callback_data: Optional[Dict[str, Any]] = None) -> int:
@@ -263,10 +275,13 @@ class Worker:
         ``on_progress``, ``store_response`` and ``callback_data`` track the
         job's progress reports (see ``callbackworker.progress``).
         """
-        if (route is None and type(timeout_ms) is int and -1 <= timeout_ms <= _TIMEOUT_MAX
-                and callable(callback) and not self._closed and on_progress is None
-                and not store_response and callback_data is None):
+        if (route is None and callable(callback) and not self._closed
+                and (timeout_ms is _UNSET
+                     or (type(timeout_ms) is int and -1 <= timeout_ms <= _TIMEOUT_MAX))
+                and on_progress is None and not store_response and callback_data is None):
             rid = _DEFAULT_ROUTE
+            if timeout_ms is _UNSET:
+                timeout_ms = -1
             state = None
         else:
             rid, timeout_ms = self._prepare(callback, timeout_ms, route)
@@ -300,7 +315,7 @@ class Worker:
             raise_for(jid, route)
         return jid
 
-    def start_text(self, callback: Callback, text: str, timeout_ms: int = -1,
+    def start_text(self, callback: Callback, text: str, timeout_ms: int = _UNSET,
                    *, route: Optional[str] = None) -> int:
         """Like ``start``, with a ``str`` request: the callback receives its
         UTF-8 bytes (copied once, straight from the string for ASCII text)."""
@@ -317,7 +332,7 @@ class Worker:
         return jid
 
     def start_many(self, callback: Callback, requests: Iterable[Request],
-                   timeout_ms: int = -1, *, route: Optional[str] = None) -> List[int]:
+                   timeout_ms: int = _UNSET, *, route: Optional[str] = None) -> List[int]:
         """Starts one job per request with one call into the core; all or
         none.  Same semantics as ``start`` for each; ids are in order."""
         rid, timeout_ms = self._prepare(callback, timeout_ms, route)
