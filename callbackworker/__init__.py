@@ -47,7 +47,7 @@ from .errors import (
     WorkerClosedError,
 )
 from .executor import Executor
-from .progress import JobContext, current_job
+from .jobcontext import JobContext, current_job
 from .states import State, Status
 from .worker import Worker
 

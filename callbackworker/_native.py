@@ -40,8 +40,8 @@ log = logging.getLogger("callbackworker")
 
 STATUS_OK = int(lib.CBW_STATUS_OK)
 STATUS_ERROR = int(lib.CBW_STATUS_ERROR)
-_INT64_MIN = -(1 << 63)
-_INT64_MAX = (1 << 63) - 1
+_INT32_MIN = -(1 << 31)
+_INT32_MAX = (1 << 31) - 1
 _getrefcount = sys.getrefcount
 
 
@@ -91,10 +91,15 @@ class CallbackTable:
         self.failures.clear()
 
     def completed(self, ids: Any, n: int) -> None:
-        """Watched jobs completed: call their watchers (any thread)."""
+        """Watched jobs completed: call their watchers (any thread).  The
+        core has already forgotten these ids, so one failing watcher must
+        not cost the others their report."""
         for i in range(n):
             for notify in self.watchers.pop(ids[i], ()):
-                notify()
+                try:
+                    notify()
+                except BaseException:  # e.g. call_soon_threadsafe on a closed loop
+                    log.exception("callbackworker: a completion watcher failed")
 
     def fail(self, run: Any, exc: BaseException) -> int:
         """After the callback raised ``exc``.  Past the deadline the job is
@@ -125,7 +130,7 @@ class CallbackTable:
     def record_return(self, run: Any, out: Any) -> int:
         """After the callback returned ``out`` (not None, not the view)."""
         if isinstance(out, int):
-            run.rc = min(max(out, _INT64_MIN), _INT64_MAX)
+            run.rc = min(max(out, _INT32_MIN), _INT32_MAX)
             return STATUS_OK
         try:
             data = out if isinstance(out, bytes) else ffi.from_buffer(out)
@@ -158,10 +163,15 @@ _buffer = ffi.buffer
 def cbwpy_run(ctx: Any, slot: Any, run: Any) -> int:
     """Runs one job's callback on a worker thread, interpreter lock held.
 
-    The hot path (the callback edits in place and returns None) is inlined
-    here; everything else goes through CallbackTable.  ``slot.exec_flags``
-    is 1 exactly while the user's callback runs: the timer only interrupts
-    then (see ffibuild/bridge.c)."""
+    ``slot.exec_flags`` is 1 exactly while the user's callback runs: the
+    timer only interrupts then (see ffibuild/bridge.c).  An interrupt set
+    while the callback was blocked may still be delivered just after it
+    returns, at the first point where CPython checks (a call): every such
+    point below is inside a ``try`` that catches it, so the view is always
+    settled.  The interrupt is raised once per job, so after one catch none
+    can follow.  The hot path (the callback edits in place and returns None)
+    stays in this function.
+    """
     table: CallbackTable = _from_handle(ctx)
     buf = _buffer(run.data, run.size)
     view = memoryview(buf)
@@ -171,18 +181,33 @@ def cbwpy_run(ctx: Any, slot: Any, run: Any) -> int:
         out = callback(view)
     except BaseException as exc:
         slot.exec_flags = 0
-        status = table.fail(run, exc)
+        outcome: Any = exc
+        failed = True
         exc = None  # type: ignore[assignment]
-        return table.settle(run, view, buf, status)
-    slot.exec_flags = 0
-    if out is not None and out is not view:
-        status = table.record_return(run, out)
-        out = None  # it may be a slice of the view
-        return table.settle(run, view, buf, status)
-    view.release()
-    if _getrefcount(buf) > 2:  # ours: this local and the call
-        return table.settle(run, view, buf, STATUS_OK)
-    return STATUS_OK
+    else:
+        slot.exec_flags = 0
+        if out is None or out is view:
+            out = None
+            try:
+                view.release()
+                if _getrefcount(buf) <= 2:  # ours: this local and the call
+                    return STATUS_OK
+            except (BufferError, CallbackInterrupt):
+                pass  # an export is held, or a late interrupt: settle decides
+            return table.settle(run, view, buf, STATUS_OK)
+        outcome = out
+        failed = False
+    out = None
+    try:
+        status = table.fail(run, outcome) if failed else table.record_return(run, outcome)
+    except CallbackInterrupt:
+        status = STATUS_ERROR  # late, after a timeout: the job is already done
+    outcome = None  # it may hold a slice of the view, or a traceback
+    status = table.settle(run, view, buf, status)
+    # A stored failure's traceback keeps this frame: leave nothing in it that
+    # points into job memory.
+    buf = view = run = slot = None  # type: ignore[assignment]
+    return status
 
 
 def _report_error(exc_type: type, exc: BaseException, tb: Any) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import functools
 import os
 import threading
 import time
@@ -28,7 +27,8 @@ from . import _native
 from ._native import CallbackTable, ffi, lib, raise_for
 from .asyncmeta import JobMetaKey, Phase, Profile, RouteMetaKey, RouteState
 from .errors import DeadlockError, failure_for_status
-from .progress import ProgressCallback, ProgressState, run_with_progress
+from . import jobcontext as _progress
+from .jobcontext import ProgressCallback, ProgressState
 from .states import PHASE_TEXT, STATE_TEXT, STATUS_TEXT, State, Status
 
 __all__ = ["Worker", "Callback", "Request"]
@@ -153,7 +153,7 @@ class Worker:
         self._w = self._new_native()
         self._finalizer = self._track_native()
         self._routes: dict[str, int] = {"default": _DEFAULT_ROUTE}
-        self._progress: Dict[int, ProgressState] = {}
+        self._progress: Dict[int, int] = {}  # tracked job id -> progress tag
         _live_workers.add(self)
 
     def _new_native(self) -> Any:
@@ -205,7 +205,12 @@ class Worker:
             raise DeadlockError("close(drain=True) cannot be called from inside one of "
                                 "the worker's own callbacks: that callback keeps it busy")
         self._closed = True
-        self._table.clear()
+        # The callbacks stay: a close that returned early (a callback's, while
+        # another thread drains) must not take them from queued jobs; the
+        # core releases each one as its last job goes.
+        self._table.failures.clear()
+        for tag in self._progress.values():
+            _progress.STATES.pop(tag, None)
         self._progress.clear()
         _live_workers.discard(self)
         return 0
@@ -273,12 +278,12 @@ class Worker:
         callback is interrupted.  ``route`` names a route from ``open_route``.
 
         ``on_progress``, ``store_response`` and ``callback_data`` track the
-        job's progress reports (see ``callbackworker.progress``).
+        job's progress reports (see ``callbackworker.jobcontext``).
         """
         if (route is None and callable(callback) and not self._closed
                 and (timeout_ms is _UNSET
                      or (type(timeout_ms) is int and -1 <= timeout_ms <= _TIMEOUT_MAX))
-                and on_progress is None and not store_response and callback_data is None):
+                and on_progress is None and store_response is False and callback_data is None):
             rid = _DEFAULT_ROUTE
             if timeout_ms is _UNSET:
                 timeout_ms = -1
@@ -286,21 +291,25 @@ class Worker:
         else:
             rid, timeout_ms = self._prepare(callback, timeout_ms, route)
             state = _progress_state(on_progress, store_response, callback_data)
-            if state is not None:
-                callback = functools.partial(run_with_progress, state, callback)
         if type(request) is bytes:
-            jid = _start(self._w, rid, id(callback), request, len(request), timeout_ms)
+            data = request
         else:
             try:
                 data = ffi.from_buffer(request)
             except TypeError:
                 raise TypeError(f"request must be a bytes-like object, not "
                                 f"{type(request).__name__}") from None
+        if state is None:
             jid = _start(self._w, rid, id(callback), data, len(data), timeout_ms)
+        else:
+            tag = _progress.register(state)
+            jid = lib.cbw_start_ex(self._w, rid, id(callback), data, len(data), timeout_ms, 0, tag)
+            if jid > 0:
+                self._progress[jid] = tag
+            else:
+                _progress.STATES.pop(tag, None)
         if jid < 0:
             raise_for(jid, route)
-        if state is not None:
-            self._progress[jid] = state
         return jid
 
     def _start_detached(self, callback: Callable[[memoryview], Any], request: bytes,
@@ -310,7 +319,7 @@ class Worker:
         Returns its id, good for ``cancel`` only."""
         rid, timeout_ms = self._prepare(callback, -1, route)
         jid = lib.cbw_start_ex(self._w, rid, id(callback), request, len(request), timeout_ms,
-                               lib.CBW_JOB_DETACHED)
+                               lib.CBW_JOB_DETACHED, 0)
         if jid < 0:
             raise_for(jid, route)
         return jid
@@ -336,18 +345,20 @@ class Worker:
         """Starts one job per request with one call into the core; all or
         none.  Same semantics as ``start`` for each; ids are in order."""
         rid, timeout_ms = self._prepare(callback, timeout_ms, route)
+        requests = list(requests)
         try:
-            requests = list(requests)
-            blob = b"".join(requests)
+            # Views pin every buffer's size until the call returns: the blob
+            # and the sizes are taken from the same, unchangeable bytes.
+            views = [r if type(r) is bytes else memoryview(r) for r in requests]
         except TypeError:
-            bad = next((r for r in requests if not _is_buffer(r)), requests)
+            bad = next(r for r in requests if not _is_buffer(r))
             raise TypeError(f"every request must be a bytes-like object, not "
                             f"{type(bad).__name__}") from None
-        n = len(requests)
+        n = len(views)
         if n == 0:
             return []
-        sizes = ffi.new("size_t[]", [len(r) if type(r) is bytes else memoryview(r).nbytes
-                                     for r in requests])
+        blob = b"".join(views)
+        sizes = ffi.new("size_t[]", [len(v) if type(v) is bytes else v.nbytes for v in views])
         ids = ffi.new("int64_t[]", n)
         rc = lib.cbw_start_many(self._w, rid, id(callback), blob, sizes, n, timeout_ms, ids)
         if rc < 0:
@@ -385,13 +396,22 @@ class Worker:
             raise_for(lib.CBW_ECLOSED)
         if not 0 < jid <= _INT64_MAX:
             raise_for(lib.CBW_EUNKNOWN, job_id)
-        scratch, slow = _scratch()
         if timeout_ms == 0 or threading.get_ident() != _main_ident:
+            scratch, slow = _scratch()
             n = _wait_copy(self._w, jid, timeout_ms, scratch, _SCRATCH_SIZE, slow)
         else:
-            n = self._blocking(_wait_copy, jid, timeout_ms, scratch, _SCRATCH_SIZE, slow)
+            # The main thread waits in slices, so Ctrl-C can interrupt; the
+            # job is only taken once it has completed, with buffers of this
+            # call's own (a signal handler may wait too).
+            rc = self._blocking(lib.cbw_wait_complete, jid, timeout_ms, timed_out=0)
+            if rc < 0:
+                raise_for(rc, jid)
+            if rc == 0:
+                raise_for(_ETIMEDOUT, jid)
+            scratch, slow = ffi.new("char[]", _SCRATCH_SIZE), ffi.new("cbw_result *")
+            n = _wait_copy(self._w, jid, 0, scratch, _SCRATCH_SIZE, slow)
         if self._progress:
-            self._progress.pop(jid, None)
+            self._forget_progress(jid)
         if n >= 0:
             return _unpack(scratch, n)
         if n == _EMORE:
@@ -461,7 +481,7 @@ class Worker:
         rc = lib.cbw_take(self._w, jid, res)
         if rc < 0:
             raise_for(rc, jid)
-        self._progress.pop(jid, None)
+        self._forget_progress(jid)
         return self._consume(res)
 
     take_blob = take
@@ -609,14 +629,23 @@ class Worker:
 
     # ---- progress -----------------------------------------------------
 
+    def _forget_progress(self, jid: int) -> None:
+        tag = self._progress.pop(jid, None)
+        if tag is not None:
+            _progress.STATES.pop(tag, None)
+
+    def _progress_of(self, job_id: object) -> Optional[ProgressState]:
+        jid = self._job_id(job_id)
+        if not self.job_known(jid):
+            raise_for(lib.CBW_EUNKNOWN, jid)
+        tag = self._progress.get(jid)
+        return None if tag is None else _progress.STATES.get(tag)
+
     def progress(self, job_id: int) -> Any:
         """The latest progress report of a job started with ``on_progress``,
         ``store_response`` or ``callback_data``; None before the first (and
         for jobs started without those options)."""
-        jid = self._job_id(job_id)
-        if not self.job_known(jid):
-            raise_for(lib.CBW_EUNKNOWN, jid)
-        state = self._progress.get(jid)
+        state = self._progress_of(job_id)
         return None if state is None else state.latest
 
     def query(self, job_id: int) -> Dict[str, Any]:
@@ -624,10 +653,7 @@ class Worker:
         dict progress report in order (later keys win) when the job was
         started with ``store_response=True``; ``callback_data`` alone
         otherwise ({} without it).  A new dict each call."""
-        jid = self._job_id(job_id)
-        if not self.job_known(jid):
-            raise_for(lib.CBW_EUNKNOWN, jid)
-        state = self._progress.get(jid)
+        state = self._progress_of(job_id)
         return {} if state is None else state.snapshot()
 
     # ---- routes -------------------------------------------------------

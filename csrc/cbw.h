@@ -65,11 +65,12 @@ typedef struct cbw_run {
     uint64_t callback;
     unsigned char *data;
     size_t size;
-    int64_t rc;
+    uint64_t tag;          /* the starter's, opaque: see cbw_start_ex */
     int64_t deadline_ns;   /* monotonic; INT64_MAX when there is no limit */
     int32_t timeout_ms;
     int32_t route;
     uint32_t attempt;
+    int32_t rc;            /* the callback's integer return, recorded */
 } cbw_run;
 
 /*
@@ -139,7 +140,7 @@ typedef struct cbw_job_info {
     uint32_t attempt;
     int has_result;
     size_t result_size;
-    int64_t rc;
+    int32_t rc;
     size_t error_len;
 } cbw_job_info;
 
@@ -175,8 +176,12 @@ int cbw_route_wait_drained(cbw_worker *w, int32_t route, int32_t timeout_ms);
  * in data, sizes[i] bytes each; their ids are written to ids[]. */
 int64_t cbw_start(cbw_worker *w, int32_t route, uint64_t callback,
                   const char *data, size_t size, int32_t timeout_ms);
+/* cbw_start with CBW_JOB_* flags and a tag: 64 bits the core only stores
+ * (run.tag), so an executor can find per-job state it set up before the
+ * job existed. */
 int64_t cbw_start_ex(cbw_worker *w, int32_t route, uint64_t callback,
-                     const char *data, size_t size, int32_t timeout_ms, int flags);
+                     const char *data, size_t size, int32_t timeout_ms, int flags,
+                     uint64_t tag);
 int cbw_start_many(cbw_worker *w, int32_t route, uint64_t callback,
                    const char *data, const size_t *sizes, size_t n,
                    int32_t timeout_ms, int64_t *ids);

@@ -202,11 +202,12 @@ static int enqueue(cbw_worker *w, cbw__route *r, cbw__job *job,
 int64_t cbw_start(cbw_worker *w, int32_t route, uint64_t callback,
                   const char *data, size_t size, int32_t timeout_ms)
 {
-    return cbw_start_ex(w, route, callback, data, size, timeout_ms, 0);
+    return cbw_start_ex(w, route, callback, data, size, timeout_ms, 0, 0);
 }
 
 int64_t cbw_start_ex(cbw_worker *w, int32_t route, uint64_t callback,
-                     const char *data, size_t size, int32_t timeout_ms, int flags)
+                     const char *data, size_t size, int32_t timeout_ms, int flags,
+                     uint64_t tag)
 {
     cbw__job *job;
     cbw__route *r;
@@ -220,6 +221,7 @@ int64_t cbw_start_ex(cbw_worker *w, int32_t route, uint64_t callback,
     if (job == NULL)
         return CBW_ENOMEM;
     job->flags = (uint8_t)(flags & CBW_JOB_DETACHED);
+    job->run.tag = tag;
     cbw__mutex_lock(&w->mu);
     rc = check_start(w, route, timeout_ms, &r);
     if (rc == CBW_OK)

@@ -133,24 +133,36 @@ static int cbwpy_retain(void *ctx, uint64_t callback)
     return rc < 0 ? CBW_ENOMEM : CBW_OK;
 }
 
+/* Removes the callables of dead tokens from the registry.  Collect and
+ * delete must be atomic with respect to Python code (see cbw_token.c), so
+ * the callables are kept alive in a list until every delete is done: no
+ * finalizer can run, and release the interpreter lock, in between. */
 static void cbwpy_release(void *ctx)
 {
     cbwpy_ctx *c = ctx;
     uint64_t dead[64];
     size_t n, i;
+    PyObject *keep;
     PyGILState_STATE st;
     if (!Py_IsInitialized())
         return;
     st = PyGILState_Ensure();
+    keep = PyList_New(0);
     do {
         n = cbw_tokens_collect(c->worker, dead, 64);
         for (i = 0; i < n; i++) {
             PyObject *key = PyLong_FromUnsignedLongLong(dead[i]);
-            if (key == NULL || PyDict_DelItem(c->registry, key) < 0)
+            PyObject *value = key != NULL ? PyDict_GetItemWithError(c->registry, key) : NULL;
+            if (value != NULL && keep != NULL && PyList_Append(keep, value) < 0)
+                PyErr_Clear();
+            if (value == NULL || PyDict_DelItem(c->registry, key) < 0)
                 PyErr_Clear(); /* already gone (the worker was closed) */
             Py_XDECREF(key);
         }
     } while (n == 64);
+    if (keep == NULL)
+        PyErr_Clear();
+    Py_XDECREF(keep); /* finalizers may run now */
     PyGILState_Release(st);
 }
 

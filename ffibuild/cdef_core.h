@@ -90,11 +90,12 @@ typedef struct cbw_run {
     uint64_t callback;
     unsigned char *data;
     size_t size;
-    int64_t rc;
+    uint64_t tag;
     int64_t deadline_ns;
     int32_t timeout_ms;
     int32_t route;
     uint32_t attempt;
+    int32_t rc;
     ...;
 } cbw_run;
 
@@ -128,7 +129,7 @@ typedef struct cbw_job_info {
     uint32_t attempt;
     int has_result;
     size_t result_size;
-    int64_t rc;
+    int32_t rc;
     size_t error_len;
     ...;
 } cbw_job_info;
@@ -160,7 +161,8 @@ int cbw_route_wait_drained(cbw_worker *w, int32_t route, int32_t timeout_ms);
 int64_t cbw_start(cbw_worker *w, int32_t route, uint64_t callback,
                   const char *data, size_t size, int32_t timeout_ms);
 int64_t cbw_start_ex(cbw_worker *w, int32_t route, uint64_t callback,
-                     const char *data, size_t size, int32_t timeout_ms, int flags);
+                     const char *data, size_t size, int32_t timeout_ms, int flags,
+                     uint64_t tag);
 int cbw_start_many(cbw_worker *w, int32_t route, uint64_t callback,
                    const char *data, const size_t *sizes, size_t n,
                    int32_t timeout_ms, int64_t *ids);

@@ -1743,7 +1743,7 @@ static void test_watched_jobs_are_reported_once(void)
     CHECK_EQ(cbw_job_watch(w, done), 1); /* completed already: no report */
     gate_id = start_text(w, CBW_DEFAULT_ROUTE, OP_BLOCK, "", CBW_TIMEOUT_INFINITE);
     watched = cbw_start_ex(w, CBW_DEFAULT_ROUTE, OP_ECHO, "b", 1, CBW_TIMEOUT_INFINITE,
-                           CBW_JOB_NOTIFY);
+                           CBW_JOB_NOTIFY, 0);
     queued = start_text(w, CBW_DEFAULT_ROUTE, OP_ECHO, "c", CBW_TIMEOUT_INFINITE);
     cancelled = start_text(w, CBW_DEFAULT_ROUTE, OP_ECHO, "d", CBW_TIMEOUT_INFINITE);
     shut = start_text(w, CBW_DEFAULT_ROUTE, OP_ECHO, "e", CBW_TIMEOUT_INFINITE);
@@ -1779,15 +1779,15 @@ static void test_detached_jobs_leave_the_table(void)
     cbw_result res;
     int64_t gate_id, id, queued;
     id = cbw_start_ex(w, CBW_DEFAULT_ROUTE, OP_ECHO, "x", 1, CBW_TIMEOUT_INFINITE,
-                      CBW_JOB_DETACHED);
+                      CBW_JOB_DETACHED, 0);
     CHECK(id > 0);
     CHECK(EVENTUALLY(cbw_take(w, id, &res) == CBW_EUNKNOWN, 2000));
     gate_id = start_text(w, CBW_DEFAULT_ROUTE, OP_BLOCK, "", CBW_TIMEOUT_INFINITE);
     queued = cbw_start_ex(w, CBW_DEFAULT_ROUTE, OP_ECHO, "y", 1, CBW_TIMEOUT_INFINITE,
-                          CBW_JOB_DETACHED);
+                          CBW_JOB_DETACHED, 0);
     CHECK_EQ(cbw_cancel(w, queued, NULL), 1);
     CHECK_EQ(cbw_take(w, queued, &res), CBW_EUNKNOWN); /* gone once cancelled */
-    CHECK_EQ(cbw_start_ex(w, CBW_DEFAULT_ROUTE, OP_ECHO, "z", 1, CBW_TIMEOUT_INFINITE, 64),
+    CHECK_EQ(cbw_start_ex(w, CBW_DEFAULT_ROUTE, OP_ECHO, "z", 1, CBW_TIMEOUT_INFINITE, 64, 0),
              CBW_EINVAL);
     open_gate();
     expect_result(w, gate_id, CBW_STATUS_OK, "");

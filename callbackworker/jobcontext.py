@@ -20,11 +20,15 @@ or ``callback_data``:
 The store lives as long as the job: ``wait``/``take`` destroy both.  Jobs
 started without these options carry no progress state and cost nothing
 extra; their ``progress()`` calls are accepted and dropped.
+
+A tracked job's state is registered under a tag before the job exists; the
+core stores the tag with the job (``cbw_run.tag``), and ``progress()`` finds
+the state through the core's record of the calling thread's running job.
 """
 
 from __future__ import annotations
 
-import threading
+import itertools
 from typing import Any, Callable, Dict, Optional
 
 from ._native import ffi, lib
@@ -34,7 +38,17 @@ __all__ = ["JobContext", "current_job", "ProgressState"]
 
 ProgressCallback = Callable[[int, Any], Any]
 
-_local = threading.local()
+STATES: Dict[int, "ProgressState"] = {}
+"""Progress state of every tracked job, by tag (unique in the process)."""
+_tags = itertools.count(1)
+
+
+def register(state: "ProgressState") -> int:
+    """Files a tracked job's state before the job is started; returns the
+    tag to start it with."""
+    tag = next(_tags)
+    STATES[tag] = state
+    return tag
 
 
 class ProgressState:
@@ -58,18 +72,6 @@ class ProgressState:
 
     def snapshot(self) -> Dict[str, Any]:
         return dict(self.merged)
-
-
-def run_with_progress(state: ProgressState, callback: Callable[[memoryview], Any],
-                      request: memoryview) -> Any:
-    """The callback a progress-tracked job really runs (via functools.partial):
-    makes ``state`` the target of ``current_job().progress`` meanwhile."""
-    outer = getattr(_local, "state", None)
-    _local.state = state
-    try:
-        return callback(request)
-    finally:
-        _local.state = outer
 
 
 class JobContext:
@@ -104,10 +106,11 @@ class JobContext:
         thread; ``Worker.progress(job_id)`` returns ``data`` from now on; a
         dict is merged into the response store when the job was started
         with ``store_response=True``."""
-        if _current_id() != self.id:
+        run = lib.cbw_current_run()
+        if run == ffi.NULL or run.id != self.id:
             raise CallbackWorkerError(
                 f"progress() for job {self.id} called outside that job's callback")
-        state: Optional[ProgressState] = getattr(_local, "state", None)
+        state = STATES.get(run.tag) if run.tag else None
         if state is not None:
             state.report(self.id, data)
 
