@@ -410,12 +410,10 @@ class Worker:
                 raise_for(_ETIMEDOUT, jid)
             scratch, slow = ffi.new("char[]", _SCRATCH_SIZE), ffi.new("cbw_result *")
             n = _wait_copy(self._w, jid, 0, scratch, _SCRATCH_SIZE, slow)
-        if self._progress:
-            self._forget_progress(jid)
-        if n >= 0:
-            return _unpack(scratch, n)
-        if n == _EMORE:
-            return self._consume(slow)  # failed, or too large for scratch
+        if n >= 0 or n == _EMORE:  # the job is destroyed (or detached)
+            if self._progress:
+                self._forget_progress(jid)
+            return _unpack(scratch, n) if n >= 0 else self._consume(slow)
         raise_for(n, jid)
 
     async def wait_complete_async(self, job_id: int, timeout_ms: int = -1) -> bool:
