@@ -100,6 +100,10 @@ class Executor(futures.Executor):
             return
         jid, key = entry
         self._calls.pop(key, None)
+        # The call will never run: say so, as ThreadPoolExecutor's worker does
+        # when it reaches a cancelled item, so wait() and as_completed() count
+        # the future as done.
+        future.set_running_or_notify_cancel()
         try:  # take the cancelled call out of the queue too
             self._worker.cancel(jid)
         except (UnknownJobError, WorkerClosedError):
