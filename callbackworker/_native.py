@@ -17,7 +17,9 @@ whoever waits for the job; anything else is logged and fails the job.
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import traceback
 from typing import Any, Callable, Dict, List, NoReturn, Optional
 
 from ._cbw_native import ffi, lib
@@ -67,6 +69,31 @@ def _describe(exc: BaseException) -> str:
     return f"{name}: {text}" if text else name
 
 
+FORK_GENERATION = [0]
+"""Bumped in every forked child (worker.py registers the hook)."""
+
+
+def _exit_forked_child(failure: Optional[BaseException]) -> None:
+    """The callback forked and this is the child, a copy of one worker
+    thread: the parent's core state is not ours to touch, so the child ends
+    when the callback returns, as SystemExit says, 1 after any other
+    exception, 0 otherwise."""
+    code = 0
+    if isinstance(failure, SystemExit):
+        code = failure.code if isinstance(failure.code, int) else (failure.code is not None)
+        if failure.code is not None and not isinstance(failure.code, int):
+            print(failure.code, file=sys.stderr)
+    elif failure is not None:
+        traceback.print_exception(type(failure), failure, failure.__traceback__)
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # a closed stream must not keep the child alive
+            pass
+    os._exit(int(code))
+
+
 class CallbackTable:
     """The Python half of one worker's executor.
 
@@ -78,9 +105,10 @@ class CallbackTable:
     ``wait``/``take`` consumes it.
     """
 
-    __slots__ = ("callbacks", "failures", "watchers", "handle", "__weakref__")
+    __slots__ = ("callbacks", "failures", "watchers", "handle", "generation", "__weakref__")
 
     def __init__(self) -> None:
+        self.generation = FORK_GENERATION[0]
         self.callbacks: Dict[int, Callable[..., Any]] = {}
         self.failures: Dict[int, BaseException] = {}
         self.watchers: Dict[int, List[Callable[[], None]]] = {}
@@ -181,11 +209,15 @@ def cbwpy_run(ctx: Any, slot: Any, run: Any) -> int:
         out = callback(view)
     except BaseException as exc:
         slot.exec_flags = 0
+        if FORK_GENERATION[0] != table.generation:
+            _exit_forked_child(exc)
         outcome: Any = exc
         failed = True
         exc = None  # type: ignore[assignment]
     else:
         slot.exec_flags = 0
+        if FORK_GENERATION[0] != table.generation:
+            _exit_forked_child(None)
         if out is None or out is view:
             out = None
             try:

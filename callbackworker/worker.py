@@ -791,6 +791,7 @@ def _close_all_at_exit() -> None:
 
 def _after_fork_in_child() -> None:
     global _main_ident
+    _native.FORK_GENERATION[0] += 1
     _main_ident = threading.main_thread().ident
     for worker in list(_live_workers):
         worker._reset_after_fork()

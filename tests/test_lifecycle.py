@@ -1041,3 +1041,50 @@ def test_keyboard_interrupt_while_the_main_thread_waits(verb: str) -> None:
         latency = float(lines[0].split()[1]) - sent
         assert latency < 1.0, f"KeyboardInterrupt {latency:.2f}s after SIGINT"
     assert lines[1:] == ["known True", "status PENDING", "result unharmed"], out
+
+
+# ---- fork from inside a callback -------------------------------------------------
+
+FORK_IN_CALLBACK = """
+import os, sys, time, callbackworker as cw
+
+w = cw.Worker()
+later = []
+
+def forks(request):
+    pid = os.fork()
+    if pid == 0:
+        if request[0:1] == b"x":
+            sys.exit(7)
+        return None              # the child ends here
+    request[:] = str(pid).encode().ljust(len(request))[:len(request)]
+
+def queued(request):
+    later.append(os.getpid())
+
+for first, want in ((b" ", 0), (b"x", 7)):
+    gate = w.start(forks, first + b" " * 11)
+    w.start(queued, b"")          # queued behind: the child must not run it
+    pid = int(w.wait(gate).strip())
+    deadline = time.monotonic() + 5
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    assert done, "the forked child did not end"
+    assert os.waitstatus_to_exitcode(status) == want, status
+w.wait_drained("default", 5000)
+assert later == [os.getpid()] * 2, later
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_fork_from_inside_a_callback_ends_the_child_when_the_callback_returns():
+    """A child forked from inside a callback is a copy of one worker thread;
+    it ends when the callback returns (0, or as SystemExit says) and never
+    runs the parent's queued jobs; the parent is unaffected."""
+    proc, elapsed = _run_script(FORK_IN_CALLBACK)
+    _assert_clean_exit(proc, elapsed, limit=SUBPROCESS_TIMEOUT)
+    assert proc.stdout.strip() == "ok"
