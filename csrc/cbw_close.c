@@ -114,7 +114,9 @@ static void join_threads(cbw_worker *w)
 int cbw_worker_close(cbw_worker *w, int flags, int32_t grace_ms)
 {
     cbw__thread_rec *self = cbw__self;
-    int own = self != NULL && self->w == w, pending;
+    /* The worker's own threads (and its timer, where hooks run) must not
+     * wait for a close running elsewhere: that close waits for them. */
+    int own = (self != NULL && self->w == w) || cbw__timer_self == w, pending, release;
 
     if (grace_ms < 0)
         return CBW_EINVAL;
@@ -143,7 +145,7 @@ int cbw_worker_close(cbw_worker *w, int flags, int32_t grace_ms)
         w->grace_ms = grace_ms;
         interrupt_running(w);
     }
-    if (own && !self->detached) {
+    if (own && self != NULL && !self->detached) {
         self->detached = 1; /* leaves after its callback returns */
         w->refs++;
     }
@@ -152,16 +154,31 @@ int cbw_worker_close(cbw_worker *w, int flags, int32_t grace_ms)
     if (w->timer_started) {
         w->timer_stop = 1;
         cbw__cond_signal(&w->timerc);
-        cbw__mutex_unlock(&w->mu);
-        cbw__thread_join(w->timer);
-        cbw__mutex_lock(&w->mu);
+        if (cbw__timer_self == w) {
+            /* A hook running on the timer closed the worker: the timer
+             * cannot join itself, so it leaves by itself, holding the
+             * worker until it does. */
+            w->timer_detached = 1;
+            w->refs++;
+            cbw__thread_detach(w->timer);
+        } else {
+            cbw__mutex_unlock(&w->mu);
+            cbw__thread_join(w->timer);
+            cbw__mutex_lock(&w->mu);
+        }
         w->timer_started = 0;
     }
     w->closed = 1;
     cbw__cond_broadcast(&w->statec);
     pending = cbw__pending(w);
+    release = w->release_pending;
+    w->release_pending = 0;
     cbw__mutex_unlock(&w->mu);
     cbw__after_unlock(w, pending);
+    if (release) {
+        cbw__mutex_lock(&w->mu);
+        cbw__worker_unref(w); /* the owner's, handed over by release */
+    }
     return CBW_OK;
 }
 
@@ -169,10 +186,15 @@ void cbw_worker_release(cbw_worker *w)
 {
     if (w == NULL)
         return;
-    /* close() returns at once when another thread is already closing, but
-     * only once that close has finished (or from the worker's own thread,
-     * which holds a reference of its own), so the memory outlives it. */
+    /* close() returns once the worker is closed, except on one of its own
+     * threads while another thread is still closing it: then the closer
+     * drops the owner's reference when it is done. */
     (void)cbw_worker_close(w, 0, 0);
     cbw__mutex_lock(&w->mu);
+    if (!w->closed) {
+        w->release_pending = 1;
+        cbw__mutex_unlock(&w->mu);
+        return;
+    }
     cbw__worker_unref(w);
 }

@@ -145,10 +145,13 @@ struct cbw_worker {
     cbw__cond timerc;
     uint8_t timer_started;
     uint8_t timer_stop;
+    uint8_t timer_detached;    /* closed from the timer's own thread */
+    uint8_t release_pending;   /* released by a worker thread mid-close */
     int64_t timer_wake_ns;     /* when it will next look; INT64_MIN: awake */
 };
 
 extern CBW__TLS cbw__thread_rec *cbw__self;
+extern CBW__TLS cbw_worker *cbw__timer_self; /* set on a worker's timer */
 
 /* Memory (cbw_alloc.c): every core allocation goes through these. */
 void *cbw__malloc(size_t n);

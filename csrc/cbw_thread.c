@@ -41,6 +41,7 @@
 #include "cbw_internal.h"
 
 CBW__TLS cbw__thread_rec *cbw__self;
+CBW__TLS cbw_worker *cbw__timer_self;
 
 #define CBW__FIRE_MAX 16
 
@@ -331,6 +332,7 @@ static void timer_main(void *arg)
     int nfire, i, pending;
     int64_t next;
 
+    cbw__timer_self = w;
     cbw__mutex_lock(&w->mu);
     while (!w->timer_stop) {
         nfire = 0;
@@ -349,7 +351,11 @@ static void timer_main(void *arg)
         w->timer_wake_ns = next;
         cbw__cond_wait_until(&w->timerc, &w->mu, next);
     }
-    cbw__mutex_unlock(&w->mu);
+    cbw__timer_self = NULL;
+    if (w->timer_detached)
+        cbw__worker_unref(w); /* a hook closed the worker on this thread */
+    else
+        cbw__mutex_unlock(&w->mu);
 }
 
 int cbw__timer_start(cbw_worker *w)

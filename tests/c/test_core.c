@@ -1795,6 +1795,48 @@ static void test_detached_jobs_leave_the_table(void)
     cbw_worker_release(w);
 }
 
+static struct { cbw_worker *w; int closed; } timer_closer;
+
+static void close_from_timer_hook(void *ctx)
+{
+    int64_t got[8];
+    (void)ctx;
+    while (cbw_completions_collect(timer_closer.w, got, 8) > 0)
+        ;
+    if (!LOAD(&timer_closer.closed)) {
+        CHECK_EQ(cbw_worker_close(timer_closer.w, 0, 0), CBW_OK);
+        cbw_worker_release(timer_closer.w); /* the timer keeps it alive */
+        STORE(&timer_closer.closed, 1);
+    }
+}
+
+static const cbw_hooks timer_close_hooks = {
+    .ctx = &ex,
+    .thread_enter = ex_thread_enter,
+    .thread_exit = ex_thread_exit,
+    .session_begin = ex_session_begin,
+    .session_end = ex_session_end,
+    .run = ex_run,
+    .interrupt = ex_interrupt,
+    .completed = close_from_timer_hook,
+};
+
+/* A completion report for a job that timed out runs on the timer thread;
+ * closing and releasing the worker there must neither abort (the timer
+ * cannot join itself) nor free the worker under the timer. */
+static void test_close_and_release_from_a_hook_on_the_timer(void)
+{
+    int err;
+    int64_t id;
+    cbw_worker *w = cbw_worker_new(&timer_close_hooks, 1, &err);
+    REQUIRE(w != NULL);
+    timer_closer.w = w;
+    STORE(&timer_closer.closed, 0);
+    id = cbw_start_ex(w, CBW_DEFAULT_ROUTE, OP_SLEEP, "150", 3, 20, CBW_JOB_NOTIFY, 0);
+    CHECK(id > 0);
+    CHECK(EVENTUALLY(LOAD(&timer_closer.closed), 5000));
+}
+
 static void test_no_allocations_left(void)
 {
     CHECK_EQ(cbw_live_allocations(), kept_blocks);
@@ -1847,6 +1889,7 @@ static const test_case tests[] = {
     TEST(test_callback_token_zero_is_ordinary),
     TEST(test_watched_jobs_are_reported_once),
     TEST(test_detached_jobs_leave_the_table),
+    TEST(test_close_and_release_from_a_hook_on_the_timer),
     TEST(test_no_allocations_left),
 };
 
