@@ -1088,3 +1088,29 @@ def test_fork_from_inside_a_callback_ends_the_child_when_the_callback_returns():
     proc, elapsed = _run_script(FORK_IN_CALLBACK)
     _assert_clean_exit(proc, elapsed, limit=SUBPROCESS_TIMEOUT)
     assert proc.stdout.strip() == "ok"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
+                    reason="compares CLOCK_MONOTONIC across processes (Linux)")
+def test_interpreter_exit_with_10k_queued_and_one_running_takes_under_a_second() -> None:
+    """Issue bar: the interpreter exits within a second of the end of the
+    script, with 10k jobs queued and one callback spinning in Python."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import time, callbackworker as cw
+        w = cw.Worker()
+        def spin(m):
+            while True:
+                pass
+        w.start(spin, b"")
+        w.start_many(lambda m: None, [b"q"] * 10_000)
+        time.sleep(0.2)
+        print(time.monotonic(), flush=True)
+    """)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=SUBPROCESS_TIMEOUT)
+    ended = time.monotonic()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err, err
+    exit_started = float(out.strip().splitlines()[-1])
+    assert t0 < exit_started < ended
+    assert ended - exit_started < 1.0, f"exit took {ended - exit_started:.2f}s"
