@@ -182,6 +182,12 @@ int64_t cbw_start(cbw_worker *w, int32_t route, uint64_t callback,
 int64_t cbw_start_ex(cbw_worker *w, int32_t route, uint64_t callback,
                      const char *data, size_t size, int32_t timeout_ms, int flags,
                      uint64_t tag);
+/* cbw_start for a request the caller writes itself, straight into the job
+ * (no intermediate copy): fill(arg, dst, size) runs once, before the job
+ * becomes visible, without the core's mutex. */
+typedef void (*cbw_fill_fn)(void *arg, unsigned char *dst, size_t size);
+int64_t cbw_start_fill(cbw_worker *w, int32_t route, uint64_t callback, size_t size,
+                       int32_t timeout_ms, cbw_fill_fn fill, void *arg);
 int cbw_start_many(cbw_worker *w, int32_t route, uint64_t callback,
                    const char *data, const size_t *sizes, size_t n,
                    int32_t timeout_ms, int64_t *ids);

@@ -25,8 +25,8 @@ cbw__job *cbw__job_new(const char *data, size_t size)
     if (job == NULL)
         return NULL;
     memset(job, 0, sizeof(*job));
-    if (size)
-        memcpy(job->inline_data, data, size);
+    if (size && data != NULL)
+        memcpy(job->inline_data, data, size); /* else the caller fills it */
     job->run.data = job->inline_data;
     job->run.size = size;
     job->run.deadline_ns = CBW__NEVER;

@@ -205,21 +205,14 @@ int64_t cbw_start(cbw_worker *w, int32_t route, uint64_t callback,
     return cbw_start_ex(w, route, callback, data, size, timeout_ms, 0, 0);
 }
 
-int64_t cbw_start_ex(cbw_worker *w, int32_t route, uint64_t callback,
-                     const char *data, size_t size, int32_t timeout_ms, int flags,
-                     uint64_t tag)
+/* Enqueues a job whose request is already in place; frees it on failure. */
+static int64_t start_job(cbw_worker *w, int32_t route, uint64_t callback,
+                         cbw__job *job, int32_t timeout_ms, int flags, uint64_t tag)
 {
-    cbw__job *job;
     cbw__route *r;
     int rc, pending;
     int64_t id = 0;
 
-    if (timeout_ms < CBW_TIMEOUT_ROUTE || (data == NULL && size > 0) ||
-        (flags & ~(CBW_JOB_DETACHED | CBW_JOB_NOTIFY)) != 0)
-        return CBW_EINVAL;
-    job = cbw__job_new(data, size);
-    if (job == NULL)
-        return CBW_ENOMEM;
     job->flags = (uint8_t)(flags & CBW_JOB_DETACHED);
     job->run.tag = tag;
     cbw__mutex_lock(&w->mu);
@@ -253,6 +246,38 @@ int64_t cbw_start_ex(cbw_worker *w, int32_t route, uint64_t callback,
         return rc;
     }
     return id;
+}
+
+static int start_args_ok(size_t size, const void *data, int32_t timeout_ms, int flags)
+{
+    return timeout_ms >= CBW_TIMEOUT_ROUTE && (data != NULL || size == 0) &&
+           (flags & ~(CBW_JOB_DETACHED | CBW_JOB_NOTIFY)) == 0;
+}
+
+int64_t cbw_start_ex(cbw_worker *w, int32_t route, uint64_t callback,
+                     const char *data, size_t size, int32_t timeout_ms, int flags,
+                     uint64_t tag)
+{
+    cbw__job *job;
+    if (!start_args_ok(size, data, timeout_ms, flags))
+        return CBW_EINVAL;
+    job = cbw__job_new(data, size);
+    if (job == NULL)
+        return CBW_ENOMEM;
+    return start_job(w, route, callback, job, timeout_ms, flags, tag);
+}
+
+int64_t cbw_start_fill(cbw_worker *w, int32_t route, uint64_t callback, size_t size,
+                       int32_t timeout_ms, cbw_fill_fn fill, void *arg)
+{
+    cbw__job *job;
+    if (fill == NULL || !start_args_ok(0, NULL, timeout_ms, 0))
+        return CBW_EINVAL;
+    job = cbw__job_new(NULL, size);
+    if (job == NULL)
+        return CBW_ENOMEM;
+    fill(arg, job->inline_data, size);
+    return start_job(w, route, callback, job, timeout_ms, 0, 0);
 }
 
 int cbw_start_many(cbw_worker *w, int32_t route, uint64_t callback,

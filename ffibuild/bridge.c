@@ -232,23 +232,91 @@ static cbw_worker *cbwpy_worker_new(void *handle, void *registry,
     return w;
 }
 
-/* Starts a job whose request is the UTF-8 form of a str, given by address.
- * The caller keeps the str alive for the call.  ASCII strings are copied
- * once, straight from the str's own storage into the job.  Returns what
- * cbw_start returns, or CBWPY_EENCODE when the text cannot be encoded (the
- * caller then encodes it itself to raise the proper error). */
+/* A str's code points, for encoding without the interpreter lock (a str is
+ * immutable, and the caller keeps it alive). */
+typedef struct cbwpy_text {
+    int kind;
+    const void *data;
+    Py_ssize_t length;
+} cbwpy_text;
+
+/* The UTF-8 size of the text, or -1 if it holds a lone surrogate (which
+ * UTF-8 cannot encode). */
+static Py_ssize_t cbwpy_utf8_size(const cbwpy_text *t)
+{
+    Py_ssize_t i, size = 0;
+    for (i = 0; i < t->length; i++) {
+        Py_UCS4 c = PyUnicode_READ(t->kind, t->data, i);
+        if (c < 0x80)
+            size += 1;
+        else if (c < 0x800)
+            size += 2;
+        else if (c >= 0xD800 && c <= 0xDFFF)
+            return -1;
+        else if (c < 0x10000)
+            size += 3;
+        else
+            size += 4;
+    }
+    return size;
+}
+
+static void cbwpy_fill_utf8(void *arg, unsigned char *dst, size_t size)
+{
+    const cbwpy_text *t = arg;
+    Py_ssize_t i;
+    (void)size;
+    for (i = 0; i < t->length; i++) {
+        Py_UCS4 c = PyUnicode_READ(t->kind, t->data, i);
+        if (c < 0x80) {
+            *dst++ = (unsigned char)c;
+        } else if (c < 0x800) {
+            *dst++ = (unsigned char)(0xC0 | (c >> 6));
+            *dst++ = (unsigned char)(0x80 | (c & 0x3F));
+        } else if (c < 0x10000) {
+            *dst++ = (unsigned char)(0xE0 | (c >> 12));
+            *dst++ = (unsigned char)(0x80 | ((c >> 6) & 0x3F));
+            *dst++ = (unsigned char)(0x80 | (c & 0x3F));
+        } else {
+            *dst++ = (unsigned char)(0xF0 | (c >> 18));
+            *dst++ = (unsigned char)(0x80 | ((c >> 12) & 0x3F));
+            *dst++ = (unsigned char)(0x80 | ((c >> 6) & 0x3F));
+            *dst++ = (unsigned char)(0x80 | (c & 0x3F));
+        }
+    }
+}
+
+/* Starts a job whose request is the UTF-8 form of a str, given by address;
+ * the caller keeps the str alive for the call.  The text is copied once:
+ * ASCII straight from the str's storage, anything else encoded straight
+ * into the job.  Returns what cbw_start returns, or CBWPY_EENCODE when the
+ * text cannot be encoded (the caller then encodes it itself to raise the
+ * proper error). */
 static int64_t cbwpy_start_text(cbw_worker *w, int32_t route, uint64_t callback,
                                 void *text, int32_t timeout_ms)
 {
+    PyObject *obj = (PyObject *)text;
     PyGILState_STATE st = PyGILState_Ensure();
-    Py_ssize_t n = 0;
-    const char *p = PyUnicode_AsUTF8AndSize((PyObject *)text, &n);
-    if (p == NULL)
+    cbwpy_text t;
+    Py_ssize_t size;
+    const char *ascii = NULL;
+#if PY_VERSION_HEX < 0x030C0000
+    if (PyUnicode_READY(obj) < 0) {
         PyErr_Clear();
-    PyGILState_Release(st);
-    if (p == NULL)
+        PyGILState_Release(st);
         return CBWPY_EENCODE;
-    /* The UTF-8 bytes belong to the str, which the caller keeps alive and
-     * which is immutable, so the copy needs no interpreter lock. */
-    return cbw_start(w, route, callback, p, (size_t)n, timeout_ms);
+    }
+#endif
+    if (PyUnicode_IS_ASCII(obj))
+        ascii = PyUnicode_AsUTF8AndSize(obj, &size); /* the str's own bytes */
+    t.kind = PyUnicode_KIND(obj);
+    t.data = PyUnicode_DATA(obj);
+    t.length = PyUnicode_GET_LENGTH(obj);
+    PyGILState_Release(st);
+    if (ascii != NULL)
+        return cbw_start(w, route, callback, ascii, (size_t)size, timeout_ms);
+    size = cbwpy_utf8_size(&t);
+    if (size < 0)
+        return CBWPY_EENCODE;
+    return cbw_start_fill(w, route, callback, (size_t)size, timeout_ms, cbwpy_fill_utf8, &t);
 }

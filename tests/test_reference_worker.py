@@ -1299,3 +1299,18 @@ def test_fork_leaves_child_with_usable_empty_worker():
     """)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["0", "b'parent'"]
+
+
+@pytest.mark.parametrize("text", ["héllo wörld", "日本語テキスト", "emoji 😀 ✓", "a" * 70000 + "é"])
+def test_start_text_encodes_non_ascii_utf8_exactly(worker, text):
+    """StartBorrowedText with text beyond ASCII: the callback sees exactly
+    the UTF-8 bytes (encoded once, straight into the job)."""
+    seen = []
+    job = worker.start_text(lambda request: seen.append(bytes(request)), text, 5000)
+    assert worker.wait(job, 5000) == text.encode("utf-8")
+    assert seen == [text.encode("utf-8")]
+
+
+def test_start_text_with_a_lone_surrogate_raises_unicode_encode_error(worker):
+    with pytest.raises(UnicodeEncodeError):
+        worker.start_text(lambda request: None, "bad \udc80")
