@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 from . import _native
 from ._native import CallbackTable, ffi, lib, raise_for
 from .asyncmeta import JobMetaKey, Phase, Profile, RouteMetaKey, RouteState
-from .errors import DeadlockError, failure_for_status
+from .errors import DeadlockError, WorkerClosedError, failure_for_status
 from . import jobcontext as _progress
 from .jobcontext import ProgressCallback, ProgressState
 from .states import PHASE_TEXT, STATE_TEXT, STATUS_TEXT, State, Status
@@ -688,6 +688,9 @@ class Worker:
             raise_for(lib.CBW_ECLOSED)
         rid = self._route_id(name)
         rc = self._blocking(lib.cbw_route_wait_drained, rid, timeout_ms, timed_out=0)
+        if rc == lib.CBW_ESHUTDOWN:
+            raise WorkerClosedError(f"the worker was closed while waiting for route "
+                                    f"{name!r} to drain")
         if rc < 0:
             raise_for(rc, name)
         return rc == 1

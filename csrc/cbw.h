@@ -169,6 +169,8 @@ int32_t cbw_route_open(cbw_worker *w, const char *name, int32_t concurrency,
 int32_t cbw_route_find(cbw_worker *w, const char *name);
 int cbw_route_close(cbw_worker *w, int32_t route);
 int cbw_route_info_get(cbw_worker *w, int32_t route, cbw_route_info *out);
+/* 1 once the route has no queued or running job, 0 if timeout_ms passed
+ * first, CBW_ESHUTDOWN if close() stopped the worker meanwhile. */
 int cbw_route_wait_drained(cbw_worker *w, int32_t route, int32_t timeout_ms);
 
 /* Jobs.  cbw_start returns the new job id (> 0) or a CBW_E* code (< 0).

@@ -66,6 +66,7 @@ struct cbw__thread_rec {
     uint8_t orphaned;         /* abandoned after its job timed out */
     uint8_t exited;
     uint8_t blocked;          /* in an infinite cbw_wait (deadlock check) */
+    int32_t blocked_on_route; /* ...for a job queued on this route, or 0 */
 };
 
 struct cbw__route {

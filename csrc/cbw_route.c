@@ -159,7 +159,10 @@ int cbw_route_wait_drained(cbw_worker *w, int32_t route, int32_t timeout_ms)
                 break;
         r->drain_waiters--;
         r->waiting--;
-        rc = r->queued == 0 && r->running == 0;
+        if (w->stopping)
+            rc = CBW_ESHUTDOWN; /* close emptied it: that is not draining */
+        else
+            rc = r->queued == 0 && r->running == 0;
     }
     cbw__mutex_unlock(&w->mu);
     return rc;

@@ -55,7 +55,9 @@ int cbw_cancel(cbw_worker *w, int64_t id, uint64_t *callback)
 
 /* True when waiting for job from this thread could never end: the job is the
  * caller's own, or it is queued on the caller's route and every other thread
- * of that route is itself blocked in an unbounded wait. */
+ * of that route is itself blocked, without a time limit, on a job queued on
+ * that same route (a cycle: only the route's own threads could run those
+ * jobs).  A thread waiting on another route's job is not counted as stuck. */
 static int would_deadlock(cbw_worker *w, cbw__job *job, int32_t timeout_ms)
 {
     cbw__thread_rec *self = cbw__self, *t;
@@ -67,7 +69,7 @@ static int would_deadlock(cbw_worker *w, cbw__job *job, int32_t timeout_ms)
         job->run.route != self->route->id)
         return 0;
     for (t = self->route->threads; t != NULL; t = t->next)
-        if (t != self && !t->blocked)
+        if (t != self && !(t->blocked && t->blocked_on_route == self->route->id))
             return 0;
     return 1;
 }
@@ -98,8 +100,10 @@ static int wait_locked(cbw_worker *w, cbw__job *job, int32_t timeout_ms)
         cbw__cond_broadcast(&r->coalc); /* stop coalescing: someone waits */
     job->waiters++;
     job->refs++;
-    if (own && timeout_ms < 0)
+    if (own && timeout_ms < 0) {
         self->blocked = 1;
+        self->blocked_on_route = job->phase == CBW_PHASE_QUEUED ? job->run.route : 0;
+    }
     while (job->phase != CBW_PHASE_COMPLETED && !w->stopping)
         if (cbw__cond_wait_until(c, &w->mu, deadline))
             break;

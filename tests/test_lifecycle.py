@@ -1114,3 +1114,37 @@ def test_interpreter_exit_with_10k_queued_and_one_running_takes_under_a_second()
     exit_started = float(out.strip().splitlines()[-1])
     assert t0 < exit_started < ended
     assert ended - exit_started < 1.0, f"exit took {ended - exit_started:.2f}s"
+
+
+def test_waiting_behind_a_thread_that_waits_on_another_route_is_not_a_deadlock() -> None:
+    """A callback waiting (no limit) for a job queued on its own route is only
+    refused when every other thread of the route is stuck waiting on that
+    route too; a sibling waiting on another route's job will come free."""
+    w = Worker(concurrency=2)
+    try:
+        w.open_route("other")
+        gate = threading.Event()
+        other = w.start(lambda m: gate.wait(10), b"", route="other")
+        a_waiting = threading.Event()
+        outcome: Dict[str, Any] = {}
+
+        def a(m: memoryview) -> None:           # blocks on another route's job
+            a_waiting.set()
+            w.wait(other)
+
+        def b(m: memoryview) -> None:           # waits for a job queued behind it
+            assert a_waiting.wait(10)
+            time.sleep(0.05)                    # let A block in its wait
+            queued = w.start(lambda m: None, b"later")
+            threading.Timer(0.2, gate.set).start()
+            try:
+                outcome["b"] = w.wait(queued)
+            except BaseException as exc:  # recorded and asserted below
+                outcome["b"] = exc
+
+        ja, jb = w.start(a, b""), w.start(b, b"")
+        w.wait(ja, 10_000)
+        w.wait(jb, 10_000)
+        assert outcome["b"] == b"later", outcome
+    finally:
+        w.close()
