@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import gc
 import time
-from typing import List
+from typing import Callable, List
 
 from callbackworker import _default
 from callbackworker import worker as worker_module
@@ -41,3 +41,16 @@ def quiet_baseline() -> int:
         f"{len(others)} other worker(s) open: the allocation count is global, and "
         "their allocations would consume an injected failure")
     return stable_count()
+
+
+SETTLE_S = 10.0  # bound for things that settle on another thread
+
+
+def settle(predicate: Callable[[], bool]) -> bool:
+    """True once predicate() holds, polling for up to SETTLE_S seconds."""
+    deadline = time.monotonic() + SETTLE_S
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return predicate()
+        time.sleep(0.005)
+    return True

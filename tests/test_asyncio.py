@@ -81,15 +81,6 @@ class Blocker:
 
 
 @pytest.fixture
-def worker() -> Iterator[Worker]:
-    w = Worker()
-    try:
-        yield w
-    finally:
-        w.close()
-
-
-@pytest.fixture
 def blockers() -> Iterator[Callable[[], Blocker]]:
     made: List[Blocker] = []
 

@@ -62,14 +62,13 @@ from callbackworker import (
     Worker,
 )
 from callbackworker._native import lib
-from heapcheck import quiet_baseline
+from heapcheck import quiet_baseline, settle
 
 WAIT_MS = 10_000          # the bound of every wait: a hang fails, it does not stall
 GRACE_MS = 120_000        # no thread is abandoned, however slow the machine
 TIMEOUT_JOB_MS = 20       # the job that must time out
 MANY = 8                  # start_many size: one allocation per job, plus the array
 N_MAX = 600               # the scenario makes far fewer allocations than this
-SETTLE_S = 10.0           # bound for things that settle on another thread
 WATCHDOG_S = 300
 
 
@@ -153,15 +152,6 @@ def call(out: Outcome, what: str, fn: Callable[..., Any], *args: Any, **kwargs: 
     except MemoryError:
         out.memory_errors.append(what)
         return FAILED
-
-
-def settle(predicate: Callable[[], bool]) -> bool:
-    deadline = time.monotonic() + SETTLE_S
-    while not predicate():
-        if time.monotonic() >= deadline:
-            return predicate()
-        time.sleep(0.005)
-    return True
 
 
 # ---- the scenario -----------------------------------------------------------

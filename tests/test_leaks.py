@@ -55,10 +55,9 @@ from callbackworker import (
     Worker,
 )
 from callbackworker._native import lib
-from heapcheck import quiet_baseline
+from heapcheck import quiet_baseline, settle
 
 WAIT_MS = 10_000
-SETTLE_S = 10.0
 TOTAL_JOBS = 10_000
 ROUNDS = 20
 TIMEOUTS_PER_ROUND = 2
@@ -67,15 +66,6 @@ LEAK_WARMUP = int(os.environ.get("CBW_LEAK_WARMUP", "100000"))
 LEAK_GROUP = int(os.environ.get("CBW_LEAK_GROUP", "16"))
 RSS_GROWTH_MAX = 0.01
 PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def settle(predicate: Callable[[], bool]) -> bool:
-    deadline = time.monotonic() + SETTLE_S
-    while not predicate():
-        if time.monotonic() >= deadline:
-            return predicate()
-        time.sleep(0.005)
-    return True
 
 
 def rss_bytes() -> int:

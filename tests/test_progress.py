@@ -49,15 +49,6 @@ EPS = 0.05  # seconds: float rounding between the core's clock and time.monotoni
 
 
 @pytest.fixture
-def worker() -> Iterator[Worker]:
-    w = Worker()
-    try:
-        yield w
-    finally:
-        w.close()
-
-
-@pytest.fixture
 def events() -> Iterator[List[threading.Event]]:
     """Events callbacks block on; all set at teardown so nothing stays stuck."""
     made: List[threading.Event] = []

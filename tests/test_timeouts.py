@@ -47,15 +47,6 @@ SETTLE = 5.0      # anything that must eventually happen
 
 
 @pytest.fixture
-def worker() -> Iterator[Worker]:
-    w = Worker()
-    try:
-        yield w
-    finally:
-        w.close()
-
-
-@pytest.fixture
 def release() -> Iterator[List[threading.Event]]:
     """Events that stuck callbacks wait on; all set at teardown, so that no
     abandoned thread outlives the test by long."""
