@@ -102,15 +102,19 @@ class CallbackTable:
     the bridge adds and removes entries under the interpreter lock
     (``ffibuild/bridge.c``, ``csrc/cbw_token.c``); Python only looks them up.
     ``failures`` maps a job id to the exception its callback raised, until
-    ``wait``/``take`` consumes it.
+    ``wait``/``take`` consumes it.  ``retries`` maps the id of a route that
+    retries failed jobs to its ``max_retries``: an attempt the core will run
+    again leaves no entry in ``failures`` (only the last attempt's counts).
     """
 
-    __slots__ = ("callbacks", "failures", "watchers", "handle", "generation", "__weakref__")
+    __slots__ = ("callbacks", "failures", "retries", "watchers", "handle", "generation",
+                 "__weakref__")
 
     def __init__(self) -> None:
         self.generation = FORK_GENERATION[0]
         self.callbacks: Dict[int, Callable[..., Any]] = {}
         self.failures: Dict[int, BaseException] = {}
+        self.retries: Dict[int, int] = {}
         self.watchers: Dict[int, List[Callable[[], None]]] = {}
         self.handle = ffi.new_handle(self)
 
@@ -171,7 +175,8 @@ class CallbackTable:
         return STATUS_OK
 
     def _record_failure(self, run: Any, exc: BaseException) -> int:
-        self.failures[run.id] = exc
+        if run.attempt > self.retries.get(run.route, 0):
+            self.failures[run.id] = exc  # the last attempt: wait() raises from it
         lib.cbw_run_set_error(run, _describe(exc).encode("utf-8", "replace"))
         return STATUS_ERROR
 

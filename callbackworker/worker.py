@@ -21,6 +21,7 @@ import os
 import threading
 import time
 import weakref
+from urllib.parse import quote
 from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 
 from . import _native
@@ -127,6 +128,18 @@ def _check_positive(value: object, name: str) -> int:
     return value
 
 
+def _check_count(value: object, name: str) -> int:
+    """A non-negative int that fits the core's 32-bit fields."""
+    if type(value) is not int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = int(value)
+        else:
+            raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if not 0 <= value <= _TIMEOUT_MAX:
+        raise ValueError(f"{name} must be between 0 and {_TIMEOUT_MAX}, not {value}")
+    return value
+
+
 def _route_name(name: object) -> bytes:
     if not isinstance(name, str):
         raise TypeError(f"route name must be a str, not {type(name).__name__}")
@@ -146,8 +159,11 @@ class Worker:
     closed at interpreter exit.
     """
 
-    def __init__(self, concurrency: int = 1) -> None:
+    def __init__(self, concurrency: int = 1, *, manual_clock: bool = False) -> None:
         self._concurrency = _check_positive(concurrency, "concurrency")
+        if not isinstance(manual_clock, bool):
+            raise TypeError(f"manual_clock must be a bool, not {type(manual_clock).__name__}")
+        self._manual_clock = manual_clock
         self._table = CallbackTable()
         self._closed = False
         self._w = self._new_native()
@@ -163,6 +179,8 @@ class Worker:
                                       self._concurrency, err)
         if native == ffi.NULL:
             raise_for(err[0])
+        if self._manual_clock:
+            lib.cbw_worker_use_manual_clock(native)  # cannot fail: no job yet
         return native
 
     # ---- lifecycle ----------------------------------------------------
@@ -656,19 +674,52 @@ class Worker:
 
     # ---- routes -------------------------------------------------------
 
-    def open_route(self, name: str, *, concurrency: int = 1, timeout_ms: int = -1) -> int:
-        """Adds a named FIFO route with its own ``concurrency`` threads and
-        default run-time limit; returns its id."""
+    def open_route(self, name: str, *, concurrency: int = 1, timeout_ms: int = -1,
+                   max_retries: int = 0, backoff_ms: int = 1000, delay_ms: int = 0) -> int:
+        """Adds a named FIFO route and returns its id.
+
+        ``concurrency`` threads run its jobs; ``timeout_ms`` is the run-time
+        limit of jobs started on it without one.  A job whose callback
+        raises is run again, from a fresh copy of its original request, up
+        to ``max_retries`` more times: attempt n + 1 starts
+        ``backoff_ms * 2**(n-1)`` ms (at most one hour) after attempt n
+        failed, meanwhile the job is pending and its waiters keep waiting.
+        Only the last attempt's error is reported.  A timed-out, cancelled
+        or shut-down job is not retried.  ``delay_ms`` is the least time
+        between two consecutive starts on the route (a rate limit, across
+        all its threads).  Retry and delay timers live in the C core.
+        """
         raw = _route_name(name)
         concurrency = _check_positive(concurrency, "concurrency")
-        timeout_ms = _check_timeout(timeout_ms)
+        config = ffi.new("cbw_route_config *")
+        config.concurrency = concurrency
+        config.timeout_ms = _check_timeout(timeout_ms)
+        config.max_retries = _check_count(max_retries, "max_retries")
+        config.backoff_ms = _check_count(backoff_ms, "backoff_ms")
+        config.delay_ms = _check_count(delay_ms, "delay_ms")
         if self._closed:
             raise_for(lib.CBW_ECLOSED)
-        rid = lib.cbw_route_open(self._w, raw, concurrency, timeout_ms)
+        rid = lib.cbw_route_open_config(self._w, raw, config)
         if rid < 0:
             raise_for(rid, name)
         self._routes[name] = rid
+        if max_retries:
+            self._table.retries[rid] = max_retries
         return rid
+
+    def advance_clock(self, ms: int) -> None:
+        """Moves the route clock of a worker made with ``manual_clock=True``
+        forward by ``ms`` milliseconds (for tests of retry backoff and
+        ``delay_ms`` without sleeping).  Retries that fall due are queued
+        before this returns.  Run-time limits always use the real clock."""
+        ms = _check_count(ms, "ms")
+        if not self._manual_clock:
+            raise RuntimeError("advance_clock() needs a Worker(manual_clock=True)")
+        if self._closed:
+            raise_for(lib.CBW_ECLOSED)
+        rc = lib.cbw_worker_advance_clock(self._w, ms)
+        if rc < 0:
+            raise_for(rc)
 
     def close_route(self, name: str) -> bool:
         """Stops the route accepting jobs (queued and running ones finish);
@@ -718,11 +769,11 @@ class Worker:
                 raise_for(lib.CBW_ECLOSED)
             return int(name in self._routes or lib.cbw_route_find(self._w, name.encode()) > 0)
         r = self._route_info(name)
-        busy = r.queued + r.running
+        busy = r.queued + r.delayed + r.running
         return int({
             RouteMetaKey.STATE: r.state,
             RouteMetaKey.TIMEOUT: r.timeout_ms,
-            RouteMetaKey.PENDING: r.queued,
+            RouteMetaKey.PENDING: r.queued + r.delayed,
             RouteMetaKey.QUEUED: r.queued,
             RouteMetaKey.RUNNING: r.running,
             RouteMetaKey.DRAINED: busy == 0,
@@ -734,9 +785,12 @@ class Worker:
         """One line of ``key=value`` pairs describing the route."""
         r = self._route_info(name)
         state = "open" if r.state == RouteState.OPEN else "closed"
-        return (f"id={r.id} state={state} concurrency={r.concurrency} "
-                f"timeout_ms={r.timeout_ms} queued={r.queued} running={r.running} "
-                f"threads={r.threads} close_accepted={r.close_accepted}")
+        return (f"id={r.id} name={quote(name, safe='')} state={state} "
+                f"concurrency={r.concurrency} timeout_ms={r.timeout_ms} "
+                f"max_retries={r.max_retries} backoff_ms={r.backoff_ms} "
+                f"delay_ms={r.delay_ms} pending={r.queued + r.delayed} "
+                f"queued={r.queued} running={r.running} threads={r.threads} "
+                f"close_accepted={r.close_accepted}")
 
 
 def _resolve(done: "asyncio.Future[None]") -> None:

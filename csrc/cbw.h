@@ -144,17 +144,41 @@ typedef struct cbw_job_info {
     size_t error_len;
 } cbw_job_info;
 
-/* A snapshot of one route. */
+/* A snapshot of one route.  queued: ready to start, in FIFO order;
+ * delayed: failed attempts waiting out their retry backoff.  Both are
+ * pending (not running). */
 typedef struct cbw_route_info {
     int32_t id;
     int state;
     int close_accepted;
     int32_t concurrency;
     int32_t timeout_ms;
+    int32_t max_retries;
+    int32_t backoff_ms;
+    int32_t delay_ms;
     int64_t queued;
+    int64_t delayed;
     int64_t running;
     int64_t threads;
 } cbw_route_info;
+
+/*
+ * How a route runs its jobs.  concurrency >= 1 threads; timeout_ms is the
+ * run-time limit of jobs started with CBW_TIMEOUT_ROUTE (-1: none).  A job
+ * whose attempt fails (the executor's run returns CBW_STATUS_ERROR) is run
+ * again, from a fresh copy of its original request, up to max_retries more
+ * times, attempt n + 1 starting backoff_ms * 2^(n-1) ms (at most one hour)
+ * after attempt n failed.  delay_ms is the least time between two
+ * consecutive starts on the route.  A timed-out, cancelled or shut-down
+ * attempt is final.
+ */
+typedef struct cbw_route_config {
+    int32_t concurrency;
+    int32_t timeout_ms;
+    int32_t max_retries;
+    int32_t backoff_ms;
+    int32_t delay_ms;
+} cbw_route_config;
 
 /* Worker lifecycle. */
 cbw_worker *cbw_worker_new(const cbw_hooks *hooks, int32_t concurrency, int *err);
@@ -162,14 +186,23 @@ int cbw_worker_close(cbw_worker *w, int flags, int32_t grace_ms);
 void cbw_worker_release(cbw_worker *w);
 int cbw_worker_set_grace(cbw_worker *w, int32_t grace_ms);
 int cbw_worker_is_own_thread(cbw_worker *w);
+/* Route schedules (retry backoff, delay between starts) read the monotonic
+ * clock.  For tests, a worker may instead use a manual clock that starts at
+ * 0 and moves only when cbw_worker_advance_clock is called; switch before
+ * the first job starts (else CBW_EINVAL).  Run-time limits always use the
+ * real clock. */
+int cbw_worker_use_manual_clock(cbw_worker *w);
+int cbw_worker_advance_clock(cbw_worker *w, int64_t ms);
 
 /* Routes.  Route ids start at 1 (the default route, "default"). */
 int32_t cbw_route_open(cbw_worker *w, const char *name, int32_t concurrency,
                        int32_t timeout_ms);
+int32_t cbw_route_open_config(cbw_worker *w, const char *name,
+                              const cbw_route_config *config);
 int32_t cbw_route_find(cbw_worker *w, const char *name);
 int cbw_route_close(cbw_worker *w, int32_t route);
 int cbw_route_info_get(cbw_worker *w, int32_t route, cbw_route_info *out);
-/* 1 once the route has no queued or running job, 0 if timeout_ms passed
+/* 1 once the route has no pending or running job, 0 if timeout_ms passed
  * first, CBW_ESHUTDOWN if close() stopped the worker meanwhile. */
 int cbw_route_wait_drained(cbw_worker *w, int32_t route, int32_t timeout_ms);
 

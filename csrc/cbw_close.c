@@ -22,7 +22,7 @@ static int routes_busy(cbw_worker *w)
 {
     int32_t i;
     for (i = 0; i < w->nroutes; i++)
-        if (w->routes[i]->queued > 0 || w->routes[i]->running > 0)
+        if (!cbw__route_idle(w->routes[i]))
             return 1;
     return 0;
 }
@@ -46,6 +46,7 @@ static void shut_down_queues(cbw_worker *w)
         }
         r->tail = NULL;
         r->queued = 0;
+        cbw__retry_shut_down(w, r);
     }
 }
 

@@ -50,6 +50,12 @@ struct cbw__job {
     unsigned char inline_data[]; /* the request copy: one allocation per job */
 };
 
+/* Core-private job flags, beside CBW_JOB_DETACHED and CBW_JOB_NOTIFY.  A
+ * job waiting out a retry backoff sits in its route's retry list (not the
+ * FIFO), ordered by run.deadline_ns, which holds its due time meanwhile. */
+#define CBW__JOB_RETRYING 0x10
+#define CBW__JOB_KEPT 0x20 /* cbw_run_keep_alive: never retried in place */
+
 struct cbw__thread_rec {
     cbw_slot slot;            /* first: executors get &rec->slot */
     cbw_worker *w;
@@ -60,6 +66,9 @@ struct cbw__thread_rec {
                                  sees it; close may pull it forward */
     char *pending_error;      /* cbw_run_set_error text, moved to the job
                                  under w->mu when the run finishes */
+    unsigned char *pristine;  /* on a retrying route: the running job's
+                                 request as it was before the attempt */
+    size_t pristine_size;
     cbw__thread_rec *next;    /* the route's live threads */
     cbw__thread_rec *all_next; /* every thread record the worker made */
     uint8_t detached;         /* leaves on its own; never joined */
@@ -74,6 +83,12 @@ struct cbw__route {
     char name[CBW_ROUTE_NAME_MAX + 1];
     int32_t concurrency;
     int32_t timeout_ms;
+    int32_t max_retries;
+    int32_t backoff_ms;
+    int32_t delay_ms;
+    int64_t next_start_ns;     /* delay_ms: no start before this (route clock) */
+    cbw__job *retry_head;      /* failed attempts waiting, earliest due first */
+    int64_t delayed;           /* jobs in the retry list */
     uint8_t open;
     uint8_t close_accepted;
     cbw__job *head, *tail;
@@ -149,6 +164,8 @@ struct cbw_worker {
     uint8_t timer_detached;    /* closed from the timer's own thread */
     uint8_t release_pending;   /* released by a worker thread mid-close */
     int64_t timer_wake_ns;     /* when it will next look; INT64_MIN: awake */
+    uint8_t manual_clock;      /* route schedules read clock_ns, not the OS */
+    int64_t clock_ns;
 };
 
 extern CBW__TLS cbw__thread_rec *cbw__self;
@@ -197,8 +214,20 @@ int cbw__timer_start(cbw_worker *w);
 void cbw__timer_arm(cbw_worker *w, int64_t deadline_ns);
 
 /* Routes (cbw_route.c); under w->mu. */
-int32_t cbw__route_add(cbw_worker *w, const char *name, int32_t concurrency,
-                       int32_t timeout_ms);
+int32_t cbw__route_add(cbw_worker *w, const char *name, const cbw_route_config *cfg);
+/* No job pending (queued or delayed) or running. */
+#define cbw__route_idle(r) ((r)->queued == 0 && (r)->delayed == 0 && (r)->running == 0)
+
+/* Route schedules: retries and delay between starts (cbw_schedule.c); all
+ * under w->mu. */
+int64_t cbw__route_clock(const cbw_worker *w);
+int cbw__route_ready(cbw_worker *w, cbw__route *r, int64_t *wake_ns);
+void cbw__route_started(cbw_worker *w, cbw__route *r);
+void cbw__retry_snapshot(cbw__thread_rec *t, cbw__job *job);
+int cbw__retry_schedule(cbw_worker *w, cbw__route *r, cbw__thread_rec *t,
+                        cbw__job *job);
+void cbw__retry_unlink(cbw__route *r, cbw__job *job);
+void cbw__retry_shut_down(cbw_worker *w, cbw__route *r);
 void cbw__worker_unref(cbw_worker *w); /* called with w->mu held; unlocks */
 
 #endif /* CBW_INTERNAL_H */

@@ -166,6 +166,7 @@ int cbw_run_keep_alive(cbw_run *run)
         return CBW_EINVAL;
     cbw__mutex_lock(&self->w->mu);
     job_of(run)->refs++; /* never dropped */
+    job_of(run)->flags |= CBW__JOB_KEPT;
     cbw__mutex_unlock(&self->w->mu);
     return CBW_OK;
 }

@@ -4,8 +4,8 @@
  * DESIGN: routes are created, never destroyed, for the worker's life, so a
  * route id stays valid and route pointers may be kept by jobs and threads
  * without reference counts.  Route id N lives at w->routes[N - 1]; id 1 is
- * "default".  Closing a route only stops new starts: its queued and running
- * jobs finish.  Drain waiters sleep on w->statec, which the thread loop and
+ * "default".  Closing a route only stops new starts: its pending and running
+ * jobs finish (retries included).  Drain waiters sleep on w->statec, which the thread loop and
  * cancel broadcast when a route with drain waiters becomes empty.
  * Everything here runs under w->mu.
  */
@@ -31,11 +31,17 @@ static int32_t find(cbw_worker *w, const char *name)
     return CBW_ENOROUTE;
 }
 
-int32_t cbw__route_add(cbw_worker *w, const char *name, int32_t concurrency,
-                       int32_t timeout_ms)
+static int valid_config(const cbw_route_config *cfg)
+{
+    return cfg != NULL && cfg->concurrency >= 1 &&
+           cfg->timeout_ms >= CBW_TIMEOUT_INFINITE && cfg->max_retries >= 0 &&
+           cfg->backoff_ms >= 0 && cfg->delay_ms >= 0;
+}
+
+int32_t cbw__route_add(cbw_worker *w, const char *name, const cbw_route_config *cfg)
 {
     cbw__route *r;
-    if (!valid_name(name) || concurrency < 1 || timeout_ms < CBW_TIMEOUT_INFINITE)
+    if (!valid_name(name) || !valid_config(cfg))
         return CBW_EINVAL;
     if (find(w, name) > 0)
         return CBW_EEXIST;
@@ -63,22 +69,36 @@ int32_t cbw__route_add(cbw_worker *w, const char *name, int32_t concurrency,
         return CBW_ENOMEM;
     }
     memcpy(r->name, name, strlen(name) + 1);
-    r->concurrency = concurrency;
-    r->timeout_ms = timeout_ms;
+    r->concurrency = cfg->concurrency;
+    r->timeout_ms = cfg->timeout_ms;
+    r->max_retries = cfg->max_retries;
+    r->backoff_ms = cfg->backoff_ms;
+    r->delay_ms = cfg->delay_ms;
+    r->next_start_ns = INT64_MIN;
     r->open = 1;
     r->id = w->nroutes + 1;
     w->routes[w->nroutes++] = r;
     return r->id;
 }
 
-int32_t cbw_route_open(cbw_worker *w, const char *name, int32_t concurrency,
-                       int32_t timeout_ms)
+int32_t cbw_route_open_config(cbw_worker *w, const char *name,
+                              const cbw_route_config *config)
 {
     int32_t rc;
     cbw__mutex_lock(&w->mu);
-    rc = w->closing ? CBW_ECLOSED : cbw__route_add(w, name, concurrency, timeout_ms);
+    rc = w->closing ? CBW_ECLOSED : cbw__route_add(w, name, config);
     cbw__mutex_unlock(&w->mu);
     return rc;
+}
+
+int32_t cbw_route_open(cbw_worker *w, const char *name, int32_t concurrency,
+                       int32_t timeout_ms)
+{
+    cbw_route_config cfg;
+    memset(&cfg, 0, sizeof(cfg));
+    cfg.concurrency = concurrency;
+    cfg.timeout_ms = timeout_ms;
+    return cbw_route_open_config(w, name, &cfg);
 }
 
 int32_t cbw_route_find(cbw_worker *w, const char *name)
@@ -128,7 +148,11 @@ int cbw_route_info_get(cbw_worker *w, int32_t route, cbw_route_info *out)
         out->close_accepted = r->close_accepted;
         out->concurrency = r->concurrency;
         out->timeout_ms = r->timeout_ms;
+        out->max_retries = r->max_retries;
+        out->backoff_ms = r->backoff_ms;
+        out->delay_ms = r->delay_ms;
         out->queued = r->queued;
+        out->delayed = r->delayed;
         out->running = r->running;
         out->threads = r->nthreads;
     }
@@ -154,7 +178,7 @@ int cbw_route_wait_drained(cbw_worker *w, int32_t route, int32_t timeout_ms)
         r->waiting++;
         if (r->delaying > 0)
             cbw__cond_broadcast(&r->coalc);
-        while ((r->queued > 0 || r->running > 0) && !w->stopping)
+        while (!cbw__route_idle(r) && !w->stopping)
             if (cbw__cond_wait_until(&w->statec, &w->mu, deadline))
                 break;
         r->drain_waiters--;
@@ -162,7 +186,7 @@ int cbw_route_wait_drained(cbw_worker *w, int32_t route, int32_t timeout_ms)
         if (w->stopping)
             rc = CBW_ESHUTDOWN; /* close emptied it: that is not draining */
         else
-            rc = r->queued == 0 && r->running == 0;
+            rc = cbw__route_idle(r);
     }
     cbw__mutex_unlock(&w->mu);
     return rc;

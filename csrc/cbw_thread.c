@@ -90,6 +90,7 @@ static void begin_run(cbw_worker *w, cbw__route *r, cbw__thread_rec *t,
     r->running++;
     job->phase = CBW_PHASE_RUNNING;
     job->run.attempt++;
+    cbw__route_started(w, r);
     t->job = job;
     job->run.deadline_ns = cbw__deadline_after_ms(job->run.timeout_ms);
     t->deadline_ns = job->run.deadline_ns;
@@ -100,6 +101,7 @@ static void begin_run(cbw_worker *w, cbw__route *r, cbw__thread_rec *t,
 static void end_run(cbw_worker *w, cbw__route *r, cbw__thread_rec *t,
                     cbw__job *job, int status)
 {
+    int retried = 0;
     t->job = NULL;
     if (!t->orphaned)
         r->running--;
@@ -107,6 +109,8 @@ static void end_run(cbw_worker *w, cbw__route *r, cbw__thread_rec *t,
         if (t->deadline_ns != CBW__NEVER && cbw__now_ns() >= t->deadline_ns) {
             cbw__job_complete(w, job, CBW_STATUS_TIMEOUT,
                               "the callback ran past its timeout");
+        } else if (status != CBW_STATUS_OK && cbw__retry_schedule(w, r, t, job)) {
+            retried = 1; /* the job and its callback token wait in the list */
         } else {
             if (t->pending_error != NULL) {
                 cbw__free(job->error);
@@ -121,9 +125,13 @@ static void end_run(cbw_worker *w, cbw__route *r, cbw__thread_rec *t,
     }
     cbw__free(t->pending_error);
     t->pending_error = NULL;
-    cbw__tokens_done(w, job->run.callback, 1);
-    cbw__job_unref(job);
-    if (r->queued == 0 && r->running == 0 && (r->drain_waiters || w->draining))
+    cbw__free(t->pristine);
+    t->pristine = NULL;
+    if (!retried) {
+        cbw__tokens_done(w, job->run.callback, 1);
+        cbw__job_unref(job);
+    }
+    if (cbw__route_idle(r) && (r->drain_waiters || w->draining))
         cbw__cond_broadcast(&w->statec);
 }
 
@@ -133,6 +141,7 @@ static void run_burst(cbw_worker *w, cbw__route *r, cbw__thread_rec *t)
 {
     const cbw_hooks *h = &w->hooks;
     int n, status, pending;
+    int64_t wake;
     cbw__job *job;
 
     cbw__mutex_unlock(&w->mu);
@@ -140,11 +149,15 @@ static void run_burst(cbw_worker *w, cbw__route *r, cbw__thread_rec *t)
         h->session_begin(h->ctx, &t->slot);
     cbw__mutex_lock(&w->mu);
     for (n = 0; n < CBW__BATCH_MAX && !t->orphaned; n++) {
+        if (!cbw__route_ready(w, r, &wake))
+            break;
         job = pop_ready(w, r);
         if (job == NULL)
             break;
         begin_run(w, r, t, job);
         cbw__mutex_unlock(&w->mu);
+        if (r->max_retries > 0 && job->run.attempt <= (uint32_t)r->max_retries)
+            cbw__retry_snapshot(t, job); /* the request is this thread's now */
         status = h->run(h->ctx, &t->slot, &job->run);
         cbw__mutex_lock(&w->mu);
         end_run(w, r, t, job, status);
@@ -187,22 +200,23 @@ static void thread_main(void *arg)
     cbw__route *r = t->route;
     const cbw_hooks *h = &w->hooks;
     int detached;
+    int64_t wake;
 
     cbw__self = t;
     if (h->thread_enter)
         h->thread_enter(h->ctx, &t->slot);
     cbw__mutex_lock(&w->mu);
     for (;;) {
-        while (r->head == NULL && !t->orphaned && !w->stopping) {
+        while (!t->orphaned && !w->stopping && !cbw__route_ready(w, r, &wake)) {
             r->idle++;
-            cbw__cond_wait(&r->cond, &w->mu);
+            cbw__cond_wait_until(&r->cond, &w->mu, wake);
             r->idle--;
             if (r->wakeups > 0)
                 r->wakeups--;
         }
         if (t->orphaned || r->head == NULL)
             break;
-        if (h->session_begin != NULL && r->queued > 1)
+        if (h->session_begin != NULL && r->queued > 1 && r->delay_ms == 0)
             coalesce(w, r, t); /* one ready job says nothing of a producer */
         run_burst(w, r, t);
     }

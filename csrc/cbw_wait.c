@@ -37,13 +37,20 @@ int cbw_cancel(cbw_worker *w, int64_t id, uint64_t *callback)
         job->cancel_requested = 1;
     if (job != NULL && job->phase == CBW_PHASE_QUEUED) {
         r = cbw__route_get(w, job->run.route);
-        r->queued--;
+        if (!(job->flags & CBW__JOB_RETRYING))
+            r->queued--; /* it stays in the FIFO; the popping thread drops it */
         if (callback != NULL)
             *callback = job->run.callback;
         cbw__tokens_done(w, job->run.callback, 1);
+        job->refs++; /* job_complete may drop the table's reference */
         cbw__job_complete(w, job, CBW_STATUS_CANCELLED,
-                          "the job was cancelled before it started");
-        if (r->queued == 0 && r->running == 0 && (r->drain_waiters || w->draining))
+                          job->flags & CBW__JOB_RETRYING
+                              ? "the job was cancelled while waiting to be retried"
+                              : "the job was cancelled before it started");
+        if (job->flags & CBW__JOB_RETRYING)
+            cbw__retry_unlink(r, job);
+        cbw__job_unref(job);
+        if (cbw__route_idle(r) && (r->drain_waiters || w->draining))
             cbw__cond_broadcast(&w->statec);
         rc = 1;
     }

@@ -84,7 +84,11 @@ cbw_worker *cbw_worker_new(const cbw_hooks *hooks, int32_t concurrency, int *err
     if (rc == CBW_OK)
         rc = cbw__table_init(&w->table);
     if (rc == CBW_OK) {
-        route = cbw__route_add(w, "default", concurrency, CBW_TIMEOUT_INFINITE);
+        cbw_route_config cfg;
+        memset(&cfg, 0, sizeof(cfg));
+        cfg.concurrency = concurrency;
+        cfg.timeout_ms = CBW_TIMEOUT_INFINITE;
+        route = cbw__route_add(w, "default", &cfg);
         rc = route < 0 ? (int)route : CBW_OK;
     }
     if (rc != CBW_OK) {

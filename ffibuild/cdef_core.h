@@ -140,19 +140,35 @@ typedef struct cbw_route_info {
     int close_accepted;
     int32_t concurrency;
     int32_t timeout_ms;
+    int32_t max_retries;
+    int32_t backoff_ms;
+    int32_t delay_ms;
     int64_t queued;
+    int64_t delayed;
     int64_t running;
     int64_t threads;
     ...;
 } cbw_route_info;
 
+typedef struct cbw_route_config {
+    int32_t concurrency;
+    int32_t timeout_ms;
+    int32_t max_retries;
+    int32_t backoff_ms;
+    int32_t delay_ms;
+} cbw_route_config;
+
 int cbw_worker_close(cbw_worker *w, int flags, int32_t grace_ms);
 void cbw_worker_release(cbw_worker *w);
 int cbw_worker_set_grace(cbw_worker *w, int32_t grace_ms);
 int cbw_worker_is_own_thread(cbw_worker *w);
+int cbw_worker_use_manual_clock(cbw_worker *w);
+int cbw_worker_advance_clock(cbw_worker *w, int64_t ms);
 
 int32_t cbw_route_open(cbw_worker *w, const char *name, int32_t concurrency,
                        int32_t timeout_ms);
+int32_t cbw_route_open_config(cbw_worker *w, const char *name,
+                              const cbw_route_config *config);
 int32_t cbw_route_find(cbw_worker *w, const char *name);
 int cbw_route_close(cbw_worker *w, int32_t route);
 int cbw_route_info_get(cbw_worker *w, int32_t route, cbw_route_info *out);

@@ -135,6 +135,7 @@ enum op {
     OP_WAIT_SELF, /* cbw_wait on the job itself */
     OP_WAIT_NEXT, /* cbw_wait on the job with the next id */
     OP_KEEP,      /* cbw_run_keep_alive, remember the request's address */
+    OP_SCRIBBLE,  /* uppercase the request in place; fail unless it already was */
     OP_COUNT      /* stress: count runs by id, track routes; '!' fails, '~' naps */
 };
 
@@ -351,12 +352,20 @@ static int op_count(executor *x, cbw_run *run)
 static int dispatch(executor *x, cbw_slot *slot, cbw_run *run)
 {
     size_t i;
+    int status = CBW_STATUS_OK;
     switch (run->callback) {
     case OP_ZERO: case OP_ECHO: return CBW_STATUS_OK;
     case OP_UPPER:
         for (i = 0; i < run->size; i++)
             run->data[i] = (unsigned char)toupper(run->data[i]);
         return CBW_STATUS_OK;
+    case OP_SCRIBBLE:
+        for (i = 0; i < run->size; i++) {
+            if (!isupper(run->data[i]))
+                status = CBW_STATUS_ERROR;
+            run->data[i] = (unsigned char)toupper(run->data[i]);
+        }
+        return status;
     case OP_FAIL: return op_fail(x, run);
     case OP_SLEEP:
         sleep_ms(request_number(run));
@@ -1842,6 +1851,148 @@ static void test_no_allocations_left(void)
     CHECK_EQ(cbw_live_allocations(), kept_blocks);
 }
 
+/* ---- route schedules: retries and delay between starts --------------------- */
+
+static int64_t route_delayed(cbw_worker *w, int32_t route)
+{
+    cbw_route_info info;
+    return cbw_route_info_get(w, route, &info) == CBW_OK ? info.delayed : -1;
+}
+
+static uint32_t job_attempt(cbw_worker *w, int64_t id)
+{
+    cbw_job_info info;
+    return cbw_job_info_get(w, id, &info) == CBW_OK ? info.attempt : 0;
+}
+
+static cbw_worker *manual_clock_worker(void)
+{
+    cbw_worker *w = new_worker(1);
+    CHECK_EQ(cbw_worker_advance_clock(w, 1), CBW_EINVAL); /* not manual yet */
+    CHECK_EQ(cbw_worker_use_manual_clock(w), CBW_OK);
+    CHECK_EQ(cbw_worker_advance_clock(w, -1), CBW_EINVAL);
+    return w;
+}
+
+static void test_retries_back_off_exponentially(void)
+{
+    cbw_worker *w = manual_clock_worker();
+    cbw_route_config cfg = {1, CBW_TIMEOUT_INFINITE, 2, 100, 0};
+    cbw_job_info info;
+    int32_t route = cbw_route_open_config(w, "retry", &cfg);
+    int64_t id = start_text(w, route, OP_FAIL, "x", CBW_TIMEOUT_ROUTE);
+    CHECK_EQ(cbw_worker_use_manual_clock(w), CBW_EINVAL); /* jobs exist */
+    /* Attempt 1 fails: the job waits 100 ms, still queued to the caller. */
+    CHECK(EVENTUALLY(route_delayed(w, route) == 1, WAIT_MS));
+    CHECK_EQ(job_attempt(w, id), 1);
+    CHECK_EQ(cbw_job_info_get(w, id, &info), CBW_OK);
+    CHECK_EQ(info.state, CBW_STATE_QUEUED);
+    CHECK_EQ(info.status, CBW_STATUS_PENDING);
+    CHECK_EQ(info.error_len, 0);
+    CHECK_EQ(cbw_worker_advance_clock(w, 99), CBW_OK);
+    CHECK_EQ(route_delayed(w, route), 1);
+    CHECK_EQ(cbw_worker_advance_clock(w, 1), CBW_OK);
+    /* Attempt 2 fails: now 200 ms. */
+    CHECK(EVENTUALLY(job_attempt(w, id) == 2 && route_delayed(w, route) == 1, WAIT_MS));
+    CHECK_EQ(cbw_worker_advance_clock(w, 199), CBW_OK);
+    CHECK_EQ(route_delayed(w, route), 1);
+    CHECK_EQ(cbw_wait_complete(w, id, 0), 0);
+    CHECK_EQ(cbw_worker_advance_clock(w, 1), CBW_OK);
+    /* Attempt 3 is the last: max_retries = 2. */
+    CHECK_EQ(cbw_wait_complete(w, id, WAIT_MS), 1);
+    CHECK_EQ(cbw_job_info_get(w, id, &info), CBW_OK);
+    CHECK_EQ(info.attempt, 3);
+    CHECK_EQ(info.state, CBW_STATE_FAILED);
+    CHECK_EQ(route_delayed(w, route), 0);
+    CHECK_EQ(cbw_route_wait_drained(w, route, 0), 1);
+    CHECK_EQ(LOAD(&ex.bad_calls), 0);
+    cbw_worker_release(w);
+}
+
+static void test_retry_restores_the_original_request(void)
+{
+    cbw_worker *w = new_worker(1);
+    cbw_route_config cfg = {1, CBW_TIMEOUT_INFINITE, 3, 0, 0};
+    int32_t route = cbw_route_open_config(w, "again", &cfg);
+    /* OP_SCRIBBLE edits its request and fails unless it was uppercase
+     * already: each attempt sees the request as it was started, so every
+     * one fails, four runs in all. */
+    int64_t id = start_text(w, route, OP_SCRIBBLE, "abc", CBW_TIMEOUT_ROUTE);
+    cbw_job_info info;
+    CHECK_EQ(cbw_wait_complete(w, id, WAIT_MS), 1);
+    CHECK_EQ(cbw_job_info_get(w, id, &info), CBW_OK);
+    CHECK_EQ(info.attempt, 4);
+    CHECK_EQ(info.state, CBW_STATE_FAILED);
+    id = start_text(w, route, OP_UPPER, "abc", CBW_TIMEOUT_ROUTE);
+    expect_result(w, id, CBW_STATUS_OK, "ABC");
+    cbw_worker_release(w);
+}
+
+static void test_cancel_and_close_reach_waiting_retries(void)
+{
+    cbw_worker *w = manual_clock_worker();
+    cbw_route_config cfg = {1, CBW_TIMEOUT_INFINITE, 5, 1000, 0};
+    cbw_job_info info;
+    cbw_result res;
+    int32_t route = cbw_route_open_config(w, "doomed", &cfg);
+    int64_t a = start_text(w, route, OP_FAIL, "a", CBW_TIMEOUT_ROUTE);
+    int64_t b = start_text(w, route, OP_FAIL, "b", CBW_TIMEOUT_ROUTE);
+    CHECK(EVENTUALLY(route_delayed(w, route) == 2, WAIT_MS));
+    CHECK_EQ(cbw_cancel(w, a, NULL), 1);
+    CHECK_EQ(cbw_job_info_get(w, a, &info), CBW_OK);
+    CHECK_EQ(info.state, CBW_STATE_CANCELLED);
+    CHECK_EQ(route_delayed(w, route), 1);
+    CHECK_EQ(cbw_cancel(w, a, NULL), 0);
+    CHECK_EQ(cbw_take(w, a, &res), CBW_OK);
+    cbw_result_release(&res);
+    CHECK_EQ(cbw_worker_close(w, 0, 0), CBW_OK); /* b completes SHUTDOWN */
+    cbw_worker_release(w);
+    (void)b;
+}
+
+static void test_delay_spaces_consecutive_starts(void)
+{
+    cbw_worker *w = manual_clock_worker();
+    cbw_route_config cfg = {2, CBW_TIMEOUT_INFINITE, 0, 0, 50};
+    cbw_route_info info;
+    int32_t route = cbw_route_open_config(w, "paced", &cfg);
+    int i;
+    STORE(&ex.log_len, 0);
+    for (i = 0; i < 3; i++)
+        start_text(w, route, OP_LOG, "", CBW_TIMEOUT_ROUTE);
+    CHECK(EVENTUALLY(LOAD(&ex.log_len) == 1, WAIT_MS));
+    CHECK_EQ(cbw_route_info_get(w, route, &info), CBW_OK);
+    CHECK_EQ(info.delay_ms, 50);
+    CHECK_EQ(cbw_worker_advance_clock(w, 49), CBW_OK);
+    sleep_ms(30); /* two idle threads had every chance to start one */
+    CHECK_EQ(LOAD(&ex.log_len), 1);
+    CHECK_EQ(cbw_worker_advance_clock(w, 1), CBW_OK);
+    CHECK(EVENTUALLY(LOAD(&ex.log_len) == 2, WAIT_MS));
+    sleep_ms(30);
+    CHECK_EQ(LOAD(&ex.log_len), 2);
+    CHECK_EQ(cbw_worker_advance_clock(w, 50), CBW_OK);
+    CHECK_EQ(cbw_route_wait_drained(w, route, WAIT_MS), 1);
+    CHECK_EQ(LOAD(&ex.log_len), 3);
+    cbw_worker_release(w);
+}
+
+static void test_route_config_is_validated(void)
+{
+    cbw_worker *w = new_worker(1);
+    cbw_route_config cfg = {1, CBW_TIMEOUT_INFINITE, -1, 0, 0};
+    CHECK_EQ(cbw_route_open_config(w, "bad", &cfg), CBW_EINVAL);
+    cfg.max_retries = 0;
+    cfg.backoff_ms = -1;
+    CHECK_EQ(cbw_route_open_config(w, "bad", &cfg), CBW_EINVAL);
+    cfg.backoff_ms = 0;
+    cfg.delay_ms = -5;
+    CHECK_EQ(cbw_route_open_config(w, "bad", &cfg), CBW_EINVAL);
+    CHECK_EQ(cbw_route_open_config(w, "bad", NULL), CBW_EINVAL);
+    cfg.delay_ms = 0;
+    CHECK(cbw_route_open_config(w, "bad", &cfg) > 1);
+    cbw_worker_release(w);
+}
+
 /* ---- the runner ---------------------------------------------------------- */
 
 typedef struct test_case { void (*fn)(void); const char *name; } test_case;
@@ -1880,6 +2031,11 @@ static const test_case tests[] = {
     TEST(test_route_close_and_drain),
     TEST(test_route_concurrency_is_a_ceiling),
     TEST(test_route_keeps_its_concurrency_after_bursts),
+    TEST(test_retries_back_off_exponentially),
+    TEST(test_retry_restores_the_original_request),
+    TEST(test_cancel_and_close_reach_waiting_retries),
+    TEST(test_delay_spaces_consecutive_starts),
+    TEST(test_route_config_is_validated),
     TEST(test_start_many_in_order),
     TEST(test_start_many_all_or_nothing),
     TEST(test_tokens_retained_once_and_collected_when_dead),
