@@ -265,6 +265,19 @@ int cbw_run_set_error(cbw_run *run, const char *text);
 /* The callback kept a view of the request after returning: the job record
  * is never freed, so that view stays valid. */
 int cbw_run_keep_alive(cbw_run *run);
+/* Durable jobs: asks that, when run() returns, the job suspend instead of
+ * completing: it leaves its thread, waits (State SUSPENDED, phase QUEUED,
+ * pending on its route) and runs again from the start - with `request` as
+ * its request and the same attempt number - once cbw_job_wake wakes it or
+ * wake_after_ms passes (-1: only when woken).  Ignored if the run times out;
+ * the job completes with SHUTDOWN if the worker is closing. */
+int cbw_run_suspend(cbw_run *run, const char *request, size_t size, int64_t wake_after_ms);
+/* Wakes a suspended job after_ms from now (0: at once; a later call
+ * replaces the time).  1 if it was suspended; 0 if it was not (if it is
+ * running and after_ms is 0, a suspension it asks for ends at once). */
+int cbw_job_wake(cbw_worker *w, int64_t id, int64_t after_ms);
+/* The route clock in milliseconds (see cbw_worker_use_manual_clock). */
+int64_t cbw_worker_clock_ms(cbw_worker *w);
 /* 1 if the run has passed its deadline (its job is, or is about to be,
  * completed with TIMEOUT whatever the callback does). */
 int cbw_run_overdue(const cbw_run *run);

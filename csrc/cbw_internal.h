@@ -55,6 +55,9 @@ struct cbw__job {
  * FIFO), ordered by run.deadline_ns, which holds its due time meanwhile. */
 #define CBW__JOB_RETRYING 0x10
 #define CBW__JOB_KEPT 0x20 /* cbw_run_keep_alive: never retried in place */
+#define CBW__JOB_REPLAY 0x08 /* its next run replays the same attempt */
+#define CBW__JOB_SUSPENDED 0x40 /* in the retry list until woken or due */
+#define CBW__JOB_WOKEN 0x80 /* cbw_job_wake while it ran: a suspension ends at once */
 
 struct cbw__thread_rec {
     cbw_slot slot;            /* first: executors get &rec->slot */
@@ -69,6 +72,9 @@ struct cbw__thread_rec {
     unsigned char *pristine;  /* on a retrying route: the running job's
                                  request as it was before the attempt */
     size_t pristine_size;
+    unsigned char *suspend_request; /* cbw_run_suspend: the replay's request */
+    size_t suspend_size;
+    int64_t suspend_wake_ms;
     cbw__thread_rec *next;    /* the route's live threads */
     cbw__thread_rec *all_next; /* every thread record the worker made */
     uint8_t detached;         /* leaves on its own; never joined */
@@ -226,6 +232,7 @@ void cbw__route_started(cbw_worker *w, cbw__route *r);
 void cbw__retry_snapshot(cbw__thread_rec *t, cbw__job *job);
 int cbw__retry_schedule(cbw_worker *w, cbw__route *r, cbw__thread_rec *t,
                         cbw__job *job);
+int cbw__suspend_park(cbw_worker *w, cbw__route *r, cbw__thread_rec *t, cbw__job *job);
 void cbw__retry_unlink(cbw__route *r, cbw__job *job);
 void cbw__retry_shut_down(cbw_worker *w, cbw__route *r);
 void cbw__worker_unref(cbw_worker *w); /* called with w->mu held; unlocks */

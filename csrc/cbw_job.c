@@ -92,7 +92,7 @@ int cbw__notify_reserve(cbw_worker *w)
 int cbw__job_state(const cbw__job *job)
 {
     if (job->phase == CBW_PHASE_QUEUED)
-        return CBW_STATE_QUEUED;
+        return job->flags & CBW__JOB_SUSPENDED ? CBW_STATE_SUSPENDED : CBW_STATE_QUEUED;
     if (job->phase == CBW_PHASE_RUNNING)
         return CBW_STATE_RUNNING;
     switch (job->status) {

@@ -60,7 +60,7 @@ static void promote(cbw__route *r, int64_t now)
     while ((job = r->retry_head) != NULL && job->run.deadline_ns <= now) {
         r->retry_head = job->next;
         job->next = NULL;
-        job->flags &= (uint8_t)~CBW__JOB_RETRYING;
+        job->flags &= (uint8_t)~(CBW__JOB_RETRYING | CBW__JOB_SUSPENDED);
         job->run.deadline_ns = CBW__NEVER;
         job->in_queue = 1; /* the list's reference passes to the queue */
         if (r->tail != NULL)
@@ -110,39 +110,17 @@ void cbw__retry_snapshot(cbw__thread_rec *t, cbw__job *job)
         memcpy(t->pristine, job->run.data, n);
 }
 
-int cbw__retry_schedule(cbw_worker *w, cbw__route *r, cbw__thread_rec *t,
-                        cbw__job *job)
+/* The retry list, ordered by due time (run.deadline_ns), FIFO among equals. */
+static void insert_waiting(cbw__route *r, cbw__job *job)
 {
-    cbw__job **p;
-    if (r->max_retries == 0 || job->run.attempt > (uint32_t)r->max_retries ||
-        t->pristine == NULL || job->cancel_requested ||
-        (job->flags & CBW__JOB_KEPT) || (w->closing && !w->draining))
-        return 0;
-    /* The attempt's response is dropped: the next one starts afresh. */
-    cbw__free(job->result);
-    job->result = NULL;
-    cbw__free(t->pending_error);
-    t->pending_error = NULL;
-    if (t->pristine_size)
-        memcpy(job->inline_data, t->pristine, t->pristine_size);
-    job->run.data = job->inline_data;
-    job->run.size = t->pristine_size;
-    job->run.rc = 0;
-    job->phase = CBW_PHASE_QUEUED;
-    job->run.deadline_ns = add_saturating(cbw__route_clock(w),
-                                          backoff_ns(r, job->run.attempt));
-    job->flags |= CBW__JOB_RETRYING;
-    for (p = &r->retry_head; *p != NULL && (*p)->run.deadline_ns <= job->run.deadline_ns;
-         p = &(*p)->next)
-        ;
-    job->next = *p; /* the running thread's reference passes to the list */
+    cbw__job **p = &r->retry_head;
+    while (*p != NULL && (*p)->run.deadline_ns <= job->run.deadline_ns)
+        p = &(*p)->next;
+    job->next = *p;
     *p = job;
-    r->delayed++;
-    cbw__cond_broadcast(&r->cond); /* idle threads may now sleep less */
-    return 1;
 }
 
-void cbw__retry_unlink(cbw__route *r, cbw__job *job)
+static void remove_waiting(cbw__route *r, cbw__job *job)
 {
     cbw__job **p = &r->retry_head;
     while (*p != job) {
@@ -152,7 +130,128 @@ void cbw__retry_unlink(cbw__route *r, cbw__job *job)
     }
     *p = job->next;
     job->next = NULL;
-    job->flags &= (uint8_t)~CBW__JOB_RETRYING;
+}
+
+/* Puts a job whose attempt just ended back to waiting, in the retry list,
+ * due at `due`, with `request` (malloc'd, size bytes) as the request its
+ * next attempt sees: the buffer becomes the job's (its inline copy is left
+ * unused, so a request of any size fits).  The running thread's reference
+ * passes to the list. */
+static void park(cbw__route *r, cbw__thread_rec *t, cbw__job *job,
+                 unsigned char *request, size_t size, int64_t due)
+{
+    cbw__free(job->result);
+    job->result = request;
+    job->run.data = request;
+    job->run.size = size;
+    job->run.rc = 0;
+    cbw__free(t->pending_error); /* the next attempt starts afresh */
+    t->pending_error = NULL;
+    job->phase = CBW_PHASE_QUEUED;
+    job->run.deadline_ns = due;
+    job->flags |= CBW__JOB_RETRYING;
+    insert_waiting(r, job);
+    r->delayed++;
+    cbw__cond_broadcast(&r->cond); /* idle threads may now sleep less */
+}
+
+static int may_park(const cbw_worker *w, const cbw__job *job)
+{
+    return !(job->flags & CBW__JOB_KEPT) && (!w->closing || w->draining);
+}
+
+int cbw__retry_schedule(cbw_worker *w, cbw__route *r, cbw__thread_rec *t,
+                        cbw__job *job)
+{
+    unsigned char *request = t->pristine;
+    if (r->max_retries == 0 || job->run.attempt > (uint32_t)r->max_retries ||
+        request == NULL || job->cancel_requested || !may_park(w, job))
+        return 0;
+    t->pristine = NULL;
+    park(r, t, job, request, t->pristine_size,
+         add_saturating(cbw__route_clock(w), backoff_ns(r, job->run.attempt)));
+    return 1;
+}
+
+int cbw__suspend_park(cbw_worker *w, cbw__route *r, cbw__thread_rec *t, cbw__job *job)
+{
+    unsigned char *request = t->suspend_request;
+    int64_t due;
+    if (request == NULL || !may_park(w, job))
+        return 0;
+    t->suspend_request = NULL;
+    if (job->flags & CBW__JOB_WOKEN)
+        due = cbw__route_clock(w); /* signalled while it was suspending */
+    else if (t->suspend_wake_ms < 0)
+        due = CBW__NEVER;
+    else
+        due = add_saturating(cbw__route_clock(w), t->suspend_wake_ms * 1000000);
+    job->flags &= (uint8_t)~CBW__JOB_WOKEN;
+    job->flags |= CBW__JOB_SUSPENDED | CBW__JOB_REPLAY; /* not a new attempt */
+    park(r, t, job, request, t->suspend_size, due);
+    return 1;
+}
+
+int cbw_run_suspend(cbw_run *run, const char *request, size_t size, int64_t wake_after_ms)
+{
+    cbw__thread_rec *self = cbw__self;
+    unsigned char *copy;
+    if (self == NULL || self->job != (cbw__job *)(void *)run ||
+        (request == NULL && size > 0) || wake_after_ms < -1 ||
+        wake_after_ms > CBW__NEVER / 1000000)
+        return CBW_EINVAL;
+    copy = cbw__malloc(size ? size : 1);
+    if (copy == NULL)
+        return CBW_ENOMEM;
+    if (size)
+        memcpy(copy, request, size);
+    /* Only the running thread touches these until its run ends. */
+    cbw__free(self->suspend_request);
+    self->suspend_request = copy;
+    self->suspend_size = size;
+    self->suspend_wake_ms = wake_after_ms;
+    return CBW_OK;
+}
+
+int cbw_job_wake(cbw_worker *w, int64_t id, int64_t after_ms)
+{
+    cbw__job *job;
+    cbw__route *r;
+    int rc = 0;
+    if (after_ms < 0 || after_ms > CBW__NEVER / 1000000)
+        return CBW_EINVAL;
+    cbw__mutex_lock(&w->mu);
+    job = w->stopping ? NULL : cbw__table_get(&w->table, id);
+    if (job == NULL) {
+        rc = w->stopping ? CBW_ECLOSED : CBW_EUNKNOWN;
+    } else if (job->flags & CBW__JOB_SUSPENDED) {
+        r = cbw__route_get(w, job->run.route);
+        remove_waiting(r, job);
+        job->run.deadline_ns = add_saturating(cbw__route_clock(w), after_ms * 1000000);
+        insert_waiting(r, job);
+        promote(r, cbw__route_clock(w));
+        cbw__cond_broadcast(&r->cond);
+        rc = 1;
+    } else if (job->phase == CBW_PHASE_RUNNING && after_ms == 0) {
+        job->flags |= CBW__JOB_WOKEN;
+    }
+    cbw__mutex_unlock(&w->mu);
+    return rc;
+}
+
+int64_t cbw_worker_clock_ms(cbw_worker *w)
+{
+    int64_t now;
+    cbw__mutex_lock(&w->mu);
+    now = cbw__route_clock(w);
+    cbw__mutex_unlock(&w->mu);
+    return now / 1000000;
+}
+
+void cbw__retry_unlink(cbw__route *r, cbw__job *job)
+{
+    remove_waiting(r, job);
+    job->flags &= (uint8_t)~(CBW__JOB_RETRYING | CBW__JOB_SUSPENDED);
     r->delayed--;
     cbw__job_unref(job); /* the list's reference */
 }
@@ -163,7 +262,9 @@ void cbw__retry_shut_down(cbw_worker *w, cbw__route *r)
     while ((job = r->retry_head) != NULL) {
         cbw__tokens_done(w, job->run.callback, 1);
         cbw__job_complete(w, job, CBW_STATUS_SHUTDOWN,
-                          "the worker was closed before the job was retried");
+                          job->flags & CBW__JOB_SUSPENDED
+                              ? "the worker was closed while the job was suspended"
+                              : "the worker was closed before the job was retried");
         cbw__retry_unlink(r, job);
     }
 }

@@ -89,7 +89,10 @@ static void begin_run(cbw_worker *w, cbw__route *r, cbw__thread_rec *t,
     r->queued--;
     r->running++;
     job->phase = CBW_PHASE_RUNNING;
-    job->run.attempt++;
+    if (job->flags & CBW__JOB_REPLAY)
+        job->flags &= (uint8_t)~CBW__JOB_REPLAY;
+    else
+        job->run.attempt++;
     cbw__route_started(w, r);
     t->job = job;
     job->run.deadline_ns = cbw__deadline_after_ms(job->run.timeout_ms);
@@ -109,6 +112,12 @@ static void end_run(cbw_worker *w, cbw__route *r, cbw__thread_rec *t,
         if (t->deadline_ns != CBW__NEVER && cbw__now_ns() >= t->deadline_ns) {
             cbw__job_complete(w, job, CBW_STATUS_TIMEOUT,
                               "the callback ran past its timeout");
+        } else if (t->suspend_request != NULL) {
+            if (cbw__suspend_park(w, r, t, job))
+                retried = 1;
+            else
+                cbw__job_complete(w, job, CBW_STATUS_SHUTDOWN,
+                                  "the worker was closed while the job suspended");
         } else if (status != CBW_STATUS_OK && cbw__retry_schedule(w, r, t, job)) {
             retried = 1; /* the job and its callback token wait in the list */
         } else {
@@ -127,6 +136,9 @@ static void end_run(cbw_worker *w, cbw__route *r, cbw__thread_rec *t,
     t->pending_error = NULL;
     cbw__free(t->pristine);
     t->pristine = NULL;
+    cbw__free(t->suspend_request);
+    t->suspend_request = NULL;
+    job->flags &= (uint8_t)~CBW__JOB_WOKEN;
     if (!retried) {
         cbw__tokens_done(w, job->run.callback, 1);
         cbw__job_unref(job);

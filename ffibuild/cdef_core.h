@@ -164,6 +164,9 @@ int cbw_worker_set_grace(cbw_worker *w, int32_t grace_ms);
 int cbw_worker_is_own_thread(cbw_worker *w);
 int cbw_worker_use_manual_clock(cbw_worker *w);
 int cbw_worker_advance_clock(cbw_worker *w, int64_t ms);
+int64_t cbw_worker_clock_ms(cbw_worker *w);
+int cbw_run_suspend(cbw_run *run, const char *request, size_t size, int64_t wake_after_ms);
+int cbw_job_wake(cbw_worker *w, int64_t id, int64_t after_ms);
 
 int32_t cbw_route_open(cbw_worker *w, const char *name, int32_t concurrency,
                        int32_t timeout_ms);

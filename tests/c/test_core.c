@@ -136,6 +136,7 @@ enum op {
     OP_WAIT_NEXT, /* cbw_wait on the job with the next id */
     OP_KEEP,      /* cbw_run_keep_alive, remember the request's address */
     OP_SCRIBBLE,  /* uppercase the request in place; fail unless it already was */
+    OP_SUSPEND,   /* "s<ms>": suspend, replay with "r<ms>" (woken, or after <ms>) */
     OP_COUNT      /* stress: count runs by id, track routes; '!' fails, '~' naps */
 };
 
@@ -349,6 +350,21 @@ static int op_count(executor *x, cbw_run *run)
     return CBW_STATUS_OK;
 }
 
+static int op_suspend(executor *x, cbw_run *run)
+{
+    char replay[32];
+    size_t n = run->size < sizeof(replay) ? run->size : sizeof(replay) - 1;
+    if (n == 0 || run->data[0] != 's')
+        return CBW_STATUS_OK; /* the replay: the request is the response */
+    memcpy(replay, run->data, n);
+    replay[0] = 'r';
+    replay[n] = '\0';
+    memset(run->data, '?', run->size); /* the replay must not see this */
+    if (cbw_run_suspend(run, replay, n, n > 1 ? atoi(replay + 1) : -1) != CBW_OK)
+        INC(&x->bad_calls);
+    return CBW_STATUS_ERROR; /* ignored: the job suspends */
+}
+
 static int dispatch(executor *x, cbw_slot *slot, cbw_run *run)
 {
     size_t i;
@@ -367,6 +383,7 @@ static int dispatch(executor *x, cbw_slot *slot, cbw_run *run)
         }
         return status;
     case OP_FAIL: return op_fail(x, run);
+    case OP_SUSPEND: return op_suspend(x, run);
     case OP_SLEEP:
         sleep_ms(request_number(run));
         INC(&x->sleeps_done);
@@ -1976,6 +1993,58 @@ static void test_delay_spaces_consecutive_starts(void)
     cbw_worker_release(w);
 }
 
+static int job_state(cbw_worker *w, int64_t id)
+{
+    cbw_job_info info;
+    return cbw_job_info_get(w, id, &info) == CBW_OK ? info.state : -1;
+}
+
+static void test_suspended_job_replays_when_woken(void)
+{
+    cbw_worker *w = manual_clock_worker();
+    cbw_run outside = {0};
+    int64_t id = start_text(w, CBW_DEFAULT_ROUTE, OP_SUSPEND, "s", CBW_TIMEOUT_INFINITE);
+    int64_t timed = start_text(w, CBW_DEFAULT_ROUTE, OP_SUSPEND, "s250", CBW_TIMEOUT_INFINITE);
+    int64_t after = start_text(w, CBW_DEFAULT_ROUTE, OP_ECHO, "next", CBW_TIMEOUT_INFINITE);
+    /* Both leave the thread: the route goes on with the next job. */
+    expect_result(w, after, CBW_STATUS_OK, "next");
+    CHECK_EQ(job_state(w, id), CBW_STATE_SUSPENDED);
+    CHECK_EQ(job_state(w, timed), CBW_STATE_SUSPENDED);
+    CHECK_EQ(route_delayed(w, CBW_DEFAULT_ROUTE), 2);
+    CHECK_EQ(cbw_route_wait_drained(w, CBW_DEFAULT_ROUTE, 0), 0);
+    CHECK_EQ(cbw_worker_clock_ms(w), 0);
+    CHECK_EQ(cbw_worker_advance_clock(w, 249), CBW_OK);
+    CHECK_EQ(job_state(w, timed), CBW_STATE_SUSPENDED);
+    CHECK_EQ(cbw_worker_advance_clock(w, 1), CBW_OK);
+    CHECK_EQ(cbw_worker_clock_ms(w), 250);
+    expect_result(w, timed, CBW_STATUS_OK, "r250");
+    CHECK_EQ(cbw_job_wake(w, id, 0), 1);
+    expect_result(w, id, CBW_STATUS_OK, "r");
+    CHECK_EQ(cbw_job_wake(w, id, 0), CBW_EUNKNOWN);
+    CHECK_EQ(cbw_job_wake(w, after, -1), CBW_EINVAL);
+    CHECK_EQ(cbw_run_suspend(&outside, "x", 1, -1), CBW_EINVAL);
+    CHECK_EQ(LOAD(&ex.bad_calls), 0);
+    cbw_worker_release(w);
+}
+
+static void test_suspended_jobs_cancel_and_shut_down(void)
+{
+    cbw_worker *w = new_worker(1);
+    cbw_job_info info;
+    int64_t a = start_text(w, CBW_DEFAULT_ROUTE, OP_SUSPEND, "s", CBW_TIMEOUT_INFINITE);
+    int64_t b = start_text(w, CBW_DEFAULT_ROUTE, OP_SUSPEND, "s", CBW_TIMEOUT_INFINITE);
+    CHECK(EVENTUALLY(route_delayed(w, CBW_DEFAULT_ROUTE) == 2, WAIT_MS));
+    CHECK_EQ(cbw_job_info_get(w, a, &info), CBW_OK);
+    CHECK_EQ(info.attempt, 1);
+    CHECK_EQ(info.phase, CBW_PHASE_QUEUED);
+    CHECK_EQ(cbw_cancel(w, a, NULL), 1);
+    CHECK_EQ(job_state(w, a), CBW_STATE_CANCELLED);
+    CHECK_EQ(cbw_job_wake(w, a, 0), 0);
+    CHECK_EQ(cbw_worker_close(w, 0, 0), CBW_OK);
+    cbw_worker_release(w);
+    (void)b;
+}
+
 static void test_route_config_is_validated(void)
 {
     cbw_worker *w = new_worker(1);
@@ -2036,6 +2105,8 @@ static const test_case tests[] = {
     TEST(test_cancel_and_close_reach_waiting_retries),
     TEST(test_delay_spaces_consecutive_starts),
     TEST(test_route_config_is_validated),
+    TEST(test_suspended_job_replays_when_woken),
+    TEST(test_suspended_jobs_cancel_and_shut_down),
     TEST(test_start_many_in_order),
     TEST(test_start_many_all_or_nothing),
     TEST(test_tokens_retained_once_and_collected_when_dead),
