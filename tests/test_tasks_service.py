@@ -507,3 +507,14 @@ def test_background_service_runs_tasks_without_help(db: str) -> None:
     with TaskService(db) as reader:
         assert all(reader.get(i).status in ("completed", "pending") for i in ids)
         assert reader.counts()["q"]["running"] == 0
+
+
+def test_current_task_inside_a_handler(service: TaskService) -> None:
+    from callbackworker.tasks import TaskContext, current_task
+
+    seen: List[Optional[TaskContext]] = []
+    service.create_queue("q", handler=lambda p: seen.append(current_task()))
+    task = service.enqueue("q", b"")
+    service._dispatch_once()
+    assert seen == [TaskContext(task, "q", 1)]
+    assert current_task() is None

@@ -7,8 +7,8 @@ the C core.
 
 from __future__ import annotations
 
-from .service import QueueConfig, TaskInfo, TaskService
+from .service import QueueConfig, TaskContext, TaskInfo, TaskService, current_task
 from .sqlite import SQLiteTaskStore
 from .storage import TaskStore
 
-__all__ = ["TaskService", "QueueConfig", "TaskInfo", "TaskStore", "SQLiteTaskStore"]
+__all__ = ["TaskService", "QueueConfig", "TaskInfo", "TaskContext", "current_task", "TaskStore", "SQLiteTaskStore"]

@@ -56,7 +56,7 @@ from ..worker import Worker
 from .sqlite import SQLiteTaskStore
 from .storage import ClaimedTask, Outcome, TaskStore
 
-__all__ = ["TaskService", "QueueConfig", "TaskInfo", "Handler", "MAX_PAYLOAD", "MAX_QUEUE_NAME",
+__all__ = ["TaskService", "QueueConfig", "TaskInfo", "TaskContext", "current_task", "Handler", "MAX_PAYLOAD", "MAX_QUEUE_NAME",
            "MAX_BACKOFF_MS", "retry_delay_ms"]
 
 log = logging.getLogger(__name__)
@@ -133,6 +133,22 @@ class TaskInfo(NamedTuple):
     status: str
     message: str
     attempt: int
+
+
+class TaskContext(NamedTuple):
+    """What a running handler may ask about its task (``current_task()``)."""
+
+    id: str
+    queue: str
+    attempt: int
+
+
+_running = threading.local()
+
+
+def current_task() -> Optional[TaskContext]:
+    """Inside a handler, the task it is running; None anywhere else."""
+    return getattr(_running, "task", None)
 
 
 def retry_delay_ms(backoff_ms: int, attempt: int) -> int:
@@ -584,6 +600,7 @@ class TaskService:
 
     def _attempt(self, queue: _Queue, task: ClaimedTask) -> Outcome:
         view = memoryview(task.payload)
+        _running.task = TaskContext(task.id, queue.name, task.attempt)
         try:
             message = queue.handler(view)
             if message is not None and not isinstance(message, str):
@@ -592,6 +609,7 @@ class TaskService:
         except Exception as exc:
             return self._failure(queue, task, f"{type(exc).__name__}: {exc}")
         finally:
+            _running.task = None
             try:
                 view.release()
             except BufferError:
