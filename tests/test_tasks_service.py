@@ -518,3 +518,29 @@ def test_current_task_inside_a_handler(service: TaskService) -> None:
     service._dispatch_once()
     assert seen == [TaskContext(task, "q", 1)]
     assert current_task() is None
+
+
+def test_prefetch_claims_beyond_free_slots_and_close_gives_them_back(db: str, clock: FakeClock) -> None:
+    import threading
+
+    gate, running = threading.Event(), threading.Event()
+
+    def hold(payload: memoryview) -> None:
+        running.set()
+        gate.wait(30)
+
+    service = TaskService(db, clock=clock, background=False, prefetch=2)
+    service.create_queue("q", handler=hold)
+    ids = service.enqueue_many("q", [b"1", b"2", b"3", b"4"])
+    started, _ = service._claim_and_start()
+    assert started == 3  # one slot plus two prefetched
+    with TaskService(db, clock=clock, background=False) as reader:
+        assert [reader.get(i).status for i in ids] == ["running"] * 3 + ["pending"]
+    assert running.wait(30)
+    closer = threading.Thread(target=service.close)
+    closer.start()
+    gate.set()
+    closer.join()
+    with TaskService(db, clock=clock, background=False) as reader:
+        assert reader.get(ids[0]) == ("completed", "", 1)
+        assert [reader.get(i) for i in ids[1:]] == [("pending", "", 0)] * 3

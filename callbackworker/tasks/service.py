@@ -231,7 +231,7 @@ class _Queue:
     route: str
     config: QueueConfig
     handler: Handler
-    running: int = 0
+    in_flight: int = 0  # claimed by this service and not yet finished
 
 
 class _GroupCommitter:
@@ -305,7 +305,17 @@ class TaskService:
     wall clock); every stored time uses it.  ``lease_ms`` is how long a
     claimed task stays leased without renewal (renewed every third of it);
     ``poll_ms`` bounds how long work written by another process may wait
-    to be noticed.  With ``background=False`` nothing runs by itself: each
+    to be noticed.
+
+    ``prefetch`` (default 0) lets each queue claim that many tasks beyond
+    its free slots, in one transaction, so they wait in the queue's route
+    instead of being claimed one by one: far higher throughput, at a cost
+    on a crash: a prefetched task's attempt was counted at claim, so it
+    comes back with one attempt fewer left (or fails if it had none) though
+    its handler never ran.  A graceful ``close()`` gives those attempts
+    back.  With 0, only tasks that are about to run hold a lease.
+
+    With ``background=False`` nothing runs by itself: each
     ``_dispatch_once()`` call does one pass (tests drive a fake clock so).
 
     Use it as a context manager or call ``close()``.
@@ -313,11 +323,13 @@ class TaskService:
 
     def __init__(self, dsn: "str | os.PathLike[str]" = "callbackworker.db", *,
                  durability: str = "normal", clock: Optional[Callable[[], int]] = None,
-                 lease_ms: int = 30_000, poll_ms: int = 200, background: bool = True) -> None:
+                 lease_ms: int = 30_000, poll_ms: int = 200, prefetch: int = 0,
+                 background: bool = True) -> None:
         if clock is not None and not callable(clock):
             raise TypeError(f"clock must be callable, not {type(clock).__name__}")
         self._lease_ms = _check_int(lease_ms, "lease_ms", 100, _INTERVAL_MAX_MS)
         self._poll_ms = _check_int(poll_ms, "poll_ms", 1, 60_000)
+        self._prefetch = _check_int(prefetch, "prefetch", 0, 100_000)
         if type(background) is not bool:
             raise TypeError(f"background must be a bool, not {type(background).__name__}")
         self._store = _open_store(dsn, durability)
@@ -543,7 +555,8 @@ class TaskService:
         """Claims due tasks up to each queue's free slots and starts them.
         Returns how many started and how long (ms) until more may be due."""
         with self._cond:
-            free = [(q, q.config.concurrency - q.running) for q in self._queues.values()]
+            free = [(q, q.config.concurrency + self._prefetch - q.in_flight)
+                    for q in self._queues.values()]
         started, wait_ms = 0, float(self._poll_ms)
         for queue, slots in free:
             if slots <= 0:
@@ -567,7 +580,7 @@ class TaskService:
             keys = [next(self._keys) for _ in claimed]
             for key, task in zip(keys, claimed):
                 self._claims[key] = (queue, task)
-            queue.running += len(claimed)
+            queue.in_flight += len(claimed)
         for key in keys:
             try:
                 self._worker._start_detached(self._run_key, key.to_bytes(8, "little"), queue.route)
@@ -575,7 +588,7 @@ class TaskService:
                 with self._cond:
                     entry = self._claims.pop(key, None)
                     if entry is not None:
-                        queue.running -= 1
+                        queue.in_flight -= 1
                 if entry is not None:  # the job never ran: give the attempt back
                     task = entry[1]
                     self._committer.put(Outcome(task.id, task.token, "release", "", self._now()))
@@ -595,7 +608,7 @@ class TaskService:
             assert self._committer is not None
             self._committer.put(outcome)
             with self._cond:
-                queue.running -= 1
+                queue.in_flight -= 1
                 self._kick_locked()
 
     def _attempt(self, queue: _Queue, task: ClaimedTask) -> Outcome:
@@ -635,7 +648,7 @@ class TaskService:
         self._maintain(sweep=True)
         started, _ = self._claim_and_start()
         with self._cond:
-            while any(q.running for q in self._queues.values()):
+            while any(q.in_flight for q in self._queues.values()):
                 self._cond.wait()
         assert self._committer is not None
         self._committer.flush()
