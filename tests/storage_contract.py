@@ -13,7 +13,7 @@ from typing import List
 import pytest
 
 from callbackworker.errors import UnknownQueueError
-from callbackworker.tasks.storage import STATUSES, Outcome, TaskStore
+from callbackworker.tasks.storage import STATUSES, ClaimedTask, Outcome, TaskStore
 
 LEASE = 30_000
 
@@ -22,6 +22,14 @@ def _enqueue(store: TaskStore, queue: str, n: int, now: int = 0, prefix: str = "
     ids = [f"{prefix}{i}" for i in range(n)]
     store.enqueue_many(queue, [(task_id, f"payload {task_id}".encode()) for task_id in ids], now)
     return ids
+
+
+def _claimed_one(store: TaskStore, lease_ms: int = LEASE) -> ClaimedTask:
+    """A queue "q" with one task, claimed by "me" at time 0."""
+    store.ensure_queue("q")
+    _enqueue(store, "q", 1)
+    (task,) = store.claim("q", owner="me", limit=1, now=0, lease_ms=lease_ms)
+    return task
 
 
 class StorageContract:
@@ -120,9 +128,7 @@ class StorageContract:
     # ---- settling ------------------------------------------------------
 
     def test_complete_with_current_token(self, store: TaskStore) -> None:
-        store.ensure_queue("q")
-        _enqueue(store, "q", 1)
-        (task,) = store.claim("q", owner="me", limit=1, now=0, lease_ms=LEASE)
+        task = _claimed_one(store)
         assert store.complete(task.id, task.token, "done", 7) is True
         record = store.get(task.id)
         assert record is not None
@@ -130,35 +136,27 @@ class StorageContract:
         assert record.owner is None and record.lease_expires_at is None
 
     def test_fail_is_terminal(self, store: TaskStore) -> None:
-        store.ensure_queue("q")
-        _enqueue(store, "q", 1)
-        (task,) = store.claim("q", owner="me", limit=1, now=0, lease_ms=LEASE)
+        task = _claimed_one(store)
         assert store.fail(task.id, task.token, "ValueError: no", 3) is True
         record = store.get(task.id)
         assert record is not None and (record.status, record.message) == ("failed", "ValueError: no")
         assert store.claim("q", owner="me", limit=1, now=10**9, lease_ms=LEASE) == []
 
     def test_retry_returns_to_pending_with_attempt_counted(self, store: TaskStore) -> None:
-        store.ensure_queue("q")
-        _enqueue(store, "q", 1)
-        (task,) = store.claim("q", owner="me", limit=1, now=0, lease_ms=LEASE)
+        task = _claimed_one(store)
         assert store.retry(task.id, task.token, "E: x", 1000) is True
         assert store.claim("q", owner="me", limit=1, now=999, lease_ms=LEASE) == []
         (again,) = store.claim("q", owner="me", limit=1, now=1000, lease_ms=LEASE)
         assert again.attempt == 2 and again.token != task.token
 
     def test_release_gives_the_attempt_back(self, store: TaskStore) -> None:
-        store.ensure_queue("q")
-        _enqueue(store, "q", 1)
-        (task,) = store.claim("q", owner="me", limit=1, now=0, lease_ms=LEASE)
+        task = _claimed_one(store)
         assert store.release(task.id, task.token, 5) is True
         record = store.get(task.id)
         assert record is not None and (record.status, record.attempt) == ("pending", 0)
 
     def test_stale_token_is_rejected(self, store: TaskStore) -> None:
-        store.ensure_queue("q")
-        _enqueue(store, "q", 1)
-        (task,) = store.claim("q", owner="me", limit=1, now=0, lease_ms=LEASE)
+        task = _claimed_one(store)
         assert store.recover("q", now=LEASE, max_attempts=5) == 1
         (again,) = store.claim("q", owner="other", limit=1, now=LEASE, lease_ms=LEASE)
         assert store.complete(task.id, task.token, "late", LEASE) is False
@@ -170,9 +168,7 @@ class StorageContract:
         assert store.complete(again.id, again.token, "ok", LEASE) is True
 
     def test_settle_twice_is_rejected(self, store: TaskStore) -> None:
-        store.ensure_queue("q")
-        _enqueue(store, "q", 1)
-        (task,) = store.claim("q", owner="me", limit=1, now=0, lease_ms=LEASE)
+        task = _claimed_one(store)
         assert store.complete(task.id, task.token, "a", 1) is True
         assert store.complete(task.id, task.token, "b", 2) is False
         record = store.get(task.id)
