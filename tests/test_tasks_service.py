@@ -10,6 +10,7 @@ test sleeps or depends on timing.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import Iterator, List, Optional
 
@@ -352,7 +353,7 @@ def test_crash_recovery_on_create_queue(db: str, clock: FakeClock) -> None:
     store.ensure_queue("q")
     store.enqueue_many("q", [("dead", b"1"), ("expired", b"2"), ("live", b"3")],
                        clock() - 50_000)
-    host = os.uname().nodename
+    host = socket.gethostname()
     gone_pid = _a_dead_pid()
     store.claim("q", owner=f"{host}/{gone_pid}/x", limit=1, now=clock(), lease_ms=10**9)
     store.claim("q", owner="otherhost/1/y", limit=1, now=clock() - 40_000, lease_ms=30_000)
