@@ -364,10 +364,10 @@ class TaskService:
     def close(self) -> None:
         """Stops the service; idempotent.
 
-        No task is claimed afterwards.  Running handlers finish and their
-        outcomes are committed; tasks claimed but not yet started go back to
-        pending with their attempt given back.  Must not be called from a
-        handler.
+        No task is claimed and no handler starts once it has begun.
+        Running handlers finish and their outcomes are committed; tasks
+        claimed but not yet started go back to pending with their attempt
+        given back.  Must not be called from a handler.
         """
         with self._cond:
             if self._closed:
@@ -599,9 +599,13 @@ class TaskService:
         """The callback of every job: runs one claimed task's handler."""
         with self._cond:
             queue, task = self._claims.pop(int.from_bytes(request, "little"))
+            closing = self._closed
         outcome: Optional[Outcome] = None
         try:
-            outcome = self._attempt(queue, task)
+            if closing:  # close() has begun: no handler starts any more
+                outcome = Outcome(task.id, task.token, "release", "", self._now())
+            else:
+                outcome = self._attempt(queue, task)
         finally:
             if outcome is None:  # interrupted by a BaseException
                 outcome = self._failure(queue, task, "interrupted: the handler did not return")
