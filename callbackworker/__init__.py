@@ -39,16 +39,24 @@ from .errors import (
     JobFailedError,
     JobNotCompleteError,
     JobTimeoutError,
+    QueueExistsError,
     RouteClosedError,
+    ServiceClosedError,
     ShutdownError,
+    StorageBusyError,
+    TaskError,
+    TaskNotCancellableError,
     UnknownJobError,
+    UnknownQueueError,
     UnknownRouteError,
+    UnknownTaskError,
     WaitTimeoutError,
     WorkerClosedError,
 )
 from .executor import Executor
 from .jobcontext import JobContext, current_job
 from .states import State, Status
+from .tasks import QueueConfig, TaskInfo, TaskService
 from .worker import Worker
 
 __version__ = "0.1.0"
@@ -90,5 +98,8 @@ __all__ = [
     "CallbackWorkerError", "UnknownJobError", "JobNotCompleteError", "JobFailedError",
     "JobTimeoutError", "JobCancelledError", "ShutdownError", "WaitTimeoutError",
     "WorkerClosedError", "DeadlockError", "UnknownRouteError", "RouteClosedError",
+    "TaskService", "QueueConfig", "TaskInfo", "TaskError", "UnknownTaskError",
+    "UnknownQueueError", "QueueExistsError", "TaskNotCancellableError", "ServiceClosedError",
+    "StorageBusyError",
     *_FUNCTIONS,
 ]

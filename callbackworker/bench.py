@@ -25,6 +25,13 @@ place):
 * progress    the plain start/wait path, run next to the same jobs started
               with an on_progress callback that is never called: the
               plain path must not pay for the feature
+* tasks       persistent queues on a fresh SQLite file per run: enqueue
+              (one durable commit per call) and end-to-end (enqueue N one at
+              a time, a trivial handler, until all are completed in the
+              database), vs huey's SqliteHuey (thread consumer) and
+              persist-queue's SQLiteAckQueue (get/ack on a consumer thread);
+              a baseline that is not installed (``pip install
+              '.[bench]'``) is skipped with a message
 """
 
 from __future__ import annotations
@@ -35,10 +42,11 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .executor import Executor
 from .worker import Worker
@@ -245,10 +253,165 @@ def progress_tracked(n: int) -> float:
         return n / (time.perf_counter() - t0)
 
 
+# ---- persistent task queues ---------------------------------------------
+
+TASK_PAYLOAD = b"task payload 16b"
+
+
+def _task_done(payload: memoryview) -> str:
+    return "ok"
+
+
+def tasks_rate(kind: str, n: int, end_to_end: bool) -> float:
+    """Tasks/s for one run on a fresh SQLite file: enqueue only, or enqueue
+    plus the handler until every task is completed in the database."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "bench.db")
+        return _TASK_RUNNERS[kind](path, n, end_to_end)
+
+
+def _cbw_tasks(path: str, n: int, end_to_end: bool, prefetch: int = 0,
+               batch: bool = False) -> float:
+    from .tasks import QueueConfig, TaskService
+
+    done = threading.Event()
+    left = [n]
+    lock = threading.Lock()
+
+    def handler(payload: memoryview) -> str:
+        with lock:
+            left[0] -= 1
+            if left[0] == 0:
+                done.set()
+        return "ok"
+
+    with TaskService(path, background=end_to_end, prefetch=prefetch) as service:
+        service.create_queue("bench", QueueConfig(), handler=handler)
+        enqueue, payload = service.enqueue, TASK_PAYLOAD
+        t0 = time.perf_counter()
+        if batch:
+            service.enqueue_many("bench", [payload] * n)
+        else:
+            for _ in range(n):
+                enqueue("bench", payload)
+        if end_to_end:
+            done.wait()
+            assert service._committer is not None
+            service._committer.flush()  # completed means committed
+        elapsed = time.perf_counter() - t0
+    return n / elapsed
+
+
+def _huey_tasks(path: str, n: int, end_to_end: bool) -> float:
+    import logging
+
+    from huey import SqliteHuey
+
+    logging.getLogger("huey").setLevel(logging.WARNING)
+    huey = SqliteHuey(filename=path, results=False)
+    done = threading.Event()
+    left = [n]
+
+    @huey.task()
+    def job(payload: bytes) -> str:
+        left[0] -= 1
+        if left[0] == 0:
+            done.set()
+        return "ok"
+
+    consumer = huey.create_consumer(workers=1, worker_type="thread", initial_delay=0.001,
+                                    max_delay=0.01) if end_to_end else None
+    if consumer is not None:
+        consumer.start()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        job(TASK_PAYLOAD)
+    if consumer is not None:
+        done.wait()
+    elapsed = time.perf_counter() - t0
+    if consumer is not None:
+        consumer.stop(graceful=True)
+    return n / elapsed
+
+
+def _persistqueue_tasks(path: str, n: int, end_to_end: bool) -> float:
+    from persistqueue import SQLiteAckQueue
+
+    queue = SQLiteAckQueue(path, multithreading=True, auto_commit=True)
+    done = threading.Event()
+
+    def consume() -> None:
+        for _ in range(n):
+            item = queue.get()
+            _task_done(memoryview(item))
+            queue.ack(item)
+        done.set()
+
+    consumer: Optional[threading.Thread] = None
+    if end_to_end:
+        consumer = threading.Thread(target=consume, daemon=True)
+        consumer.start()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        queue.put(TASK_PAYLOAD)
+    if consumer is not None:
+        done.wait()
+    return n / (time.perf_counter() - t0)
+
+
+TASK_PREFETCH = 256
+
+_TASK_RUNNERS: Dict[str, Callable[[str, int, bool], float]] = {
+    "cbw": _cbw_tasks,
+    "cbw-prefetch": lambda path, n, e2e: _cbw_tasks(path, n, e2e, prefetch=TASK_PREFETCH),
+    "cbw-batch": lambda path, n, e2e: _cbw_tasks(path, n, e2e, prefetch=TASK_PREFETCH, batch=True),
+    "huey": _huey_tasks,
+    "persistqueue": _persistqueue_tasks,
+}
+_TASK_VARIANTS = {
+    False: [("cbw", "enqueue, one per call"), ("cbw-batch", "enqueue_many")],
+    True: [("cbw", "end-to-end, prefetch 0 (default)"),
+           ("cbw-prefetch", f"end-to-end, prefetch {TASK_PREFETCH}"),
+           ("cbw-batch", f"end-to-end, enqueue_many, prefetch {TASK_PREFETCH}")],
+}
+_TASK_BASELINES = [("huey", "huey", "SqliteHuey"), ("persistqueue", "persistqueue", "SQLiteAckQueue")]
+
+
+def _installed(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+def bench_tasks(n: int, runs: int, rows: List[Tuple[str, str, str, str]],
+                figures: Dict[str, float]) -> None:
+    """Each baseline runs its own one-call-per-task API; every variant of
+    ours is compared with the same baseline figures."""
+    baselines = [(kind, label) for kind, module, label in _TASK_BASELINES if _installed(module)]
+    for kind, module, label in _TASK_BASELINES:
+        if not _installed(module):
+            print(f"  (skipped {label}: {module} is not installed; pip install '.[bench]')",
+                  flush=True)
+    for end_to_end in (False, True):
+        mode = "end-to-end" if end_to_end else "enqueue"
+        base = {kind: _median_rate(lambda: tasks_rate(kind, n, end_to_end), runs, f"{label} {mode}")
+                for kind, label in baselines}
+        for kind, label in baselines:
+            figures[f"{kind}_{mode}_per_s"] = base[kind]
+        for variant, what in _TASK_VARIANTS[end_to_end]:
+            ours = _median_rate(lambda: tasks_rate(variant, n, end_to_end), runs, f"tasks {what}")
+            figures[f"tasks_{variant}_{mode}_per_s"] = ours
+            _row(rows, f"{what}, {n:,}", f"{ours:,.0f}/s", "", "")
+            for kind, label in baselines:
+                _row(rows, f"  vs {label}", "", f"{base[kind]:,.0f}/s", f"{ours / base[kind]:.1f}x")
+
+
 # ---- driver -----------------------------------------------------------
 
 SECTIONS = ["throughput", "batch", "latency", "blobs", "memory", "scaling", "close",
-            "executor", "progress"]
+            "executor", "progress", "tasks"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -271,9 +434,10 @@ def main(args: argparse.Namespace) -> int:
     runs = max(1, args.runs)
     n = args.n
     scale = [100_000, 1_000_000, 10_000_000]
-    lat_n, blob_n, mem_n, close_n = 20_000, 200, 1_000_000, 1_000_000
+    lat_n, blob_n, mem_n, close_n, task_n = 20_000, 200, 1_000_000, 1_000_000, 5_000
     if args.quick:
         n, scale, lat_n, blob_n, mem_n, close_n = 5_000, [2_000, 10_000], 500, 10, 20_000, 20_000
+        task_n = 300
         runs = min(runs, 3)
     want = set(args.only or SECTIONS)
     figures: Dict[str, float] = {}
@@ -351,6 +515,9 @@ def main(args: argparse.Namespace) -> int:
         figures.update(plain_per_s=plain, progress_tracked_per_s=tracked)
         _row(rows, "jobs started with on_progress vs plain jobs", f"{tracked:,.0f}/s", f"{plain:,.0f}/s",
              f"{tracked / plain:.2f}")
+
+    if "tasks" in want:
+        bench_tasks(task_n, runs, rows, figures)
 
     if args.json:
         with open(args.json, "w") as f:

@@ -1,21 +1,31 @@
 """The ``callbackworker`` command (also ``python -m callbackworker``).
 
 Subcommands:
-  demo   a short guided tour of the Worker API on the embedded default
-  bench  throughput and latency against ThreadPoolExecutor and a bare loop
+  demo     a short guided tour of the Worker API and of a persistent queue
+  bench    throughput and latency against ThreadPoolExecutor and a bare loop
+  worker   serve the persistent queues an app module defines
+  enqueue  add a task to a persistent queue; prints its id
+  task     show a task's status, message and attempt
+  queues   a table of task counts per queue and status
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
+import signal
 import sys
+import tempfile
 import threading
 import time
-from typing import Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 from . import Worker
 from .asyncmeta import JobMetaKey, Profile, supports_blob_job
-from .errors import JobFailedError, JobTimeoutError
+from .errors import JobFailedError, JobTimeoutError, TaskError
+from .tasks import QueueConfig, TaskService
+from .tasks.storage import STATUSES
 
 
 def _say(title: str) -> None:
@@ -91,8 +101,34 @@ def demo(args: argparse.Namespace) -> int:
         w.start(lambda r: gate.wait(0.2), b"", 5000)
         pending = [w.start(_echo, b"x") for _ in range(3)]
         print(f"{len(pending)} jobs queued; close() -> {w.close()}")
+    _demo_tasks()
     print("\ndemo finished")
     return 0
+
+
+def _greet(payload: memoryview) -> str:
+    name = bytes(payload).decode()
+    if name == "nobody":
+        raise LookupError("no one to greet")
+    return f"hello, {name}"
+
+
+def _demo_tasks() -> None:
+    """The persistent-queue part of the tour, on a temporary SQLite file."""
+    _say("persistent task queues (TaskService on a temporary SQLite file)")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "demo.db")
+        with TaskService(path) as tasks:
+            tasks.create_queue("greet", QueueConfig(max_retries=1, backoff_ms=0), handler=_greet)
+            ids = tasks.enqueue_many("greet", [b"ada", b"nobody"])
+            print("enqueue_many(greet, [b'ada', b'nobody']) -> 2 task ids")
+            while any(tasks.get(i).status in ("pending", "running") for i in ids):
+                time.sleep(0.01)
+            for task_id in ids:
+                print(f"get(task) -> {tasks.get(task_id)}")
+        with TaskService(path) as reopened:
+            print(f"after close and reopen: get(first task).status -> "
+                  f"{reopened.get(ids[0]).status!r}")
 
 
 def _spin_forever(request: memoryview) -> None:
@@ -106,6 +142,129 @@ def bench(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+# ---- persistent task queues -------------------------------------------
+
+def _load_app(spec: str) -> Any:
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise SystemExit(f"--app must look like module:attribute, not {spec!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    obj: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def setup_app(service: TaskService, app: Any) -> List[str]:
+    """Creates the queues ``app`` describes; returns their names.
+
+    ``app`` is either a callable taking the ``TaskService`` (it calls
+    ``create_queue`` itself), or a dict mapping each queue name to its
+    handler, or to a dict with a ``"handler"`` and any ``QueueConfig``
+    fields (``{"emails": {"handler": send, "concurrency": 4}}``).
+    """
+    if isinstance(app, dict):
+        for name, spec in app.items():
+            if callable(spec):
+                service.create_queue(name, handler=spec)
+            elif isinstance(spec, dict) and "handler" in spec:
+                options = {k: v for k, v in spec.items() if k != "handler"}
+                service.create_queue(name, QueueConfig(**options), handler=spec["handler"])
+            else:
+                raise TypeError(f"queue {name!r}: expected a handler or a dict with a "
+                                f"'handler', not {type(spec).__name__}")
+        return list(app)
+    if callable(app):
+        before = set(service._queues)
+        app(service)
+        return sorted(set(service._queues) - before)
+    raise TypeError(f"the app must be a callable taking a TaskService or a dict of queues, "
+                    f"not {type(app).__name__}")
+
+
+def worker(args: argparse.Namespace) -> int:
+    """Serves the app's queues until SIGINT or SIGTERM, then shuts down
+    gracefully (running tasks finish; claimed ones go back to pending)."""
+    app = _load_app(args.app)
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    with TaskService(args.db, durability=args.durability) as service:
+        names = setup_app(service, app)
+        print(f"serving {len(names)} queue(s) on {args.db}: {', '.join(names)}", flush=True)
+        while not stop.wait(0.5):
+            pass
+        print("stopping: waiting for running tasks", file=sys.stderr, flush=True)
+    print("stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+def enqueue(args: argparse.Namespace) -> int:
+    payload = sys.stdin.buffer.read() if args.payload == "-" else os.fsencode(args.payload)
+    with TaskService(args.db) as service:
+        print(service.enqueue(args.queue, payload))
+    return 0
+
+
+def task(args: argparse.Namespace) -> int:
+    with TaskService(args.db) as service:
+        info = service.get(args.id)
+    print(f"status:  {info.status}\nattempt: {info.attempt}\nmessage: {info.message}")
+    return 0
+
+
+def queues(args: argparse.Namespace) -> int:
+    with TaskService(args.db) as service:
+        counts = service.counts()
+    width = max([5, *(len(name) for name in counts)])
+    print(f"{'queue':<{width}} " + " ".join(f"{s:>9}" for s in STATUSES))
+    for name, row in counts.items():
+        print(f"{name:<{width}} " + " ".join(f"{row[s]:>9}" for s in STATUSES))
+    return 0
+
+
+def _add_db(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", default="callbackworker.db", metavar="PATH",
+                   help="the SQLite task database (default: callbackworker.db)")
+
+
+def _add_task_commands(sub: Any) -> None:
+    p = sub.add_parser("worker", help="serve the persistent queues an app module defines",
+                       description="Imports module:attr and serves its queues until SIGINT or "
+                                   "SIGTERM, then shuts down gracefully. attr is a callable "
+                                   "taking a TaskService (it creates the queues) or a dict "
+                                   "{queue: handler | {'handler': fn, <QueueConfig fields>}}.")
+    _add_db(p)
+    p.add_argument("--app", required=True, metavar="MODULE:ATTR",
+                   help="what defines the queues, e.g. myapp.tasks:queues")
+    p.add_argument("--durability", choices=["normal", "full"], default="normal",
+                   help="normal survives a killed process; full also power loss")
+    p.set_defaults(func=worker)
+
+    p = sub.add_parser("enqueue", help="add a task to a persistent queue; prints its id",
+                       description="Adds one task and prints its id once it is committed.")
+    _add_db(p)
+    p.add_argument("queue", help="the queue's name")
+    p.add_argument("payload", help="the payload (its UTF-8 bytes), or - to read bytes from stdin")
+    p.set_defaults(func=enqueue)
+
+    p = sub.add_parser("task", help="show a task's status, message and attempt",
+                       description="Prints the task's status, attempt and message.")
+    _add_db(p)
+    p.add_argument("id", help="the task id enqueue printed")
+    p.set_defaults(func=task)
+
+    p = sub.add_parser("queues", help="task counts per queue and status",
+                       description="A table: pending/running/completed/failed/cancelled per queue.")
+    _add_db(p)
+    p.set_defaults(func=queues)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="callbackworker",
@@ -113,7 +272,7 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    p = sub.add_parser("demo", help="a short tour: start/wait, take, cancel, a timeout, a failure",
+    p = sub.add_parser("demo", help="a short tour: start/wait, take, cancel, a timeout, a failure, a persistent queue",
                        description="A short tour of the Worker API; prints each step.")
     p.set_defaults(func=demo)
 
@@ -124,6 +283,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     add_arguments(p)
     p.set_defaults(func=bench)
+    _add_task_commands(sub)
     return parser
 
 
@@ -131,7 +291,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
-    return func(args)
+    try:
+        return func(args)
+    except (TaskError, ValueError, TypeError) as exc:
+        if args.command in ("demo", "bench"):
+            raise
+        print(f"callbackworker {args.command}: {exc}", file=sys.stderr)
+        return 1
 
 
 __all__: List[str] = ["main"]

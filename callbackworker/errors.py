@@ -26,6 +26,13 @@ __all__ = [
     "DeadlockError",
     "UnknownRouteError",
     "RouteClosedError",
+    "TaskError",
+    "UnknownTaskError",
+    "UnknownQueueError",
+    "QueueExistsError",
+    "TaskNotCancellableError",
+    "ServiceClosedError",
+    "StorageBusyError",
 ]
 
 
@@ -106,6 +113,63 @@ class UnknownRouteError(CallbackWorkerError, KeyError):
 
 class RouteClosedError(CallbackWorkerError):
     """The route was closed with ``close_route`` and accepts no new jobs."""
+
+
+class TaskError(CallbackWorkerError):
+    """Base class of the persistent task queues' errors (``TaskService``)."""
+
+
+class UnknownTaskError(TaskError, KeyError):
+    """No task with that id exists: it was never enqueued, or retention
+    deleted it."""
+
+    def __init__(self, task_id: object) -> None:
+        super().__init__(f"unknown task id {task_id!r}: never enqueued or already swept")
+        self.task_id = task_id
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class UnknownQueueError(TaskError, KeyError):
+    """No queue with that name exists in the task database."""
+
+    def __init__(self, name: object) -> None:
+        super().__init__(f"unknown queue {name!r}: no service has created it in this database")
+        self.queue = name
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class QueueExistsError(TaskError, ValueError):
+    """``create_queue`` for a name this service already created."""
+
+
+class TaskNotCancellableError(TaskError):
+    """``cancel`` on a task that is not pending; ``.status`` says what it is
+    (``"running"``, ``"completed"``, ``"failed"`` or ``"cancelled"``)."""
+
+    def __init__(self, task_id: str, status: str) -> None:
+        reason = {
+            "running": "it is running (only pending tasks can be cancelled)",
+            "completed": "it has already completed",
+            "failed": "it has already failed",
+            "cancelled": "it was already cancelled",
+        }.get(status, f"its status is {status!r}")
+        super().__init__(f"cannot cancel task {task_id!r}: {reason}")
+        self.task_id = task_id
+        self.status = status
+
+
+class ServiceClosedError(TaskError, RuntimeError):
+    """The ``TaskService`` has been closed: no verb but ``close`` works any
+    more."""
+
+
+class StorageBusyError(TaskError, TimeoutError):
+    """The task database stayed locked by other connections for longer than
+    the store's patience (transient contention is retried, never raised)."""
 
 
 _STATUS_WORDS = {

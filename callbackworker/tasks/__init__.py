@@ -1,0 +1,14 @@
+"""Persistent task queues (``TaskService``) and their storage backends.
+
+``storage`` holds the contract every backend implements (``TaskStore``),
+``sqlite`` the SQLite backend, ``service`` the service that runs tasks on
+the C core.
+"""
+
+from __future__ import annotations
+
+from .service import QueueConfig, TaskContext, TaskInfo, TaskService, current_task
+from .sqlite import SQLiteTaskStore
+from .storage import TaskStore
+
+__all__ = ["TaskService", "QueueConfig", "TaskInfo", "TaskContext", "current_task", "TaskStore", "SQLiteTaskStore"]

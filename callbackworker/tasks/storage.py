@@ -1,0 +1,213 @@
+"""The storage contract of persistent task queues: ``TaskStore``.
+
+A backend keeps queues and tasks and makes every state change atomic.  It
+knows nothing of handlers, threads or clocks: every method that depends on
+time takes ``now`` (milliseconds, from the service's clock), and every
+policy decision (how long to back off, whether an owner is dead) is made by
+the caller, ``TaskService``.  One shared test class,
+``tests/storage_contract.py``, states the contract; every backend must pass
+it unchanged.
+
+The life of a task::
+
+    pending --claim--> running --complete--> completed
+       ^                  |  \\--fail-----> failed
+       |                  |
+       +----retry---------+      (attempt kept; due at run_at)
+       +----release-------+      (graceful shutdown: attempt given back)
+       +----recover-------+      (lease lost: attempt kept, or failed when
+                                  the attempts are used up)
+    pending --cancel / clear--> cancelled
+
+A claim is a lease: the task records its ``owner``, ``lease_expires_at`` and
+a fresh ``token``, and ``attempt`` grows by one.  Every transition out of
+``running`` names the token; a token that no longer matches (the lease was
+recovered and the task claimed again, or it was settled already) is
+rejected and changes nothing.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence
+
+__all__ = [
+    "STATUSES", "TERMINAL_STATUSES", "TaskRecord", "ClaimedTask", "Outcome", "TaskStore",
+]
+
+STATUSES = ("pending", "running", "completed", "failed", "cancelled")
+"""Every task status, in the order tables show them."""
+
+TERMINAL_STATUSES = ("completed", "failed", "cancelled")
+"""Statuses a task never leaves; retention deletes them by ``finished_at``."""
+
+
+class TaskRecord(NamedTuple):
+    """A task as stored."""
+
+    id: str
+    queue: str
+    status: str
+    message: str
+    attempt: int
+    next_run_at: int
+    finished_at: Optional[int]
+    owner: Optional[str]
+    lease_expires_at: Optional[int]
+
+
+class ClaimedTask(NamedTuple):
+    """A task handed out by ``TaskStore.claim``: run it, then settle it with
+    its ``token``."""
+
+    id: str
+    payload: bytes
+    attempt: int
+    token: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one attempt ended, for ``TaskStore.settle``.
+
+    ``kind`` is ``"complete"`` or ``"fail"`` (terminal: ``at`` is the finish
+    time), ``"retry"`` (back to pending with the attempt counted: ``at`` is
+    when it is due again) or ``"release"`` (back to pending, due at ``at``,
+    and the attempt is given back: the handler never ran).
+    """
+
+    task_id: str
+    token: str
+    kind: str
+    message: str
+    at: int
+
+    KINDS = ("complete", "fail", "retry", "release")
+
+
+class TaskStore(ABC):
+    """Where queues and tasks live.  Every method is atomic and thread-safe;
+    none may surface a transient "database is busy" condition (retry it)."""
+
+    # ---- queues -------------------------------------------------------
+
+    @abstractmethod
+    def ensure_queue(self, name: str) -> None:
+        """Creates the queue if it does not exist (idempotent, shared by
+        every process using the store)."""
+
+    @abstractmethod
+    def queues(self) -> List[str]:
+        """The names of every queue, sorted."""
+
+    # ---- producing ----------------------------------------------------
+
+    @abstractmethod
+    def enqueue_many(self, queue: str, tasks: Sequence["tuple[str, bytes]"], now: int) -> None:
+        """Adds ``(task_id, payload)`` pairs as pending tasks due at ``now``,
+        all in one transaction, durable when this returns.  Raises
+        ``UnknownQueueError`` (nothing is added) if the queue does not
+        exist."""
+
+    def enqueue(self, queue: str, task_id: str, payload: bytes, now: int) -> None:
+        """Adds one pending task; see ``enqueue_many``."""
+        self.enqueue_many(queue, [(task_id, payload)], now)
+
+    # ---- consuming ----------------------------------------------------
+
+    @abstractmethod
+    def claim(self, queue: str, *, owner: str, limit: int, now: int, lease_ms: int,
+              delay_ms: int = 0) -> List[ClaimedTask]:
+        """Atomically moves up to ``limit`` of the queue's oldest due pending
+        tasks (``next_run_at <= now``, oldest ``next_run_at`` first, then
+        insertion order) to running under a lease: ``owner``, expiry
+        ``now + lease_ms``, a fresh token, ``attempt + 1``.  Returns them in
+        that order.
+
+        With ``delay_ms > 0`` it claims at most one task, and only when the
+        queue's next allowed start (stored, so it holds across processes)
+        has come; the claim moves that time to ``now + delay_ms``.
+        """
+
+    @abstractmethod
+    def settle(self, outcomes: Sequence[Outcome]) -> List[bool]:
+        """Applies the outcomes in one transaction (a group commit).  Each
+        applies only if its task is running with its token; the result says,
+        per outcome, whether it applied (False: stale token, nothing
+        changed)."""
+
+    def complete(self, task_id: str, token: str, message: str, now: int) -> bool:
+        """Running → completed with ``message``.  False if the token is stale."""
+        return self.settle([Outcome(task_id, token, "complete", message, now)])[0]
+
+    def fail(self, task_id: str, token: str, message: str, now: int) -> bool:
+        """Running → failed with ``message``.  False if the token is stale."""
+        return self.settle([Outcome(task_id, token, "fail", message, now)])[0]
+
+    def retry(self, task_id: str, token: str, message: str, run_at: int) -> bool:
+        """Running → pending, due at ``run_at``, the attempt counted.  False
+        if the token is stale."""
+        return self.settle([Outcome(task_id, token, "retry", message, run_at)])[0]
+
+    def release(self, task_id: str, token: str, now: int) -> bool:
+        """Running → pending, due at ``now``, the attempt given back (the
+        handler never started).  False if the token is stale."""
+        return self.settle([Outcome(task_id, token, "release", "", now)])[0]
+
+    # ---- leases -------------------------------------------------------
+
+    @abstractmethod
+    def renew_leases(self, owner: str, expires_at: int) -> int:
+        """Extends the lease of every running task of ``owner`` to
+        ``expires_at``; returns how many."""
+
+    @abstractmethod
+    def running_owners(self, queue: str) -> List[str]:
+        """The distinct owners holding running tasks of the queue."""
+
+    @abstractmethod
+    def recover(self, queue: str, *, now: int, max_attempts: int,
+                owners: Iterable[str] = ()) -> int:
+        """Takes back the queue's running tasks whose lease expired
+        (``lease_expires_at <= now``) or whose owner is in ``owners`` (known
+        dead).  A task with ``attempt < max_attempts`` goes back to pending,
+        due at ``now``, its attempt still counted; the others fail, with a
+        message saying the worker was lost.  Returns how many."""
+
+    # ---- management ---------------------------------------------------
+
+    @abstractmethod
+    def get(self, task_id: str) -> Optional[TaskRecord]:
+        """The task, or None if it does not exist (never did, or swept)."""
+
+    @abstractmethod
+    def cancel(self, task_id: str, now: int) -> Optional[str]:
+        """Cancels the task if it is pending.  Returns the status it had
+        (``"pending"`` means it is now cancelled; any other status means
+        nothing changed), or None if the task does not exist."""
+
+    @abstractmethod
+    def clear(self, queue: str, now: int) -> int:
+        """Cancels every pending task of the queue; returns how many.
+        Running tasks are untouched."""
+
+    @abstractmethod
+    def counts(self) -> Dict[str, Dict[str, int]]:
+        """For every queue, the number of tasks in each of ``STATUSES``
+        (zeros included)."""
+
+    @abstractmethod
+    def next_due(self, queue: str) -> Optional[int]:
+        """The earliest time a claim on the queue could return a task (the
+        oldest pending ``next_run_at``, no earlier than the queue's next
+        allowed start), or None when nothing is pending."""
+
+    @abstractmethod
+    def sweep(self, queue: str, finished_before: int) -> int:
+        """Deletes the queue's completed, failed and cancelled tasks that
+        finished before ``finished_before``; returns how many."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Releases the backend's resources; idempotent."""

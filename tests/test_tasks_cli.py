@@ -1,0 +1,111 @@
+"""The task commands of ``callbackworker`` (worker, enqueue, task, queues),
+run as subprocesses, and the demo's persistent-queue part."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import List
+
+import pytest
+
+from callbackworker import TaskService
+
+TESTS = Path(__file__).parent
+
+
+def cli(*args: str, stdin: bytes = b"") -> "subprocess.CompletedProcess[str]":
+    return subprocess.run([sys.executable, "-m", "callbackworker", *args], input=stdin.decode(),
+                          capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=str(TESTS)))
+
+
+def _worker(db: Path, log: Path, app: str = "task_apps:one_at_a_time") -> "subprocess.Popen[bytes]":
+    proc = subprocess.Popen([sys.executable, "-m", "callbackworker", "worker", "--db", str(db),
+                             "--app", app],
+                            env=dict(os.environ, PYTHONPATH=str(TESTS), CBW_TASK_LOG=str(log)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline().startswith(b"serving")
+    return proc
+
+
+def _wait_for_status(db: Path, task_id: str, statuses: List[str]) -> str:
+    deadline = time.monotonic() + 30
+    with TaskService(db) as reader:
+        while (status := reader.get(task_id).status) not in statuses:
+            assert time.monotonic() < deadline, status
+            time.sleep(0.02)
+    return status
+
+
+@pytest.mark.parametrize("command", ["worker", "enqueue", "task", "queues", "demo"])
+def test_every_command_has_help(command: str) -> None:
+    out = cli(command, "--help")
+    assert out.returncode == 0 and "usage:" in out.stdout
+
+
+def test_worker_enqueue_task_queues(tmp_path: Path) -> None:
+    db, log = tmp_path / "t.db", tmp_path / "runs.log"
+    proc = _worker(db, log)
+    try:
+        task_id = cli("enqueue", "--db", str(db), "slow", "0").stdout.strip()
+        from_stdin = cli("enqueue", "--db", str(db), "slow", "-", stdin=b"0").stdout.strip()
+        assert len(task_id) == 32 and len(from_stdin) == 32
+        _wait_for_status(db, from_stdin, ["completed"])
+        out = cli("task", "--db", str(db), task_id)
+        assert out.returncode == 0
+        assert out.stdout.splitlines() == ["status:  completed", "attempt: 1", "message: slept"]
+        table = cli("queues", "--db", str(db)).stdout.splitlines()
+        assert table[0].split() == ["queue", "pending", "running", "completed", "failed", "cancelled"]
+        assert table[1].split() == ["slow", "0", "0", "2", "0", "0"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+def test_task_commands_report_errors_without_traceback(tmp_path: Path) -> None:
+    db = str(tmp_path / "t.db")
+    out = cli("task", "--db", db, "nope")
+    assert out.returncode == 1 and "unknown task" in out.stderr and "Traceback" not in out.stderr
+    out = cli("enqueue", "--db", db, "nope", "x")
+    assert out.returncode == 1 and "unknown queue" in out.stderr
+
+
+def test_sigterm_lets_the_running_task_finish_and_leaves_the_rest_pending(tmp_path: Path) -> None:
+    db, log = tmp_path / "t.db", tmp_path / "runs.log"
+    proc = _worker(db, log)
+    with TaskService(db) as producer:
+        running, *waiting = producer.enqueue_many("slow", [b"0.5", b"0", b"0"])
+    _wait_for_status(db, running, ["running"])
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0, proc.stderr.read()  # type: ignore[union-attr]
+    with TaskService(db) as reader:
+        assert reader.get(running) == ("completed", "slept", 1)
+        for task_id in waiting:
+            assert reader.get(task_id) == ("pending", "", 0)
+        assert reader.counts()["slow"]["running"] == 0
+
+
+def test_worker_rejects_a_malformed_app(tmp_path: Path) -> None:
+    out = cli("worker", "--db", str(tmp_path / "t.db"), "--app", "no_colon")
+    assert out.returncode != 0 and "module:attribute" in out.stderr
+
+
+def test_demo_tours_a_persistent_queue() -> None:
+    out = cli("demo")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "== close (queued jobs are shut down)" in lines  # the Worker tour is still there
+    part = lines[lines.index("== persistent task queues (TaskService on a temporary SQLite file)"):]
+    assert part[1:] == [
+        "enqueue_many(greet, [b'ada', b'nobody']) -> 2 task ids",
+        "get(task) -> TaskInfo(status='completed', message='hello, ada', attempt=1)",
+        "get(task) -> TaskInfo(status='failed', message='LookupError: no one to greet', attempt=2)",
+        "after close and reopen: get(first task).status -> 'completed'",
+        "",
+        "demo finished",
+    ]

@@ -1,0 +1,547 @@
+"""``TaskService``: the reference's behaviours one by one
+(seeds/persistent-task-service.go), driven by a fake clock.
+
+Each test builds a service with ``background=False`` and a ``FakeClock``;
+``service._dispatch_once()`` runs one full pass synchronously (claims the
+due tasks, runs their handlers on the C core, commits the outcomes), so no
+test sleeps or depends on timing.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import pytest
+
+import callbackworker
+from callbackworker import (
+    QueueConfig,
+    QueueExistsError,
+    ServiceClosedError,
+    TaskInfo,
+    TaskNotCancellableError,
+    TaskService,
+    UnknownQueueError,
+    UnknownTaskError,
+)
+from callbackworker.tasks.service import retry_delay_ms
+from callbackworker.tasks.sqlite import SQLiteTaskStore
+
+
+class FakeClock:
+    """Milliseconds that move only when a test says so."""
+
+    def __init__(self, now: int = 1_000_000) -> None:
+        self.now = now
+
+    def __call__(self) -> int:
+        return self.now
+
+    def advance(self, ms: int) -> None:
+        self.now += ms
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> str:
+    return str(tmp_path / "tasks.db")
+
+
+@pytest.fixture
+def service(db: str, clock: FakeClock) -> Iterator[TaskService]:
+    s = TaskService(db, clock=clock, background=False)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def ok(payload: memoryview) -> str:
+    return "ok " + bytes(payload).decode()
+
+
+def boom(payload: memoryview) -> None:
+    raise ValueError(f"bad {bytes(payload).decode()}")
+
+
+# ---- exports and defaults ---------------------------------------------
+
+def test_public_names_are_exported() -> None:
+    assert callbackworker.TaskService is TaskService
+    assert callbackworker.QueueConfig is QueueConfig
+    assert callbackworker.TaskInfo is TaskInfo
+
+
+def test_queue_config_defaults_are_the_references() -> None:
+    c = QueueConfig()
+    assert (c.concurrency, c.max_retries, c.backoff_ms, c.delay_ms, c.retention_ms) == (
+        1, 0, 1000, 0, 3_600_000)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("concurrency", 0), ("concurrency", -1), ("max_retries", -1), ("backoff_ms", -1),
+    ("delay_ms", -1), ("retention_ms", 59_999), ("retention_ms", 604_800_001),
+])
+def test_queue_config_bounds_are_value_errors(field: str, value: int) -> None:
+    with pytest.raises(ValueError, match=field):
+        QueueConfig(**{field: value})
+
+
+@pytest.mark.parametrize("value", [60_000, 604_800_000])
+def test_retention_bounds_are_inclusive(value: int) -> None:
+    assert QueueConfig(retention_ms=value).retention_ms == value
+
+
+@pytest.mark.parametrize("value", [1.0, "1", True, None])
+def test_queue_config_non_ints_are_type_errors(value: object) -> None:
+    with pytest.raises(TypeError, match="concurrency"):
+        QueueConfig(concurrency=value)  # type: ignore[arg-type]
+
+
+def test_task_info_fields(service: TaskService) -> None:
+    service.create_queue("q", handler=ok)
+    info = service.get(service.enqueue("q", b"x"))
+    assert info == TaskInfo("pending", "", 0)
+    assert (info.status, info.message, info.attempt) == ("pending", "", 0)
+
+
+# ---- running tasks ----------------------------------------------------
+
+def test_handler_message_completes_the_task(service: TaskService) -> None:
+    service.create_queue("q", handler=ok)
+    task = service.enqueue("q", b"hello")
+    assert service._dispatch_once() == 1
+    assert service.get(task) == TaskInfo("completed", "ok hello", 1)
+
+
+def test_handler_returning_none_completes_with_empty_message(service: TaskService) -> None:
+    service.create_queue("q", handler=lambda p: None)
+    task = service.enqueue("q", b"")
+    service._dispatch_once()
+    assert service.get(task) == TaskInfo("completed", "", 1)
+
+
+def test_handler_gets_a_memoryview_of_the_payload(service: TaskService) -> None:
+    seen: List[object] = []
+    service.create_queue("q", handler=lambda p: seen.append((type(p), bytes(p))))
+    service.enqueue("q", bytearray(b"\x00\x01binary"))
+    service._dispatch_once()
+    assert seen == [(memoryview, b"\x00\x01binary")]
+
+
+def test_handler_returning_a_non_str_fails_the_attempt(service: TaskService) -> None:
+    service.create_queue("q", handler=lambda p: 42)
+    task = service.enqueue("q", b"")
+    service._dispatch_once()
+    info = service.get(task)
+    assert info.status == "failed" and info.message.startswith("TypeError:")
+
+
+def test_exception_without_retries_fails_with_error_text(service: TaskService) -> None:
+    service.create_queue("q", handler=boom)
+    task = service.enqueue("q", b"x")
+    service._dispatch_once()
+    assert service.get(task) == TaskInfo("failed", "ValueError: bad x", 1)
+
+
+def test_tasks_run_oldest_first(service: TaskService) -> None:
+    order: List[bytes] = []
+    service.create_queue("q", handler=lambda p: order.append(bytes(p)))
+    service.enqueue_many("q", [b"1", b"2", b"3"])
+    for _ in range(3):
+        service._dispatch_once()
+    assert order == [b"1", b"2", b"3"]
+
+
+def test_concurrency_bounds_tasks_per_pass(service: TaskService) -> None:
+    service.create_queue("q", QueueConfig(concurrency=3), handler=ok)
+    service.enqueue_many("q", [b"x"] * 7)
+    assert [service._dispatch_once() for _ in range(4)] == [3, 3, 1, 0]
+
+
+# ---- retries and backoff ----------------------------------------------
+
+def test_backoff_schedule_doubles_from_backoff_ms() -> None:
+    assert [retry_delay_ms(1000, a) for a in (1, 2, 3, 4)] == [1000, 2000, 4000, 8000]
+
+
+def test_backoff_is_capped_at_one_hour() -> None:
+    assert retry_delay_ms(1000, 13) == 3_600_000
+    assert retry_delay_ms(1000, 10_000) == 3_600_000
+    assert retry_delay_ms(0, 5) == 0
+
+
+def test_retries_follow_the_backoff_schedule(service: TaskService, clock: FakeClock) -> None:
+    service.create_queue("q", QueueConfig(max_retries=3), handler=boom)
+    task = service.enqueue("q", b"x")
+    service._dispatch_once()
+    for attempt, wait in ((1, 1000), (2, 2000), (3, 4000)):
+        assert service.get(task) == TaskInfo("pending", "ValueError: bad x", attempt)
+        clock.advance(wait - 1)
+        assert service._dispatch_once() == 0, f"retry {attempt} ran before its backoff"
+        clock.advance(1)
+        assert service._dispatch_once() == 1
+    assert service.get(task) == TaskInfo("failed", "ValueError: bad x", 4)
+
+
+def test_retry_then_success(service: TaskService, clock: FakeClock) -> None:
+    calls: List[int] = []
+
+    def flaky(payload: memoryview) -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise RuntimeError("not yet")
+        return "finally"
+
+    service.create_queue("q", QueueConfig(max_retries=5, backoff_ms=10), handler=flaky)
+    task = service.enqueue("q", b"")
+    for _ in range(3):
+        service._dispatch_once()
+        clock.advance(1000)
+    assert service.get(task) == TaskInfo("completed", "finally", 3)
+
+
+# ---- delay between starts ---------------------------------------------
+
+def test_delay_ms_spaces_consecutive_starts(service: TaskService, clock: FakeClock) -> None:
+    service.create_queue("q", QueueConfig(concurrency=4, delay_ms=500), handler=ok)
+    service.enqueue_many("q", [b"a", b"b", b"c"])
+    assert service._dispatch_once() == 1
+    assert service._dispatch_once() == 0
+    clock.advance(499)
+    assert service._dispatch_once() == 0
+    clock.advance(1)
+    assert service._dispatch_once() == 1
+    clock.advance(500)
+    assert service._dispatch_once() == 1
+
+
+def test_delay_ms_holds_across_services_on_one_file(db: str, clock: FakeClock) -> None:
+    with TaskService(db, clock=clock, background=False) as a, \
+            TaskService(db, clock=clock, background=False) as b:
+        a.create_queue("q", QueueConfig(delay_ms=1000), handler=ok)
+        b.create_queue("q", QueueConfig(delay_ms=1000), handler=ok)
+        a.enqueue_many("q", [b"1", b"2"])
+        assert a._dispatch_once() == 1
+        assert b._dispatch_once() == 0
+        clock.advance(1000)
+        assert b._dispatch_once() == 1
+
+
+# ---- retention ----------------------------------------------------------
+
+def test_retention_sweeps_finished_tasks(service: TaskService, clock: FakeClock) -> None:
+    service.create_queue("q", QueueConfig(retention_ms=60_000), handler=ok)
+    done = service.enqueue("q", b"x")
+    service._dispatch_once()
+    cancelled = service.enqueue("q", b"y")
+    service.cancel(cancelled)
+    pending_later = service.enqueue("q", b"z")
+    service.cancel(pending_later)
+    clock.advance(60_000)
+    service._dispatch_once()
+    assert service.get(done).status == "completed"  # finished exactly retention_ms ago: kept
+    clock.advance(1)
+    service._dispatch_once()
+    for task in (done, cancelled, pending_later):
+        with pytest.raises(UnknownTaskError):
+            service.get(task)
+
+
+def test_retention_keeps_pending_tasks(service: TaskService, clock: FakeClock) -> None:
+    service.create_queue("q", QueueConfig(retention_ms=60_000), handler=ok)
+    service._dispatch_once()
+    clock.advance(10**9)
+    task = service.enqueue("q", b"x")
+    clock.advance(10**9)
+    service._maintain(sweep=True)
+    assert service.get(task).status == "pending"
+
+
+# ---- cancel and clear ---------------------------------------------------
+
+def test_cancel_pending_task(service: TaskService) -> None:
+    service.create_queue("q", handler=ok)
+    task = service.enqueue("q", b"x")
+    assert service.cancel(task) is None
+    assert service.get(task).status == "cancelled"
+    assert service._dispatch_once() == 0
+
+
+@pytest.mark.parametrize("status", ["completed", "failed", "cancelled"])
+def test_cancel_refuses_finished_tasks_saying_why(service: TaskService, status: str) -> None:
+    service.create_queue("q", handler=boom if status == "failed" else ok)
+    task = service.enqueue("q", b"x")
+    if status == "cancelled":
+        service.cancel(task)
+    else:
+        service._dispatch_once()
+    with pytest.raises(TaskNotCancellableError, match=status[:6]) as err:
+        service.cancel(task)
+    assert err.value.status == status
+
+
+def test_cancel_refuses_a_running_task(db: str, clock: FakeClock) -> None:
+    store = SQLiteTaskStore(db)
+    with TaskService(db, clock=clock, background=False) as service:
+        service.create_queue("q", handler=ok)
+        task = service.enqueue("q", b"x")
+        store.claim("q", owner="elsewhere", limit=1, now=clock(), lease_ms=30_000)
+        with pytest.raises(TaskNotCancellableError, match="running") as err:
+            service.cancel(task)
+        assert err.value.status == "running"
+    store.close()
+
+
+def test_cancel_unknown_task(service: TaskService) -> None:
+    with pytest.raises(UnknownTaskError, match="unknown task"):
+        service.cancel("nope")
+    with pytest.raises(KeyError):
+        service.get("nope")
+
+
+def test_clear_queue_cancels_pending_and_returns_count(service: TaskService) -> None:
+    service.create_queue("q", handler=ok)
+    service.create_queue("other", handler=ok)
+    service.enqueue_many("q", [b"1", b"2", b"3"])
+    kept = service.enqueue("other", b"x")
+    assert service.clear_queue("q") == 3
+    assert service.clear_queue("q") == 0
+    assert service.get(kept).status == "pending"
+    assert service.counts()["q"]["cancelled"] == 3
+
+
+def test_clear_unknown_queue(service: TaskService) -> None:
+    with pytest.raises(UnknownQueueError):
+        service.clear_queue("nope")
+
+
+# ---- queues -------------------------------------------------------------
+
+def test_create_queue_twice_is_an_error(service: TaskService) -> None:
+    service.create_queue("q", handler=ok)
+    with pytest.raises(QueueExistsError, match="already created"):
+        service.create_queue("q", handler=ok)
+
+
+def test_enqueue_to_unknown_queue(service: TaskService) -> None:
+    with pytest.raises(UnknownQueueError):
+        service.enqueue("nope", b"x")
+
+
+def test_queue_created_elsewhere_accepts_tasks(db: str, clock: FakeClock) -> None:
+    with TaskService(db, clock=clock, background=False) as runner:
+        runner.create_queue("q", handler=ok)
+        with TaskService(db, clock=clock, background=False) as producer:
+            task = producer.enqueue("q", b"remote")
+        runner._dispatch_once()
+        assert runner.get(task) == TaskInfo("completed", "ok remote", 1)
+
+
+def test_crash_recovery_on_create_queue(db: str, clock: FakeClock) -> None:
+    """Running tasks left by a predecessor come back: at once if its process
+    is provably gone, otherwise when its lease expires; a task whose
+    attempts are used up fails."""
+    store = SQLiteTaskStore(db)
+    store.ensure_queue("q")
+    store.enqueue_many("q", [("dead", b"1"), ("expired", b"2"), ("live", b"3")],
+                       clock() - 50_000)
+    host = socket.gethostname()
+    gone_pid = _a_dead_pid()
+    store.claim("q", owner=f"{host}/{gone_pid}/x", limit=1, now=clock(), lease_ms=10**9)
+    store.claim("q", owner="otherhost/1/y", limit=1, now=clock() - 40_000, lease_ms=30_000)
+    store.claim("q", owner=f"{host}/{os.getppid()}/z", limit=1, now=clock(), lease_ms=30_000)
+    store.close()
+    with TaskService(db, clock=clock, background=False) as service:
+        service.create_queue("q", QueueConfig(max_retries=1), handler=ok)
+        assert service.get("dead") == TaskInfo("pending", "worker lost during attempt 1; retrying", 1)
+        assert service.get("expired").status == "pending"
+        assert service.get("live").status == "running"
+        service._dispatch_once()
+        assert service.get("dead") == TaskInfo("completed", "ok 1", 2)
+
+
+def test_recovery_fails_a_task_with_no_attempt_left(db: str, clock: FakeClock) -> None:
+    store = SQLiteTaskStore(db)
+    store.ensure_queue("q")
+    store.enqueue("q", "t", b"", clock())
+    store.claim("q", owner="otherhost/1/y", limit=1, now=clock(), lease_ms=100)
+    store.close()
+    clock.advance(100)
+    with TaskService(db, clock=clock, background=False) as service:
+        service.create_queue("q", handler=ok)
+        info = service.get("t")
+        assert (info.status, info.attempt) == ("failed", 1)
+        assert "worker lost" in info.message
+
+
+def test_expired_leases_are_recovered_while_serving(db: str, clock: FakeClock) -> None:
+    with TaskService(db, clock=clock, background=False, lease_ms=1000) as service:
+        service.create_queue("q", handler=ok)
+        service.create_queue("held", QueueConfig(max_retries=2), handler=ok)
+        store = SQLiteTaskStore(db)
+        store.enqueue("held", "t", b"x", clock())
+        store.claim("held", owner="otherhost/1/y", limit=1, now=clock(), lease_ms=1000)
+        store.close()
+        assert service._dispatch_once() == 0
+        clock.advance(1000)
+        assert service._dispatch_once() == 1
+        assert service.get("t") == TaskInfo("completed", "ok x", 2)
+
+
+def _a_dead_pid() -> int:
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    return pid
+
+
+# ---- limits and bad input -----------------------------------------------
+
+def test_payload_limit_is_one_mib(service: TaskService) -> None:
+    service.create_queue("q", handler=lambda p: str(len(p)))
+    task = service.enqueue("q", bytes(1 << 20))
+    with pytest.raises(ValueError, match="1 MiB"):
+        service.enqueue("q", bytes((1 << 20) + 1))
+    service._dispatch_once()
+    assert service.get(task).message == str(1 << 20)
+
+
+def test_queue_name_limit_is_128_utf8_bytes(service: TaskService) -> None:
+    service.create_queue("é" * 64, handler=ok)
+    with pytest.raises(ValueError, match="128"):
+        service.create_queue("é" * 64 + "x", handler=ok)
+    with pytest.raises(ValueError):
+        service.create_queue("", handler=ok)
+    service.enqueue("é" * 64, b"x")
+    assert service._dispatch_once() == 1
+
+
+@pytest.mark.parametrize("payload", ["text", 12, None, [1, 2]])
+def test_enqueue_non_bytes_is_a_type_error(service: TaskService, payload: object) -> None:
+    service.create_queue("q", handler=ok)
+    with pytest.raises(TypeError, match="payload"):
+        service.enqueue("q", payload)  # type: ignore[arg-type]
+
+
+def test_enqueue_many_is_all_or_nothing(service: TaskService) -> None:
+    service.create_queue("q", handler=ok)
+    with pytest.raises(ValueError):
+        service.enqueue_many("q", [b"fine", bytes((1 << 20) + 1)])
+    with pytest.raises(TypeError):
+        service.enqueue_many("q", b"abc")  # type: ignore[arg-type]
+    assert service.counts()["q"]["pending"] == 0
+    assert service.enqueue_many("q", []) == []
+
+
+def test_enqueue_many_returns_unique_string_ids(service: TaskService) -> None:
+    service.create_queue("q", handler=ok)
+    ids = service.enqueue_many("q", [b"x"] * 100)
+    assert len(set(ids)) == 100 and all(isinstance(i, str) and len(i) >= 32 for i in ids)
+
+
+@pytest.mark.parametrize("call", [
+    lambda s: s.create_queue(1, handler=ok),
+    lambda s: s.create_queue("q", handler="not callable"),
+    lambda s: s.create_queue("q", config={"concurrency": 2}, handler=ok),
+    lambda s: s.enqueue(b"q", b"x"),
+    lambda s: s.get(123),
+    lambda s: s.cancel(None),
+    lambda s: s.clear_queue(5),
+])
+def test_bad_argument_types_are_type_errors(service: TaskService, call: object) -> None:
+    with pytest.raises(TypeError):
+        call(service)  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("kwargs", [{"durability": "maybe"}, {"lease_ms": 0}, {"poll_ms": 0}])
+def test_bad_service_options_are_value_errors(db: str, kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        TaskService(db, **kwargs)
+
+
+def test_postgresql_dsn_is_not_available_yet() -> None:
+    with pytest.raises(NotImplementedError, match="PostgreSQL"):
+        TaskService("postgresql://localhost/tasks")
+
+
+# ---- lifecycle ----------------------------------------------------------
+
+def test_closed_service_refuses_every_verb(db: str) -> None:
+    service = TaskService(db)
+    service.close()
+    service.close()
+    for call in (lambda: service.create_queue("q", handler=ok), lambda: service.enqueue("q", b""),
+                 lambda: service.get("x"), lambda: service.cancel("x"),
+                 lambda: service.clear_queue("q")):
+        with pytest.raises(ServiceClosedError):
+            call()
+
+
+def test_close_gives_back_claimed_but_unstarted_tasks(service: TaskService) -> None:
+    service.create_queue("q", QueueConfig(concurrency=1), handler=ok)
+    task = service.enqueue("q", b"x")
+    (claimed,) = service._store.claim("q", owner=service._owner, limit=1, now=0 + service._now(),
+                                       lease_ms=30_000)
+    with service._cond:
+        service._claims[99] = (service._queues["q"], claimed)
+    service.close()
+    store = SQLiteTaskStore(service._store.path)  # type: ignore[attr-defined]
+    record = store.get(task)
+    store.close()
+    assert record is not None and (record.status, record.attempt) == ("pending", 0)
+
+
+def test_background_service_runs_tasks_without_help(db: str) -> None:
+    done: List[Optional[str]] = []
+    with TaskService(db) as service:
+        service.create_queue("q", QueueConfig(concurrency=2), handler=lambda p: done.append("x"))
+        ids = service.enqueue_many("q", [b"a"] * 50)
+    with TaskService(db) as reader:
+        assert all(reader.get(i).status in ("completed", "pending") for i in ids)
+        assert reader.counts()["q"]["running"] == 0
+
+
+def test_current_task_inside_a_handler(service: TaskService) -> None:
+    from callbackworker.tasks import TaskContext, current_task
+
+    seen: List[Optional[TaskContext]] = []
+    service.create_queue("q", handler=lambda p: seen.append(current_task()))
+    task = service.enqueue("q", b"")
+    service._dispatch_once()
+    assert seen == [TaskContext(task, "q", 1)]
+    assert current_task() is None
+
+
+def test_prefetch_claims_beyond_free_slots_and_close_gives_them_back(db: str, clock: FakeClock) -> None:
+    import threading
+
+    gate, running = threading.Event(), threading.Event()
+
+    def hold(payload: memoryview) -> None:
+        running.set()
+        gate.wait(30)
+
+    service = TaskService(db, clock=clock, background=False, prefetch=2)
+    service.create_queue("q", handler=hold)
+    ids = service.enqueue_many("q", [b"1", b"2", b"3", b"4"])
+    started, _ = service._claim_and_start()
+    assert started == 3  # one slot plus two prefetched
+    with TaskService(db, clock=clock, background=False) as reader:
+        assert [reader.get(i).status for i in ids] == ["running"] * 3 + ["pending"]
+    assert running.wait(30)
+    closer = threading.Thread(target=service.close)
+    closer.start()
+    gate.set()
+    closer.join()
+    with TaskService(db, clock=clock, background=False) as reader:
+        assert reader.get(ids[0]) == ("completed", "", 1)
+        assert [reader.get(i) for i in ids[1:]] == [("pending", "", 0)] * 3
