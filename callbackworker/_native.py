@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 import traceback
+import weakref
 from typing import Any, Callable, Dict, List, NoReturn, Optional
 
 from ._cbw_native import ffi, lib
@@ -53,6 +54,18 @@ class CallbackInterrupt(BaseException):
     ``BaseException`` so that ``except Exception`` in user code lets it pass.
     The job has already completed with ``Status.TIMEOUT``; whatever the
     callback does afterwards is discarded."""
+
+
+WORKERS: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
+"""Every live ``Worker`` by the address of its core worker, so a callback
+can find its own (``cbw_current_worker``)."""
+
+
+class SuspendJob(BaseException):
+    """Raised by ``callback_result`` to unwind a durable job that must wait
+    for an outside signal; the core has been told to suspend the job (see
+    ``callbackworker.durable``).  A ``BaseException``, so that ``except
+    Exception`` in user code lets it pass."""
 
 
 # The bridge keeps its own reference to the class (CPython's id() is the
@@ -102,19 +115,16 @@ class CallbackTable:
     the bridge adds and removes entries under the interpreter lock
     (``ffibuild/bridge.c``, ``csrc/cbw_token.c``); Python only looks them up.
     ``failures`` maps a job id to the exception its callback raised, until
-    ``wait``/``take`` consumes it.  ``retries`` maps the id of a route that
-    retries failed jobs to its ``max_retries``: an attempt the core will run
-    again leaves no entry in ``failures`` (only the last attempt's counts).
+    ``wait``/``take`` consumes it (a retried job's entry is its latest
+    failed attempt's; a success after it drops it).
     """
 
-    __slots__ = ("callbacks", "failures", "retries", "watchers", "handle", "generation",
-                 "__weakref__")
+    __slots__ = ("callbacks", "failures", "watchers", "handle", "generation", "__weakref__")
 
     def __init__(self) -> None:
         self.generation = FORK_GENERATION[0]
         self.callbacks: Dict[int, Callable[..., Any]] = {}
         self.failures: Dict[int, BaseException] = {}
-        self.retries: Dict[int, int] = {}
         self.watchers: Dict[int, List[Callable[[], None]]] = {}
         self.handle = ffi.new_handle(self)
 
@@ -137,7 +147,7 @@ class CallbackTable:
         """After the callback raised ``exc``.  Past the deadline the job is
         (or is about to be) completed as TIMEOUT and may already have been
         consumed, so nothing is recorded that nobody could ever collect."""
-        if isinstance(exc, CallbackInterrupt) or lib.cbw_run_overdue(run):
+        if isinstance(exc, (CallbackInterrupt, SuspendJob)) or lib.cbw_run_overdue(run):
             return STATUS_ERROR
         return self._record_failure(run, exc)
 
@@ -175,8 +185,7 @@ class CallbackTable:
         return STATUS_OK
 
     def _record_failure(self, run: Any, exc: BaseException) -> int:
-        if run.attempt > self.retries.get(run.route, 0):
-            self.failures[run.id] = exc  # the last attempt: wait() raises from it
+        self.failures[run.id] = exc
         lib.cbw_run_set_error(run, _describe(exc).encode("utf-8", "replace"))
         return STATUS_ERROR
 

@@ -26,6 +26,12 @@ __all__ = [
     "DeadlockError",
     "UnknownRouteError",
     "RouteClosedError",
+    "DurableError",
+    "CallbackFailedError",
+    "CallbackTimeoutError",
+    "UnknownCallbackError",
+    "CallbackAlreadyCompletedError",
+    "NonDeterminismError",
     "TaskError",
     "UnknownTaskError",
     "UnknownQueueError",
@@ -113,6 +119,69 @@ class UnknownRouteError(CallbackWorkerError, KeyError):
 
 class RouteClosedError(CallbackWorkerError):
     """The route was closed with ``close_route`` and accepts no new jobs."""
+
+
+class DurableError(CallbackWorkerError):
+    """Base class of the durable external callbacks' errors."""
+
+
+class CallbackFailedError(DurableError):
+    """``callback_result``: the outside system signalled failure.
+    ``.error`` is the text it sent."""
+
+    def __init__(self, callback_id: str, error: str) -> None:
+        super().__init__(f"callback {callback_id} failed: {error}")
+        self.callback_id = callback_id
+        self.error = error
+
+
+class CallbackTimeoutError(DurableError, TimeoutError):
+    """``callback_result``: the callback was not signalled within its
+    ``timeout_ms``, or a heartbeat did not arrive within its
+    ``heartbeat_timeout_ms`` (``.reason`` is ``"timeout"`` or
+    ``"heartbeat"``)."""
+
+    def __init__(self, callback_id: str, reason: str) -> None:
+        what = "no heartbeat arrived in time" if reason == "heartbeat" else "it was not signalled in time"
+        super().__init__(f"callback {callback_id} timed out: {what}")
+        self.callback_id = callback_id
+        self.reason = reason
+
+
+class UnknownCallbackError(DurableError, KeyError):
+    """No callback with that id exists (malformed, never issued, or
+    forgotten)."""
+
+    def __init__(self, callback_id: object) -> None:
+        super().__init__(f"unknown callback id {callback_id!r}")
+        self.callback_id = callback_id
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class CallbackAlreadyCompletedError(DurableError):
+    """A signal for a callback that can take none any more: it already
+    succeeded or failed (a duplicate signal is rejected, never applied
+    twice), timed out, or its job ended.  ``.state`` says which:
+    ``"succeeded"``, ``"failed"``, ``"timed_out"`` or ``"closed"``."""
+
+    def __init__(self, callback_id: str, state: str) -> None:
+        why = {
+            "succeeded": "it has already succeeded",
+            "failed": "it has already failed",
+            "timed_out": "it has timed out",
+            "closed": "its job has ended",
+        }.get(state, f"its state is {state!r}")
+        super().__init__(f"callback {callback_id} takes no more signals: {why}")
+        self.callback_id = callback_id
+        self.state = state
+
+
+class NonDeterminismError(DurableError):
+    """A replayed job issued its durable operations in a different order (or
+    with different names) than the run that recorded them.  Durable jobs
+    must make the same calls, in the same order, every time they run."""
 
 
 class TaskError(CallbackWorkerError):

@@ -29,10 +29,15 @@ the state through the core's record of the calling thread's running job.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable, Dict, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, TypeVar
 
-from ._native import ffi, lib
+from ._native import WORKERS, ffi, lib
 from .errors import CallbackWorkerError
+
+if TYPE_CHECKING:
+    from .durable import CallbackHandle, DurableRun
+
+T = TypeVar("T")
 
 __all__ = ["JobContext", "current_job", "ProgressState"]
 
@@ -113,6 +118,39 @@ class JobContext:
         state = STATES.get(run.tag) if run.tag else None
         if state is not None:
             state.report(self.id, data)
+
+    # ---- durable operations (see callbackworker.durable) ------------
+
+    def _durable(self) -> "DurableRun":
+        run = lib.cbw_current_run()
+        if run == ffi.NULL or run.id != self.id:
+            raise CallbackWorkerError(
+                f"durable operations of job {self.id} must run inside that job's callback")
+        worker = WORKERS.get(int(ffi.cast("uintptr_t", lib.cbw_current_worker())))
+        if worker is None:
+            raise CallbackWorkerError("the job's worker is gone")
+        return worker._durable_run(run)  # type: ignore[no-any-return]
+
+    def create_callback(self, name: str, timeout_ms: int = 0,
+                        heartbeat_timeout_ms: int = 0) -> "CallbackHandle":
+        """Records an external callback and returns its handle; never
+        suspends.  ``timeout_ms``: the callback times out that long after it
+        was created unless signalled; ``heartbeat_timeout_ms``: a heartbeat
+        must arrive within each such interval (0: no limit for either)."""
+        return self._durable().create_callback(name, timeout_ms, heartbeat_timeout_ms)
+
+    def callback_result(self, handle: "CallbackHandle") -> bytes:
+        """The callback's result once signalled with success; raises
+        ``CallbackFailedError`` / ``CallbackTimeoutError``; otherwise
+        suspends this job until it is signalled or times out (the job is
+        then run again from the start, earlier operations answered from
+        its log)."""
+        return self._durable().callback_result(handle)
+
+    def step(self, name: str, fn: Callable[[], T]) -> T:
+        """Runs ``fn()`` once and records its value; a replay of this job
+        returns the recorded value without calling ``fn``."""
+        return self._durable().step(name, fn)
 
     def __repr__(self) -> str:
         return (f"<JobContext id={self.id} route={self.route} attempt={self.attempt} "

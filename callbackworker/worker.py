@@ -22,12 +22,19 @@ import threading
 import time
 import weakref
 from urllib.parse import quote
-from typing import Any, Callable, Dict, Iterable, List, Optional, Union
+from typing import Any, Callable, Dict, Iterable, List, NoReturn, Optional, Tuple, Union
 
 from . import _native
 from ._native import CallbackTable, ffi, lib, raise_for
 from .asyncmeta import JobMetaKey, Phase, Profile, RouteMetaKey, RouteState
-from .errors import DeadlockError, WorkerClosedError, failure_for_status
+from .durable import DurableRun, MemoryDurableStore, check_callback_id, check_error, check_result
+from .errors import (
+    CallbackWorkerError,
+    DeadlockError,
+    UnknownCallbackError,
+    WorkerClosedError,
+    failure_for_status,
+)
 from . import jobcontext as _progress
 from .jobcontext import ProgressCallback, ProgressState
 from .states import PHASE_TEXT, STATE_TEXT, STATUS_TEXT, State, Status
@@ -59,6 +66,7 @@ _EMORE = int(lib.CBW_EMORE)
 _SCRATCH_SIZE = 256
 _main_ident = threading.main_thread().ident
 _local = threading.local()
+_durable_lock = threading.Lock()
 
 
 def _scratch() -> Any:
@@ -170,6 +178,7 @@ class Worker:
         self._finalizer = self._track_native()
         self._routes: dict[str, int] = {"default": _DEFAULT_ROUTE}
         self._progress: Dict[int, int] = {}  # tracked job id -> progress tag
+        self._durable: Optional[_Durable] = None  # made by the first durable job
         _live_workers.add(self)
 
     def _new_native(self) -> Any:
@@ -181,6 +190,7 @@ class Worker:
             raise_for(err[0])
         if self._manual_clock:
             lib.cbw_worker_use_manual_clock(native)  # cannot fail: no job yet
+        _native.WORKERS[int(ffi.cast("uintptr_t", native))] = self
         return native
 
     # ---- lifecycle ----------------------------------------------------
@@ -241,6 +251,7 @@ class Worker:
         self._table = CallbackTable()
         self._routes = {"default": _DEFAULT_ROUTE}
         self._progress = {}
+        self._durable = None
         if self._closed:
             self._w = ffi.NULL
             return
@@ -431,7 +442,11 @@ class Worker:
         if n >= 0 or n == _EMORE:  # the job is destroyed (or detached)
             if self._progress:
                 self._forget_progress(jid)
-            return _unpack(scratch, n) if n >= 0 else self._consume(slow)
+            if n < 0:
+                return self._consume(slow)
+            if self._table.failures:  # an earlier attempt's, if it was retried
+                self._table.failures.pop(jid, None)
+            return _unpack(scratch, n)
         raise_for(n, jid)
 
     async def wait_complete_async(self, job_id: int, timeout_ms: int = -1) -> bool:
@@ -507,6 +522,8 @@ class Worker:
         try:
             status = res.status
             if status == _STATUS_OK:
+                if self._table.failures:  # an earlier attempt's, if it was retried
+                    self._table.failures.pop(res.id, None)
                 return ffi.buffer(res.data, res.size)[:] if res.size else b""
             error_text = ffi.string(res.error).decode("utf-8", "replace")
             jid = res.id
@@ -672,6 +689,46 @@ class Worker:
         state = self._progress_of(job_id)
         return {} if state is None else state.snapshot()
 
+    # ---- durable external callbacks ----------------------------------
+
+    def _durable_run(self, run: Any) -> DurableRun:
+        """The durable-operation cursor of the job ``run`` (its callback is
+        running on this thread).  Made by the job's first durable operation
+        in each run; the job's log lives until the job completes."""
+        with _durable_lock:
+            if self._durable is None:
+                self._durable = _Durable(self)
+        return self._durable.run_for(run)
+
+    def send_callback_success(self, callback_id: str, result: bytes) -> None:
+        """Signals success: the suspended job is replayed and its
+        ``callback_result`` returns ``result`` (bytes-like, at most 1 MiB).
+        Raises ``UnknownCallbackError`` for an id never issued and
+        ``CallbackAlreadyCompletedError`` once the callback has succeeded,
+        failed, timed out or its job ended (a duplicate is never applied)."""
+        self._signal(check_callback_id(callback_id), "succeeded", check_result(result), None)
+
+    def send_callback_failure(self, callback_id: str, error: str) -> None:
+        """Signals failure: the job's ``callback_result`` raises
+        ``CallbackFailedError`` carrying ``error``.  Errors as
+        ``send_callback_success``."""
+        self._signal(check_callback_id(callback_id), "failed", None, check_error(error))
+
+    def send_callback_heartbeat(self, callback_id: str) -> None:
+        """Tells a callback with ``heartbeat_timeout_ms`` that the outside
+        system is still at work: its heartbeat deadline moves to now plus
+        that interval.  Errors as ``send_callback_success``."""
+        self._signal(check_callback_id(callback_id), "pending", None, None)
+
+    def _signal(self, callback_id: str, state: str, result: Optional[bytes],
+                error: Optional[str]) -> None:
+        if self._closed:
+            raise_for(lib.CBW_ECLOSED)
+        durable = self._durable
+        if durable is None:
+            raise UnknownCallbackError(callback_id)
+        durable.signal(callback_id, state, result, error)
+
     # ---- routes -------------------------------------------------------
 
     def open_route(self, name: str, *, concurrency: int = 1, timeout_ms: int = -1,
@@ -703,8 +760,6 @@ class Worker:
         if rid < 0:
             raise_for(rid, name)
         self._routes[name] = rid
-        if max_retries:
-            self._table.retries[rid] = max_retries
         return rid
 
     def advance_clock(self, ms: int) -> None:
@@ -791,6 +846,74 @@ class Worker:
                 f"delay_ms={r.delay_ms} pending={r.queued + r.delayed} "
                 f"queued={r.queued} running={r.running} threads={r.threads} "
                 f"close_accepted={r.close_accepted}")
+
+
+class _Durable:
+    """A Worker's durable jobs: their logs (in memory) and run cursors."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.store = MemoryDurableStore(self.now_ms)
+        self.lock = threading.Lock()
+        self.runs: Dict[int, Tuple[int, DurableRun]] = {}  # job id -> (attempt, run)
+
+    def now_ms(self) -> int:
+        return int(lib.cbw_worker_clock_ms(self.worker._w))
+
+    def run_for(self, run: Any) -> DurableRun:
+        jid, attempt = int(run.id), int(run.attempt)
+        with self.lock:
+            entry = self.runs.get(jid)
+            if entry is not None and entry[0] == attempt:
+                return entry[1]
+            first = entry is None
+        if first:
+            self._forget_at_completion(jid)
+        request = bytes(ffi.buffer(run.data, run.size))
+        fresh = DurableRun(self.store, str(jid), request,
+                           lambda wake, req: self._suspend(jid, wake, req))
+        with self.lock:
+            self.runs[jid] = (attempt, fresh)
+        return fresh
+
+    def _forget_at_completion(self, jid: int) -> None:
+        worker = self.worker
+
+        def forget() -> None:
+            with self.lock:
+                self.runs.pop(jid, None)
+            self.store.forget(str(jid))
+
+        worker._table.watchers.setdefault(jid, []).append(forget)
+        rc = lib.cbw_job_watch(worker._w, jid)
+        if rc != 0:  # cannot be 1: the job runs; an error leaves no report
+            _discard_watcher(worker._table.watchers, jid, forget)
+            raise_for(rc, jid)
+
+    def _suspend(self, jid: int, wake_after_ms: int, request: bytes) -> NoReturn:
+        run = lib.cbw_current_run()
+        if run == ffi.NULL or run.id != jid:
+            raise CallbackWorkerError("callback_result() called outside its job's callback")
+        rc = lib.cbw_run_suspend(run, request, len(request), wake_after_ms)
+        if rc != lib.CBW_OK:
+            raise_for(rc, jid)
+        with self.lock:
+            self.runs.pop(jid, None)  # the replay starts a new cursor
+        raise _native.SuspendJob()
+
+    def signal(self, callback_id: str, state: str, result: Optional[bytes],
+               error: Optional[str]) -> None:
+        rec = self.store.signal(callback_id, state, result, error)
+        if state == "pending":  # a heartbeat: the timeout wake-up moves
+            at, _ = rec.expiry()
+            if at is None:
+                return
+            wake = max(0, at - self.now_ms())
+        else:
+            wake = 0
+        rc = lib.cbw_job_wake(self.worker._w, int(rec.owner), wake)
+        if rc < 0 and rc != lib.CBW_EUNKNOWN:
+            raise_for(rc, int(rec.owner))
 
 
 def _resolve(done: "asyncio.Future[None]") -> None:

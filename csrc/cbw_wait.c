@@ -293,6 +293,12 @@ const cbw_run *cbw_current_run(void)
     return self != NULL && self->job != NULL ? &self->job->run : NULL;
 }
 
+cbw_worker *cbw_current_worker(void)
+{
+    cbw__thread_rec *self = cbw__self;
+    return self != NULL && self->job != NULL ? self->w : NULL;
+}
+
 int cbw_current_cancel_requested(void)
 {
     cbw__thread_rec *self = cbw__self;
