@@ -32,13 +32,18 @@ from .asyncmeta import (
     RouteMetaKey,
     RouteState,
 )
+from .durable import CallbackHandle
 from .errors import (
+    CallbackAlreadyCompletedError,
+    CallbackFailedError,
+    CallbackTimeoutError,
     CallbackWorkerError,
     DeadlockError,
     JobCancelledError,
     JobFailedError,
     JobNotCompleteError,
     JobTimeoutError,
+    NonDeterminismError,
     QueueExistsError,
     RouteClosedError,
     ServiceClosedError,
@@ -46,6 +51,7 @@ from .errors import (
     StorageBusyError,
     TaskError,
     TaskNotCancellableError,
+    UnknownCallbackError,
     UnknownJobError,
     UnknownQueueError,
     UnknownRouteError,
@@ -101,5 +107,7 @@ __all__ = [
     "TaskService", "QueueConfig", "TaskInfo", "TaskError", "UnknownTaskError",
     "UnknownQueueError", "QueueExistsError", "TaskNotCancellableError", "ServiceClosedError",
     "StorageBusyError",
+    "CallbackHandle", "CallbackFailedError", "CallbackTimeoutError", "UnknownCallbackError",
+    "CallbackAlreadyCompletedError", "NonDeterminismError",
     *_FUNCTIONS,
 ]
