@@ -24,10 +24,34 @@ import threading
 from concurrent import futures
 from typing import Any, Callable, Dict, Optional, Tuple
 
-from .errors import CallbackWorkerError, UnknownJobError, UnknownRouteError, WorkerClosedError
+from .errors import (
+    CallbackWorkerError,
+    JobTimeoutError,
+    UnknownJobError,
+    UnknownRouteError,
+    WorkerClosedError,
+)
+from .states import Status
 from .worker import Worker
 
 __all__ = ["Executor"]
+
+
+def _resolve_interrupted(future: futures.Future) -> None:
+    """Leaves no future of a run unresolved, nor a waiter asleep, whatever
+    point of the run an interrupt cut short."""
+    if not future.done():
+        try:
+            if future.running() or future.set_running_or_notify_cancel():
+                future.set_exception(JobTimeoutError(
+                    0, Status.TIMEOUT, "the call ran past its route's timeout"))
+        except (futures.InvalidStateError, RuntimeError):
+            pass  # resolved meanwhile
+    else:
+        # set_result/set_exception may have been cut between recording the
+        # outcome and waking the threads blocked in result().
+        with future._condition:  # noqa: SLF001 - the stdlib Future's own lock
+            future._condition.notify_all()
 
 
 class Executor(futures.Executor):
@@ -84,14 +108,19 @@ class Executor(futures.Executor):
         if call is None:  # cancelled meanwhile
             return
         future, fn, args, kwargs = call
-        if not future.set_running_or_notify_cancel():
-            return
         try:
-            result = fn(*args, **kwargs)
-        except BaseException as exc:  # the future carries every outcome
-            future.set_exception(exc)
-        else:
-            future.set_result(result)
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException as exc:  # the future carries every outcome
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+        finally:
+            # On a route with a run-time limit the job's interrupt may land
+            # here, outside fn (it is raised once per job, so not twice).
+            _resolve_interrupted(future)
 
     def _settled(self, future: futures.Future) -> None:
         with self._lock:

@@ -34,6 +34,7 @@ import pytest
 
 import callbackworker
 from callbackworker import Executor, RouteMetaKey, current_job
+from callbackworker.executor import _resolve_interrupted
 
 LONG = 10.0    # upper bound for anything that must happen
 SHORT = 0.05   # a timeout that is expected to expire
@@ -823,3 +824,32 @@ def test_executor_route_calls_see_the_route_id():
     with Executor(route=name) as ex:
         jid, route = ex.submit(lambda: (current_job().id, current_job().route)).result(LONG)
     assert route == rid and jid > 0
+
+
+class TestInterruptedRuns:
+    """A route's run-time limit may interrupt a call's run outside ``fn``;
+    the run's cleanup resolves the future whatever point it reached."""
+
+    def test_a_pending_future_is_failed_with_a_timeout(self):
+        fut: cf.Future = cf.Future()
+        _resolve_interrupted(fut)
+        assert isinstance(fut.exception(timeout=0), TimeoutError)
+
+    def test_a_running_future_is_failed_with_a_timeout(self):
+        fut: cf.Future = cf.Future()
+        fut.set_running_or_notify_cancel()
+        _resolve_interrupted(fut)
+        assert isinstance(fut.exception(timeout=0), TimeoutError)
+
+    def test_a_resolved_future_keeps_its_result(self):
+        fut: cf.Future = cf.Future()
+        fut.set_running_or_notify_cancel()
+        fut.set_result(7)
+        _resolve_interrupted(fut)
+        assert fut.result(timeout=0) == 7
+
+    def test_a_cancelled_future_stays_cancelled(self):
+        fut: cf.Future = cf.Future()
+        fut.cancel()
+        _resolve_interrupted(fut)
+        assert fut.cancelled()
