@@ -46,7 +46,16 @@ class CallbackWorkerError(Exception):
     """Base class of every callbackworker error."""
 
 
-class UnknownJobError(CallbackWorkerError, KeyError):
+class _LookupFailure(KeyError):
+    """A ``KeyError`` whose message reads as a sentence: ``KeyError`` itself
+    would print it quoted."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+
+class UnknownJobError(CallbackWorkerError, _LookupFailure):
     """The job id was never issued by this worker, or the job was destroyed
     (by ``wait``, ``take`` or ``take_blob``)."""
 
@@ -54,8 +63,6 @@ class UnknownJobError(CallbackWorkerError, KeyError):
         super().__init__(f"unknown job id {job_id!r}: never issued or already destroyed")
         self.job_id = job_id
 
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0])
 
 
 class JobNotCompleteError(CallbackWorkerError):
@@ -106,15 +113,13 @@ class DeadlockError(CallbackWorkerError, RuntimeError):
     it, or asked to drain the worker it runs on."""
 
 
-class UnknownRouteError(CallbackWorkerError, KeyError):
+class UnknownRouteError(CallbackWorkerError, _LookupFailure):
     """No route with that name exists on this worker."""
 
     def __init__(self, name: object) -> None:
         super().__init__(f"unknown route {name!r}")
         self.route = name
 
-    def __str__(self) -> str:
-        return str(self.args[0])
 
 
 class RouteClosedError(CallbackWorkerError):
@@ -148,7 +153,7 @@ class CallbackTimeoutError(DurableError, TimeoutError):
         self.reason = reason
 
 
-class UnknownCallbackError(DurableError, KeyError):
+class UnknownCallbackError(DurableError, _LookupFailure):
     """No callback with that id exists (malformed, never issued, or
     forgotten)."""
 
@@ -156,8 +161,6 @@ class UnknownCallbackError(DurableError, KeyError):
         super().__init__(f"unknown callback id {callback_id!r}")
         self.callback_id = callback_id
 
-    def __str__(self) -> str:
-        return str(self.args[0])
 
 
 class CallbackAlreadyCompletedError(DurableError):
@@ -188,7 +191,7 @@ class TaskError(CallbackWorkerError):
     """Base class of the persistent task queues' errors (``TaskService``)."""
 
 
-class UnknownTaskError(TaskError, KeyError):
+class UnknownTaskError(TaskError, _LookupFailure):
     """No task with that id exists: it was never enqueued, or retention
     deleted it."""
 
@@ -196,19 +199,15 @@ class UnknownTaskError(TaskError, KeyError):
         super().__init__(f"unknown task id {task_id!r}: never enqueued or already swept")
         self.task_id = task_id
 
-    def __str__(self) -> str:
-        return str(self.args[0])
 
 
-class UnknownQueueError(TaskError, KeyError):
+class UnknownQueueError(TaskError, _LookupFailure):
     """No queue with that name exists in the task database."""
 
     def __init__(self, name: object) -> None:
         super().__init__(f"unknown queue {name!r}: no service has created it in this database")
         self.queue = name
 
-    def __str__(self) -> str:
-        return str(self.args[0])
 
 
 class QueueExistsError(TaskError, ValueError):
