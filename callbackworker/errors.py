@@ -54,7 +54,6 @@ class _LookupFailure(KeyError):
         return str(self.args[0])
 
 
-
 class UnknownJobError(CallbackWorkerError, _LookupFailure):
     """The job id was never issued by this worker, or the job was destroyed
     (by ``wait``, ``take`` or ``take_blob``)."""
@@ -62,7 +61,6 @@ class UnknownJobError(CallbackWorkerError, _LookupFailure):
     def __init__(self, job_id: object) -> None:
         super().__init__(f"unknown job id {job_id!r}: never issued or already destroyed")
         self.job_id = job_id
-
 
 
 class JobNotCompleteError(CallbackWorkerError):
@@ -121,7 +119,6 @@ class UnknownRouteError(CallbackWorkerError, _LookupFailure):
         self.route = name
 
 
-
 class RouteClosedError(CallbackWorkerError):
     """The route was closed with ``close_route`` and accepts no new jobs."""
 
@@ -162,7 +159,6 @@ class UnknownCallbackError(DurableError, _LookupFailure):
         self.callback_id = callback_id
 
 
-
 class CallbackAlreadyCompletedError(DurableError):
     """A signal for a callback that can take none any more: it already
     succeeded or failed (a duplicate signal is rejected, never applied
@@ -200,14 +196,12 @@ class UnknownTaskError(TaskError, _LookupFailure):
         self.task_id = task_id
 
 
-
 class UnknownQueueError(TaskError, _LookupFailure):
     """No queue with that name exists in the task database."""
 
     def __init__(self, name: object) -> None:
         super().__init__(f"unknown queue {name!r}: no service has created it in this database")
         self.queue = name
-
 
 
 class QueueExistsError(TaskError, ValueError):
