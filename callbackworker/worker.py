@@ -66,6 +66,7 @@ _EMORE = int(lib.CBW_EMORE)
 _SCRATCH_SIZE = 256
 _main_ident = threading.main_thread().ident
 _local = threading.local()
+_main_waiting = [False]  # the main thread's wait() is using its scratch buffers
 _durable_lock = threading.Lock()
 
 
@@ -428,17 +429,33 @@ class Worker:
         if timeout_ms == 0 or threading.get_ident() != _main_ident:
             scratch, slow = _scratch()
             n = _wait_copy(self._w, jid, timeout_ms, scratch, _SCRATCH_SIZE, slow)
-        else:
-            # The main thread waits in slices, so Ctrl-C can interrupt; the
-            # job is only taken once it has completed, with buffers of this
-            # call's own (a signal handler may wait too).
-            rc = self._blocking(lib.cbw_wait_complete, jid, timeout_ms, timed_out=0)
-            if rc < 0:
-                raise_for(rc, jid)
-            if rc == 0:
-                raise_for(_ETIMEDOUT, jid)
-            scratch, slow = ffi.new("char[]", _SCRATCH_SIZE), ffi.new("cbw_result *")
-            n = _wait_copy(self._w, jid, 0, scratch, _SCRATCH_SIZE, slow)
+            return self._finish_wait(jid, n, scratch, slow)
+        if not _main_waiting[0]:
+            # A job that has completed is taken at once, with the thread's
+            # buffers; a signal handler that waits meanwhile uses its own.
+            _main_waiting[0] = True
+            try:
+                scratch, slow = _scratch()
+                n = _wait_copy(self._w, jid, 0, scratch, _SCRATCH_SIZE, slow)
+                if n != _ETIMEDOUT:
+                    return self._finish_wait(jid, n, scratch, slow)
+            finally:
+                _main_waiting[0] = False
+        # The main thread waits in slices, so Ctrl-C can interrupt; the job
+        # is only taken once it has completed, with buffers of this call's
+        # own (a signal handler may wait too).
+        rc = self._blocking(lib.cbw_wait_complete, jid, timeout_ms, timed_out=0)
+        if rc < 0:
+            raise_for(rc, jid)
+        if rc == 0:
+            raise_for(_ETIMEDOUT, jid)
+        scratch, slow = ffi.new("char[]", _SCRATCH_SIZE), ffi.new("cbw_result *")
+        n = _wait_copy(self._w, jid, 0, scratch, _SCRATCH_SIZE, slow)
+        return self._finish_wait(jid, n, scratch, slow)
+
+    def _finish_wait(self, jid: int, n: int, scratch: Any, slow: Any) -> bytes:
+        """After cbw_wait_copy: the response (n bytes in scratch, or the
+        detached result in slow), or the error it reported."""
         if n >= 0 or n == _EMORE:  # the job is destroyed (or detached)
             if self._progress:
                 self._forget_progress(jid)
