@@ -21,7 +21,9 @@ place):
 * scaling     throughput at growing N
 * close       close() with N queued jobs
 * executor    callbackworker.Executor vs ThreadPoolExecutor(1): submit N
-              trivial calls, then result() of each
+              trivial calls, then result() of each; and the ceiling of any
+              Executor returning concurrent.futures.Future objects: those
+              futures' own lifecycle, with nothing run
 * progress    the plain start/wait path, run next to the same jobs started
               with an on_progress callback that is never called: the
               plain path must not pay for the feature
@@ -237,6 +239,22 @@ def executor_rate(kind: str, n: int) -> float:
         for f in futures:
             f.result()
         return n / (time.perf_counter() - t0)
+
+
+def future_lifecycle_rate(n: int) -> float:
+    """What any Executor must pay per call without running anything: a
+    ``concurrent.futures.Future`` created, set running, resolved and read.
+    An Executor returning such futures cannot outrun this."""
+    from concurrent.futures import Future
+
+    t0 = time.perf_counter()
+    futures = [Future() for _ in range(n)]
+    for f in futures:
+        f.set_running_or_notify_cancel()
+        f.set_result(_trivial())
+    for f in futures:
+        f.result()
+    return n / (time.perf_counter() - t0)
 
 
 def progress_tracked(n: int) -> float:
@@ -508,6 +526,10 @@ def main(args: argparse.Namespace) -> int:
         figures.update(executor_per_s=ours, tpe_executor_per_s=base)
         _row(rows, f"Executor, {ex_n:,} trivial calls, vs TPE(1)", f"{ours:,.0f}/s", f"{base:,.0f}/s",
              f"{ours / base:.1f}x")
+        floor = _median_rate(lambda: future_lifecycle_rate(ex_n), runs, "Future lifecycle")
+        figures["future_lifecycle_per_s"] = floor
+        _row(rows, "  ceiling: Future lifecycle alone, vs TPE(1)", f"{floor:,.0f}/s",
+             f"{base:,.0f}/s", f"{floor / base:.1f}x")
 
     if "progress" in want:
         plain = _median_rate(lambda: cbw_one_at_a_time(n), runs, "no progress")
