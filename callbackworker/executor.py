@@ -54,6 +54,24 @@ def _resolve_interrupted(future: futures.Future) -> None:
             future._condition.notify_all()
 
 
+class _CallFuture(futures.Future):
+    """The Future of one submitted call: cancelling it also takes its job
+    out of the queue.  (A subclass, so no done-callback per call is needed
+    to notice cancellation.)"""
+
+    def __init__(self, executor: "Executor", key: int) -> None:
+        super().__init__()
+        self.executor = executor
+        self.key = key
+        self.job = 0
+
+    def cancel(self) -> bool:
+        if not super().cancel():
+            return False
+        self.executor._cancelled(self)
+        return True
+
+
 class Executor(futures.Executor):
     """Runs calls asynchronously on callbackworker's C threads."""
 
@@ -78,33 +96,33 @@ class Executor(futures.Executor):
         self._lock = threading.Lock()
         self._shutdown = False
         self._keys = itertools.count(1)
-        self._calls: Dict[int, Tuple[futures.Future, Callable[..., Any], tuple, dict]] = {}
-        self._pending: Dict[futures.Future, Tuple[int, int]] = {}  # future -> (job, key)
+        self._calls: Dict[int, Tuple[_CallFuture, Callable[..., Any], tuple, dict]] = {}
+        self._live: Dict[int, _CallFuture] = {}  # key -> future, until its call ends
         self._runner = self._run_call  # one callable for every job
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> futures.Future:
         """Schedules ``fn(*args, **kwargs)``; returns its Future."""
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
-        future: futures.Future = futures.Future()
         key = next(self._keys)
+        future = _CallFuture(self, key)
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             self._calls[key] = (future, fn, args, kwargs)
+            self._live[key] = future
             try:
-                jid = self._worker._start_detached(self._runner, key.to_bytes(8, "little"),
-                                                   self._route)
+                future.job = self._worker._start_detached(
+                    self._runner, key.to_bytes(8, "little"), self._route)
             except WorkerClosedError:
-                del self._calls[key]
+                del self._calls[key], self._live[key]
                 raise RuntimeError("cannot schedule new futures after the worker closed") from None
-            self._pending[future] = (jid, key)
-        future.add_done_callback(self._settled)
         return future
 
     def _run_call(self, request: memoryview) -> None:
         """The callback of every job: runs the call its key names."""
-        call = self._calls.pop(int.from_bytes(request, "little"), None)
+        key = int.from_bytes(request, "little")
+        call = self._calls.pop(key, None)
         if call is None:  # cancelled meanwhile
             return
         future, fn, args, kwargs = call
@@ -121,20 +139,23 @@ class Executor(futures.Executor):
             # On a route with a run-time limit the job's interrupt may land
             # here, outside fn (it is raised once per job, so not twice).
             _resolve_interrupted(future)
+            self._live.pop(key, None)
 
-    def _settled(self, future: futures.Future) -> None:
+    def _cancelled(self, future: "_CallFuture") -> None:
+        """A future was cancelled before its call started.  Only the first
+        of concurrent cancels, and never a call that has started, gets past
+        the pop."""
         with self._lock:
-            entry = self._pending.pop(future, None)
-        if entry is None or not future.cancelled():
+            call = self._calls.pop(future.key, None)
+            self._live.pop(future.key, None)
+        if call is None:
             return
-        jid, key = entry
-        self._calls.pop(key, None)
         # The call will never run: say so, as ThreadPoolExecutor's worker does
         # when it reaches a cancelled item, so wait() and as_completed() count
         # the future as done.
         future.set_running_or_notify_cancel()
         try:  # take the cancelled call out of the queue too
-            self._worker.cancel(jid)
+            self._worker.cancel(future.job)
         except (UnknownJobError, WorkerClosedError):
             pass
 
@@ -146,7 +167,7 @@ class Executor(futures.Executor):
         was not cancelled has finished."""
         with self._lock:
             self._shutdown = True
-            pending = list(self._pending)
+            pending = list(self._live.values())
         if cancel_futures:
             for future in pending:
                 future.cancel()
