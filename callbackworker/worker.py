@@ -216,7 +216,9 @@ class Worker:
         """Shuts the worker down and returns 0.
 
         No job starts afterwards.  Queued jobs complete with SHUTDOWN (with
-        ``drain=True``, every queued job runs first); blocked waiters wake
+        ``drain=True``, every queued job runs first, and so does every retry
+        when its backoff has passed; suspended durable jobs are not waited
+        for: they complete with SHUTDOWN); blocked waiters wake
         with ``ShutdownError``; a running callback may finish, bounded by its
         timeout; all C threads are joined before this returns (except the
         caller's own thread when called from inside a callback).  Every other

@@ -43,7 +43,9 @@
 #define CBW_ROUTE_NAME_MAX 128
 
 /* close() flags. */
-#define CBW_CLOSE_DRAIN 1     /* run every queued job before shutting down */
+#define CBW_CLOSE_DRAIN 1     /* run every queued job (and retry) before
+                                 shutting down; suspended jobs are not
+                                 waited for */
 #define CBW_CLOSE_INTERRUPT 2 /* interrupt running callbacks; abandon threads
                                  still busy after the grace period */
 

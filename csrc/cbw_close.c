@@ -7,7 +7,9 @@
  * not wait for itself) and returns CBW_OK.  The steps, each under w->mu
  * except the joins:
  *  1. closing: cbw_start fails from now on.
- *  2. with CBW_CLOSE_DRAIN, wait until every route is empty.
+ *  2. with CBW_CLOSE_DRAIN, wait until every route is empty but for
+ *     suspended jobs (they wait for an outside signal; retries waiting out
+ *     their backoff are waited for).
  *  3. every queued job completes with SHUTDOWN; stopping: every verb fails,
  *     blocked waiters wake with CBW_ESHUTDOWN, idle threads leave.
  *  4. with CBW_CLOSE_INTERRUPT, every running job's deadline becomes now, so
@@ -22,7 +24,7 @@ static int routes_busy(cbw_worker *w)
 {
     int32_t i;
     for (i = 0; i < w->nroutes; i++)
-        if (!cbw__route_idle(w->routes[i]))
+        if (!cbw__route_settled(w->routes[i]))
             return 1;
     return 0;
 }

@@ -95,6 +95,7 @@ struct cbw__route {
     int64_t next_start_ns;     /* delay_ms: no start before this (route clock) */
     cbw__job *retry_head;      /* failed attempts waiting, earliest due first */
     int64_t delayed;           /* jobs in the retry list */
+    int64_t suspended;         /* ...of which suspended (durable) jobs */
     uint8_t open;
     uint8_t close_accepted;
     cbw__job *head, *tail;
@@ -223,6 +224,13 @@ void cbw__timer_arm(cbw_worker *w, int64_t deadline_ns);
 int32_t cbw__route_add(cbw_worker *w, const char *name, const cbw_route_config *cfg);
 /* No job pending (queued or delayed) or running. */
 #define cbw__route_idle(r) ((r)->queued == 0 && (r)->delayed == 0 && (r)->running == 0)
+/* Nothing but suspended jobs, which wait for the outside world: a drain
+ * does not wait for them. */
+#define cbw__route_settled(r) \
+    ((r)->queued == 0 && (r)->delayed == (r)->suspended && (r)->running == 0)
+/* Whom a job leaving route r must wake on w->statec. */
+#define cbw__route_drain_check(w, r) \
+    ((cbw__route_idle(r) && (r)->drain_waiters) || ((w)->draining && cbw__route_settled(r)))
 
 /* Route schedules: retries and delay between starts (cbw_schedule.c); all
  * under w->mu. */

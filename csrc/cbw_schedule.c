@@ -60,6 +60,8 @@ static void promote(cbw__route *r, int64_t now)
     while ((job = r->retry_head) != NULL && job->run.deadline_ns <= now) {
         r->retry_head = job->next;
         job->next = NULL;
+        if (job->flags & CBW__JOB_SUSPENDED)
+            r->suspended--;
         job->flags &= (uint8_t)~(CBW__JOB_RETRYING | CBW__JOB_SUSPENDED);
         job->run.deadline_ns = CBW__NEVER;
         job->in_queue = 1; /* the list's reference passes to the queue */
@@ -188,6 +190,7 @@ int cbw__suspend_park(cbw_worker *w, cbw__route *r, cbw__thread_rec *t, cbw__job
         due = add_saturating(cbw__route_clock(w), t->suspend_wake_ms * 1000000);
     job->flags &= (uint8_t)~CBW__JOB_WOKEN;
     job->flags |= CBW__JOB_SUSPENDED | CBW__JOB_REPLAY; /* not a new attempt */
+    r->suspended++;
     park(r, t, job, request, t->suspend_size, due);
     return 1;
 }
@@ -251,6 +254,8 @@ int64_t cbw_worker_clock_ms(cbw_worker *w)
 void cbw__retry_unlink(cbw__route *r, cbw__job *job)
 {
     remove_waiting(r, job);
+    if (job->flags & CBW__JOB_SUSPENDED)
+        r->suspended--;
     job->flags &= (uint8_t)~(CBW__JOB_RETRYING | CBW__JOB_SUSPENDED);
     r->delayed--;
     cbw__job_unref(job); /* the list's reference */

@@ -143,7 +143,7 @@ static void end_run(cbw_worker *w, cbw__route *r, cbw__thread_rec *t,
         cbw__tokens_done(w, job->run.callback, 1);
         cbw__job_unref(job);
     }
-    if (cbw__route_idle(r) && (r->drain_waiters || w->draining))
+    if (cbw__route_drain_check(w, r))
         cbw__cond_broadcast(&w->statec);
 }
 

@@ -50,7 +50,7 @@ int cbw_cancel(cbw_worker *w, int64_t id, uint64_t *callback)
         if (job->flags & CBW__JOB_RETRYING)
             cbw__retry_unlink(r, job);
         cbw__job_unref(job);
-        if (cbw__route_idle(r) && (r->drain_waiters || w->draining))
+        if (cbw__route_drain_check(w, r))
             cbw__cond_broadcast(&w->statec);
         rc = 1;
     }
