@@ -288,7 +288,8 @@ class StorageContract:
         store.cancel("t3", 1)
         assert store.counts() == {
             "empty": dict.fromkeys(STATUSES, 0),
-            "q": {"pending": 1, "running": 1, "completed": 1, "failed": 0, "cancelled": 1},
+            "q": {"pending": 1, "running": 1, "suspended": 0, "completed": 1, "failed": 0,
+                  "cancelled": 1},
         }
 
     def test_next_due(self, store: TaskStore) -> None:

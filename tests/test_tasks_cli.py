@@ -60,8 +60,9 @@ def test_worker_enqueue_task_queues(tmp_path: Path) -> None:
         assert out.returncode == 0
         assert out.stdout.splitlines() == ["status:  completed", "attempt: 1", "message: slept"]
         table = cli("queues", "--db", str(db)).stdout.splitlines()
-        assert table[0].split() == ["queue", "pending", "running", "completed", "failed", "cancelled"]
-        assert table[1].split() == ["slow", "0", "0", "2", "0", "0"]
+        assert table[0].split() == ["queue", "pending", "running", "suspended", "completed",
+                                    "failed", "cancelled"]
+        assert table[1].split() == ["slow", "0", "0", "0", "2", "0", "0"]
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)

@@ -37,7 +37,7 @@ def _pragma(path: Path, name: str) -> object:
 def test_wal_journal_and_schema_version(store: SQLiteTaskStore) -> None:
     path = Path(store.path)
     assert _pragma(path, "journal_mode") == "wal"
-    assert _pragma(path, "user_version") == 1
+    assert _pragma(path, "user_version") == 2
 
 
 @pytest.mark.parametrize("durability, level", [("normal", 1), ("full", 2)])
