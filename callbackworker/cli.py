@@ -260,7 +260,8 @@ def _add_task_commands(sub: Any) -> None:
     p.set_defaults(func=task)
 
     p = sub.add_parser("queues", help="task counts per queue and status",
-                       description="A table: pending/running/completed/failed/cancelled per queue.")
+                       description="A table: pending/running/suspended/completed/failed/cancelled "
+                                   "per queue.")
     _add_db(p)
     p.set_defaults(func=queues)
 
