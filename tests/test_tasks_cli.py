@@ -42,7 +42,7 @@ def _wait_for_status(db: Path, task_id: str, statuses: List[str]) -> str:
     return status
 
 
-@pytest.mark.parametrize("command", ["worker", "enqueue", "task", "queues", "demo"])
+@pytest.mark.parametrize("command", ["worker", "enqueue", "task", "queues", "serve", "demo"])
 def test_every_command_has_help(command: str) -> None:
     out = cli(command, "--help")
     assert out.returncode == 0 and "usage:" in out.stdout
