@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 import threading
-from typing import Callable, Iterator, List, Optional
+from typing import Iterator, List, Optional
 
 import pytest
 
@@ -29,6 +29,8 @@ from callbackworker import (
     Worker,
 )
 from callbackworker.asyncmeta import Phase
+
+from helpers import wait_for
 
 
 class Approval:
@@ -75,15 +77,6 @@ def clocked() -> Iterator[Worker]:
         yield w
     finally:
         w.close()
-
-
-def wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    pause = threading.Event()
-    for _ in range(int(timeout_s / 0.002)):
-        if predicate():
-            return
-        pause.wait(0.002)
-    raise AssertionError("condition not reached in time")
 
 
 def suspended(w: Worker, job: Approval) -> int:

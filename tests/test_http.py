@@ -21,16 +21,10 @@ import callbackworker
 from callbackworker import CallbackFailedError, TaskService
 from callbackworker.http import MAX_BODY_BYTES, create_app
 
+from helpers import FakeClock
+
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1_000_000
-
-    def __call__(self) -> int:
-        return self.now
 
 
 class Endpoint(NamedTuple):

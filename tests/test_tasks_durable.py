@@ -26,16 +26,7 @@ from callbackworker import (
 )
 from callbackworker.durable import MAX_RESULT_BYTES
 
-
-class FakeClock:
-    def __init__(self, now: int = 1_000_000) -> None:
-        self.now = now
-
-    def __call__(self) -> int:
-        return self.now
-
-    def advance(self, ms: int) -> None:
-        self.now += ms
+from helpers import FakeClock, wait_for
 
 
 class Approval:
@@ -387,20 +378,11 @@ def test_a_background_service_resumes_as_soon_as_signalled(db: str) -> None:
         service.create_queue("q", handler=handler)
         task = service.enqueue("q", b"")
         assert created.wait(10)
-        _wait_until(lambda: service.get(task).status == "suspended")
+        wait_for(lambda: service.get(task).status == "suspended")
         service.send_callback_success(handles[0].callback_id, b"now")
         assert done.wait(10)
-        _wait_until(lambda: service.get(task).status == "completed")
+        wait_for(lambda: service.get(task).status == "completed")
         assert service.get(task).message == "now"
-
-
-def _wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    event = threading.Event()
-    for _ in range(int(timeout_s / 0.01)):
-        if predicate():
-            return
-        event.wait(0.01)
-    raise AssertionError("condition not reached")
 
 
 # ---- concurrency --------------------------------------------------------
