@@ -282,8 +282,9 @@ class _GroupCommitter:
 
     _BATCH_MAX = 10_000
 
-    def __init__(self, store: TaskStore) -> None:
+    def __init__(self, store: TaskStore, on_suspended: Callable[[], None]) -> None:
         self._store = store
+        self._on_suspended = on_suspended
         self._cond = threading.Condition()
         self._queue: List[Outcome] = []
         self._busy = False
@@ -328,6 +329,8 @@ class _GroupCommitter:
                         log.warning("task %s: outcome %r rejected: its lease was lost "
                                     "(the task was recovered meanwhile)",
                                     outcome.task_id, outcome.kind)
+                if any(o.kind == "suspend" for o in batch):
+                    self._on_suspended()  # one whose callback was signalled meanwhile is due
             except Exception:
                 log.exception("could not commit %d task outcomes; those tasks run again "
                               "once their leases expire", len(batch))
@@ -477,7 +480,7 @@ class TaskService:
         """The worker, committer and dispatcher, created with the first queue
         (a service that only enqueues and inspects needs none)."""
         if self._worker is None:
-            self._committer = _GroupCommitter(self._store)
+            self._committer = _GroupCommitter(self._store, self._kick)
             self._worker = _TaskWorker(self._store, self._now)
             if self._background:
                 self._dispatcher = threading.Thread(target=self._dispatch_loop, daemon=True,
@@ -584,10 +587,13 @@ class TaskService:
         self._check_open()
         self._store.durable_signal(callback_id, state, result, error, self._now())
         if self._worker is not None:
-            with self._cond:
-                self._kick_locked()
+            self._kick()
 
     # ---- dispatching --------------------------------------------------
+
+    def _kick(self) -> None:
+        with self._cond:
+            self._kick_locked()
 
     def _kick_locked(self) -> None:
         self._kicked = True
