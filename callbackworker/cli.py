@@ -7,6 +7,7 @@ Subcommands:
   enqueue  add a task to a persistent queue; prints its id
   task     show a task's status, message and attempt
   queues   a table of task counts per queue and status
+  serve    the HTTP endpoint outside systems signal durable callbacks through
 """
 
 from __future__ import annotations
@@ -228,6 +229,59 @@ def queues(args: argparse.Namespace) -> int:
     return 0
 
 
+TOKEN_ENV = "CALLBACKWORKER_TOKEN"
+
+
+def _read_token(token_file: Optional[str]) -> str:
+    """The bearer token: the file's content (stripped) if given, else the
+    environment variable; SystemExit with a clear message without one."""
+    if token_file is not None:
+        try:
+            with open(token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+        except OSError as exc:
+            raise SystemExit(f"callbackworker serve: cannot read --token-file: {exc}") from None
+        source = token_file
+    else:
+        token = os.environ.get(TOKEN_ENV, "").strip()
+        source = f"${TOKEN_ENV}"
+    if not token:
+        raise SystemExit(f"callbackworker serve: refusing to start without a bearer token: "
+                         f"{source} is empty or unset (give --token-file FILE or set "
+                         f"{TOKEN_ENV})")
+    return token
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Serves the callback endpoint until SIGINT or SIGTERM (uvicorn's
+    graceful shutdown: requests in flight finish)."""
+    token = _read_token(args.token_file)
+    try:
+        import uvicorn
+
+        from .http import create_app
+    except ImportError as exc:
+        raise SystemExit(f"callbackworker serve needs the http extra "
+                         f"(pip install 'callbackworker[http]'): {exc}") from None
+    with TaskService(args.db) as service:
+        config = uvicorn.Config(create_app(service, token), host=args.host, port=args.port,
+                                lifespan="off", access_log=False, log_level="info")
+        server = uvicorn.Server(config)
+
+        def request_stop(signum: int, frame: object) -> None:
+            server.should_exit = True
+
+        # uvicorn handles SIGINT/SIGTERM while it runs (graceful shutdown),
+        # then re-raises the signal into these handlers: the service closes
+        # and the command exits 0 instead of dying by the signal.
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
+        print(f"serving callbacks for {args.db} on http://{args.host}:{args.port}", flush=True)
+        server.run()
+    print("stopped", file=sys.stderr, flush=True)
+    return 0
+
+
 def _add_db(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", default="callbackworker.db", metavar="PATH",
                    help="the SQLite task database (default: callbackworker.db)")
@@ -260,9 +314,22 @@ def _add_task_commands(sub: Any) -> None:
     p.set_defaults(func=task)
 
     p = sub.add_parser("queues", help="task counts per queue and status",
-                       description="A table: pending/running/completed/failed/cancelled per queue.")
+                       description="A table: pending/running/suspended/completed/failed/cancelled "
+                                   "per queue.")
     _add_db(p)
     p.set_defaults(func=queues)
+
+    p = sub.add_parser("serve", help="HTTP endpoint for external callback signals",
+                       description="Serves POST /v1/callbacks/{id}/success|failure|heartbeat "
+                                   "and GET /v1/tasks/{id} over the task database, with "
+                                   f"bearer-token auth (--token-file, or ${TOKEN_ENV}), until "
+                                   "SIGINT or SIGTERM. Needs callbackworker[http].")
+    _add_db(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+    p.add_argument("--token-file", metavar="FILE",
+                   help=f"file holding the bearer token (default: ${TOKEN_ENV})")
+    p.set_defaults(func=serve)
 
 
 def _build_parser() -> argparse.ArgumentParser:

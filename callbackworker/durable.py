@@ -300,6 +300,8 @@ class DurableRun:
         self.request = store.request(owner, request)
         self._suspend = suspend
         self._cursor = 0
+        self.suspended_on: Optional[str] = None
+        """The callback whose ``callback_result`` suspended this run."""
 
     def _next(self, kind: str, name: str) -> Tuple[Any, int]:
         seq = self._cursor
@@ -340,6 +342,7 @@ class DurableRun:
             if rec.state == "pending":
                 at, _ = rec.expiry()
                 wake = -1 if at is None else max(0, at - self.store.now_ms())
+                self.suspended_on = handle.callback_id
                 self._suspend(wake, self.request)
             value = {"succeeded": ("ok", rec.result), "failed": ("failed", rec.error),
                      "timed_out": ("timed_out", rec.reason)}[rec.state]

@@ -209,12 +209,12 @@ class QueueExistsError(TaskError, ValueError):
 
 
 class TaskNotCancellableError(TaskError):
-    """``cancel`` on a task that is not pending; ``.status`` says what it is
+    """``cancel`` on a task that is neither pending nor suspended; ``.status`` says what it is
     (``"running"``, ``"completed"``, ``"failed"`` or ``"cancelled"``)."""
 
     def __init__(self, task_id: str, status: str) -> None:
         reason = {
-            "running": "it is running (only pending tasks can be cancelled)",
+            "running": "it is running (only pending and suspended tasks can be cancelled)",
             "completed": "it has already completed",
             "failed": "it has already failed",
             "cancelled": "it was already cancelled",

@@ -12,8 +12,14 @@ from typing import List
 
 import pytest
 
-from callbackworker.errors import UnknownQueueError
-from callbackworker.tasks.storage import STATUSES, ClaimedTask, Outcome, TaskStore
+from callbackworker.durable import CallbackRecord
+from callbackworker.errors import (
+    CallbackAlreadyCompletedError,
+    NonDeterminismError,
+    UnknownCallbackError,
+    UnknownQueueError,
+)
+from callbackworker.tasks.storage import NEVER, STATUSES, ClaimedTask, Outcome, TaskStore
 
 LEASE = 30_000
 
@@ -29,6 +35,18 @@ def _claimed_one(store: TaskStore, lease_ms: int = LEASE) -> ClaimedTask:
     store.ensure_queue("q")
     _enqueue(store, "q", 1)
     (task,) = store.claim("q", owner="me", limit=1, now=0, lease_ms=lease_ms)
+    return task
+
+
+def _suspended_one(store: TaskStore, timeout_ms: int = 0, heartbeat_ms: int = 0,
+                   callback_id: str = "cb") -> ClaimedTask:
+    """Task "t0" of queue "q", claimed at 0, with callback ``callback_id``
+    created at 0, suspended on it at 10."""
+    task = _claimed_one(store)
+    store.durable_add_callback(CallbackRecord(callback_id, task.id, "approval", 0, timeout_ms,
+                                              heartbeat_ms, last_beat_ms=0))
+    assert store.settle([Outcome(task.id, task.token, "suspend", "", 10,
+                                 awaiting=callback_id)]) == [True]
     return task
 
 
@@ -288,7 +306,8 @@ class StorageContract:
         store.cancel("t3", 1)
         assert store.counts() == {
             "empty": dict.fromkeys(STATUSES, 0),
-            "q": {"pending": 1, "running": 1, "completed": 1, "failed": 0, "cancelled": 1},
+            "q": {"pending": 1, "running": 1, "suspended": 0, "completed": 1, "failed": 0,
+                  "cancelled": 1},
         }
 
     def test_next_due(self, store: TaskStore) -> None:
@@ -311,3 +330,187 @@ class StorageContract:
         assert store.get(running.id) is not None
         assert store.sweep("q", finished_before=10**12) == 1
         assert store.get(running.id) is not None
+
+    # ---- durable operation logs and callbacks ---------------------------
+
+    def test_operation_log_keeps_order_and_bytes(self, store: TaskStore) -> None:
+        task = _claimed_one(store)
+        store.durable_record(task.id, 0, "step", "a", b"\x00one")
+        store.durable_record(task.id, 1, "callback", "b", b"two")
+        assert store.durable_ops(task.id) == [("step", "a", b"\x00one"), ("callback", "b", b"two")]
+        assert store.durable_ops("other") == []
+
+    def test_recording_a_taken_sequence_number_is_a_non_determinism_error(
+            self, store: TaskStore) -> None:
+        task = _claimed_one(store)
+        store.durable_record(task.id, 0, "step", "a", b"1")
+        with pytest.raises(NonDeterminismError):
+            store.durable_record(task.id, 0, "step", "b", b"2")
+        assert store.durable_ops(task.id) == [("step", "a", b"1")]
+
+    def test_callback_round_trip(self, store: TaskStore) -> None:
+        task = _claimed_one(store)
+        store.durable_add_callback(CallbackRecord("cb", task.id, "approval", 5, 100, 20,
+                                                  last_beat_ms=5))
+        record = store.durable_callback("cb")
+        assert record == CallbackRecord("cb", task.id, "approval", 5, 100, 20, last_beat_ms=5)
+        assert store.durable_callback("missing") is None
+
+    def test_suspend_keeps_the_attempt_and_waits_for_the_expiry(self, store: TaskStore) -> None:
+        _suspended_one(store, timeout_ms=1000)
+        record = store.get("t0")
+        assert record is not None
+        assert (record.status, record.attempt, record.owner, record.next_run_at) == (
+            "suspended", 1, None, 1000)
+        assert store.next_due("q") == 1000
+        assert store.claim("q", owner="me", limit=1, now=999, lease_ms=LEASE) == []
+        (replay,) = store.claim("q", owner="me", limit=1, now=1000, lease_ms=LEASE)
+        assert replay.attempt == 1, "a replay is the same attempt"
+
+    def test_suspend_without_limits_is_never_due(self, store: TaskStore) -> None:
+        _suspended_one(store)
+        assert store.get("t0").next_run_at == NEVER  # type: ignore[union-attr]
+        assert store.next_due("q") is None
+        assert store.claim("q", owner="me", limit=1, now=NEVER - 1, lease_ms=LEASE) == []
+
+    def test_success_signal_wakes_the_suspended_task_now(self, store: TaskStore) -> None:
+        _suspended_one(store)
+        record = store.durable_signal("cb", "succeeded", b"yes", None, 50)
+        assert (record.state, record.result, record.owner) == ("succeeded", b"yes", "t0")
+        task = store.get("t0")
+        assert task is not None and (task.status, task.next_run_at) == ("pending", 50)
+        (replay,) = store.claim("q", owner="me", limit=1, now=50, lease_ms=LEASE)
+        assert replay.attempt == 1
+        stored = store.durable_callback("cb")
+        assert stored is not None and (stored.state, stored.result) == ("succeeded", b"yes")
+
+    def test_failure_signal_stores_the_error(self, store: TaskStore) -> None:
+        _suspended_one(store)
+        store.durable_signal("cb", "failed", None, "declined", 50)
+        stored = store.durable_callback("cb")
+        assert stored is not None and (stored.state, stored.error) == ("failed", "declined")
+        assert store.get("t0").status == "pending"  # type: ignore[union-attr]
+
+    def test_a_signal_is_applied_once(self, store: TaskStore) -> None:
+        _suspended_one(store)
+        store.durable_signal("cb", "succeeded", b"first", None, 50)
+        for state, result, error in (("succeeded", b"again", None), ("failed", None, "no"),
+                                     ("pending", None, None)):
+            with pytest.raises(CallbackAlreadyCompletedError) as info:
+                store.durable_signal("cb", state, result, error, 60)
+            assert info.value.state == "succeeded"
+        assert store.durable_callback("cb").result == b"first"  # type: ignore[union-attr]
+
+    def test_signal_for_an_unknown_callback(self, store: TaskStore) -> None:
+        with pytest.raises(UnknownCallbackError):
+            store.durable_signal("missing", "succeeded", b"", None, 0)
+
+    def test_signal_past_the_timeout_is_refused_as_timed_out(self, store: TaskStore) -> None:
+        _suspended_one(store, timeout_ms=100)
+        with pytest.raises(CallbackAlreadyCompletedError) as info:
+            store.durable_signal("cb", "succeeded", b"late", None, 100)
+        assert info.value.state == "timed_out"
+        assert store.durable_callback("cb").state == "pending"  # type: ignore[union-attr]
+
+    def test_heartbeat_moves_the_suspended_tasks_due_time(self, store: TaskStore) -> None:
+        _suspended_one(store, timeout_ms=10_000, heartbeat_ms=100)
+        assert store.get("t0").next_run_at == 100  # type: ignore[union-attr]
+        record = store.durable_signal("cb", "pending", None, None, 90)
+        assert record.last_beat_ms == 90
+        task = store.get("t0")
+        assert task is not None and (task.status, task.next_run_at) == ("suspended", 190)
+        with pytest.raises(CallbackAlreadyCompletedError) as info:
+            store.durable_signal("cb", "pending", None, None, 190)
+        assert info.value.state == "timed_out"
+
+    def test_a_signal_before_the_suspension_is_settled_is_not_lost(
+            self, store: TaskStore) -> None:
+        task = _claimed_one(store)
+        store.durable_add_callback(CallbackRecord("cb", task.id, "approval", 0, 0, 0))
+        store.durable_signal("cb", "succeeded", b"early", None, 5)
+        assert store.get(task.id).status == "running"  # type: ignore[union-attr]
+        store.settle([Outcome(task.id, task.token, "suspend", "", 10, awaiting="cb")])
+        record = store.get(task.id)
+        assert record is not None and (record.status, record.next_run_at) == ("pending", 10)
+        (replay,) = store.claim("q", owner="me", limit=1, now=10, lease_ms=LEASE)
+        assert replay.attempt == 1
+
+    def test_a_signal_for_another_callback_leaves_the_task_suspended(
+            self, store: TaskStore) -> None:
+        task = _suspended_one(store)
+        store.durable_add_callback(CallbackRecord("other", task.id, "second", 0, 0, 0))
+        store.durable_signal("other", "succeeded", b"", None, 20)
+        assert store.get(task.id).status == "suspended"  # type: ignore[union-attr]
+
+    def test_concurrent_signals_apply_exactly_one(self, store: TaskStore) -> None:
+        _suspended_one(store)
+        wins: List[bytes] = []
+        losses: List[str] = []
+        lock = threading.Lock()
+
+        def send(n: int) -> None:
+            try:
+                store.durable_signal("cb", "succeeded", b"%d" % n, None, 20)
+            except CallbackAlreadyCompletedError as exc:
+                with lock:
+                    losses.append(exc.state)
+            else:
+                with lock:
+                    wins.append(b"%d" % n)
+
+        threads = [threading.Thread(target=send, args=(n,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(wins) == 1 and losses == ["succeeded"] * 7
+        assert store.durable_callback("cb").result == wins[0]  # type: ignore[union-attr]
+
+    def test_a_terminal_status_drops_the_log_and_closes_callbacks(
+            self, store: TaskStore) -> None:
+        task = _claimed_one(store)
+        store.durable_record(task.id, 0, "step", "a", b"1")
+        store.durable_add_callback(CallbackRecord("open", task.id, "a", 0, 0, 0))
+        store.durable_add_callback(CallbackRecord("done", task.id, "b", 0, 0, 0))
+        store.durable_signal("done", "succeeded", b"big result", None, 1)
+        store.complete(task.id, task.token, "", 2)
+        assert store.durable_ops(task.id) == []
+        assert store.durable_callback("open").state == "closed"  # type: ignore[union-attr]
+        done = store.durable_callback("done")
+        assert done is not None and (done.state, done.result) == ("succeeded", None)
+        with pytest.raises(CallbackAlreadyCompletedError) as info:
+            store.durable_signal("open", "succeeded", b"", None, 3)
+        assert info.value.state == "closed"
+
+    def test_cancel_a_suspended_task_closes_its_callbacks(self, store: TaskStore) -> None:
+        _suspended_one(store)
+        assert store.cancel("t0", 20) == "suspended"
+        assert store.get("t0").status == "cancelled"  # type: ignore[union-attr]
+        assert store.durable_callback("cb").state == "closed"  # type: ignore[union-attr]
+
+    def test_clear_cancels_suspended_tasks(self, store: TaskStore) -> None:
+        _suspended_one(store)
+        assert store.clear("q", 20) == 1
+        assert store.get("t0").status == "cancelled"  # type: ignore[union-attr]
+
+    def test_sweep_deletes_the_tasks_callbacks(self, store: TaskStore) -> None:
+        _suspended_one(store)
+        store.cancel("t0", 20)
+        assert store.sweep("q", finished_before=21) == 1
+        assert store.durable_callback("cb") is None
+        with pytest.raises(UnknownCallbackError):
+            store.durable_signal("cb", "succeeded", b"", None, 30)
+
+    def test_recover_after_a_lost_replay_counts_an_attempt(self, store: TaskStore) -> None:
+        _suspended_one(store, timeout_ms=100)
+        (replay,) = store.claim("q", owner="me", limit=1, now=100, lease_ms=10)
+        assert replay.attempt == 1
+        assert store.recover("q", now=110, max_attempts=3) == 1
+        (again,) = store.claim("q", owner="me", limit=1, now=110, lease_ms=10)
+        assert again.attempt == 2
+
+    def test_releasing_a_replay_claim_keeps_the_attempt(self, store: TaskStore) -> None:
+        _suspended_one(store, timeout_ms=100)
+        (replay,) = store.claim("q", owner="me", limit=1, now=100, lease_ms=LEASE)
+        assert store.release(replay.id, replay.token, 100) is True
+        assert store.get(replay.id).attempt == 1  # type: ignore[union-attr]

@@ -42,7 +42,7 @@ def _wait_for_status(db: Path, task_id: str, statuses: List[str]) -> str:
     return status
 
 
-@pytest.mark.parametrize("command", ["worker", "enqueue", "task", "queues", "demo"])
+@pytest.mark.parametrize("command", ["worker", "enqueue", "task", "queues", "serve", "demo"])
 def test_every_command_has_help(command: str) -> None:
     out = cli(command, "--help")
     assert out.returncode == 0 and "usage:" in out.stdout
@@ -60,8 +60,9 @@ def test_worker_enqueue_task_queues(tmp_path: Path) -> None:
         assert out.returncode == 0
         assert out.stdout.splitlines() == ["status:  completed", "attempt: 1", "message: slept"]
         table = cli("queues", "--db", str(db)).stdout.splitlines()
-        assert table[0].split() == ["queue", "pending", "running", "completed", "failed", "cancelled"]
-        assert table[1].split() == ["slow", "0", "0", "2", "0", "0"]
+        assert table[0].split() == ["queue", "pending", "running", "suspended", "completed",
+                                    "failed", "cancelled"]
+        assert table[1].split() == ["slow", "0", "0", "0", "2", "0", "0"]
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)

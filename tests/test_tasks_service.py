@@ -30,18 +30,7 @@ from callbackworker import (
 from callbackworker.tasks.service import retry_delay_ms
 from callbackworker.tasks.sqlite import SQLiteTaskStore
 
-
-class FakeClock:
-    """Milliseconds that move only when a test says so."""
-
-    def __init__(self, now: int = 1_000_000) -> None:
-        self.now = now
-
-    def __call__(self) -> int:
-        return self.now
-
-    def advance(self, ms: int) -> None:
-        self.now += ms
+from helpers import FakeClock
 
 
 @pytest.fixture

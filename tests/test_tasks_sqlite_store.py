@@ -37,7 +37,7 @@ def _pragma(path: Path, name: str) -> object:
 def test_wal_journal_and_schema_version(store: SQLiteTaskStore) -> None:
     path = Path(store.path)
     assert _pragma(path, "journal_mode") == "wal"
-    assert _pragma(path, "user_version") == 1
+    assert _pragma(path, "user_version") == 2
 
 
 @pytest.mark.parametrize("durability, level", [("normal", 1), ("full", 2)])
@@ -112,3 +112,25 @@ def test_closed_store_refuses_use(tmp_path: Path) -> None:
     s.close()
     with pytest.raises(RuntimeError, match="closed"):
         s.queues()
+
+
+def test_a_version_1_database_is_migrated_in_place(tmp_path: Path) -> None:
+    from callbackworker.tasks.sqlite import _MIGRATIONS
+
+    path = tmp_path / "v1.db"
+    with sqlite3.connect(path) as db:
+        for statement in _MIGRATIONS[0]:
+            db.execute(statement)
+        db.execute("PRAGMA user_version = 1")
+        db.execute("INSERT INTO queues(name) VALUES ('q')")
+        db.execute("INSERT INTO tasks(id, queue, payload, status, next_run_at, created_at) "
+                   "VALUES ('old', 'q', x'00', 'pending', 0, 0)")
+    store = SQLiteTaskStore(path)
+    try:
+        assert _pragma(path, "user_version") == 2
+        (task,) = store.claim("q", owner="me", limit=1, now=0, lease_ms=1000)
+        assert (task.id, task.attempt) == ("old", 1)
+        store.durable_record("old", 0, "step", "s", b"v")
+        assert store.durable_ops("old") == [("step", "s", b"v")]
+    finally:
+        store.close()

@@ -25,6 +25,16 @@ DESIGN
 * Wake-ups.  ``enqueue`` in this process and every finished attempt wake
   the dispatcher; otherwise it sleeps until the next due time, at most
   ``poll_ms``, which is how it notices work written by other processes.
+* Durable tasks.  A handler may use ``current_job().create_callback`` /
+  ``callback_result`` / ``step`` (``callbackworker.durable``); the service's
+  worker hands it a ``DurableRun`` over the task's own store
+  (``TaskDurableStore``).  When ``callback_result`` finds its callback
+  pending, the run ends with ``SuspendJob`` and the attempt settles as
+  "suspend": the task is ``suspended`` (no lease, the attempt given back),
+  due when the callback expires or never.  A signal updates the callback
+  and makes the task due in one transaction; the dispatcher claims it like
+  any due task and the handler replays from the log.  A signal that races
+  the suspension is caught by the store when the suspension is settled.
 * Lock order: ``_cond`` (service state) is never held while calling the
   store or the worker.
 """
@@ -43,9 +53,12 @@ import time
 import uuid
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, NamedTuple, NoReturn, Optional, Tuple
 
+from .. import _native
+from ..durable import DurableRun, check_callback_id, check_error, check_result
 from ..errors import (
+    CallbackWorkerError,
     QueueExistsError,
     ServiceClosedError,
     TaskNotCancellableError,
@@ -53,6 +66,7 @@ from ..errors import (
     UnknownTaskError,
 )
 from ..worker import Worker
+from .durablestore import TaskDurableStore
 from .sqlite import SQLiteTaskStore
 from .storage import ClaimedTask, Outcome, TaskStore
 
@@ -125,8 +139,9 @@ class QueueConfig:
 
 
 class TaskInfo(NamedTuple):
-    """A task's state: ``status`` ("pending", "running", "completed",
-    "failed", "cancelled"), ``message`` (the handler's result, or the error
+    """A task's state: ``status`` ("pending", "running", "suspended" (a
+    durable handler waits for an external callback), "completed", "failed",
+    "cancelled"), ``message`` (the handler's result, or the error
     text ``"ExcType: message"`` of the last failed attempt) and ``attempt``
     (1-based, counted when the task is claimed; 0 before its first run)."""
 
@@ -149,6 +164,32 @@ _running = threading.local()
 def current_task() -> Optional[TaskContext]:
     """Inside a handler, the task it is running; None anywhere else."""
     return getattr(_running, "task", None)
+
+
+def _suspend_task(wake_after_ms: int, request: bytes) -> NoReturn:
+    """Ends a task's run that waits for a callback; ``_attempt`` settles it
+    as suspended (the store works out when it is due)."""
+    raise _native.SuspendJob()
+
+
+class _TaskWorker(Worker):
+    """The service's worker: a task handler's durable operations go to the
+    task's store, not to the worker's memory."""
+
+    def __init__(self, store: TaskStore, clock: Callable[[], int]) -> None:
+        super().__init__()
+        self._task_store = store
+        self._task_clock = clock
+
+    def _durable_run(self, run: object) -> DurableRun:
+        durable: Optional[DurableRun] = getattr(_running, "durable", None)
+        if durable is None:
+            task = current_task()
+            if task is None:
+                raise CallbackWorkerError("durable operations of a task must run in its handler")
+            store = TaskDurableStore(self._task_store, self._task_clock, task.id)
+            durable = _running.durable = DurableRun(store, task.id, b"", _suspend_task)
+        return durable
 
 
 def retry_delay_ms(backoff_ms: int, attempt: int) -> int:
@@ -241,8 +282,9 @@ class _GroupCommitter:
 
     _BATCH_MAX = 10_000
 
-    def __init__(self, store: TaskStore) -> None:
+    def __init__(self, store: TaskStore, on_suspended: Callable[[], None]) -> None:
         self._store = store
+        self._on_suspended = on_suspended
         self._cond = threading.Condition()
         self._queue: List[Outcome] = []
         self._busy = False
@@ -287,6 +329,8 @@ class _GroupCommitter:
                         log.warning("task %s: outcome %r rejected: its lease was lost "
                                     "(the task was recovered meanwhile)",
                                     outcome.task_id, outcome.kind)
+                if any(o.kind == "suspend" for o in batch):
+                    self._on_suspended()  # one whose callback was signalled meanwhile is due
             except Exception:
                 log.exception("could not commit %d task outcomes; those tasks run again "
                               "once their leases expire", len(batch))
@@ -436,8 +480,8 @@ class TaskService:
         """The worker, committer and dispatcher, created with the first queue
         (a service that only enqueues and inspects needs none)."""
         if self._worker is None:
-            self._committer = _GroupCommitter(self._store)
-            self._worker = Worker()
+            self._committer = _GroupCommitter(self._store, self._kick)
+            self._worker = _TaskWorker(self._store, self._now)
             if self._background:
                 self._dispatcher = threading.Thread(target=self._dispatch_loop, daemon=True,
                                                     name="callbackworker-task-dispatch")
@@ -445,8 +489,8 @@ class TaskService:
         return self._worker
 
     def clear_queue(self, name: str) -> int:
-        """Cancels every pending task of the queue; returns how many.
-        Running tasks are not affected."""
+        """Cancels every pending and suspended task of the queue; returns
+        how many.  Running tasks are not affected."""
         name = self._known_queue(name)
         return self._store.clear(name, self._now())
 
@@ -498,18 +542,58 @@ class TaskService:
         return TaskInfo(record.status, record.message, record.attempt)
 
     def cancel(self, task_id: str) -> None:
-        """Cancels a pending task.  ``TaskNotCancellableError`` (with
-        ``.status``) if it is running, completed, failed or already
-        cancelled; ``UnknownTaskError`` if there is no such task."""
+        """Cancels a pending or suspended task (a suspended one's callbacks
+        are closed: later signals raise ``CallbackAlreadyCompletedError``).
+        ``TaskNotCancellableError`` (with ``.status``) if it is running,
+        completed, failed or already cancelled; ``UnknownTaskError`` if
+        there is no such task."""
         task_id = _check_task_id(task_id)
         self._check_open()
         status = self._store.cancel(task_id, self._now())
         if status is None:
             raise UnknownTaskError(task_id)
-        if status != "pending":
+        if status not in ("pending", "suspended"):
             raise TaskNotCancellableError(task_id, status)
 
+    # ---- durable callbacks --------------------------------------------
+
+    def send_callback_success(self, callback_id: str, result: bytes) -> None:
+        """Signals success to a task's callback: the task, if suspended
+        waiting for it, becomes due now and replays; its ``callback_result``
+        returns ``result`` (bytes-like, at most 1 MiB).  The signal is
+        committed when this returns; any service on the database may send
+        it (one that created no queue only writes the store).  Raises
+        ``UnknownCallbackError`` for an id never issued (or swept with its
+        task) and ``CallbackAlreadyCompletedError`` once the callback has
+        succeeded, failed, timed out or its task ended: of concurrent or
+        duplicate signals exactly one is applied."""
+        self._signal(check_callback_id(callback_id), "succeeded", check_result(result), None)
+
+    def send_callback_failure(self, callback_id: str, error: str) -> None:
+        """Signals failure: the task's ``callback_result`` raises
+        ``CallbackFailedError`` carrying ``error``.  Otherwise as
+        ``send_callback_success``."""
+        self._signal(check_callback_id(callback_id), "failed", None, check_error(error))
+
+    def send_callback_heartbeat(self, callback_id: str) -> None:
+        """Tells a callback with ``heartbeat_timeout_ms`` that the outside
+        system is still at work: its heartbeat deadline (and the suspended
+        task's due time) moves to now plus that interval.  Errors as
+        ``send_callback_success``."""
+        self._signal(check_callback_id(callback_id), "pending", None, None)
+
+    def _signal(self, callback_id: str, state: str, result: Optional[bytes],
+                error: Optional[str]) -> None:
+        self._check_open()
+        self._store.durable_signal(callback_id, state, result, error, self._now())
+        if self._worker is not None:
+            self._kick()
+
     # ---- dispatching --------------------------------------------------
+
+    def _kick(self) -> None:
+        with self._cond:
+            self._kick_locked()
 
     def _kick_locked(self) -> None:
         self._kicked = True
@@ -618,20 +702,35 @@ class TaskService:
     def _attempt(self, queue: _Queue, task: ClaimedTask) -> Outcome:
         view = memoryview(task.payload)
         _running.task = TaskContext(task.id, queue.name, task.attempt)
+        _running.durable = None
+        outcome: Outcome
+        unwound = False  # by SuspendJob, as callback_result suspends
         try:
             message = queue.handler(view)
             if message is not None and not isinstance(message, str):
                 raise TypeError(f"the handler must return a str or None, "
                                 f"not {type(message).__name__}")
+        except _native.SuspendJob:
+            unwound = True
+            outcome = self._failure(queue, task, "SuspendJob: raised outside callback_result")
         except Exception as exc:
-            return self._failure(queue, task, f"{type(exc).__name__}: {exc}")
+            outcome = self._failure(queue, task, f"{type(exc).__name__}: {exc}")
+        else:
+            outcome = Outcome(task.id, task.token, "complete", message or "", self._now())
         finally:
-            _running.task = None
+            durable: Optional[DurableRun] = _running.durable
+            _running.task = _running.durable = None
             try:
                 view.release()
             except BufferError:
                 pass  # the handler kept an export; the bytes stay valid anyway
-        return Outcome(task.id, task.token, "complete", message or "", self._now())
+        if durable is not None and durable.suspended_on is not None:
+            if not unwound:  # the handler caught SuspendJob: the wait still stands
+                log.warning("task %s: the handler went on after callback_result suspended it; "
+                            "its outcome is ignored and the task stays suspended", task.id)
+            return Outcome(task.id, task.token, "suspend", "", self._now(),
+                           awaiting=durable.suspended_on)
+        return outcome
 
     def _failure(self, queue: _Queue, task: ClaimedTask, text: str) -> Outcome:
         now = self._now()

@@ -35,8 +35,15 @@ import time
 import uuid
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, TypeVar
 
-from ..errors import StorageBusyError, UnknownQueueError
-from .storage import STATUSES, ClaimedTask, Outcome, TaskRecord, TaskStore
+from ..durable import CallbackRecord
+from ..errors import (
+    CallbackAlreadyCompletedError,
+    NonDeterminismError,
+    StorageBusyError,
+    UnknownCallbackError,
+    UnknownQueueError,
+)
+from .storage import NEVER, STATUSES, ClaimedTask, Outcome, TaskRecord, TaskStore
 
 __all__ = ["SQLiteTaskStore", "DURABILITY"]
 
@@ -76,22 +83,86 @@ _MIGRATIONS: List[List[str]] = [
         "CREATE INDEX tasks_finished ON tasks(queue, finished_at) WHERE finished_at IS NOT NULL",
         "CREATE INDEX tasks_leased ON tasks(owner) WHERE status = 'running'",
     ],
+    # 2: durable operation logs and callbacks; suspended tasks.
+    [
+        # The callback a suspended task waits for.  Kept until the replay
+        # ends: a claim, or a graceful release, of a task with it set is a
+        # replay of the attempt the task is in, not a new attempt.
+        "ALTER TABLE tasks ADD COLUMN awaiting TEXT",
+        """CREATE TABLE durable_ops (
+               task_id TEXT NOT NULL,
+               seq     INTEGER NOT NULL,
+               kind    TEXT NOT NULL,
+               name    TEXT NOT NULL,
+               value   BLOB NOT NULL,
+               PRIMARY KEY (task_id, seq)
+           ) WITHOUT ROWID""",
+        """CREATE TABLE durable_callbacks (
+               id                   TEXT PRIMARY KEY,
+               task_id              TEXT NOT NULL,
+               name                 TEXT NOT NULL,
+               state                TEXT NOT NULL DEFAULT 'pending',
+               result               BLOB,
+               error                TEXT,
+               created_at           INTEGER NOT NULL,
+               last_beat_at         INTEGER NOT NULL,
+               timeout_ms           INTEGER NOT NULL,
+               heartbeat_timeout_ms INTEGER NOT NULL
+           ) WITHOUT ROWID""",
+        "CREATE INDEX durable_callbacks_task ON durable_callbacks(task_id)",
+        # Every path to a terminal status (complete, fail, recover, cancel,
+        # clear) ends the task's durable state here, in its transaction.
+        """CREATE TRIGGER tasks_durable_ended AFTER UPDATE OF status ON tasks
+           WHEN NEW.status IN ('completed', 'failed', 'cancelled')
+           BEGIN
+               DELETE FROM durable_ops WHERE task_id = NEW.id;
+               UPDATE durable_callbacks
+                  SET state = CASE state WHEN 'pending' THEN 'closed' ELSE state END,
+                      result = NULL
+                WHERE task_id = NEW.id;
+           END""",
+        """CREATE TRIGGER tasks_durable_swept AFTER DELETE ON tasks
+           BEGIN
+               DELETE FROM durable_ops WHERE task_id = OLD.id;
+               DELETE FROM durable_callbacks WHERE task_id = OLD.id;
+           END""",
+    ],
 ]
+
+_CALLBACK_COLUMNS = ("id, task_id, name, created_at, timeout_ms, heartbeat_timeout_ms, state, "
+                     "result, error, last_beat_at")
 
 _SETTLE_SQL = {
     "complete": """UPDATE tasks SET status = 'completed', message = ?, finished_at = ?,
-                       owner = NULL, lease_expires_at = NULL, token = NULL
+                       awaiting = NULL, owner = NULL, lease_expires_at = NULL, token = NULL
                    WHERE id = ? AND token = ? AND status = 'running'""",
     "fail": """UPDATE tasks SET status = 'failed', message = ?, finished_at = ?,
-                   owner = NULL, lease_expires_at = NULL, token = NULL
+                   awaiting = NULL, owner = NULL, lease_expires_at = NULL, token = NULL
                WHERE id = ? AND token = ? AND status = 'running'""",
     "retry": """UPDATE tasks SET status = 'pending', message = ?, next_run_at = ?,
-                    owner = NULL, lease_expires_at = NULL, token = NULL
+                    awaiting = NULL, owner = NULL, lease_expires_at = NULL, token = NULL
                 WHERE id = ? AND token = ? AND status = 'running'""",
     "release": """UPDATE tasks SET status = 'pending', message = ?, next_run_at = ?,
-                      attempt = attempt - 1, owner = NULL, lease_expires_at = NULL, token = NULL
+                      attempt = attempt - (awaiting IS NULL), owner = NULL,
+                      lease_expires_at = NULL, token = NULL
+                  WHERE id = ? AND token = ? AND status = 'running'""",
+    "suspend": """UPDATE tasks SET status = ?, message = ?, next_run_at = ?, awaiting = ?,
+                      owner = NULL, lease_expires_at = NULL, token = NULL
                   WHERE id = ? AND token = ? AND status = 'running'""",
 }
+
+
+def _callback_record(row: Sequence[Any]) -> CallbackRecord:
+    (callback_id, task_id, name, created, timeout_ms, heartbeat_ms, state, result, error,
+     last_beat) = row
+    return CallbackRecord(callback_id, task_id, name, created, timeout_ms, heartbeat_ms, state,
+                          None if result is None else bytes(result), error,
+                          last_beat_ms=last_beat)
+
+
+def _expired(record: CallbackRecord, now: int) -> bool:
+    at, _ = record.expiry()
+    return at is not None and now >= at
 
 
 def _check_sqlite_version() -> None:
@@ -239,10 +310,11 @@ class SQLiteTaskStore(TaskStore):
                     return []
                 n = 1
             rows = db.execute(
-                """UPDATE tasks SET status = 'running', attempt = attempt + 1, owner = ?,
-                       lease_expires_at = ?, token = ?
+                """UPDATE tasks SET status = 'running', attempt = attempt + (awaiting IS NULL),
+                       owner = ?, lease_expires_at = ?, token = ?
                    WHERE seq IN (SELECT seq FROM tasks
-                                 WHERE queue = ? AND status = 'pending' AND next_run_at <= ?
+                                 WHERE queue = ? AND status IN ('pending', 'suspended')
+                                       AND next_run_at <= ?
                                  ORDER BY next_run_at, seq LIMIT ?)
                    RETURNING next_run_at, seq, id, payload, attempt""",
                 (owner, now + lease_ms, token, queue, now, n)).fetchall()
@@ -261,10 +333,22 @@ class SQLiteTaskStore(TaskStore):
                                  f"{Outcome.KINDS}")
 
         def body(db: sqlite3.Connection) -> List[bool]:
-            return [db.execute(_SETTLE_SQL[o.kind], (o.message, o.at, o.task_id, o.token)).rowcount
-                    == 1 for o in outcomes]
+            return [db.execute(_SETTLE_SQL[o.kind], self._settle_params(db, o)).rowcount == 1
+                    for o in outcomes]
 
         return self._write(body) if outcomes else []
+
+    def _settle_params(self, db: sqlite3.Connection, o: Outcome) -> Sequence[Any]:
+        if o.kind != "suspend":
+            return (o.message, o.at, o.task_id, o.token)
+        row = db.execute(f"SELECT {_CALLBACK_COLUMNS} FROM durable_callbacks WHERE id = ?",
+                         (o.awaiting,)).fetchone()
+        record = None if row is None else _callback_record(row)
+        if record is None or record.state != "pending" or _expired(record, o.at):
+            return ("pending", o.message, o.at, o.awaiting, o.task_id, o.token)
+        at, _ = record.expiry()
+        return ("suspended", o.message, NEVER if at is None else at, o.awaiting, o.task_id,
+                o.token)
 
     # ---- leases --------------------------------------------------------
 
@@ -291,12 +375,12 @@ class SQLiteTaskStore(TaskStore):
                 f"""UPDATE tasks SET status = 'failed', finished_at = ?,
                         message = 'worker lost during attempt ' || attempt
                                   || ' (lease expired); no attempts left',
-                        owner = NULL, lease_expires_at = NULL, token = NULL
+                        awaiting = NULL, owner = NULL, lease_expires_at = NULL, token = NULL
                     WHERE {lost} AND attempt >= ?""", (now, *params, max_attempts)).rowcount
             retried = db.execute(
                 f"""UPDATE tasks SET status = 'pending', next_run_at = ?,
                         message = 'worker lost during attempt ' || attempt || '; retrying',
-                        owner = NULL, lease_expires_at = NULL, token = NULL
+                        awaiting = NULL, owner = NULL, lease_expires_at = NULL, token = NULL
                     WHERE {lost}""", (now, *params)).rowcount
             return int(failed + retried)
 
@@ -315,17 +399,17 @@ class SQLiteTaskStore(TaskStore):
             row = db.execute("SELECT status FROM tasks WHERE id = ?", (task_id,)).fetchone()
             if row is None:
                 return None
-            if row[0] == "pending":
-                db.execute("UPDATE tasks SET status = 'cancelled', finished_at = ? WHERE id = ?",
-                           (now, task_id))
+            if row[0] in ("pending", "suspended"):
+                db.execute("UPDATE tasks SET status = 'cancelled', finished_at = ?, "
+                           "awaiting = NULL WHERE id = ?", (now, task_id))
             return str(row[0])
 
         return self._write(body)
 
     def clear(self, queue: str, now: int) -> int:
         return self._write(lambda db: db.execute(
-            "UPDATE tasks SET status = 'cancelled', finished_at = ? "
-            "WHERE queue = ? AND status = 'pending'", (now, queue)).rowcount)
+            "UPDATE tasks SET status = 'cancelled', finished_at = ?, awaiting = NULL "
+            "WHERE queue = ? AND status IN ('pending', 'suspended')", (now, queue)).rowcount)
 
     def counts(self) -> Dict[str, Dict[str, int]]:
         table: Dict[str, Dict[str, int]] = {name: dict.fromkeys(STATUSES, 0)
@@ -338,8 +422,9 @@ class SQLiteTaskStore(TaskStore):
     def next_due(self, queue: str) -> Optional[int]:
         rows = self._read(
             """SELECT (SELECT min(next_run_at) FROM tasks
-                       WHERE queue = ?1 AND status = 'pending'),
-                      (SELECT next_start_at FROM queues WHERE name = ?1)""", (queue,))
+                       WHERE queue = ?1 AND status IN ('pending', 'suspended')
+                             AND next_run_at < ?2),
+                      (SELECT next_start_at FROM queues WHERE name = ?1)""", (queue, NEVER))
         due, next_start = rows[0]
         if due is None:
             return None
@@ -350,6 +435,72 @@ class SQLiteTaskStore(TaskStore):
             "DELETE FROM tasks WHERE queue = ? AND finished_at < ? "
             "AND status IN ('completed', 'failed', 'cancelled')",
             (queue, finished_before)).rowcount)
+
+    # ---- durable operation logs and callbacks ---------------------------
+
+    def durable_ops(self, task_id: str) -> List["tuple[str, str, bytes]"]:
+        return [(kind, name, bytes(value)) for kind, name, value in self._read(
+            "SELECT kind, name, value FROM durable_ops WHERE task_id = ? ORDER BY seq",
+            (task_id,))]
+
+    def durable_record(self, task_id: str, seq: int, kind: str, name: str,
+                       value: bytes) -> None:
+        def body(db: sqlite3.Connection) -> None:
+            try:
+                db.execute("INSERT INTO durable_ops(task_id, seq, kind, name, value) "
+                           "VALUES (?, ?, ?, ?, ?)", (task_id, seq, kind, name, value))
+            except sqlite3.IntegrityError:
+                raise NonDeterminismError(
+                    f"operation {seq + 1} of task {task_id} was recorded twice (did two runs "
+                    f"of the task overlap?)") from None
+
+        self._write(body)
+
+    def durable_add_callback(self, record: CallbackRecord) -> None:
+        self._write(lambda db: db.execute(
+            f"INSERT INTO durable_callbacks({_CALLBACK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (record.callback_id, record.owner, record.name, record.created_ms, record.timeout_ms,
+             record.heartbeat_timeout_ms, record.state, record.result, record.error,
+             record.last_beat_ms)))
+
+    def durable_callback(self, callback_id: str) -> Optional[CallbackRecord]:
+        rows = self._read(f"SELECT {_CALLBACK_COLUMNS} FROM durable_callbacks WHERE id = ?",
+                          (callback_id,))
+        return _callback_record(rows[0]) if rows else None
+
+    def durable_signal(self, callback_id: str, state: str, result: Optional[bytes],
+                       error: Optional[str], now: int) -> CallbackRecord:
+        if state not in ("succeeded", "failed", "pending"):
+            raise ValueError(f"a signal's state must be succeeded, failed or pending, "
+                             f"not {state!r}")
+
+        def body(db: sqlite3.Connection) -> CallbackRecord:
+            row = db.execute(f"SELECT {_CALLBACK_COLUMNS} FROM durable_callbacks WHERE id = ?",
+                             (callback_id,)).fetchone()
+            if row is None:
+                raise UnknownCallbackError(callback_id)
+            record = _callback_record(row)
+            record.expire_if_due(now)
+            if record.state != "pending":
+                raise CallbackAlreadyCompletedError(callback_id, record.state)
+            if state == "pending":
+                record.last_beat_ms = now
+                db.execute("UPDATE durable_callbacks SET last_beat_at = ? WHERE id = ?",
+                           (now, callback_id))
+                at, _ = record.expiry()
+                db.execute("UPDATE tasks SET next_run_at = ? WHERE id = ? "
+                           "AND status = 'suspended' AND awaiting = ?",
+                           (NEVER if at is None else at, record.owner, callback_id))
+                return record
+            record.state, record.result, record.error = state, result, error
+            db.execute("UPDATE durable_callbacks SET state = ?, result = ?, error = ? "
+                       "WHERE id = ?", (state, result, error, callback_id))
+            db.execute("UPDATE tasks SET status = 'pending', next_run_at = ? "
+                       "WHERE id = ? AND status = 'suspended' AND awaiting = ?",
+                       (now, record.owner, callback_id))
+            return record
+
+        return self._write(body)
 
     def close(self) -> None:
         with self._lock:

@@ -19,6 +19,26 @@ The life of a task::
                                   the attempts are used up)
     pending --cancel / clear--> cancelled
 
+    running --suspend--> suspended        (a durable handler awaits a callback;
+       ^                   |                  lease dropped)
+       |                   +--signal--> pending (due now)
+       +--------claim------+  (a suspended task is claimable once due: when
+                                 its callback expires)
+    suspended --cancel / clear--> cancelled
+
+A task that suspended is in the same attempt until its handler finishes:
+claiming it again (to replay the handler) does not count an attempt, and
+releasing such a claim gives none back.  A lease lost during a replay
+counts one, like any lost lease.
+
+Durable operation logs (``callbackworker.durable``) live in the same store:
+every task may own an operation log (rows keyed by ``(task_id, seq)``) and
+callbacks (keyed by the callback id).  When a task reaches a terminal state
+its log is deleted and its pending callbacks are closed (later signals are
+refused); the callbacks' rows themselves go when retention deletes the task.
+The store keeps step values as opaque bytes: serializing them is the
+caller's business.
+
 A claim is a lease: the task records its ``owner``, ``lease_expires_at`` and
 a fresh ``token``, and ``attempt`` grows by one.  Every transition out of
 ``running`` names the token; a token that no longer matches (the lease was
@@ -32,15 +52,24 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence
 
+from ..durable import CallbackRecord
+
 __all__ = [
-    "STATUSES", "TERMINAL_STATUSES", "TaskRecord", "ClaimedTask", "Outcome", "TaskStore",
+    "STATUSES", "TERMINAL_STATUSES", "NEVER", "CALLBACK_STATES", "TaskRecord", "ClaimedTask", "Outcome", "TaskStore",
 ]
 
-STATUSES = ("pending", "running", "completed", "failed", "cancelled")
+STATUSES = ("pending", "running", "suspended", "completed", "failed", "cancelled")
 """Every task status, in the order tables show them."""
 
 TERMINAL_STATUSES = ("completed", "failed", "cancelled")
 """Statuses a task never leaves; retention deletes them by ``finished_at``."""
+
+NEVER = 2**62
+"""``next_run_at`` of a suspended task that only a signal can wake."""
+
+CALLBACK_STATES = ("pending", "succeeded", "failed", "closed")
+"""Stored callback states.  ``timed_out`` is never stored: a pending
+callback past its limit is timed out, computed from its times."""
 
 
 class TaskRecord(NamedTuple):
@@ -73,8 +102,13 @@ class Outcome:
 
     ``kind`` is ``"complete"`` or ``"fail"`` (terminal: ``at`` is the finish
     time), ``"retry"`` (back to pending with the attempt counted: ``at`` is
-    when it is due again) or ``"release"`` (back to pending, due at ``at``,
-    and the attempt is given back: the handler never ran).
+    when it is due again), ``"release"`` (back to pending, due at ``at``,
+    and the attempt is given back: the handler never ran) or ``"suspend"``
+    (a durable handler waits for the callback ``awaiting``: the task
+    becomes suspended, still in its attempt, due when that callback
+    expires, or never; if the callback was signalled or has expired by the
+    time this applies, the task is pending and due at ``at`` instead, so a
+    signal racing the suspension is never lost).
     """
 
     task_id: str
@@ -82,8 +116,9 @@ class Outcome:
     kind: str
     message: str
     at: int
+    awaiting: str = ""
 
-    KINDS = ("complete", "fail", "retry", "release")
+    KINDS = ("complete", "fail", "retry", "release", "suspend")
 
 
 class TaskStore(ABC):
@@ -120,7 +155,7 @@ class TaskStore(ABC):
     def claim(self, queue: str, *, owner: str, limit: int, now: int, lease_ms: int,
               delay_ms: int = 0) -> List[ClaimedTask]:
         """Atomically moves up to ``limit`` of the queue's oldest due pending
-        tasks (``next_run_at <= now``, oldest ``next_run_at`` first, then
+        or suspended tasks (``next_run_at <= now``, oldest ``next_run_at`` first, then
         insertion order) to running under a lease: ``owner``, expiry
         ``now + lease_ms``, a fresh token, ``attempt + 1``.  Returns them in
         that order.
@@ -128,6 +163,8 @@ class TaskStore(ABC):
         With ``delay_ms > 0`` it claims at most one task, and only when the
         queue's next allowed start (stored, so it holds across processes)
         has come; the claim moves that time to ``now + delay_ms``.
+
+        Claiming a task that suspended (a replay) does not count an attempt.
         """
 
     @abstractmethod
@@ -183,14 +220,15 @@ class TaskStore(ABC):
 
     @abstractmethod
     def cancel(self, task_id: str, now: int) -> Optional[str]:
-        """Cancels the task if it is pending.  Returns the status it had
-        (``"pending"`` means it is now cancelled; any other status means
-        nothing changed), or None if the task does not exist."""
+        """Cancels the task if it is pending or suspended.  Returns the
+        status it had (``"pending"`` or ``"suspended"`` means it is now
+        cancelled; any other status means nothing changed), or None if the
+        task does not exist."""
 
     @abstractmethod
     def clear(self, queue: str, now: int) -> int:
-        """Cancels every pending task of the queue; returns how many.
-        Running tasks are untouched."""
+        """Cancels every pending and suspended task of the queue; returns
+        how many.  Running tasks are untouched."""
 
     @abstractmethod
     def counts(self) -> Dict[str, Dict[str, int]]:
@@ -200,13 +238,49 @@ class TaskStore(ABC):
     @abstractmethod
     def next_due(self, queue: str) -> Optional[int]:
         """The earliest time a claim on the queue could return a task (the
-        oldest pending ``next_run_at``, no earlier than the queue's next
-        allowed start), or None when nothing is pending."""
+        oldest ``next_run_at`` of its pending tasks and of its suspended
+        tasks that will wake by themselves, no earlier than the queue's next
+        allowed start), or None when there is no such task."""
 
     @abstractmethod
     def sweep(self, queue: str, finished_before: int) -> int:
         """Deletes the queue's completed, failed and cancelled tasks that
         finished before ``finished_before``; returns how many."""
+
+    # ---- durable operation logs and callbacks ---------------------------
+
+    @abstractmethod
+    def durable_ops(self, task_id: str) -> List["tuple[str, str, bytes]"]:
+        """The task's operation log as ``(kind, name, value)``, by ``seq``."""
+
+    @abstractmethod
+    def durable_record(self, task_id: str, seq: int, kind: str, name: str,
+                       value: bytes) -> None:
+        """Appends operation ``seq`` to the task's log.  Raises
+        ``NonDeterminismError`` (nothing changes) if ``seq`` is taken."""
+
+    @abstractmethod
+    def durable_add_callback(self, record: CallbackRecord) -> None:
+        """Files a new pending callback owned by task ``record.owner``."""
+
+    @abstractmethod
+    def durable_callback(self, callback_id: str) -> Optional[CallbackRecord]:
+        """The callback as stored (state ``"pending"`` even past its limit:
+        the caller applies ``expire_if_due``), or None."""
+
+    @abstractmethod
+    def durable_signal(self, callback_id: str, state: str, result: Optional[bytes],
+                       error: Optional[str], now: int) -> CallbackRecord:
+        """Applies one signal in one transaction and returns the callback
+        as it now is.  ``state`` ``"succeeded"`` / ``"failed"`` stores the
+        result or error; ``"pending"`` is a heartbeat (``last_beat_ms =
+        now``).  If the owner task is suspended waiting for this callback,
+        a terminal signal makes it pending and due at ``now``, and a
+        heartbeat moves its due time to the callback's new expiry.  Raises
+        ``UnknownCallbackError`` for an unknown id and
+        ``CallbackAlreadyCompletedError`` (nothing changes) if the callback
+        is not pending, or is past its limit at ``now`` (state
+        ``"timed_out"``); of concurrent signals exactly one applies."""
 
     @abstractmethod
     def close(self) -> None:

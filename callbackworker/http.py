@@ -1,0 +1,223 @@
+"""The HTTP endpoint outside systems signal durable callbacks through.
+
+``create_app(service_or_store, token)`` returns a Starlette (ASGI) app;
+``callbackworker serve`` runs it under uvicorn.  Both come with the
+optional extra ``callbackworker[http]``.
+
+Routes (every one needs ``Authorization: Bearer <token>``)::
+
+    POST /v1/callbacks/{id}/success    raw body = the result (at most 1 MiB)
+    POST /v1/callbacks/{id}/failure    JSON {"error": "..."}
+    POST /v1/callbacks/{id}/heartbeat  body ignored
+    GET  /v1/tasks/{task_id}           JSON {"id", "status", "message", "attempt"}
+
+Answers: 200 with a JSON body on success; 401 for a missing or wrong token
+(checked with ``hmac.compare_digest`` before anything else, so an
+unauthenticated caller learns nothing, not even which paths exist); 404
+for a malformed or unknown callback id or task; 409 when the callback
+takes no more signals (``{"state": "succeeded" | "failed" | "timed_out" |
+"closed"}``); 400 for a body that is not JSON, 422 for JSON of the wrong
+shape; 413 for a body over 1 MiB (by ``Content-Length`` and by the bytes
+actually received); 503 while the database stays locked or the service is
+closed.  A callback id is a capability: the app does not log request paths.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from typing import Any, Awaitable, Callable, Dict, Optional, Union
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .durable import MAX_RESULT_BYTES, check_callback_id, check_error, check_result
+from .errors import (
+    CallbackAlreadyCompletedError,
+    ServiceClosedError,
+    StorageBusyError,
+    UnknownCallbackError,
+    UnknownTaskError,
+)
+from .tasks.service import TaskService
+from .tasks.storage import TaskStore
+
+__all__ = ["create_app", "MAX_BODY_BYTES"]
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = MAX_RESULT_BYTES
+"""Largest request body accepted (1 MiB)."""
+
+_Target = Union[TaskService, TaskStore]
+
+
+class _BearerAuth:
+    """ASGI middleware: a request without the right bearer token gets 401
+    before routing (so unknown paths are 401 too, never 404)."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self._expected = b"Bearer " + token.encode("utf-8")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            given = next((value for name, value in scope["headers"]
+                          if name == b"authorization"), b"")
+            if not hmac.compare_digest(given, self._expected):
+                response = JSONResponse({"error": "missing or wrong bearer token"}, 401,
+                                        headers={"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def _body(request: Request) -> bytes:
+    """The request body, refused with 413 past ``MAX_BODY_BYTES`` whatever
+    ``Content-Length`` claims."""
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.isdigit():
+            raise HTTPException(400, "bad Content-Length")
+        if int(length) > MAX_BODY_BYTES:
+            raise HTTPException(413, f"the body is limited to {MAX_BODY_BYTES} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise HTTPException(413, f"the body is limited to {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+Signal = Callable[[str, str, Optional[bytes], Optional[str]], None]
+
+
+def _signaller(target: _Target) -> Signal:
+    """``signal(callback_id, state, result, error)`` on the target; state
+    as ``TaskStore.durable_signal`` (``"pending"`` is a heartbeat)."""
+    if isinstance(target, TaskStore):
+        store = target
+
+        def signal_store(callback_id: str, state: str, result: Optional[bytes],
+                         error: Optional[str]) -> None:
+            store.durable_signal(callback_id, state, result, error, time.time_ns() // 1_000_000)
+
+        return signal_store
+    service = target
+
+    def signal_service(callback_id: str, state: str, result: Optional[bytes],
+                       error: Optional[str]) -> None:
+        if state == "succeeded":
+            service.send_callback_success(callback_id, result or b"")
+        elif state == "failed":
+            service.send_callback_failure(callback_id, error or "")
+        else:
+            service.send_callback_heartbeat(callback_id)
+
+    return signal_service
+
+
+def _task_reader(target: _Target) -> Callable[[str], Dict[str, Any]]:
+    def read(task_id: str) -> Dict[str, Any]:
+        if isinstance(target, TaskService):
+            info = target.get(task_id)
+            status, message, attempt = info.status, info.message, info.attempt
+        else:
+            record = target.get(task_id)
+            if record is None:
+                raise UnknownTaskError(task_id)
+            status, message, attempt = record.status, record.message, record.attempt
+        return {"id": task_id, "status": status, "message": message, "attempt": attempt}
+
+    return read
+
+
+def create_app(service_or_store: _Target, token: str) -> Starlette:
+    """The endpoint's ASGI app over a ``TaskService`` (signals go through
+    it, and wake its dispatcher at once when it serves the queue) or a bare
+    ``TaskStore`` (signals are written with the wall clock; whichever
+    service serves the queue notices within its ``poll_ms``).  ``token`` is
+    the bearer token every request must carry (non-empty)."""
+    if not isinstance(service_or_store, (TaskService, TaskStore)):
+        raise TypeError(f"expected a TaskService or a TaskStore, not "
+                        f"{type(service_or_store).__name__}")
+    if not isinstance(token, str) or not token.strip():
+        raise ValueError("the HTTP endpoint needs a non-empty bearer token")
+    signal = _signaller(service_or_store)
+    read_task = _task_reader(service_or_store)
+
+    def signal_route(state: str) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            callback_id = check_callback_id(request.path_params["callback_id"])
+            body = await _body(request)
+            result: Optional[bytes] = None
+            error: Optional[str] = None
+            if state == "succeeded":
+                result = check_result(body)
+            elif state == "failed":
+                error = _error_text(body)
+            await run_in_threadpool(signal, callback_id, state, result, error)
+            return JSONResponse({"callback_id": callback_id, "state": state})
+
+        return endpoint
+
+    async def get_task(request: Request) -> Response:
+        return JSONResponse(await run_in_threadpool(read_task, request.path_params["task_id"]))
+
+    routes = [
+        Route("/v1/callbacks/{callback_id}/success", signal_route("succeeded"), methods=["POST"]),
+        Route("/v1/callbacks/{callback_id}/failure", signal_route("failed"), methods=["POST"]),
+        Route("/v1/callbacks/{callback_id}/heartbeat", signal_route("pending"), methods=["POST"]),
+        Route("/v1/tasks/{task_id}", get_task, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, middleware=[Middleware(_BearerAuth, token=token)],
+                     exception_handlers=_EXCEPTION_HANDLERS)
+
+
+def _error_text(body: bytes) -> str:
+    try:
+        document = json.loads(body)
+    except ValueError:
+        raise HTTPException(400, 'the body must be JSON: {"error": "..."}') from None
+    if not isinstance(document, dict) or not isinstance(document.get("error"), str):
+        raise HTTPException(422, 'the body must be a JSON object {"error": "<text>"}')
+    try:
+        return check_error(document["error"])
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
+
+
+def _answer(status: int, **fields: Any) -> Callable[[Request, Exception], Awaitable[Response]]:
+    async def handler(request: Request, exc: Exception) -> Response:
+        body: Dict[str, Any] = {"error": str(exc), **fields}
+        if isinstance(exc, CallbackAlreadyCompletedError):
+            body["state"] = exc.state
+        return JSONResponse(body, status)
+
+    return handler
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return JSONResponse({"error": exc.detail}, exc.status_code, headers=exc.headers)
+
+
+_EXCEPTION_HANDLERS: Dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
+    HTTPException: _http_error,
+    UnknownCallbackError: _answer(404),
+    UnknownTaskError: _answer(404),
+    CallbackAlreadyCompletedError: _answer(409),
+    ValueError: _answer(422),
+    TypeError: _answer(422),
+    ServiceClosedError: _answer(503),
+    StorageBusyError: _answer(503),
+}

@@ -1,0 +1,280 @@
+"""The HTTP callback endpoint, on a real uvicorn server on loopback, talked
+to with httpx.  The service behind it runs with a fake clock and
+``background=False``, so the tests drive dispatching themselves."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Callable, Iterator, List, NamedTuple, TypeVar
+
+import httpx
+import pytest
+import uvicorn
+
+import callbackworker
+from callbackworker import CallbackFailedError, TaskService
+from callbackworker.http import MAX_BODY_BYTES, create_app
+
+from helpers import FakeClock
+
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+class Endpoint(NamedTuple):
+    service: TaskService
+    client: httpx.Client
+    clock: FakeClock
+    handles: List[callbackworker.CallbackHandle]
+
+
+def _approval(handles: List[callbackworker.CallbackHandle],
+              heartbeat_timeout_ms: int = 100) -> Callable[[memoryview], str]:
+    def handler(payload: memoryview) -> str:
+        ctx = callbackworker.current_job()
+        handles.append(ctx.create_callback("approval", heartbeat_timeout_ms=heartbeat_timeout_ms))
+        try:
+            return "approved " + ctx.callback_result(handles[-1]).decode()
+        except CallbackFailedError as exc:
+            return "declined: " + exc.error
+
+    return handler
+
+
+@pytest.fixture
+def endpoint(tmp_path: Path) -> Iterator[Endpoint]:
+    clock = FakeClock()
+    handles: List[callbackworker.CallbackHandle] = []
+    service = TaskService(tmp_path / "t.db", clock=clock, background=False)
+    service.create_queue("q", handler=_approval(handles))
+    server = uvicorn.Server(uvicorn.Config(create_app(service, TOKEN), host="127.0.0.1", port=0,
+                                           lifespan="off", log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(1000):
+            if server.started or not thread.is_alive():
+                break
+            threading.Event().wait(0.01)
+        assert server.started, "uvicorn did not start"
+        port = server.servers[0].sockets[0].getsockname()[1]
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            yield Endpoint(service, client, clock, handles)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        service.close()
+
+
+def _suspended(e: Endpoint) -> str:
+    """Enqueues one task and runs it until it waits for its callback."""
+    task = e.service.enqueue("q", b"")
+    e.service._dispatch_once()
+    assert e.service.get(task).status == "suspended"
+    return task
+
+
+def _url(e: Endpoint, verb: str) -> str:
+    return f"/v1/callbacks/{e.handles[-1].callback_id}/{verb}"
+
+
+# ---- auth ---------------------------------------------------------------
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"},
+                                     {"Authorization": TOKEN},
+                                     {"Authorization": f"Basic {TOKEN}"}])
+@pytest.mark.parametrize("method, path", [
+    ("POST", "/v1/callbacks/" + "A" * 32 + "/success"),
+    ("GET", "/v1/tasks/whatever"),
+    ("GET", "/no/such/path"),
+])
+def test_every_request_without_the_token_is_401(endpoint: Endpoint, headers: dict,
+                                                method: str, path: str) -> None:
+    r = endpoint.client.request(method, path, headers=headers)
+    assert r.status_code == 401
+    assert r.headers["www-authenticate"] == "Bearer"
+
+
+def test_unknown_paths_are_404_once_authenticated(endpoint: Endpoint) -> None:
+    assert endpoint.client.get("/no/such/path", headers=AUTH).status_code == 404
+
+
+# ---- signals ------------------------------------------------------------
+
+def test_success_end_to_end(endpoint: Endpoint) -> None:
+    task = _suspended(endpoint)
+    r = endpoint.client.post(_url(endpoint, "success"), content=b"by bob", headers=AUTH)
+    assert r.status_code == 200 and r.json()["state"] == "succeeded"
+    assert endpoint.service.get(task).status == "pending"
+    endpoint.service._dispatch_once()
+    r = endpoint.client.get(f"/v1/tasks/{task}", headers=AUTH)
+    assert r.status_code == 200
+    assert r.json() == {"id": task, "status": "completed", "message": "approved by bob",
+                        "attempt": 1}
+
+
+def test_failure_end_to_end(endpoint: Endpoint) -> None:
+    task = _suspended(endpoint)
+    r = endpoint.client.post(_url(endpoint, "failure"), json={"error": "no budget"},
+                             headers=AUTH)
+    assert r.status_code == 200 and r.json()["state"] == "failed"
+    endpoint.service._dispatch_once()
+    assert endpoint.service.get(task).message == "declined: no budget"
+
+
+def test_heartbeat_keeps_the_callback_alive(endpoint: Endpoint) -> None:
+    task = _suspended(endpoint)
+    for _ in range(3):
+        endpoint.clock.now += 90
+        r = endpoint.client.post(_url(endpoint, "heartbeat"), headers=AUTH)
+        assert r.status_code == 200 and r.json()["state"] == "pending"
+        assert endpoint.service._dispatch_once() == 0
+    assert endpoint.service.get(task).status == "suspended"
+
+
+def test_get_task_while_suspended(endpoint: Endpoint) -> None:
+    task = _suspended(endpoint)
+    r = endpoint.client.get(f"/v1/tasks/{task}", headers=AUTH)
+    assert r.json() == {"id": task, "status": "suspended", "message": "", "attempt": 1}
+
+
+# ---- refusals -------------------------------------------------------------
+
+def test_duplicate_signal_is_409(endpoint: Endpoint) -> None:
+    _suspended(endpoint)
+    assert endpoint.client.post(_url(endpoint, "success"), content=b"1",
+                                headers=AUTH).status_code == 200
+    r = endpoint.client.post(_url(endpoint, "success"), content=b"2", headers=AUTH)
+    assert r.status_code == 409 and r.json()["state"] == "succeeded"
+
+
+def test_timed_out_callback_is_409(endpoint: Endpoint) -> None:
+    _suspended(endpoint)
+    endpoint.clock.now += 100
+    r = endpoint.client.post(_url(endpoint, "heartbeat"), headers=AUTH)
+    assert r.status_code == 409 and r.json()["state"] == "timed_out"
+
+
+@pytest.mark.parametrize("callback_id", ["A" * 32, "short", "x" * 40, "a%20b" + "c" * 27])
+def test_unknown_or_malformed_id_is_404(endpoint: Endpoint, callback_id: str) -> None:
+    r = endpoint.client.post(f"/v1/callbacks/{callback_id}/success", content=b"",
+                             headers=AUTH)
+    assert r.status_code == 404
+
+
+def test_unknown_task_is_404(endpoint: Endpoint) -> None:
+    assert endpoint.client.get("/v1/tasks/nope", headers=AUTH).status_code == 404
+
+
+@pytest.mark.parametrize("body, status", [
+    (b"not json", 400), (b'["error"]', 422), (b'{"error": 5}', 422), (b"{}", 422),
+    (b'{"error": "' + b"x" * 70_000 + b'"}', 422),
+])
+def test_bad_failure_bodies(endpoint: Endpoint, body: bytes, status: int) -> None:
+    task = _suspended(endpoint)
+    r = endpoint.client.post(_url(endpoint, "failure"), content=body, headers=AUTH)
+    assert r.status_code == status
+    assert endpoint.service.get(task).status == "suspended"
+
+
+def test_oversized_body_by_content_length_is_413(endpoint: Endpoint) -> None:
+    _suspended(endpoint)
+    r = endpoint.client.post(_url(endpoint, "success"), content=b"x" * (MAX_BODY_BYTES + 1),
+                             headers=AUTH)
+    assert r.status_code == 413
+
+
+def test_oversized_streamed_body_is_413(endpoint: Endpoint) -> None:
+    """Chunked upload: no Content-Length, the received bytes are counted."""
+    _suspended(endpoint)
+
+    def chunks() -> Iterator[bytes]:
+        for _ in range(17):
+            yield b"x" * 65536
+
+    r = endpoint.client.post(_url(endpoint, "success"), content=chunks(), headers=AUTH)
+    assert r.status_code == 413
+    assert endpoint.client.post(_url(endpoint, "success"), content=b"ok",
+                                headers=AUTH).status_code == 200, "nothing was applied"
+
+
+def test_a_body_of_exactly_the_limit_is_accepted(endpoint: Endpoint) -> None:
+    task = _suspended(endpoint)
+    r = endpoint.client.post(_url(endpoint, "success"), content=b"y" * MAX_BODY_BYTES,
+                             headers=AUTH)
+    assert r.status_code == 200
+    endpoint.service._dispatch_once()
+    assert endpoint.service.get(task).status == "completed"
+
+
+def test_create_app_refuses_an_empty_token(tmp_path: Path) -> None:
+    with TaskService(tmp_path / "t.db") as service:
+        with pytest.raises(ValueError, match="token"):
+            create_app(service, " ")
+
+
+# ---- the serve command ------------------------------------------------------
+
+def _serve(*args: str, token_env: str = "") -> "subprocess.Popen[bytes]":
+    env = {k: v for k, v in os.environ.items() if k != "CALLBACKWORKER_TOKEN"}
+    if token_env:
+        env["CALLBACKWORKER_TOKEN"] = token_env
+    return subprocess.Popen([sys.executable, "-m", "callbackworker", "serve", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_serve_refuses_to_start_without_a_token(tmp_path: Path) -> None:
+    proc = _serve("--db", str(tmp_path / "t.db"), "--port", str(_free_port()))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and b"refusing to start without a bearer token" in err
+
+
+def test_serve_signals_a_task_and_stops_gracefully(tmp_path: Path) -> None:
+    db, token_file = tmp_path / "t.db", tmp_path / "token"
+    token_file.write_text("file-token\n")
+    handles: List[callbackworker.CallbackHandle] = []
+    with TaskService(db, background=False) as service:
+        service.create_queue("q", handler=_approval(handles, heartbeat_timeout_ms=0))
+        task = service.enqueue("q", b"")
+        service._dispatch_once()
+        port = _free_port()
+        proc = _serve("--db", str(db), "--port", str(port), "--token-file", str(token_file),
+                      token_env="ignored-env-token")
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().startswith(b"serving")
+            url = f"http://127.0.0.1:{port}/v1/callbacks/{handles[-1].callback_id}/success"
+            with httpx.Client(timeout=10) as client:
+                r = _retry_connect(lambda: client.post(
+                    url, content=b"via cli", headers={"Authorization": "Bearer file-token"}))
+                assert r.status_code == 200
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        service._dispatch_once()
+        assert service.get(task).message == "approved via cli"
+
+
+T = TypeVar("T")
+
+
+def _retry_connect(call: Callable[[], T]) -> T:
+    """The server prints its banner just before uvicorn binds the port."""
+    for _ in range(500):
+        try:
+            return call()
+        except httpx.ConnectError:
+            threading.Event().wait(0.02)
+    return call()
