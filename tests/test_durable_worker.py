@@ -325,3 +325,12 @@ def test_close_shuts_down_a_suspended_job(worker: Worker) -> None:
     worker.close()
     thread.join(10)
     assert len(errors) == 1 and isinstance(errors[0], ShutdownError)
+
+
+def test_close_drain_runs_what_can_run_and_does_not_wait_for_suspended_jobs(
+        worker: Worker) -> None:
+    suspended(worker, Approval())
+    ran: List[int] = []
+    worker.start(lambda r: ran.append(1), b"")
+    assert worker.close(drain=True) == 0  # returns: nothing waits for the approval
+    assert ran == [1]
