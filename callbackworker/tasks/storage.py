@@ -30,10 +30,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence
 
 __all__ = [
-    "STATUSES", "TERMINAL_STATUSES", "TaskRecord", "ClaimedTask", "Outcome", "TaskStore",
+    "STATUSES", "TERMINAL_STATUSES", "TaskRecord", "ClaimedTask", "Outcome", "TaskStore", "Waker",
 ]
 
 STATUSES = ("pending", "running", "completed", "failed", "cancelled")
@@ -41,6 +41,11 @@ STATUSES = ("pending", "running", "completed", "failed", "cancelled")
 
 TERMINAL_STATUSES = ("completed", "failed", "cancelled")
 """Statuses a task never leaves; retention deletes them by ``finished_at``."""
+
+
+Waker = Callable[[Optional[str]], None]
+"""``waker(queue)``: told that the queue may have due tasks (``None``: any
+queue may); see ``TaskStore.set_waker``."""
 
 
 class TaskRecord(NamedTuple):
@@ -207,6 +212,15 @@ class TaskStore(ABC):
     def sweep(self, queue: str, finished_before: int) -> int:
         """Deletes the queue's completed, failed and cancelled tasks that
         finished before ``finished_before``; returns how many."""
+
+    # ---- wake-ups -----------------------------------------------------
+
+    def set_waker(self, waker: Optional[Waker]) -> None:
+        """Asks the store to call ``waker(queue)``, from a thread of its own,
+        whenever another process may have made tasks of ``queue`` due
+        (``None`` stops it).  Optional: a store without notifications keeps
+        this default, which does nothing, and its users find such work by
+        polling.  ``close`` stops the calls."""
 
     @abstractmethod
     def close(self) -> None:
