@@ -204,7 +204,7 @@ def _is_transient(exc: BaseException, conn: Optional["psycopg.Connection[Any]"])
     sqlstate = getattr(exc, "sqlstate", None) or ""
     if sqlstate in _TRANSIENT_SQLSTATES or sqlstate.startswith("08"):
         return True
-    if conn is None:  # could not connect at all
+    if conn is None:  # could not connect
         return isinstance(exc, psycopg.OperationalError)
     return bool(conn.broken or conn.closed)
 
@@ -364,6 +364,7 @@ class PostgresTaskStore(TaskStore):
         self._pool = _Pool(self._connect, pool_size)
         self._listener: Optional[_Listener] = None
         self._listener_lock = threading.Lock()
+        self._reached = False
         try:
             self._run(self._migrate)
         except BaseException:
@@ -376,6 +377,7 @@ class PostgresTaskStore(TaskStore):
         conn = psycopg.connect(self.dsn, autocommit=True, application_name=application_name)
         if self.durability == "full":
             conn.execute("SET synchronous_commit = on")
+        self._reached = True
         return conn
 
     def _run(self, body: Callable[["psycopg.Connection[Any]"], T]) -> T:
@@ -390,7 +392,9 @@ class PostgresTaskStore(TaskStore):
                 conn = self._pool.acquire()
                 return body(conn)
             except psycopg.Error as exc:
-                if not _is_transient(exc, conn):
+                # A server that was never reached is a configuration error,
+                # reported at once; one that went away is waited for.
+                if not (self._reached and _is_transient(exc, conn)):
                     raise
                 if time.monotonic() >= deadline:
                     raise StorageBusyError(

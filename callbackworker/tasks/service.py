@@ -2,7 +2,8 @@
 
 DESIGN
 
-* Storage.  Every task lives in a ``TaskStore`` (SQLite by default).  The
+* Storage.  Every task lives in a ``TaskStore`` (SQLite by default,
+  PostgreSQL for a ``postgresql://`` DSN).  The
   service decides policy (backoff, recovery, liveness of owners); the store
   makes each state change atomic.  ``enqueue`` commits before it returns.
 * Execution.  The service owns a ``Worker`` with one route per queue
@@ -23,8 +24,11 @@ DESIGN
   again (at-least-once execution, never two holders at once while leases
   are renewed).
 * Wake-ups.  ``enqueue`` in this process and every finished attempt wake
-  the dispatcher; otherwise it sleeps until the next due time, at most
-  ``poll_ms``, which is how it notices work written by other processes.
+  the dispatcher; so does the store, from its own thread, when it learns
+  that another process added work (``TaskStore.set_waker``: PostgreSQL's
+  LISTEN/NOTIFY; SQLite has no such thing).  Otherwise it sleeps until the
+  next due time, at most ``poll_ms``, which is how it notices work written
+  by other processes when no notification came.
 * Lock order: ``_cond`` (service state) is never held while calling the
   store or the worker.
 """
@@ -298,10 +302,19 @@ class _GroupCommitter:
 class TaskService:
     """Persistent task queues on a database file, run on the C core.
 
-    ``dsn`` is a SQLite file path (created if missing; several processes may
-    share it).  ``durability="normal"`` makes every committed change survive
-    the process being killed; ``"full"`` also survives power loss (each
-    commit is fsync'd).  ``clock`` returns the time in milliseconds (default:
+    ``dsn`` is a SQLite file path (created if missing; several processes on
+    one host may share it) or a ``postgresql://`` URL (any number of
+    processes on any number of hosts; needs ``callbackworker[postgres]``;
+    see ``callbackworker.tasks.postgres``).  On SQLite,
+    ``durability="normal"`` makes every committed change survive the
+    process being killed; ``"full"`` also survives power loss (each commit
+    is fsync'd).  On PostgreSQL the server's settings decide; ``"full"``
+    forces ``synchronous_commit = on`` for the service's connections.
+
+    ``QueueConfig.concurrency`` is per service: a queue served by N
+    processes runs up to the sum of their concurrencies at once.
+    ``delay_ms`` is global: it spaces the starts of every process on the
+    database.  ``clock`` returns the time in milliseconds (default:
     wall clock); every stored time uses it.  ``lease_ms`` is how long a
     claimed task stays leased without renewal (renewed every third of it);
     ``poll_ms`` bounds how long work written by another process may wait
@@ -439,6 +452,7 @@ class TaskService:
             self._committer = _GroupCommitter(self._store)
             self._worker = Worker()
             if self._background:
+                self._store.set_waker(self._wake_from_store)
                 self._dispatcher = threading.Thread(target=self._dispatch_loop, daemon=True,
                                                     name="callbackworker-task-dispatch")
                 self._dispatcher.start()
@@ -514,6 +528,12 @@ class TaskService:
     def _kick_locked(self) -> None:
         self._kicked = True
         self._cond.notify_all()
+
+    def _wake_from_store(self, queue: Optional[str]) -> None:
+        """The store's waker: another process may have made work due."""
+        with self._cond:
+            if queue is None or queue in self._queues:
+                self._kick_locked()
 
     def _dispatch_loop(self) -> None:
         renew_every = self._lease_ms / 3000
@@ -663,8 +683,9 @@ def _open_store(dsn: "str | os.PathLike[str]", durability: str) -> TaskStore:
     if not isinstance(dsn, (str, os.PathLike)):
         raise TypeError(f"dsn must be a path or a URL string, not {type(dsn).__name__}")
     if isinstance(dsn, str) and dsn.startswith(("postgresql://", "postgres://")):
-        raise NotImplementedError("the PostgreSQL task store is not available yet; "
-                                  "use a SQLite file path")
+        from .postgres import PostgresTaskStore  # psycopg is an optional extra
+
+        return PostgresTaskStore(dsn, durability=durability)
     return SQLiteTaskStore(dsn, durability=durability)
 
 
