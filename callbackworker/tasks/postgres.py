@@ -304,16 +304,17 @@ class _Listener:
                 pause = 0.05
                 self._wake(None)
                 self._listen(conn)
-            except psycopg.Error as exc:
+            except Exception as exc:
                 if self._stopping:
                     break
-                log.warning("task listener: connection lost (%s); reconnecting in %.2f s; "
-                            "polling meanwhile", exc, pause)
+                if isinstance(exc, psycopg.Error):
+                    log.warning("task listener: connection lost (%s); reconnecting in %.2f s; "
+                                "polling meanwhile", exc, pause)
+                else:
+                    log.exception("task listener failed; restarting in %.2f s", pause)
                 if select.select([self._stop_r], [], [], pause)[0]:
                     break
                 pause = min(pause * 2, _RECONNECT_PAUSE_MAX_S)
-            except Exception:
-                log.exception("task listener: waking the service failed")
             finally:
                 self.backend_pid = None
                 if conn is not None:
