@@ -27,6 +27,7 @@ from callbackworker import (
     UnknownQueueError,
     UnknownTaskError,
 )
+from callbackworker.tasks import service as service_module
 from callbackworker.tasks.service import _open_store, retry_delay_ms
 from callbackworker.tasks.storage import TaskStore
 
@@ -363,7 +364,7 @@ def test_crash_recovery_on_create_queue(db: str, clock: FakeClock) -> None:
     store.ensure_queue("q")
     store.enqueue_many("q", [("dead", b"1"), ("expired", b"2"), ("live", b"3")],
                        clock() - 50_000)
-    host = socket.gethostname()
+    host = service_module._HOST  # the host name, and on Linux its pid namespace
     gone_pid = _a_dead_pid()
     store.claim("q", owner=f"{host}/{gone_pid}/x", limit=1, now=clock(), lease_ms=10**9)
     store.claim("q", owner="otherhost/1/y", limit=1, now=clock() - 40_000, lease_ms=30_000)
@@ -412,6 +413,17 @@ def _a_dead_pid() -> int:
         os._exit(0)
     os.waitpid(pid, 0)
     return pid
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/ns/pid"), reason="Linux pid namespaces")
+def test_a_host_name_shared_with_another_machine_does_not_make_its_workers_dead() -> None:
+    """Two containers or machines with one host name share a database: a
+    pid that is gone here says nothing about a worker over there."""
+    gone_pid = _a_dead_pid()
+    assert service_module._owner_is_dead(f"{service_module._HOST}/{gone_pid}/x")
+    twin = f"{socket.gethostname()}#000000000000"
+    assert not service_module._owner_is_dead(f"{twin}/{gone_pid}/x")
+    assert not service_module._owner_is_dead(f"{socket.gethostname()}/{gone_pid}/x")
 
 
 # ---- limits and bad input -----------------------------------------------

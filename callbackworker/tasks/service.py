@@ -199,7 +199,24 @@ def _route_for(queue: str) -> str:
     return "task#" + hashlib.blake2b(queue.encode("utf-8", "surrogatepass"), digest_size=24).hexdigest()
 
 
-_HOST = socket.gethostname()
+def _host_identity() -> str:
+    """This host as lease owners name it: the host name and, on Linux, a
+    digest of the kernel's boot id and this pid namespace.  With a shared
+    database (PostgreSQL, or a file on a shared volume) two machines or
+    containers may share a host name; pids of one mean nothing to the
+    other, so neither may judge the other's workers dead by probing pids."""
+    name = socket.gethostname()
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        pid_namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return name
+    digest = hashlib.blake2b(f"{boot}:{pid_namespace}".encode(), digest_size=6).hexdigest()
+    return f"{name}#{digest}"
+
+
+_HOST = _host_identity()
 
 
 def _new_owner() -> str:
