@@ -67,9 +67,12 @@ def _runs(log: Path) -> Dict[str, List[int]]:
     return runs
 
 
-def run_kill9(tmp_path: Path, n_tasks: int, kills: int, seed: int) -> None:
+def run_kill9(tmp_path: Path, n_tasks: int, kills: int, seed: int,
+              db: "Path | str | None" = None) -> None:
+    """The kill -9 run on ``db`` (default: a SQLite file in ``tmp_path``)."""
     rng = random.Random(seed)
-    db, log = tmp_path / "crash.db", tmp_path / "runs.log"
+    db = tmp_path / "crash.db" if db is None else db
+    log = tmp_path / "runs.log"
     proc = _spawn(db, "task_apps:crash", log)
     with TaskService(db) as producer:
         payloads = [b"fail" if i % 13 == 0 else b"ok %d" % i for i in range(n_tasks)]

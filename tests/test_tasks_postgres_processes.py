@@ -5,6 +5,8 @@ would run them: real ``callbackworker worker`` processes, a real server.
 * kill -9 of one worker in the middle of a task: the task runs again on
   another worker once the lease expires, its attempt counted.
 * ``delay_ms`` holds between consecutive starts across all the workers.
+* The SQLite suite's repeated kill -9 run, on PostgreSQL: every task ends
+  completed or failed exactly once, attempts match the logged runs.
 
 The handlers live in ``tests/task_apps.py`` and log every run to a file.
 """
@@ -25,7 +27,7 @@ pytest.importorskip("psycopg", reason="psycopg 3 is not installed: "
 import psycopg  # noqa: E402
 
 from callbackworker import TaskService  # noqa: E402
-from test_tasks_crash import _spawn, _wait_for  # noqa: E402
+from test_tasks_crash import _spawn, _wait_for, run_kill9  # noqa: E402
 
 
 def _events(log: Path) -> List[Tuple[str, str, int, str]]:
@@ -71,14 +73,14 @@ def test_three_workers_on_one_queue_run_every_task_exactly_once(
 
 def test_kill9_of_a_worker_mid_task_runs_the_task_again_elsewhere(
         pg_schema_dsn: str, tmp_path: Path) -> None:
-    """Each task sleeps 0.4 s; the victim is killed while one of its tasks
-    is between "start" and "end".  With a 1 s lease a survivor takes the
-    task back and runs it as attempt 2."""
+    """Each task sleeps 1 s; the victim is killed as soon as it has logged
+    the "start" of a task.  With a 1 s lease a survivor takes the task back
+    and runs it as attempt 2."""
     log = tmp_path / "runs.log"
     workers = [_spawn(pg_schema_dsn, "task_apps:slow_retrying", log, "--lease-ms", "1000")
                for _ in range(3)]
     with TaskService(pg_schema_dsn) as producer:
-        ids = producer.enqueue_many("slow", [b"0.4"] * 9)
+        ids = producer.enqueue_many("slow", [b"1.0"] * 6)
     victim = workers[0]
     deadline = time.monotonic() + 30
     while not any(e == "start" and pid == str(victim.pid) for e, _, _, pid in _events(log)):
@@ -139,3 +141,7 @@ def test_delay_ms_spaces_starts_across_all_workers(pg_schema_dsn: str, tmp_path:
     gaps = [b[0] - a[0] for a, b in zip(starts, starts[1:])]
     assert min(gaps) >= 150, gaps
     assert len({owner for _, owner in starts}) >= 2, "several workers took turns"
+
+
+def test_kill9_repeatedly_loses_no_task(pg_schema_dsn: str, tmp_path: Path) -> None:
+    run_kill9(tmp_path, n_tasks=2000, kills=4, seed=int(time.time()), db=pg_schema_dsn)
