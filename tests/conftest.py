@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import Iterator
 
 import pytest
@@ -32,6 +33,8 @@ def pg_dsn() -> Iterator[str]:
         return
     from pg_server import PostgresCluster, find_bindir
 
+    if sys.platform == "win32":
+        pytest.skip("the throwaway PostgreSQL cluster is POSIX-only; set CBW_PG_DSN to a server")
     bindir = find_bindir()
     if bindir is None:
         pytest.skip("no PostgreSQL server programs (initdb, pg_ctl, postgres) on PATH or in "

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import glob
 import os
-import pwd
 import re
 import shutil
 import socket
@@ -48,7 +47,7 @@ def find_bindir() -> Optional[str]:
 
     candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=version, reverse=True)
     for bindir in candidates:
-        if all(os.access(os.path.join(bindir, p), os.X_OK) for p in _PROGRAMS):
+        if all(shutil.which(p, path=bindir) for p in _PROGRAMS):
             return bindir
     return None
 
@@ -63,6 +62,8 @@ def _server_user() -> Optional[str]:
     """Who runs the server: None (ourselves) unless we are root."""
     if os.geteuid() != 0:
         return None
+    import pwd
+
     for name in _UNPRIVILEGED:
         try:
             pwd.getpwnam(name)
@@ -102,6 +103,8 @@ class PostgresCluster:
         self._root = tempfile.mkdtemp(prefix="cbw-pg-")
         self.datadir = os.path.join(self._root, "data")
         if self._user is not None:
+            import pwd
+
             entry = pwd.getpwnam(self._user)
             os.chown(self._root, entry.pw_uid, entry.pw_gid)
         try:
