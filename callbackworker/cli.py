@@ -25,6 +25,7 @@ from . import Worker
 from .asyncmeta import JobMetaKey, Profile, supports_blob_job
 from .errors import JobFailedError, JobTimeoutError, TaskError
 from .tasks import QueueConfig, TaskService
+from .tasks.postgres import redact_dsn
 from .tasks.storage import STATUSES
 
 
@@ -196,7 +197,8 @@ def worker(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, request_stop)
     with TaskService(args.db, durability=args.durability, lease_ms=args.lease_ms) as service:
         names = setup_app(service, app)
-        print(f"serving {len(names)} queue(s) on {args.db}: {', '.join(names)}", flush=True)
+        print(f"serving {len(names)} queue(s) on {redact_dsn(args.db)}: {', '.join(names)}",
+              flush=True)
         while not stop.wait(0.5):
             pass
         print("stopping: waiting for running tasks", file=sys.stderr, flush=True)

@@ -9,9 +9,12 @@ what these tests check, with generous deadlines.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Iterator, List
 
 import pytest
@@ -22,7 +25,7 @@ pytest.importorskip("psycopg", reason="psycopg 3 is not installed: "
 import psycopg  # noqa: E402
 
 from callbackworker import TaskService  # noqa: E402
-from callbackworker.tasks.postgres import PostgresTaskStore  # noqa: E402
+from callbackworker.tasks.postgres import PostgresTaskStore, redact_dsn  # noqa: E402
 
 SLEEPY = {"poll_ms": 60_000, "lease_ms": 120_000}
 DEADLINE_S = 10.0
@@ -111,3 +114,24 @@ def test_wakeups_resume_after_the_listener_connection_is_terminated(
     with TaskService(pg_schema_dsn) as producer:
         producer.enqueue("q", b"after reconnect")
     assert ran.wait_for(b"after reconnect")
+
+
+@pytest.mark.parametrize("dsn, shown", [
+    ("postgresql://app:s3cret@db:5432/tasks", "postgresql://app:***@db:5432/tasks"),
+    ("postgres://db/tasks?password=s3cret&sslmode=require",
+     "postgres://db/tasks?password=***&sslmode=require"),
+    ("postgresql://app@db/tasks", "postgresql://app@db/tasks"),
+    ("C:\\data\\tasks.db", "C:\\data\\tasks.db"),
+])
+def test_redact_dsn_hides_passwords_only(dsn: str, shown: str) -> None:
+    assert redact_dsn(dsn) == shown
+
+
+def test_without_psycopg_a_postgresql_dsn_says_which_extra_to_install(tmp_path: Path) -> None:
+    code = ("import sys; sys.modules['psycopg'] = None\n"
+            "from callbackworker import TaskService\n"
+            "try:\n    TaskService('postgresql://localhost/tasks')\n"
+            "except ImportError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=tmp_path).stdout
+    assert "callbackworker[postgres]" in out

@@ -68,6 +68,7 @@ import threading
 import time
 import uuid
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 from ..errors import StorageBusyError, UnknownQueueError
 from .storage import STATUSES, ClaimedTask, Outcome, TaskRecord, TaskStore, Waker
@@ -81,7 +82,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 else:
     _IMPORT_ERROR = None
 
-__all__ = ["PostgresTaskStore", "CHANNEL", "SCHEMA_VERSION"]
+__all__ = ["PostgresTaskStore", "CHANNEL", "SCHEMA_VERSION", "redact_dsn"]
 
 log = logging.getLogger(__name__)
 
@@ -605,16 +606,21 @@ class PostgresTaskStore(TaskStore):
         self._pool.close()
 
     def __repr__(self) -> str:
-        return f"<PostgresTaskStore {_redacted(self.dsn)!r} durability={self.durability}>"
+        return f"<PostgresTaskStore {redact_dsn(self.dsn)!r} durability={self.durability}>"
 
 
-def _redacted(dsn: str) -> str:
-    """The DSN without its password, for reprs and logs."""
-    if psycopg is None:
+def redact_dsn(dsn: str) -> str:
+    """``dsn`` (a ``postgresql://`` URL) with any password replaced by
+    ``***``, fit for logs and output; anything else (a SQLite path) as
+    it is."""
+    if not dsn.startswith(("postgresql://", "postgres://")):
         return dsn
-    try:
-        params = psycopg.conninfo.conninfo_to_dict(dsn)
-    except psycopg.Error:
-        return "(unparsable DSN)"
-    params.pop("password", None)
-    return psycopg.conninfo.make_conninfo(**{k: v for k, v in params.items() if v is not None})
+    parts = urlsplit(dsn)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        if ":" in userinfo:
+            netloc = f"{userinfo.partition(':')[0]}:***@{hostport}"
+    query = "&".join("password=***" if pair.lower().startswith("password=") else pair
+                     for pair in parts.query.split("&")) if parts.query else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
