@@ -130,6 +130,12 @@ class PostgresCluster:
             raise
         return self
 
+    def restart(self) -> None:
+        """Stops the server (fast shutdown: sessions are terminated) and
+        starts it again on the same port."""
+        self._run("pg_ctl", "-D", self.datadir, "-l", os.path.join(self._root, "log"),
+                  "-m", "fast", "-w", "-t", "60", "restart")
+
     def _create_database(self) -> None:
         import psycopg
 

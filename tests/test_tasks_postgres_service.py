@@ -135,3 +135,31 @@ def test_without_psycopg_a_postgresql_dsn_says_which_extra_to_install(tmp_path: 
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=tmp_path).stdout
     assert "callbackworker[postgres]" in out
+
+
+def test_a_server_restart_is_ridden_out(ran: Ran) -> None:
+    """The server restarts under a serving service (on a cluster of its
+    own): the dead pooled connections are replaced, the listener
+    reconnects, and tasks enqueued after the restart run, the notified
+    ones included."""
+    from pg_server import PostgresCluster, find_bindir
+
+    bindir = find_bindir()
+    if bindir is None or sys.platform == "win32":
+        pytest.skip("needs the PostgreSQL server programs to restart a cluster of its own")
+    cluster = PostgresCluster(bindir).start()
+    try:
+        with TaskService(cluster.dsn, **SLEEPY) as service:
+            service.create_queue("q", handler=ran)
+            first = _listener_pid(service)
+            service.enqueue("q", b"before")
+            assert ran.wait_for(b"before")
+            cluster.restart()
+            service.enqueue("q", b"after, from the service itself")
+            assert ran.wait_for(b"after, from the service itself")
+            _listener_pid(service, other_than=first)
+            with TaskService(cluster.dsn) as producer:
+                producer.enqueue("q", b"after, notified")
+            assert ran.wait_for(b"after, notified")
+    finally:
+        cluster.stop()

@@ -322,10 +322,10 @@ class _Listener:
                     conn.close()
 
     def _listen(self, conn: "psycopg.Connection[Any]") -> None:
-        fd = conn.fileno()
+        fd, stop_fd = conn.fileno(), self._stop_r.fileno()
         while not self._stopping:
-            ready = select.select([fd, self._stop_r], [], [], _LISTEN_PING_S)[0]
-            if self._stop_r in ready:
+            ready = select.select([fd, stop_fd], [], [], _LISTEN_PING_S)[0]
+            if stop_fd in ready:
                 return
             if not ready:
                 conn.execute("SELECT 1")  # notices a silently dead connection
