@@ -237,3 +237,22 @@ def test_set_waker_none_stops_the_listener(store: PostgresTaskStore) -> None:
     _wait_listening(store)
     store.set_waker(None)
     assert store.listener_pid is None
+
+
+def test_a_task_given_back_notifies_its_queue(store: PostgresTaskStore) -> None:
+    """Released, retried or recovered, a task is pending again: the other
+    services hear of it without waiting for their next poll."""
+    store.ensure_queue("q")
+    store.enqueue_many("q", [("a", b""), ("b", b""), ("c", b"")], 0)
+    a, b, c = store.claim("q", owner="me", limit=3, now=0, lease_ms=100)
+    wakes = Wakes()
+    store.set_waker(wakes)
+    _wait_listening(store)
+    assert wakes.wait_for(None)
+    for give_back in (lambda: store.release(a.id, a.token, 1),
+                      lambda: store.retry(b.id, b.token, "E: x", 50),
+                      lambda: store.recover("q", now=100, max_attempts=3)):
+        wakes.clear()
+        assert give_back()
+        assert wakes.wait_for("q")
+    assert store.get(c.id).status == "pending"  # type: ignore[union-attr]

@@ -36,9 +36,9 @@ DESIGN
   unknown: a retried ``enqueue`` may then fail on its duplicate task id
   (the first try did commit); a retried claim leaves the first claim's
   tasks to lease recovery.
-* Wake-ups.  Enqueueing (and recovering tasks) sends ``NOTIFY
-  callbackworker_tasks, '<queue>'`` in the same statement, delivered on
-  commit.  ``set_waker`` starts a listener thread with its own connection
+* Wake-ups.  Enqueueing, and anything that puts a task back to pending
+  (a retry, a release, a recovery), sends ``NOTIFY callbackworker_tasks,
+  '<queue>'`` in the same statement, delivered on commit.  ``set_waker`` starts a listener thread with its own connection
   that ``LISTEN``s and calls the waker for each notification.  If that
   connection drops it reconnects with backoff and then wakes everything
   (notifications sent meanwhile are lost).  The service keeps polling
@@ -148,8 +148,11 @@ _CLAIM_SQL = """
     RETURNING next_run_at, seq, id, payload, attempt"""
 
 # One statement settles a whole batch; each outcome applies only to its
-# task while running under its token.
+# task while running under its token.  Queues that got a task back as
+# pending (a retry, or a release by a closing service) are notified once
+# each, so other services take it as soon as it is due.
 _SETTLE_SQL = """
+    WITH settled AS (
     UPDATE cbw_tasks t SET
         status = CASE o.kind WHEN 'complete' THEN 'completed'
                              WHEN 'fail' THEN 'failed' ELSE 'pending' END,
@@ -162,7 +165,11 @@ _SETTLE_SQL = """
     FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::bigint[])
          AS o(id, token, kind, message, at)
     WHERE t.id = o.id AND t.token = o.token AND t.status = 'running'
-    RETURNING t.id, o.token"""
+    RETURNING t.id, o.token, t.queue, t.status),
+    woken AS (
+        SELECT pg_notify(%s, queue) FROM (SELECT DISTINCT queue FROM settled
+                                          WHERE status = 'pending') AS requeued)
+    SELECT id, token, (SELECT count(*) FROM woken) FROM settled"""
 
 _RECOVER_SQL = """
     WITH lost AS (
@@ -527,10 +534,10 @@ class PostgresTaskStore(TaskStore):
                                  f"{Outcome.KINDS}")
         if not outcomes:
             return []
-        applied = {(task_id, token) for task_id, token in self._fetch(
+        applied = {(task_id, token) for task_id, token, _ in self._fetch(
             _SETTLE_SQL, ([o.task_id for o in outcomes], [o.token for o in outcomes],
                           [o.kind for o in outcomes], [o.message for o in outcomes],
-                          [o.at for o in outcomes]))}
+                          [o.at for o in outcomes], CHANNEL))}
         results = []
         for o in outcomes:  # a repeated outcome applies once, the first time
             key = (o.task_id, o.token)
