@@ -110,7 +110,8 @@ class PostgresCluster:
         try:
             self._run("initdb", "-D", self.datadir, "-U", "cbw", "-A", "trust", "-E", "UTF8",
                       "--no-sync", "--no-instructions")
-            options = ["-c listen_addresses=127.0.0.1", f"-k {self._root}", "-c max_connections=200"]
+            options = ["-c listen_addresses=127.0.0.1", f"-k {self._root}",
+                       "-c max_connections=200"]
             if self.fast:
                 options += ["-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off"]
             for _ in range(5):  # the free port may be taken before the server binds it

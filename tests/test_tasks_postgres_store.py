@@ -18,6 +18,7 @@ psycopg = pytest.importorskip("psycopg", reason="psycopg 3 is not installed: "
                                                 "pip install 'callbackworker[postgres]'")
 
 from callbackworker.errors import StorageBusyError  # noqa: E402
+from callbackworker.tasks import postgres  # noqa: E402
 from callbackworker.tasks.postgres import SCHEMA_VERSION, PostgresTaskStore  # noqa: E402
 
 
@@ -256,3 +257,18 @@ def test_a_task_given_back_notifies_its_queue(store: PostgresTaskStore) -> None:
         assert give_back()
         assert wakes.wait_for("q")
     assert store.get(c.id).status == "pending"  # type: ignore[union-attr]
+
+
+def test_a_large_batch_is_cut_into_statements_all_or_nothing(
+        store: PostgresTaskStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the chunk size a batch takes several statements, still in one
+    transaction: a duplicate id in the last chunk adds nothing."""
+    monkeypatch.setattr(postgres, "_CHUNK_BYTES", 10)
+    store.ensure_queue("q")
+    store.enqueue_many("q", [(f"t{i}", b"1234") for i in range(7)], 0)
+    assert store.counts()["q"]["pending"] == 7
+    assert [t.id for t in store.claim("q", owner="me", limit=7, now=0, lease_ms=1)] == \
+        [f"t{i}" for i in range(7)]
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        store.enqueue_many("q", [(f"new{i}", b"1234") for i in range(5)] + [("t0", b"")], 0)
+    assert store.get("new0") is None

@@ -38,12 +38,15 @@ DESIGN
   tasks to lease recovery.
 * Wake-ups.  Enqueueing, and anything that puts a task back to pending
   (a retry, a release, a recovery), sends ``NOTIFY callbackworker_tasks,
-  '<queue>'`` in the same statement, delivered on commit.  ``set_waker`` starts a listener thread with its own connection
-  that ``LISTEN``s and calls the waker for each notification.  If that
-  connection drops it reconnects with backoff and then wakes everything
-  (notifications sent meanwhile are lost).  The service keeps polling
-  every ``poll_ms`` anyway, so a task written without a notification is
-  still picked up.
+  '<queue>'`` in the same statement, delivered on commit.  ``set_waker``
+  starts a listener thread with its own connection that ``LISTEN``s and
+  calls the waker for each notification.  If that connection drops it
+  reconnects with backoff and then wakes everything (notifications sent
+  meanwhile are lost).  The service keeps polling every ``poll_ms``
+  anyway, so a task written without a notification is still picked up.
+* Big batches.  An ``enqueue_many`` whose payloads pass 64 MiB is cut into
+  several statements in one transaction (a value sent to the server is
+  limited to 1 GB).
 * Schema.  Tables are prefixed ``cbw_`` and live in the connection's
   current schema (set ``search_path`` in the DSN to keep several
   deployments in one database).  ``cbw_schema_version`` holds the version;
@@ -137,6 +140,16 @@ _MIGRATIONS: List[List[str]] = [
 SCHEMA_VERSION = len(_MIGRATIONS)
 """The schema version this callbackworker creates and understands."""
 
+_CHUNK_BYTES = 64 << 20
+
+_ENQUEUE_SQL = """
+    WITH added AS (
+        INSERT INTO cbw_tasks(id, queue, payload, status, next_run_at, created_at)
+        SELECT id, %(queue)s, payload, 'pending', %(now)s, %(now)s
+        FROM unnest(%(ids)s::text[], %(payloads)s::bytea[]) WITH ORDINALITY AS t(id, payload, n)
+        ORDER BY n)
+    SELECT pg_notify(%(channel)s, %(queue)s)"""
+
 _CLAIM_SQL = """
     UPDATE cbw_tasks SET status = 'running', attempt = attempt + 1, owner = %(owner)s,
            lease_expires_at = %(expires)s, token = %(token)s
@@ -196,6 +209,23 @@ _CANCEL_SQL = """
          cancelled AS (UPDATE cbw_tasks t SET status = 'cancelled', finished_at = %s
                        FROM found WHERE t.seq = found.seq AND found.status = 'pending')
     SELECT status FROM found"""
+
+
+Batch = Sequence["tuple[str, bytes]"]
+
+
+def _chunks(tasks: Batch, max_bytes: int) -> List[Batch]:
+    """``tasks`` cut, in order, into runs of at most ``max_bytes`` of
+    payload (each run holds at least one task)."""
+    chunks: List[Batch] = []
+    start, size = 0, 0
+    for i, (_, payload) in enumerate(tasks):
+        if i > start and size + len(payload) > max_bytes:
+            chunks.append(tasks[start:i])
+            start, size = i, 0
+        size += len(payload)
+    chunks.append(tasks[start:])
+    return chunks
 
 
 def _require_psycopg() -> None:
@@ -480,21 +510,28 @@ class PostgresTaskStore(TaskStore):
     # ---- producing -----------------------------------------------------
 
     def enqueue_many(self, queue: str, tasks: Sequence["tuple[str, bytes]"], now: int) -> None:
+        """See ``TaskStore.enqueue_many``.  A batch is one statement; one
+        whose payloads pass ``_CHUNK_BYTES`` is several statements in one
+        transaction (a value sent to the server is limited to 1 GB)."""
         if not tasks:
             return
-        ids = [task_id for task_id, _ in tasks]
-        payloads = [payload for _, payload in tasks]
+        chunks = _chunks(tasks, _CHUNK_BYTES)
+
+        def insert(conn: "psycopg.Connection[Any]", chunk: Batch) -> None:
+            conn.execute(_ENQUEUE_SQL, {
+                "queue": queue, "now": now, "ids": [task_id for task_id, _ in chunk],
+                "payloads": [payload for _, payload in chunk], "channel": CHANNEL})
+
+        def body(conn: "psycopg.Connection[Any]") -> None:
+            if len(chunks) == 1:
+                insert(conn, chunks[0])
+                return
+            with conn.transaction():
+                for chunk in chunks:
+                    insert(conn, chunk)
+
         try:
-            self._fetch(
-                """WITH added AS (
-                       INSERT INTO cbw_tasks(id, queue, payload, status, next_run_at, created_at)
-                       SELECT id, %(queue)s, payload, 'pending', %(now)s, %(now)s
-                       FROM unnest(%(ids)s::text[], %(payloads)s::bytea[])
-                            WITH ORDINALITY AS t(id, payload, n)
-                       ORDER BY n)
-                   SELECT pg_notify(%(channel)s, %(queue)s)""",
-                {"queue": queue, "now": now, "ids": ids, "payloads": payloads,
-                 "channel": CHANNEL})
+            self._run(body)
         except pg_errors.ForeignKeyViolation:
             raise UnknownQueueError(queue) from None
 
