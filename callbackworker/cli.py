@@ -25,7 +25,6 @@ from . import Worker
 from .asyncmeta import JobMetaKey, Profile, supports_blob_job
 from .errors import JobFailedError, JobTimeoutError, TaskError
 from .tasks import QueueConfig, TaskService
-from .tasks.postgres import redact_dsn
 from .tasks.storage import STATUSES
 
 
@@ -195,6 +194,8 @@ def worker(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    from .tasks.postgres import redact_dsn  # here: psycopg takes ~0.1 s to import
+
     with TaskService(args.db, durability=args.durability, lease_ms=args.lease_ms) as service:
         names = setup_app(service, app)
         print(f"serving {len(names)} queue(s) on {redact_dsn(args.db)}: {', '.join(names)}",

@@ -3,9 +3,9 @@
 DESIGN
 
 * Storage.  Every task lives in a ``TaskStore`` (SQLite by default,
-  PostgreSQL for a ``postgresql://`` DSN).  The
-  service decides policy (backoff, recovery, liveness of owners); the store
-  makes each state change atomic.  ``enqueue`` commits before it returns.
+  PostgreSQL for a ``postgresql://`` DSN).  The service decides policy
+  (backoff, recovery, liveness of owners); the store makes each state
+  change atomic.  ``enqueue`` commits before it returns.
 * Execution.  The service owns a ``Worker`` with one route per queue
   (``task:<name>``, ``concurrency`` threads).  A dispatcher thread claims due
   tasks, never more than the queue's free slots, and starts each as a job on
