@@ -195,9 +195,12 @@ def worker(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    with TaskService(args.db, durability=args.durability) as service:
+    from .tasks.postgres import redact_dsn  # here: psycopg takes ~0.1 s to import
+
+    with TaskService(args.db, durability=args.durability, lease_ms=args.lease_ms) as service:
         names = setup_app(service, app)
-        print(f"serving {len(names)} queue(s) on {args.db}: {', '.join(names)}", flush=True)
+        print(f"serving {len(names)} queue(s) on {redact_dsn(args.db)}: {', '.join(names)}",
+              flush=True)
         while not stop.wait(0.5):
             pass
         print("stopping: waiting for running tasks", file=sys.stderr, flush=True)
@@ -283,8 +286,9 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def _add_db(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--db", default="callbackworker.db", metavar="PATH",
-                   help="the SQLite task database (default: callbackworker.db)")
+    p.add_argument("--db", default="callbackworker.db", metavar="PATH|URL",
+                   help="the task database: a SQLite file, or a postgresql:// URL "
+                        "(default: callbackworker.db)")
 
 
 def _add_task_commands(sub: Any) -> None:
@@ -298,6 +302,10 @@ def _add_task_commands(sub: Any) -> None:
                    help="what defines the queues, e.g. myapp.tasks:queues")
     p.add_argument("--durability", choices=["normal", "full"], default="normal",
                    help="normal survives a killed process; full also power loss")
+    p.add_argument("--lease-ms", type=int, default=30_000, metavar="MS",
+                   help="how long a claimed task stays leased without renewal: a dead "
+                        "worker's tasks run again elsewhere this long after it died "
+                        "(default: 30000)")
     p.set_defaults(func=worker)
 
     p = sub.add_parser("enqueue", help="add a task to a persistent queue; prints its id",

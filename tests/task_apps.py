@@ -58,3 +58,9 @@ def slow(payload: memoryview) -> str:
 
 
 one_at_a_time = {"slow": slow}
+
+
+slow_retrying = {"slow": {"handler": slow, "max_retries": 2, "backoff_ms": 0}}
+
+
+spaced = {"spaced": {"handler": bracketed, "concurrency": 2, "delay_ms": 150}}

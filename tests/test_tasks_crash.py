@@ -31,10 +31,12 @@ TESTS = Path(__file__).parent
 CONCURRENCY = 8  # task_apps.crash
 
 
-def _spawn(db: Path, app: str, log: Path) -> "subprocess.Popen[bytes]":
+def _spawn(db: "Path | str", app: str, log: Path, *options: str) -> "subprocess.Popen[bytes]":
+    """A ``callbackworker worker`` process serving ``app`` (``task_apps``),
+    started once its queues are set up; ``options`` go on its command line."""
     env = dict(os.environ, CBW_TASK_LOG=str(log), PYTHONPATH=str(TESTS))
     proc = subprocess.Popen([sys.executable, "-m", "callbackworker", "worker", "--db", str(db),
-                             "--app", app], env=env, stdout=subprocess.PIPE,
+                             "--app", app, *options], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     assert proc.stdout is not None
     line = proc.stdout.readline()  # "serving ..." once the queues are set up
@@ -42,12 +44,12 @@ def _spawn(db: Path, app: str, log: Path) -> "subprocess.Popen[bytes]":
     return proc
 
 
-def _counts(db: Path) -> Dict[str, int]:
+def _counts(db: "Path | str") -> Dict[str, int]:
     with TaskService(db) as reader:
         return dict(sum((list(c.items()) for c in reader.counts().values()), []))
 
 
-def _wait_for(db: Path, done: int, deadline_s: float) -> Dict[str, int]:
+def _wait_for(db: "Path | str", done: int, deadline_s: float) -> Dict[str, int]:
     end = time.monotonic() + deadline_s
     while True:
         counts = _counts(db)
@@ -65,9 +67,12 @@ def _runs(log: Path) -> Dict[str, List[int]]:
     return runs
 
 
-def run_kill9(tmp_path: Path, n_tasks: int, kills: int, seed: int) -> None:
+def run_kill9(tmp_path: Path, n_tasks: int, kills: int, seed: int,
+              db: "Path | str | None" = None) -> None:
+    """The kill -9 run on ``db`` (default: a SQLite file in ``tmp_path``)."""
     rng = random.Random(seed)
-    db, log = tmp_path / "crash.db", tmp_path / "runs.log"
+    db = tmp_path / "crash.db" if db is None else db
+    log = tmp_path / "runs.log"
     proc = _spawn(db, "task_apps:crash", log)
     with TaskService(db) as producer:
         payloads = [b"fail" if i % 13 == 0 else b"ok %d" % i for i in range(n_tasks)]

@@ -27,8 +27,9 @@ from callbackworker import (
     UnknownQueueError,
     UnknownTaskError,
 )
-from callbackworker.tasks.service import retry_delay_ms
-from callbackworker.tasks.sqlite import SQLiteTaskStore
+from callbackworker.tasks import service as service_module
+from callbackworker.tasks.service import _open_store, retry_delay_ms
+from callbackworker.tasks.storage import TaskStore
 
 from helpers import FakeClock
 
@@ -38,9 +39,19 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-@pytest.fixture
-def db(tmp_path: Path) -> str:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Every test runs on each backend: a SQLite file, and a fresh schema
+    on the PostgreSQL server (skipped when there is none)."""
+    if request.param == "postgresql":
+        return str(request.getfixturevalue("pg_schema_dsn"))
     return str(tmp_path / "tasks.db")
+
+
+def open_store(db: str) -> TaskStore:
+    """A second handle on the service's database, as another process would
+    open it."""
+    return _open_store(db, "normal")
 
 
 @pytest.fixture
@@ -278,7 +289,7 @@ def test_cancel_refuses_finished_tasks_saying_why(service: TaskService, status: 
 
 
 def test_cancel_refuses_a_running_task(db: str, clock: FakeClock) -> None:
-    store = SQLiteTaskStore(db)
+    store = open_store(db)
     with TaskService(db, clock=clock, background=False) as service:
         service.create_queue("q", handler=ok)
         task = service.enqueue("q", b"x")
@@ -338,11 +349,11 @@ def test_crash_recovery_on_create_queue(db: str, clock: FakeClock) -> None:
     """Running tasks left by a predecessor come back: at once if its process
     is provably gone, otherwise when its lease expires; a task whose
     attempts are used up fails."""
-    store = SQLiteTaskStore(db)
+    store = open_store(db)
     store.ensure_queue("q")
     store.enqueue_many("q", [("dead", b"1"), ("expired", b"2"), ("live", b"3")],
                        clock() - 50_000)
-    host = socket.gethostname()
+    host = service_module._HOST  # the host name, and on Linux its pid namespace
     gone_pid = _a_dead_pid()
     store.claim("q", owner=f"{host}/{gone_pid}/x", limit=1, now=clock(), lease_ms=10**9)
     store.claim("q", owner="otherhost/1/y", limit=1, now=clock() - 40_000, lease_ms=30_000)
@@ -358,7 +369,7 @@ def test_crash_recovery_on_create_queue(db: str, clock: FakeClock) -> None:
 
 
 def test_recovery_fails_a_task_with_no_attempt_left(db: str, clock: FakeClock) -> None:
-    store = SQLiteTaskStore(db)
+    store = open_store(db)
     store.ensure_queue("q")
     store.enqueue("q", "t", b"", clock())
     store.claim("q", owner="otherhost/1/y", limit=1, now=clock(), lease_ms=100)
@@ -375,7 +386,7 @@ def test_expired_leases_are_recovered_while_serving(db: str, clock: FakeClock) -
     with TaskService(db, clock=clock, background=False, lease_ms=1000) as service:
         service.create_queue("q", handler=ok)
         service.create_queue("held", QueueConfig(max_retries=2), handler=ok)
-        store = SQLiteTaskStore(db)
+        store = open_store(db)
         store.enqueue("held", "t", b"x", clock())
         store.claim("held", owner="otherhost/1/y", limit=1, now=clock(), lease_ms=1000)
         store.close()
@@ -391,6 +402,17 @@ def _a_dead_pid() -> int:
         os._exit(0)
     os.waitpid(pid, 0)
     return pid
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/ns/pid"), reason="Linux pid namespaces")
+def test_a_host_name_shared_with_another_machine_does_not_make_its_workers_dead() -> None:
+    """Two containers or machines with one host name share a database: a
+    pid that is gone here says nothing about a worker over there."""
+    gone_pid = _a_dead_pid()
+    assert service_module._owner_is_dead(f"{service_module._HOST}/{gone_pid}/x")
+    twin = f"{socket.gethostname()}#000000000000"
+    assert not service_module._owner_is_dead(f"{twin}/{gone_pid}/x")
+    assert not service_module._owner_is_dead(f"{socket.gethostname()}/{gone_pid}/x")
 
 
 # ---- limits and bad input -----------------------------------------------
@@ -457,11 +479,6 @@ def test_bad_service_options_are_value_errors(db: str, kwargs: dict) -> None:
         TaskService(db, **kwargs)
 
 
-def test_postgresql_dsn_is_not_available_yet() -> None:
-    with pytest.raises(NotImplementedError, match="PostgreSQL"):
-        TaskService("postgresql://localhost/tasks")
-
-
 # ---- lifecycle ----------------------------------------------------------
 
 def test_closed_service_refuses_every_verb(db: str) -> None:
@@ -475,7 +492,7 @@ def test_closed_service_refuses_every_verb(db: str) -> None:
             call()
 
 
-def test_close_gives_back_claimed_but_unstarted_tasks(service: TaskService) -> None:
+def test_close_gives_back_claimed_but_unstarted_tasks(service: TaskService, db: str) -> None:
     service.create_queue("q", QueueConfig(concurrency=1), handler=ok)
     task = service.enqueue("q", b"x")
     (claimed,) = service._store.claim("q", owner=service._owner, limit=1, now=0 + service._now(),
@@ -483,7 +500,7 @@ def test_close_gives_back_claimed_but_unstarted_tasks(service: TaskService) -> N
     with service._cond:
         service._claims[99] = (service._queues["q"], claimed)
     service.close()
-    store = SQLiteTaskStore(service._store.path)  # type: ignore[attr-defined]
+    store = open_store(db)
     record = store.get(task)
     store.close()
     assert record is not None and (record.status, record.attempt) == ("pending", 0)

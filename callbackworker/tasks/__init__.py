@@ -1,8 +1,10 @@
 """Persistent task queues (``TaskService``) and their storage backends.
 
 ``storage`` holds the contract every backend implements (``TaskStore``),
-``sqlite`` the SQLite backend, ``service`` the service that runs tasks on
-the C core.
+``sqlite`` the SQLite backend, ``postgres`` the PostgreSQL backend
+(imported only when a ``postgresql://`` DSN is opened, as its driver,
+psycopg 3, is the optional extra ``callbackworker[postgres]``), ``service``
+the service that runs tasks on the C core.
 """
 
 from __future__ import annotations

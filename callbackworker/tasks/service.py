@@ -2,9 +2,10 @@
 
 DESIGN
 
-* Storage.  Every task lives in a ``TaskStore`` (SQLite by default).  The
-  service decides policy (backoff, recovery, liveness of owners); the store
-  makes each state change atomic.  ``enqueue`` commits before it returns.
+* Storage.  Every task lives in a ``TaskStore`` (SQLite by default,
+  PostgreSQL for a ``postgresql://`` DSN).  The service decides policy
+  (backoff, recovery, liveness of owners); the store makes each state
+  change atomic.  ``enqueue`` commits before it returns.
 * Execution.  The service owns a ``Worker`` with one route per queue
   (``task:<name>``, ``concurrency`` threads).  A dispatcher thread claims due
   tasks, never more than the queue's free slots, and starts each as a job on
@@ -23,8 +24,11 @@ DESIGN
   again (at-least-once execution, never two holders at once while leases
   are renewed).
 * Wake-ups.  ``enqueue`` in this process and every finished attempt wake
-  the dispatcher; otherwise it sleeps until the next due time, at most
-  ``poll_ms``, which is how it notices work written by other processes.
+  the dispatcher; so does the store, from its own thread, when it learns
+  that another process added work (``TaskStore.set_waker``: PostgreSQL's
+  LISTEN/NOTIFY; SQLite has no such thing).  Otherwise it sleeps until the
+  next due time, at most ``poll_ms``, which is how it notices work written
+  by other processes when no notification came.
 * Durable tasks.  A handler may use ``current_job().create_callback`` /
   ``callback_result`` / ``step`` (``callbackworker.durable``); the service's
   worker hands it a ``DurableRun`` over the task's own store
@@ -236,7 +240,24 @@ def _route_for(queue: str) -> str:
     return "task#" + hashlib.blake2b(queue.encode("utf-8", "surrogatepass"), digest_size=24).hexdigest()
 
 
-_HOST = socket.gethostname()
+def _host_identity() -> str:
+    """This host as lease owners name it: the host name and, on Linux, a
+    digest of the kernel's boot id and this pid namespace.  With a shared
+    database (PostgreSQL, or a file on a shared volume) two machines or
+    containers may share a host name; pids of one mean nothing to the
+    other, so neither may judge the other's workers dead by probing pids."""
+    name = socket.gethostname()
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        pid_namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return name
+    digest = hashlib.blake2b(f"{boot}:{pid_namespace}".encode(), digest_size=6).hexdigest()
+    return f"{name}#{digest}"
+
+
+_HOST = _host_identity()
 
 
 def _new_owner() -> str:
@@ -342,10 +363,19 @@ class _GroupCommitter:
 class TaskService:
     """Persistent task queues on a database file, run on the C core.
 
-    ``dsn`` is a SQLite file path (created if missing; several processes may
-    share it).  ``durability="normal"`` makes every committed change survive
-    the process being killed; ``"full"`` also survives power loss (each
-    commit is fsync'd).  ``clock`` returns the time in milliseconds (default:
+    ``dsn`` is a SQLite file path (created if missing; several processes on
+    one host may share it) or a ``postgresql://`` URL (any number of
+    processes on any number of hosts; needs ``callbackworker[postgres]``;
+    see ``callbackworker.tasks.postgres``).  On SQLite,
+    ``durability="normal"`` makes every committed change survive the
+    process being killed; ``"full"`` also survives power loss (each commit
+    is fsync'd).  On PostgreSQL the server's settings decide; ``"full"``
+    forces ``synchronous_commit = on`` for the service's connections.
+
+    ``QueueConfig.concurrency`` is per service: a queue served by N
+    processes runs up to the sum of their concurrencies at once.
+    ``delay_ms`` is global: it spaces the starts of every process on the
+    database.  ``clock`` returns the time in milliseconds (default:
     wall clock); every stored time uses it.  ``lease_ms`` is how long a
     claimed task stays leased without renewal (renewed every third of it);
     ``poll_ms`` bounds how long work written by another process may wait
@@ -483,6 +513,7 @@ class TaskService:
             self._committer = _GroupCommitter(self._store, self._kick)
             self._worker = _TaskWorker(self._store, self._now)
             if self._background:
+                self._store.set_waker(self._wake_from_store)
                 self._dispatcher = threading.Thread(target=self._dispatch_loop, daemon=True,
                                                     name="callbackworker-task-dispatch")
                 self._dispatcher.start()
@@ -598,6 +629,12 @@ class TaskService:
     def _kick_locked(self) -> None:
         self._kicked = True
         self._cond.notify_all()
+
+    def _wake_from_store(self, queue: Optional[str]) -> None:
+        """The store's waker: another process may have made work due."""
+        with self._cond:
+            if queue is None or queue in self._queues:
+                self._kick_locked()
 
     def _dispatch_loop(self) -> None:
         renew_every = self._lease_ms / 3000
@@ -762,8 +799,9 @@ def _open_store(dsn: "str | os.PathLike[str]", durability: str) -> TaskStore:
     if not isinstance(dsn, (str, os.PathLike)):
         raise TypeError(f"dsn must be a path or a URL string, not {type(dsn).__name__}")
     if isinstance(dsn, str) and dsn.startswith(("postgresql://", "postgres://")):
-        raise NotImplementedError("the PostgreSQL task store is not available yet; "
-                                  "use a SQLite file path")
+        from .postgres import PostgresTaskStore  # psycopg is an optional extra
+
+        return PostgresTaskStore(dsn, durability=durability)
     return SQLiteTaskStore(dsn, durability=durability)
 
 

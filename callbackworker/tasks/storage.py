@@ -50,12 +50,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence
 
 from ..durable import CallbackRecord
 
 __all__ = [
-    "STATUSES", "TERMINAL_STATUSES", "NEVER", "CALLBACK_STATES", "TaskRecord", "ClaimedTask", "Outcome", "TaskStore",
+    "STATUSES", "TERMINAL_STATUSES", "NEVER", "CALLBACK_STATES", "TaskRecord", "ClaimedTask", "Outcome",
+    "TaskStore", "Waker",
 ]
 
 STATUSES = ("pending", "running", "suspended", "completed", "failed", "cancelled")
@@ -70,6 +71,11 @@ NEVER = 2**62
 CALLBACK_STATES = ("pending", "succeeded", "failed", "closed")
 """Stored callback states.  ``timed_out`` is never stored: a pending
 callback past its limit is timed out, computed from its times."""
+
+
+Waker = Callable[[Optional[str]], None]
+"""``waker(queue)``: told that the queue may have due tasks (``None``: any
+queue may); see ``TaskStore.set_waker``."""
 
 
 class TaskRecord(NamedTuple):
@@ -246,6 +252,15 @@ class TaskStore(ABC):
     def sweep(self, queue: str, finished_before: int) -> int:
         """Deletes the queue's completed, failed and cancelled tasks that
         finished before ``finished_before``; returns how many."""
+
+    # ---- wake-ups -----------------------------------------------------
+
+    def set_waker(self, waker: Optional[Waker]) -> None:
+        """Asks the store to call ``waker(queue)``, from a thread of its own,
+        whenever another process may have made tasks of ``queue`` due
+        (``None`` stops it).  Optional: a store without notifications keeps
+        this default, which does nothing, and its users find such work by
+        polling.  ``close`` stops the calls."""
 
     # ---- durable operation logs and callbacks ---------------------------
 

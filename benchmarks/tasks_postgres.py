@@ -1,0 +1,239 @@
+"""Task queue throughput with 1, 2 and 4 worker processes on one database:
+``python benchmarks/tasks_postgres.py [--tasks N] [--runs R] [--procs 1,2,4]``.
+
+Each measurement pre-enqueues ``--tasks`` tasks (a trivial handler), starts
+the worker processes, lets them all set up, then releases them at once and
+times until the database says every task is done.  Medians of ``--runs``.
+
+Systems, each in a fresh schema (PostgreSQL) or file (SQLite):
+
+* ``cbw-pg``: ``TaskService`` on PostgreSQL, queue concurrency 4 per
+  process, ``prefetch=0`` (the default) and ``prefetch=64``.
+* ``cbw-sqlite``: the same on one SQLite file (``durability="normal"``).
+* ``procrastinate``: procrastinate's worker on the same server, concurrency
+  4 per process, an ``async`` no-op task (skipped, saying so, unless
+  ``pip install procrastinate``).
+
+The server is a throwaway cluster with PostgreSQL's default durability
+(``fsync`` and ``synchronous_commit`` on; ``--no-fsync`` turns both off),
+started from the server programs found as ``tests/pg_server.py`` finds
+them, or ``$CBW_PG_DSN``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+
+from pg_server import PostgresCluster, find_bindir, fresh_schema  # noqa: E402
+
+from callbackworker import QueueConfig, TaskService  # noqa: E402
+from callbackworker.tasks.service import _open_store  # noqa: E402
+
+QUEUE = "bench"
+CONCURRENCY = 4
+PREFETCH = 64
+
+log = logging.getLogger("tasks_postgres")
+
+
+def _noop(payload: memoryview) -> str:
+    return ""
+
+
+# ---- worker processes --------------------------------------------------------
+
+def _cbw_worker(dsn: str, prefetch: int, ready: Any, go: Any, stop: Any) -> None:
+    with TaskService(dsn, prefetch=prefetch) as service:
+        ready.set()
+        go.wait()
+        service.create_queue(QUEUE, QueueConfig(concurrency=CONCURRENCY), handler=_noop)
+        stop.wait()
+
+
+def _procrastinate_app(dsn: str) -> Tuple[Any, Any]:
+    import procrastinate
+
+    app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=dsn))
+
+    async def noop(i: int) -> None:
+        return None
+
+    task = app.task(name="noop", queue=QUEUE)(noop)
+    return app, task
+
+
+def _procrastinate_worker(dsn: str, prefetch: int, ready: Any, go: Any, stop: Any) -> None:
+    logging.getLogger("procrastinate").setLevel(logging.WARNING)
+    app, _ = _procrastinate_app(dsn)
+    with app.open():
+        ready.set()
+        go.wait()
+        app.run_worker(queues=[QUEUE], concurrency=CONCURRENCY, wait=False,
+                       install_signal_handlers=False, listen_notify=True)
+        stop.wait()
+
+
+# ---- one measurement ---------------------------------------------------------
+
+def _cbw_prepare(dsn: str, n: int) -> Callable[[], int]:
+    store = _open_store(dsn, "normal")
+    try:
+        store.ensure_queue(QUEUE)
+    finally:
+        store.close()
+    with TaskService(dsn) as producer:
+        for start in range(0, n, 1000):
+            producer.enqueue_many(QUEUE, [b"x"] * min(1000, n - start))
+    reader = _open_store(dsn, "normal")
+
+    def done() -> int:
+        row = reader.counts().get(QUEUE, {})
+        return row.get("completed", 0) + row.get("failed", 0)
+
+    done.close = reader.close  # type: ignore[attr-defined]
+    return done
+
+
+def _procrastinate_prepare(dsn: str, n: int) -> Callable[[], int]:
+    import psycopg
+
+    app, task = _procrastinate_app(dsn)
+    with app.open():
+        app.schema_manager.apply_schema()
+        for start in range(0, n, 1000):
+            task.batch_defer(*({"i": i} for i in range(start, min(n, start + 1000))))
+    conn = psycopg.connect(dsn, autocommit=True)
+
+    def done() -> int:
+        row = conn.execute("SELECT count(*) FROM procrastinate_jobs "
+                           "WHERE status IN ('succeeded', 'failed')").fetchone()
+        return int(row[0]) if row else 0
+
+    done.close = conn.close  # type: ignore[attr-defined]
+    return done
+
+
+SYSTEMS: Dict[str, Tuple[Callable[..., None], Callable[[str, int], Callable[[], int]], int]] = {
+    "cbw-pg": (_cbw_worker, _cbw_prepare, 0),
+    f"cbw-pg-prefetch{PREFETCH}": (_cbw_worker, _cbw_prepare, PREFETCH),
+    "cbw-sqlite": (_cbw_worker, _cbw_prepare, 0),
+    f"cbw-sqlite-prefetch{PREFETCH}": (_cbw_worker, _cbw_prepare, PREFETCH),
+    "procrastinate": (_procrastinate_worker, _procrastinate_prepare, 0),
+}
+
+
+def measure(system: str, dsn: str, n: int, procs: int) -> float:
+    """Tasks per second with ``procs`` worker processes, from release to
+    the last task done."""
+    worker, prepare, prefetch = SYSTEMS[system]
+    done = prepare(dsn, n)
+    ctx = mp.get_context("spawn")
+    go, stop = ctx.Event(), ctx.Event()
+    readies = [ctx.Event() for _ in range(procs)]
+    workers = [ctx.Process(target=worker, args=(dsn, prefetch, r, go, stop)) for r in readies]
+    for p in workers:
+        p.start()
+    try:
+        for r in readies:
+            if not r.wait(60):
+                raise RuntimeError(f"{system}: a worker did not start")
+        start = time.perf_counter()
+        go.set()
+        deadline = start + 600
+        while done() < n:
+            if time.perf_counter() > deadline:
+                raise RuntimeError(f"{system}: not done after 600 s")
+            time.sleep(0.005)
+        elapsed = time.perf_counter() - start
+    finally:
+        stop.set()
+        for p in workers:
+            p.join(60)
+            if p.is_alive():
+                p.kill()
+        done.close()  # type: ignore[attr-defined]
+    return n / elapsed
+
+
+def _rate(per_s: float) -> str:
+    return f"{per_s / 1000:.1f}k" if per_s >= 1000 else f"{per_s:.0f}"
+
+
+def _procrastinate_available() -> Optional[str]:
+    try:
+        import procrastinate  # noqa: F401
+    except ImportError:
+        return "procrastinate is not installed (pip install procrastinate)"
+    return None
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", type=int, default=5000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--procs", default="1,2,4")
+    parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument("--no-fsync", action="store_true",
+                        help="run the throwaway server with fsync and synchronous_commit off, "
+                             "to see past the disk's flush rate")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("procrastinate").setLevel(logging.ERROR)
+    procs = [int(p) for p in args.procs.split(",")]
+    systems = [s for s in args.systems.split(",") if s]
+    skipped = _procrastinate_available()
+    if skipped and "procrastinate" in systems:
+        print(f"skipping procrastinate: {skipped}", file=sys.stderr)
+        systems.remove("procrastinate")
+
+    cluster: Optional[PostgresCluster] = None
+    base = os.environ.get("CBW_PG_DSN")
+    if base is None:
+        bindir = find_bindir()
+        if bindir is None:
+            print("no PostgreSQL server programs found; set CBW_PG_DSN", file=sys.stderr)
+            return 2
+        cluster = PostgresCluster(bindir, fast=args.no_fsync).start()
+        base = cluster.dsn
+    results: Dict[Tuple[str, int], float] = {}
+    try:
+        for system in systems:
+            for k in procs:
+                rates = []
+                for _ in range(args.runs):
+                    if system.startswith("cbw-sqlite"):
+                        with tempfile.TemporaryDirectory() as tmp:
+                            rates.append(measure(system, os.path.join(tmp, "t.db"),
+                                                 args.tasks, k))
+                    else:
+                        with fresh_schema(base) as dsn:
+                            rates.append(measure(system, dsn, args.tasks, k))
+                results[(system, k)] = statistics.median(rates)
+                print(f"{system:<24} {k} procs: {results[(system, k)]:>9,.0f} tasks/s "
+                      f"(runs: {', '.join(f'{r:,.0f}' for r in rates)})", file=sys.stderr)
+    finally:
+        if cluster is not None:
+            cluster.stop()
+
+    server = "fsync off" if args.no_fsync else "default durability"
+    print(f"\n{args.tasks} tasks, concurrency {CONCURRENCY} per process, medians of "
+          f"{args.runs} runs (tasks/s); server: {server}\n")
+    print("| system | " + " | ".join(f"{k} proc{'s' if k > 1 else ''}" for k in procs) + " |")
+    print("|---|" + "---|" * len(procs))
+    for system in systems:
+        print(f"| {system} | " + " | ".join(_rate(results[(system, k)]) for k in procs) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

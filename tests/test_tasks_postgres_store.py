@@ -1,0 +1,274 @@
+"""The PostgreSQL backend against the shared storage contract, on a real
+server, plus what only PostgreSQL has: the versioned schema migrated once
+by hosts starting together, retried serialization failures, and wake-ups
+through LISTEN/NOTIFY that survive a dropped connection."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from typing import Iterator, List, Optional
+
+import pytest
+
+from storage_contract import StorageContract
+
+psycopg = pytest.importorskip("psycopg", reason="psycopg 3 is not installed: "
+                                                "pip install 'callbackworker[postgres]'")
+
+from callbackworker.errors import StorageBusyError  # noqa: E402
+from callbackworker.tasks import postgres  # noqa: E402
+from callbackworker.tasks.postgres import SCHEMA_VERSION, PostgresTaskStore  # noqa: E402
+
+
+@pytest.fixture
+def store(pg_schema_dsn: str) -> Iterator[PostgresTaskStore]:
+    s = PostgresTaskStore(pg_schema_dsn)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+class TestPostgresStore(StorageContract):
+    """Every contract test, in a fresh schema on the server."""
+
+
+def _sql(dsn: str, sql: str, params: object = None) -> list:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        cur = conn.execute(sql, params)  # type: ignore[arg-type]
+        return cur.fetchall() if cur.description else []
+
+
+# ---- schema ---------------------------------------------------------------
+
+def test_schema_version_is_recorded(store: PostgresTaskStore) -> None:
+    assert _sql(store.dsn, "SELECT version FROM cbw_schema_version") == [(SCHEMA_VERSION,)]
+
+
+def test_reopening_keeps_data_and_does_not_migrate_again(pg_schema_dsn: str) -> None:
+    first = PostgresTaskStore(pg_schema_dsn)
+    first.ensure_queue("q")
+    first.enqueue("q", "t1", b"x", 0)
+    first.close()
+    second = PostgresTaskStore(pg_schema_dsn)
+    try:
+        record = second.get("t1")
+        assert record is not None and record.status == "pending"
+    finally:
+        second.close()
+
+
+def test_hosts_starting_at_once_migrate_exactly_once(pg_schema_dsn: str) -> None:
+    """Eight stores opened at the same moment on an empty schema: the
+    advisory lock lets one migrate; the others wait, then find it done."""
+    barrier = threading.Barrier(8)
+    stores: List[PostgresTaskStore] = []
+    errors: List[BaseException] = []
+
+    def open_one() -> None:
+        barrier.wait()
+        try:
+            stores.append(PostgresTaskStore(pg_schema_dsn))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_one) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for s in stores:
+        s.close()
+    assert errors == [] and len(stores) == 8
+    assert _sql(pg_schema_dsn, "SELECT version FROM cbw_schema_version") == [(SCHEMA_VERSION,)]
+
+
+def test_a_newer_schema_is_refused(pg_schema_dsn: str) -> None:
+    PostgresTaskStore(pg_schema_dsn).close()
+    _sql(pg_schema_dsn, "UPDATE cbw_schema_version SET version = 99")
+    with pytest.raises(RuntimeError, match="newer"):
+        PostgresTaskStore(pg_schema_dsn)
+
+
+def test_unknown_durability_is_a_value_error(pg_schema_dsn: str) -> None:
+    with pytest.raises(ValueError, match="durability"):
+        PostgresTaskStore(pg_schema_dsn, durability="sometimes")
+
+
+def test_full_durability_forces_synchronous_commit(pg_schema_dsn: str) -> None:
+    s = PostgresTaskStore(pg_schema_dsn, durability="full")
+    try:
+        assert s._run(lambda c: c.execute("SHOW synchronous_commit").fetchone()) == ("on",)
+    finally:
+        s.close()
+
+
+def test_an_unreachable_server_fails_at_once() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    with pytest.raises(psycopg.OperationalError):
+        PostgresTaskStore(f"postgresql://cbw@127.0.0.1:{port}/cbw", patience_s=60)
+
+
+def test_closed_store_refuses_use(pg_schema_dsn: str) -> None:
+    s = PostgresTaskStore(pg_schema_dsn)
+    s.close()
+    s.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        s.queues()
+
+
+# ---- transient failures -----------------------------------------------------
+
+def test_serialization_failure_in_a_completion_is_retried(store: PostgresTaskStore) -> None:
+    """A trigger makes the first completion fail with SQLSTATE 40001 (the
+    sequence it counts with is not rolled back); the store retries, and the
+    second try commits."""
+    _sql(store.dsn, """
+        CREATE SEQUENCE completions;
+        CREATE FUNCTION fail_first_completion() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF nextval('completions') = 1 THEN
+                RAISE EXCEPTION 'injected' USING ERRCODE = 'serialization_failure';
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER fail_first_completion BEFORE UPDATE ON cbw_tasks
+            FOR EACH ROW WHEN (NEW.status = 'completed') EXECUTE FUNCTION fail_first_completion();
+    """)
+    store.ensure_queue("q")
+    store.enqueue("q", "t1", b"x", 0)
+    (task,) = store.claim("q", owner="me", limit=1, now=0, lease_ms=1000)
+    assert store.complete(task.id, task.token, "done", 5) is True
+    assert _sql(store.dsn, "SELECT last_value FROM completions") == [(2,)]
+    record = store.get("t1")
+    assert record is not None and (record.status, record.message) == ("completed", "done")
+
+
+def test_a_lasting_failure_ends_in_storage_busy_error(store: PostgresTaskStore) -> None:
+    _sql(store.dsn, """
+        CREATE FUNCTION always_conflict() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION 'injected' USING ERRCODE = 'deadlock_detected'; END $$;
+        CREATE TRIGGER always_conflict BEFORE UPDATE ON cbw_tasks
+            FOR EACH ROW EXECUTE FUNCTION always_conflict();
+    """)
+    store.ensure_queue("q")
+    store.enqueue("q", "t1", b"x", 0)
+    store._patience_s = 0.2
+    with pytest.raises(StorageBusyError):
+        store.claim("q", owner="me", limit=1, now=0, lease_ms=1000)
+
+
+def test_a_terminated_connection_is_replaced(store: PostgresTaskStore) -> None:
+    """The pooled connection's server process is killed between two calls:
+    the next call fails over to a new connection instead of failing."""
+    store.ensure_queue("q")
+    pooled = store._run(lambda conn: conn.info.backend_pid)
+    assert _sql(store.dsn, "SELECT pg_terminate_backend(%s)", (pooled,)) == [(True,)]
+    assert store.queues() == ["q"]
+    assert store._run(lambda conn: conn.info.backend_pid) != pooled
+
+
+# ---- wake-ups ---------------------------------------------------------------
+
+class Wakes:
+    """A waker that records what it was told."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.seen: List[Optional[str]] = []
+
+    def __call__(self, queue: Optional[str]) -> None:
+        with self.cond:
+            self.seen.append(queue)
+            self.cond.notify_all()
+
+    def wait_for(self, queue: Optional[str], timeout: float = 10.0) -> bool:
+        with self.cond:
+            return self.cond.wait_for(lambda: queue in self.seen, timeout)
+
+    def clear(self) -> None:
+        with self.cond:
+            self.seen.clear()
+
+
+def _wait_listening(store: PostgresTaskStore, other_than: Optional[int] = None) -> int:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        pid = store.listener_pid
+        if pid is not None and pid != other_than:
+            return pid
+        time.sleep(0.01)
+    raise AssertionError("the listener did not connect")
+
+
+def test_enqueue_notifies_listeners_in_other_processes(store: PostgresTaskStore) -> None:
+    wakes = Wakes()
+    store.set_waker(wakes)
+    _wait_listening(store)
+    assert wakes.wait_for(None)  # woken once connected: it may have missed work
+    other = PostgresTaskStore(store.dsn)
+    try:
+        other.ensure_queue("emails")
+        other.enqueue("emails", "t1", b"x", 0)
+    finally:
+        other.close()
+    assert wakes.wait_for("emails")
+
+
+def test_listener_reconnects_after_pg_terminate_backend(store: PostgresTaskStore) -> None:
+    wakes = Wakes()
+    store.set_waker(wakes)
+    first = _wait_listening(store)
+    assert _sql(store.dsn, "SELECT pg_terminate_backend(%s)", (first,)) == [(True,)]
+    second = _wait_listening(store, other_than=first)
+    assert second != first
+    wakes.clear()
+    store.ensure_queue("q")
+    store.enqueue("q", "t1", b"x", 0)
+    assert wakes.wait_for("q")
+
+
+def test_set_waker_none_stops_the_listener(store: PostgresTaskStore) -> None:
+    wakes = Wakes()
+    store.set_waker(wakes)
+    _wait_listening(store)
+    store.set_waker(None)
+    assert store.listener_pid is None
+
+
+def test_a_task_given_back_notifies_its_queue(store: PostgresTaskStore) -> None:
+    """Released, retried or recovered, a task is pending again: the other
+    services hear of it without waiting for their next poll."""
+    store.ensure_queue("q")
+    store.enqueue_many("q", [("a", b""), ("b", b""), ("c", b"")], 0)
+    a, b, c = store.claim("q", owner="me", limit=3, now=0, lease_ms=100)
+    wakes = Wakes()
+    store.set_waker(wakes)
+    _wait_listening(store)
+    assert wakes.wait_for(None)
+    for give_back in (lambda: store.release(a.id, a.token, 1),
+                      lambda: store.retry(b.id, b.token, "E: x", 50),
+                      lambda: store.recover("q", now=100, max_attempts=3)):
+        wakes.clear()
+        assert give_back()
+        assert wakes.wait_for("q")
+    assert store.get(c.id).status == "pending"  # type: ignore[union-attr]
+
+
+def test_a_large_batch_is_cut_into_statements_all_or_nothing(
+        store: PostgresTaskStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the chunk size a batch takes several statements, still in one
+    transaction: a duplicate id in the last chunk adds nothing."""
+    monkeypatch.setattr(postgres, "_CHUNK_BYTES", 10)
+    store.ensure_queue("q")
+    store.enqueue_many("q", [(f"t{i}", b"1234") for i in range(7)], 0)
+    assert store.counts()["q"]["pending"] == 7
+    assert [t.id for t in store.claim("q", owner="me", limit=7, now=0, lease_ms=1)] == \
+        [f"t{i}" for i in range(7)]
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        store.enqueue_many("q", [(f"new{i}", b"1234") for i in range(5)] + [("t0", b"")], 0)
+    assert store.get("new0") is None
