@@ -23,8 +23,10 @@ import time
 from typing import Any, Callable, List, Optional, Sequence
 
 from . import Worker
-from .asyncmeta import JobMetaKey, Profile, supports_blob_job
-from .errors import JobFailedError, JobTimeoutError, TaskError
+from .asyncmeta import JobMetaKey, Profile, RouteMetaKey, supports_blob_job
+from .errors import CallbackAlreadyCompletedError, JobFailedError, JobTimeoutError, TaskError
+from .jobcontext import current_job
+from .states import State
 from .tasks import QueueConfig, TaskService
 from .tasks.storage import STATUSES
 
@@ -47,7 +49,7 @@ def _fail(request: memoryview) -> None:
 
 
 def demo(args: argparse.Namespace) -> int:
-    """Runs the tour; every line it prints is checked by the test suite."""
+    """Runs the tour (tests/test_tasks_cli.py checks what it prints)."""
     with Worker() as w:
         _say("capabilities")
         mask = w.capabilities()
@@ -102,9 +104,66 @@ def demo(args: argparse.Namespace) -> int:
         w.start(lambda r: gate.wait(0.2), b"", 5000)
         pending = [w.start(_echo, b"x") for _ in range(3)]
         print(f"{len(pending)} jobs queued; close() -> {w.close()}")
+    _demo_retries()
+    _demo_durable()
     _demo_tasks()
     print("\ndemo finished")
     return 0
+
+
+def _settle(predicate: Callable[[], bool]) -> None:
+    """Waits (briefly) for a worker thread to reach a state."""
+    deadline = time.monotonic() + 10
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
+def _demo_retries() -> None:
+    """Route retries with exponential backoff, on a manual clock."""
+    _say("routes: retries with exponential backoff (on a manual clock)")
+    attempts: List[int] = []
+
+    def flaky(request: memoryview) -> bytes:
+        attempts.append(current_job().attempt)
+        if len(attempts) < 3:
+            raise ConnectionError("try again")
+        return b"done on attempt %d" % attempts[-1]
+
+    with Worker(manual_clock=True) as w:
+        w.open_route("flaky", max_retries=2, backoff_ms=1000)
+        job = w.start(flaky, b"", route="flaky")
+        print("open_route('flaky', max_retries=2, backoff_ms=1000); start(flaky)")
+        for backoff in (1000, 2000):
+            _settle(lambda: w.route_meta("flaky", RouteMetaKey.PENDING) == 1
+                    and w.route_meta("flaky", RouteMetaKey.QUEUED) == 0
+                    and len(attempts) == backoff // 1000)
+            print(f"attempt {attempts[-1]} failed: state -> {w.state(job).name}, "
+                  f"retry in {backoff} ms; advance_clock({backoff})")
+            w.advance_clock(backoff)
+        print(f"wait(job) -> {w.wait(job, 5000)!r}")
+
+
+def _demo_durable() -> None:
+    """A job that suspends until an outside system signals it."""
+    _say("durable external callback (the job suspends until signalled)")
+    ids: List[str] = []
+
+    def approve(request: memoryview) -> bytes:
+        job = current_job()
+        handle = job.create_callback("approval")
+        ids.append(handle.callback_id)
+        return b"approved by " + job.callback_result(handle)
+
+    with Worker() as w:
+        job = w.start(approve, b"order-17")
+        _settle(lambda: w.state(job) == State.SUSPENDED)
+        print(f"state(job) -> {w.state(job).name} (its thread is free for other jobs)")
+        w.send_callback_success(ids[-1], b"ada")
+        print(f"send_callback_success(id, b'ada'); wait(job) -> {w.wait(job, 5000)!r}")
+        try:
+            w.send_callback_success(ids[-1], b"ada")
+        except CallbackAlreadyCompletedError as exc:
+            print(f"a second success raises {type(exc).__name__}")
 
 
 def _greet(payload: memoryview) -> str:

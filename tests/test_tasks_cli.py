@@ -110,3 +110,23 @@ def test_demo_tours_a_persistent_queue() -> None:
         "",
         "demo finished",
     ]
+
+
+def test_demo_tours_route_retries_and_a_durable_callback() -> None:
+    out = cli("demo")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    start = lines.index("== routes: retries with exponential backoff (on a manual clock)")
+    end = lines.index("== persistent task queues (TaskService on a temporary SQLite file)")
+    assert lines[start + 1:end] == [
+        "open_route('flaky', max_retries=2, backoff_ms=1000); start(flaky)",
+        "attempt 1 failed: state -> QUEUED, retry in 1000 ms; advance_clock(1000)",
+        "attempt 2 failed: state -> QUEUED, retry in 2000 ms; advance_clock(2000)",
+        "wait(job) -> b'done on attempt 3'",
+        "",
+        "== durable external callback (the job suspends until signalled)",
+        "state(job) -> SUSPENDED (its thread is free for other jobs)",
+        "send_callback_success(id, b'ada'); wait(job) -> b'approved by ada'",
+        "a second success raises CallbackAlreadyCompletedError",
+        "",
+    ]
