@@ -4,14 +4,13 @@ It provides three things to the rest of the package:
 
 * ``ffi`` and the C functions the worker calls, re-exported by name;
 * ``CallbackTable``, the Python half of the executor: it keeps every callback
-  that queued jobs refer to alive, runs a job's callback when a C worker
-  thread asks for it (``cbwpy_run``), and records what the callback raised;
+  that queued jobs refer to alive, and settles what a callback left that the
+  bridge (ffibuild/bridge.c) does not settle itself: exceptions, return
+  values, views kept past the call.  A callback's exception is stored with
+  its traceback (``CallbackTable.failures``) and re-raised to whoever waits
+  for the job;
 * ``raise_for``, which turns the core's negative error codes into the
   exceptions of ``callbackworker.errors``.
-
-No exception ever escapes ``cbwpy_run`` into C: a callback's exception is
-stored with its traceback (``CallbackTable.failures``) and re-raised to
-whoever waits for the job; anything else is logged and fails the job.
 """
 
 from __future__ import annotations
@@ -45,7 +44,6 @@ STATUS_OK = int(lib.CBW_STATUS_OK)
 STATUS_ERROR = int(lib.CBW_STATUS_ERROR)
 _INT32_MIN = -(1 << 31)
 _INT32_MAX = (1 << 31) - 1
-_getrefcount = sys.getrefcount
 
 
 class CallbackInterrupt(BaseException):
@@ -70,7 +68,8 @@ class SuspendJob(BaseException):
 
 # The bridge keeps its own reference to the class (CPython's id() is the
 # object's address).
-lib.cbwpy_init(ffi.cast("void *", id(CallbackInterrupt)))
+if lib.cbwpy_init(ffi.cast("void *", id(CallbackInterrupt))) != lib.CBW_OK:
+    raise MemoryError("callbackworker: the bridge could not start")
 
 
 def _describe(exc: BaseException) -> str:
@@ -151,22 +150,31 @@ class CallbackTable:
             return STATUS_ERROR
         return self._record_failure(run, exc)
 
-    def settle(self, run: Any, view: memoryview, buf: Any, status: int) -> int:
-        """Releases the callback's view.  If something still refers to the
-        job's memory (an export, or a slice of the view), that memory is kept
-        for good and a successful job fails: its response could still
-        change under the caller."""
-        try:
-            view.release()
-            escaped = _getrefcount(buf) > 3  # ours: cbwpy_run's local, this one, the call
-        except BufferError:
-            escaped = True
-        if escaped:
-            lib.cbw_run_keep_alive(run)
-            if status == STATUS_OK:
-                status = self._record_failure(run, BufferError(
-                    "the callback kept a view of its request after returning; "
-                    "copy it (bytes(request)) to keep the data"))
+    def outcome(self, run_addr: int, out: Any, exc: Optional[BaseException]) -> int:
+        """Settles what the callback left that the bridge's fast path does
+        not handle (ffibuild/bridge.c): an exception ``exc``, a return value
+        ``out`` other than None, or any outcome in a forked child.  Called on
+        the worker thread, interpreter lock held, with the request view
+        still open (``out`` may be a slice of it).  Returns the status."""
+        if FORK_GENERATION[0] != self.generation:
+            _exit_forked_child(exc)
+        if exc is not None:
+            if exc.__traceback__ is None:  # raised before the callback's frame began
+                exc = _with_traceback(exc)
+            return self.fail(_cast_run(run_addr), exc)
+        return self.record_return(_cast_run(run_addr), out)
+
+    def escaped(self, run_addr: int, status: int) -> int:
+        """Something still refers to the job's memory after the callback
+        (an export, or a slice of the view): that memory is kept for good,
+        and a successful job fails, since its response could still change
+        under the caller."""
+        run = _cast_run(run_addr)
+        lib.cbw_run_keep_alive(run)
+        if status == STATUS_OK:
+            status = self._record_failure(run, BufferError(
+                "the callback kept a view of its request after returning; "
+                "copy it (bytes(request)) to keep the data"))
         return status
 
     def record_return(self, run: Any, out: Any) -> int:
@@ -190,70 +198,18 @@ class CallbackTable:
         return STATUS_ERROR
 
 
-def _bridge_error(exc_type: type, exc: BaseException, tb: Any) -> int:
-    if not issubclass(exc_type, CallbackInterrupt):
-        log.error("callbackworker: internal error while running a job",
-                  exc_info=(exc_type, exc, tb))
-    return STATUS_ERROR
+def _cast_run(run_addr: int) -> Any:
+    return ffi.cast("cbw_run *", run_addr)
 
 
-_from_handle = ffi.from_handle
-_buffer = ffi.buffer
-
-
-@ffi.def_extern(onerror=_bridge_error)
-def cbwpy_run(ctx: Any, slot: Any, run: Any) -> int:
-    """Runs one job's callback on a worker thread, interpreter lock held.
-
-    ``slot.exec_flags`` is 1 exactly while the user's callback runs: the
-    timer only interrupts then (see ffibuild/bridge.c).  An interrupt set
-    while the callback was blocked may still be delivered just after it
-    returns, at the first point where CPython checks (a call): every such
-    point below is inside a ``try`` that catches it, so the view is always
-    settled.  The interrupt is raised once per job, so after one catch none
-    can follow.  The hot path (the callback edits in place and returns None)
-    stays in this function.
-    """
-    table: CallbackTable = _from_handle(ctx)
-    buf = _buffer(run.data, run.size)
-    view = memoryview(buf)
-    callback = table.callbacks[run.callback]
-    slot.exec_flags = 1
+def _with_traceback(exc: BaseException) -> BaseException:
+    """Gives an exception raised outside any Python frame (calling the
+    callback failed, e.g. a wrong signature) a traceback, as every other
+    callback exception has one."""
     try:
-        out = callback(view)
-    except BaseException as exc:
-        slot.exec_flags = 0
-        if FORK_GENERATION[0] != table.generation:
-            _exit_forked_child(exc)
-        outcome: Any = exc
-        failed = True
-        exc = None  # type: ignore[assignment]
-    else:
-        slot.exec_flags = 0
-        if FORK_GENERATION[0] != table.generation:
-            _exit_forked_child(None)
-        if out is None or out is view:
-            out = None
-            try:
-                view.release()
-                if _getrefcount(buf) <= 2:  # ours: this local and the call
-                    return STATUS_OK
-            except (BufferError, CallbackInterrupt):
-                pass  # an export is held, or a late interrupt: settle decides
-            return table.settle(run, view, buf, STATUS_OK)
-        outcome = out
-        failed = False
-    out = None
-    try:
-        status = table.fail(run, outcome) if failed else table.record_return(run, outcome)
-    except CallbackInterrupt:
-        status = STATUS_ERROR  # late, after a timeout: the job is already done
-    outcome = None  # it may hold a slice of the view, or a traceback
-    status = table.settle(run, view, buf, status)
-    # A stored failure's traceback keeps this frame: leave nothing in it that
-    # points into job memory.
-    buf = view = run = slot = None  # type: ignore[assignment]
-    return status
+        raise exc
+    except BaseException:
+        return exc
 
 
 def _report_error(exc_type: type, exc: BaseException, tb: Any) -> None:
@@ -264,7 +220,7 @@ def _report_error(exc_type: type, exc: BaseException, tb: Any) -> None:
 @ffi.def_extern(onerror=_report_error)
 def cbwpy_completed(ctx: Any, ids: Any, n: int) -> None:
     """The core reports completions of watched jobs."""
-    table: CallbackTable = _from_handle(ctx)
+    table: CallbackTable = ffi.from_handle(ctx)
     table.completed(ids, n)
 
 

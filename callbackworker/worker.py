@@ -186,6 +186,7 @@ class Worker:
         err = ffi.new("int *")
         native = lib.cbwpy_worker_new(self._table.handle,
                                       ffi.cast("void *", id(self._table.callbacks)),
+                                      ffi.cast("void *", id(self._table)),
                                       self._concurrency, err)
         if native == ffi.NULL:
             raise_for(err[0])
@@ -991,6 +992,7 @@ def _close_all_at_exit() -> None:
 def _after_fork_in_child() -> None:
     global _main_ident
     _native.FORK_GENERATION[0] += 1
+    lib.cbwpy_forked()
     _main_ident = threading.main_thread().ident
     for worker in list(_live_workers):
         worker._reset_after_fork()

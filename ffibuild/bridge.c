@@ -10,9 +10,9 @@
  * it held.  Python's own eval loop still hands the lock to other threads
  * every switch interval while callbacks run.
  *
- * Timeouts: the run hook records which job the slot runs (exec_job), and the
- * Python side sets exec_flags to 1 immediately before calling the user's
- * callback and back to 0 immediately after it returns.  The timer's interrupt
+ * Timeouts: the run hook records which job the slot runs (exec_job) and
+ * sets exec_flags to 1 immediately before calling the user's callback and
+ * back to 0 immediately after it returns.  The timer's interrupt
  * hook, holding the interpreter lock, raises the interrupt exception
  * asynchronously in that thread only while exec_flags is 1 and exec_job is
  * the overdue job.  Both sides hold the interpreter lock, and CPython only
@@ -26,36 +26,62 @@
  * address); retain puts the callable into the worker's registry dict before
  * its first job is visible, release removes the entries the core reports
  * dead, holding the interpreter lock throughout (see csrc/cbw_token.c).
- * The Python side looks callables up in that dict; it never counts.
+ * A callback token is the callable's address, and the registry holds the
+ * callable while jobs may run it, so the run hook calls it directly.
  *
  * Lock order: the interpreter lock may be held when the core's mutex is
  * taken, never the reverse (the core never calls a hook with its mutex held).
  */
 #include "cbw.h"
 
-static int cbwpy_run(void *ctx, cbw_slot *slot, cbw_run *run); /* Python */
 static void cbwpy_completed(void *ctx, int64_t *ids, size_t n); /* Python */
 
 #define CBWPY_EENCODE (-100)
 
 static PyObject *cbwpy_interrupt_type;
+static PyObject *cbwpy_release_name;  /* "release" */
+static PyObject *cbwpy_outcome_name;  /* "outcome" */
+static PyObject *cbwpy_escaped_name;  /* "escaped" */
+static int cbwpy_fork_generation;     /* bumped in every forked child */
 
 /* What the hooks of one worker need. */
 typedef struct cbwpy_ctx {
     void *handle;        /* ffi.new_handle of the worker's CallbackTable */
     PyObject *registry;  /* token (int) -> callable */
+    PyObject *table;     /* the CallbackTable: outcome(), escaped() */
+    int fork_generation; /* cbwpy_fork_generation when it was made */
     cbw_worker *worker;
 } cbwpy_ctx;
 
 /* Registers the exception class raised inside an overdue callback.  The
  * argument is that class object's address (CPython's id()). */
-static void cbwpy_init(void *interrupt_type)
+static int cbwpy_init(void *interrupt_type)
 {
     PyGILState_STATE st = PyGILState_Ensure();
     Py_XINCREF((PyObject *)interrupt_type);
     Py_XDECREF(cbwpy_interrupt_type);
     cbwpy_interrupt_type = (PyObject *)interrupt_type;
+    if (cbwpy_release_name == NULL)
+        cbwpy_release_name = PyUnicode_InternFromString("release");
+    if (cbwpy_outcome_name == NULL)
+        cbwpy_outcome_name = PyUnicode_InternFromString("outcome");
+    if (cbwpy_escaped_name == NULL)
+        cbwpy_escaped_name = PyUnicode_InternFromString("escaped");
+    if (cbwpy_release_name == NULL || cbwpy_outcome_name == NULL ||
+        cbwpy_escaped_name == NULL) {
+        PyErr_Clear();
+        PyGILState_Release(st);
+        return CBW_ENOMEM;
+    }
     PyGILState_Release(st);
+    return CBW_OK;
+}
+
+/* Called in a forked child (os.register_at_fork): callbacks still running
+ * there belong to the parent's workers. */
+static void cbwpy_forked(void)
+{
+    cbwpy_fork_generation++;
 }
 
 static void cbwpy_thread_enter(void *ctx, cbw_slot *slot)
@@ -88,16 +114,121 @@ static void cbwpy_session_end(void *ctx, cbw_slot *slot)
     slot->exec_state = PyEval_SaveThread();
 }
 
+/* The exception being raised, normalized, with its traceback; clears it. */
+static PyObject *cbwpy_take_exception(void)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    return PyErr_GetRaisedException();
+#else
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (value != NULL && tb != NULL)
+        PyException_SetTraceback(value, tb);
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    return value;
+#endif
+}
+
+/* Calls table.<name>(run, a[, b]) for an outcome the fast path does not
+ * handle (b NULL: two arguments); returns its status. */
+static int cbwpy_call_table(cbwpy_ctx *c, PyObject *name, cbw_run *run, PyObject *a,
+                            PyObject *b)
+{
+    PyObject *addr = PyLong_FromVoidPtr(run), *res = NULL;
+    long status = CBW_STATUS_ERROR;
+    if (addr != NULL)
+        res = PyObject_CallMethodObjArgs(c->table, name, addr, a, b, NULL);
+    if (res != NULL)
+        status = PyLong_AsLong(res);
+    if (res == NULL || (status == -1 && PyErr_Occurred())) {
+        PyErr_WriteUnraisable(c->table); /* a bug in the bridge: log it */
+        status = CBW_STATUS_ERROR;
+    }
+    Py_XDECREF(res);
+    Py_XDECREF(addr);
+    return (int)status;
+}
+
+/*
+ * Runs one job's callback, interpreter lock held.  The common case (the
+ * callback edits its request in place and returns None, keeping nothing)
+ * stays in C; anything else - an exception, a return value, a view that
+ * outlives the call, a fork inside the callback - is settled in Python by
+ * the worker's CallbackTable (outcome(), escaped()).
+ *
+ * exec_flags is 1 only while the callback itself runs, so the timer's
+ * interrupt can land nowhere else; one raised but not yet delivered when
+ * the callback returned is withdrawn before any other Python code runs.
+ *
+ * The request view is a memoryview straight over the job's memory.  After
+ * the call it is released; if something still refers to that memory (an
+ * export, or a slice, which keeps the view's managed buffer), the memory is
+ * kept for good and escaped() fails a successful job.
+ */
 static int cbwpy_run_hook(void *ctx, cbw_slot *slot, cbw_run *run)
 {
-    int status;
+    cbwpy_ctx *c = ctx;
+    PyObject *callable = (PyObject *)(uintptr_t)run->callback;
+    PyObject *view, *out, *exc = NULL, *res;
+    PyMemoryViewObject *mv;
+    _PyManagedBufferObject *mbuf;
+    int status = CBW_STATUS_OK, escaped;
+
+    /* The registry holds the callable while this job may run it. */
+    view = PyMemoryView_FromMemory((char *)run->data, (Py_ssize_t)run->size, PyBUF_WRITE);
+    if (view == NULL) {
+        PyErr_Clear();
+        cbw_run_set_error(run, "MemoryError: no memory for the request's view");
+        return CBW_STATUS_ERROR;
+    }
     slot->exec_job = run->id;
-    status = cbwpy_run(((cbwpy_ctx *)ctx)->handle, slot, run);
+    slot->exec_flags = 1;
+    out = PyObject_CallOneArg(callable, view);
     slot->exec_flags = 0;
-    slot->exec_job = 0;
     if (slot->exec_interrupted) {
         PyThreadState_SetAsyncExc((unsigned long)slot->exec_ident, NULL);
         slot->exec_interrupted = 0;
+    }
+    slot->exec_job = 0;
+    if (out == NULL)
+        exc = cbwpy_take_exception();
+    if (out == view) {
+        Py_DECREF(out);
+        out = NULL;
+    }
+    if (exc != NULL || (out != NULL && out != Py_None) ||
+        cbwpy_fork_generation != c->fork_generation) {
+        status = cbwpy_call_table(c, cbwpy_outcome_name, run, out ? out : Py_None,
+                                  exc ? exc : Py_None);
+    }
+    Py_XDECREF(out);
+    Py_XDECREF(exc); /* a stored failure keeps its own reference */
+
+    mv = (PyMemoryViewObject *)view;
+    mbuf = mv->mbuf;
+    if (Py_REFCNT(view) == 1 && mv->exports == 0 && mbuf->exports == 1) {
+        Py_DECREF(view); /* nothing else refers to the job's memory */
+        return status;
+    }
+    Py_INCREF(mbuf);
+    res = PyObject_CallMethodNoArgs(view, cbwpy_release_name);
+    escaped = res == NULL || mbuf->exports > 0;
+    if (res == NULL)
+        PyErr_Clear(); /* BufferError: the view itself is exported */
+    Py_XDECREF(res);
+    Py_DECREF(mbuf);
+    Py_DECREF(view);
+    if (escaped) {
+        PyObject *was = PyLong_FromLong(status);
+        if (was == NULL) {
+            PyErr_Clear();
+            cbw_run_keep_alive(run);
+            return CBW_STATUS_ERROR;
+        }
+        status = cbwpy_call_table(c, cbwpy_escaped_name, run, was, NULL);
+        Py_DECREF(was);
     }
     return status;
 }
@@ -188,6 +319,7 @@ static void cbwpy_finalize(void *ctx)
     if (Py_IsInitialized()) {
         PyGILState_STATE st = PyGILState_Ensure();
         Py_XDECREF(c->registry);
+        Py_XDECREF(c->table);
         PyGILState_Release(st);
     }
     free(c);
@@ -196,7 +328,7 @@ static void cbwpy_finalize(void *ctx)
 /* A worker whose jobs are Python callbacks.  handle is the ffi handle of
  * its CallbackTable, registry that table's token -> callable dict, by
  * address. */
-static cbw_worker *cbwpy_worker_new(void *handle, void *registry,
+static cbw_worker *cbwpy_worker_new(void *handle, void *registry, void *table,
                                     int32_t concurrency, int *err)
 {
     cbw_hooks hooks;
@@ -209,9 +341,12 @@ static cbw_worker *cbwpy_worker_new(void *handle, void *registry,
     }
     ctx->handle = handle;
     ctx->registry = (PyObject *)registry;
+    ctx->table = (PyObject *)table;
     ctx->worker = NULL;
     st = PyGILState_Ensure();
+    ctx->fork_generation = cbwpy_fork_generation;
     Py_INCREF(ctx->registry);
+    Py_INCREF(ctx->table);
     PyGILState_Release(st);
     hooks.ctx = ctx;
     hooks.thread_enter = cbwpy_thread_enter;
