@@ -30,6 +30,11 @@
 #define CBW__DEFAULT_GRACE_MS 100
 #define CBW__QUIET_NS 100000      /* producer quiet this long: run now */
 #define CBW__COALESCE_MAX_NS 2000000 /* never hold ready jobs back longer */
+#define CBW__SPIN_NS 50000        /* an idle thread or a waiter spins this long
+                                     before it sleeps (see cbw_thread.c) */
+#define CBW__WAITER_SPIN_NS 20000 /* a thread with one job looks this long for
+                                     its waiter before taking the interpreter
+                                     lock (see cbw_thread.c) */
 
 typedef struct cbw__job cbw__job;
 typedef struct cbw__route cbw__route;
@@ -105,10 +110,14 @@ struct cbw__route {
     int32_t idle;              /* threads waiting on cond */
     int32_t wakeups;           /* signals sent but not yet consumed */
     int32_t drain_waiters;
-    int32_t waiting;           /* threads blocked on this route's jobs */
+    int64_t waiting;           /* threads blocked on this route's jobs;
+                                  written with cbw__atomic_add */
+    uint8_t waited_for;        /* its last job had a waiter when it ended */
     int32_t delaying;          /* threads coalescing before a burst */
     cbw__cond coalc;           /* coalescing threads wait here */
-    int64_t enqueued;          /* jobs ever queued (coalescing watches it) */
+    int64_t enqueued;          /* jobs ever queued (coalescing and spinning
+                                  watch it); written with cbw__atomic_add */
+    uint8_t spinning;          /* a thread spins for work (at most one) */
     cbw__cond cond;            /* idle threads wait here for work */
     cbw__thread_rec *threads;
 };
@@ -171,6 +180,8 @@ struct cbw_worker {
     uint8_t timer_detached;    /* closed from the timer's own thread */
     uint8_t release_pending;   /* released by a worker thread mid-close */
     int64_t timer_wake_ns;     /* when it will next look; INT64_MIN: awake */
+    int64_t completions;       /* jobs ever completed (spinning waiters watch
+                                  it); written with cbw__atomic_add */
     uint8_t manual_clock;      /* route schedules read clock_ns, not the OS */
     int64_t clock_ns;
 };
@@ -209,6 +220,8 @@ void cbw__tokens_destroy(cbw__tokens *t);
 /* What must be reported once w->mu is dropped: call cbw__pending under the
  * lock, cbw__after_unlock after it (it calls the release and completed
  * hooks as needed). */
+#define CBW__PENDING_TOKENS 1
+#define CBW__PENDING_DONE 2
 int cbw__pending(cbw_worker *w);
 void cbw__after_unlock(cbw_worker *w, int pending);
 int cbw__notify_reserve(cbw_worker *w);

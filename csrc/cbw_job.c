@@ -53,6 +53,7 @@ void cbw__job_complete(cbw_worker *w, cbw__job *job, int status, const char *why
         abort();
     job->phase = CBW_PHASE_COMPLETED;
     job->status = (uint8_t)status;
+    cbw__atomic_add(&w->completions, 1);
     if (why != NULL && job->error == NULL)
         job->error = cbw__strdup(why); /* on ENOMEM the text stays empty */
     if (job->waiters > 0)

@@ -58,6 +58,9 @@ void cbw__thread_detach(cbw__thread t);
 int64_t cbw__atomic_add(volatile int64_t *p, int64_t delta);
 int64_t cbw__atomic_load(volatile int64_t *p);
 
+/* A hint to the CPU that this thread is spinning. */
+void cbw__cpu_relax(void);
+
 /* Monotonic nanoseconds since an arbitrary origin. */
 int64_t cbw__now_ns(void);
 /* now + ms, saturating at CBW__NEVER; ms < 0 means no deadline. */

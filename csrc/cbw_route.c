@@ -175,14 +175,14 @@ int cbw_route_wait_drained(cbw_worker *w, int32_t route, int32_t timeout_ms)
         rc = CBW_ENOROUTE;
     } else {
         r->drain_waiters++;
-        r->waiting++;
+        cbw__atomic_add(&r->waiting, 1);
         if (r->delaying > 0)
             cbw__cond_broadcast(&r->coalc);
         while (!cbw__route_idle(r) && !w->stopping)
             if (cbw__cond_wait_until(&w->statec, &w->mu, deadline))
                 break;
         r->drain_waiters--;
-        r->waiting--;
+        cbw__atomic_add(&r->waiting, -1);
         if (w->stopping)
             rc = CBW_ESHUTDOWN; /* close emptied it: that is not draining */
         else

@@ -72,7 +72,7 @@ static void promote(cbw__route *r, int64_t now)
         r->tail = job;
         r->delayed--;
         r->queued++;
-        r->enqueued++;
+        cbw__atomic_add(&r->enqueued, 1);
     }
 }
 

@@ -28,6 +28,17 @@
  * turns many small bursts into a few large ones.  A waiter never waits for
  * this: blocking in a wait ends the coalescing at once.
  *
+ * Spinning, for round trips (start a job, wait for it, repeat): a thread
+ * that runs out of work spins for up to CBW__SPIN_NS before it sleeps, and
+ * so does a waiter before it blocks, so a job started or completed within
+ * that time costs neither side a wake-up.  A thread woken for a single job
+ * on a route whose last job was waited for also spins briefly for that
+ * job's waiter before taking the executor's lock (the producer holds it
+ * until it blocks in its wait).  A burst whose last job has a waiter ends
+ * its session before completing that job, and leaves dead callback tokens
+ * for later (the thread's next session, or before it sleeps), so the
+ * waiter finds the executor's lock free.
+ *
  * The timer thread enforces run-time limits.  It sleeps until the earliest
  * deadline of a running job (a start with a later deadline does not wake it),
  * completes an overdue job with TIMEOUT, so its waiters wake at once, and
@@ -108,6 +119,7 @@ static void end_run(cbw_worker *w, cbw__route *r, cbw__thread_rec *t,
     t->job = NULL;
     if (!t->orphaned)
         r->running--;
+    r->waited_for = job->waiters > 0;
     if (job->phase != CBW_PHASE_COMPLETED) {
         if (t->deadline_ns != CBW__NEVER && cbw__now_ns() >= t->deadline_ns) {
             cbw__job_complete(w, job, CBW_STATUS_TIMEOUT,
@@ -152,7 +164,7 @@ static void end_run(cbw_worker *w, cbw__route *r, cbw__thread_rec *t,
 static void run_burst(cbw_worker *w, cbw__route *r, cbw__thread_rec *t)
 {
     const cbw_hooks *h = &w->hooks;
-    int n, status, pending;
+    int n, status, pending, in_session = 1;
     int64_t wake;
     cbw__job *job;
 
@@ -160,7 +172,7 @@ static void run_burst(cbw_worker *w, cbw__route *r, cbw__thread_rec *t)
     if (h->session_begin)
         h->session_begin(h->ctx, &t->slot);
     cbw__mutex_lock(&w->mu);
-    for (n = 0; n < CBW__BATCH_MAX && !t->orphaned; n++) {
+    for (n = 0; n < CBW__BATCH_MAX && !t->orphaned && in_session; n++) {
         if (!cbw__route_ready(w, r, &wake))
             break;
         job = pop_ready(w, r);
@@ -172,18 +184,32 @@ static void run_burst(cbw_worker *w, cbw__route *r, cbw__thread_rec *t)
             cbw__retry_snapshot(t, job); /* the request is this thread's now */
         status = h->run(h->ctx, &t->slot, &job->run);
         cbw__mutex_lock(&w->mu);
+        if (r->head == NULL && job->waiters > 0) {
+            /* The last ready job, and someone waits for it: end the session
+             * first, so the waiter finds the executor's lock free. */
+            cbw__mutex_unlock(&w->mu);
+            if (h->session_end)
+                h->session_end(h->ctx, &t->slot);
+            in_session = 0;
+            cbw__mutex_lock(&w->mu);
+        }
         end_run(w, r, t, job, status);
         pending = cbw__pending(w);
+        if (!in_session)
+            pending &= ~CBW__PENDING_TOKENS; /* later, not while the waiter
+                                                wants the executor's lock */
         if (pending) {
             cbw__mutex_unlock(&w->mu);
             cbw__after_unlock(w, pending); /* inside the session: cheap */
             cbw__mutex_lock(&w->mu);
         }
     }
-    cbw__mutex_unlock(&w->mu);
-    if (h->session_end)
-        h->session_end(h->ctx, &t->slot);
-    cbw__mutex_lock(&w->mu);
+    if (in_session) {
+        cbw__mutex_unlock(&w->mu);
+        if (h->session_end)
+            h->session_end(h->ctx, &t->slot);
+        cbw__mutex_lock(&w->mu);
+    }
 }
 
 /* Holds back a burst while a producer is still starting jobs (see DESIGN).
@@ -205,6 +231,54 @@ static void coalesce(cbw_worker *w, cbw__route *r, cbw__thread_rec *t)
     r->delaying--;
 }
 
+/* Spins (without the lock) for up to CBW__SPIN_NS while no job arrives,
+ * before the thread sleeps: a producer that starts its next job within
+ * that time finds the thread awake, and neither side makes a system call.
+ * One thread per route spins at a time.  Called and returns with w->mu
+ * held; true if a job was queued meanwhile. */
+static int spin_for_work(cbw_worker *w, cbw__route *r)
+{
+    int64_t seen = r->enqueued, until = cbw__now_ns() + CBW__SPIN_NS;
+    int arrived = 0;
+    r->spinning = 1;
+    cbw__mutex_unlock(&w->mu);
+    for (;;) {
+        int i;
+        for (i = 0; i < 64 && !arrived; i++) {
+            cbw__cpu_relax();
+            arrived = cbw__atomic_load(&r->enqueued) != seen;
+        }
+        if (arrived || cbw__now_ns() >= until)
+            break;
+    }
+    cbw__mutex_lock(&w->mu);
+    r->spinning = 0;
+    return arrived;
+}
+
+/* A thread woken for a single job, on a route whose last job was waited
+ * for, looks briefly for that job's waiter before it takes the interpreter
+ * lock.  The producer holds that lock from its start() until its wait()
+ * releases it; asking for it meanwhile would put this thread to sleep on
+ * the lock and cost a wake-up, while a thread that asks once the waiter
+ * blocks finds it free.  Called and returns with w->mu held. */
+static void spin_for_waiter(cbw_worker *w, cbw__route *r)
+{
+    int64_t until = cbw__now_ns() + CBW__WAITER_SPIN_NS;
+    int found = 0;
+    cbw__mutex_unlock(&w->mu);
+    while (!found) {
+        int i;
+        for (i = 0; i < 64 && !found; i++) {
+            cbw__cpu_relax();
+            found = cbw__atomic_load(&r->waiting) > 0;
+        }
+        if (cbw__now_ns() >= until)
+            break;
+    }
+    cbw__mutex_lock(&w->mu);
+}
+
 static void thread_main(void *arg)
 {
     cbw__thread_rec *t = arg;
@@ -219,7 +293,21 @@ static void thread_main(void *arg)
         h->thread_enter(h->ctx, &t->slot);
     cbw__mutex_lock(&w->mu);
     for (;;) {
+        int spun = 0, swept = 0; /* once per idle spell each, then sleep */
         while (!t->orphaned && !w->stopping && !cbw__route_ready(w, r, &wake)) {
+            if (!spun && wake == CBW__NEVER && !r->spinning && !w->closing) {
+                spun = 1;
+                (void)spin_for_work(w, r);
+                continue; /* the lock was dropped: look again */
+            }
+            if (!swept && w->tokens.dead > 0 && h->release != NULL) {
+                /* Dead callback tokens left by a burst that ended early. */
+                swept = 1;
+                cbw__mutex_unlock(&w->mu);
+                cbw__after_unlock(w, CBW__PENDING_TOKENS);
+                cbw__mutex_lock(&w->mu);
+                continue;
+            }
             r->idle++;
             cbw__cond_wait_until(&r->cond, &w->mu, wake);
             r->idle--;
@@ -230,6 +318,9 @@ static void thread_main(void *arg)
             break;
         if (h->session_begin != NULL && r->queued > 1 && r->delay_ms == 0)
             coalesce(w, r, t); /* one ready job says nothing of a producer */
+        else if (h->session_begin != NULL && r->queued == 1 && r->waited_for &&
+                 r->waiting == 0)
+            spin_for_waiter(w, r);
         run_burst(w, r, t);
     }
     t->exited = 1;

@@ -154,8 +154,6 @@ void cbw__tokens_destroy(cbw__tokens *t)
     memset(t, 0, sizeof(*t));
 }
 
-#define CBW__PENDING_TOKENS 1
-#define CBW__PENDING_DONE 2
 
 int cbw__pending(cbw_worker *w)
 {

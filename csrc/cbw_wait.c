@@ -81,6 +81,28 @@ static int would_deadlock(cbw_worker *w, cbw__job *job, int32_t timeout_ms)
     return 1;
 }
 
+/* Spins (without the lock) for up to CBW__SPIN_NS, or until the deadline,
+ * while no job completes: a job that is about to complete then wakes its
+ * waiter without a system call on either side.  Called and returns with
+ * w->mu held. */
+static void spin_for_completion(cbw_worker *w, int64_t deadline)
+{
+    int64_t seen = w->completions, now = cbw__now_ns(), until = now + CBW__SPIN_NS;
+    int done = 0;
+    if (deadline < until)
+        until = deadline;
+    cbw__mutex_unlock(&w->mu);
+    while (!done && now < until) {
+        int i;
+        for (i = 0; i < 64 && !done; i++) {
+            cbw__cpu_relax();
+            done = cbw__atomic_load(&w->completions) != seen;
+        }
+        now = cbw__now_ns();
+    }
+    cbw__mutex_lock(&w->mu);
+}
+
 /* Blocks until the job completes, the timeout passes or close() stops the
  * worker, holding a reference meanwhile so a concurrent take cannot free the
  * job under the waiter.  Called and returns with w->mu held; afterwards the
@@ -102,7 +124,7 @@ static int wait_locked(cbw_worker *w, cbw__job *job, int32_t timeout_ms)
         return CBW_EDEADLOCK;
     deadline = cbw__deadline_after_ms(timeout_ms);
     r = cbw__route_get(w, job->run.route);
-    r->waiting++;
+    cbw__atomic_add(&r->waiting, 1);
     if (r->delaying > 0)
         cbw__cond_broadcast(&r->coalc); /* stop coalescing: someone waits */
     job->waiters++;
@@ -111,13 +133,15 @@ static int wait_locked(cbw_worker *w, cbw__job *job, int32_t timeout_ms)
         self->blocked = 1;
         self->blocked_on_route = job->phase == CBW_PHASE_QUEUED ? job->run.route : 0;
     }
+    if (job->phase != CBW_PHASE_COMPLETED && !w->stopping)
+        spin_for_completion(w, deadline);
     while (job->phase != CBW_PHASE_COMPLETED && !w->stopping)
         if (cbw__cond_wait_until(c, &w->mu, deadline))
             break;
     if (own)
         self->blocked = 0;
     job->waiters--;
-    r->waiting--;
+    cbw__atomic_add(&r->waiting, -1);
     done = job->phase == CBW_PHASE_COMPLETED;
     cbw__job_unref(job);
     if (done)

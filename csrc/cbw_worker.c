@@ -199,7 +199,7 @@ static int enqueue(cbw_worker *w, cbw__route *r, cbw__job *job,
         r->head = job;
     r->tail = job;
     r->queued++;
-    r->enqueued++;
+    cbw__atomic_add(&r->enqueued, 1);
     return CBW_OK;
 }
 
