@@ -11,8 +11,9 @@ DESIGN
   its own in autocommit mode and one round trip: enqueue is one
   ``INSERT … SELECT FROM unnest(…)`` for the whole batch, a group commit
   is one ``UPDATE … FROM unnest(…)`` for every outcome, recovery one
-  ``UPDATE`` that decides per row between retry and failure.  Only a claim
-  under ``delay_ms`` needs an explicit transaction (below).
+  ``UPDATE`` that decides per row between retry and failure.  A claim
+  under ``delay_ms`` (below), a group commit holding a suspension and a
+  callback signal (below) are explicit transactions.
 * Claims.  ``UPDATE … WHERE seq IN (SELECT seq … ORDER BY next_run_at, seq
   LIMIT n FOR UPDATE SKIP LOCKED) RETURNING …``: concurrent claimers on any
   host skip each other's rows instead of waiting, and no row is handed out
@@ -28,6 +29,19 @@ DESIGN
   that row, so the gap between consecutive starts holds across all of
   them, measured by their clocks (clock skew between hosts adds to or
   takes from the gap).
+* Durable callbacks.  ``cbw_durable_ops`` and ``cbw_durable_callbacks``
+  reference their task (``ON DELETE CASCADE``: retention deletes them with
+  it); a row trigger on ``cbw_tasks`` deletes the log and closes the
+  pending callbacks whenever a task reaches a terminal status, whatever
+  statement put it there.  Lock order is always the task's row, then its
+  callbacks': the trigger follows it, a signal locks the owner task
+  (``FOR NO KEY UPDATE``) before the callback (``FOR UPDATE``), and a
+  suspension reads the callback in a second statement, after its
+  ``UPDATE`` holds the task.  So they never deadlock, concurrent signals
+  serialise on the callback (the first applies, the others find it no
+  longer pending), and a signal racing a suspension either committed
+  before the callback is read (the task becomes pending at once) or waits
+  and finds the task suspended (and wakes it).
 * Transient failures.  Serialization failures, deadlocks, a lost
   connection and a server shutting down or restarting are retried, the
   whole statement or transaction again on a fresh or same connection, with
@@ -37,7 +51,8 @@ DESIGN
   (the first try did commit); a retried claim leaves the first claim's
   tasks to lease recovery.
 * Wake-ups.  Enqueueing, and anything that puts a task back to pending
-  (a retry, a release, a recovery), sends ``NOTIFY callbackworker_tasks,
+  (a retry, a release, a recovery, a signal), or suspends it until a
+  callback's expiry, sends ``NOTIFY callbackworker_tasks,
   '<queue>'`` in the same statement, delivered on commit.  ``set_waker``
   starts a listener thread with its own connection that ``LISTEN``s and
   calls the waker for each notification.  If that connection drops it
@@ -721,7 +736,9 @@ class PostgresTaskStore(TaskStore):
         records = {row[0]: _callback_record(row) for row in conn.execute(
             f"SELECT {_CALLBACK_COLUMNS} FROM cbw_durable_callbacks WHERE id = ANY(%s)",
             ([o.awaiting for o in placed.values()],)).fetchall()}
-        ids, statuses, ats = [], [], []
+        ids: List[str] = []
+        statuses: List[str] = []
+        ats: List[int] = []
         for o in placed.values():
             record = records.get(o.awaiting)
             ids.append(o.task_id)
