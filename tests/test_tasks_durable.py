@@ -3,7 +3,8 @@
 The handlers call ``callbackworker.current_job().create_callback`` /
 ``callback_result`` / ``step`` as a Worker job does; their log lives in the
 task database.  Every test drives a fake clock with ``background=False``
-and ``_dispatch_once()``, so none sleeps.
+and ``_dispatch_once()``, so none sleeps, and runs on both backends (SQLite
+and, when a server is available, PostgreSQL).
 """
 
 from __future__ import annotations
@@ -70,8 +71,12 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-@pytest.fixture
-def db(tmp_path: Path) -> str:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Every test runs on each backend: a SQLite file, and a fresh schema
+    on the PostgreSQL server (skipped when there is none)."""
+    if request.param == "postgresql":
+        return str(request.getfixturevalue("pg_schema_dsn"))
     return str(tmp_path / "tasks.db")
 
 

@@ -24,6 +24,7 @@ pytest.importorskip("psycopg", reason="psycopg 3 is not installed: "
 
 import psycopg  # noqa: E402
 
+import callbackworker  # noqa: E402
 from callbackworker import TaskService  # noqa: E402
 from callbackworker.tasks.postgres import PostgresTaskStore, redact_dsn  # noqa: E402
 
@@ -114,6 +115,37 @@ def test_wakeups_resume_after_the_listener_connection_is_terminated(
     with TaskService(pg_schema_dsn) as producer:
         producer.enqueue("q", b"after reconnect")
     assert ran.wait_for(b"after reconnect")
+
+
+def test_a_signal_from_another_process_resumes_a_sleeping_dispatcher(
+        pg_schema_dsn: str) -> None:
+    """The suspended task is due by the signal, in another process: only
+    the notification can get it replayed within seconds."""
+    seen: List[str] = []
+    resumed = threading.Event()
+
+    def handler(payload: memoryview) -> str:
+        ctx = callbackworker.current_job()
+        handle = ctx.create_callback("approval")
+        seen.append(handle.callback_id)
+        result = ctx.callback_result(handle)
+        resumed.set()
+        return result.decode()
+
+    with TaskService(pg_schema_dsn, **SLEEPY) as runner:
+        runner.create_queue("q", handler=handler)
+        _listener_pid(runner)
+        task = runner.enqueue("q", b"")
+        deadline = time.monotonic() + DEADLINE_S
+        while runner.get(task).status != "suspended" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert runner.get(task).status == "suspended"
+        with TaskService(pg_schema_dsn) as other:
+            other.send_callback_success(seen[0], b"approved elsewhere")
+        assert resumed.wait(DEADLINE_S)
+        while runner.get(task).status != "completed" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert runner.get(task).message == "approved elsewhere"
 
 
 @pytest.mark.parametrize("dsn, shown", [

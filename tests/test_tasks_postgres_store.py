@@ -17,9 +17,11 @@ from storage_contract import StorageContract
 psycopg = pytest.importorskip("psycopg", reason="psycopg 3 is not installed: "
                                                 "pip install 'callbackworker[postgres]'")
 
-from callbackworker.errors import StorageBusyError  # noqa: E402
+from callbackworker.durable import CallbackRecord  # noqa: E402
+from callbackworker.errors import StorageBusyError, UnknownTaskError  # noqa: E402
 from callbackworker.tasks import postgres  # noqa: E402
 from callbackworker.tasks.postgres import SCHEMA_VERSION, PostgresTaskStore  # noqa: E402
+from callbackworker.tasks.storage import NEVER, Outcome  # noqa: E402
 
 
 @pytest.fixture
@@ -83,6 +85,29 @@ def test_hosts_starting_at_once_migrate_exactly_once(pg_schema_dsn: str) -> None
         s.close()
     assert errors == [] and len(stores) == 8
     assert _sql(pg_schema_dsn, "SELECT version FROM cbw_schema_version") == [(SCHEMA_VERSION,)]
+
+
+def test_a_version_1_schema_is_migrated_keeping_its_tasks(pg_schema_dsn: str) -> None:
+    """A deployment made before durable callbacks: its tasks survive the
+    upgrade, and can then suspend."""
+    _sql(pg_schema_dsn, "CREATE TABLE cbw_schema_version (one boolean PRIMARY KEY DEFAULT true "
+                        "CHECK (one), version integer NOT NULL)")
+    for statement in postgres._MIGRATIONS[0]:
+        _sql(pg_schema_dsn, statement)
+    _sql(pg_schema_dsn, "INSERT INTO cbw_schema_version(version) VALUES (1)")
+    _sql(pg_schema_dsn, "INSERT INTO cbw_queues(name) VALUES ('q')")
+    _sql(pg_schema_dsn, "INSERT INTO cbw_tasks(id, queue, payload, status, next_run_at, "
+                        "created_at) VALUES ('old', 'q', 'x', 'pending', 0, 0)")
+    store = PostgresTaskStore(pg_schema_dsn)
+    try:
+        assert _sql(pg_schema_dsn, "SELECT version FROM cbw_schema_version") == \
+            [(SCHEMA_VERSION,)]
+        task, = store.claim("q", owner="me", limit=1, now=0, lease_ms=100)
+        store.durable_add_callback(CallbackRecord("cb", "old", "approval", 0))
+        assert store.settle([Outcome("old", task.token, "suspend", "", 1, awaiting="cb")])
+        assert store.get("old").status == "suspended"  # type: ignore[union-attr]
+    finally:
+        store.close()
 
 
 def test_a_newer_schema_is_refused(pg_schema_dsn: str) -> None:
@@ -272,3 +297,65 @@ def test_a_large_batch_is_cut_into_statements_all_or_nothing(
     with pytest.raises(psycopg.errors.UniqueViolation):
         store.enqueue_many("q", [(f"new{i}", b"1234") for i in range(5)] + [("t0", b"")], 0)
     assert store.get("new0") is None
+
+
+# ---- durable callbacks ------------------------------------------------------
+
+def test_durable_state_of_an_unknown_task_is_refused(store: PostgresTaskStore) -> None:
+    """The log and callbacks belong to a task row (and go with it)."""
+    with pytest.raises(UnknownTaskError):
+        store.durable_record("missing", 0, "step", "a", b"")
+    with pytest.raises(UnknownTaskError):
+        store.durable_add_callback(CallbackRecord("cb", "missing", "approval", 0))
+
+
+def test_a_signal_that_wakes_a_suspended_task_notifies_its_queue(
+        store: PostgresTaskStore) -> None:
+    store.ensure_queue("q")
+    store.enqueue("q", "t", b"", 0)
+    task, = store.claim("q", owner="me", limit=1, now=0, lease_ms=100)
+    store.durable_add_callback(CallbackRecord("cb", "t", "approval", 0))
+    assert store.settle([Outcome("t", task.token, "suspend", "", 1, awaiting="cb")])
+    wakes = Wakes()
+    store.set_waker(wakes)
+    _wait_listening(store)
+    assert wakes.wait_for(None)
+    wakes.clear()
+    other = PostgresTaskStore(store.dsn)
+    try:
+        other.durable_signal("cb", "succeeded", b"ok", None, 2)
+    finally:
+        other.close()
+    assert wakes.wait_for("q")
+    assert store.get("t").status == "pending"  # type: ignore[union-attr]
+
+
+def test_a_signal_racing_the_suspension_is_never_lost(store: PostgresTaskStore) -> None:
+    """The suspension and the signal, from two threads at once, many
+    times: whichever commits first, the task ends pending (due now), never
+    suspended on a callback that was already signalled."""
+    store.ensure_queue("q")
+    for i in range(40):
+        task_id, callback_id = f"t{i}", f"cb{i}"
+        store.enqueue("q", task_id, b"", 0)
+        task, = store.claim("q", owner="me", limit=1, now=0, lease_ms=10_000)
+        store.durable_add_callback(CallbackRecord(callback_id, task_id, "approval", 0))
+        start = threading.Barrier(2)
+
+        def suspend() -> None:
+            start.wait()
+            assert store.settle([Outcome(task_id, task.token, "suspend", "", 5,
+                                         awaiting=callback_id)])
+
+        def signal() -> None:
+            start.wait()
+            store.durable_signal(callback_id, "succeeded", b"ok", None, 5)
+
+        threads = [threading.Thread(target=suspend), threading.Thread(target=signal)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        record = store.get(task_id)
+        assert record is not None and (record.status, record.next_run_at) == ("pending", 5), i
+        assert record.next_run_at != NEVER

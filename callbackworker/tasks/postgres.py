@@ -11,8 +11,9 @@ DESIGN
   its own in autocommit mode and one round trip: enqueue is one
   ``INSERT … SELECT FROM unnest(…)`` for the whole batch, a group commit
   is one ``UPDATE … FROM unnest(…)`` for every outcome, recovery one
-  ``UPDATE`` that decides per row between retry and failure.  Only a claim
-  under ``delay_ms`` needs an explicit transaction (below).
+  ``UPDATE`` that decides per row between retry and failure.  A claim
+  under ``delay_ms`` (below), a group commit holding a suspension and a
+  callback signal (below) are explicit transactions.
 * Claims.  ``UPDATE … WHERE seq IN (SELECT seq … ORDER BY next_run_at, seq
   LIMIT n FOR UPDATE SKIP LOCKED) RETURNING …``: concurrent claimers on any
   host skip each other's rows instead of waiting, and no row is handed out
@@ -28,6 +29,19 @@ DESIGN
   that row, so the gap between consecutive starts holds across all of
   them, measured by their clocks (clock skew between hosts adds to or
   takes from the gap).
+* Durable callbacks.  ``cbw_durable_ops`` and ``cbw_durable_callbacks``
+  reference their task (``ON DELETE CASCADE``: retention deletes them with
+  it); a row trigger on ``cbw_tasks`` deletes the log and closes the
+  pending callbacks whenever a task reaches a terminal status, whatever
+  statement put it there.  Lock order is always the task's row, then its
+  callbacks': the trigger follows it, a signal locks the owner task
+  (``FOR NO KEY UPDATE``) before the callback (``FOR UPDATE``), and a
+  suspension reads the callback in a second statement, after its
+  ``UPDATE`` holds the task.  So they never deadlock, concurrent signals
+  serialise on the callback (the first applies, the others find it no
+  longer pending), and a signal racing a suspension either committed
+  before the callback is read (the task becomes pending at once) or waits
+  and finds the task suspended (and wakes it).
 * Transient failures.  Serialization failures, deadlocks, a lost
   connection and a server shutting down or restarting are retried, the
   whole statement or transaction again on a fresh or same connection, with
@@ -37,7 +51,8 @@ DESIGN
   (the first try did commit); a retried claim leaves the first claim's
   tasks to lease recovery.
 * Wake-ups.  Enqueueing, and anything that puts a task back to pending
-  (a retry, a release, a recovery), sends ``NOTIFY callbackworker_tasks,
+  (a retry, a release, a recovery, a signal), or suspends it until a
+  callback's expiry, sends ``NOTIFY callbackworker_tasks,
   '<queue>'`` in the same statement, delivered on commit.  ``set_waker``
   starts a listener thread with its own connection that ``LISTEN``s and
   calls the waker for each notification.  If that connection drops it
@@ -73,8 +88,16 @@ import uuid
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from ..errors import StorageBusyError, UnknownQueueError
-from .storage import STATUSES, ClaimedTask, Outcome, TaskRecord, TaskStore, Waker
+from ..durable import CallbackRecord
+from ..errors import (
+    CallbackAlreadyCompletedError,
+    NonDeterminismError,
+    StorageBusyError,
+    UnknownCallbackError,
+    UnknownQueueError,
+    UnknownTaskError,
+)
+from .storage import NEVER, STATUSES, ClaimedTask, Outcome, TaskRecord, TaskStore, Waker
 
 try:
     import psycopg
@@ -135,6 +158,62 @@ _MIGRATIONS: List[List[str]] = [
         "WHERE status = 'running'",
         "CREATE INDEX cbw_tasks_owned ON cbw_tasks(owner) WHERE status = 'running'",
     ],
+    # 2: durable operation logs and callbacks; suspended tasks.
+    [
+        # The callback a suspended task waits for.  Kept until the replay
+        # ends: a claim, or a graceful release, of a task with it set is a
+        # replay of the attempt the task is in, not a new attempt.
+        "ALTER TABLE cbw_tasks ADD COLUMN awaiting text",
+        "ALTER TABLE cbw_tasks DROP CONSTRAINT cbw_tasks_status_check",
+        """ALTER TABLE cbw_tasks ADD CONSTRAINT cbw_tasks_status_check CHECK (status IN
+               ('pending', 'running', 'suspended', 'completed', 'failed', 'cancelled'))""",
+        # Suspended tasks are claimable once due, like pending ones.
+        "DROP INDEX cbw_tasks_due",
+        "CREATE INDEX cbw_tasks_due ON cbw_tasks(queue, next_run_at, seq) "
+        "WHERE status IN ('pending', 'suspended')",
+        # Both tables go with their task when retention deletes it.
+        """CREATE TABLE cbw_durable_ops (
+               task_id text NOT NULL REFERENCES cbw_tasks(id) ON DELETE CASCADE,
+               seq     integer NOT NULL,
+               kind    text NOT NULL,
+               name    text NOT NULL,
+               value   bytea NOT NULL,
+               PRIMARY KEY (task_id, seq)
+           )""",
+        """CREATE TABLE cbw_durable_callbacks (
+               id                   text PRIMARY KEY,
+               task_id              text NOT NULL REFERENCES cbw_tasks(id) ON DELETE CASCADE,
+               name                 text NOT NULL,
+               state                text NOT NULL DEFAULT 'pending' CHECK (state IN
+                                        ('pending', 'succeeded', 'failed', 'closed')),
+               result               bytea,
+               error                text,
+               created_at           bigint NOT NULL,
+               last_beat_at         bigint NOT NULL,
+               timeout_ms           bigint NOT NULL,
+               heartbeat_timeout_ms bigint NOT NULL
+           )""",
+        "CREATE INDEX cbw_durable_callbacks_task ON cbw_durable_callbacks(task_id)",
+        # Every path to a terminal status (complete, fail, recover, cancel,
+        # clear) ends the task's durable state here, in its transaction.
+        # The function resolves table names with the search_path it was
+        # created under, whatever the session's.
+        """CREATE FUNCTION cbw_tasks_durable_ended() RETURNS trigger
+           LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+           BEGIN
+               DELETE FROM cbw_durable_ops WHERE task_id = NEW.id;
+               UPDATE cbw_durable_callbacks
+                  SET state = CASE state WHEN 'pending' THEN 'closed' ELSE state END,
+                      result = NULL
+                WHERE task_id = NEW.id;
+               RETURN NULL;
+           END $$""",
+        """CREATE TRIGGER cbw_tasks_durable_ended AFTER UPDATE OF status ON cbw_tasks
+           FOR EACH ROW
+           WHEN (NEW.status IN ('completed', 'failed', 'cancelled')
+                 AND OLD.status NOT IN ('completed', 'failed', 'cancelled'))
+           EXECUTE FUNCTION cbw_tasks_durable_ended()""",
+    ],
 ]
 
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -151,10 +230,11 @@ _ENQUEUE_SQL = """
     SELECT pg_notify(%(channel)s, %(queue)s)"""
 
 _CLAIM_SQL = """
-    UPDATE cbw_tasks SET status = 'running', attempt = attempt + 1, owner = %(owner)s,
-           lease_expires_at = %(expires)s, token = %(token)s
+    UPDATE cbw_tasks SET status = 'running', attempt = attempt + (awaiting IS NULL)::int,
+           owner = %(owner)s, lease_expires_at = %(expires)s, token = %(token)s
     WHERE seq IN (SELECT seq FROM cbw_tasks
-                  WHERE queue = %(queue)s AND status = 'pending' AND next_run_at <= %(now)s
+                  WHERE queue = %(queue)s AND status IN ('pending', 'suspended')
+                        AND next_run_at <= %(now)s
                   ORDER BY next_run_at, seq
                   LIMIT %(limit)s
                   FOR UPDATE SKIP LOCKED)
@@ -163,26 +243,47 @@ _CLAIM_SQL = """
 # One statement settles a whole batch; each outcome applies only to its
 # task while running under its token.  Queues that got a task back as
 # pending (a retry, or a release by a closing service) are notified once
-# each, so other services take it as soon as it is due.
-_SETTLE_SQL = """
+# each, so other services take it as soon as it is due.  A suspension is
+# stored as suspended and never due here; ``_SUSPEND_SQL`` then sets when
+# it is due (or makes it pending), in the same transaction.
+_SETTLE_SQL = f"""
     WITH settled AS (
     UPDATE cbw_tasks t SET
-        status = CASE o.kind WHEN 'complete' THEN 'completed'
-                             WHEN 'fail' THEN 'failed' ELSE 'pending' END,
+        status = CASE o.kind WHEN 'complete' THEN 'completed' WHEN 'fail' THEN 'failed'
+                             WHEN 'suspend' THEN 'suspended' ELSE 'pending' END,
         message = o.message,
         finished_at = CASE WHEN o.kind IN ('complete', 'fail') THEN o.at END,
         next_run_at = CASE WHEN o.kind IN ('retry', 'release') THEN o.at
+                           WHEN o.kind = 'suspend' THEN {NEVER}
                            ELSE t.next_run_at END,
-        attempt = CASE WHEN o.kind = 'release' THEN t.attempt - 1 ELSE t.attempt END,
+        attempt = CASE WHEN o.kind = 'release' THEN t.attempt - (t.awaiting IS NULL)::int
+                       ELSE t.attempt END,
+        awaiting = CASE o.kind WHEN 'release' THEN t.awaiting
+                               WHEN 'suspend' THEN o.awaiting END,
         owner = NULL, lease_expires_at = NULL, token = NULL
-    FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::bigint[])
-         AS o(id, token, kind, message, at)
+    FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::bigint[], %s::text[])
+         AS o(id, token, kind, message, at, awaiting)
     WHERE t.id = o.id AND t.token = o.token AND t.status = 'running'
     RETURNING t.id, o.token, t.queue, t.status),
     woken AS (
         SELECT pg_notify(%s, queue) FROM (SELECT DISTINCT queue FROM settled
                                           WHERE status = 'pending') AS requeued)
     SELECT id, token, (SELECT count(*) FROM woken) FROM settled"""
+
+# The second half of a suspension, run after ``_SETTLE_SQL`` in its
+# transaction, with the callbacks read afresh (``_suspensions``): the task
+# is due when its callback expires (NEVER: only a signal wakes it), or is
+# pending at once if the callback was signalled or expired meanwhile.  A
+# queue whose task may now wake by itself is notified, so that every
+# dispatcher knows when.
+_SUSPEND_SQL = f"""
+    WITH placed AS (
+        UPDATE cbw_tasks t SET status = w.status, next_run_at = w.at
+        FROM unnest(%s::text[], %s::text[], %s::bigint[]) AS w(id, status, at)
+        WHERE t.id = w.id AND t.status = 'suspended'
+        RETURNING t.queue, t.next_run_at)
+    SELECT pg_notify(%s, queue)
+    FROM (SELECT DISTINCT queue FROM placed WHERE next_run_at < {NEVER}) AS due"""
 
 _RECOVER_SQL = """
     WITH lost AS (
@@ -195,7 +296,7 @@ _RECOVER_SQL = """
                            THEN 'worker lost during attempt ' || attempt
                                 || ' (lease expired); no attempts left'
                            ELSE 'worker lost during attempt ' || attempt || '; retrying' END,
-            owner = NULL, lease_expires_at = NULL, token = NULL
+            awaiting = NULL, owner = NULL, lease_expires_at = NULL, token = NULL
         WHERE queue = %(queue)s AND status = 'running'
               AND (lease_expires_at <= %(now)s OR owner = ANY(%(owners)s::text[]))
         RETURNING status)
@@ -206,9 +307,22 @@ _RECOVER_SQL = """
 
 _CANCEL_SQL = """
     WITH found AS (SELECT seq, status FROM cbw_tasks WHERE id = %s FOR UPDATE),
-         cancelled AS (UPDATE cbw_tasks t SET status = 'cancelled', finished_at = %s
-                       FROM found WHERE t.seq = found.seq AND found.status = 'pending')
+         cancelled AS (UPDATE cbw_tasks t SET status = 'cancelled', finished_at = %s,
+                              awaiting = NULL
+                       FROM found WHERE t.seq = found.seq
+                                        AND found.status IN ('pending', 'suspended'))
     SELECT status FROM found"""
+
+_CALLBACK_COLUMNS = ("id, task_id, name, created_at, timeout_ms, heartbeat_timeout_ms, state, "
+                     "result, error, last_beat_at")
+
+# A signal that wakes a suspended task notifies its queue.
+_WAKE_SQL = """
+    WITH woken AS (
+        UPDATE cbw_tasks SET status = 'pending', next_run_at = %s
+        WHERE id = %s AND status = 'suspended' AND awaiting = %s
+        RETURNING queue)
+    SELECT pg_notify(%s, queue) FROM woken"""
 
 
 Batch = Sequence["tuple[str, bytes]"]
@@ -226,6 +340,19 @@ def _chunks(tasks: Batch, max_bytes: int) -> List[Batch]:
         size += len(payload)
     chunks.append(tasks[start:])
     return chunks
+
+
+def _callback_record(row: Sequence[Any]) -> CallbackRecord:
+    (callback_id, task_id, name, created, timeout_ms, heartbeat_ms, state, result, error,
+     last_beat) = row
+    return CallbackRecord(callback_id, task_id, name, int(created), int(timeout_ms),
+                          int(heartbeat_ms), state, None if result is None else bytes(result),
+                          error, last_beat_ms=int(last_beat))
+
+
+def _expired(record: CallbackRecord, now: int) -> bool:
+    at, _ = record.expiry()
+    return at is not None and now >= at
 
 
 def _require_psycopg() -> None:
@@ -571,16 +698,58 @@ class PostgresTaskStore(TaskStore):
                                  f"{Outcome.KINDS}")
         if not outcomes:
             return []
-        applied = {(task_id, token) for task_id, token, _ in self._fetch(
-            _SETTLE_SQL, ([o.task_id for o in outcomes], [o.token for o in outcomes],
-                          [o.kind for o in outcomes], [o.message for o in outcomes],
-                          [o.at for o in outcomes], CHANNEL))}
+        params = ([o.task_id for o in outcomes], [o.token for o in outcomes],
+                  [o.kind for o in outcomes], [o.message for o in outcomes],
+                  [o.at for o in outcomes], [o.awaiting for o in outcomes], CHANNEL)
+        suspends = [o for o in outcomes if o.kind == "suspend"]
+
+        def body(conn: "psycopg.Connection[Any]") -> List[Any]:
+            if not suspends:
+                return conn.execute(_SETTLE_SQL, params).fetchall()
+            # Two statements: the second reads the callbacks after the first
+            # holds the tasks' rows, so a signal either committed before (and
+            # is seen) or waits for this transaction (and sees it suspended).
+            with conn.transaction():
+                rows = conn.execute(_SETTLE_SQL, params).fetchall()
+                self._suspensions(conn, suspends, {(r[0], r[1]) for r in rows})
+                return rows
+
+        applied = {(task_id, token) for task_id, token, _ in self._run(body)}
         results = []
         for o in outcomes:  # a repeated outcome applies once, the first time
             key = (o.task_id, o.token)
             results.append(key in applied)
             applied.discard(key)
         return results
+
+    def _suspensions(self, conn: "psycopg.Connection[Any]", suspends: Sequence[Outcome],
+                     applied: Set["tuple[str, str]"]) -> None:
+        """Places the tasks that ``_SETTLE_SQL`` just suspended: due when
+        their callback expires, or pending at ``at`` if it is no longer
+        pending (signalled or expired before the suspension applied)."""
+        placed: Dict[str, Outcome] = {}
+        for o in suspends:  # a repeated outcome applied once, the first time
+            if (o.task_id, o.token) in applied and o.task_id not in placed:
+                placed[o.task_id] = o
+        if not placed:
+            return
+        records = {row[0]: _callback_record(row) for row in conn.execute(
+            f"SELECT {_CALLBACK_COLUMNS} FROM cbw_durable_callbacks WHERE id = ANY(%s)",
+            ([o.awaiting for o in placed.values()],)).fetchall()}
+        ids: List[str] = []
+        statuses: List[str] = []
+        ats: List[int] = []
+        for o in placed.values():
+            record = records.get(o.awaiting)
+            ids.append(o.task_id)
+            if record is None or record.state != "pending" or _expired(record, o.at):
+                statuses.append("pending")
+                ats.append(o.at)
+            else:
+                at, _ = record.expiry()
+                statuses.append("suspended")
+                ats.append(NEVER if at is None else at)
+        conn.execute(_SUSPEND_SQL, (ids, statuses, ats, CHANNEL))
 
     # ---- leases --------------------------------------------------------
 
@@ -615,8 +784,8 @@ class PostgresTaskStore(TaskStore):
 
     def clear(self, queue: str, now: int) -> int:
         return self._rowcount(
-            "UPDATE cbw_tasks SET status = 'cancelled', finished_at = %s "
-            "WHERE queue = %s AND status = 'pending'", (now, queue))
+            "UPDATE cbw_tasks SET status = 'cancelled', finished_at = %s, awaiting = NULL "
+            "WHERE queue = %s AND status IN ('pending', 'suspended')", (now, queue))
 
     def counts(self) -> Dict[str, Dict[str, int]]:
         rows = self._fetch(
@@ -633,8 +802,10 @@ class PostgresTaskStore(TaskStore):
     def next_due(self, queue: str) -> Optional[int]:
         rows = self._fetch(
             """SELECT (SELECT min(next_run_at) FROM cbw_tasks
-                       WHERE queue = %(q)s AND status = 'pending'),
-                      (SELECT next_start_at FROM cbw_queues WHERE name = %(q)s)""", {"q": queue})
+                       WHERE queue = %(q)s AND status IN ('pending', 'suspended')
+                             AND next_run_at < %(never)s),
+                      (SELECT next_start_at FROM cbw_queues WHERE name = %(q)s)""",
+            {"q": queue, "never": NEVER})
         due, next_start = rows[0]
         if due is None:
             return None
@@ -644,6 +815,90 @@ class PostgresTaskStore(TaskStore):
         return self._rowcount(
             "DELETE FROM cbw_tasks WHERE queue = %s AND finished_at < %s "
             "AND status IN ('completed', 'failed', 'cancelled')", (queue, finished_before))
+
+    # ---- durable operation logs and callbacks ---------------------------
+
+    def durable_ops(self, task_id: str) -> List["tuple[str, str, bytes]"]:
+        return [(kind, name, bytes(value)) for kind, name, value in self._fetch(
+            "SELECT kind, name, value FROM cbw_durable_ops WHERE task_id = %s ORDER BY seq",
+            (task_id,))]
+
+    def durable_record(self, task_id: str, seq: int, kind: str, name: str,
+                       value: bytes) -> None:
+        """See ``TaskStore.durable_record``; raises ``UnknownTaskError`` if
+        the task does not exist (any more)."""
+        try:
+            self._rowcount("INSERT INTO cbw_durable_ops(task_id, seq, kind, name, value) "
+                           "VALUES (%s, %s, %s, %s, %s)", (task_id, seq, kind, name, value))
+        except pg_errors.UniqueViolation:
+            raise NonDeterminismError(
+                f"operation {seq + 1} of task {task_id} was recorded twice (did two runs "
+                f"of the task overlap?)") from None
+        except pg_errors.ForeignKeyViolation:
+            raise UnknownTaskError(task_id) from None
+
+    def durable_add_callback(self, record: CallbackRecord) -> None:
+        """See ``TaskStore.durable_add_callback``; raises
+        ``UnknownTaskError`` if the owner task does not exist (any more)."""
+        try:
+            self._rowcount(
+                f"INSERT INTO cbw_durable_callbacks({_CALLBACK_COLUMNS}) "
+                f"VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                (record.callback_id, record.owner, record.name, record.created_ms,
+                 record.timeout_ms, record.heartbeat_timeout_ms, record.state, record.result,
+                 record.error, record.last_beat_ms))
+        except pg_errors.ForeignKeyViolation:
+            raise UnknownTaskError(record.owner) from None
+
+    def durable_callback(self, callback_id: str) -> Optional[CallbackRecord]:
+        rows = self._fetch(f"SELECT {_CALLBACK_COLUMNS} FROM cbw_durable_callbacks "
+                           f"WHERE id = %s", (callback_id,))
+        return _callback_record(rows[0]) if rows else None
+
+    def durable_signal(self, callback_id: str, state: str, result: Optional[bytes],
+                       error: Optional[str], now: int) -> CallbackRecord:
+        """See ``TaskStore.durable_signal``.  One transaction locks the
+        owner task's row, then the callback's (``FOR UPDATE``): the same
+        order as a task reaching a terminal status (whose trigger closes
+        the callbacks) and as a suspension, so none of them deadlock, and
+        concurrent signals queue on the callback's row, where the first
+        applies and the others find it no longer pending."""
+        if state not in ("succeeded", "failed", "pending"):
+            raise ValueError(f"a signal's state must be succeeded, failed or pending, "
+                             f"not {state!r}")
+
+        def body(conn: "psycopg.Connection[Any]") -> CallbackRecord:
+            with conn.transaction():
+                owner = conn.execute("SELECT task_id FROM cbw_durable_callbacks WHERE id = %s",
+                                     (callback_id,)).fetchone()
+                if owner is None:
+                    raise UnknownCallbackError(callback_id)
+                conn.execute("SELECT 1 FROM cbw_tasks WHERE id = %s FOR NO KEY UPDATE",
+                             (owner[0],))
+                row = conn.execute(f"SELECT {_CALLBACK_COLUMNS} FROM cbw_durable_callbacks "
+                                   f"WHERE id = %s FOR UPDATE", (callback_id,)).fetchone()
+                if row is None:  # swept meanwhile
+                    raise UnknownCallbackError(callback_id)
+                record = _callback_record(row)
+                record.expire_if_due(now)
+                if record.state != "pending":
+                    raise CallbackAlreadyCompletedError(callback_id, record.state)
+                if state == "pending":
+                    record.last_beat_ms = now
+                    conn.execute("UPDATE cbw_durable_callbacks SET last_beat_at = %s "
+                                 "WHERE id = %s", (now, callback_id))
+                    at, _ = record.expiry()
+                    conn.execute("UPDATE cbw_tasks SET next_run_at = %s WHERE id = %s "
+                                 "AND status = 'suspended' AND awaiting = %s",
+                                 (NEVER if at is None else at, record.owner, callback_id))
+                    return record
+                record.state, record.result, record.error = state, result, error
+                conn.execute("UPDATE cbw_durable_callbacks SET state = %s, result = %s, "
+                             "error = %s WHERE id = %s", (state, result, error, callback_id))
+                conn.execute(_WAKE_SQL, (now, record.owner, callback_id, CHANNEL))
+                return record
+
+        return self._run(body)
 
     def close(self) -> None:
         self.set_waker(None)
