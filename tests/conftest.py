@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Iterator
 
 import pytest
 
 from callbackworker import Worker
+from helpers import FakeClock
 
 
 @pytest.fixture
@@ -54,3 +56,18 @@ def pg_schema_dsn(pg_dsn: str) -> Iterator[str]:
 
     with fresh_schema(pg_dsn) as dsn:
         yield dsn
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """A fake clock in milliseconds that tests move by hand."""
+    return FakeClock()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A task database DSN, once per backend: a SQLite file, and a fresh
+    schema on the PostgreSQL server (skipped when there is none)."""
+    if request.param == "postgresql":
+        return str(request.getfixturevalue("pg_schema_dsn"))
+    return str(tmp_path / "tasks.db")

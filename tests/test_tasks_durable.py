@@ -10,7 +10,6 @@ and, when a server is available, PostgreSQL).
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional
 
 import pytest
@@ -64,20 +63,6 @@ class Approval:
     @property
     def callback_id(self) -> str:
         return self.ids[-1]
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """Every test runs on each backend: a SQLite file, and a fresh schema
-    on the PostgreSQL server (skipped when there is none)."""
-    if request.param == "postgresql":
-        return str(request.getfixturevalue("pg_schema_dsn"))
-    return str(tmp_path / "tasks.db")
 
 
 @pytest.fixture

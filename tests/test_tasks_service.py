@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import socket
-from pathlib import Path
 from typing import Iterator, List, Optional
 
 import pytest
@@ -32,20 +31,6 @@ from callbackworker.tasks.service import _open_store, retry_delay_ms
 from callbackworker.tasks.storage import TaskStore
 
 from helpers import FakeClock
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """Every test runs on each backend: a SQLite file, and a fresh schema
-    on the PostgreSQL server (skipped when there is none)."""
-    if request.param == "postgresql":
-        return str(request.getfixturevalue("pg_schema_dsn"))
-    return str(tmp_path / "tasks.db")
 
 
 def open_store(db: str) -> TaskStore:

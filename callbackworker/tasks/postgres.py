@@ -90,14 +90,23 @@ from urllib.parse import urlsplit, urlunsplit
 
 from ..durable import CallbackRecord
 from ..errors import (
-    CallbackAlreadyCompletedError,
     NonDeterminismError,
     StorageBusyError,
     UnknownCallbackError,
     UnknownQueueError,
     UnknownTaskError,
 )
-from .storage import NEVER, STATUSES, ClaimedTask, Outcome, TaskRecord, TaskStore, Waker
+from .storage import (
+    NEVER,
+    STATUSES,
+    ClaimedTask,
+    Outcome,
+    TaskRecord,
+    TaskStore,
+    Waker,
+    apply_signal,
+    check_signal_state,
+)
 
 try:
     import psycopg
@@ -863,9 +872,7 @@ class PostgresTaskStore(TaskStore):
         the callbacks) and as a suspension, so none of them deadlock, and
         concurrent signals queue on the callback's row, where the first
         applies and the others find it no longer pending."""
-        if state not in ("succeeded", "failed", "pending"):
-            raise ValueError(f"a signal's state must be succeeded, failed or pending, "
-                             f"not {state!r}")
+        check_signal_state(state)
 
         def body(conn: "psycopg.Connection[Any]") -> CallbackRecord:
             with conn.transaction():
@@ -880,19 +887,14 @@ class PostgresTaskStore(TaskStore):
                 if row is None:  # swept meanwhile
                     raise UnknownCallbackError(callback_id)
                 record = _callback_record(row)
-                record.expire_if_due(now)
-                if record.state != "pending":
-                    raise CallbackAlreadyCompletedError(callback_id, record.state)
-                if state == "pending":
-                    record.last_beat_ms = now
+                due = apply_signal(record, state, result, error, now)
+                if due is not None:  # a heartbeat
                     conn.execute("UPDATE cbw_durable_callbacks SET last_beat_at = %s "
                                  "WHERE id = %s", (now, callback_id))
-                    at, _ = record.expiry()
                     conn.execute("UPDATE cbw_tasks SET next_run_at = %s WHERE id = %s "
                                  "AND status = 'suspended' AND awaiting = %s",
-                                 (NEVER if at is None else at, record.owner, callback_id))
+                                 (due, record.owner, callback_id))
                     return record
-                record.state, record.result, record.error = state, result, error
                 conn.execute("UPDATE cbw_durable_callbacks SET state = %s, result = %s, "
                              "error = %s WHERE id = %s", (state, result, error, callback_id))
                 conn.execute(_WAKE_SQL, (now, record.owner, callback_id, CHANNEL))

@@ -37,13 +37,21 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Type
 
 from ..durable import CallbackRecord
 from ..errors import (
-    CallbackAlreadyCompletedError,
     NonDeterminismError,
     StorageBusyError,
     UnknownCallbackError,
     UnknownQueueError,
 )
-from .storage import NEVER, STATUSES, ClaimedTask, Outcome, TaskRecord, TaskStore
+from .storage import (
+    NEVER,
+    STATUSES,
+    ClaimedTask,
+    Outcome,
+    TaskRecord,
+    TaskStore,
+    apply_signal,
+    check_signal_state,
+)
 
 __all__ = ["SQLiteTaskStore", "DURABILITY"]
 
@@ -470,9 +478,7 @@ class SQLiteTaskStore(TaskStore):
 
     def durable_signal(self, callback_id: str, state: str, result: Optional[bytes],
                        error: Optional[str], now: int) -> CallbackRecord:
-        if state not in ("succeeded", "failed", "pending"):
-            raise ValueError(f"a signal's state must be succeeded, failed or pending, "
-                             f"not {state!r}")
+        check_signal_state(state)
 
         def body(db: sqlite3.Connection) -> CallbackRecord:
             row = db.execute(f"SELECT {_CALLBACK_COLUMNS} FROM durable_callbacks WHERE id = ?",
@@ -480,19 +486,14 @@ class SQLiteTaskStore(TaskStore):
             if row is None:
                 raise UnknownCallbackError(callback_id)
             record = _callback_record(row)
-            record.expire_if_due(now)
-            if record.state != "pending":
-                raise CallbackAlreadyCompletedError(callback_id, record.state)
-            if state == "pending":
-                record.last_beat_ms = now
+            due = apply_signal(record, state, result, error, now)
+            if due is not None:  # a heartbeat
                 db.execute("UPDATE durable_callbacks SET last_beat_at = ? WHERE id = ?",
                            (now, callback_id))
-                at, _ = record.expiry()
                 db.execute("UPDATE tasks SET next_run_at = ? WHERE id = ? "
                            "AND status = 'suspended' AND awaiting = ?",
-                           (NEVER if at is None else at, record.owner, callback_id))
+                           (due, record.owner, callback_id))
                 return record
-            record.state, record.result, record.error = state, result, error
             db.execute("UPDATE durable_callbacks SET state = ?, result = ?, error = ? "
                        "WHERE id = ?", (state, result, error, callback_id))
             db.execute("UPDATE tasks SET status = 'pending', next_run_at = ? "

@@ -53,10 +53,11 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence
 
 from ..durable import CallbackRecord
+from ..errors import CallbackAlreadyCompletedError
 
 __all__ = [
     "STATUSES", "TERMINAL_STATUSES", "NEVER", "CALLBACK_STATES", "TaskRecord", "ClaimedTask", "Outcome",
-    "TaskStore", "Waker",
+    "TaskStore", "Waker", "check_signal_state", "apply_signal",
 ]
 
 STATUSES = ("pending", "running", "suspended", "completed", "failed", "cancelled")
@@ -300,3 +301,28 @@ class TaskStore(ABC):
     @abstractmethod
     def close(self) -> None:
         """Releases the backend's resources; idempotent."""
+
+
+def check_signal_state(state: str) -> None:
+    """``durable_signal``'s ``state`` argument: a ValueError otherwise."""
+    if state not in ("succeeded", "failed", "pending"):
+        raise ValueError(f"a signal's state must be succeeded, failed or pending, not {state!r}")
+
+
+def apply_signal(record: CallbackRecord, state: str, result: Optional[bytes],
+                 error: Optional[str], now: int) -> Optional[int]:
+    """What a signal does to a callback, as read inside the signal's
+    transaction; the store writes the change back.  Raises
+    ``CallbackAlreadyCompletedError`` if the callback takes no signal any
+    more (``timed_out`` once past its limit at ``now``).  Returns, for a
+    heartbeat, the due time a task suspended on it gets (``NEVER`` without
+    a limit); None for a terminal signal."""
+    record.expire_if_due(now)
+    if record.state != "pending":
+        raise CallbackAlreadyCompletedError(record.callback_id, record.state)
+    if state == "pending":
+        record.last_beat_ms = now
+        at, _ = record.expiry()
+        return NEVER if at is None else at
+    record.state, record.result, record.error = state, result, error
+    return None
