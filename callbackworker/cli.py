@@ -406,7 +406,8 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    p = sub.add_parser("demo", help="a short tour: start/wait, take, cancel, a timeout, a failure, a persistent queue",
+    p = sub.add_parser("demo", help="a short tour: start/wait, take, cancel, a timeout, a failure, "
+                                    "retries, a durable callback, a persistent queue",
                        description="A short tour of the Worker API; prints each step.")
     p.set_defaults(func=demo)
 
