@@ -285,7 +285,7 @@ static void thread_main(void *arg)
     cbw_worker *w = t->w;
     cbw__route *r = t->route;
     const cbw_hooks *h = &w->hooks;
-    int detached;
+    int detached, leftover;
     int64_t wake;
 
     cbw__self = t;
@@ -330,7 +330,10 @@ static void thread_main(void *arg)
     if (detached)
         cbw__thread_detach(t->handle);
     cbw__cond_broadcast(&w->statec);
+    leftover = w->tokens.dead > 0; /* left by a last burst that ended early */
     cbw__mutex_unlock(&w->mu);
+    if (leftover)
+        cbw__after_unlock(w, CBW__PENDING_TOKENS);
     if (h->thread_exit)
         h->thread_exit(h->ctx, &t->slot);
     cbw__self = NULL;

@@ -176,7 +176,6 @@ static int cbwpy_run_hook(void *ctx, cbw_slot *slot, cbw_run *run)
     _PyManagedBufferObject *mbuf;
     int status = CBW_STATUS_OK, escaped;
 
-    /* The registry holds the callable while this job may run it. */
     view = PyMemoryView_FromMemory((char *)run->data, (Py_ssize_t)run->size, PyBUF_WRITE);
     if (view == NULL) {
         PyErr_Clear();
@@ -184,6 +183,7 @@ static int cbwpy_run_hook(void *ctx, cbw_slot *slot, cbw_run *run)
         return CBW_STATUS_ERROR;
     }
     slot->exec_job = run->id;
+    Py_INCREF(callable); /* the registry may drop it while it runs (a close) */
     slot->exec_flags = 1;
     out = PyObject_CallOneArg(callable, view);
     slot->exec_flags = 0;
@@ -194,6 +194,7 @@ static int cbwpy_run_hook(void *ctx, cbw_slot *slot, cbw_run *run)
     slot->exec_job = 0;
     if (out == NULL)
         exc = cbwpy_take_exception();
+    Py_DECREF(callable);
     if (out == view) {
         Py_DECREF(out);
         out = NULL;
@@ -208,8 +209,12 @@ static int cbwpy_run_hook(void *ctx, cbw_slot *slot, cbw_run *run)
 
     mv = (PyMemoryViewObject *)view;
     mbuf = mv->mbuf;
-    if (Py_REFCNT(view) == 1 && mv->exports == 0 && mbuf->exports == 1) {
-        Py_DECREF(view); /* nothing else refers to the job's memory */
+    if (Py_REFCNT(view) == 1 && mv->exports == 0 && mbuf->exports == 1 &&
+        !(mv->flags & _Py_MEMORYVIEW_RELEASED)) {
+        /* Nothing else refers to the job's memory.  (A view the callback
+         * released itself no longer counts in mbuf->exports, so the one
+         * export left may be a slice: that case takes the path below.) */
+        Py_DECREF(view);
         return status;
     }
     Py_INCREF(mbuf);

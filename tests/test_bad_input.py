@@ -131,6 +131,16 @@ def cb_escape_kept_cast(request: memoryview) -> None:
     _kept.append(request.cast("c"))
 
 
+def cb_escape_slice_after_release(request: memoryview) -> None:
+    _kept.append(request[1:])
+    request.release()  # the slice still refers to the job's memory
+
+
+def cb_escape_slice_from_with(request: memoryview) -> None:
+    with request:
+        _kept.append(request[1:])
+
+
 never = threading.Event()
 
 
@@ -516,6 +526,10 @@ ROWS = [
         "kept a view of its request", BufferError, raised=False),
     row("callback-keeps-cast", lambda e: e.run(cb_escape_kept_cast), JobFailedError,
         "kept a view", BufferError, raised=False),
+    row("callback-keeps-slice-releases-view", lambda e: e.run(cb_escape_slice_after_release),
+        JobFailedError, "kept a view of its request", BufferError, raised=False),
+    row("callback-keeps-slice-from-with", lambda e: e.run(cb_escape_slice_from_with),
+        JobFailedError, "kept a view of its request", BufferError, raised=False),
     row("callback-writes-past-end", lambda e: e.run(lambda r: r.__setitem__(3, 0)),
         JobFailedError, "IndexError", IndexError),
     row("callback-resizes-view", lambda e: e.run(lambda r: r.__setitem__(slice(0, 3), b"x")),
