@@ -63,4 +63,13 @@ one_at_a_time = {"slow": slow}
 slow_retrying = {"slow": {"handler": slow, "max_retries": 2, "backoff_ms": 0}}
 
 
-spaced = {"spaced": {"handler": bracketed, "concurrency": 2, "delay_ms": 150}}
+def busy(payload: memoryview) -> str:
+    """Holds its worker's only slot for longer than two start gaps, so the
+    next starts must go to other workers."""
+    _log("start")
+    time.sleep(0.4)
+    _log("end")
+    return "ok"
+
+
+spaced = {"spaced": {"handler": busy, "concurrency": 1, "delay_ms": 150}}

@@ -109,8 +109,10 @@ def test_kill9_of_a_worker_mid_task_runs_the_task_again_elsewhere(
 
 
 def test_delay_ms_spaces_starts_across_all_workers(pg_schema_dsn: str, tmp_path: Path) -> None:
-    """Three workers serve a queue with ``delay_ms=150``.  A trigger
-    records each claim's start time as the claiming service saw it
+    """Three workers serve a queue with ``delay_ms=150``; each has one
+    slot and a handler that holds it for 400 ms, so no worker can take two
+    starts in a row and the starts must alternate between processes.  A
+    trigger records each claim's start time as the claiming service saw it
     (``lease_expires_at - lease_ms``); sorted, consecutive starts are at
     least 150 ms apart, though three processes were claiming."""
     lease_ms = 30_000
