@@ -104,8 +104,11 @@ from .storage import (
     TaskRecord,
     TaskStore,
     Waker,
+    CALLBACK_COLUMNS,
     apply_signal,
+    callback_record,
     check_signal_state,
+    place_suspension,
 )
 
 try:
@@ -322,8 +325,6 @@ _CANCEL_SQL = """
                                         AND found.status IN ('pending', 'suspended'))
     SELECT status FROM found"""
 
-_CALLBACK_COLUMNS = ("id, task_id, name, created_at, timeout_ms, heartbeat_timeout_ms, state, "
-                     "result, error, last_beat_at")
 
 # A signal that wakes a suspended task notifies its queue.
 _WAKE_SQL = """
@@ -349,19 +350,6 @@ def _chunks(tasks: Batch, max_bytes: int) -> List[Batch]:
         size += len(payload)
     chunks.append(tasks[start:])
     return chunks
-
-
-def _callback_record(row: Sequence[Any]) -> CallbackRecord:
-    (callback_id, task_id, name, created, timeout_ms, heartbeat_ms, state, result, error,
-     last_beat) = row
-    return CallbackRecord(callback_id, task_id, name, int(created), int(timeout_ms),
-                          int(heartbeat_ms), state, None if result is None else bytes(result),
-                          error, last_beat_ms=int(last_beat))
-
-
-def _expired(record: CallbackRecord, now: int) -> bool:
-    at, _ = record.expiry()
-    return at is not None and now >= at
 
 
 def _require_psycopg() -> None:
@@ -742,22 +730,17 @@ class PostgresTaskStore(TaskStore):
                 placed[o.task_id] = o
         if not placed:
             return
-        records = {row[0]: _callback_record(row) for row in conn.execute(
-            f"SELECT {_CALLBACK_COLUMNS} FROM cbw_durable_callbacks WHERE id = ANY(%s)",
+        records = {row[0]: callback_record(row) for row in conn.execute(
+            f"SELECT {CALLBACK_COLUMNS} FROM cbw_durable_callbacks WHERE id = ANY(%s)",
             ([o.awaiting for o in placed.values()],)).fetchall()}
         ids: List[str] = []
         statuses: List[str] = []
         ats: List[int] = []
         for o in placed.values():
-            record = records.get(o.awaiting)
+            status, due = place_suspension(records.get(o.awaiting), o.at)
             ids.append(o.task_id)
-            if record is None or record.state != "pending" or _expired(record, o.at):
-                statuses.append("pending")
-                ats.append(o.at)
-            else:
-                at, _ = record.expiry()
-                statuses.append("suspended")
-                ats.append(NEVER if at is None else at)
+            statuses.append(status)
+            ats.append(due)
         conn.execute(_SUSPEND_SQL, (ids, statuses, ats, CHANNEL))
 
     # ---- leases --------------------------------------------------------
@@ -851,7 +834,7 @@ class PostgresTaskStore(TaskStore):
         ``UnknownTaskError`` if the owner task does not exist (any more)."""
         try:
             self._rowcount(
-                f"INSERT INTO cbw_durable_callbacks({_CALLBACK_COLUMNS}) "
+                f"INSERT INTO cbw_durable_callbacks({CALLBACK_COLUMNS}) "
                 f"VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
                 (record.callback_id, record.owner, record.name, record.created_ms,
                  record.timeout_ms, record.heartbeat_timeout_ms, record.state, record.result,
@@ -860,9 +843,9 @@ class PostgresTaskStore(TaskStore):
             raise UnknownTaskError(record.owner) from None
 
     def durable_callback(self, callback_id: str) -> Optional[CallbackRecord]:
-        rows = self._fetch(f"SELECT {_CALLBACK_COLUMNS} FROM cbw_durable_callbacks "
+        rows = self._fetch(f"SELECT {CALLBACK_COLUMNS} FROM cbw_durable_callbacks "
                            f"WHERE id = %s", (callback_id,))
-        return _callback_record(rows[0]) if rows else None
+        return callback_record(rows[0]) if rows else None
 
     def durable_signal(self, callback_id: str, state: str, result: Optional[bytes],
                        error: Optional[str], now: int) -> CallbackRecord:
@@ -882,11 +865,11 @@ class PostgresTaskStore(TaskStore):
                     raise UnknownCallbackError(callback_id)
                 conn.execute("SELECT 1 FROM cbw_tasks WHERE id = %s FOR NO KEY UPDATE",
                              (owner[0],))
-                row = conn.execute(f"SELECT {_CALLBACK_COLUMNS} FROM cbw_durable_callbacks "
+                row = conn.execute(f"SELECT {CALLBACK_COLUMNS} FROM cbw_durable_callbacks "
                                    f"WHERE id = %s FOR UPDATE", (callback_id,)).fetchone()
                 if row is None:  # swept meanwhile
                     raise UnknownCallbackError(callback_id)
-                record = _callback_record(row)
+                record = callback_record(row)
                 due = apply_signal(record, state, result, error, now)
                 if due is not None:  # a heartbeat
                     conn.execute("UPDATE cbw_durable_callbacks SET last_beat_at = %s "

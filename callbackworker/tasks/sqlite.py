@@ -49,8 +49,11 @@ from .storage import (
     Outcome,
     TaskRecord,
     TaskStore,
+    CALLBACK_COLUMNS,
     apply_signal,
+    callback_record,
     check_signal_state,
+    place_suspension,
 )
 
 __all__ = ["SQLiteTaskStore", "DURABILITY"]
@@ -137,8 +140,6 @@ _MIGRATIONS: List[List[str]] = [
     ],
 ]
 
-_CALLBACK_COLUMNS = ("id, task_id, name, created_at, timeout_ms, heartbeat_timeout_ms, state, "
-                     "result, error, last_beat_at")
 
 _SETTLE_SQL = {
     "complete": """UPDATE tasks SET status = 'completed', message = ?, finished_at = ?,
@@ -158,19 +159,6 @@ _SETTLE_SQL = {
                       owner = NULL, lease_expires_at = NULL, token = NULL
                   WHERE id = ? AND token = ? AND status = 'running'""",
 }
-
-
-def _callback_record(row: Sequence[Any]) -> CallbackRecord:
-    (callback_id, task_id, name, created, timeout_ms, heartbeat_ms, state, result, error,
-     last_beat) = row
-    return CallbackRecord(callback_id, task_id, name, created, timeout_ms, heartbeat_ms, state,
-                          None if result is None else bytes(result), error,
-                          last_beat_ms=last_beat)
-
-
-def _expired(record: CallbackRecord, now: int) -> bool:
-    at, _ = record.expiry()
-    return at is not None and now >= at
 
 
 def _check_sqlite_version() -> None:
@@ -349,14 +337,10 @@ class SQLiteTaskStore(TaskStore):
     def _settle_params(self, db: sqlite3.Connection, o: Outcome) -> Sequence[Any]:
         if o.kind != "suspend":
             return (o.message, o.at, o.task_id, o.token)
-        row = db.execute(f"SELECT {_CALLBACK_COLUMNS} FROM durable_callbacks WHERE id = ?",
+        row = db.execute(f"SELECT {CALLBACK_COLUMNS} FROM durable_callbacks WHERE id = ?",
                          (o.awaiting,)).fetchone()
-        record = None if row is None else _callback_record(row)
-        if record is None or record.state != "pending" or _expired(record, o.at):
-            return ("pending", o.message, o.at, o.awaiting, o.task_id, o.token)
-        at, _ = record.expiry()
-        return ("suspended", o.message, NEVER if at is None else at, o.awaiting, o.task_id,
-                o.token)
+        status, due = place_suspension(None if row is None else callback_record(row), o.at)
+        return (status, o.message, due, o.awaiting, o.task_id, o.token)
 
     # ---- leases --------------------------------------------------------
 
@@ -466,26 +450,26 @@ class SQLiteTaskStore(TaskStore):
 
     def durable_add_callback(self, record: CallbackRecord) -> None:
         self._write(lambda db: db.execute(
-            f"INSERT INTO durable_callbacks({_CALLBACK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO durable_callbacks({CALLBACK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (record.callback_id, record.owner, record.name, record.created_ms, record.timeout_ms,
              record.heartbeat_timeout_ms, record.state, record.result, record.error,
              record.last_beat_ms)))
 
     def durable_callback(self, callback_id: str) -> Optional[CallbackRecord]:
-        rows = self._read(f"SELECT {_CALLBACK_COLUMNS} FROM durable_callbacks WHERE id = ?",
+        rows = self._read(f"SELECT {CALLBACK_COLUMNS} FROM durable_callbacks WHERE id = ?",
                           (callback_id,))
-        return _callback_record(rows[0]) if rows else None
+        return callback_record(rows[0]) if rows else None
 
     def durable_signal(self, callback_id: str, state: str, result: Optional[bytes],
                        error: Optional[str], now: int) -> CallbackRecord:
         check_signal_state(state)
 
         def body(db: sqlite3.Connection) -> CallbackRecord:
-            row = db.execute(f"SELECT {_CALLBACK_COLUMNS} FROM durable_callbacks WHERE id = ?",
+            row = db.execute(f"SELECT {CALLBACK_COLUMNS} FROM durable_callbacks WHERE id = ?",
                              (callback_id,)).fetchone()
             if row is None:
                 raise UnknownCallbackError(callback_id)
-            record = _callback_record(row)
+            record = callback_record(row)
             due = apply_signal(record, state, result, error, now)
             if due is not None:  # a heartbeat
                 db.execute("UPDATE durable_callbacks SET last_beat_at = ? WHERE id = ?",

@@ -50,14 +50,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 from ..durable import CallbackRecord
 from ..errors import CallbackAlreadyCompletedError
 
 __all__ = [
     "STATUSES", "TERMINAL_STATUSES", "NEVER", "CALLBACK_STATES", "TaskRecord", "ClaimedTask", "Outcome",
-    "TaskStore", "Waker", "check_signal_state", "apply_signal",
+    "TaskStore", "Waker", "CALLBACK_COLUMNS", "callback_record", "check_signal_state",
+    "apply_signal", "place_suspension",
 ]
 
 STATUSES = ("pending", "running", "suspended", "completed", "failed", "cancelled")
@@ -326,3 +327,31 @@ def apply_signal(record: CallbackRecord, state: str, result: Optional[bytes],
         return NEVER if at is None else at
     record.state, record.result, record.error = state, result, error
     return None
+
+
+CALLBACK_COLUMNS = ("id, task_id, name, created_at, timeout_ms, heartbeat_timeout_ms, state, "
+                    "result, error, last_beat_at")
+"""The callbacks table's columns, in the order ``callback_record`` reads."""
+
+
+def callback_record(row: Sequence[Any]) -> CallbackRecord:
+    """A callbacks-table row (``CALLBACK_COLUMNS``) as a ``CallbackRecord``."""
+    (callback_id, task_id, name, created, timeout_ms, heartbeat_ms, state, result, error,
+     last_beat) = row
+    return CallbackRecord(callback_id, task_id, name, int(created), int(timeout_ms),
+                          int(heartbeat_ms), state, None if result is None else bytes(result),
+                          error, last_beat_ms=int(last_beat))
+
+
+def place_suspension(record: Optional[CallbackRecord], at: int) -> Tuple[str, int]:
+    """Where a task suspended on ``record`` goes as its suspension is
+    settled at ``at``: ``("suspended", the callback's expiry or NEVER)``,
+    or ``("pending", at)`` if the callback is gone, was signalled or has
+    expired meanwhile (the replay then sees it at once)."""
+    if record is not None and record.state == "pending":
+        expiry, _ = record.expiry()
+        if expiry is None:
+            return "suspended", NEVER
+        if at < expiry:
+            return "suspended", expiry
+    return "pending", at
