@@ -18,6 +18,7 @@ from callbackworker.errors import (
     NonDeterminismError,
     UnknownCallbackError,
     UnknownQueueError,
+    UnknownTaskError,
 )
 from callbackworker.tasks.storage import NEVER, STATUSES, ClaimedTask, Outcome, TaskStore
 
@@ -347,6 +348,20 @@ class StorageContract:
         with pytest.raises(NonDeterminismError):
             store.durable_record(task.id, 0, "step", "b", b"2")
         assert store.durable_ops(task.id) == [("step", "a", b"1")]
+
+    def test_durable_rows_of_a_missing_task_are_refused(self, store: TaskStore) -> None:
+        """The log and callbacks belong to a task: none is kept for an id
+        that was never enqueued or was swept."""
+        with pytest.raises(UnknownTaskError):
+            store.durable_record("missing", 0, "step", "a", b"")
+        with pytest.raises(UnknownTaskError):
+            store.durable_add_callback(CallbackRecord("cb", "missing", "approval", 0))
+        store.ensure_queue("q")
+        _enqueue(store, "q", 1)
+        store.sweep("q", 1)  # nothing terminal: t0 stays
+        store.durable_record("t0", 0, "step", "a", b"")
+        assert store.durable_ops("t0") == [("step", "a", b"")]
+        assert store.durable_callback("cb") is None
 
     def test_callback_round_trip(self, store: TaskStore) -> None:
         task = _claimed_one(store)
