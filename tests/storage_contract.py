@@ -8,7 +8,7 @@ contract (``callbackworker.tasks.storage``), explicit times, and no sleeps.
 from __future__ import annotations
 
 import threading
-from typing import List
+from typing import Dict, List, Tuple
 
 import pytest
 
@@ -20,6 +20,7 @@ from callbackworker.errors import (
     UnknownQueueError,
     UnknownTaskError,
 )
+from callbackworker.tasks.schema import INDEXES
 from callbackworker.tasks.storage import NEVER, STATUSES, ClaimedTask, Outcome, TaskStore
 
 LEASE = 30_000
@@ -49,6 +50,16 @@ def _suspended_one(store: TaskStore, timeout_ms: int = 0, heartbeat_ms: int = 0,
     assert store.settle([Outcome(task.id, task.token, "suspend", "", 10,
                                  awaiting=callback_id)]) == [True]
     return task
+
+
+def source_indexes(backend: str) -> Dict[str, Tuple[str, Tuple[str, ...]]]:
+    """``schema.INDEXES[backend]`` as ``{name: (table, key columns)}``, the
+    form each backend's schema test reads its live indexes in."""
+    parsed = {}
+    for name, text in INDEXES[backend].items():
+        table, _, rest = text.partition("(")
+        parsed[name] = (table, tuple(c.strip() for c in rest.partition(")")[0].split(",")))
+    return parsed
 
 
 class StorageContract:

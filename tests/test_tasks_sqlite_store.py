@@ -13,11 +13,11 @@ from typing import Any, Iterator, List, Mapping
 import pytest
 
 from callbackworker.durable import CallbackRecord
-from callbackworker.tasks.schema import INDEXES, SCHEMA_VERSION, expected_columns
+from callbackworker.tasks.schema import SCHEMA_VERSION, expected_columns
 from callbackworker.tasks.sqlite import SQLiteTaskStore
 from callbackworker.tasks.storage import Outcome
 
-from storage_contract import StorageContract
+from storage_contract import StorageContract, source_indexes
 
 
 @pytest.fixture
@@ -217,19 +217,10 @@ def _live_schema(path: Path) -> "tuple[dict, dict]":
     return columns, indexes
 
 
-def _source_indexes(backend: str) -> "dict":
-    """``schema.INDEXES`` as ``{name: (table, columns)}``."""
-    parsed = {}
-    for name, text in INDEXES[backend].items():
-        table, _, rest = text.partition("(")
-        parsed[name] = (table, tuple(c.strip() for c in rest.partition(")")[0].split(",")))
-    return parsed
-
-
 def test_a_fresh_database_has_the_described_schema(store: SQLiteTaskStore) -> None:
     columns, indexes = _live_schema(Path(store.path))
     assert columns == expected_columns("sqlite")
-    assert indexes == _source_indexes("sqlite")
+    assert indexes == source_indexes("sqlite")
     assert _pragma(Path(store.path), "user_version") == SCHEMA_VERSION
 
 
@@ -245,4 +236,4 @@ def test_a_migrated_database_has_the_described_schema(tmp_path: Path) -> None:
     SQLiteTaskStore(path).close()
     columns, indexes = _live_schema(path)
     assert columns == expected_columns("sqlite")
-    assert indexes == _source_indexes("sqlite")
+    assert indexes == source_indexes("sqlite")

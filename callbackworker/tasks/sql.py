@@ -137,6 +137,13 @@ STATEMENTS: Dict[str, str] = {
                       "AND status = {SUSPENDED} AND awaiting = :id",
     "resolve": "UPDATE {callbacks} SET state = :state, result = :result, error = :error "
                "WHERE id = :id",
+    # What a trigger runs as task NEW reaches a terminal status: its log
+    # goes and its pending callbacks close (both backends' migration 2).
+    "end_durable_state": """
+        DELETE FROM {ops} WHERE task_id = NEW.id;
+        UPDATE {callbacks}
+           SET state = CASE state WHEN 'pending' THEN 'closed' ELSE state END, result = NULL
+         WHERE task_id = NEW.id;""",
     # A terminal signal wakes the task suspended on it: due now.
     "wake": "UPDATE {tasks} SET status = {PENDING}, next_run_at = :now WHERE id = :task_id "
             "AND status = {SUSPENDED} AND awaiting = :id",

@@ -49,6 +49,11 @@ DURABILITY = {"normal": "NORMAL", "full": "FULL"}
 _MIN_SQLITE = (3, 35, 0)
 _BUSY_TIMEOUT_MS = 2000
 
+# Who is recovered as known dead: expanded per call (SQLite has no arrays).
+_DEAD_OWNERS = "owner IN (:dead_owners)"
+
+_DIALECT = Dialect(dead_owners=_DEAD_OWNERS)
+
 _MIGRATIONS: List[List[str]] = [
     # 1: queues and tasks.
     [
@@ -104,14 +109,9 @@ _MIGRATIONS: List[List[str]] = [
         "CREATE INDEX durable_callbacks_task ON durable_callbacks(task_id)",
         # Every path to a terminal status (complete, fail, recover, cancel,
         # clear) ends the task's durable state here, in its transaction.
-        """CREATE TRIGGER tasks_durable_ended AFTER UPDATE OF status ON tasks
+        f"""CREATE TRIGGER tasks_durable_ended AFTER UPDATE OF status ON tasks
            WHEN NEW.status IN ('completed', 'failed', 'cancelled')
-           BEGIN
-               DELETE FROM durable_ops WHERE task_id = NEW.id;
-               UPDATE durable_callbacks
-                  SET state = CASE state WHEN 'pending' THEN 'closed' ELSE state END,
-                      result = NULL
-                WHERE task_id = NEW.id;
+           BEGIN {_DIALECT.sql("end_durable_state")}
            END""",
         """CREATE TRIGGER tasks_durable_swept AFTER DELETE ON tasks
            BEGIN
@@ -121,11 +121,6 @@ _MIGRATIONS: List[List[str]] = [
     ],
 ]
 
-
-# Who is recovered as known dead: expanded per call (SQLite has no arrays).
-_DEAD_OWNERS = "owner IN (:dead_owners)"
-
-_DIALECT = Dialect(dead_owners=_DEAD_OWNERS)
 
 _QUEUE_EXISTS = "SELECT 1 FROM queues WHERE name = ?"
 _ENQUEUE = _DIALECT.render("INSERT INTO {tasks}(id, queue, payload, status, next_run_at, "
