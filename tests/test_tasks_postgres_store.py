@@ -19,7 +19,7 @@ psycopg = pytest.importorskip("psycopg", reason="psycopg 3 is not installed: "
                                                 "pip install 'callbackworker[postgres]'")
 
 from callbackworker.durable import CallbackRecord  # noqa: E402
-from callbackworker.errors import StorageBusyError, UnknownTaskError  # noqa: E402
+from callbackworker.errors import StorageBusyError  # noqa: E402
 from callbackworker.tasks import postgres  # noqa: E402
 from callbackworker.tasks.postgres import SCHEMA_VERSION, PostgresTaskStore  # noqa: E402
 from callbackworker.tasks.schema import expected_columns  # noqa: E402

@@ -6,13 +6,17 @@ DESIGN
 * Connections.  A small pool (``pool_size``, default 4) of autocommit
   connections: the dispatcher, the group committer and callers' threads
   each borrow one per call, so a slow read never holds up a claim.  A
-  connection that broke is discarded, never returned to the pool.
-* Statements.  Nearly every method is one SQL statement, hence atomic on
-  its own in autocommit mode and one round trip: enqueue is one
-  ``INSERT … SELECT FROM unnest(…)`` for the whole batch, a group commit
-  is one ``UPDATE … FROM unnest(…)`` for every outcome, recovery one
-  ``UPDATE`` that decides per row between retry and failure.  A claim
-  under ``delay_ms`` (below), a group commit holding a suspension and a
+  connection that broke is discarded, never returned to the pool
+  (``pgconn.py`` holds the pool and the listener).
+* Statements.  What this store runs like the SQLite one comes from
+  ``sql.SQLTaskStore``, rendered in this store's dialect (``_DIALECT``); its
+  own statements (batches over ``unnest``, ``NOTIFY``) are kept by name in
+  ``_STATEMENTS``.  Nearly every method is one SQL statement, hence atomic
+  on its own in autocommit mode and one round trip: enqueue is one ``INSERT
+  … SELECT FROM unnest(…)`` for the whole batch, a group commit is one
+  ``UPDATE … FROM unnest(…)`` for every outcome, recovery one ``UPDATE``
+  that decides per row between retry and failure.  A claim under
+  ``delay_ms`` (below), a cancel, a group commit holding a suspension and a
   callback signal (below) are explicit transactions.
 * Claims.  ``UPDATE … WHERE seq IN (SELECT seq … ORDER BY next_run_at, seq
   LIMIT n FOR UPDATE SKIP LOCKED) RETURNING …``: concurrent claimers on any
@@ -31,21 +35,23 @@ DESIGN
   takes from the gap).
 * Durable callbacks.  ``cbw_durable_ops`` and ``cbw_durable_callbacks``
   reference their task (``ON DELETE CASCADE``: retention deletes them with
-  it); a row trigger on ``cbw_tasks`` deletes the log and closes the
-  pending callbacks whenever a task reaches a terminal status, whatever
-  statement put it there.  Lock order is always the task's row, then its
-  callbacks': the trigger follows it, a signal locks the owner task
+  it), so a durable row of a task that does not exist is refused
+  (``UnknownTaskError``); a row trigger on ``cbw_tasks`` deletes the log and
+  closes the pending callbacks whenever a task reaches a terminal status,
+  whatever statement put it there.  Lock order is always the task's row,
+  then its callbacks': the trigger follows it, a signal locks the owner task
   (``FOR NO KEY UPDATE``) before the callback (``FOR UPDATE``), and a
-  suspension reads the callback in a second statement, after its
-  ``UPDATE`` holds the task.  So they never deadlock, concurrent signals
-  serialise on the callback (the first applies, the others find it no
-  longer pending), and a signal racing a suspension either committed
-  before the callback is read (the task becomes pending at once) or waits
-  and finds the task suspended (and wakes it).
+  suspension reads the callback in a second statement, after its ``UPDATE``
+  holds the task.  So they never deadlock, concurrent signals serialise on
+  the callback (the first applies, the others find it no longer pending),
+  and a signal racing a suspension either committed before the callback is
+  read (the task becomes pending at once) or waits and finds the task
+  suspended (and wakes it).
 * Transient failures.  Serialization failures, deadlocks, a lost
-  connection and a server shutting down or restarting are retried, the
-  whole statement or transaction again on a fresh or same connection, with
-  exponential backoff; past ``patience_s`` they raise ``StorageBusyError``.
+  connection and a server shutting down or restarting are retried by the
+  shared loop (``SQLTaskStore._retry``), the whole statement or
+  transaction again on a fresh or same connection, with exponential
+  backoff; past ``patience_s`` they raise ``StorageBusyError``.
   A connection lost while a commit was in flight leaves the outcome
   unknown: a retried ``enqueue`` may then fail on its duplicate task id
   (the first try did commit); a retried claim leaves the first claim's
@@ -65,7 +71,8 @@ DESIGN
 * Schema.  Tables are prefixed ``cbw_`` and live in the connection's
   current schema (set ``search_path`` in the DSN to keep several
   deployments in one database).  ``cbw_schema_version`` holds the version;
-  ``_MIGRATIONS`` holds every step.  Opening a store takes a transaction-
+  ``_MIGRATIONS`` holds every step, and ``schema.py`` describes the result
+  (the tests check one against the other).  Opening a store takes a transaction-
   scoped advisory lock keyed on the schema, then applies the missing steps
   and bumps the version in the same transaction, so hosts starting at once
   migrate exactly once and the others wait, then see the new version.

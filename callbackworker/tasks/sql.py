@@ -2,15 +2,15 @@
 
 DESIGN
 
-* One base class holds every operation whose SQL and flow the two
-  databases agree on; a backend subclasses it, names its ``Dialect`` (table
-  prefix, row-locking clauses, casts, how ``NOTIFY`` wraps a change) and
-  supplies four primitives: ``_query`` (a read), ``_single`` (one
-  statement, atomic on its own), ``_atomic`` (a body of statements in one
-  transaction) and ``_is_transient`` (which failures another attempt may
-  get past).  What only one database can do well (PostgreSQL's one-
-  statement batches over ``unnest``, SQLite's per-kind settle statements)
-  stays in the backend.
+* One base class holds every operation whose SQL and flow the two databases
+  agree on; a backend subclasses it, names its ``Dialect`` (table prefix,
+  row-locking clauses, casts, how ``NOTIFY`` wraps a change) and supplies
+  four primitives: ``_query`` (a read), ``_single`` (one statement, atomic
+  on its own), ``_atomic`` (a body of statements in one transaction), each
+  retried through ``_retry``, and ``_busy_message``; its attempts decide
+  which failures are transient.  What only one database can do well
+  (PostgreSQL's one-statement batches over ``unnest``, SQLite's per-kind
+  settle statements) stays in the backend.
 * Every statement is kept by name in ``STATEMENTS`` and rendered once per
   dialect (``Dialect.sql``): ``{tasks}``-style fields become table names,
   ``{PENDING}``-style fields status literals (``status.TaskStatus``), and

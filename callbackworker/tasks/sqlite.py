@@ -16,10 +16,21 @@ DESIGN
   the write lock up front, so two processes never deadlock upgrading a read
   lock.  ``busy_timeout`` waits for a lock inside SQLite; if the lock is
   still held, the whole transaction is rolled back and retried with
-  exponential backoff, so "database is locked" never reaches a caller (past
-  ``patience_s`` it raises ``StorageBusyError``).
+  exponential backoff by the loop both stores share
+  (``SQLTaskStore._retry``), so "database is locked" never reaches a
+  caller (past ``patience_s`` it raises ``StorageBusyError``).
+* What this store runs like the PostgreSQL one comes from
+  ``sql.SQLTaskStore`` (statements kept by name, rendered in this store's
+  ``_DIALECT``); its own are the per-kind settle statements and the
+  ``executemany`` enqueue.  Named parameters are always bound from a
+  mapping, positional ones only to ``?``.
+* A durable row (an operation, a callback) of a task that does not exist
+  is refused with ``UnknownTaskError``, as on PostgreSQL, where a foreign
+  key does it: here the insert adds a row only if the task exists.
 * The schema is versioned by ``PRAGMA user_version``; ``_MIGRATIONS`` holds
-  every step, each applied once, in one transaction with the version bump.
+  every step, each applied once, in one transaction with the version bump;
+  ``schema.py`` describes the result (the tests check one against the
+  other).
 * A claim is one ``UPDATE … RETURNING`` over the oldest due pending tasks
   (SQLite ≥ 3.35).
 """
@@ -122,7 +133,7 @@ _MIGRATIONS: List[List[str]] = [
 ]
 
 
-_QUEUE_EXISTS = "SELECT 1 FROM queues WHERE name = ?"
+_QUEUE_EXISTS = _DIALECT.render("SELECT 1 FROM {queues} WHERE name = ?")
 _ENQUEUE = _DIALECT.render("INSERT INTO {tasks}(id, queue, payload, status, next_run_at, "
                            "created_at) VALUES (?, ?, ?, {PENDING}, ?, ?)")
 
