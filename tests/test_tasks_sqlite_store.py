@@ -13,6 +13,7 @@ from typing import Any, Iterator, List, Mapping
 import pytest
 
 from callbackworker.durable import CallbackRecord
+from callbackworker.errors import StorageBusyError
 from callbackworker.tasks.schema import SCHEMA_VERSION, expected_columns
 from callbackworker.tasks.sqlite import SQLiteTaskStore
 from callbackworker.tasks.storage import Outcome
@@ -107,6 +108,22 @@ def test_writes_wait_out_another_connection_holding_the_lock(tmp_path: Path) -> 
         assert errors == []
         assert store.get("t1") is not None
     finally:
+        store.close()
+
+
+def test_a_lock_held_past_patience_is_storage_busy_error(tmp_path: Path) -> None:
+    """Past ``patience_s`` the retry loop gives up with one clear error."""
+    path = tmp_path / "t.db"
+    store = SQLiteTaskStore(path, patience_s=0.1)
+    store.ensure_queue("q")
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(StorageBusyError, match="stayed locked"):
+            store.enqueue("q", "t1", b"x", 0)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
         store.close()
 
 
