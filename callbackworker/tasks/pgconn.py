@@ -126,7 +126,6 @@ class Listener:
         self._stopping = False
         self._stop_r, self._stop_w = socket.socketpair()
         self.backend_pid: Optional[int] = None
-        self.connections = 0
         self._thread = threading.Thread(target=self._run, name="callbackworker-task-listen",
                                          daemon=True)
         self._thread.start()
@@ -150,7 +149,6 @@ class Listener:
                 conn.add_notify_handler(lambda n: self._wake(n.payload))
                 conn.execute(f"LISTEN {CHANNEL}")
                 self.backend_pid = conn.info.backend_pid
-                self.connections += 1
                 pause = 0.05
                 self._wake(None)
                 self._listen(conn)
