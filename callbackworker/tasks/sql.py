@@ -4,7 +4,7 @@ DESIGN
 
 * One base class holds every operation whose SQL and flow the two databases
   agree on; a backend subclasses it, names its ``Dialect`` (table prefix,
-  row-locking clauses, casts, how ``NOTIFY`` wraps a change) and supplies
+  row-locking clauses, casts, the statements only it has) and supplies
   four primitives: ``_query`` (a read), ``_single`` (one statement, atomic
   on its own), ``_atomic`` (a body of statements in one transaction), each
   retried through ``_retry``, and ``_busy_message``; its attempts decide
@@ -14,8 +14,8 @@ DESIGN
 * Every statement is kept by name in ``STATEMENTS`` and rendered once per
   dialect (``Dialect.sql``): ``{tasks}``-style fields become table names,
   ``{PENDING}``-style fields status literals (``status.TaskStatus``), and
-  ``:name`` placeholders the driver's named parameters.  Parameters are
-  always passed as a mapping.
+  ``:name`` placeholders the driver's named parameters, so a shared
+  statement always takes its parameters as a mapping.
 * Transient failures (a locked SQLite file, a lost PostgreSQL connection,
   a serialization failure) are retried by ``_retry``, the one loop both
   use: an attempt raises ``TransientError`` to ask for another, and the
@@ -170,7 +170,6 @@ class Dialect:
                  skip_locked: str = "", as_int: str = "", as_bigint: str = "",
                  as_bytes: str = "", named: str = ":{}", dead_owners: str = "",
                  extra: Optional[Mapping[str, str]] = None) -> None:
-        self.prefix = prefix
         self.named = named
         self._fields: Dict[str, str] = {
             "tasks": f"{prefix}tasks", "queues": f"{prefix}queues",

@@ -3,8 +3,10 @@ share.
 
 The stored value of a status is its string (``"pending"``, …): the
 ``status`` column holds it and ``TaskRecord.status`` / ``TaskInfo.status``
-return it as a plain ``str``.  SQL text names statuses only through
-``literal`` and ``literals``, so a status is spelt once, here.
+return it as a plain ``str``.  The stores' statements name statuses only
+through ``literal`` and ``literals``, so a status is spelt once, here; the
+released schema migrations, which are history, keep theirs as written
+(the tests check PostgreSQL's status constraint against this enum).
 """
 
 from __future__ import annotations
