@@ -60,7 +60,7 @@ __all__ = [
     "STATUSES", "TaskStatus", "NEVER", "TaskRecord", "ClaimedTask", "NewCall", "Outcome",
     "TaskStore",
     "Waker", "CALLBACK_COLUMNS", "callback_record", "check_signal_state", "apply_signal",
-    "place_suspension",
+    "place_suspension", "storable_text", "MAX_MESSAGE_CHARS",
 ]
 
 STATUSES: Tuple[str, ...] = tuple(status.value for status in TaskStatus)
@@ -147,6 +147,31 @@ class Outcome:
     traceback: Optional[str] = None
 
     KINDS = ("complete", "fail", "retry", "release", "suspend")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "message", storable_text(self.message))
+
+
+MAX_MESSAGE_CHARS = 64 * 1024
+"""Longest message a task keeps; longer ones are cut, with a marker."""
+
+
+def storable_text(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """``text`` as every store can hold it: lone surrogates (from a name
+    decoded with ``surrogateescape``, say) and NUL characters, which SQLite
+    or PostgreSQL refuse, are written as backslash escapes, and text over
+    ``limit`` characters is cut, saying how much was left out.  Text that
+    needs none of this is returned as it is."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(text) > limit:
+        cut = len(text) - limit
+        text = f"{text[:limit]}... [{cut} more characters cut]"
+    return text
 
 
 class TaskStore(ABC):
