@@ -26,8 +26,10 @@ from callbackworker import (
     UnknownQueueError,
     UnknownTaskError,
 )
-from callbackworker.tasks import service as service_module
-from callbackworker.tasks.service import _Attempt, _open_store, retry_delay_ms
+from callbackworker.tasks import owners
+from callbackworker.tasks.client import open_store as open_task_store
+from callbackworker.tasks.runtime import _Attempt
+from callbackworker.tasks.service import retry_delay_ms
 from callbackworker.tasks.storage import TaskStore
 
 from helpers import FakeClock
@@ -36,7 +38,7 @@ from helpers import FakeClock
 def open_store(db: str) -> TaskStore:
     """A second handle on the service's database, as another process would
     open it."""
-    return _open_store(db, "normal")
+    return open_task_store(db, "normal")
 
 
 @pytest.fixture
@@ -246,7 +248,7 @@ def test_retention_keeps_pending_tasks(service: TaskService, clock: FakeClock) -
     clock.advance(10**9)
     task = service.enqueue("q", b"x")
     clock.advance(10**9)
-    service._maintain(sweep=True)
+    service._runtime._maintain(sweep=True)
     assert service.get(task).status == "pending"
 
 
@@ -338,7 +340,7 @@ def test_crash_recovery_on_create_queue(db: str, clock: FakeClock) -> None:
     store.ensure_queue("q")
     store.enqueue_many("q", [("dead", b"1"), ("expired", b"2"), ("live", b"3")],
                        clock() - 50_000)
-    host = service_module._HOST  # the host name, and on Linux its pid namespace
+    host = owners.HOST  # the host name, and on Linux its pid namespace
     gone_pid = _a_dead_pid()
     store.claim("q", owner=f"{host}/{gone_pid}/x", limit=1, now=clock(), lease_ms=10**9)
     store.claim("q", owner="otherhost/1/y", limit=1, now=clock() - 40_000, lease_ms=30_000)
@@ -394,10 +396,10 @@ def test_a_host_name_shared_with_another_machine_does_not_make_its_workers_dead(
     """Two containers or machines with one host name share a database: a
     pid that is gone here says nothing about a worker over there."""
     gone_pid = _a_dead_pid()
-    assert service_module._owner_is_dead(f"{service_module._HOST}/{gone_pid}/x")
+    assert owners.owner_is_dead(f"{owners.HOST}/{gone_pid}/x")
     twin = f"{socket.gethostname()}#000000000000"
-    assert not service_module._owner_is_dead(f"{twin}/{gone_pid}/x")
-    assert not service_module._owner_is_dead(f"{socket.gethostname()}/{gone_pid}/x")
+    assert not owners.owner_is_dead(f"{twin}/{gone_pid}/x")
+    assert not owners.owner_is_dead(f"{socket.gethostname()}/{gone_pid}/x")
 
 
 # ---- limits and bad input -----------------------------------------------
@@ -480,10 +482,11 @@ def test_closed_service_refuses_every_verb(db: str) -> None:
 def test_close_gives_back_claimed_but_unstarted_tasks(service: TaskService, db: str) -> None:
     service.create_queue("q", QueueConfig(concurrency=1), handler=ok)
     task = service.enqueue("q", b"x")
-    (claimed,) = service._store.claim("q", owner=service._owner, limit=1, now=0 + service._now(),
+    runtime = service._runtime
+    (claimed,) = service._store.claim("q", owner=runtime._owner, limit=1, now=runtime._now(),
                                        lease_ms=30_000)
-    with service._cond:
-        service._unstarted.add(_Attempt(service, service._queues["q"], claimed))
+    with runtime._cond:
+        runtime._unstarted.add(_Attempt(runtime, runtime._queues["q"], claimed))
     service.close()
     store = open_store(db)
     record = store.get(task)
@@ -524,7 +527,7 @@ def test_prefetch_claims_beyond_free_slots_and_close_gives_them_back(db: str, cl
     service = TaskService(db, clock=clock, background=False, prefetch=2)
     service.create_queue("q", handler=hold)
     ids = service.enqueue_many("q", [b"1", b"2", b"3", b"4"])
-    started, _ = service._claim_and_start()
+    started, _ = service._runtime._claim_and_start()
     assert started == 3  # one slot plus two prefetched
     with TaskService(db, clock=clock, background=False) as reader:
         assert [reader.get(i).status for i in ids] == ["running"] * 3 + ["pending"]
