@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from typing import Iterator, List, Optional
 
 import pytest
@@ -28,7 +29,6 @@ from callbackworker import (
 )
 from callbackworker.tasks import owners
 from callbackworker.tasks.client import open_store as open_task_store
-from callbackworker.tasks.runtime import _Attempt
 from callbackworker.tasks.service import retry_delay_ms
 from callbackworker.tasks.storage import TaskStore
 
@@ -323,6 +323,17 @@ def test_enqueue_to_unknown_queue(service: TaskService) -> None:
         service.enqueue("nope", b"x")
 
 
+def test_served_queues_are_those_this_service_created(db: str, clock: FakeClock) -> None:
+    with TaskService(db, clock=clock, background=False) as other:
+        other.create_queue("elsewhere", handler=ok)
+        with TaskService(db, clock=clock, background=False) as service:
+            assert service.served_queues() == []
+            service.create_queue("b", handler=ok)
+            service.create_queue("a", handler=ok)
+            assert service.served_queues() == ["a", "b"]
+            assert service.queues() == ["a", "b", "elsewhere"]
+
+
 def test_queue_created_elsewhere_accepts_tasks(db: str, clock: FakeClock) -> None:
     with TaskService(db, clock=clock, background=False) as runner:
         runner.create_queue("q", handler=ok)
@@ -479,14 +490,60 @@ def test_closed_service_refuses_every_verb(db: str) -> None:
             call()
 
 
+def test_flush_waits_for_claimed_tasks_and_commits_their_outcomes(db: str) -> None:
+    gate, running = threading.Event(), threading.Event()
+
+    def hold(payload: memoryview) -> str:
+        running.set()
+        gate.wait(30)
+        return "done"
+
+    with TaskService(db) as service:
+        service.flush()  # serves no queue: nothing to wait for
+        service.create_queue("q", handler=hold)
+        task = service.enqueue("q", b"")
+        assert running.wait(30)
+        flusher = threading.Thread(target=service.flush)
+        flusher.start()
+        flusher.join(0.2)
+        assert flusher.is_alive()  # the handler still runs
+        gate.set()
+        flusher.join(30)
+        assert not flusher.is_alive()
+        store = open_store(db)  # another process sees the outcome at once
+        try:
+            record = store.get(task)
+        finally:
+            store.close()
+        assert record is not None and (record.status, record.message) == ("completed", "done")
+
+
+def test_flush_from_a_handler_is_a_runtime_error(service: TaskService) -> None:
+    def flush_myself(payload: memoryview) -> None:
+        service.flush()
+
+    service.create_queue("q", handler=flush_myself)
+    task = service.enqueue("q", b"")
+    service._dispatch_once()
+    info = service.get(task)
+    assert info.status == "failed" and info.message.startswith("RuntimeError: ")
+
+
+def test_flush_on_a_closed_service_is_an_error(db: str) -> None:
+    service = TaskService(db)
+    service.close()
+    with pytest.raises(ServiceClosedError):
+        service.flush()
+
+
 def test_close_gives_back_claimed_but_unstarted_tasks(service: TaskService, db: str) -> None:
     service.create_queue("q", QueueConfig(concurrency=1), handler=ok)
     task = service.enqueue("q", b"x")
     runtime = service._runtime
     (claimed,) = service._store.claim("q", owner=runtime._owner, limit=1, now=runtime._now(),
                                        lease_ms=30_000)
-    with runtime._cond:
-        runtime._unstarted.add(_Attempt(runtime, runtime._queues["q"], claimed))
+    with runtime._cond:  # as if handed to the worker, which has not run it yet
+        runtime._track_locked(runtime._queues["q"], [claimed])
     service.close()
     store = open_store(db)
     record = store.get(task)
@@ -516,8 +573,6 @@ def test_current_task_inside_a_handler(service: TaskService) -> None:
 
 
 def test_prefetch_claims_beyond_free_slots_and_close_gives_them_back(db: str, clock: FakeClock) -> None:
-    import threading
-
     gate, running = threading.Event(), threading.Event()
 
     def hold(payload: memoryview) -> None:

@@ -129,12 +129,14 @@ class _Queue:
 class _Attempt:
     """The work item of one claimed task's job (``Worker.run_detached``)."""
 
-    __slots__ = ("runtime", "queue", "task")
+    __slots__ = ("runtime", "queue", "task", "epoch")
 
-    def __init__(self, runtime: "TaskRuntime", queue: _Queue, task: ClaimedTask) -> None:
+    def __init__(self, runtime: "TaskRuntime", queue: _Queue, task: ClaimedTask,
+                 epoch: int) -> None:
         self.runtime = runtime
         self.queue = queue
         self.task = task
+        self.epoch = epoch  # of the runtime's flushes, when it was claimed
 
     def run(self) -> None:
         self.runtime._run(self)
@@ -159,6 +161,11 @@ class TaskRuntime:
         self._create_lock = threading.Lock()
         self._queues: Dict[str, _Queue] = {}
         self._unstarted: Set[_Attempt] = set()  # claimed, handed to the worker, not yet run
+        # Attempts claimed and not yet finished, counted by the epoch they
+        # were claimed in; each flush() begins a new epoch and waits for the
+        # counts of the earlier ones.
+        self._epoch = 0
+        self._active: Dict[int, int] = {}
         self._kicked = False
         self._closed = False
         self._worker: Optional[Worker] = None
@@ -216,10 +223,38 @@ class TaskRuntime:
                 self._kick_locked()
 
     def flush(self) -> None:
-        """Returns once every outcome handed to the committer so far is
-        committed; at once when no queue is served."""
-        if self._committer is not None:
-            self._committer.flush()
+        """Returns once every task claimed so far has finished (its handler
+        returned, or it was given back) and its outcome is committed; at
+        once when no queue is served.  Tasks claimed meanwhile are not
+        waited for."""
+        if self._committer is None:
+            return
+        with self._cond:
+            epoch = self._epoch
+            self._epoch += 1
+            while any(e <= epoch for e in self._active):
+                self._cond.wait()
+        self._committer.flush()
+
+    def _track_locked(self, queue: _Queue, claimed: List[ClaimedTask]) -> List["_Attempt"]:
+        """The attempts of tasks just claimed in ``queue``, counted in flight
+        and unstarted until they run (under ``_cond``)."""
+        attempts = [_Attempt(self, queue, task, self._epoch) for task in claimed]
+        self._unstarted.update(attempts)
+        self._active[self._epoch] = self._active.get(self._epoch, 0) + len(attempts)
+        queue.in_flight += len(attempts)
+        return attempts
+
+    def _finished_locked(self, attempt: "_Attempt") -> None:
+        """Counts ``attempt`` out of its queue's and its epoch's in-flight
+        counts (under ``_cond``; its outcome is with the committer)."""
+        attempt.queue.in_flight -= 1
+        left = self._active[attempt.epoch] - 1
+        if left:
+            self._active[attempt.epoch] = left
+        else:
+            del self._active[attempt.epoch]
+        self._cond.notify_all()
 
     def close(self) -> None:
         """Stops claiming, lets running handlers finish, commits their
@@ -239,9 +274,12 @@ class TaskRuntime:
             unstarted = list(self._unstarted)
             self._unstarted.clear()
         if self._committer is not None:
-            for attempt in unstarted:
+            for attempt in unstarted:  # their jobs never run: give them back
                 task = attempt.task
                 self._committer.put(Outcome(task.id, task.token, "release", "", now))
+            with self._cond:
+                for attempt in unstarted:
+                    self._finished_locked(attempt)
             self._committer.close()
 
     def _kick(self) -> None:
@@ -313,22 +351,20 @@ class TaskRuntime:
         if not claimed:
             return
         assert self._worker is not None and self._committer is not None
-        attempts = [_Attempt(self, queue, task) for task in claimed]
         with self._cond:
-            self._unstarted.update(attempts)
-            queue.in_flight += len(claimed)
+            attempts = self._track_locked(queue, claimed)
         for attempt in attempts:
             try:
                 self._worker.run_detached(attempt, route=queue.route)
             except Exception:
                 with self._cond:
                     taken = attempt in self._unstarted  # else close() released it
-                    if taken:
-                        self._unstarted.discard(attempt)
-                        queue.in_flight -= 1
+                    self._unstarted.discard(attempt)
                 if taken:  # the job never ran: give the attempt back
                     task = attempt.task
                     self._committer.put(Outcome(task.id, task.token, "release", "", self._now()))
+                    with self._cond:
+                        self._finished_locked(attempt)
                 if not self._closed:
                     raise
 
@@ -350,7 +386,7 @@ class TaskRuntime:
             assert self._committer is not None
             self._committer.put(outcome)
             with self._cond:
-                queue.in_flight -= 1
+                self._finished_locked(attempt)
                 self._kick_locked()
 
     def _attempt(self, queue: _Queue, task: ClaimedTask) -> Outcome:
@@ -402,8 +438,5 @@ class TaskRuntime:
             return 0
         self._maintain(sweep=True)
         started, _ = self._claim_and_start()
-        with self._cond:
-            while any(q.in_flight for q in self._queues.values()):
-                self._cond.wait()
         self.flush()
         return started

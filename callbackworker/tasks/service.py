@@ -176,13 +176,18 @@ class TaskService:
         return self._runtime.queue_names()
 
     def flush(self) -> None:
-        """Returns once the outcome of every attempt that has finished so far
-        is committed: a task whose handler has returned and handed over its
-        outcome is then ``completed``, ``failed``, retried or suspended in
-        the database, for every process to see.  Outcomes are otherwise
-        committed in batches by a background thread.  Returns at once when
-        the service serves no queue."""
+        """Waits until every task this service has claimed so far has
+        finished and its outcome is committed: completed, failed, due for a
+        retry or suspended in the database, for every process to see.
+        (Outcomes are otherwise committed in batches by a background
+        thread.)  Tasks claimed after the call are not waited for; a handler
+        that never returns makes this wait for ever.  Returns at once when
+        the service serves no queue.  ``RuntimeError`` from a handler (it
+        would wait for itself)."""
         self._check_open()
+        if current_task() is not None:
+            raise RuntimeError("TaskService.flush() cannot be called from a task handler: "
+                               "it would wait for that handler to finish")
         self._runtime.flush()
 
     def queues(self) -> List[str]:
