@@ -9,6 +9,7 @@ and on PostgreSQL.
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any, Iterator, List
 
 import pytest
@@ -716,3 +717,18 @@ def test_progress_outside_a_running_task_is_a_runtime_error() -> None:
 
     with pytest.raises(RuntimeError, match="thread running the task"):
         TaskContext("t", "q", 1).progress(1)
+
+
+def test_an_attempt_stuck_outside_python_is_abandoned_and_the_queue_goes_on(db: str) -> None:
+    release = threading.Event()
+    with TaskService(db, lease_ms=300, poll_ms=10) as service:
+        stuck = service.task(name="stuck", timeout_ms=50)(release.wait)  # blocks in C
+        quick = service.task(name="quick")(lambda: "still served")
+        stuck_id = stuck.enqueue()
+        service.serve()
+        try:
+            with pytest.raises(callbackworker.TaskFailedError, match="did not stop"):
+                service.result(stuck_id, timeout_ms=30_000)
+            assert service.result(quick.enqueue(), timeout_ms=30_000) == "still served"
+        finally:
+            release.set()
