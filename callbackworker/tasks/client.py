@@ -34,6 +34,7 @@ from ..durable import check_callback_id, check_error, check_result
 from ..errors import ServiceClosedError, TaskNotCancellableError, UnknownQueueError, UnknownTaskError
 from .config import TaskInfo, check_payload, check_queue_name, check_task_id, wall_clock_ms
 from .sqlite import SQLiteTaskStore
+from .status import WAITING
 from .storage import TaskStore
 
 __all__ = ["TaskClient", "open_store"]
@@ -171,7 +172,7 @@ class TaskClient:
         status = self._store.cancel(task_id, self._now())
         if status is None:
             raise UnknownTaskError(task_id)
-        if status not in ("pending", "suspended"):
+        if status not in WAITING:
             raise TaskNotCancellableError(task_id, status)
 
     def clear_queue(self, name: str) -> int:
