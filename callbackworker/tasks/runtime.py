@@ -280,7 +280,7 @@ class TaskRuntime:
                 self._cond.wait()
         self._committer.flush()
 
-    def _track_locked(self, queue: _Queue, claimed: List[ClaimedTask]) -> List["_Attempt"]:
+    def _track_locked(self, queue: _Queue, claimed: List[ClaimedTask]) -> List[_Attempt]:
         """The attempts of tasks just claimed in ``queue``, counted in flight
         and unstarted until they run (under ``_cond``)."""
         attempts = [_Attempt(self, queue, task, self._epoch) for task in claimed]
@@ -289,7 +289,7 @@ class TaskRuntime:
         queue.in_flight += len(attempts)
         return attempts
 
-    def _finished_locked(self, attempt: "_Attempt") -> None:
+    def _finished_locked(self, attempt: _Attempt) -> None:
         """Counts ``attempt`` out of its queue's and its epoch's in-flight
         counts (under ``_cond``; its outcome is with the committer)."""
         attempt.queue.in_flight -= 1
