@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import signal
 import sys
@@ -292,6 +293,14 @@ def task(args: argparse.Namespace) -> int:
     with TaskService(args.db) as service:
         info = service.get(args.id)
     print(f"status:  {info.status}\nattempt: {info.attempt}\nmessage: {info.message}")
+    if info.name is not None:  # a function's call: its name and what it returned
+        print(f"name:    {info.name}")
+        if info.status == "completed":
+            print(f"result:  {json.dumps(info.result)}")
+    if info.progress is not None:
+        print(f"progress: {json.dumps(info.progress)}")
+    if info.traceback is not None and info.status == "failed":
+        print(f"traceback:\n{info.traceback.rstrip()}")
     return 0
 
 
@@ -393,7 +402,10 @@ def _add_task_commands(sub: Any) -> None:
     p.set_defaults(func=enqueue)
 
     p = sub.add_parser("task", help="show a task's status, message and attempt",
-                       description="Prints the task's status, attempt and message.")
+                       description="Prints the task's status, attempt and message; for a "
+                                   "task function also its name and result (JSON), and its "
+                                   "latest progress (JSON) and the traceback of a failed task "
+                                   "when there is one.")
     _add_db(p)
     p.add_argument("id", help="the task id enqueue printed")
     p.set_defaults(func=task)

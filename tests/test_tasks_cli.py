@@ -144,8 +144,12 @@ def test_worker_app_may_be_a_task_service_serving_every_registered_task(tmp_path
         with TaskService(db) as producer:
             ids = [producer.enqueue_task("add", [2, 3]), producer.enqueue_task("shout", ["hi"],
                                                                               queue="text")]
-        for task_id in ids:
-            _wait_for_status(db, task_id, ["completed"])
+            assert producer.result(ids[0], timeout_ms=30_000) == 5
+            assert producer.result(ids[1], timeout_ms=30_000) == "HI"
+        out = cli("task", "--db", str(db), ids[0])
+        assert out.stdout.splitlines() == ["status:  completed", "attempt: 1", "message: ",
+                                           "name:    add", "result:  5",
+                                           'progress: {"adding": [2, 3]}']
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
