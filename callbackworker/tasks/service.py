@@ -45,7 +45,6 @@ DESIGN
 
 from __future__ import annotations
 
-import atexit
 import hashlib
 import logging
 import os
@@ -54,10 +53,10 @@ import sys
 import threading
 import time
 import uuid
-import weakref
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, NamedTuple, NoReturn, Optional, Set, Tuple
 
+from .._lifecycle import live_services
 from ..durable import (
     DurableBackend,
     DurableRun,
@@ -439,7 +438,7 @@ class TaskService:
         self._worker: Optional[Worker] = None
         self._committer: Optional[_GroupCommitter] = None
         self._dispatcher: Optional[threading.Thread] = None
-        _live_services.add(self)
+        live_services.add(self)
 
     # ---- lifecycle ----------------------------------------------------
 
@@ -480,7 +479,7 @@ class TaskService:
                 self._committer.put(Outcome(task.id, task.token, "release", "", now))
             self._committer.close()
         self._store.close()
-        _live_services.discard(self)
+        live_services.discard(self)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -823,20 +822,3 @@ def _open_store(dsn: "str | os.PathLike[str]", durability: str) -> TaskStore:
 
         return PostgresTaskStore(dsn, durability=durability)
     return SQLiteTaskStore(dsn, durability=durability)
-
-
-_live_services: "weakref.WeakSet[TaskService]" = weakref.WeakSet()
-
-
-def _close_all_at_exit() -> None:
-    """Closes live services before the workers' own exit hook (atexit runs
-    hooks last-registered first), so claimed tasks are settled or given
-    back instead of waiting for their leases to expire."""
-    for service in list(_live_services):
-        try:
-            service.close()
-        except Exception:
-            log.exception("closing %r at exit", service)
-
-
-atexit.register(_close_all_at_exit)
