@@ -68,12 +68,15 @@ def test_a_cancelled_detached_job_never_runs_its_item() -> None:
 def test_items_of_jobs_queued_at_close_never_run() -> None:
     w = Worker()
     gate = threading.Event()
-    blocker = Item(lambda: gate.wait(5))
+    # The running item closes the worker itself, so the queued one cannot
+    # start between the gate opening and the close.
+    blocker = Item(lambda: (gate.wait(5), w.close()) and None)
     w.run_detached(blocker)
     wait_for(lambda: bool(blocker.threads))
     later = Item()
     w.run_detached(later)
     gate.set()
+    assert blocker.ran.wait(5)
     w.close()
     assert not later.ran.is_set()
 
