@@ -482,6 +482,12 @@ class Worker(JobQueries, RouteVerbs, AsyncWaits):
                 self._items.pop(jid, None)  # a detached job's item never runs now
         return rc == 1
 
+    def _forget_progress(self, jid: int) -> None:
+        """A destroyed job's progress state goes with it."""
+        tag = self._progress.pop(jid, None)
+        if tag is not None:
+            _progress.STATES.pop(tag, None)
+
     # ---- checks shared by the verbs ----------------------------------
 
     def _check_open(self) -> None:
@@ -499,21 +505,15 @@ class Worker(JobQueries, RouteVerbs, AsyncWaits):
         return jid
 
     def _job_and_timeout(self, job_id: object, timeout_ms: object) -> Tuple[int, int]:
-        """The waits' ``_job_id``, with their ``timeout_ms`` checked after
-        the id's type."""
+        """Checks a wait's arguments in the order every wait reports them:
+        the id's type, the timeout, the worker open, an id that could have
+        been issued."""
         jid = check_id(job_id)
         timeout_ms = check_timeout(timeout_ms)
         self._check_open()
         if not may_be_job_id(jid):
             raise_for(lib.CBW_EUNKNOWN, job_id)
         return jid, timeout_ms
-
-    # ---- progress -----------------------------------------------------
-
-    def _forget_progress(self, jid: int) -> None:
-        tag = self._progress.pop(jid, None)
-        if tag is not None:
-            _progress.STATES.pop(tag, None)
 
     # ---- durable external callbacks ----------------------------------
 
