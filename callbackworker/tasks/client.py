@@ -37,6 +37,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 from ..durable import check_callback_id, check_error, check_result
 from ..errors import ServiceClosedError, TaskNotCancellableError, UnknownQueueError, UnknownTaskError
 from .config import TaskInfo, check_int, check_payload, check_queue_name, check_task_id, wall_clock_ms
+from .events import TaskEvents
 from .functions import check_dedup_key, check_priority, check_task_name, encode_arguments
 from .results import Completions, wait_for_result, wait_for_result_async
 from .sqlite import SQLiteTaskStore
@@ -73,14 +74,16 @@ class TaskClient:
     else owns.  ``clock`` returns the time in milliseconds (default: wall
     clock).  ``on_commit(queue)`` is called after an enqueue (the queue's
     name) or a callback signal (None) has committed; it must not raise.
-    A ``TaskService`` has one: ``TaskService.client``.
+    A ``TaskService`` has one: ``TaskService.client``.  ``events``
+    (default: a new one) is told of every enqueue (``events.py``).
 
     Use it as a context manager or call ``close()``.  Thread-safe.
     """
 
     def __init__(self, store: TaskStore, *, clock: Optional[Callable[[], int]] = None,
                  on_commit: Optional[Callable[[Optional[str]], None]] = None,
-                 completions: Optional[Completions] = None) -> None:
+                 completions: Optional[Completions] = None,
+                 events: Optional[TaskEvents] = None) -> None:
         if not isinstance(store, TaskStore):
             raise TypeError(f"store must be a TaskStore, not {type(store).__name__}")
         if clock is not None and not callable(clock):
@@ -91,6 +94,7 @@ class TaskClient:
         self._clock: Callable[[], int] = clock or wall_clock_ms
         self._on_commit = on_commit
         self._completions = completions
+        self._events = TaskEvents() if events is None else events
         self._owns_store = False
         self._close_lock = threading.Lock()
         self._closed = False
@@ -116,6 +120,12 @@ class TaskClient:
 
     def _now(self) -> int:
         return int(self._clock())
+
+    @property
+    def events(self) -> TaskEvents:
+        """What this client (and the service it belongs to) does to tasks,
+        for observers such as ``callbackworker.metrics``."""
+        return self._events
 
     def close(self) -> None:
         """Stops answering (every verb then raises ``ServiceClosedError``)
@@ -160,6 +170,7 @@ class TaskClient:
         self._check_open()
         if tasks:
             self._store.enqueue_many(name, tasks, self._now())
+            self._events.enqueued(name, None, len(tasks))
             if self._on_commit is not None:
                 self._on_commit(name)
         return [task_id for task_id, _ in tasks]
@@ -201,9 +212,12 @@ class TaskClient:
         self._check_open()
         now = self._now()
         run_at = now + delay_ms if run_at_ms is None else run_at_ms
-        task_id = self._store.enqueue_call(queue, NewCall(uuid.uuid4().hex, name, text,
+        call_id = uuid.uuid4().hex
+        task_id = self._store.enqueue_call(queue, NewCall(call_id, name, text,
                                                           check_priority(priority), run_at,
                                                           check_dedup_key(dedup_key)), now)
+        if task_id == call_id:  # not an earlier task holding the dedup key
+            self._events.enqueued(queue, name, 1)
         if self._on_commit is not None:
             self._on_commit(queue)
         return task_id

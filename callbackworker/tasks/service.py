@@ -50,6 +50,7 @@ from .config import (
     retry_delay_ms,
     wall_clock_ms,
 )
+from .events import TaskEvents
 from .functions import FunctionRegistry, Task
 from .results import Completions
 from .runtime import TaskRuntime, current_task
@@ -109,12 +110,14 @@ class TaskService:
         self._store = open_store(dsn, durability)
         clock = clock or wall_clock_ms
         completions = Completions()
+        self._events = TaskEvents()
         self._functions = FunctionRegistry(lambda *a, **k: self._client.enqueue_task(*a, **k))
         self._runtime = TaskRuntime(self._store, clock, lease_ms=lease_ms, poll_ms=poll_ms,
                                     prefetch=prefetch, background=background,
-                                    calls=self._functions, completions=completions)
+                                    calls=self._functions, completions=completions,
+                                    events=self._events)
         self._client = TaskClient(self._store, clock=clock, on_commit=self._runtime.wake,
-                                  completions=completions)
+                                  completions=completions, events=self._events)
         self._close_lock = threading.Lock()
         self._closed = False
         live_services.add(self)
@@ -157,6 +160,13 @@ class TaskService:
         service's store.  What it enqueues or signals wakes this service's
         dispatcher; it is closed with the service."""
         return self._client
+
+    @property
+    def events(self) -> TaskEvents:
+        """What this service does to tasks (enqueues, attempts, lease
+        recovery), logged on ``callbackworker.tasks.events`` and told to
+        subscribed observers such as ``callbackworker.metrics``."""
+        return self._events
 
     def create_queue(self, name: str, config: Optional[QueueConfig] = None,
                      handler: Optional[Handler] = None) -> None:
