@@ -376,7 +376,8 @@ class TaskRuntime:
             if recovered:
                 self._events.recovered(q.name, recovered, "lease expired")
             if sweep:
-                self._store.sweep(q.name, now - q.config.retention_ms)
+                self._store.sweep(q.name, now - q.config.retention_ms,
+                                  now - q.config.failed_retention_ms)
 
     def _claim_and_start(self) -> Tuple[int, float]:
         """Claims due tasks up to each queue's free slots and starts them.

@@ -240,6 +240,26 @@ class TaskService:
         """As ``TaskClient.cancel``: cancels a pending or suspended task."""
         self._client.cancel(task_id)
 
+    def list_tasks(self, *, queue: Optional[str] = None, status: Optional[str] = None,
+                   name: Optional[str] = None, limit: int = 100,
+                   before_id: Optional[str] = None) -> List[TaskInfo]:
+        """As ``TaskClient.list_tasks``: tasks newest first, filtered,
+        paginated by ``before_id``."""
+        return self._client.list_tasks(queue=queue, status=status, name=name, limit=limit,
+                                       before_id=before_id)
+
+    def retry_task(self, task_id: str) -> None:
+        """As ``TaskClient.retry_task``: a failed or cancelled task is
+        pending again, due now; this service runs it at once if it serves
+        its queue."""
+        self._client.retry_task(task_id)
+
+    def purge(self, queue: str, *, status: str,
+              on_batch: Optional[Callable[[int], None]] = None) -> int:
+        """As ``TaskClient.purge``: deletes the queue's finished tasks of
+        ``status`` and returns how many."""
+        return self._client.purge(queue, status=status, on_batch=on_batch)
+
     def send_callback_success(self, callback_id: str, result: bytes) -> None:
         """As ``TaskClient.send_callback_success``: the suspended task waiting
         for the callback replays, and this service runs it at once if it
