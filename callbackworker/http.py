@@ -15,6 +15,11 @@ Routes (every one needs ``Authorization: Bearer <token>``)::
                                        "name", "queue", "result", "progress",
                                        "traceback", "created_at_ms",
                                        "finished_at_ms")
+    GET  /metrics                      Prometheus text format
+                                       (``callbackworker.metrics``): the
+                                       database's pending/running/suspended
+                                       gauges per queue, this process's
+                                       counters
 
 Answers: 200 with a JSON body on success; 401 for a missing or wrong token
 (checked with ``hmac.compare_digest`` before anything else, so an
@@ -138,6 +143,15 @@ def create_app(service_or_store: _Target, token: str) -> Starlette:
         info = await run_in_threadpool(client.get, task_id)
         return JSONResponse(info._asdict())
 
+    metrics = _metrics_of(client)
+
+    async def get_metrics(request: Request) -> Response:
+        if metrics is None:
+            return JSONResponse({"error": "metrics need prometheus_client (pip install "
+                                          "'callbackworker[metrics]')"}, 501)
+        body = await run_in_threadpool(metrics.render)
+        return Response(body, media_type=metrics_content_type())
+
     routes = [
         Route("/v1/callbacks/{callback_id}/success",
               _signal_endpoint("succeeded", client.send_callback_success), methods=["POST"]),
@@ -146,9 +160,28 @@ def create_app(service_or_store: _Target, token: str) -> Starlette:
         Route("/v1/callbacks/{callback_id}/heartbeat", _signal_endpoint("pending", heartbeat),
               methods=["POST"]),
         Route("/v1/tasks/{task_id}", get_task, methods=["GET"]),
+        Route("/metrics", get_metrics, methods=["GET"]),
     ]
-    return Starlette(routes=routes, middleware=[Middleware(_BearerAuth, token=token)],
-                     exception_handlers=_EXCEPTION_HANDLERS)
+    app = Starlette(routes=routes, middleware=[Middleware(_BearerAuth, token=token)],
+                    exception_handlers=_EXCEPTION_HANDLERS)
+    app.state.metrics = metrics  # the app keeps its metrics (and their counting) alive
+    return app
+
+
+def _metrics_of(client: TaskClient) -> Any:
+    """A ``TaskMetrics`` over ``client``, or None without prometheus_client."""
+    try:
+        from .metrics import TaskMetrics
+    except ImportError:
+        return None
+    return TaskMetrics(client)
+
+
+def metrics_content_type() -> str:
+    """The ``Content-Type`` of ``GET /metrics``."""
+    from .metrics import CONTENT_TYPE
+
+    return CONTENT_TYPE
 
 
 def _signal_endpoint(state: str, send: Callable[[str, bytes], None]
