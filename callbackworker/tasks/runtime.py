@@ -90,7 +90,7 @@ from ..worker import Worker
 from .committer import GroupCommitter
 from .config import Handler, QueueConfig, TaskContext, retry_delay_ms
 from .durablestore import TaskDurableStore
-from .functions import FunctionRegistry
+from .functions import CallResult, FunctionRegistry
 from .owners import new_owner, owner_is_dead
 from .progress import ProgressReporter, reporting
 from .results import Completions
@@ -520,13 +520,10 @@ class TaskRuntime:
         """Runs the task: a stored call through the registry, a raw payload
         through the queue's handler.  What they raise propagates."""
         if task.name is not None:
-            if self._calls is None:
-                done = None
-            else:
-                done = self._calls.run(task)
-            if done is None or done.refusal is not None:
-                text = done.refusal if done is not None else "this service runs no task functions"
-                return Outcome(task.id, task.token, "fail", str(text), self._now())
+            done = (self._calls.run(task) if self._calls is not None
+                    else CallResult(None, "this runtime runs no task functions"))
+            if done.refusal is not None:
+                return Outcome(task.id, task.token, "fail", done.refusal, self._now())
             return Outcome(task.id, task.token, "complete", "", self._now(), result=done.result)
         if queue.handler is None:
             return Outcome(task.id, task.token, "fail",
