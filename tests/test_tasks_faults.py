@@ -194,6 +194,23 @@ def test_data_errors_are_told_from_passing_ones(exc: Exception, data: bool) -> N
     assert is_data_error(exc) is data
 
 
+def test_a_claim_the_service_never_learned_of_is_not_renewed(db: str, clock: FakeClock) -> None:
+    """A claim committed whose answer was lost (a connection dropped after
+    the commit) holds a task under this service's name: the service must
+    not keep its lease alive, so recovery takes it back."""
+    with TaskService(db, clock=clock, background=False, lease_ms=1000) as service:
+        service.create_queue("q", QueueConfig(max_retries=1), handler=lambda p: "ran")
+        tid = service.enqueue("q", b"")
+        service._store.claim("q", owner=service._runtime._owner, limit=1,  # noqa: SLF001
+                             now=clock(), lease_ms=1000)
+        service._dispatch_once()
+        assert service.get(tid).status == "running"
+        clock.advance(1000)
+        service._dispatch_once()  # renews nothing of it; recovers it
+        service._dispatch_once()  # runs it
+        assert (service.get(tid).status, service.get(tid).message) == ("completed", "ran")
+
+
 # ---- a predecessor killed with -9 but not yet reaped ----------------------
 
 

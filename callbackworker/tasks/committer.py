@@ -20,6 +20,9 @@ DESIGN
   fixed message that can.  Only ``close`` gives up, after
   ``CLOSE_PATIENCE_S`` of failures: the process is ending, its leases stop
   being renewed, and those tasks come back when they expire.
+* Leases.  ``on_settled`` is told, after each batch, which tasks' outcomes
+  the committer is done with (settled, rejected, or given up at close):
+  the runtime renews the leases of the tasks it holds until then only.
 * Suspensions.  After a batch with a suspension the committer calls
   ``on_suspended``: a callback signalled while the handler was suspending
   has made that task due, and the dispatcher must look again.
@@ -58,10 +61,12 @@ class GroupCommitter:
     """Longest pause between two tries of a failing commit."""
 
     def __init__(self, store: TaskStore, on_suspended: Callable[[], None],
-                 clock: Callable[[], int]) -> None:
+                 clock: Callable[[], int], *,
+                 on_settled: Optional[Callable[[List[str]], None]] = None) -> None:
         self._store = store
         self._on_suspended = on_suspended
         self._clock = clock
+        self._on_settled = on_settled
         self._cond = threading.Condition()
         self._queue: List[Outcome] = []
         self._busy = False
@@ -110,6 +115,8 @@ class GroupCommitter:
 
     def _commit(self, batch: List[Outcome]) -> None:
         applied = self._settle(batch)
+        if self._on_settled is not None:
+            self._on_settled([o.task_id for o in batch])
         if applied is None:
             return
         for outcome, ok in zip(batch, applied):
