@@ -244,3 +244,30 @@ def _state(pid: int) -> bytes:
     with open(f"/proc/{pid}/stat", "rb") as f:
         stat = f.read()
     return stat[stat.rfind(b")") + 2:][:1]
+
+
+# ---- new database files are private ----------------------------------------
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_a_new_database_and_its_wal_files_are_private(tmp_path: Path) -> None:
+    path = tmp_path / "new.db"
+    old = os.umask(0o022)
+    try:
+        with TaskService(str(path)) as service:
+            service.create_queue("q", handler=lambda p: None)
+            service.enqueue("q", b"")
+            modes = {name: os.stat(tmp_path / name).st_mode & 0o777
+                     for name in ("new.db", "new.db-wal", "new.db-shm")}
+    finally:
+        os.umask(old)
+    assert modes == {"new.db": 0o600, "new.db-wal": 0o600, "new.db-shm": 0o600}
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_an_existing_database_keeps_its_mode(tmp_path: Path) -> None:
+    path = tmp_path / "shared.db"
+    TaskService(str(path)).close()
+    os.chmod(path, 0o640)
+    TaskService(str(path)).close()
+    assert os.stat(path).st_mode & 0o777 == 0o640
