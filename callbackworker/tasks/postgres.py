@@ -86,9 +86,9 @@ import threading
 import time
 import uuid
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 from ..durable import CallbackRecord
+from .dsn import redact_dsn  # re-exported: listed in __all__
 from ..errors import (
     NonDeterminismError,
     StorageBusyError,
@@ -892,19 +892,3 @@ class PostgresTaskStore(TaskStore):
     def __repr__(self) -> str:
         return f"<PostgresTaskStore {redact_dsn(self.dsn)!r} durability={self.durability}>"
 
-
-def redact_dsn(dsn: str) -> str:
-    """``dsn`` (a ``postgresql://`` URL) with any password replaced by
-    ``***``, fit for logs and output; anything else (a SQLite path) as
-    it is."""
-    if not dsn.startswith(("postgresql://", "postgres://")):
-        return dsn
-    parts = urlsplit(dsn)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostport = netloc.rpartition("@")
-        if ":" in userinfo:
-            netloc = f"{userinfo.partition(':')[0]}:***@{hostport}"
-    query = "&".join("password=***" if pair.lower().startswith("password=") else pair
-                     for pair in parts.query.split("&")) if parts.query else ""
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
