@@ -136,6 +136,15 @@ def test_demo_tours_route_retries_and_a_durable_callback() -> None:
     ]
 
 
+def _wait_for_start(log: Path, task_id: str) -> None:
+    """Waits until the handler has started on the task (claimed is not
+    enough: a claimed task that has not started goes back to pending)."""
+    deadline = time.monotonic() + 30
+    while not (log.exists() and f"start {task_id} " in log.read_text()):
+        assert time.monotonic() < deadline, "the handler never started"
+        time.sleep(0.02)
+
+
 @contextmanager
 def _killed_at_the_end(proc: "subprocess.Popen[bytes]") -> Iterator[None]:
     """Kills the worker if the test failed before it exited."""
@@ -165,7 +174,7 @@ def test_a_second_signal_exits_at_once_leaving_the_running_task_to_its_lease(
     with _killed_at_the_end(proc):
         with TaskService(db) as producer:
             task_id = producer.enqueue("slow", b"3600")
-        _wait_for_status(db, task_id, ["running"])
+        _wait_for_start(log, task_id)
         _stopping(proc, first)
         proc.send_signal(second)
         _, err = proc.communicate(timeout=30)
@@ -182,7 +191,7 @@ def test_shutdown_timeout_bounds_the_graceful_stop(tmp_path: Path) -> None:
     with _killed_at_the_end(proc):
         with TaskService(db) as producer:
             task_id = producer.enqueue("slow", b"3600")
-        _wait_for_status(db, task_id, ["running"])
+        _wait_for_start(log, task_id)
         _stopping(proc, signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == EXIT_ABANDONED, err
@@ -196,7 +205,7 @@ def test_shutdown_timeout_leaves_a_graceful_stop_that_fits_alone(tmp_path: Path)
     with _killed_at_the_end(proc):
         with TaskService(db) as producer:
             task_id = producer.enqueue("slow", b"0.3")
-        _wait_for_status(db, task_id, ["running"])
+        _wait_for_start(log, task_id)
         _stopping(proc, signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
