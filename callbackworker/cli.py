@@ -31,7 +31,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Callable, List, Optional, Sequence, Type, TypeVar
+from typing import Any, Callable, List, Optional, Sequence, TypeVar
 
 from . import Worker
 from .asyncmeta import JobMetaKey, Profile, RouteMetaKey, supports_blob_job
@@ -268,13 +268,12 @@ def _database_errors() -> "tuple[type[BaseException], ...]":
     return (sqlite3.Error,) + ((psycopg.Error,) if psycopg is not None else ())
 
 
-def _open_service(args: argparse.Namespace, factory: Type[S] = TaskService,  # type: ignore[assignment]
-                  *, must_exist: bool = False, **options: Any) -> S:
-    """``factory(--db, **options)``, a ``TaskService``; a ``CommandError`` naming the
-    database (its password hidden) when it cannot be opened.  With
-    ``must_exist``, a SQLite file that does not exist is refused instead of
-    being created (for commands that only read, or that need a queue a
-    worker has created)."""
+def _open_service(args: argparse.Namespace, factory: Callable[..., S], *,
+                  must_exist: bool = False, **options: Any) -> S:
+    """``factory(--db, **options)`` (a ``TaskService``); a ``CommandError``
+    naming the database (its password hidden) when it cannot be opened.
+    With ``must_exist``, a SQLite file that does not exist is refused
+    instead of being created (for the commands that only read)."""
     db: str = args.db
     shown = redact_dsn(db)
     if not is_postgres_dsn(db):
@@ -282,9 +281,10 @@ def _open_service(args: argparse.Namespace, factory: Type[S] = TaskService,  # t
             raise CommandError(f"--db {shown} is a directory, not a task database file")
         if must_exist and not os.path.exists(db):
             raise CommandError(f"no task database at {shown} (a worker creates it; check --db)")
+    cannot_open = (ImportError, OSError, RuntimeError) + _database_errors()
     try:
         return factory(db, **options)
-    except (ImportError, OSError, RuntimeError, *_database_errors()) as exc:
+    except cannot_open as exc:
         reason = str(exc)
         if reason.startswith(f"{db}: "):
             reason = reason[len(db) + 2:]
@@ -400,20 +400,20 @@ def worker(args: argparse.Namespace) -> int:
 
 def enqueue(args: argparse.Namespace) -> int:
     payload = sys.stdin.buffer.read() if args.payload == "-" else os.fsencode(args.payload)
-    with _open_service(args, must_exist=True) as service:
+    with _open_service(args, TaskService) as service:
         print(service.enqueue(args.queue, payload))
     return 0
 
 
 def task(args: argparse.Namespace) -> int:
-    with _open_service(args, must_exist=True) as service:
+    with _open_service(args, TaskService, must_exist=True) as service:
         info = service.get(args.id)
     print(f"status:  {info.status}\nattempt: {info.attempt}\nmessage: {printable(info.message)}")
     return 0
 
 
 def queues(args: argparse.Namespace) -> int:
-    with _open_service(args, must_exist=True) as service:
+    with _open_service(args, TaskService, must_exist=True) as service:
         counts = {printable(name): row for name, row in service.counts().items()}
     width = max([5, *(len(name) for name in counts)])
     print(f"{'queue':<{width}} " + " ".join(f"{s:>9}" for s in STATUSES))
@@ -492,7 +492,7 @@ def serve(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise CommandError(f"serve needs the http extra "
                            f"(pip install 'callbackworker[http]'): {exc}") from None
-    with _open_service(args) as service, _listen(args.host, args.port) as sock:
+    with _open_service(args, TaskService) as service, _listen(args.host, args.port) as sock:
         config = uvicorn.Config(create_app(service, token), lifespan="off", access_log=False,
                                 log_level="info")
         server = uvicorn.Server(config)
