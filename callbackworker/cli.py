@@ -280,7 +280,8 @@ def _open_service(args: argparse.Namespace, factory: Callable[..., S], *,
         if os.path.isdir(db):
             raise CommandError(f"--db {shown} is a directory, not a task database file")
         if must_exist and not os.path.exists(db):
-            raise CommandError(f"no task database at {shown} (a worker creates it; check --db)")
+            raise CommandError(f"no task database at {shown}: check --db ({args.command} "
+                               f"only reads, so it does not create one)")
     cannot_open = (ImportError, OSError, RuntimeError) + _database_errors()
     try:
         return factory(db, **options)
@@ -376,9 +377,9 @@ def worker(args: argparse.Namespace) -> int:
     if args.shutdown_timeout is not None and not args.shutdown_timeout >= 0:
         raise CommandError(f"--shutdown-timeout must be a number of seconds >= 0, "
                            f"not {args.shutdown_timeout}", EXIT_USAGE)
-    app = _load_app(args.app)
     shutdown = WorkerShutdown(args.lease_ms, args.shutdown_timeout, EXIT_ABANDONED)
-    shutdown.install()
+    shutdown.install()  # before the app's import, which may be slow
+    app = _load_app(args.app)
     service = _open_service(args, WatchedService, durability=args.durability,
                             lease_ms=args.lease_ms)
     try:
