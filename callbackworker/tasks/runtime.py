@@ -205,7 +205,7 @@ class TaskRuntime:
         """The worker, committer and dispatcher, created with the first queue
         (a service that only enqueues and inspects needs none)."""
         if self._worker is None:
-            self._committer = GroupCommitter(self._store, self._kick)
+            self._committer = GroupCommitter(self._store, self._kick, self._now)
             self._worker = Worker(durable_backend=_TaskDurable(self._store, self._now))
             if self._background:
                 self._store.set_waker(self.wake)
