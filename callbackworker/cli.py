@@ -13,7 +13,8 @@ The task commands report an ordinary failure as one line on stderr,
 ``callbackworker COMMAND: what went wrong`` (a database password shown as
 ``***``), and exit with 1 (``EXIT_FAILURE``: it failed at run time), 2
 (``EXIT_USAGE``: wrong arguments) or, for ``worker`` only, 3
-(``EXIT_ABANDONED``: it exited with handlers still running).  They never
+(``EXIT_ABANDONED``: it exited with handlers still running); Ctrl-C
+ends them with 130 (``EXIT_INTERRUPTED``).  They never
 write a control character read from the database to the terminal
 (``printable``).
 """
@@ -232,6 +233,11 @@ EXIT_ABANDONED = 3
 """Exit status of a ``worker`` that stopped with handlers still running (a
 second SIGINT/SIGTERM, or ``--shutdown-timeout`` passed): their tasks run
 again once their leases expire."""
+
+
+EXIT_INTERRUPTED = 130
+"""Exit status of a command interrupted by Ctrl-C (128 + SIGINT, as shells
+report it); ``worker`` and ``serve`` stop gracefully on SIGINT instead."""
 
 
 class CommandError(Exception):
@@ -602,7 +608,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Runs one command; returns its exit status.  A task command reports
     an expected failure as one line on stderr (``_report``) and exits with
     ``EXIT_FAILURE`` or ``EXIT_USAGE``; a closed stdout (``... | head -1``)
-    ends it quietly with ``EXIT_FAILURE``."""
+    ends it quietly with ``EXIT_FAILURE``, Ctrl-C with ``EXIT_INTERRUPTED``."""
     parser = _build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
@@ -619,12 +625,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
         return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print(f"callbackworker {args.command}: interrupted", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     except Exception as exc:
         return _report(args, exc)
 
 
 __all__: List[str] = ["main", "printable", "CommandError", "EXIT_FAILURE", "EXIT_USAGE",
-                       "EXIT_ABANDONED"]
+                       "EXIT_ABANDONED", "EXIT_INTERRUPTED"]
 
 if __name__ == "__main__":
     sys.exit(main())

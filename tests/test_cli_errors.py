@@ -7,17 +7,19 @@ control character from the database written raw to the terminal."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
 import pytest
 
 from callbackworker import TaskService
-from callbackworker.cli import EXIT_FAILURE, EXIT_USAGE
+from callbackworker.cli import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE
 from callbackworker.tasks.sqlite import SQLiteTaskStore
 
 TESTS = Path(__file__).parent
@@ -171,6 +173,38 @@ def test_a_closed_stdout_ends_the_command_quietly(tmp_path: Path) -> None:
     finally:
         os.close(write_end)
     assert out.returncode == EXIT_FAILURE and out.stderr == ""
+
+
+def _wait_until_reading_stdin(pid: int) -> None:
+    """Waits until the process blocks in read(0, ...) (Linux: the
+    syscall number and first argument in /proc/PID/syscall)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/syscall") as f:
+                if f.read().startswith("0 0x0 "):
+                    return
+        except OSError:
+            pytest.skip("needs /proc/PID/syscall to know when the command reads stdin")
+        time.sleep(0.02)
+    raise AssertionError("the command never read stdin")
+
+
+@pytest.mark.skipif(sys.platform != "linux" or os.uname().machine != "x86_64",
+                    reason="tells a blocked read(0) by its x86-64 syscall number")
+def test_ctrl_c_while_enqueue_reads_stdin_is_one_line(tmp_path: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "callbackworker", "enqueue", "--db",
+                             str(tmp_path / "t.db"), "q", "-"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_until_reading_stdin(proc.pid)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == EXIT_INTERRUPTED and err == "callbackworker enqueue: interrupted\n"
 
 
 # ---- nothing raw from the database reaches the terminal -------------------
