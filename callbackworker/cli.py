@@ -13,10 +13,9 @@ The task commands report an ordinary failure as one line on stderr,
 ``callbackworker COMMAND: what went wrong`` (a database password shown as
 ``***``), and exit with 1 (``EXIT_FAILURE``: it failed at run time), 2
 (``EXIT_USAGE``: wrong arguments) or, for ``worker`` only, 3
-(``EXIT_ABANDONED``: it exited with handlers still running); Ctrl-C
-ends them with 130 (``EXIT_INTERRUPTED``).  They never
-write a control character read from the database to the terminal
-(``printable``).
+(``EXIT_ABANDONED``: it exited with handlers still running); Ctrl-C ends
+them with 130 (``EXIT_INTERRUPTED``).  They never write a control
+character read from the database to the terminal (``printable``).
 """
 
 from __future__ import annotations

@@ -135,6 +135,24 @@ def test_an_unreachable_postgresql_is_one_line_without_the_password(query: str) 
     assert "SECRET" not in line
 
 
+def test_a_wrong_postgresql_password_is_one_line_without_it() -> None:
+    pytest.importorskip("psycopg", reason="psycopg 3 is not installed")
+    from pg_server import PostgresCluster, find_bindir
+
+    bindir = find_bindir()
+    if bindir is None or sys.platform == "win32":
+        pytest.skip("needs the PostgreSQL server programs for a cluster with password auth")
+    cluster = PostgresCluster(bindir).start()
+    try:
+        cluster.require_password("the-right-one")
+        out = cli("queues", "--db", cluster.dsn.replace("://cbw@", "://cbw:PWSECRET@"))
+    finally:
+        cluster.stop()
+    line = assert_one_line(out, EXIT_FAILURE, "queues", "postgresql://cbw:***@127.0.0.1",
+                           "password authentication failed")
+    assert "SECRET" not in line
+
+
 @pytest.mark.parametrize("app, expected", [
     ("no_such_module_anywhere:queues", "cannot import no_such_module_anywhere"),
     ("task_apps:no_such_queues", "task_apps has no attribute no_such_queues"),
