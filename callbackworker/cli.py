@@ -233,7 +233,6 @@ EXIT_ABANDONED = 3
 second SIGINT/SIGTERM, or ``--shutdown-timeout`` passed): their tasks run
 again once their leases expire."""
 
-
 EXIT_INTERRUPTED = 130
 """Exit status of a command interrupted by Ctrl-C (128 + SIGINT, as shells
 report it); ``worker`` and ``serve`` stop gracefully on SIGINT instead."""
