@@ -85,6 +85,7 @@ typedef struct cbw_slot {
     int64_t exec_job;
     int exec_flags;
     int exec_interrupted;
+    void *exec_memory;
 } cbw_slot;
 
 /*

@@ -53,6 +53,77 @@ typedef struct cbwpy_ctx {
     cbw_worker *worker;
 } cbwpy_ctx;
 
+/*
+ * What a request view exports from: the running job's request memory, as a
+ * buffer object of its own (public buffer protocol only).  The memoryview
+ * the callback gets is made over it, so `exports` counts the buffers still
+ * taken from it: every memoryview and slice of the request shares one
+ * managed buffer, which gives its export back only when the last of them is
+ * released or freed.  After the call, exports == 0 therefore means nothing
+ * can reach the job's memory any more.  `data` is set only while the job's
+ * callback runs: a buffer asked for at any other time (through
+ * `request.obj`) is refused.  Each worker thread keeps one and reuses it
+ * while no one else holds it.
+ */
+typedef struct cbwpy_memory {
+    PyObject_HEAD
+    void *data;
+    Py_ssize_t size;
+    Py_ssize_t exports;
+} cbwpy_memory;
+
+static PyTypeObject *cbwpy_memory_type;
+
+static int cbwpy_memory_getbuffer(PyObject *self, Py_buffer *view, int flags)
+{
+    cbwpy_memory *m = (cbwpy_memory *)self;
+    if (m->data == NULL) {
+        PyErr_SetString(PyExc_BufferError, "the job's request is no longer available");
+        view->obj = NULL;
+        return -1;
+    }
+    if (PyBuffer_FillInfo(view, self, m->data, m->size, 0, flags) < 0)
+        return -1;
+    m->exports++;
+    return 0;
+}
+
+static void cbwpy_memory_releasebuffer(PyObject *self, Py_buffer *view)
+{
+    (void)view;
+    ((cbwpy_memory *)self)->exports--;
+}
+
+static PyType_Slot cbwpy_memory_slots[] = {
+    {Py_bf_getbuffer, (void *)cbwpy_memory_getbuffer},
+    {Py_bf_releasebuffer, (void *)cbwpy_memory_releasebuffer},
+    {0, NULL},
+};
+
+static PyType_Spec cbwpy_memory_spec = {
+    "callbackworker.RequestMemory", sizeof(cbwpy_memory), 0, Py_TPFLAGS_DEFAULT,
+    cbwpy_memory_slots,
+};
+
+/* The slot's exporter, ready for a new request: a fresh one when the last
+ * one is still held elsewhere (a view kept, or `request.obj`).  NULL, with
+ * an exception set, when none could be made. */
+static cbwpy_memory *cbwpy_slot_memory(cbw_slot *slot)
+{
+    cbwpy_memory *m = slot->exec_memory;
+    if (m != NULL && Py_REFCNT(m) == 1)
+        return m;
+    Py_XDECREF(m);
+    m = PyObject_New(cbwpy_memory, cbwpy_memory_type);
+    slot->exec_memory = m;
+    if (m != NULL) {
+        m->data = NULL;
+        m->size = 0;
+        m->exports = 0;
+    }
+    return m;
+}
+
 /* Registers the exception class raised inside an overdue callback.  The
  * argument is that class object's address (CPython's id()). */
 static int cbwpy_init(void *interrupt_type)
@@ -67,8 +138,10 @@ static int cbwpy_init(void *interrupt_type)
         cbwpy_outcome_name = PyUnicode_InternFromString("outcome");
     if (cbwpy_escaped_name == NULL)
         cbwpy_escaped_name = PyUnicode_InternFromString("escaped");
+    if (cbwpy_memory_type == NULL)
+        cbwpy_memory_type = (PyTypeObject *)PyType_FromSpec(&cbwpy_memory_spec);
     if (cbwpy_release_name == NULL || cbwpy_outcome_name == NULL ||
-        cbwpy_escaped_name == NULL) {
+        cbwpy_escaped_name == NULL || cbwpy_memory_type == NULL) {
         PyErr_Clear();
         PyGILState_Release(st);
         return CBW_ENOMEM;
@@ -92,6 +165,7 @@ static void cbwpy_thread_enter(void *ctx, cbw_slot *slot)
     slot->exec_flags = 0;
     slot->exec_job = 0;
     slot->exec_interrupted = 0;
+    slot->exec_memory = NULL;
     slot->exec_state = PyEval_SaveThread();
 }
 
@@ -99,6 +173,8 @@ static void cbwpy_thread_exit(void *ctx, cbw_slot *slot)
 {
     (void)ctx;
     PyEval_RestoreThread((PyThreadState *)slot->exec_state);
+    Py_XDECREF((PyObject *)slot->exec_memory);
+    slot->exec_memory = NULL;
     PyGILState_Release(PyGILState_UNLOCKED);
 }
 
@@ -143,12 +219,34 @@ static int cbwpy_call_table(cbwpy_ctx *c, PyObject *name, cbw_run *run, PyObject
     if (res != NULL)
         status = PyLong_AsLong(res);
     if (res == NULL || (status == -1 && PyErr_Occurred())) {
-        PyErr_WriteUnraisable(c->table); /* a bug in the bridge: log it */
+        if (PyErr_ExceptionMatches(PyExc_MemoryError)) {
+            PyErr_Clear();
+            cbw_run_set_error(run, "MemoryError: no memory to settle the callback's outcome");
+        } else {
+            PyErr_WriteUnraisable(c->table); /* a bug in the bridge: log it */
+            cbw_run_set_error(run, "SystemError: the worker could not settle the "
+                                   "callback's outcome (the error is logged)");
+        }
         status = CBW_STATUS_ERROR;
     }
     Py_XDECREF(res);
     Py_XDECREF(addr);
     return (int)status;
+}
+
+/* Settles a run whose request memory escaped (kept alive already): calls
+ * table.escaped(run, status, exc); returns the new status. */
+static int cbwpy_escaped(cbwpy_ctx *c, cbw_run *run, int status, PyObject *exc)
+{
+    PyObject *was = PyLong_FromLong(status);
+    if (was == NULL) {
+        PyErr_Clear();
+        cbw_run_set_error(run, "MemoryError: no memory to settle the callback's outcome");
+        return CBW_STATUS_ERROR;
+    }
+    status = cbwpy_call_table(c, cbwpy_escaped_name, run, was, exc ? exc : Py_None);
+    Py_DECREF(was);
+    return status;
 }
 
 /*
@@ -162,23 +260,30 @@ static int cbwpy_call_table(cbwpy_ctx *c, PyObject *name, cbw_run *run, PyObject
  * interrupt can land nowhere else; one raised but not yet delivered when
  * the callback returned is withdrawn before any other Python code runs.
  *
- * The request view is a memoryview straight over the job's memory.  After
- * the call it is released; if something still refers to that memory (an
- * export, or a slice, which keeps the view's managed buffer), the memory is
- * kept for good and escaped() fails a successful job.
+ * The request view is a memoryview over the slot's cbwpy_memory, which
+ * exports the job's memory in place.  After the call the view is released
+ * (only if something else still holds it: else dropping it releases it);
+ * if some buffer of that memory is still taken (a slice, an export of the
+ * view), the job is kept alive for good here, in C, before any Python code
+ * can fail, and escaped() fails a successful or suspending job.
  */
 static int cbwpy_run_hook(void *ctx, cbw_slot *slot, cbw_run *run)
 {
     cbwpy_ctx *c = ctx;
     PyObject *callable = (PyObject *)(uintptr_t)run->callback;
-    PyObject *view, *out, *exc = NULL, *res;
-    PyMemoryViewObject *mv;
-    _PyManagedBufferObject *mbuf;
-    int status = CBW_STATUS_OK, escaped;
+    PyObject *view = NULL, *out, *exc = NULL, *res;
+    cbwpy_memory *memory = cbwpy_slot_memory(slot);
+    int status = CBW_STATUS_OK;
 
-    view = PyMemoryView_FromMemory((char *)run->data, (Py_ssize_t)run->size, PyBUF_WRITE);
+    if (memory != NULL) {
+        memory->data = run->data;
+        memory->size = (Py_ssize_t)run->size;
+        view = PyMemoryView_FromObject((PyObject *)memory);
+    }
     if (view == NULL) {
         PyErr_Clear();
+        if (memory != NULL)
+            memory->data = NULL;
         cbw_run_set_error(run, "MemoryError: no memory for the request's view");
         return CBW_STATUS_ERROR;
     }
@@ -205,36 +310,26 @@ static int cbwpy_run_hook(void *ctx, cbw_slot *slot, cbw_run *run)
                                   exc ? exc : Py_None);
     }
     Py_XDECREF(out);
-    Py_XDECREF(exc); /* a stored failure keeps its own reference */
 
-    mv = (PyMemoryViewObject *)view;
-    mbuf = mv->mbuf;
-    if (Py_REFCNT(view) == 1 && mv->exports == 0 && mbuf->exports == 1 &&
-        !(mv->flags & _Py_MEMORYVIEW_RELEASED)) {
-        /* Nothing else refers to the job's memory.  (A view the callback
-         * released itself no longer counts in mbuf->exports, so the one
-         * export left may be a slice: that case takes the path below.) */
-        Py_DECREF(view);
+    if (Py_REFCNT(view) > 1) {
+        /* Held elsewhere (a traceback, a global): release it, so that it
+         * no longer reaches the job's memory.  A BufferError here means
+         * the view itself is exported, which the check below catches. */
+        res = PyObject_CallMethodNoArgs(view, cbwpy_release_name);
+        if (res == NULL)
+            PyErr_Clear();
+        Py_XDECREF(res);
+    }
+    Py_DECREF(view);
+    memory->data = NULL; /* no new buffer from here on */
+    if (memory->exports == 0) {
+        Py_XDECREF(exc); /* a stored failure keeps its own reference */
         return status;
     }
-    Py_INCREF(mbuf);
-    res = PyObject_CallMethodNoArgs(view, cbwpy_release_name);
-    escaped = res == NULL || mbuf->exports > 0;
-    if (res == NULL)
-        PyErr_Clear(); /* BufferError: the view itself is exported */
-    Py_XDECREF(res);
-    Py_DECREF(mbuf);
-    Py_DECREF(view);
-    if (escaped) {
-        PyObject *was = PyLong_FromLong(status);
-        if (was == NULL) {
-            PyErr_Clear();
-            cbw_run_keep_alive(run);
-            return CBW_STATUS_ERROR;
-        }
-        status = cbwpy_call_table(c, cbwpy_escaped_name, run, was, NULL);
-        Py_DECREF(was);
-    }
+    /* Something still reads the job's memory: it must never be freed. */
+    cbw_run_keep_alive(run);
+    status = cbwpy_escaped(c, run, status, exc);
+    Py_XDECREF(exc);
     return status;
 }
 

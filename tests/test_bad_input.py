@@ -166,6 +166,12 @@ ROUTE_NAME = re.escape("route name must be 1..128 UTF-8 bytes")
 ROUTE_TYPE = "route name must be a str"
 
 
+def cb_returns_released_view(request: memoryview) -> memoryview:
+    view = memoryview(b"abc")
+    view.release()
+    return view
+
+
 def row(id: str, action: Callable[[Env], Any], exc: type, match: str,
         cause: Optional[type] = None, raised: bool = True) -> Any:
     """``cause``: the type of ``__cause__``; ``raised``: the callback raised
@@ -516,6 +522,13 @@ ROWS = [
         "callback returned float", TypeError, raised=False),
     row("callback-returns-dict", lambda e: e.run(lambda r: {}), JobFailedError,
         "callback returned dict", TypeError, raised=False),
+    row("callback-returns-non-contiguous-view",
+        lambda e: e.run(lambda r: memoryview(b"abcdef")[::2]), JobFailedError,
+        r"TypeError: callback returned a memoryview that cannot be the response "
+        r"\(memoryview: underlying buffer is not C-contiguous\)", TypeError, raised=False),
+    row("callback-returns-released-view", lambda e: e.run(cb_returns_released_view),
+        JobFailedError, "callback returned a memoryview that cannot be the response "
+        r"\(operation forbidden on released memoryview object\)", TypeError, raised=False),
     row("callback-signature-no-args", lambda e: e.run(lambda: None), JobFailedError,
         "takes 0 positional arguments but 1 was given", TypeError),
     row("callback-signature-two-args", lambda e: e.run(lambda a, b: None), JobFailedError,

@@ -30,6 +30,12 @@ What a test does
    block must be freed (``lib.cbw_live_allocations()``).
 4. Asserts exit status 0 and no sanitizer report in the output.
 
+``test_memory_safety_tests_under_asan_and_ubsan`` runs
+``tests/test_memory_safety.py`` (callbacks that keep views of their request
+past retries, replays, suspensions and a failing bridge) with pytest in the
+same sanitized environment: a view reading freed memory is a
+heap-use-after-free report there.
+
 Two workarounds in step 1, both for ``ffi.compile`` outside setuptools:
 the build script's source and include paths are relative to the repository
 root and cffi compiles from inside ``tmpdir``, so ``csrc/`` is copied into
@@ -587,6 +593,43 @@ def test_stress_under_asan_and_ubsan(sanitized) -> None:
     result = run_stress(san, runtime, pkg_root)
     assert_clean(result, san)
     print(result.stdout.strip())
+
+
+# Runs a test module against the sanitized package, after checking that it
+# is the sanitized module that gets imported.  -s: a sanitizer report is
+# written to fd 2 by a dying process, which pytest's capture would swallow.
+PYTEST_SNIPPET = textwrap.dedent('''\
+    import os, sys
+    import callbackworker._cbw_native as native
+    if not native.__file__.startswith(os.environ["CBW_SAN_EXPECT_DIR"]):
+        sys.exit(f"SETUP: imported {native.__file__}, not the sanitized module")
+    import pytest
+    sys.exit(pytest.main(["-q", "-s", "-p", "no:cacheprovider", *sys.argv[1:]]))
+''')
+
+
+def run_test_module(san: Sanitizer, runtime: str, pkg_root: Path,
+                    module: str) -> subprocess.CompletedProcess:
+    """Runs tests/<module> with pytest inside the sanitized process."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PYTHON", "ASAN_", "UBSAN_", "TSAN_", "LD_PRELOAD"))}
+    env.update(sanitizer_env(san, runtime, pkg_root))
+    env["CBW_SAN_EXPECT_DIR"] = str(pkg_root)
+    command = [sys.executable, "-P", "-c", PYTEST_SNIPPET, str(ROOT / "tests" / module)]
+    try:
+        return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"tests/{module} under {san.name} did not finish within "
+                    f"{RUN_TIMEOUT_S} s (hang?)", pytrace=False)
+
+
+def test_memory_safety_tests_under_asan_and_ubsan(sanitized) -> None:
+    """tests/test_memory_safety.py: every kept view reads live memory."""
+    san, runtime, pkg_root = sanitized("asan")
+    result = run_test_module(san, runtime, pkg_root, "test_memory_safety.py")
+    assert_clean(result, san)
+    print(result.stdout.strip()[-2000:])
 
 
 def test_stress_under_tsan(sanitized) -> None:
