@@ -29,6 +29,21 @@
  * A callback token is the callable's address, and the registry holds the
  * callable while jobs may run it, so the run hook calls it directly.
  *
+ * Request views: the callback's memoryview is made over a cbwpy_memory, a
+ * buffer object of the bridge's own that exports the job's memory in place,
+ * so the bridge learns from its export count whether anything still reads
+ * that memory after the call.  A job whose memory escaped is kept alive
+ * (cbw_run_keep_alive) before any Python code runs for it.
+ *
+ * C API: the bridge uses only public, documented CPython API (checked
+ * against the 3.9 and 3.13 headers).  It used to read the memoryview's
+ * internals (PyMemoryViewObject.exports/flags/mbuf and
+ * _PyManagedBufferObject.exports) to find kept slices; the exporter object
+ * replaces them, and no internal structure remains.  It is not limited to
+ * the stable ABI: the str accessors of cbwpy_start_text
+ * (PyUnicode_IS_ASCII/KIND/DATA/READ) are outside it, hence
+ * _CFFI_NO_LIMITED_API and no abi3 wheel.
+ *
  * Lock order: the interpreter lock may be held when the core's mutex is
  * taken, never the reverse (the core never calls a hook with its mutex held).
  */
