@@ -44,6 +44,26 @@
  * (PyUnicode_IS_ASCII/KIND/DATA/READ) are outside it, hence
  * _CFFI_NO_LIMITED_API and no abi3 wheel.
  *
+ * Free threading: three things here are correct only because the
+ * interpreter lock serializes them; a build without it (Py_GIL_DISABLED)
+ * would need, none of it tested for want of such an interpreter:
+ *  - interrupts: the timer's check of exec_flags/exec_job and its
+ *    PyThreadState_SetAsyncExc, against the run hook's exec_flags = 0 and
+ *    withdrawal, under one lock per slot.  It must live in cbw_slot (the
+ *    timer may reach a slot whose thread is leaving) and be a PyMutex,
+ *    which detaches while it waits: a plain mutex can deadlock against the
+ *    stop-the-world that setting an asynchronous exception may take;
+ *  - the registry: cbwpy_retain's insert against cbwpy_release's collect
+ *    and deletes (one atomic step, see cbw_token.c), under a lock per
+ *    worker in cbwpy_ctx, never held while a callable's last reference
+ *    goes (the keep list already defers that);
+ *  - cbwpy_memory: getbuffer against the run hook's "data = NULL, then
+ *    exports == 0?", inside the object's critical section, and exports
+ *    changed atomically (a kept slice may be dropped on any thread).
+ * All three can be compiled only under Py_GIL_DISABLED, at no cost to
+ * builds with the lock.  The Py_REFCNT(...) == 1 checks need nothing: only
+ * the holder of the one reference could make another.
+ *
  * Lock order: the interpreter lock may be held when the core's mutex is
  * taken, never the reverse (the core never calls a hook with its mutex held).
  */

@@ -10,6 +10,7 @@ thread, may crash or hang the process."
 from __future__ import annotations
 
 import re
+import sys
 import threading
 from typing import Any, Callable, Optional
 
@@ -586,6 +587,25 @@ def test_bad_input(action, exc, match, cause, raised):
     finally:
         env.close()
         _kept.clear()
+
+
+def test_a_non_contiguous_response_fails_with_its_reason_and_logs_nothing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reason is in error_text, the BufferError behind it is kept as
+    the cause's cause, and nothing is reported as an ignored exception."""
+    unraisable: list = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    w = Worker()
+    try:
+        jid = w.start(lambda r: memoryview(b"abcdef")[::2], b"abc")
+        with pytest.raises(JobFailedError) as excinfo:
+            w.wait(jid, WAIT_MS)
+    finally:
+        w.close()
+    assert "not C-contiguous" in excinfo.value.error_text
+    assert type(excinfo.value.__cause__) is TypeError
+    assert type(excinfo.value.__cause__.__cause__) is BufferError
+    assert unraisable == []
 
 
 def test_bad_input_from_8_threads_at_once():
