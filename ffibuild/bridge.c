@@ -29,11 +29,12 @@
  * A callback token is the callable's address, and the registry holds the
  * callable while jobs may run it, so the run hook calls it directly.
  *
- * Request views: the callback's memoryview is made over a cbwpy_memory, a
- * buffer object of the bridge's own that exports the job's memory in place,
- * so the bridge learns from its export count whether anything still reads
- * that memory after the call.  A job whose memory escaped is kept alive
- * (cbw_run_keep_alive) before any Python code runs for it.
+ * Request views: the callback's memoryview is made over a cbwpy_memory
+ * (request_memory.c, compiled just before this file), which exports the
+ * job's memory in place, so the bridge learns from its export count whether
+ * anything still reads that memory after the call.  A job whose memory
+ * escaped is kept alive (cbw_run_keep_alive) before any Python code runs
+ * for it.
  *
  * C API: the bridge uses only public, documented CPython API (checked
  * against the 3.9 and 3.13 headers).  It used to read the memoryview's
@@ -45,24 +46,19 @@
  * _CFFI_NO_LIMITED_API and no abi3 wheel.
  *
  * Free threading: three things here are correct only because the
- * interpreter lock serializes them; a build without it (Py_GIL_DISABLED)
- * would need, none of it tested for want of such an interpreter:
- *  - interrupts: the timer's check of exec_flags/exec_job and its
- *    PyThreadState_SetAsyncExc, against the run hook's exec_flags = 0 and
- *    withdrawal, under one lock per slot.  It must live in cbw_slot (the
- *    timer may reach a slot whose thread is leaving) and be a PyMutex,
- *    which detaches while it waits: a plain mutex can deadlock against the
- *    stop-the-world that setting an asynchronous exception may take;
- *  - the registry: cbwpy_retain's insert against cbwpy_release's collect
- *    and deletes (one atomic step, see cbw_token.c), under a lock per
- *    worker in cbwpy_ctx, never held while a callable's last reference
- *    goes (the keep list already defers that);
- *  - cbwpy_memory: getbuffer against the run hook's "data = NULL, then
- *    exports == 0?", inside the object's critical section, and exports
- *    changed atomically (a kept slice may be dropped on any thread).
- * All three can be compiled only under Py_GIL_DISABLED, at no cost to
- * builds with the lock.  The Py_REFCNT(...) == 1 checks need nothing: only
- * the holder of the one reference could make another.
+ * interpreter lock serializes them.  A build without it (Py_GIL_DISABLED)
+ * needs, all untested for want of such an interpreter: (1) one lock per
+ * slot, in cbw_slot (the timer may reach a slot whose thread is leaving),
+ * over the timer's exec_flags/exec_job check and PyThreadState_SetAsyncExc
+ * and over the run hook's exec_flags changes and withdrawal; a PyMutex,
+ * which detaches while it waits, as setting an asynchronous exception may
+ * stop the world; (2) one lock per worker, in cbwpy_ctx, over cbwpy_retain's
+ * insert and over cbwpy_release's collect and deletes (one atomic step, see
+ * cbw_token.c), never held while a callable's last reference goes; (3) the
+ * cbwpy_memory's critical section over getbuffer and over the run hook's
+ * "data = NULL, then exports == 0?", with exports changed atomically.  None
+ * of it is written yet; under #ifdef Py_GIL_DISABLED it would cost the
+ * builds with the lock nothing.
  *
  * Lock order: the interpreter lock may be held when the core's mutex is
  * taken, never the reverse (the core never calls a hook with its mutex held).
@@ -88,77 +84,6 @@ typedef struct cbwpy_ctx {
     cbw_worker *worker;
 } cbwpy_ctx;
 
-/*
- * What a request view exports from: the running job's request memory, as a
- * buffer object of its own (public buffer protocol only).  The memoryview
- * the callback gets is made over it, so `exports` counts the buffers still
- * taken from it: every memoryview and slice of the request shares one
- * managed buffer, which gives its export back only when the last of them is
- * released or freed.  After the call, exports == 0 therefore means nothing
- * can reach the job's memory any more.  `data` is set only while the job's
- * callback runs: a buffer asked for at any other time (through
- * `request.obj`) is refused.  Each worker thread keeps one and reuses it
- * while no one else holds it.
- */
-typedef struct cbwpy_memory {
-    PyObject_HEAD
-    void *data;
-    Py_ssize_t size;
-    Py_ssize_t exports;
-} cbwpy_memory;
-
-static PyTypeObject *cbwpy_memory_type;
-
-static int cbwpy_memory_getbuffer(PyObject *self, Py_buffer *view, int flags)
-{
-    cbwpy_memory *m = (cbwpy_memory *)self;
-    if (m->data == NULL) {
-        PyErr_SetString(PyExc_BufferError, "the job's request is no longer available");
-        view->obj = NULL;
-        return -1;
-    }
-    if (PyBuffer_FillInfo(view, self, m->data, m->size, 0, flags) < 0)
-        return -1;
-    m->exports++;
-    return 0;
-}
-
-static void cbwpy_memory_releasebuffer(PyObject *self, Py_buffer *view)
-{
-    (void)view;
-    ((cbwpy_memory *)self)->exports--;
-}
-
-static PyType_Slot cbwpy_memory_slots[] = {
-    {Py_bf_getbuffer, (void *)cbwpy_memory_getbuffer},
-    {Py_bf_releasebuffer, (void *)cbwpy_memory_releasebuffer},
-    {0, NULL},
-};
-
-static PyType_Spec cbwpy_memory_spec = {
-    "callbackworker.RequestMemory", sizeof(cbwpy_memory), 0, Py_TPFLAGS_DEFAULT,
-    cbwpy_memory_slots,
-};
-
-/* The slot's exporter, ready for a new request: a fresh one when the last
- * one is still held elsewhere (a view kept, or `request.obj`).  NULL, with
- * an exception set, when none could be made. */
-static cbwpy_memory *cbwpy_slot_memory(cbw_slot *slot)
-{
-    cbwpy_memory *m = slot->exec_memory;
-    if (m != NULL && Py_REFCNT(m) == 1)
-        return m;
-    Py_XDECREF(m);
-    m = PyObject_New(cbwpy_memory, cbwpy_memory_type);
-    slot->exec_memory = m;
-    if (m != NULL) {
-        m->data = NULL;
-        m->size = 0;
-        m->exports = 0;
-    }
-    return m;
-}
-
 /* Registers the exception class raised inside an overdue callback.  The
  * argument is that class object's address (CPython's id()). */
 static int cbwpy_init(void *interrupt_type)
@@ -173,10 +98,8 @@ static int cbwpy_init(void *interrupt_type)
         cbwpy_outcome_name = PyUnicode_InternFromString("outcome");
     if (cbwpy_escaped_name == NULL)
         cbwpy_escaped_name = PyUnicode_InternFromString("escaped");
-    if (cbwpy_memory_type == NULL)
-        cbwpy_memory_type = (PyTypeObject *)PyType_FromSpec(&cbwpy_memory_spec);
     if (cbwpy_release_name == NULL || cbwpy_outcome_name == NULL ||
-        cbwpy_escaped_name == NULL || cbwpy_memory_type == NULL) {
+        cbwpy_escaped_name == NULL || cbwpy_memory_init() < 0) {
         PyErr_Clear();
         PyGILState_Release(st);
         return CBW_ENOMEM;
