@@ -163,6 +163,7 @@ struct cbw_worker {
     uint8_t closing;           /* no new starts */
     uint8_t draining;          /* close(drain) is running the queue empty */
     uint8_t stopping;          /* threads leave; waiters wake with SHUTDOWN */
+    uint8_t interrupting;      /* running jobs were told to stop (CLOSE_INTERRUPT) */
     uint8_t closed;            /* close() has finished */
     int64_t next_id;
     int32_t grace_ms;

@@ -766,6 +766,51 @@ def test_worker_collected_when_its_last_reference_drops_inside_its_own_callback(
 # ---- interpreter exit -------------------------------------------------------------------
 
 EXIT_SCRIPTS = {
+    # Interpreter exit while another thread is already closing the worker
+    # with weaker flags: the exit-time close escalates that close instead of
+    # waiting for a callback that never returns.
+    "another_thread_closing": """
+        import threading, time, callbackworker as cw
+        w = cw.Worker()
+        started = threading.Event()
+        def forever(m):
+            started.set()
+            while True:
+                time.sleep(0.01)
+        w.start(forever, b"x")
+        started.wait()
+        threading.Thread(target=w.close, daemon=True).start()
+        time.sleep(0.2)
+        print("exiting", flush=True)
+    """,
+    "another_thread_draining": """
+        import threading, time, callbackworker as cw
+        w = cw.Worker()
+        started = threading.Event()
+        def forever(m):
+            started.set()
+            while True:
+                time.sleep(0.01)
+        w.start(forever, b"x")
+        w.start_many(lambda m: None, [b"q"] * 100)
+        started.wait()
+        threading.Thread(target=w.close, kwargs={"drain": True}, daemon=True).start()
+        time.sleep(0.2)
+        print("exiting", flush=True)
+    """,
+    "executor_shutdown_without_wait": """
+        import threading, time, callbackworker as cw
+        ex = cw.Executor()
+        started = threading.Event()
+        def forever():
+            started.set()
+            while True:
+                time.sleep(0.01)
+        ex.submit(forever)
+        started.wait()
+        ex.shutdown(wait=False)
+        print("exiting", flush=True)
+    """,
     "10k_queued_and_busy_loop": """
         import time, callbackworker as cw
         w = cw.Worker()
