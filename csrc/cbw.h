@@ -77,7 +77,8 @@ typedef struct cbw_run {
 
 /*
  * One worker thread, as its executor sees it.  The exec_* fields belong to
- * the executor; the core only stores them.
+ * the executor; the core only stores them, zeroed when the thread is made,
+ * and keeps them until the worker is freed (after the thread has left).
  */
 typedef struct cbw_slot {
     void *exec_state;
@@ -86,6 +87,7 @@ typedef struct cbw_slot {
     int exec_flags;
     int exec_interrupted;
     void *exec_memory;
+    uintptr_t exec_lock;   /* room for a one-word lock of the executor's */
 } cbw_slot;
 
 /*

@@ -45,25 +45,45 @@
  * (PyUnicode_IS_ASCII/KIND/DATA/READ) are outside it, hence
  * _CFFI_NO_LIMITED_API and no abi3 wheel.
  *
- * Free threading: three things here are correct only because the
- * interpreter lock serializes them.  A build without it (Py_GIL_DISABLED)
- * needs, all untested for want of such an interpreter: (1) one lock per
- * slot, in cbw_slot (the timer may reach a slot whose thread is leaving),
- * over the timer's exec_flags/exec_job check and PyThreadState_SetAsyncExc
- * and over the run hook's exec_flags changes and withdrawal; a PyMutex,
- * which detaches while it waits, as setting an asynchronous exception may
- * stop the world; (2) one lock per worker, in cbwpy_ctx, over cbwpy_retain's
- * insert and over cbwpy_release's collect and deletes (one atomic step, see
- * cbw_token.c), never held while a callable's last reference goes; (3) the
- * cbwpy_memory's critical section over getbuffer and over the run hook's
- * "data = NULL, then exports == 0?", with exports changed atomically.  None
- * of it is written yet; under #ifdef Py_GIL_DISABLED it would cost the
- * builds with the lock nothing.
+ * Free threading: three things here were correct only because the
+ * interpreter lock serializes them; a build without it (Py_GIL_DISABLED)
+ * compiles locks in their place (CBWPY_LOCKS), and other builds pay nothing:
+ *  - interrupts: a PyMutex per slot (in cbw_slot.exec_lock, as the timer
+ *    may reach a slot whose thread is leaving) covers the timer's
+ *    exec_flags/exec_job check with its PyThreadState_SetAsyncExc, and the
+ *    run hook's exec_flags changes with the withdrawal.  A PyMutex detaches
+ *    the thread while it waits, so it cannot deadlock against a
+ *    stop-the-world that setting an asynchronous exception may take;
+ *  - the registry: a PyMutex per worker (cbwpy_ctx) makes cbwpy_retain's
+ *    insert and cbwpy_release's collect-and-delete one atomic step with
+ *    respect to each other (see cbw_token.c); it is never held while a
+ *    callable's last reference goes (the keep list);
+ *  - cbwpy_memory (request_memory.c): the object's critical section covers
+ *    getbuffer, releasebuffer and the run hook's "data = NULL, then
+ *    exports == 0?".
+ * Free-threaded interpreters are not on these machines, so that build is
+ * untested; defining CBWPY_LOCKS_WITH_GIL compiles the same locks into a
+ * 3.13+ build with the interpreter lock, which the tests run
+ * (tests/test_sanitized_extension.py).
  *
  * Lock order: the interpreter lock may be held when the core's mutex is
  * taken, never the reverse (the core never calls a hook with its mutex held).
  */
 #include "cbw.h"
+
+#ifdef CBWPY_LOCKS /* request_memory.c decides */
+/* A PyMutex is one zeroed byte; the slot has a word for it. */
+typedef char cbwpy_slot_lock_fits[sizeof(PyMutex) <= sizeof(uintptr_t) ? 1 : -1];
+#define cbwpy_slot_lock(slot) PyMutex_Lock((PyMutex *)(void *)&(slot)->exec_lock)
+#define cbwpy_slot_unlock(slot) PyMutex_Unlock((PyMutex *)(void *)&(slot)->exec_lock)
+#define cbwpy_registry_lock(c) PyMutex_Lock(&(c)->registry_lock)
+#define cbwpy_registry_unlock(c) PyMutex_Unlock(&(c)->registry_lock)
+#else
+#define cbwpy_slot_lock(slot) ((void)0)
+#define cbwpy_slot_unlock(slot) ((void)0)
+#define cbwpy_registry_lock(c) ((void)0)
+#define cbwpy_registry_unlock(c) ((void)0)
+#endif
 
 static void cbwpy_completed(void *ctx, int64_t *ids, size_t n); /* Python */
 
@@ -82,6 +102,9 @@ typedef struct cbwpy_ctx {
     PyObject *table;     /* the CallbackTable: outcome(), escaped() */
     int fork_generation; /* cbwpy_fork_generation when it was made */
     cbw_worker *worker;
+#ifdef CBWPY_LOCKS
+    PyMutex registry_lock; /* see DESIGN: free threading */
+#endif
 } cbwpy_ctx;
 
 /* Registers the exception class raised inside an overdue callback.  The
@@ -245,16 +268,20 @@ static int cbwpy_run_hook(void *ctx, cbw_slot *slot, cbw_run *run)
         cbw_run_set_error(run, "MemoryError: no memory for the request's view");
         return CBW_STATUS_ERROR;
     }
-    slot->exec_job = run->id;
     Py_INCREF(callable); /* the registry may drop it while it runs (a close) */
+    cbwpy_slot_lock(slot);
+    slot->exec_job = run->id;
     slot->exec_flags = 1;
+    cbwpy_slot_unlock(slot);
     out = PyObject_CallOneArg(callable, view);
+    cbwpy_slot_lock(slot);
     slot->exec_flags = 0;
     if (slot->exec_interrupted) {
         PyThreadState_SetAsyncExc((unsigned long)slot->exec_ident, NULL);
         slot->exec_interrupted = 0;
     }
     slot->exec_job = 0;
+    cbwpy_slot_unlock(slot);
     if (out == NULL)
         exc = cbwpy_take_exception();
     Py_DECREF(callable);
@@ -279,8 +306,7 @@ static int cbwpy_run_hook(void *ctx, cbw_slot *slot, cbw_run *run)
         Py_XDECREF(res);
     }
     Py_DECREF(view);
-    memory->data = NULL; /* no new buffer from here on */
-    if (memory->exports == 0) {
+    if (!cbwpy_memory_close(memory)) {
         Py_XDECREF(exc); /* a stored failure keeps its own reference */
         return status;
     }
@@ -298,11 +324,13 @@ static void cbwpy_interrupt(void *ctx, cbw_slot *slot, int64_t job_id)
     if (cbwpy_interrupt_type == NULL || !Py_IsInitialized())
         return;
     st = PyGILState_Ensure();
+    cbwpy_slot_lock(slot);
     if (slot->exec_flags == 1 && slot->exec_job == job_id) {
         slot->exec_interrupted = 1;
         PyThreadState_SetAsyncExc((unsigned long)slot->exec_ident,
                                   cbwpy_interrupt_type);
     }
+    cbwpy_slot_unlock(slot);
     PyGILState_Release(st);
 }
 
@@ -311,10 +339,14 @@ static int cbwpy_retain(void *ctx, uint64_t callback)
     cbwpy_ctx *c = ctx;
     PyGILState_STATE st = PyGILState_Ensure();
     PyObject *key = PyLong_FromUnsignedLongLong(callback);
+    int rc = -1;
     /* The token is the callable's address; the caller of cbw_start keeps
      * the callable alive for the duration of the call. */
-    int rc = key == NULL ? -1
-                         : PyDict_SetItem(c->registry, key, (PyObject *)(uintptr_t)callback);
+    if (key != NULL) {
+        cbwpy_registry_lock(c);
+        rc = PyDict_SetItem(c->registry, key, (PyObject *)(uintptr_t)callback);
+        cbwpy_registry_unlock(c);
+    }
     Py_XDECREF(key);
     if (rc < 0)
         PyErr_Clear();
@@ -337,6 +369,7 @@ static void cbwpy_release(void *ctx)
         return;
     st = PyGILState_Ensure();
     keep = PyList_New(0);
+    cbwpy_registry_lock(c);
     do {
         n = cbw_tokens_collect(c->worker, dead, 64);
         for (i = 0; i < n; i++) {
@@ -349,6 +382,7 @@ static void cbwpy_release(void *ctx)
             Py_XDECREF(key);
         }
     } while (n == 64);
+    cbwpy_registry_unlock(c);
     if (keep == NULL)
         PyErr_Clear();
     Py_XDECREF(keep); /* finalizers may run now */
@@ -401,6 +435,9 @@ static cbw_worker *cbwpy_worker_new(void *handle, void *registry, void *table,
     ctx->registry = (PyObject *)registry;
     ctx->table = (PyObject *)table;
     ctx->worker = NULL;
+#ifdef CBWPY_LOCKS
+    memset(&ctx->registry_lock, 0, sizeof(ctx->registry_lock)); /* unlocked */
+#endif
     st = PyGILState_Ensure();
     ctx->fork_generation = cbwpy_fork_generation;
     Py_INCREF(ctx->registry);

@@ -16,6 +16,12 @@
 
 #include "cbw.h"
 
+/* The free-threading locks (see bridge.c, DESIGN), decided here for the
+ * whole translation unit. */
+#if defined(Py_GIL_DISABLED) || defined(CBWPY_LOCKS_WITH_GIL)
+#define CBWPY_LOCKS 1
+#endif
+
 /* `exports` counts the buffers taken and not yet given back: 0 after the
  * call means nothing can reach the job's memory any more.  `data` is set
  * only while the job's callback runs: a buffer asked for at any other time
@@ -29,24 +35,50 @@ typedef struct cbwpy_memory {
 
 static PyTypeObject *cbwpy_memory_type;
 
+/* The object's critical section (free threading; nothing with the
+ * interpreter lock). */
+#ifdef CBWPY_LOCKS
+#define cbwpy_memory_begin(m) Py_BEGIN_CRITICAL_SECTION(m)
+#define cbwpy_memory_end() Py_END_CRITICAL_SECTION()
+#else
+#define cbwpy_memory_begin(m) {
+#define cbwpy_memory_end() }
+#endif
+
 static int cbwpy_memory_getbuffer(PyObject *self, Py_buffer *view, int flags)
 {
     cbwpy_memory *m = (cbwpy_memory *)self;
+    int rc = -1;
+    cbwpy_memory_begin(self);
     if (m->data == NULL) {
         PyErr_SetString(PyExc_BufferError, "the job's request is no longer available");
         view->obj = NULL;
-        return -1;
+    } else if (PyBuffer_FillInfo(view, self, m->data, m->size, 0, flags) == 0) {
+        m->exports++;
+        rc = 0;
     }
-    if (PyBuffer_FillInfo(view, self, m->data, m->size, 0, flags) < 0)
-        return -1;
-    m->exports++;
-    return 0;
+    cbwpy_memory_end();
+    return rc;
 }
 
 static void cbwpy_memory_releasebuffer(PyObject *self, Py_buffer *view)
 {
     (void)view;
+    cbwpy_memory_begin(self);
     ((cbwpy_memory *)self)->exports--;
+    cbwpy_memory_end();
+}
+
+/* After the callback: no new buffer from here on.  Returns whether one is
+ * still taken (something can still reach the job's memory). */
+static int cbwpy_memory_close(cbwpy_memory *m)
+{
+    int taken;
+    cbwpy_memory_begin(m);
+    m->data = NULL;
+    taken = m->exports != 0;
+    cbwpy_memory_end();
+    return taken;
 }
 
 static PyType_Slot cbwpy_memory_slots[] = {
