@@ -375,8 +375,12 @@ static void cbwpy_release(void *ctx)
         for (i = 0; i < n; i++) {
             PyObject *key = PyLong_FromUnsignedLongLong(dead[i]);
             PyObject *value = key != NULL ? PyDict_GetItemWithError(c->registry, key) : NULL;
-            if (value != NULL && keep != NULL && PyList_Append(keep, value) < 0)
+            if (value != NULL && (keep == NULL || PyList_Append(keep, value) < 0)) {
+                /* Out of memory: deleting it could run its finalizer here,
+                 * so it stays in the registry until the worker closes. */
                 PyErr_Clear();
+                value = NULL;
+            }
             if (value == NULL || PyDict_DelItem(c->registry, key) < 0)
                 PyErr_Clear(); /* already gone (the worker was closed) */
             Py_XDECREF(key);
