@@ -377,7 +377,7 @@ static void cbwpy_release(void *ctx)
             PyObject *value = key != NULL ? PyDict_GetItemWithError(c->registry, key) : NULL;
             if (value != NULL && (keep == NULL || PyList_Append(keep, value) < 0)) {
                 /* Out of memory: deleting it could run its finalizer here,
-                 * so it stays in the registry until the worker closes. */
+                 * so it stays in the registry until the worker is released. */
                 PyErr_Clear();
                 value = NULL;
             }
