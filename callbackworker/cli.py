@@ -236,9 +236,9 @@ def setup_app(service: TaskService, app: Any) -> List[str]:
                                 f"'handler', not {type(spec).__name__}")
         return list(app)
     if callable(app):
-        before = set(service._queues)
+        before = set(service.served_queues())
         app(service)
-        return sorted(set(service._queues) - before)
+        return sorted(set(service.served_queues()) - before)
     raise TypeError(f"the app must be a callable taking a TaskService or a dict of queues, "
                     f"not {type(app).__name__}")
 
