@@ -36,7 +36,8 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 from ..durable import check_callback_id, check_error, check_result
 from ..errors import ServiceClosedError, TaskNotCancellableError, UnknownQueueError, UnknownTaskError
-from .config import TaskInfo, check_int, check_payload, check_queue_name, check_task_id, wall_clock_ms
+from .config import (TaskInfo, check_int, check_payload, check_queue_name, check_task_id,
+                     wall_clock_ms)
 from .dsn import is_postgres_dsn
 from .functions import check_dedup_key, check_priority, check_task_name, encode_arguments
 from .results import Completions, wait_for_result, wait_for_result_async
