@@ -555,6 +555,20 @@ class StorageContract:
 
     # ---- function calls (tasks as functions) ----------------------------
 
+    def test_declare_queue_creates_the_queue_and_stores_its_config(
+            self, store: TaskStore) -> None:
+        assert store.queue_config("q") is None
+        store.declare_queue("q", '{"concurrency":2}')
+        assert store.queues() == ["q"]
+        assert store.queue_config("q") == '{"concurrency":2}'
+
+    def test_declare_queue_again_replaces_the_config(self, store: TaskStore) -> None:
+        store.ensure_queue("q")
+        assert store.queue_config("q") is None
+        store.declare_queue("q", "{}")
+        store.declare_queue("q", '{"max_retries":1}')
+        assert store.queue_config("q") == '{"max_retries":1}'
+
     def _call(self, store: TaskStore, task_id: str, *, queue: str = "q", priority: int = 0,
               run_at: int = 0, dedup_key: "str | None" = None, now: int = 0) -> str:
         return store.enqueue_call(queue, NewCall(task_id, "mod.fn", f'[["{task_id}"],{{}}]',

@@ -72,6 +72,9 @@ _LOST = ("'worker lost during attempt ' || attempt || ' (lease expired); no atte
 STATEMENTS: Dict[str, str] = {
     "ensure_queue": "INSERT INTO {queues}(name) VALUES (:name) ON CONFLICT (name) DO NOTHING",
     "queues": "SELECT name FROM {queues} ORDER BY name",
+    "declare_queue": "INSERT INTO {queues}(name, config) VALUES (:name, :config) "
+                     "ON CONFLICT (name) DO UPDATE SET config = excluded.config",
+    "queue_config": "SELECT config FROM {queues} WHERE name = :name",
     "queue_start": "SELECT next_start_at FROM {queues} WHERE name = :queue{lock_row}",
     "space_starts": "UPDATE {queues} SET next_start_at = :next_start WHERE name = :queue",
     # The first due tasks in claim order (the order of the claim index, so
@@ -288,6 +291,13 @@ class SQLTaskStore(TaskStore):
 
     def queues(self) -> List[str]:
         return [row[0] for row in self._rows("queues", {})]
+
+    def declare_queue(self, name: str, config: str) -> None:
+        self._rowcount("declare_queue", {"name": name, "config": config})
+
+    def queue_config(self, name: str) -> Optional[str]:
+        rows = self._rows("queue_config", {"name": name})
+        return rows[0][0] if rows else None
 
     # ---- producing -------------------------------------------------------
 
