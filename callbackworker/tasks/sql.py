@@ -116,6 +116,7 @@ STATEMENTS: Dict[str, str] = {
             next_run_at = CASE WHEN attempt >= :max_attempts THEN next_run_at
                                ELSE :now{{as_bigint}} END,
             message = CASE WHEN attempt >= :max_attempts THEN {_LOST[0]} ELSE {_LOST[1]} END,
+            traceback = NULL,  -- the lost attempt is the last failed one, and has none
             awaiting = NULL, owner = NULL, lease_expires_at = NULL, token = NULL
         WHERE queue = :queue AND status = {{RUNNING}}
               AND (lease_expires_at <= :now OR {{dead_owners}})""",
