@@ -18,15 +18,31 @@
  * Cancelled jobs are left in the FIFO (cancel is O(1)); the queue holds a
  * reference and the popping thread drops them.
  *
- * Coalescing: when an executor session is costly (it takes an interpreter
- * lock the producer also needs), a thread woken with more than one ready job
- * does not start a burst at once while jobs are still arriving.  It waits until some thread
- * blocks waiting for a job of its route (the lock is then free), or the
- * producer has been quiet for CBW__QUIET_NS, or CBW__COALESCE_MAX_NS have
- * passed.  Competing for the lock with a thread that is busy starting jobs
- * would cost that thread a wake-up system call on every start; waiting
- * turns many small bursts into a few large ones.  A waiter never waits for
- * this: blocking in a wait ends the coalescing at once.
+ * When an executor session is costly (it takes an interpreter lock the
+ * producer also needs), the batching rule is: an idle route's first job
+ * starts at once, later ones are batched.
+ *
+ * Prompt start: a thread that slept (its idle spell outlasted the spin
+ * below) and wakes to a route with no running job takes the executor's lock
+ * for that job straight away, and raises r->handoff meanwhile.  A start on
+ * that route that sees the flag waits (on r->handc, for at most
+ * CBW__HANDOFF_MAX_NS) until the thread's session has begun.  Every start
+ * runs without the executor's lock (the bridge releases the interpreter lock
+ * around each core call), so the thread takes the lock while the producer
+ * waits, instead of queueing for it behind a producer that holds it between
+ * starts (for a whole switch interval of the interpreter).  This happens
+ * once per idle spell, and only to a producer that is still starting jobs.
+ *
+ * Coalescing: any other thread woken with more than one ready job (the
+ * route is busy: one of its threads runs a job, or this thread found the job
+ * while spinning) does not start a burst at once while jobs are still
+ * arriving.  It waits until some thread blocks waiting for a job of its
+ * route (the lock is then free), or the producer has been quiet for
+ * CBW__QUIET_NS, or CBW__COALESCE_MAX_NS have passed.  Competing for the
+ * lock with a thread that is busy starting jobs would cost that thread a
+ * wake-up system call on every start; waiting turns many small bursts into
+ * a few large ones.  A waiter never waits for this: blocking in a wait ends
+ * the coalescing at once.
  *
  * Spinning, for round trips (start a job, wait for it, repeat): a thread
  * that runs out of work spins for up to CBW__SPIN_NS before it sleeps, and
@@ -62,6 +78,20 @@ void cbw__route_wake(cbw__route *r)
         r->wakeups++;
         cbw__cond_signal(&r->cond);
     }
+}
+
+/* A start on route r, which just queued its job(s): if a thread woken on
+ * the idle route is taking the executor's lock for its first job, lets it
+ * (see DESIGN).  The caller holds w->mu and not the executor's lock. */
+void cbw__route_await_handoff(cbw_worker *w, cbw__route *r)
+{
+    int64_t until;
+    if (!r->handoff)
+        return;
+    until = cbw__now_ns() + CBW__HANDOFF_MAX_NS;
+    while (r->handoff && !w->stopping)
+        if (cbw__cond_wait_until(&r->handc, &w->mu, until))
+            break;
 }
 
 void cbw__route_unlink_thread(cbw__route *r, cbw__thread_rec *t)
@@ -159,9 +189,10 @@ static void end_run(cbw_worker *w, cbw__route *r, cbw__thread_rec *t,
         cbw__cond_broadcast(&w->statec);
 }
 
-/* Runs ready jobs under one executor session.  Called and returns with
- * w->mu held. */
-static void run_burst(cbw_worker *w, cbw__route *r, cbw__thread_rec *t)
+/* Runs ready jobs under one executor session; `prompt`: this thread raised
+ * r->handoff, and lowers it once the session has begun.  Called and returns
+ * with w->mu held. */
+static void run_burst(cbw_worker *w, cbw__route *r, cbw__thread_rec *t, int prompt)
 {
     const cbw_hooks *h = &w->hooks;
     int n, status, pending, in_session = 1;
@@ -172,6 +203,10 @@ static void run_burst(cbw_worker *w, cbw__route *r, cbw__thread_rec *t)
     if (h->session_begin)
         h->session_begin(h->ctx, &t->slot);
     cbw__mutex_lock(&w->mu);
+    if (prompt) {
+        r->handoff = 0;
+        cbw__cond_broadcast(&r->handc);
+    }
     for (n = 0; n < CBW__BATCH_MAX && !t->orphaned && in_session; n++) {
         if (!cbw__route_ready(w, r, &wake))
             break;
@@ -279,22 +314,45 @@ static void spin_for_waiter(cbw_worker *w, cbw__route *r)
     cbw__mutex_lock(&w->mu);
 }
 
+/* Raises r->handoff for this thread when its route has no running job and
+ * no other thread holds the flag (see DESIGN); true if it did. */
+static int raise_handoff(cbw_worker *w, cbw__route *r)
+{
+    if (w->hooks.session_begin == NULL || r->handoff || r->running > 0)
+        return 0;
+    r->handoff = 1;
+    return 1;
+}
+
+static void lower_handoff(cbw__route *r)
+{
+    r->handoff = 0;
+    cbw__cond_broadcast(&r->handc);
+}
+
 static void thread_main(void *arg)
 {
     cbw__thread_rec *t = arg;
     cbw_worker *w = t->w;
     cbw__route *r = t->route;
     const cbw_hooks *h = &w->hooks;
-    int detached, leftover;
+    int detached, leftover, prompt, slept = 0;
     int64_t wake;
 
     cbw__self = t;
+    cbw__mutex_lock(&w->mu);
+    prompt = raise_handoff(w, r); /* entering may take the executor's lock too */
+    cbw__mutex_unlock(&w->mu);
     if (h->thread_enter)
         h->thread_enter(h->ctx, &t->slot);
     cbw__mutex_lock(&w->mu);
     for (;;) {
         int spun = 0, swept = 0; /* once per idle spell each, then sleep */
         while (!t->orphaned && !w->stopping && !cbw__route_ready(w, r, &wake)) {
+            if (prompt) {
+                lower_handoff(r); /* nothing to run yet */
+                prompt = 0;
+            }
             if (!spun && wake == CBW__NEVER && !r->spinning && !w->closing) {
                 spun = 1;
                 (void)spin_for_work(w, r);
@@ -311,18 +369,27 @@ static void thread_main(void *arg)
             r->idle++;
             cbw__cond_wait_until(&r->cond, &w->mu, wake);
             r->idle--;
+            slept = 1;
             if (r->wakeups > 0)
                 r->wakeups--;
         }
         if (t->orphaned || r->head == NULL)
             break;
-        if (h->session_begin != NULL && r->queued > 1 && r->delay_ms == 0)
+        /* The batching rule (see DESIGN): the first job after an idle spell
+         * starts at once; later ones are coalesced. */
+        if (slept && !prompt)
+            prompt = raise_handoff(w, r);
+        slept = 0;
+        if (h->session_begin != NULL && !prompt && r->queued > 1 && r->delay_ms == 0)
             coalesce(w, r, t); /* one ready job says nothing of a producer */
         else if (h->session_begin != NULL && r->queued == 1 && r->waited_for &&
                  r->waiting == 0)
             spin_for_waiter(w, r);
-        run_burst(w, r, t);
+        run_burst(w, r, t, prompt);
+        prompt = 0;
     }
+    if (prompt)
+        lower_handoff(r);
     t->exited = 1;
     detached = t->detached;
     if (detached && !t->orphaned)
