@@ -61,6 +61,9 @@ _ROUTE_NAME_MAX = int(lib.CBW_ROUTE_NAME_MAX)
 
 _start = lib.cbw_start
 _wait_copy = lib.cbw_wait_copy
+_wait_many = lib.cbwpy_wait_many
+_WAIT_CHUNK = int(lib.CBWPY_WAIT_CHUNK)
+_EFAILED = int(lib.CBWPY_EFAILED)
 _unpack = ffi.unpack
 _EMORE = int(lib.CBW_EMORE)
 _SCRATCH_SIZE = 256
@@ -468,6 +471,63 @@ class Worker:
                 self._table.failures.pop(jid, None)
             return _unpack(scratch, n)
         raise_for(n, jid)
+
+    def wait_many(self, job_ids: Iterable[int], timeout_ms: int = -1) -> List[bytes]:
+        """Waits for the jobs in order and returns their responses: what
+        ``[wait(j) for j in job_ids]`` returns, with ``timeout_ms`` bounding
+        the whole call, and far cheaper (the core waits and the bytes are
+        made in C, a chunk of jobs per call).
+
+        It stops where that loop would: at the first job that fails, which
+        raises its ``JobFailedError`` and is destroyed, or whose wait fails
+        (``WaitTimeoutError``, ``UnknownJobError``...), which leaves that job
+        untouched.  Either way the jobs before it are destroyed (their
+        responses are lost) and the jobs after it are untouched: ``wait``,
+        ``take`` or ``cancel`` them by id.  An id that can never be a job's
+        raises ``UnknownJobError`` before anything is waited for."""
+        ids = [j if type(j) is int else _check_id(j) for j in job_ids]
+        timeout_ms = _check_timeout(timeout_ms)
+        if self._closed:
+            raise_for(lib.CBW_ECLOSED)
+        for jid in ids:
+            if not 0 < jid <= _INT64_MAX:
+                raise_for(lib.CBW_EUNKNOWN, jid)
+        out: List[bytes] = []
+        if ids:
+            self._wait_many_into(ids, timeout_ms, out)
+        return out
+
+    def _wait_many_into(self, ids: List[int], timeout_ms: int, out: List[bytes]) -> None:
+        """wait_many's loop: a chunk per core call; on the main thread in
+        slices, so that signal handlers (Ctrl-C) run while it waits."""
+        n = len(ids)
+        arr = ffi.new("int64_t[]", ids)
+        failed, consumed = ffi.new("cbw_result *"), ffi.new("size_t *")
+        sliced = timeout_ms != 0 and threading.get_ident() == _main_ident
+        deadline = None if timeout_ms < 0 else time.monotonic() + timeout_ms / 1000
+        target = ffi.cast("void *", id(out))
+        pos, budget = 0, timeout_ms
+        try:
+            while pos < n:
+                if deadline is not None:
+                    budget = max(0, int((deadline - time.monotonic()) * 1000 + 0.999))
+                if sliced:
+                    budget = _MAIN_SLICE_MS if budget < 0 else min(budget, _MAIN_SLICE_MS)
+                rc = _wait_many(self._w, arr + pos, min(_WAIT_CHUNK, n - pos), budget,
+                                target, failed, consumed)
+                pos += consumed[0]
+                if rc == _EFAILED:
+                    self._consume(failed)  # raises the job's failure
+                if rc == _ETIMEDOUT and sliced and (
+                        deadline is None or time.monotonic() < deadline):
+                    continue
+                if rc < 0:
+                    raise_for(rc, ids[pos])
+        finally:
+            if self._table.failures or self._progress:
+                for jid in ids[:pos]:  # destroyed: nothing may outlive them
+                    self._table.failures.pop(jid, None)
+                    self._forget_progress(jid)
 
     async def wait_complete_async(self, job_id: int, timeout_ms: int = -1) -> bool:
         """``wait_complete`` for asyncio: True once the job has completed,
