@@ -36,6 +36,7 @@ from .durable import CallbackHandle
 from .errors import (
     CallbackAlreadyCompletedError,
     CallbackFailedError,
+    CallbackInterrupt,
     CallbackTimeoutError,
     CallbackWorkerError,
     DeadlockError,
@@ -63,7 +64,7 @@ from .executor import Executor
 from .jobcontext import JobContext, current_job
 from .states import State, Status
 from .tasks import QueueConfig, TaskInfo, TaskService
-from .worker import Worker
+from .worker import Worker, WorkItem
 
 __version__ = "0.1.0"
 
@@ -99,7 +100,7 @@ progress = _FUNCTIONS["progress"]
 query = _FUNCTIONS["query"]
 
 __all__ = [
-    "Worker", "Executor", "default_worker", "asyncmeta", "current_job", "JobContext",
+    "Worker", "WorkItem", "CallbackInterrupt", "Executor", "default_worker", "asyncmeta", "current_job", "JobContext",
     "Phase", "Status", "State", "STATUS_PENDING", "Capability", "Profile", "RouteState",
     "JobMetaKey", "RouteMetaKey",
     "CallbackWorkerError", "UnknownJobError", "JobNotCompleteError", "JobFailedError",

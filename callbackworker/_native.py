@@ -19,11 +19,12 @@ import logging
 import os
 import sys
 import traceback
-import weakref
 from typing import Any, Callable, Dict, List, NoReturn, Optional
 
 from ._cbw_native import ffi, lib
+from .durable import DurableBackend, SuspendJob
 from .errors import (
+    CallbackInterrupt,
     CallbackWorkerError,
     DeadlockError,
     JobNotCompleteError,
@@ -46,30 +47,17 @@ _INT32_MIN = -(1 << 31)
 _INT32_MAX = (1 << 31) - 1
 
 
-class CallbackInterrupt(BaseException):
-    """Raised inside a callback that ran past its run-time limit (or whose
-    worker is shutting down at interpreter exit).  It derives from
-    ``BaseException`` so that ``except Exception`` in user code lets it pass.
-    The job has already completed with ``Status.TIMEOUT``; whatever the
-    callback does afterwards is discarded."""
-
-
-WORKERS: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
-"""Every live ``Worker`` by the address of its core worker, so a callback
-can find its own (``cbw_current_worker``)."""
-
-
-class SuspendJob(BaseException):
-    """Raised by ``callback_result`` to unwind a durable job that must wait
-    for an outside signal; the core has been told to suspend the job (see
-    ``callbackworker.durable``).  A ``BaseException``, so that ``except
-    Exception`` in user code lets it pass."""
-
-
 # The bridge keeps its own reference to the class (CPython's id() is the
 # object's address).
 if lib.cbwpy_init(ffi.cast("void *", id(CallbackInterrupt))) != lib.CBW_OK:
     raise MemoryError("callbackworker: the bridge could not start")
+
+
+def current_table() -> Optional["CallbackTable"]:
+    """The ``CallbackTable`` of the worker whose job the calling thread runs
+    (None on any other thread)."""
+    handle = lib.cbwpy_current_table()
+    return None if handle == ffi.NULL else ffi.from_handle(handle)  # type: ignore[no-any-return]
 
 
 def _describe(exc: BaseException) -> str:
@@ -118,7 +106,8 @@ class CallbackTable:
     failed attempt's; a success after it drops it).
     """
 
-    __slots__ = ("callbacks", "failures", "watchers", "handle", "generation", "__weakref__")
+    __slots__ = ("callbacks", "failures", "watchers", "handle", "generation", "durable",
+                 "__weakref__")
 
     def __init__(self) -> None:
         self.generation = FORK_GENERATION[0]
@@ -126,6 +115,8 @@ class CallbackTable:
         self.failures: Dict[int, BaseException] = {}
         self.watchers: Dict[int, List[Callable[[], None]]] = {}
         self.handle = ffi.new_handle(self)
+        self.durable: Optional[DurableBackend] = None
+        """Where the worker's durable jobs keep their logs; the worker sets it."""
 
     def clear(self) -> None:
         self.callbacks.clear()

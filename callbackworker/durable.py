@@ -57,7 +57,7 @@ from .errors import (
 
 __all__ = [
     "CallbackHandle", "CallbackRecord", "DurableStore", "MemoryDurableStore", "DurableRun",
-    "check_callback_id", "check_result",
+    "DurableBackend", "SuspendJob", "check_callback_id", "check_result",
 ]
 
 T = TypeVar("T")
@@ -66,6 +66,15 @@ CALLBACK_ID_RE = re.compile(r"^[A-Za-z0-9_-]{32}$")
 MAX_RESULT_BYTES = 1 << 20
 MAX_ERROR_CHARS = 64 * 1024
 _NAME_MAX = 128
+
+
+class SuspendJob(BaseException):
+    """Ends the run of a durable job that must wait for an outside signal.
+
+    ``callback_result`` raises it once the job's suspension is arranged (a
+    ``Worker``'s job is parked in the core; a task's attempt settles as
+    suspended).  A ``BaseException``, so that ``except Exception`` in user
+    code lets it pass."""
 
 
 class CallbackHandle(NamedTuple):
@@ -279,10 +288,6 @@ class MemoryDurableStore(DurableStore):
             while len(self._finished) > self._keep:
                 del self._finished[next(iter(self._finished))]
 
-    def pending_count(self) -> int:
-        """Callbacks not yet signalled (for tests and introspection)."""
-        with self._lock:
-            return sum(rec.state == "pending" for rec in self._callbacks.values())
 
 
 _MISSING = object()
@@ -363,3 +368,28 @@ class DurableRun:
             value = fn()
             self.store.record(self.owner, seq, ("step", name, value))
         return value  # type: ignore[no-any-return]
+
+
+class DurableBackend(ABC):
+    """Where a worker's durable jobs keep their operation logs.
+
+    A ``Worker`` keeps them in memory unless it is given another backend
+    (``Worker(durable_backend=...)``): ``TaskService`` gives its worker one
+    that keeps each task's log in the task store.  ``current_job()``'s
+    durable operations ask the backend of the worker running the job for
+    the job's ``DurableRun``.
+    """
+
+    @abstractmethod
+    def run_for(self, job_id: int, attempt: int, request: Callable[[], bytes]) -> DurableRun:
+        """The cursor of the running job ``job_id`` (its ``attempt``-th run),
+        made by its first durable operation and returned again to every
+        later one of the same run.  ``request()`` copies the job's request
+        as it is now."""
+
+    def signal(self, callback_id: str, state: str, result: Optional[bytes],
+               error: Optional[str]) -> None:
+        """Applies an outside signal (``Worker.send_callback_*``).  A backend
+        whose callbacks are signalled some other way (a ``TaskService``'s
+        are signalled through the service) knows none of them here."""
+        raise UnknownCallbackError(callback_id)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import itertools
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, TypeVar
 
-from ._native import WORKERS, ffi, lib
+from ._native import current_table, ffi, lib
 from .errors import CallbackWorkerError
 
 if TYPE_CHECKING:
@@ -126,10 +126,11 @@ class JobContext:
         if run == ffi.NULL or run.id != self.id:
             raise CallbackWorkerError(
                 f"durable operations of job {self.id} must run inside that job's callback")
-        worker = WORKERS.get(int(ffi.cast("uintptr_t", lib.cbw_current_worker())))
-        if worker is None:
-            raise CallbackWorkerError("the job's worker is gone")
-        return worker._durable_run(run)  # type: ignore[no-any-return]
+        table = current_table()
+        if table is None or table.durable is None:
+            raise CallbackWorkerError("the job's worker has no durable backend")
+        return table.durable.run_for(int(run.id), int(run.attempt),
+                                     lambda: bytes(ffi.buffer(run.data, run.size)))
 
     def create_callback(self, name: str, timeout_ms: int = 0,
                         heartbeat_timeout_ms: int = 0) -> "CallbackHandle":

@@ -22,16 +22,23 @@ import threading
 import time
 import weakref
 from urllib.parse import quote
-from typing import Any, Callable, Dict, Iterable, List, NoReturn, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, NoReturn, Optional, Protocol, Tuple, Union
 
 from . import _native
 from ._native import CallbackTable, ffi, lib, raise_for
 from .asyncmeta import JobMetaKey, Phase, Profile, RouteMetaKey, RouteState
-from .durable import DurableRun, MemoryDurableStore, check_callback_id, check_error, check_result
+from .durable import (
+    DurableBackend,
+    DurableRun,
+    MemoryDurableStore,
+    SuspendJob,
+    check_callback_id,
+    check_error,
+    check_result,
+)
 from .errors import (
     CallbackWorkerError,
     DeadlockError,
-    UnknownCallbackError,
     WorkerClosedError,
     failure_for_status,
 )
@@ -39,13 +46,23 @@ from . import jobcontext as _progress
 from .jobcontext import ProgressCallback, ProgressState
 from .states import PHASE_TEXT, STATE_TEXT, STATUS_TEXT, State, Status
 
-__all__ = ["Worker", "Callback", "Request"]
+__all__ = ["Worker", "WorkItem", "Callback", "Request"]
 
 Request = Union[bytes, bytearray, memoryview, Any]
 """Any object supporting the buffer protocol (C-contiguous)."""
 
 Callback = Callable[[memoryview], Any]
 """``callback(request: memoryview) -> None | int | bytes-like``."""
+
+
+class WorkItem(Protocol):
+    """What ``Worker.run_detached`` runs: an object with a ``run()`` method
+    (the shape of ``concurrent.futures``' work items).  ``run`` reports its
+    outcome its own way (a future, a task store); what it returns or raises
+    is dropped."""
+
+    def run(self) -> None: ...
+
 
 _TIMEOUT_MAX = int(lib.CBW_TIMEOUT_MAX)
 _TIMEOUT_ROUTE = int(lib.CBW_TIMEOUT_ROUTE)
@@ -70,7 +87,7 @@ _SCRATCH_SIZE = 256
 _main_ident = threading.main_thread().ident
 _local = threading.local()
 _main_waiting = [False]  # the main thread's wait() is using its scratch buffers
-_durable_lock = threading.Lock()
+_EMPTY = b""
 
 
 def _scratch() -> Any:
@@ -171,18 +188,25 @@ class Worker:
     closed at interpreter exit.
     """
 
-    def __init__(self, concurrency: int = 1, *, manual_clock: bool = False) -> None:
+    def __init__(self, concurrency: int = 1, *, manual_clock: bool = False,
+                 durable_backend: Optional[DurableBackend] = None) -> None:
         self._concurrency = _check_positive(concurrency, "concurrency")
         if not isinstance(manual_clock, bool):
             raise TypeError(f"manual_clock must be a bool, not {type(manual_clock).__name__}")
+        if durable_backend is not None and not isinstance(durable_backend, DurableBackend):
+            raise TypeError(f"durable_backend must be a DurableBackend, "
+                            f"not {type(durable_backend).__name__}")
         self._manual_clock = manual_clock
+        self._durable_backend = durable_backend
         self._table = CallbackTable()
         self._closed = False
         self._w = self._new_native()
         self._finalizer = self._track_native()
         self._routes: dict[str, int] = {"default": _DEFAULT_ROUTE}
         self._progress: Dict[int, int] = {}  # tracked job id -> progress tag
-        self._durable: Optional[_Durable] = None  # made by the first durable job
+        self._items: Dict[int, WorkItem] = {}  # detached job id -> its item, until it runs
+        self._items_lock = threading.Lock()
+        self._run_item_cb = self._run_item  # one callable for every detached job
         _live_workers.add(self)
 
     def _new_native(self) -> Any:
@@ -195,7 +219,7 @@ class Worker:
             raise_for(err[0])
         if self._manual_clock:
             lib.cbw_worker_use_manual_clock(native)  # cannot fail: no job yet
-        _native.WORKERS[int(ffi.cast("uintptr_t", native))] = self
+        self._table.durable = self._durable_backend or _MemoryDurable(native, self._table)
         return native
 
     # ---- lifecycle ----------------------------------------------------
@@ -242,8 +266,11 @@ class Worker:
         self._closed = True
         # The callbacks stay: a close that returned early (a callback's, while
         # another thread drains) must not take them from queued jobs; the
-        # core releases each one as its last job goes.
+        # core releases each one as its last job goes.  Items of detached
+        # jobs still queued will never run.
         self._table.failures.clear()
+        with self._items_lock:
+            self._items.clear()
         for tag in self._progress.values():
             _progress.STATES.pop(tag, None)
         self._progress.clear()
@@ -258,7 +285,8 @@ class Worker:
         self._table = CallbackTable()
         self._routes = {"default": _DEFAULT_ROUTE}
         self._progress = {}
-        self._durable = None
+        self._items = {}
+        self._items_lock = threading.Lock()
         if self._closed:
             self._w = ffi.NULL
             return
@@ -348,17 +376,38 @@ class Worker:
             raise_for(jid, route)
         return jid
 
-    def _start_detached(self, callback: Callable[[memoryview], Any], request: bytes,
-                        route: Optional[str] = None) -> int:
-        """Starts a job that is destroyed as soon as it completes (its
-        callback reports results some other way: the Executor's futures).
-        Returns its id, good for ``cancel`` only."""
-        rid, timeout_ms = self._prepare(callback, -1, route)
-        jid = lib.cbw_start_ex(self._w, rid, id(callback), request, len(request), timeout_ms,
-                               lib.CBW_JOB_DETACHED, 0)
-        if jid < 0:
-            raise_for(jid, route)
+    def run_detached(self, item: WorkItem, *, route: Optional[str] = None) -> int:
+        """Runs ``item.run()`` on one of the route's threads, as a detached
+        job: the extension seam that ``Executor`` and ``TaskService`` are
+        built on.
+
+        The job takes its route's ``timeout_ms`` (an overdue ``run`` is
+        interrupted with ``CallbackInterrupt``, as any callback is) and its
+        retry policy.  It is destroyed as soon as it completes, so it is
+        never waited for: ``item.run`` reports its outcome its own way.  The
+        returned id is good for ``cancel`` only: a cancel that returns True
+        (the job was still queued) means ``item.run`` will never be called,
+        and neither will it for a job still queued when the worker closes.
+        """
+        run = getattr(item, "run", None)
+        if not callable(run):
+            raise TypeError(f"item must have a run() method, not be a {type(item).__name__}")
+        rid, timeout_ms = self._prepare(self._run_item_cb, _UNSET, route)
+        with self._items_lock:
+            jid = lib.cbw_start_ex(self._w, rid, id(self._run_item_cb), _EMPTY, 0, timeout_ms,
+                                   lib.CBW_JOB_DETACHED, 0)
+            if jid < 0:
+                raise_for(jid, route)
+            self._items[jid] = item
         return jid
+
+    def _run_item(self, request: memoryview) -> None:
+        """The callback of every detached job: runs the job's item."""
+        jid = lib.cbw_current_run().id
+        with self._items_lock:
+            item = self._items.pop(jid, None)
+        if item is not None:
+            item.run()
 
     def start_text(self, callback: Callback, text: str, timeout_ms: int = _UNSET,
                    *, route: Optional[str] = None) -> int:
@@ -619,6 +668,9 @@ class Worker:
         rc = lib.cbw_cancel(self._w, jid, ffi.NULL)
         if rc < 0:
             raise_for(rc, jid)
+        if rc == 1 and self._items:
+            with self._items_lock:
+                self._items.pop(jid, None)  # a detached job's item never runs now
         return rc == 1
 
     # ---- queries ------------------------------------------------------
@@ -771,15 +823,6 @@ class Worker:
 
     # ---- durable external callbacks ----------------------------------
 
-    def _durable_run(self, run: Any) -> DurableRun:
-        """The durable-operation cursor of the job ``run`` (its callback is
-        running on this thread).  Made by the job's first durable operation
-        in each run; the job's log lives until the job completes."""
-        with _durable_lock:
-            if self._durable is None:
-                self._durable = _Durable(self)
-        return self._durable.run_for(run)
-
     def send_callback_success(self, callback_id: str, result: bytes) -> None:
         """Signals success: the suspended job is replayed and its
         ``callback_result`` returns ``result`` (bytes-like, at most 1 MiB).
@@ -804,10 +847,7 @@ class Worker:
                 error: Optional[str]) -> None:
         if self._closed:
             raise_for(lib.CBW_ECLOSED)
-        durable = self._durable
-        if durable is None:
-            raise UnknownCallbackError(callback_id)
-        durable.signal(callback_id, state, result, error)
+        self._table.durable.signal(callback_id, state, result, error)
 
     # ---- routes -------------------------------------------------------
 
@@ -928,20 +968,22 @@ class Worker:
                 f"close_accepted={r.close_accepted}")
 
 
-class _Durable:
-    """A Worker's durable jobs: their logs (in memory) and run cursors."""
+class _MemoryDurable(DurableBackend):
+    """A Worker's own durable backend: its jobs' logs in memory, their run
+    cursors, and suspension in the core.  It holds the core worker and its
+    table, not the ``Worker``, which the table must not keep alive."""
 
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
+    def __init__(self, native: Any, table: CallbackTable) -> None:
+        self.native = native
+        self.table = table
         self.store = MemoryDurableStore(self.now_ms)
         self.lock = threading.Lock()
         self.runs: Dict[int, Tuple[int, DurableRun]] = {}  # job id -> (attempt, run)
 
     def now_ms(self) -> int:
-        return int(lib.cbw_worker_clock_ms(self.worker._w))
+        return int(lib.cbw_worker_clock_ms(self.native))
 
-    def run_for(self, run: Any) -> DurableRun:
-        jid, attempt = int(run.id), int(run.attempt)
+    def run_for(self, jid: int, attempt: int, request: Callable[[], bytes]) -> DurableRun:
         with self.lock:
             entry = self.runs.get(jid)
             if entry is not None and entry[0] == attempt:
@@ -949,25 +991,22 @@ class _Durable:
             first = entry is None
         if first:
             self._forget_at_completion(jid)
-        request = bytes(ffi.buffer(run.data, run.size))
-        fresh = DurableRun(self.store, str(jid), request,
+        fresh = DurableRun(self.store, str(jid), request(),
                            lambda wake, req: self._suspend(jid, wake, req))
         with self.lock:
             self.runs[jid] = (attempt, fresh)
         return fresh
 
     def _forget_at_completion(self, jid: int) -> None:
-        worker = self.worker
-
         def forget() -> None:
             with self.lock:
                 self.runs.pop(jid, None)
             self.store.forget(str(jid))
 
-        worker._table.watchers.setdefault(jid, []).append(forget)
-        rc = lib.cbw_job_watch(worker._w, jid)
+        self.table.watchers.setdefault(jid, []).append(forget)
+        rc = lib.cbw_job_watch(self.native, jid)
         if rc != 0:  # cannot be 1: the job runs; an error leaves no report
-            _discard_watcher(worker._table.watchers, jid, forget)
+            _discard_watcher(self.table.watchers, jid, forget)
             raise_for(rc, jid)
 
     def _suspend(self, jid: int, wake_after_ms: int, request: bytes) -> NoReturn:
@@ -979,7 +1018,7 @@ class _Durable:
             raise_for(rc, jid)
         with self.lock:
             self.runs.pop(jid, None)  # the replay starts a new cursor
-        raise _native.SuspendJob()
+        raise SuspendJob()
 
     def signal(self, callback_id: str, state: str, result: Optional[bytes],
                error: Optional[str]) -> None:
@@ -991,7 +1030,7 @@ class _Durable:
             wake = max(0, at - self.now_ms())
         else:
             wake = 0
-        rc = lib.cbw_job_wake(self.worker._w, int(rec.owner), wake)
+        rc = lib.cbw_job_wake(self.native, int(rec.owner), wake)
         if rc < 0 and rc != lib.CBW_EUNKNOWN:
             raise_for(rc, int(rec.owner))
 

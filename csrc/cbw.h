@@ -270,6 +270,7 @@ size_t cbw_tokens_collect(cbw_worker *w, uint64_t *out, size_t cap);
  * running job, the callback may look and stop itself). */
 const cbw_run *cbw_current_run(void);
 cbw_worker *cbw_current_worker(void); /* whose thread this is, or NULL */
+void *cbw_current_context(void);      /* that worker's cbw_hooks.ctx, or NULL */
 int cbw_current_cancel_requested(void);
 
 /* For executors, during run(). */

@@ -389,6 +389,12 @@ cbw_worker *cbw_current_worker(void)
     return self != NULL && self->job != NULL ? self->w : NULL;
 }
 
+void *cbw_current_context(void)
+{
+    cbw__thread_rec *self = cbw__self;
+    return self != NULL && self->job != NULL ? self->w->hooks.ctx : NULL;
+}
+
 int cbw_current_cancel_requested(void)
 {
     cbw__thread_rec *self = cbw__self;

@@ -374,6 +374,15 @@ static cbw_worker *cbwpy_worker_new(void *handle, void *registry, void *table,
     return w;
 }
 
+/* The ffi handle of the CallbackTable of the worker whose job the calling
+ * thread runs, or NULL on any other thread: how a callback finds its own
+ * worker's Python state without a registry. */
+static void *cbwpy_current_table(void)
+{
+    cbwpy_ctx *c = cbw_current_context();
+    return c != NULL ? c->handle : NULL;
+}
+
 /* A str's code points, for encoding without the interpreter lock (a str is
  * immutable, and the caller keeps it alive). */
 typedef struct cbwpy_text {

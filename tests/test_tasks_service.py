@@ -27,7 +27,7 @@ from callbackworker import (
     UnknownTaskError,
 )
 from callbackworker.tasks import service as service_module
-from callbackworker.tasks.service import _open_store, retry_delay_ms
+from callbackworker.tasks.service import _Attempt, _open_store, retry_delay_ms
 from callbackworker.tasks.storage import TaskStore
 
 from helpers import FakeClock
@@ -483,7 +483,7 @@ def test_close_gives_back_claimed_but_unstarted_tasks(service: TaskService, db: 
     (claimed,) = service._store.claim("q", owner=service._owner, limit=1, now=0 + service._now(),
                                        lease_ms=30_000)
     with service._cond:
-        service._claims[99] = (service._queues["q"], claimed)
+        service._unstarted.add(_Attempt(service, service._queues["q"], claimed))
     service.close()
     store = open_store(db)
     record = store.get(task)

@@ -9,8 +9,8 @@ DESIGN
 * Execution.  The service owns a ``Worker`` with one route per queue
   (``task:<name>``, ``concurrency`` threads).  A dispatcher thread claims due
   tasks, never more than the queue's free slots, and starts each as a job on
-  that route; the job carries only an 8-byte key into ``_claims``, which
-  holds the claimed task.  Handlers run on the C threads.
+  that route (``Worker.run_detached``, one ``_Attempt`` work item per
+  claimed task).  Handlers run on the C threads.
 * Leases.  A claim leases the task to this service (``owner`` =
   host/pid/nonce) until ``now + lease_ms`` and gives it a fresh token.  The
   dispatcher renews its leases every ``lease_ms / 3``; a task whose lease
@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import atexit
 import hashlib
-import itertools
 import logging
 import os
 import socket
@@ -57,10 +56,16 @@ import time
 import uuid
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, NamedTuple, NoReturn, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, NamedTuple, NoReturn, Optional, Set, Tuple
 
-from .. import _native
-from ..durable import DurableRun, check_callback_id, check_error, check_result
+from ..durable import (
+    DurableBackend,
+    DurableRun,
+    SuspendJob,
+    check_callback_id,
+    check_error,
+    check_result,
+)
 from ..errors import (
     CallbackWorkerError,
     QueueExistsError,
@@ -173,25 +178,26 @@ def current_task() -> Optional[TaskContext]:
 def _suspend_task(wake_after_ms: int, request: bytes) -> NoReturn:
     """Ends a task's run that waits for a callback; ``_attempt`` settles it
     as suspended (the store works out when it is due)."""
-    raise _native.SuspendJob()
+    raise SuspendJob()
 
 
-class _TaskWorker(Worker):
-    """The service's worker: a task handler's durable operations go to the
-    task's store, not to the worker's memory."""
+class _TaskDurable(DurableBackend):
+    """The durable backend of the service's worker: a task handler's
+    durable operations go to the task's store, not to the worker's memory.
+    The run of the task the calling thread handles is made by its first
+    durable operation."""
 
     def __init__(self, store: TaskStore, clock: Callable[[], int]) -> None:
-        super().__init__()
-        self._task_store = store
-        self._task_clock = clock
+        self._store = store
+        self._clock = clock
 
-    def _durable_run(self, run: object) -> DurableRun:
+    def run_for(self, job_id: int, attempt: int, request: Callable[[], bytes]) -> DurableRun:
         durable: Optional[DurableRun] = getattr(_running, "durable", None)
         if durable is None:
             task = current_task()
             if task is None:
                 raise CallbackWorkerError("durable operations of a task must run in its handler")
-            store = TaskDurableStore(self._task_store, self._task_clock, task.id)
+            store = TaskDurableStore(self._store, self._clock, task.id)
             durable = _running.durable = DurableRun(store, task.id, b"", _suspend_task)
         return durable
 
@@ -285,6 +291,20 @@ def _owner_is_dead(owner: str) -> bool:
     except OSError:
         return False
     return False
+
+
+class _Attempt:
+    """The work item of one claimed task's job (``Worker.run_detached``)."""
+
+    __slots__ = ("service", "queue", "task")
+
+    def __init__(self, service: "TaskService", queue: "_Queue", task: ClaimedTask) -> None:
+        self.service = service
+        self.queue = queue
+        self.task = task
+
+    def run(self) -> None:
+        self.service._run(self)
 
 
 @dataclass(eq=False)
@@ -413,14 +433,12 @@ class TaskService:
         self._cond = threading.Condition()
         self._create_lock = threading.Lock()
         self._queues: Dict[str, _Queue] = {}
-        self._claims: Dict[int, Tuple[_Queue, ClaimedTask]] = {}
-        self._keys = itertools.count(1)
+        self._unstarted: Set[_Attempt] = set()  # claimed, handed to the worker, not yet run
         self._kicked = False
         self._closed = False
         self._worker: Optional[Worker] = None
         self._committer: Optional[_GroupCommitter] = None
         self._dispatcher: Optional[threading.Thread] = None
-        self._run_key = self._run  # one callable object for every job
         _live_services.add(self)
 
     # ---- lifecycle ----------------------------------------------------
@@ -454,10 +472,11 @@ class TaskService:
             self._worker.close()  # running handlers finish; queued jobs never run
         now = self._now()
         with self._cond:
-            unstarted = list(self._claims.values())
-            self._claims.clear()
+            unstarted = list(self._unstarted)
+            self._unstarted.clear()
         if self._committer is not None:
-            for _, task in unstarted:
+            for attempt in unstarted:
+                task = attempt.task
                 self._committer.put(Outcome(task.id, task.token, "release", "", now))
             self._committer.close()
         self._store.close()
@@ -511,7 +530,7 @@ class TaskService:
         (a service that only enqueues and inspects needs none)."""
         if self._worker is None:
             self._committer = _GroupCommitter(self._store, self._kick)
-            self._worker = _TaskWorker(self._store, self._now)
+            self._worker = Worker(durable_backend=_TaskDurable(self._store, self._now))
             if self._background:
                 self._store.set_waker(self._wake_from_store)
                 self._dispatcher = threading.Thread(target=self._dispatch_loop, daemon=True,
@@ -697,29 +716,30 @@ class TaskService:
         if not claimed:
             return
         assert self._worker is not None and self._committer is not None
+        attempts = [_Attempt(self, queue, task) for task in claimed]
         with self._cond:
-            keys = [next(self._keys) for _ in claimed]
-            for key, task in zip(keys, claimed):
-                self._claims[key] = (queue, task)
+            self._unstarted.update(attempts)
             queue.in_flight += len(claimed)
-        for key in keys:
+        for attempt in attempts:
             try:
-                self._worker._start_detached(self._run_key, key.to_bytes(8, "little"), queue.route)
+                self._worker.run_detached(attempt, route=queue.route)
             except Exception:
                 with self._cond:
-                    entry = self._claims.pop(key, None)
-                    if entry is not None:
+                    taken = attempt in self._unstarted  # else close() released it
+                    if taken:
+                        self._unstarted.discard(attempt)
                         queue.in_flight -= 1
-                if entry is not None:  # the job never ran: give the attempt back
-                    task = entry[1]
+                if taken:  # the job never ran: give the attempt back
+                    task = attempt.task
                     self._committer.put(Outcome(task.id, task.token, "release", "", self._now()))
                 if not self._closed:
                     raise
 
-    def _run(self, request: memoryview) -> None:
-        """The callback of every job: runs one claimed task's handler."""
+    def _run(self, attempt: _Attempt) -> None:
+        """Runs one claimed task's handler (``_Attempt.run``, on a C thread)."""
+        queue, task = attempt.queue, attempt.task
         with self._cond:
-            queue, task = self._claims.pop(int.from_bytes(request, "little"))
+            self._unstarted.discard(attempt)
             closing = self._closed
         outcome: Optional[Outcome] = None
         try:
@@ -747,7 +767,7 @@ class TaskService:
             if message is not None and not isinstance(message, str):
                 raise TypeError(f"the handler must return a str or None, "
                                 f"not {type(message).__name__}")
-        except _native.SuspendJob:
+        except SuspendJob:
             unwound = True
             outcome = self._failure(queue, task, "SuspendJob: raised outside callback_result")
         except Exception as exc:
