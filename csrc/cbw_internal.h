@@ -89,6 +89,7 @@ struct cbw__thread_rec {
     uint8_t orphaned;         /* abandoned after its job timed out */
     uint8_t exited;
     uint8_t blocked;          /* in an infinite cbw_wait (deadlock check) */
+    uint8_t handoff;          /* raised its route's handoff when it was made */
     int32_t blocked_on_route; /* ...for a job queued on this route, or 0 */
 };
 

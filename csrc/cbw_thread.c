@@ -24,7 +24,9 @@
  *
  * Prompt start: a thread that slept (its idle spell outlasted the spin
  * below) and wakes to a route with no running job takes the executor's lock
- * for that job straight away, and raises r->handoff meanwhile.  A start on
+ * for that job straight away, and raises r->handoff meanwhile; so does a
+ * new thread (spawn raises the flag for it, as it enters the executor and
+ * begins its first session).  A start on
  * that route that sees the flag waits (on r->handc, for at most
  * CBW__HANDOFF_MAX_NS) until the thread's session has begun.  Every start
  * runs without the executor's lock (the bridge releases the interpreter lock
@@ -341,7 +343,7 @@ static void thread_main(void *arg)
 
     cbw__self = t;
     cbw__mutex_lock(&w->mu);
-    prompt = raise_handoff(w, r); /* entering may take the executor's lock too */
+    prompt = t->handoff; /* raised by spawn: entering takes the executor's lock too */
     cbw__mutex_unlock(&w->mu);
     if (h->thread_enter)
         h->thread_enter(h->ctx, &t->slot);
@@ -417,7 +419,10 @@ static int spawn(cbw_worker *w, cbw__route *r)
         return CBW_ENOMEM;
     t->w = w;
     t->route = r;
+    t->handoff = (uint8_t)raise_handoff(w, r); /* before the thread reads it */
     if (cbw__thread_start(&t->handle, thread_main, t) != 0) {
+        if (t->handoff)
+            lower_handoff(r);
         cbw__free(t);
         return CBW_ETHREAD;
     }
