@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import itertools
 import os
 import threading
 import time
@@ -204,8 +205,9 @@ class Worker:
         self._finalizer = self._track_native()
         self._routes: dict[str, int] = {"default": _DEFAULT_ROUTE}
         self._progress: Dict[int, int] = {}  # tracked job id -> progress tag
-        self._items: Dict[int, WorkItem] = {}  # detached job id -> its item, until it runs
-        self._items_lock = threading.Lock()
+        self._items: Dict[int, WorkItem] = {}  # item key (the job's tag) -> item, until it runs
+        self._item_keys: Dict[int, int] = {}  # detached job id -> item key, for cancel
+        self._next_item_key = itertools.count(1).__next__
         self._run_item_cb = self._run_item  # one callable for every detached job
         _live_workers.add(self)
 
@@ -269,8 +271,8 @@ class Worker:
         # core releases each one as its last job goes.  Items of detached
         # jobs still queued will never run.
         self._table.failures.clear()
-        with self._items_lock:
-            self._items.clear()
+        self._items.clear()
+        self._item_keys.clear()
         for tag in self._progress.values():
             _progress.STATES.pop(tag, None)
         self._progress.clear()
@@ -286,7 +288,7 @@ class Worker:
         self._routes = {"default": _DEFAULT_ROUTE}
         self._progress = {}
         self._items = {}
-        self._items_lock = threading.Lock()
+        self._item_keys = {}
         if self._closed:
             self._w = ffi.NULL
             return
@@ -393,19 +395,27 @@ class Worker:
         if not callable(run):
             raise TypeError(f"item must have a run() method, not be a {type(item).__name__}")
         rid, timeout_ms = self._prepare(self._run_item_cb, _UNSET, route)
-        with self._items_lock:
-            jid = lib.cbw_start_ex(self._w, rid, id(self._run_item_cb), _EMPTY, 0, timeout_ms,
-                                   lib.CBW_JOB_DETACHED, 0)
-            if jid < 0:
-                raise_for(jid, route)
-            self._items[jid] = item
+        # The item is found by a key that travels as the job's tag, stored
+        # before the start: the job may run at once, and no lock may be held
+        # across the start (an idle route's thread takes its first job while
+        # the start waits, see csrc/cbw_thread.c).
+        key = self._next_item_key()
+        self._items[key] = item
+        jid = lib.cbw_start_ex(self._w, rid, id(self._run_item_cb), _EMPTY, 0, timeout_ms,
+                               lib.CBW_JOB_DETACHED, key)
+        if jid < 0:
+            self._items.pop(key, None)
+            raise_for(jid, route)
+        self._item_keys[jid] = key
+        if key not in self._items:  # it ran already: nothing left to cancel
+            self._item_keys.pop(jid, None)
         return jid
 
     def _run_item(self, request: memoryview) -> None:
         """The callback of every detached job: runs the job's item."""
-        jid = lib.cbw_current_run().id
-        with self._items_lock:
-            item = self._items.pop(jid, None)
+        run = lib.cbw_current_run()
+        item = self._items.pop(run.tag, None)
+        self._item_keys.pop(run.id, None)
         if item is not None:
             item.run()
 
@@ -668,9 +678,10 @@ class Worker:
         rc = lib.cbw_cancel(self._w, jid, ffi.NULL)
         if rc < 0:
             raise_for(rc, jid)
-        if rc == 1 and self._items:
-            with self._items_lock:
-                self._items.pop(jid, None)  # a detached job's item never runs now
+        if rc == 1 and self._item_keys:
+            key = self._item_keys.pop(jid, None)
+            if key is not None:
+                self._items.pop(key, None)  # a detached job's item never runs now
         return rc == 1
 
     # ---- queries ------------------------------------------------------
