@@ -29,10 +29,12 @@ state changes under one module-wide lock (see ``_CallFuture``).
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import os
 import threading
+import weakref
 from concurrent import futures
 from concurrent.futures.thread import BrokenThreadPool
 from typing import Any, Callable, Optional, Set
@@ -66,6 +68,25 @@ _get_ident = threading.get_ident
 _guard = threading.Lock()
 """Guards the state of every ``_CallFuture`` that has no condition yet,
 and the making of one (see ``_CallFuture``)."""
+
+
+_executors: "weakref.WeakSet[Executor]" = weakref.WeakSet()
+_exiting = False
+
+
+def _finish_all_at_exit() -> None:
+    """As ThreadPoolExecutor at interpreter exit: submissions stop, and every
+    call not cancelled runs to its end.  (Registered after the worker
+    module's own exit hook, so it runs before the workers are closed.)"""
+    global _exiting
+    _exiting = True
+    for executor in list(_executors):
+        with executor._lock:
+            pending = list(executor._live)
+        futures.wait(pending)
+
+
+atexit.register(_finish_all_at_exit)
 
 
 def _default_max_workers() -> int:
@@ -290,7 +311,8 @@ class Executor(futures.Executor):
     ThreadPoolExecutor does), the executor is broken: the call and every
     call not yet started fail with ``BrokenThreadPool``, and ``submit``
     raises it.  ``route`` submits to a route of the default worker instead
-    of a worker of the executor's own."""
+    of a worker of the executor's own.  At interpreter exit, as with
+    ThreadPoolExecutor, calls already submitted run to their end."""
 
     def __init__(self, max_workers: Optional[int] = None, thread_name_prefix: str = "",
                  initializer: Optional[Callable[..., object]] = None, initargs: tuple = (),
@@ -330,6 +352,7 @@ class Executor(futures.Executor):
             except UnknownRouteError:
                 self._worker.open_route(route, concurrency=max_workers)
         self._route = route
+        _executors.add(self)
 
     def _thread_ready(self) -> bool:
         """Called by every call's run: on a thread's first call, names the
@@ -379,6 +402,8 @@ class Executor(futures.Executor):
                 raise BrokenThreadPool(self._broken)
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
+            if _exiting:
+                raise RuntimeError("cannot schedule new futures after interpreter shutdown")
             self._live.add(future)
             try:
                 future.job = self._worker.run_detached(future, route=self._route)

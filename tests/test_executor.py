@@ -28,6 +28,9 @@ import itertools
 import logging
 import os
 import re
+import subprocess
+import sys
+import textwrap
 import threading
 import traceback
 from typing import Any, Callable, Iterator, List
@@ -949,6 +952,56 @@ def test_executor_first_call_starts_while_submitting():
     ran = [f for f in futs if not f.cancelled()]
     assert ran and all(f.done() and f.exception() is None for f in ran)
     assert len(ran) < len(futs)
+
+
+def _run_child(code: str) -> "subprocess.CompletedProcess[str]":
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=60)
+
+
+EXIT_PRELUDE = """
+    import sys, time
+    from callbackworker import Executor
+
+    def sleep_and_print(t, msg):
+        time.sleep(t)
+        print(msg)
+        sys.stdout.flush()
+"""
+
+
+def test_executor_calls_pending_at_interpreter_exit_still_run():
+    child = _run_child(EXIT_PRELUDE + """
+    ex = Executor(5)
+    ex.submit(sleep_and_print, 0.5, "apple")
+    """)
+    assert (child.returncode, child.stdout.strip(), child.stderr) == (0, "apple", "")
+
+
+def test_executor_shutdown_without_wait_still_runs_calls_at_exit():
+    child = _run_child(EXIT_PRELUDE + """
+    ex = Executor(max_workers=3)
+    ex.submit(sleep_and_print, 0.5, "apple")
+    ex.shutdown(wait=False)
+    """)
+    assert (child.returncode, child.stdout.strip(), child.stderr) == (0, "apple", "")
+
+
+def test_executor_submit_from_an_exit_hook_raises_runtime_error():
+    child = _run_child("""
+    import atexit
+
+    @atexit.register
+    def last() -> None:
+        try:
+            ex.submit(id, None)
+        except RuntimeError as exc:
+            print(exc)
+
+    from callbackworker import Executor
+    ex = Executor(5)
+    """)
+    assert child.stdout.strip() == "cannot schedule new futures after interpreter shutdown"
 
 
 def test_executor_route_calls_see_the_route_id():
