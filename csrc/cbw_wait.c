@@ -241,6 +241,8 @@ int cbw_wait_many(cbw_worker *w, const int64_t *ids, size_t n, int32_t timeout_m
     *done = 0;
     if (timeout_ms < CBW_TIMEOUT_INFINITE || (n > 0 && (ids == NULL || out == NULL)))
         return CBW_EINVAL;
+    if (n == 0)
+        return CBW_OK;
     memset(out, 0, n * sizeof(*out));
     deadline = cbw__deadline_after_ms(timeout_ms);
     cbw__mutex_lock(&w->mu);
