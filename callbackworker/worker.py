@@ -205,7 +205,7 @@ class Worker:
         self._finalizer = self._track_native()
         self._routes: dict[str, int] = {"default": _DEFAULT_ROUTE}
         self._progress: Dict[int, int] = {}  # tracked job id -> progress tag
-        self._items: Dict[int, WorkItem] = {}  # item key (the job's tag) -> item, until it runs
+        self._items: Dict[int, list] = {}  # item key -> [item, job id], until it runs
         self._item_keys: Dict[int, int] = {}  # detached job id -> item key, for cancel
         self._next_item_key = itertools.count(1).__next__
         self._run_item_cb = self._run_item  # one callable for every detached job
@@ -395,17 +395,23 @@ class Worker:
         if not callable(run):
             raise TypeError(f"item must have a run() method, not be a {type(item).__name__}")
         rid, timeout_ms = self._prepare(self._run_item_cb, _UNSET, route)
-        # The item is found by a key that travels as the job's tag, stored
-        # before the start: the job may run at once, and no lock may be held
-        # across the start (an idle route's thread takes its first job while
-        # the start waits, see csrc/cbw_thread.c).
+        # The item is found by a key that travels as the job's request,
+        # stored before the start: the job may run at once, no lock may be
+        # held across the start (an idle route's thread takes its first job
+        # while the start waits, see csrc/cbw_thread.c), and reading the key
+        # in _run_item makes no core call (which would let another thread
+        # take the interpreter lock between jobs of a burst).  The holder
+        # gets the job id after the start, for cancel's map; whichever of
+        # the run and the start comes last empties that map's entry.
         key = self._next_item_key()
-        self._items[key] = item
-        jid = lib.cbw_start_ex(self._w, rid, id(self._run_item_cb), _EMPTY, 0, timeout_ms,
-                               lib.CBW_JOB_DETACHED, key)
+        holder = [item, 0]
+        self._items[key] = holder
+        jid = lib.cbw_start_ex(self._w, rid, id(self._run_item_cb), key.to_bytes(8, "little"), 8,
+                               timeout_ms, lib.CBW_JOB_DETACHED, 0)
         if jid < 0:
             self._items.pop(key, None)
             raise_for(jid, route)
+        holder[1] = jid
         self._item_keys[jid] = key
         if key not in self._items:  # it ran already: nothing left to cancel
             self._item_keys.pop(jid, None)
@@ -413,11 +419,10 @@ class Worker:
 
     def _run_item(self, request: memoryview) -> None:
         """The callback of every detached job: runs the job's item."""
-        run = lib.cbw_current_run()
-        item = self._items.pop(run.tag, None)
-        self._item_keys.pop(run.id, None)
-        if item is not None:
-            item.run()
+        holder = self._items.pop(int.from_bytes(request, "little"), None)
+        if holder is not None:
+            self._item_keys.pop(holder[1], None)
+            holder[0].run()
 
     def start_text(self, callback: Callback, text: str, timeout_ms: int = _UNSET,
                    *, route: Optional[str] = None) -> int:
