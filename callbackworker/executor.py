@@ -278,31 +278,28 @@ class _CallFuture(futures.Future):
                 raise RuntimeError(f"Future in unexpected state: {state}")
         return super().set_running_or_notify_cancel()
 
-    def set_result(self, result: Any) -> None:
+    def _settle(self, result: Any, exception: Optional[BaseException]) -> bool:
+        """set_result/set_exception while no condition exists: True if the
+        outcome was recorded here, False if the stdlib's method must do it."""
         with _guard:
-            fast = self._cond is None
-            if fast:
-                if self._state in _ENDED:
-                    raise futures.InvalidStateError(f"{self._state}: {self!r}")
-                self._result = result
-                self._state = _FINISHED
-        if not fast:
-            super().set_result(result)
-        elif self._done_callbacks:
+            if self._cond is not None:
+                return False
+            if self._state in _ENDED:
+                raise futures.InvalidStateError(f"{self._state}: {self!r}")
+            self._result = result
+            self._exception = exception
+            self._state = _FINISHED
+        if self._done_callbacks:
             self._invoke_callbacks()
+        return True
+
+    def set_result(self, result: Any) -> None:
+        if not self._settle(result, None):
+            super().set_result(result)
 
     def set_exception(self, exception: Optional[BaseException]) -> None:
-        with _guard:
-            fast = self._cond is None
-            if fast:
-                if self._state in _ENDED:
-                    raise futures.InvalidStateError(f"{self._state}: {self!r}")
-                self._exception = exception
-                self._state = _FINISHED
-        if not fast:
+        if not self._settle(None, exception):
             super().set_exception(exception)
-        elif self._done_callbacks:
-            self._invoke_callbacks()
 
 
 class Executor(futures.Executor):

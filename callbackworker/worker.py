@@ -88,7 +88,6 @@ _SCRATCH_SIZE = 256
 _main_ident = threading.main_thread().ident
 _local = threading.local()
 _main_waiting = [False]  # the main thread's wait() is using its scratch buffers
-_EMPTY = b""
 
 
 def _scratch() -> Any:

@@ -953,13 +953,20 @@ def test_executor_first_call_starts_while_submitting():
     """An idle route starts its first call at once, even while the
     producer keeps submitting (CPython's test_cancel_futures depends on it):
     after a burst of submits, shutdown(cancel_futures=True) leaves some
-    calls run, not all cancelled."""
-    ex = Executor(max_workers=2)
-    futs = [ex.submit(threading.Event().wait, 0.05) for _ in range(50)]
-    ex.shutdown(cancel_futures=True)
-    ran = [f for f in futs if not f.cancelled()]
-    assert ran and all(f.done() and f.exception() is None for f in ran)
-    assert len(ran) < len(futs)
+    calls run, not all cancelled.  (A loaded machine may deschedule the
+    thread at the wrong moment, so the first of three tries that shows it
+    is enough; the old rule cancelled every call, every time.)"""
+    outcomes = []
+    for _ in range(3):
+        ex = Executor(max_workers=2)
+        futs = [ex.submit(threading.Event().wait, 0.05) for _ in range(50)]
+        ex.shutdown(cancel_futures=True)
+        ran = [f for f in futs if not f.cancelled()]
+        assert all(f.done() and f.exception() is None for f in ran)
+        outcomes.append(len(ran))
+        if 0 < len(ran) < len(futs):
+            return
+    raise AssertionError(f"calls run out of 50, in three tries: {outcomes}")
 
 
 def _run_child(code: str) -> "subprocess.CompletedProcess[str]":
