@@ -70,6 +70,15 @@ _guard = threading.Lock()
 and the making of one (see ``_CallFuture``)."""
 
 
+def _reset_in_child() -> None:
+    """A forked child must not inherit _guard held by a thread it lacks."""
+    global _guard
+    _guard = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_in_child)
+
 _executors: "weakref.WeakSet[Executor]" = weakref.WeakSet()
 _exiting = False
 

@@ -940,6 +940,46 @@ def test_executor_futures_make_no_condition_unless_someone_waits():
     assert blocked.result(0) is True
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_executor_futures_work_in_a_child_forked_while_a_thread_held_their_lock():
+    from callbackworker import executor as executor_module
+
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with executor_module._guard:
+            held.set()
+            release.wait(LONG)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(LONG)
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: the holder thread does not exist here
+            code = 1
+            try:
+                fut = executor_module._CallFuture(None, mul, (2, 3), {})  # type: ignore[arg-type]
+                fut.set_running_or_notify_cancel()
+                fut.set_result(6)
+                code = 0 if fut.result(0) == 6 else 1
+            finally:
+                os._exit(code)
+        for _ in range(int(LONG / 0.01)):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            threading.Event().wait(0.01)
+        else:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            raise AssertionError("the child hung on the futures' lock")
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        release.set()
+        join(holder)
+
+
 def test_executor_is_generic_like_future():
     def typed(f: "cf.Future[int]") -> int:
         return f.result()
