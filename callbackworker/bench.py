@@ -28,7 +28,8 @@ place):
 * first-call  an idle pool's first call under a producer that keeps
               submitting: the time from its submit to its start, for the
               Executor and for start() vs ThreadPoolExecutor(1) (each pool
-              has run one call and idled 20 ms first)
+              has run one call and idled 20 ms first; the median of 4
+              samples per run)
 * progress    the plain start/wait path, run next to the same jobs started
               with an on_progress callback that is never called: the
               plain path must not pay for the feature
@@ -272,6 +273,7 @@ def future_lifecycle_rate(n: int) -> float:
 
 FIRST_CALL_IDLE_S = 0.02
 FIRST_CALL_CAP_S = 0.1
+FIRST_CALL_SAMPLES = 4  # per run: one sample is one wake-up, and wake-ups scatter
 
 
 def first_call_latency(kind: str) -> float:
@@ -588,7 +590,7 @@ def main(args: argparse.Namespace) -> int:
              f"{base:,.0f}/s", f"{floor / base:.1f}x")
 
     if "first-call" in want:
-        samples = {kind: [first_call_latency(kind) * 1e3 for _ in range(runs)]
+        samples = {kind: [first_call_latency(kind) * 1e3 for _ in range(runs * FIRST_CALL_SAMPLES)]
                    for kind in ("cbw", "start", "tpe")}
         _progress("first-call done")
         first = {kind: statistics.median(v) for kind, v in samples.items()}
