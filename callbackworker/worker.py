@@ -819,6 +819,13 @@ class Worker:
         if not self.job_known(jid):
             raise_for(lib.CBW_EUNKNOWN, jid)
         tag = self._progress.get(jid)
+        if tag is None:
+            # The job's own callback may ask before start() has recorded the
+            # job (an idle route starts its first job at once): its run
+            # carries the tag.
+            run = lib.cbw_current_run()
+            if run != ffi.NULL and run.id == jid and _native.current_table() is self._table:
+                tag = run.tag or None
         return None if tag is None else _progress.STATES.get(tag)
 
     def progress(self, job_id: int) -> Any:
