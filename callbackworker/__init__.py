@@ -63,7 +63,7 @@ from .errors import (
 from .executor import Executor
 from .jobcontext import JobContext, current_job
 from .states import State, Status
-from .tasks import QueueConfig, TaskInfo, TaskService
+from .tasks import QueueConfig, TaskClient, TaskInfo, TaskService
 from .worker import Worker, WorkItem
 
 __version__ = "0.1.0"
@@ -106,7 +106,7 @@ __all__ = [
     "CallbackWorkerError", "UnknownJobError", "JobNotCompleteError", "JobFailedError",
     "JobTimeoutError", "JobCancelledError", "ShutdownError", "WaitTimeoutError",
     "WorkerClosedError", "DeadlockError", "UnknownRouteError", "RouteClosedError",
-    "TaskService", "QueueConfig", "TaskInfo", "TaskError", "UnknownTaskError",
+    "TaskService", "TaskClient", "QueueConfig", "TaskInfo", "TaskError", "UnknownTaskError",
     "UnknownQueueError", "QueueExistsError", "TaskNotCancellableError", "ServiceClosedError",
     "StorageBusyError",
     "CallbackHandle", "CallbackFailedError", "CallbackTimeoutError", "UnknownCallbackError",

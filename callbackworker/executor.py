@@ -29,16 +29,15 @@ state changes under one module-wide lock (see ``_CallFuture``).
 
 from __future__ import annotations
 
-import atexit
 import itertools
 import logging
 import os
 import threading
-import weakref
 from concurrent import futures
 from concurrent.futures.thread import BrokenThreadPool
 from typing import Any, Callable, Optional, Set
 
+from ._validate import check_concurrency, check_int
 from .errors import (
     CallbackInterrupt,
     CallbackWorkerError,
@@ -78,25 +77,6 @@ def _reset_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_in_child)
-
-_executors: "weakref.WeakSet[Executor]" = weakref.WeakSet()
-_exiting = False
-
-
-def _finish_all_at_exit() -> None:
-    """As ThreadPoolExecutor at interpreter exit: submissions stop, and every
-    call not cancelled runs to its end.  (Registered after the worker
-    module's own exit hook, so it runs before the workers are closed.)"""
-    global _exiting
-    _exiting = True
-    for executor in list(_executors):
-        with executor._lock:
-            pending = list(executor._live)
-        futures.wait(pending)
-
-
-atexit.register(_finish_all_at_exit)
-
 
 def _default_max_workers() -> int:
     """ThreadPoolExecutor's default: enough threads for I/O-bound calls,
@@ -322,18 +302,18 @@ class Executor(futures.Executor):
     ThreadPoolExecutor does), the executor is broken: the call and every
     call not yet started fail with ``BrokenThreadPool``, and ``submit``
     raises it.  ``route`` submits to a route of the default worker instead
-    of a worker of the executor's own.  At interpreter exit, as with
-    ThreadPoolExecutor, calls already submitted run to their end."""
+    of a worker of the executor's own.  At interpreter exit the package's
+    exit policy applies (see ``_lifecycle``): unlike ThreadPoolExecutor,
+    exit does not wait for calls, so it never hangs."""
 
     def __init__(self, max_workers: Optional[int] = None, thread_name_prefix: str = "",
                  initializer: Optional[Callable[..., object]] = None, initargs: tuple = (),
                  *, route: Optional[str] = None) -> None:
         if max_workers is None:
             max_workers = _default_max_workers()
-        if type(max_workers) is not int:
-            raise TypeError(f"max_workers must be an int, not {type(max_workers).__name__}")
-        if max_workers <= 0:
-            raise ValueError("max_workers must be greater than 0")
+        if check_int(max_workers, "max_workers") <= 0:
+            raise ValueError("max_workers must be greater than 0")  # ThreadPoolExecutor's words
+        max_workers = check_concurrency(max_workers, "max_workers")
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
         if not isinstance(thread_name_prefix, str):
@@ -363,7 +343,6 @@ class Executor(futures.Executor):
             except UnknownRouteError:
                 self._worker.open_route(route, concurrency=max_workers)
         self._route = route
-        _executors.add(self)
 
     def _thread_ready(self) -> bool:
         """Called by every call's run: on a thread's first call, names the
@@ -413,8 +392,6 @@ class Executor(futures.Executor):
                 raise BrokenThreadPool(self._broken)
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            if _exiting:
-                raise RuntimeError("cannot schedule new futures after interpreter shutdown")
             self._live.add(future)
             try:
                 future.job = self._worker.run_detached(future, route=self._route)

@@ -26,14 +26,16 @@
  * below) and wakes to a route with no running job takes the executor's lock
  * for that job straight away, and raises r->handoff meanwhile; so does a
  * new thread (spawn raises the flag for it, as it enters the executor and
- * begins its first session).  A start on
- * that route that sees the flag waits (on r->handc, for at most
- * CBW__HANDOFF_MAX_NS) until the thread's session has begun.  Every start
- * runs without the executor's lock (the bridge releases the interpreter lock
- * around each core call), so the thread takes the lock while the producer
- * waits, instead of queueing for it behind a producer that holds it between
- * starts (for a whole switch interval of the interpreter).  This happens
- * once per idle spell, and only to a producer that is still starting jobs.
+ * begins its first session).  A start on that route that sees the flag
+ * waits (on r->handc, for at most CBW__HANDOFF_MAX_NS) until the thread's
+ * session has begun.  Every start runs without the executor's lock (the
+ * bridge releases the interpreter lock around each core call), so the
+ * thread takes the lock while the producer waits, instead of queueing for
+ * it behind a producer that holds it between starts (for a whole switch
+ * interval of the interpreter).  This happens once per idle spell, and only
+ * to a producer that is still starting jobs.  A job may therefore run
+ * before its start has returned: whatever a job's callback looks up must be
+ * in place before the start, never recorded after it.
  *
  * Coalescing: any other thread woken with more than one ready job (the
  * route is busy: one of its threads runs a job, or this thread found the job
@@ -144,6 +146,19 @@ static void begin_run(cbw_worker *w, cbw__route *r, cbw__thread_rec *t,
         cbw__timer_arm(w, t->deadline_ns);
 }
 
+/* Completes the run's job with status and the executor's error text
+ * (cbw_run_set_error), else `why`. */
+static void complete_run(cbw_worker *w, cbw__thread_rec *t, cbw__job *job, int status,
+                         const char *why)
+{
+    if (t->pending_error != NULL) {
+        cbw__free(job->error);
+        job->error = t->pending_error;
+        t->pending_error = NULL;
+    }
+    cbw__job_complete(w, job, status, why);
+}
+
 static void end_run(cbw_worker *w, cbw__route *r, cbw__thread_rec *t,
                     cbw__job *job, int status)
 {
@@ -159,21 +174,18 @@ static void end_run(cbw_worker *w, cbw__route *r, cbw__thread_rec *t,
         } else if (t->suspend_request != NULL) {
             if (cbw__suspend_park(w, r, t, job))
                 retried = 1;
+            else if (job->flags & CBW__JOB_KEPT) /* its request must stay */
+                complete_run(w, t, job, CBW_STATUS_ERROR,
+                             "BufferError: the callback kept a view of its request, "
+                             "so the job could not suspend");
             else
                 cbw__job_complete(w, job, CBW_STATUS_SHUTDOWN,
                                   "the worker was closed while the job suspended");
         } else if (status != CBW_STATUS_OK && cbw__retry_schedule(w, r, t, job)) {
             retried = 1; /* the job and its callback token wait in the list */
         } else {
-            if (t->pending_error != NULL) {
-                cbw__free(job->error);
-                job->error = t->pending_error;
-                t->pending_error = NULL;
-            }
-            cbw__job_complete(w, job,
-                              status == CBW_STATUS_OK ? CBW_STATUS_OK
-                                                      : CBW_STATUS_ERROR,
-                              NULL);
+            complete_run(w, t, job,
+                         status == CBW_STATUS_OK ? CBW_STATUS_OK : CBW_STATUS_ERROR, NULL);
         }
     }
     cbw__free(t->pending_error);

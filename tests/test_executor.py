@@ -1014,34 +1014,6 @@ def _run_child(code: str) -> "subprocess.CompletedProcess[str]":
                           text=True, timeout=60)
 
 
-EXIT_PRELUDE = """
-    import sys, time
-    from callbackworker import Executor
-
-    def sleep_and_print(t, msg):
-        time.sleep(t)
-        print(msg)
-        sys.stdout.flush()
-"""
-
-
-def test_executor_calls_pending_at_interpreter_exit_still_run():
-    child = _run_child(EXIT_PRELUDE + """
-    ex = Executor(5)
-    ex.submit(sleep_and_print, 0.5, "apple")
-    """)
-    assert (child.returncode, child.stdout.strip(), child.stderr) == (0, "apple", "")
-
-
-def test_executor_shutdown_without_wait_still_runs_calls_at_exit():
-    child = _run_child(EXIT_PRELUDE + """
-    ex = Executor(max_workers=3)
-    ex.submit(sleep_and_print, 0.5, "apple")
-    ex.shutdown(wait=False)
-    """)
-    assert (child.returncode, child.stdout.strip(), child.stderr) == (0, "apple", "")
-
-
 def test_executor_submit_from_an_exit_hook_raises_runtime_error():
     child = _run_child("""
     import atexit
@@ -1056,7 +1028,7 @@ def test_executor_submit_from_an_exit_hook_raises_runtime_error():
     from callbackworker import Executor
     ex = Executor(5)
     """)
-    assert child.stdout.strip() == "cannot schedule new futures after interpreter shutdown"
+    assert child.stdout.startswith("cannot schedule new futures"), child
 
 
 def test_executor_route_calls_see_the_route_id():

@@ -12,9 +12,11 @@ A test is skipped only when it cannot say anything about our Executor: it
 reads ``ThreadPoolExecutor``'s private attributes (its thread list), it
 builds a ``ThreadPoolExecutor`` itself instead of ``executor_type``, or it
 runs a child interpreter that imports the executor by name from
-``concurrent.futures``.  Each skip below says which.  The same behaviours
-(atexit, thread names, shutdown without waiting) are covered for our
-Executor in tests/test_executor.py.
+``concurrent.futures``.  Each skip below says which.  Thread names,
+shutdown without waiting and submitting from an exit hook are covered for
+our Executor in tests/test_executor.py; waiting for calls at interpreter
+exit is not ThreadPoolExecutor's way here: the package's exit never hangs
+(tests/test_lifecycle.py).
 
 Run it with a Python that has the test package, e.g.
 ``/root/.pyenv/versions/3.13.0/bin/python -m venv /work/venvs/x`` then
