@@ -246,6 +246,8 @@ int cbw__route_ensure_threads(cbw_worker *w, cbw__route *r);
 void cbw__route_unlink_thread(cbw__route *r, cbw__thread_rec *t);
 void cbw__route_wake(cbw__route *r);
 void cbw__route_await_handoff(cbw_worker *w, cbw__route *r);
+
+/* The timer (cbw_timer.c); all under w->mu. */
 int cbw__timer_start(cbw_worker *w);
 void cbw__timer_arm(cbw_worker *w, int64_t deadline_ns);
 

@@ -269,6 +269,7 @@ int cbw_wait_many(cbw_worker *w, const int64_t *ids, size_t n, int32_t timeout_m
 void cbw_result_release_many(cbw_result *res, size_t n)
 {
     size_t i = 0;
+    uint32_t held;
     cbw_worker *w;
     while (i < n) {
         if (res[i].job_ == NULL) {
@@ -276,15 +277,19 @@ void cbw_result_release_many(cbw_result *res, size_t n)
             continue;
         }
         w = res[i].worker_;
+        held = 0;
         cbw__mutex_lock(&w->mu);
         for (; i < n && (res[i].job_ == NULL || res[i].worker_ == w); i++) {
-            if (res[i].job_ != NULL)
-                cbw__job_unref(res[i].job_);
+            if (res[i].job_ == NULL)
+                continue;
+            cbw__job_unref(res[i].job_);
+            held++; /* each result holds a reference on the worker */
             res[i].job_ = NULL;
             res[i].data = NULL;
             res[i].error = NULL;
         }
-        cbw__mutex_unlock(&w->mu);
+        w->refs -= held - 1;
+        cbw__worker_unref(w); /* the last one; unlocks, may free the worker */
     }
 }
 
