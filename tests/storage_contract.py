@@ -669,6 +669,20 @@ class StorageContract:
 
     # ---- function calls (tasks as functions) ----------------------------
 
+    def test_declare_queue_creates_the_queue_and_stores_its_config(
+            self, store: TaskStore) -> None:
+        assert store.queue_config("q") is None
+        store.declare_queue("q", '{"concurrency":2}')
+        assert store.queues() == ["q"]
+        assert store.queue_config("q") == '{"concurrency":2}'
+
+    def test_declare_queue_again_replaces_the_config(self, store: TaskStore) -> None:
+        store.ensure_queue("q")
+        assert store.queue_config("q") is None
+        store.declare_queue("q", "{}")
+        store.declare_queue("q", '{"max_retries":1}')
+        assert store.queue_config("q") == '{"max_retries":1}'
+
     def _call(self, store: TaskStore, task_id: str, *, queue: str = "q", priority: int = 0,
               run_at: int = 0, dedup_key: "str | None" = None, now: int = 0) -> str:
         return store.enqueue_call(queue, NewCall(task_id, "mod.fn", f'[["{task_id}"],{{}}]',
@@ -766,3 +780,11 @@ class StorageContract:
         assert store.complete(task.id, task.token, "", 1)
         assert store.set_progress(task.id, task.token, '{"done":3}') is False
         assert store.get(task.id).progress == '{"done":1}'  # type: ignore[union-attr]
+
+    def test_a_lost_attempt_leaves_no_traceback(self, store: TaskStore) -> None:
+        task = _claimed_one(store, lease_ms=10)
+        assert store.settle([Outcome(task.id, task.token, "retry", "E: 1", 0, traceback="tb")])
+        store.claim("q", owner="me", limit=1, now=0, lease_ms=10)
+        assert store.recover("q", now=10, max_attempts=2) == 1
+        record = store.get(task.id)
+        assert record is not None and (record.status, record.traceback) == ("failed", None)

@@ -17,6 +17,8 @@ DESIGN
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Optional
@@ -24,7 +26,7 @@ from typing import Any, Callable, NamedTuple, Optional
 from .progress import report_progress
 
 __all__ = ["QueueConfig", "TaskInfo", "TaskContext", "Handler", "MAX_PAYLOAD", "MAX_QUEUE_NAME",
-           "MAX_BACKOFF_MS", "retry_delay_ms"]
+           "MAX_BACKOFF_MS", "retry_delay_ms", "config_to_json", "config_from_json"]
 
 Handler = Callable[[memoryview], Optional[str]]
 """``handler(payload) -> message``: a read-only view of the task's payload;
@@ -146,6 +148,18 @@ class TaskContext(NamedTuple):
         value is always written before the attempt's outcome.  Only from
         the thread running the task."""
         report_progress(self.id, value)
+
+
+def config_to_json(config: QueueConfig) -> str:
+    """``config`` as the JSON text a store keeps (``declare_queue``)."""
+    return json.dumps(dataclasses.asdict(config), separators=(",", ":"), sort_keys=True)
+
+
+def config_from_json(text: str) -> QueueConfig:
+    """The ``QueueConfig`` that ``config_to_json`` wrote; fields this
+    version does not know (written by a newer one) are ignored."""
+    fields = {f.name for f in dataclasses.fields(QueueConfig)}
+    return QueueConfig(**{k: v for k, v in json.loads(text).items() if k in fields})
 
 
 def retry_delay_ms(backoff_ms: int, attempt: int) -> int:

@@ -280,6 +280,7 @@ _MIGRATIONS: List[List[str]] = [
     # 3: tasks as functions: name, arguments, result, traceback, progress,
     # priority and deduplication.
     [
+        "ALTER TABLE cbw_queues ADD COLUMN config text",
         """ALTER TABLE cbw_tasks ADD COLUMN name text, ADD COLUMN args text,
                ADD COLUMN result text, ADD COLUMN traceback text, ADD COLUMN progress text,
                ADD COLUMN priority integer NOT NULL DEFAULT 0, ADD COLUMN dedup_key text""",

@@ -73,6 +73,9 @@ _LOST = ("'worker lost during attempt ' || attempt || ' (lease expired); no atte
 STATEMENTS: Dict[str, str] = {
     "ensure_queue": "INSERT INTO {queues}(name) VALUES (:name) ON CONFLICT (name) DO NOTHING",
     "queues": "SELECT name FROM {queues} ORDER BY name",
+    "declare_queue": "INSERT INTO {queues}(name, config) VALUES (:name, :config) "
+                     "ON CONFLICT (name) DO UPDATE SET config = excluded.config",
+    "queue_config": "SELECT config FROM {queues} WHERE name = :name",
     "queue_start": "SELECT next_start_at FROM {queues} WHERE name = :queue{lock_row}",
     "space_starts": "UPDATE {queues} SET next_start_at = :next_start WHERE name = :queue",
     # The first due tasks in claim order (the order of the claim index, so
@@ -114,6 +117,7 @@ STATEMENTS: Dict[str, str] = {
             next_run_at = CASE WHEN attempt >= :max_attempts THEN next_run_at
                                ELSE :now{{as_bigint}} END,
             message = CASE WHEN attempt >= :max_attempts THEN {_LOST[0]} ELSE {_LOST[1]} END,
+            traceback = NULL,  -- the lost attempt is the last failed one, and has none
             awaiting = NULL, owner = NULL, lease_expires_at = NULL, token = NULL
         WHERE queue = :queue AND status = {{RUNNING}}
               AND (lease_expires_at <= :now OR {{dead_owners}})""",
@@ -329,6 +333,13 @@ class SQLTaskStore(TaskStore):
 
     def queues(self) -> List[str]:
         return [row[0] for row in self._rows("queues", {})]
+
+    def declare_queue(self, name: str, config: str) -> None:
+        self._rowcount("declare_queue", {"name": name, "config": config})
+
+    def queue_config(self, name: str) -> Optional[str]:
+        rows = self._rows("queue_config", {"name": name})
+        return rows[0][0] if rows else None
 
     # ---- producing -------------------------------------------------------
 

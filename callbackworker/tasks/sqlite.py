@@ -133,6 +133,7 @@ _MIGRATIONS: List[List[str]] = [
     # 3: tasks as functions: name, arguments, result, traceback, progress,
     # priority and deduplication.
     [
+        "ALTER TABLE queues ADD COLUMN config TEXT",
         "ALTER TABLE tasks ADD COLUMN name TEXT",
         "ALTER TABLE tasks ADD COLUMN args TEXT",
         "ALTER TABLE tasks ADD COLUMN result TEXT",

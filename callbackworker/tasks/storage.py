@@ -191,6 +191,16 @@ class TaskStore(ABC):
     def queues(self) -> List[str]:
         """The names of every queue, sorted."""
 
+    @abstractmethod
+    def declare_queue(self, name: str, config: str) -> None:
+        """Creates the queue if needed and stores ``config`` (JSON text, the
+        caller's business) as its declared config, replacing any other."""
+
+    @abstractmethod
+    def queue_config(self, name: str) -> Optional[str]:
+        """The queue's declared config, or None (no such queue, or none
+        declared)."""
+
     # ---- producing ----------------------------------------------------
 
     @abstractmethod
