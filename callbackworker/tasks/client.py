@@ -4,12 +4,13 @@ DESIGN
 
 * What it is.  A client writes and reads a ``TaskStore``: it adds tasks
   (``enqueue``, ``enqueue_many``, and calls of task functions by name,
-  ``enqueue_task``), reads them (``get``, ``counts``, ``queues``), waits
-  for them (``result``, ``result_async``, ``results.py``), cancels them
-  (``cancel``, ``clear_queue``) and signals durable callbacks
-  (``send_callback_*``).  It starts no thread, holds no
-  lease and runs no handler; a process that only produces tasks, or
-  answers an HTTP endpoint, needs nothing more.  Listing verbs belong here.
+  ``enqueue_task``), reads and lists them (``get``, ``counts``,
+  ``queues``, ``list_tasks``), waits for them (``result``,
+  ``result_async``, ``results.py``), cancels, retries and purges them
+  (``cancel``, ``clear_queue``, ``retry_task``, ``purge``) and signals
+  durable callbacks (``send_callback_*``).  It starts no thread, holds no
+  lease and runs no handler; a process that only produces tasks, runs a
+  dashboard or answers an HTTP endpoint needs nothing more.
 * Commits.  Every verb is one store transaction, committed when it
   returns.  Times come from the client's ``clock`` (wall-clock
   milliseconds by default), the same clock the runtime uses in a
