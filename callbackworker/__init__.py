@@ -45,12 +45,16 @@ from .errors import (
     JobNotCompleteError,
     JobTimeoutError,
     NonDeterminismError,
+    NoRetry,
     QueueExistsError,
+    Retry,
     RouteClosedError,
     ServiceClosedError,
     ShutdownError,
     StorageBusyError,
+    TaskCancelledError,
     TaskError,
+    TaskFailedError,
     TaskNotCancellableError,
     UnknownCallbackError,
     UnknownJobError,
@@ -63,7 +67,7 @@ from .errors import (
 from .executor import Executor
 from .jobcontext import JobContext, current_job
 from .states import State, Status
-from .tasks import QueueConfig, TaskInfo, TaskService
+from .tasks import QueueConfig, Task, TaskInfo, TaskService
 from .worker import Worker, WorkItem
 
 __version__ = "0.1.0"
@@ -107,7 +111,7 @@ __all__ = [
     "WorkerClosedError", "DeadlockError", "UnknownRouteError", "RouteClosedError",
     "TaskService", "QueueConfig", "TaskInfo", "TaskError", "UnknownTaskError",
     "UnknownQueueError", "QueueExistsError", "TaskNotCancellableError", "ServiceClosedError",
-    "StorageBusyError",
+    "StorageBusyError", "Task", "TaskFailedError", "TaskCancelledError", "Retry", "NoRetry",
     "CallbackHandle", "CallbackFailedError", "CallbackTimeoutError", "UnknownCallbackError",
     "CallbackAlreadyCompletedError", "NonDeterminismError",
     *_FUNCTIONS,

@@ -256,10 +256,22 @@ def worker(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, request_stop)
     from .tasks.postgres import redact_dsn  # here: psycopg takes ~0.1 s to import
 
-    with TaskService(args.db, durability=args.durability, lease_ms=args.lease_ms) as service:
-        names = setup_app(service, app)
-        print(f"serving {len(names)} queue(s) on {redact_dsn(args.db)}: {', '.join(names)}",
-              flush=True)
+    if isinstance(app, TaskService):  # its own database, and its registered tasks
+        if args.db is not None:
+            raise SystemExit(f"--db cannot be used with {args.app}: that TaskService was "
+                             "opened on its own database")
+        service, dsn = app, "its database"
+    else:
+        dsn = args.db or "callbackworker.db"
+        service = TaskService(dsn, durability=args.durability, lease_ms=args.lease_ms)
+        dsn = redact_dsn(dsn)
+    with service:
+        if service is app:
+            service.serve()
+            names = sorted(service._queues)
+        else:
+            names = setup_app(service, app)
+        print(f"serving {len(names)} queue(s) on {dsn}: {', '.join(names)}", flush=True)
         while not stop.wait(0.5):
             pass
         print("stopping: waiting for running tasks", file=sys.stderr, flush=True)
@@ -353,12 +365,16 @@ def _add_db(p: argparse.ArgumentParser) -> None:
 def _add_task_commands(sub: Any) -> None:
     p = sub.add_parser("worker", help="serve the persistent queues an app module defines",
                        description="Imports module:attr and serves its queues until SIGINT or "
-                                   "SIGTERM, then shuts down gracefully. attr is a callable "
-                                   "taking a TaskService (it creates the queues) or a dict "
+                                   "SIGTERM, then shuts down gracefully. attr is a TaskService "
+                                   "(every task registered with @svc.task is served, on that "
+                                   "service's own database), a callable taking a TaskService "
+                                   "(it creates the queues) or a dict "
                                    "{queue: handler | {'handler': fn, <QueueConfig fields>}}.")
-    _add_db(p)
+    p.add_argument("--db", default=None, metavar="PATH|URL",
+                   help="the task database: a SQLite file, or a postgresql:// URL "
+                        "(default: callbackworker.db; not with a TaskService app)")
     p.add_argument("--app", required=True, metavar="MODULE:ATTR",
-                   help="what defines the queues, e.g. myapp.tasks:queues")
+                   help="what defines the tasks, e.g. myapp.tasks:svc")
     p.add_argument("--durability", choices=["normal", "full"], default="normal",
                    help="normal survives a killed process; full also power loss")
     p.add_argument("--lease-ms", type=int, default=30_000, metavar="MS",

@@ -373,14 +373,16 @@ class Worker:
             raise_for(jid, route)
         return jid
 
-    def run_detached(self, item: WorkItem, *, route: Optional[str] = None) -> int:
+    def run_detached(self, item: WorkItem, *, route: Optional[str] = None,
+                     timeout_ms: int = _UNSET) -> int:
         """Runs ``item.run()`` on one of the route's threads, as a detached
         job: the extension seam that ``Executor`` and ``TaskService`` are
         built on.
 
-        The job takes its route's ``timeout_ms`` (an overdue ``run`` is
-        interrupted with ``CallbackInterrupt``, as any callback is) and its
-        retry policy.  It is destroyed as soon as it completes, so it is
+        The job takes ``timeout_ms`` as its run-time limit, or when none is
+        given its route's (an overdue ``run`` is interrupted with
+        ``CallbackInterrupt``, as any callback is), and its route's retry
+        policy.  It is destroyed as soon as it completes, so it is
         never waited for: ``item.run`` reports its outcome its own way.  The
         returned id is good for ``cancel`` only: a cancel that returns True
         (the job was still queued) means ``item.run`` will never be called,
@@ -389,7 +391,7 @@ class Worker:
         run = getattr(item, "run", None)
         if not callable(run):
             raise TypeError(f"item must have a run() method, not be a {type(item).__name__}")
-        rid, timeout_ms = self._prepare(self._run_item_cb, _UNSET, route)
+        rid, timeout_ms = self._prepare(self._run_item_cb, timeout_ms, route)
         with self._items_lock:
             jid = lib.cbw_start_ex(self._w, rid, id(self._run_item_cb), _EMPTY, 0, timeout_ms,
                                    lib.CBW_JOB_DETACHED, 0)

@@ -21,7 +21,7 @@ from callbackworker.errors import (
     UnknownTaskError,
 )
 from callbackworker.tasks.schema import INDEXES
-from callbackworker.tasks.storage import NEVER, STATUSES, ClaimedTask, Outcome, TaskStore
+from callbackworker.tasks.storage import NEVER, STATUSES, ClaimedTask, NewCall, Outcome, TaskStore
 
 LEASE = 30_000
 
@@ -57,8 +57,8 @@ def source_indexes(backend: str) -> Dict[str, Tuple[str, Tuple[str, ...]]]:
     form each backend's schema test reads its live indexes in."""
     parsed = {}
     for name, text in INDEXES[backend].items():
-        table, _, rest = text.partition("(")
-        parsed[name] = (table, tuple(c.strip() for c in rest.partition(")")[0].split(",")))
+        table, _, rest = text.removeprefix("UNIQUE ").partition("(")
+        parsed[name] = (table, tuple(c.split()[0] for c in rest.partition(")")[0].split(",")))
     return parsed
 
 
@@ -540,3 +540,103 @@ class StorageContract:
         (replay,) = store.claim("q", owner="me", limit=1, now=100, lease_ms=LEASE)
         assert store.release(replay.id, replay.token, 100) is True
         assert store.get(replay.id).attempt == 1  # type: ignore[union-attr]
+
+    # ---- function calls (tasks as functions) ----------------------------
+
+    def _call(self, store: TaskStore, task_id: str, *, queue: str = "q", priority: int = 0,
+              run_at: int = 0, dedup_key: "str | None" = None, now: int = 0) -> str:
+        return store.enqueue_call(queue, NewCall(task_id, "mod.fn", f'[["{task_id}"],{{}}]',
+                                                 priority, run_at, dedup_key), now)
+
+    def test_enqueue_call_creates_the_queue_and_stores_name_and_args(
+            self, store: TaskStore) -> None:
+        assert self._call(store, "c1", now=7) == "c1"
+        assert store.queues() == ["q"]
+        record = store.get("c1")
+        assert record is not None
+        assert (record.status, record.name, record.created_at, record.result) == (
+            "pending", "mod.fn", 7, None)
+        (task,) = store.claim("q", owner="me", limit=1, now=7, lease_ms=LEASE)
+        assert (task.id, task.name, task.args, task.payload) == ("c1", "mod.fn", '[["c1"],{}]', b"")
+
+    def test_raw_tasks_have_no_name(self, store: TaskStore) -> None:
+        (task,) = [_claimed_one(store)]
+        assert task.name is None and task.args is None
+        assert store.get(task.id).name is None  # type: ignore[union-attr]
+
+    def test_claim_takes_higher_priority_first_then_fifo(self, store: TaskStore) -> None:
+        for task_id, priority in [("low1", 0), ("high1", 5), ("low2", 0), ("high2", 5),
+                                  ("mid", 1)]:
+            self._call(store, task_id, priority=priority)
+        claimed = store.claim("q", owner="me", limit=5, now=0, lease_ms=LEASE)
+        assert [t.id for t in claimed] == ["high1", "high2", "mid", "low1", "low2"]
+
+    def test_claim_leaves_calls_before_their_run_at(self, store: TaskStore) -> None:
+        self._call(store, "later", priority=9, run_at=100)
+        self._call(store, "now")
+        assert [t.id for t in store.claim("q", owner="me", limit=5, now=99,
+                                          lease_ms=LEASE)] == ["now"]
+        assert store.next_due("q") == 100
+        assert [t.id for t in store.claim("q", owner="me", limit=5, now=100,
+                                          lease_ms=LEASE)] == ["later"]
+
+    def test_dedup_key_returns_the_unfinished_task_holding_it(self, store: TaskStore) -> None:
+        assert self._call(store, "first", dedup_key="k") == "first"
+        assert self._call(store, "second", dedup_key="k") == "first"  # pending
+        (task,) = store.claim("q", owner="me", limit=1, now=0, lease_ms=LEASE)
+        assert self._call(store, "third", dedup_key="k") == "first"  # running
+        assert store.get("second") is None and store.get("third") is None
+        assert store.complete(task.id, task.token, "", 1)
+        assert self._call(store, "fourth", dedup_key="k") == "fourth"  # first is finished
+
+    def test_dedup_key_holds_while_suspended(self, store: TaskStore) -> None:
+        self._call(store, "t0", dedup_key="k")
+        (task,) = store.claim("q", owner="me", limit=1, now=0, lease_ms=LEASE)
+        store.durable_add_callback(CallbackRecord("cb", task.id, "approval", 0))
+        assert store.settle([Outcome(task.id, task.token, "suspend", "", 1, awaiting="cb")])
+        assert self._call(store, "t1", dedup_key="k") == "t0"
+
+    def test_dedup_keys_are_per_queue(self, store: TaskStore) -> None:
+        assert self._call(store, "a", queue="q1", dedup_key="k") == "a"
+        assert self._call(store, "b", queue="q2", dedup_key="k") == "b"
+
+    def test_concurrent_enqueues_with_one_dedup_key_store_one_task(
+            self, store: TaskStore) -> None:
+        ids: List[str] = []
+        lock = threading.Lock()
+
+        def enqueue(i: int) -> None:
+            got = self._call(store, f"t{i}", dedup_key="k")
+            with lock:
+                ids.append(got)
+
+        threads = [threading.Thread(target=enqueue, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(set(ids)) == 1 and len(ids) == 8
+        assert store.counts()["q"]["pending"] == 1
+
+    def test_complete_stores_the_result(self, store: TaskStore) -> None:
+        task = _claimed_one(store)
+        assert store.settle([Outcome(task.id, task.token, "complete", "", 1, result="[1,2]")])
+        assert store.get(task.id).result == "[1,2]"  # type: ignore[union-attr]
+
+    def test_fail_and_retry_store_the_attempts_traceback(self, store: TaskStore) -> None:
+        task = _claimed_one(store)
+        assert store.settle([Outcome(task.id, task.token, "retry", "E: 1", 0, traceback="tb1")])
+        assert store.get(task.id).traceback == "tb1"  # type: ignore[union-attr]
+        (task,) = store.claim("q", owner="me", limit=1, now=0, lease_ms=LEASE)
+        assert store.settle([Outcome(task.id, task.token, "fail", "E: 2", 1, traceback="tb2")])
+        record = store.get(task.id)
+        assert record is not None and (record.status, record.traceback) == ("failed", "tb2")
+
+    def test_set_progress_needs_the_running_token(self, store: TaskStore) -> None:
+        task = _claimed_one(store)
+        assert store.set_progress(task.id, task.token, '{"done":1}') is True
+        assert store.get(task.id).progress == '{"done":1}'  # type: ignore[union-attr]
+        assert store.set_progress(task.id, "stale", '{"done":2}') is False
+        assert store.complete(task.id, task.token, "", 1)
+        assert store.set_progress(task.id, task.token, '{"done":3}') is False
+        assert store.get(task.id).progress == '{"done":1}'  # type: ignore[union-attr]

@@ -130,3 +130,32 @@ def test_demo_tours_route_retries_and_a_durable_callback() -> None:
         "a second success raises CallbackAlreadyCompletedError",
         "",
     ]
+
+
+def test_worker_app_may_be_a_task_service_serving_every_registered_task(tmp_path: Path) -> None:
+    db = tmp_path / "t.db"
+    proc = subprocess.Popen([sys.executable, "-m", "callbackworker", "worker",
+                             "--app", "function_app:svc"],
+                            env=dict(os.environ, PYTHONPATH=str(TESTS), CBW_APP_DB=str(db)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().decode().split(": ")[-1].strip() == "default, text"
+        with TaskService(db) as producer:
+            ids = [producer.enqueue_task("add", [2, 3]), producer.enqueue_task("shout", ["hi"],
+                                                                              queue="text")]
+        for task_id in ids:
+            _wait_for_status(db, task_id, ["completed"])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    assert proc.returncode == 0
+
+
+def test_worker_refuses_db_with_a_task_service_app(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "callbackworker", "worker", "--db",
+                          str(tmp_path / "other.db"), "--app", "function_app:svc"],
+                         capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, PYTHONPATH=str(TESTS),
+                                  CBW_APP_DB=str(tmp_path / "t.db")))
+    assert out.returncode != 0 and "--db cannot be used with function_app:svc" in out.stderr

@@ -56,7 +56,8 @@ import time
 import uuid
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, NamedTuple, NoReturn, Optional, Set, Tuple
+from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, NoReturn,
+                    Optional, Sequence, Set, Tuple)
 
 from ..durable import (
     DurableBackend,
@@ -68,7 +69,9 @@ from ..durable import (
 )
 from ..errors import (
     CallbackWorkerError,
+    NoRetry,
     QueueExistsError,
+    Retry,
     ServiceClosedError,
     TaskNotCancellableError,
     UnknownQueueError,
@@ -78,6 +81,9 @@ from ..worker import Worker
 from .durablestore import TaskDurableStore
 from .sqlite import SQLiteTaskStore
 from .storage import ClaimedTask, Outcome, TaskStore
+
+if TYPE_CHECKING:
+    from .functions import Task
 
 __all__ = ["TaskService", "QueueConfig", "TaskInfo", "TaskContext", "current_task", "Handler", "MAX_PAYLOAD", "MAX_QUEUE_NAME",
            "MAX_BACKOFF_MS", "retry_delay_ms"]
@@ -439,6 +445,9 @@ class TaskService:
         self._worker: Optional[Worker] = None
         self._committer: Optional[_GroupCommitter] = None
         self._dispatcher: Optional[threading.Thread] = None
+        from .functions import FunctionRegistry  # it builds on this module
+
+        self._functions = FunctionRegistry(self)
         _live_services.add(self)
 
     # ---- lifecycle ----------------------------------------------------
@@ -555,6 +564,62 @@ class TaskService:
         """For every queue in the database, its number of tasks per status."""
         self._check_open()
         return self._store.counts()
+
+    # ---- tasks as functions (``callbackworker.tasks.functions``) -------
+
+    def task(self, name: "Optional[str] | Callable[..., Any]" = None, *, queue: str = "default",
+             max_retries: Optional[int] = None, backoff_ms: Optional[int] = None,
+             timeout_ms: Optional[int] = None, priority: int = 0) -> Any:
+        """Registers a function as a task: ``@svc.task(...)`` (or bare
+        ``@svc.task``) returns a ``Task``.
+
+        ``name`` defaults to ``module.qualname`` and is what producers
+        enqueue by; registering a name twice is a ``ValueError``.  Several
+        tasks may share a ``queue``.  ``max_retries``, ``backoff_ms`` and
+        ``timeout_ms`` (None: the queue's config) and ``priority`` (higher
+        runs first) apply to every call.  Registering serves nothing: see
+        ``serve``.
+        """
+        def register(fn: Callable[..., Any]) -> "Task":
+            self._check_open()
+            return self._functions.register(fn, name if not callable(name) else None, queue,
+                                            max_retries, backoff_ms, timeout_ms, priority)
+
+        return register(name) if callable(name) else register
+
+    def enqueue_task(self, name: str, args: Sequence[Any] = (),
+                     kwargs: Optional[Mapping[str, Any]] = None, *,
+                     queue: str = "default") -> str:
+        """Enqueues a call of the task ``name`` without importing its
+        function (a producer such as a web app); returns the task id.
+        ``args`` (a list or tuple) and ``kwargs`` must be JSON-encodable
+        (else ``TypeError``, nothing stored).  The queue is created if it
+        does not exist yet."""
+        from .functions import check_task_name
+
+        name = check_task_name(name)
+        if not isinstance(args, (list, tuple)):
+            raise TypeError(f"args must be a list or tuple, not {type(args).__name__}")
+        self._check_open()
+        return self._functions.enqueue(name, _check_queue_name(queue), args,
+                                       {} if kwargs is None else kwargs)
+
+    def declare_queue(self, name: str, config: Optional[QueueConfig] = None) -> None:
+        """Creates the queue in the database if it does not exist, without
+        serving it; ``config`` is the policy this service serves it with
+        (``serve``; default ``QueueConfig()``)."""
+        name = _check_queue_name(name)
+        if config is not None and not isinstance(config, QueueConfig):
+            raise TypeError(f"config must be a QueueConfig, not {type(config).__name__}")
+        self._check_open()
+        self._functions.declare_queue(name, config)
+
+    def serve(self, queues: Optional[Iterable[str]] = None) -> None:
+        """Starts running registered tasks: on every queue a registered task
+        uses, or on the ``queues`` named (each must have one).  Returns at
+        once; ``close()`` stops.  Serving a queue again does nothing."""
+        self._check_open()
+        self._functions.serve(queues)
 
     # ---- tasks --------------------------------------------------------
 
@@ -770,6 +835,10 @@ class TaskService:
         except SuspendJob:
             unwound = True
             outcome = self._failure(queue, task, "SuspendJob: raised outside callback_result")
+        except NoRetry as exc:
+            outcome = Outcome(task.id, task.token, "fail", f"NoRetry: {exc.message}", self._now())
+        except Retry as exc:
+            outcome = self._failure(queue, task, f"Retry: {exc}", exc.delay_ms)
         except Exception as exc:
             outcome = self._failure(queue, task, f"{type(exc).__name__}: {exc}")
         else:
@@ -789,10 +858,15 @@ class TaskService:
                            awaiting=durable.suspended_on)
         return outcome
 
-    def _failure(self, queue: _Queue, task: ClaimedTask, text: str) -> Outcome:
+    def _failure(self, queue: _Queue, task: ClaimedTask, text: str,
+                 delay_ms: Optional[int] = None) -> Outcome:
+        """A failed attempt: retried after ``delay_ms`` (None: the backoff)
+        while retries are left, else failed."""
         now = self._now()
         if task.attempt <= queue.config.max_retries:
-            run_at = now + retry_delay_ms(queue.config.backoff_ms, task.attempt)
+            if delay_ms is None:
+                delay_ms = retry_delay_ms(queue.config.backoff_ms, task.attempt)
+            run_at = now + delay_ms
             return Outcome(task.id, task.token, "retry", text, run_at)
         return Outcome(task.id, task.token, "fail", text, now)
 

@@ -37,12 +37,13 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Type, Ty
 
 from ..durable import CallbackRecord
 from ..errors import NonDeterminismError, StorageBusyError, UnknownCallbackError, UnknownTaskError
-from .status import TERMINAL, WAITING, TaskStatus, literal, literals
+from .status import TERMINAL, UNFINISHED, WAITING, TaskStatus, literal, literals
 from .storage import (
     CALLBACK_COLUMNS,
     NEVER,
     STATUSES,
     ClaimedTask,
+    NewCall,
     TaskRecord,
     TaskStore,
     apply_signal,
@@ -61,7 +62,7 @@ Conn = Any
 (``sqlite3.Connection`` and ``psycopg.Connection`` both do)."""
 
 _TASK_FIELDS = "id, queue, status, message, attempt, next_run_at, finished_at, owner, " \
-               "lease_expires_at"
+               "lease_expires_at, name, result, traceback, progress, created_at"
 
 # The message a task gets when its worker was lost, with no attempt left
 # and with one left.
@@ -73,15 +74,29 @@ STATEMENTS: Dict[str, str] = {
     "queues": "SELECT name FROM {queues} ORDER BY name",
     "queue_start": "SELECT next_start_at FROM {queues} WHERE name = :queue{lock_row}",
     "space_starts": "UPDATE {queues} SET next_start_at = :next_start WHERE name = :queue",
-    # The oldest due tasks, claimed under a lease; a replay of a suspended
-    # task (``awaiting`` set) stays in its attempt.
+    # The first due tasks in claim order (the order of the claim index, so
+    # the scan stops after ``limit`` due rows), claimed under a lease; a
+    # replay of a suspended task (``awaiting`` set) stays in its attempt.
     "claim": """
         UPDATE {tasks} SET status = {RUNNING}, attempt = attempt + (awaiting IS NULL){as_int},
                owner = :owner, lease_expires_at = :expires, token = :token
         WHERE seq IN (SELECT seq FROM {tasks}
                       WHERE queue = :queue AND status IN {WAITING} AND next_run_at <= :now
-                      ORDER BY next_run_at, seq LIMIT :limit{skip_locked})
-        RETURNING next_run_at, seq, id, payload, attempt""",
+                      ORDER BY priority DESC, next_run_at, seq LIMIT :limit{skip_locked})
+        RETURNING priority, next_run_at, seq, id, payload, attempt, name, args""",
+    # A function call; with a dedup key, nothing while an unfinished task of
+    # the queue holds it (the partial unique index decides, race-free).
+    "enqueue_call": """
+        INSERT INTO {tasks}(id, queue, payload, status, next_run_at, created_at, name, args,
+                            priority, dedup_key)
+        VALUES (:id, :queue, :empty{as_bytes}, {PENDING}, :run_at, :now, :name, :args,
+                :priority, :dedup_key)
+        ON CONFLICT (queue, dedup_key) WHERE dedup_key IS NOT NULL AND status IN {UNFINISHED}
+        DO NOTHING RETURNING id""",
+    "dedup_holder": "SELECT id FROM {tasks} WHERE queue = :queue AND dedup_key = :dedup_key "
+                    "AND status IN {UNFINISHED}",
+    "set_progress": "UPDATE {tasks} SET progress = :progress "
+                    "WHERE id = :id AND token = :token AND status = {RUNNING}",
     "renew_leases": "UPDATE {tasks} SET lease_expires_at = :expires "
                     "WHERE owner = :owner AND status = {RUNNING}",
     "running_owners": "SELECT DISTINCT owner FROM {tasks} "
@@ -178,6 +193,7 @@ class Dialect:
             "as_int": as_int, "as_bigint": as_bigint, "as_bytes": as_bytes,
             "dead_owners": dead_owners, "NEVER": str(NEVER),
             "TERMINAL": literals(TERMINAL), "WAITING": literals(WAITING),
+            "UNFINISHED": literals(UNFINISHED),
         }
         self._fields.update({s.name: literal(s) for s in TaskStatus})
         self._sql = {name: self.render(text) for name, text in {**STATEMENTS,
@@ -271,6 +287,30 @@ class SQLTaskStore(TaskStore):
     def queues(self) -> List[str]:
         return [row[0] for row in self._rows("queues", {})]
 
+    # ---- producing -------------------------------------------------------
+
+    def enqueue_call(self, queue: str, call: NewCall, now: int) -> str:
+        """See ``TaskStore.enqueue_call``.  One transaction creates the
+        queue if needed, then either inserts the call or, when the dedup
+        index refuses it, reads the task holding the key; should that task
+        finish between the two statements, it tries again."""
+        sql = self.dialect.sql
+        params = {"queue": queue, "id": call.id, "empty": b"", "run_at": call.run_at,
+                  "now": now, "name": call.name, "args": call.args, "priority": call.priority,
+                  "dedup_key": call.dedup_key}
+
+        def body(conn: Conn) -> str:
+            conn.execute(sql("ensure_queue"), {"name": queue})
+            while True:
+                row = conn.execute(sql("enqueue_call"), params).fetchone()
+                if row is not None:
+                    return str(row[0])
+                held = conn.execute(sql("dedup_holder"), params).fetchone()
+                if held is not None:
+                    return str(held[0])
+
+        return self._atomic(body)
+
     # ---- consuming -------------------------------------------------------
 
     def claim(self, queue: str, *, owner: str, limit: int, now: int, lease_ms: int,
@@ -299,8 +339,12 @@ class SQLTaskStore(TaskStore):
             rows = self._atomic(spaced)
         else:
             rows = self._single(lambda conn: list(conn.execute(claim, params).fetchall()))
-        rows.sort(key=lambda r: (r[0], r[1]))
-        return [ClaimedTask(r[2], bytes(r[3]), r[4], token) for r in rows]
+        rows.sort(key=lambda r: (-r[0], r[1], r[2]))
+        return [ClaimedTask(r[3], bytes(r[4]), r[5], token, r[6], r[7]) for r in rows]
+
+    def set_progress(self, task_id: str, token: str, progress: str) -> bool:
+        return self._rowcount("set_progress", {"id": task_id, "token": token,
+                                               "progress": progress}) == 1
 
     # ---- leases ----------------------------------------------------------
 

@@ -57,7 +57,8 @@ from ..errors import CallbackAlreadyCompletedError
 from .status import TaskStatus
 
 __all__ = [
-    "STATUSES", "TaskStatus", "NEVER", "TaskRecord", "ClaimedTask", "Outcome", "TaskStore",
+    "STATUSES", "TaskStatus", "NEVER", "TaskRecord", "ClaimedTask", "NewCall", "Outcome",
+    "TaskStore",
     "Waker", "CALLBACK_COLUMNS", "callback_record", "check_signal_state", "apply_signal",
     "place_suspension", "storable_text", "MAX_MESSAGE_CHARS",
 ]
@@ -86,16 +87,37 @@ class TaskRecord(NamedTuple):
     finished_at: Optional[int]
     owner: Optional[str]
     lease_expires_at: Optional[int]
+    name: Optional[str] = None
+    result: Optional[str] = None
+    traceback: Optional[str] = None
+    progress: Optional[str] = None
+    created_at: int = 0
 
 
 class ClaimedTask(NamedTuple):
     """A task handed out by ``TaskStore.claim``: run it, then settle it with
-    its ``token``."""
+    its ``token``.  A function call (``enqueue_call``) has its ``name`` and
+    ``args``; a raw task has its ``payload``."""
 
     id: str
     payload: bytes
     attempt: int
     token: str
+    name: Optional[str] = None
+    args: Optional[str] = None
+
+
+class NewCall(NamedTuple):
+    """A function call to store (``TaskStore.enqueue_call``): the task
+    ``name``, its ``args`` (JSON text), its ``priority`` (higher is claimed
+    first), when it is due (``run_at``) and its ``dedup_key`` (or None)."""
+
+    id: str
+    name: str
+    args: str
+    priority: int
+    run_at: int
+    dedup_key: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -110,7 +132,9 @@ class Outcome:
     becomes suspended, still in its attempt, due when that callback
     expires, or never; if the callback was signalled or has expired by the
     time this applies, the task is pending and due at ``at`` instead, so a
-    signal racing the suspension is never lost).
+    signal racing the suspension is never lost).  ``"complete"`` stores
+    ``result`` (JSON text of a function's return value); ``"fail"`` and
+    ``"retry"`` store ``traceback``, the failed attempt's.
     """
 
     task_id: str
@@ -119,6 +143,8 @@ class Outcome:
     message: str
     at: int
     awaiting: str = ""
+    result: Optional[str] = None
+    traceback: Optional[str] = None
 
     KINDS = ("complete", "fail", "retry", "release", "suspend")
 
@@ -176,14 +202,23 @@ class TaskStore(ABC):
         """Adds one pending task; see ``enqueue_many``."""
         self.enqueue_many(queue, [(task_id, payload)], now)
 
+    @abstractmethod
+    def enqueue_call(self, queue: str, call: NewCall, now: int) -> str:
+        """Adds a pending function call, due at ``call.run_at``, creating the
+        queue if it does not exist, in one transaction; returns its id.
+        With a ``dedup_key``, while a task of the queue with that key is
+        pending, running or suspended, nothing is added and that task's id
+        is returned instead (of concurrent calls, exactly one adds it)."""
+
     # ---- consuming ----------------------------------------------------
 
     @abstractmethod
     def claim(self, queue: str, *, owner: str, limit: int, now: int, lease_ms: int,
               delay_ms: int = 0) -> List[ClaimedTask]:
-        """Atomically moves up to ``limit`` of the queue's oldest due pending
-        or suspended tasks (``next_run_at <= now``, oldest ``next_run_at`` first, then
-        insertion order) to running under a lease: ``owner``, expiry
+        """Atomically moves up to ``limit`` of the queue's due pending or
+        suspended tasks (``next_run_at <= now``; highest ``priority`` first,
+        then oldest ``next_run_at``, then insertion order, read in that order
+        from an index) to running under a lease: ``owner``, expiry
         ``now + lease_ms``, a fresh token, ``attempt + 1``.  Returns them in
         that order.
 
@@ -218,6 +253,11 @@ class TaskStore(ABC):
         """Running → pending, due at ``now``, the attempt given back (the
         handler never started).  False if the token is stale."""
         return self.settle([Outcome(task_id, token, "release", "", now)])[0]
+
+    @abstractmethod
+    def set_progress(self, task_id: str, token: str, progress: str) -> bool:
+        """Stores ``progress`` (JSON text) on a task running under
+        ``token``; False (nothing changed) if the token is stale."""
 
     # ---- leases -------------------------------------------------------
 

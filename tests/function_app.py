@@ -1,0 +1,21 @@
+"""A function-style app for ``callbackworker worker --app function_app:svc``
+in the subprocess tests: a ``TaskService`` on the database ``CBW_APP_DB``
+names, with tasks on two queues."""
+
+from __future__ import annotations
+
+import os
+
+from callbackworker import TaskService
+
+svc = TaskService(os.environ["CBW_APP_DB"])
+
+
+@svc.task(name="add")
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+@svc.task(name="shout", queue="text")
+async def shout(text: str) -> str:
+    return text.upper()
