@@ -718,6 +718,12 @@ class StorageContract:
                                 baseline=5000, next_run_at=10_000, now=9500)
         assert store.schedules() == [("s", "every 5000 ms", "q", "mod.tick", 5000, 10_000, 9500)]
 
+    def test_remove_schedule_deletes_it(self, store: TaskStore) -> None:
+        self._registered(store)
+        assert store.remove_schedule("s") is True
+        assert store.remove_schedule("s") is False
+        assert store.schedules() == []
+
     def test_concurrent_claims_of_one_tick_enqueue_one_call(self, store: TaskStore) -> None:
         self._registered(store)
         won: List[str] = []

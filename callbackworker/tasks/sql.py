@@ -153,6 +153,7 @@ STATEMENTS: Dict[str, str] = {
                   "WHERE name = :name AND spec = :spec AND last_tick < :tick",
     "schedules": "SELECT name, spec, queue, task, last_tick, next_run_at, updated_at "
                  "FROM {schedules} ORDER BY name",
+    "remove_schedule": "DELETE FROM {schedules} WHERE name = :name",
     "durable_ops": "SELECT kind, name, value FROM {ops} WHERE task_id = :task_id ORDER BY seq",
     # Durable rows are refused for a task that does not exist: the insert
     # adds nothing (and a foreign key, where there is one, catches a task
@@ -447,6 +448,9 @@ class SQLTaskStore(TaskStore):
 
     def schedules(self) -> List[ScheduleRecord]:
         return [ScheduleRecord(*row) for row in self._rows("schedules", {})]
+
+    def remove_schedule(self, name: str) -> bool:
+        return self._rowcount("remove_schedule", {"name": name}) == 1
 
     # ---- durable operation logs and callbacks ------------------------------
 

@@ -360,6 +360,12 @@ class TaskStore(ABC):
     def schedules(self) -> List[ScheduleRecord]:
         """Every stored schedule, by name."""
 
+    @abstractmethod
+    def remove_schedule(self, name: str) -> bool:
+        """Deletes schedule ``name`` (one no code registers any more);
+        returns whether it existed.  A service still serving it registers
+        it again, from its next tick."""
+
     # ---- wake-ups -----------------------------------------------------
 
     def set_waker(self, waker: Optional[Waker]) -> None:
