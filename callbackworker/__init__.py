@@ -67,7 +67,7 @@ from .errors import (
 from .executor import Executor
 from .jobcontext import JobContext, current_job
 from .states import State, Status
-from .tasks import QueueConfig, Task, TaskInfo, TaskService
+from .tasks import QueueConfig, Task, TaskClient, TaskInfo, TaskService
 from .worker import Worker, WorkItem
 
 __version__ = "0.1.0"
@@ -109,7 +109,7 @@ __all__ = [
     "CallbackWorkerError", "UnknownJobError", "JobNotCompleteError", "JobFailedError",
     "JobTimeoutError", "JobCancelledError", "ShutdownError", "WaitTimeoutError",
     "WorkerClosedError", "DeadlockError", "UnknownRouteError", "RouteClosedError",
-    "TaskService", "QueueConfig", "TaskInfo", "TaskError", "UnknownTaskError",
+    "TaskService", "TaskClient", "QueueConfig", "TaskInfo", "TaskError", "UnknownTaskError",
     "UnknownQueueError", "QueueExistsError", "TaskNotCancellableError", "ServiceClosedError",
     "StorageBusyError", "Task", "TaskFailedError", "TaskCancelledError", "Retry", "NoRetry",
     "CallbackHandle", "CallbackFailedError", "CallbackTimeoutError", "UnknownCallbackError",

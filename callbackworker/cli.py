@@ -185,7 +185,9 @@ def _demo_tasks() -> None:
             while any(tasks.get(i).status in ("pending", "running") for i in ids):
                 time.sleep(0.01)
             for task_id in ids:
-                print(f"get(task) -> {tasks.get(task_id)}")
+                info = tasks.get(task_id)
+                print(f"get(task) -> status={info.status!r} message={info.message!r} "
+                      f"attempt={info.attempt}")
         with TaskService(path) as reopened:
             print(f"after close and reopen: get(first task).status -> "
                   f"{reopened.get(ids[0]).status!r}")
@@ -236,9 +238,9 @@ def setup_app(service: TaskService, app: Any) -> List[str]:
                                 f"'handler', not {type(spec).__name__}")
         return list(app)
     if callable(app):
-        before = set(service._queues)
+        before = set(service.served_queues())
         app(service)
-        return sorted(set(service._queues) - before)
+        return sorted(set(service.served_queues()) - before)
     raise TypeError(f"the app must be a callable taking a TaskService or a dict of queues, "
                     f"not {type(app).__name__}")
 
@@ -268,7 +270,7 @@ def worker(args: argparse.Namespace) -> int:
     with service:
         if service is app:
             service.serve()
-            names = sorted(service._queues)
+            names = service.served_queues()
         else:
             names = setup_app(service, app)
         print(f"serving {len(names)} queue(s) on {dsn}: {', '.join(names)}", flush=True)

@@ -4,6 +4,7 @@ to with httpx.  The service behind it runs with a fake clock and
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -16,10 +17,12 @@ from typing import Callable, Iterator, List, NamedTuple, TypeVar
 import httpx
 import pytest
 import uvicorn
+from starlette.applications import Starlette
 
 import callbackworker
-from callbackworker import CallbackFailedError, TaskService
+from callbackworker import CallbackFailedError, TaskClient, TaskService
 from callbackworker.http import MAX_BODY_BYTES, create_app
+from callbackworker.tasks.client import open_store
 
 from helpers import FakeClock
 
@@ -47,14 +50,12 @@ def _approval(handles: List[callbackworker.CallbackHandle],
     return handler
 
 
-@pytest.fixture
-def endpoint(tmp_path: Path) -> Iterator[Endpoint]:
-    clock = FakeClock()
-    handles: List[callbackworker.CallbackHandle] = []
-    service = TaskService(tmp_path / "t.db", clock=clock, background=False)
-    service.create_queue("q", handler=_approval(handles))
-    server = uvicorn.Server(uvicorn.Config(create_app(service, TOKEN), host="127.0.0.1", port=0,
-                                           lifespan="off", log_level="warning"))
+@contextlib.contextmanager
+def _serving(app: Starlette) -> Iterator[httpx.Client]:
+    """``app`` on a uvicorn server on a free loopback port, and a client
+    talking to it."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="off",
+                                           log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
@@ -65,10 +66,22 @@ def endpoint(tmp_path: Path) -> Iterator[Endpoint]:
         assert server.started, "uvicorn did not start"
         port = server.servers[0].sockets[0].getsockname()[1]
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
-            yield Endpoint(service, client, clock, handles)
+            yield client
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+@pytest.fixture
+def endpoint(tmp_path: Path) -> Iterator[Endpoint]:
+    clock = FakeClock()
+    handles: List[callbackworker.CallbackHandle] = []
+    service = TaskService(tmp_path / "t.db", clock=clock, background=False)
+    try:
+        service.create_queue("q", handler=_approval(handles))
+        with _serving(create_app(service, TOKEN)) as client:
+            yield Endpoint(service, client, clock, handles)
+    finally:
         service.close()
 
 
@@ -217,6 +230,36 @@ def test_create_app_refuses_an_empty_token(tmp_path: Path) -> None:
     with TaskService(tmp_path / "t.db") as service:
         with pytest.raises(ValueError, match="token"):
             create_app(service, " ")
+
+
+@pytest.mark.parametrize("target", ["client", "store"])
+def test_an_app_over_a_client_or_a_bare_store_signals_through_the_database(
+        tmp_path: Path, target: str) -> None:
+    """Another process (no service of its own) answers the endpoint; the
+    service serving the queue replays the task from the database."""
+    handles: List[callbackworker.CallbackHandle] = []
+    with TaskService(tmp_path / "t.db", background=False) as service:
+        service.create_queue("q", handler=_approval(handles, heartbeat_timeout_ms=0))
+        task = service.enqueue("q", b"")
+        service._dispatch_once()
+        store = open_store(tmp_path / "t.db")
+        try:
+            app = create_app(TaskClient(store) if target == "client" else store, TOKEN)
+            with _serving(app) as http:
+                r = http.post(f"/v1/callbacks/{handles[-1].callback_id}/success",
+                              content=b"over http", headers=AUTH)
+                assert r.status_code == 200
+                r = http.get(f"/v1/tasks/{task}", headers=AUTH)
+                assert r.json() == {"id": task, "status": "pending", "message": "", "attempt": 1}
+        finally:
+            store.close()
+        service._dispatch_once()
+        assert service.get(task).message == "approved over http"
+
+
+def test_create_app_refuses_anything_but_a_service_client_or_store() -> None:
+    with pytest.raises(TypeError, match="TaskService, a TaskClient or a TaskStore"):
+        create_app("tasks.db", TOKEN)  # type: ignore[arg-type]
 
 
 # ---- the serve command ------------------------------------------------------

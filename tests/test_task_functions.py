@@ -9,7 +9,6 @@ and on PostgreSQL.
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any, Iterator, List
 
 import pytest
@@ -32,7 +31,7 @@ def service(db: str, clock: FakeClock) -> Iterator[TaskService]:
 def result_of(service: TaskService, task_id: str) -> Any:
     info = service.get(task_id)
     assert info.status == "completed", info
-    return json.loads(info.message)
+    return info.result
 
 
 def drain(service: TaskService) -> int:

@@ -85,9 +85,9 @@ def test_sigterm_lets_the_running_task_finish_and_leaves_the_rest_pending(tmp_pa
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0, proc.stderr.read()  # type: ignore[union-attr]
     with TaskService(db) as reader:
-        assert reader.get(running) == ("completed", "slept", 1)
+        assert reader.get(running)[:3] == ("completed", "slept", 1)
         for task_id in waiting:
-            assert reader.get(task_id) == ("pending", "", 0)
+            assert reader.get(task_id)[:3] == ("pending", "", 0)
         assert reader.counts()["slow"]["running"] == 0
 
 
@@ -104,8 +104,8 @@ def test_demo_tours_a_persistent_queue() -> None:
     part = lines[lines.index("== persistent task queues (TaskService on a temporary SQLite file)"):]
     assert part[1:] == [
         "enqueue_many(greet, [b'ada', b'nobody']) -> 2 task ids",
-        "get(task) -> TaskInfo(status='completed', message='hello, ada', attempt=1)",
-        "get(task) -> TaskInfo(status='failed', message='LookupError: no one to greet', attempt=2)",
+        "get(task) -> status='completed' message='hello, ada' attempt=1",
+        "get(task) -> status='failed' message='LookupError: no one to greet' attempt=2",
         "after close and reopen: get(first task).status -> 'completed'",
         "",
         "demo finished",

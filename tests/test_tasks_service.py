@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from typing import Iterator, List, Optional
 
 import pytest
@@ -26,8 +27,9 @@ from callbackworker import (
     UnknownQueueError,
     UnknownTaskError,
 )
-from callbackworker.tasks import service as service_module
-from callbackworker.tasks.service import _Attempt, _open_store, retry_delay_ms
+from callbackworker.tasks import owners
+from callbackworker.tasks.client import open_store as open_task_store
+from callbackworker.tasks.service import retry_delay_ms
 from callbackworker.tasks.storage import TaskStore
 
 from helpers import FakeClock
@@ -36,7 +38,7 @@ from helpers import FakeClock
 def open_store(db: str) -> TaskStore:
     """A second handle on the service's database, as another process would
     open it."""
-    return _open_store(db, "normal")
+    return open_task_store(db, "normal")
 
 
 @pytest.fixture
@@ -93,7 +95,7 @@ def test_queue_config_non_ints_are_type_errors(value: object) -> None:
 def test_task_info_fields(service: TaskService) -> None:
     service.create_queue("q", handler=ok)
     info = service.get(service.enqueue("q", b"x"))
-    assert info == TaskInfo("pending", "", 0)
+    assert info[:3] == ("pending", "", 0)
     assert (info.status, info.message, info.attempt) == ("pending", "", 0)
 
 
@@ -103,14 +105,14 @@ def test_handler_message_completes_the_task(service: TaskService) -> None:
     service.create_queue("q", handler=ok)
     task = service.enqueue("q", b"hello")
     assert service._dispatch_once() == 1
-    assert service.get(task) == TaskInfo("completed", "ok hello", 1)
+    assert service.get(task)[:3] == ("completed", "ok hello", 1)
 
 
 def test_handler_returning_none_completes_with_empty_message(service: TaskService) -> None:
     service.create_queue("q", handler=lambda p: None)
     task = service.enqueue("q", b"")
     service._dispatch_once()
-    assert service.get(task) == TaskInfo("completed", "", 1)
+    assert service.get(task)[:3] == ("completed", "", 1)
 
 
 def test_handler_gets_a_memoryview_of_the_payload(service: TaskService) -> None:
@@ -133,7 +135,7 @@ def test_exception_without_retries_fails_with_error_text(service: TaskService) -
     service.create_queue("q", handler=boom)
     task = service.enqueue("q", b"x")
     service._dispatch_once()
-    assert service.get(task) == TaskInfo("failed", "ValueError: bad x", 1)
+    assert service.get(task)[:3] == ("failed", "ValueError: bad x", 1)
 
 
 def test_tasks_run_oldest_first(service: TaskService) -> None:
@@ -168,12 +170,12 @@ def test_retries_follow_the_backoff_schedule(service: TaskService, clock: FakeCl
     task = service.enqueue("q", b"x")
     service._dispatch_once()
     for attempt, wait in ((1, 1000), (2, 2000), (3, 4000)):
-        assert service.get(task) == TaskInfo("pending", "ValueError: bad x", attempt)
+        assert service.get(task)[:3] == ("pending", "ValueError: bad x", attempt)
         clock.advance(wait - 1)
         assert service._dispatch_once() == 0, f"retry {attempt} ran before its backoff"
         clock.advance(1)
         assert service._dispatch_once() == 1
-    assert service.get(task) == TaskInfo("failed", "ValueError: bad x", 4)
+    assert service.get(task)[:3] == ("failed", "ValueError: bad x", 4)
 
 
 def test_retry_then_success(service: TaskService, clock: FakeClock) -> None:
@@ -190,7 +192,7 @@ def test_retry_then_success(service: TaskService, clock: FakeClock) -> None:
     for _ in range(3):
         service._dispatch_once()
         clock.advance(1000)
-    assert service.get(task) == TaskInfo("completed", "finally", 3)
+    assert service.get(task)[:3] == ("completed", "finally", 3)
 
 
 # ---- delay between starts ---------------------------------------------
@@ -246,7 +248,7 @@ def test_retention_keeps_pending_tasks(service: TaskService, clock: FakeClock) -
     clock.advance(10**9)
     task = service.enqueue("q", b"x")
     clock.advance(10**9)
-    service._maintain(sweep=True)
+    service._runtime._maintain(sweep=True)
     assert service.get(task).status == "pending"
 
 
@@ -321,13 +323,24 @@ def test_enqueue_to_unknown_queue(service: TaskService) -> None:
         service.enqueue("nope", b"x")
 
 
+def test_served_queues_are_those_this_service_created(db: str, clock: FakeClock) -> None:
+    with TaskService(db, clock=clock, background=False) as other:
+        other.create_queue("elsewhere", handler=ok)
+        with TaskService(db, clock=clock, background=False) as service:
+            assert service.served_queues() == []
+            service.create_queue("b", handler=ok)
+            service.create_queue("a", handler=ok)
+            assert service.served_queues() == ["a", "b"]
+            assert service.queues() == ["a", "b", "elsewhere"]
+
+
 def test_queue_created_elsewhere_accepts_tasks(db: str, clock: FakeClock) -> None:
     with TaskService(db, clock=clock, background=False) as runner:
         runner.create_queue("q", handler=ok)
         with TaskService(db, clock=clock, background=False) as producer:
             task = producer.enqueue("q", b"remote")
         runner._dispatch_once()
-        assert runner.get(task) == TaskInfo("completed", "ok remote", 1)
+        assert runner.get(task)[:3] == ("completed", "ok remote", 1)
 
 
 def test_crash_recovery_on_create_queue(db: str, clock: FakeClock) -> None:
@@ -338,7 +351,7 @@ def test_crash_recovery_on_create_queue(db: str, clock: FakeClock) -> None:
     store.ensure_queue("q")
     store.enqueue_many("q", [("dead", b"1"), ("expired", b"2"), ("live", b"3")],
                        clock() - 50_000)
-    host = service_module._HOST  # the host name, and on Linux its pid namespace
+    host = owners.HOST  # the host name, and on Linux its pid namespace
     gone_pid = _a_dead_pid()
     store.claim("q", owner=f"{host}/{gone_pid}/x", limit=1, now=clock(), lease_ms=10**9)
     store.claim("q", owner="otherhost/1/y", limit=1, now=clock() - 40_000, lease_ms=30_000)
@@ -346,11 +359,11 @@ def test_crash_recovery_on_create_queue(db: str, clock: FakeClock) -> None:
     store.close()
     with TaskService(db, clock=clock, background=False) as service:
         service.create_queue("q", QueueConfig(max_retries=1), handler=ok)
-        assert service.get("dead") == TaskInfo("pending", "worker lost during attempt 1; retrying", 1)
+        assert service.get("dead")[:3] == ("pending", "worker lost during attempt 1; retrying", 1)
         assert service.get("expired").status == "pending"
         assert service.get("live").status == "running"
         service._dispatch_once()
-        assert service.get("dead") == TaskInfo("completed", "ok 1", 2)
+        assert service.get("dead")[:3] == ("completed", "ok 1", 2)
 
 
 def test_recovery_fails_a_task_with_no_attempt_left(db: str, clock: FakeClock) -> None:
@@ -378,7 +391,7 @@ def test_expired_leases_are_recovered_while_serving(db: str, clock: FakeClock) -
         assert service._dispatch_once() == 0
         clock.advance(1000)
         assert service._dispatch_once() == 1
-        assert service.get("t") == TaskInfo("completed", "ok x", 2)
+        assert service.get("t")[:3] == ("completed", "ok x", 2)
 
 
 def _a_dead_pid() -> int:
@@ -394,10 +407,10 @@ def test_a_host_name_shared_with_another_machine_does_not_make_its_workers_dead(
     """Two containers or machines with one host name share a database: a
     pid that is gone here says nothing about a worker over there."""
     gone_pid = _a_dead_pid()
-    assert service_module._owner_is_dead(f"{service_module._HOST}/{gone_pid}/x")
+    assert owners.owner_is_dead(f"{owners.HOST}/{gone_pid}/x")
     twin = f"{socket.gethostname()}#000000000000"
-    assert not service_module._owner_is_dead(f"{twin}/{gone_pid}/x")
-    assert not service_module._owner_is_dead(f"{socket.gethostname()}/{gone_pid}/x")
+    assert not owners.owner_is_dead(f"{twin}/{gone_pid}/x")
+    assert not owners.owner_is_dead(f"{socket.gethostname()}/{gone_pid}/x")
 
 
 # ---- limits and bad input -----------------------------------------------
@@ -477,13 +490,60 @@ def test_closed_service_refuses_every_verb(db: str) -> None:
             call()
 
 
+def test_flush_waits_for_claimed_tasks_and_commits_their_outcomes(db: str) -> None:
+    gate, running = threading.Event(), threading.Event()
+
+    def hold(payload: memoryview) -> str:
+        running.set()
+        gate.wait(30)
+        return "done"
+
+    with TaskService(db) as service:
+        service.flush()  # serves no queue: nothing to wait for
+        service.create_queue("q", handler=hold)
+        task = service.enqueue("q", b"")
+        assert running.wait(30)
+        flusher = threading.Thread(target=service.flush)
+        flusher.start()
+        flusher.join(0.2)
+        assert flusher.is_alive()  # the handler still runs
+        gate.set()
+        flusher.join(30)
+        assert not flusher.is_alive()
+        store = open_store(db)  # another process sees the outcome at once
+        try:
+            record = store.get(task)
+        finally:
+            store.close()
+        assert record is not None and (record.status, record.message) == ("completed", "done")
+
+
+def test_flush_from_a_handler_is_a_runtime_error(service: TaskService) -> None:
+    def flush_myself(payload: memoryview) -> None:
+        service.flush()
+
+    service.create_queue("q", handler=flush_myself)
+    task = service.enqueue("q", b"")
+    service._dispatch_once()
+    info = service.get(task)
+    assert info.status == "failed" and info.message.startswith("RuntimeError: ")
+
+
+def test_flush_on_a_closed_service_is_an_error(db: str) -> None:
+    service = TaskService(db)
+    service.close()
+    with pytest.raises(ServiceClosedError):
+        service.flush()
+
+
 def test_close_gives_back_claimed_but_unstarted_tasks(service: TaskService, db: str) -> None:
     service.create_queue("q", QueueConfig(concurrency=1), handler=ok)
     task = service.enqueue("q", b"x")
-    (claimed,) = service._store.claim("q", owner=service._owner, limit=1, now=0 + service._now(),
+    runtime = service._runtime
+    (claimed,) = service._store.claim("q", owner=runtime._owner, limit=1, now=runtime._now(),
                                        lease_ms=30_000)
-    with service._cond:
-        service._unstarted.add(_Attempt(service, service._queues["q"], claimed))
+    with runtime._cond:  # as if handed to the worker, which has not run it yet
+        runtime._track_locked(runtime._queues["q"], [claimed])
     service.close()
     store = open_store(db)
     record = store.get(task)
@@ -513,8 +573,6 @@ def test_current_task_inside_a_handler(service: TaskService) -> None:
 
 
 def test_prefetch_claims_beyond_free_slots_and_close_gives_them_back(db: str, clock: FakeClock) -> None:
-    import threading
-
     gate, running = threading.Event(), threading.Event()
 
     def hold(payload: memoryview) -> None:
@@ -524,7 +582,7 @@ def test_prefetch_claims_beyond_free_slots_and_close_gives_them_back(db: str, cl
     service = TaskService(db, clock=clock, background=False, prefetch=2)
     service.create_queue("q", handler=hold)
     ids = service.enqueue_many("q", [b"1", b"2", b"3", b"4"])
-    started, _ = service._claim_and_start()
+    started, _ = service._runtime._claim_and_start()
     assert started == 3  # one slot plus two prefetched
     with TaskService(db, clock=clock, background=False) as reader:
         assert [reader.get(i).status for i in ids] == ["running"] * 3 + ["pending"]
@@ -534,5 +592,5 @@ def test_prefetch_claims_beyond_free_slots_and_close_gives_them_back(db: str, cl
     gate.set()
     closer.join()
     with TaskService(db, clock=clock, background=False) as reader:
-        assert reader.get(ids[0]) == ("completed", "", 1)
-        assert [reader.get(i) for i in ids[1:]] == [("pending", "", 0)] * 3
+        assert reader.get(ids[0])[:3] == ("completed", "", 1)
+        assert [reader.get(i)[:3] for i in ids[1:]] == [("pending", "", 0)] * 3

@@ -167,6 +167,8 @@ class Outcome:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "message", storable_text(self.message))
+        if self.traceback is not None:
+            object.__setattr__(self, "traceback", storable_text(self.traceback))
 
 
 MAX_MESSAGE_CHARS = 64 * 1024
