@@ -1,0 +1,56 @@
+"""Several ``callbackworker worker`` processes serving one schedule on one
+database (a SQLite file, and PostgreSQL when a server is available), in
+real time: every tick is enqueued once, never once per process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import List
+
+from helpers import wait_for
+
+TESTS = Path(__file__).parent
+WORKERS = 3
+TICKS = 4
+
+
+def _ticks(db: str) -> List[int]:
+    """The tick (due time) of every call of "beat" in the database."""
+    if db.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(db) as conn:
+            rows = conn.execute("SELECT next_run_at FROM cbw_tasks WHERE name = 'beat'").fetchall()
+    else:
+        import sqlite3
+
+        with sqlite3.connect(db) as conn:
+            rows = conn.execute("SELECT next_run_at FROM tasks WHERE name = 'beat'").fetchall()
+    return [row[0] for row in rows]
+
+
+def test_several_processes_on_one_database_enqueue_each_tick_once(db: str) -> None:
+    env = dict(os.environ, PYTHONPATH=str(TESTS), CBW_APP_DB=db)
+    procs = [subprocess.Popen([sys.executable, "-m", "callbackworker", "worker",
+                               "--app", "periodic_app:svc"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for _ in range(WORKERS)]
+    try:
+        for proc in procs:
+            assert proc.stdout is not None
+            assert "serving" in proc.stdout.readline().decode()
+        wait_for(lambda: len(_ticks(db)) >= TICKS, timeout_s=60)
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        errors = [proc.communicate(timeout=60)[1].decode() for proc in procs]
+    assert [proc.returncode for proc in procs] == [0] * WORKERS, errors
+    ticks = _ticks(db)
+    assert len(ticks) >= TICKS
+    assert [t for t, n in Counter(ticks).items() if n > 1] == []
+    assert all(t % 1000 == 0 for t in ticks)
