@@ -5,21 +5,16 @@ refused at registration."""
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Iterator, List
 
 import pytest
 
 from callbackworker import TaskService
 from callbackworker.tasks.scheduler import ScheduleInfo
-from helpers import FakeClock
+from helpers import FakeClock, epoch_ms as ms
 
 MINUTE = 60_000
 
-
-def ms(text: str) -> int:
-    """Epoch milliseconds of an ISO 8601 time with its offset."""
-    return int(datetime.fromisoformat(text).timestamp() * 1000)
 
 
 @pytest.fixture

@@ -3,16 +3,12 @@ runs; ``--remove`` for a schedule no code registers any more."""
 
 from __future__ import annotations
 
-from datetime import datetime
 from pathlib import Path
 
 from callbackworker import TaskService
-from helpers import FakeClock
+from helpers import FakeClock, epoch_ms as ms
 from test_tasks_cli import cli
 
-
-def ms(text: str) -> int:
-    return int(datetime.fromisoformat(text).timestamp() * 1000)
 
 
 def _database(path: Path, now: int) -> None:

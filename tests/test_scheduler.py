@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from datetime import datetime
 from typing import Iterator, List
 
 import pytest
@@ -15,14 +14,10 @@ from callbackworker.tasks.scheduler import Periodic, Scheduler, ScheduleInfo
 from callbackworker.tasks.schedules import Schedule
 from callbackworker.tasks.sqlite import SQLiteTaskStore
 from callbackworker.tasks.storage import TaskStore
-from helpers import FakeClock
+from helpers import FakeClock, epoch_ms as ms
 
 MINUTE = 60_000
 
-
-def ms(text: str) -> int:
-    """Epoch milliseconds of an ISO 8601 time with its offset."""
-    return int(datetime.fromisoformat(text).timestamp() * 1000)
 
 
 def open_store(db: str) -> TaskStore:

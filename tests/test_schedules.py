@@ -8,11 +8,8 @@ from datetime import datetime, timezone
 import pytest
 
 from callbackworker.tasks.schedules import EVERY_MS_MAX, EVERY_MS_MIN, Schedule
+from helpers import epoch_ms as ms
 
-
-def ms(text: str) -> int:
-    """Epoch milliseconds of an ISO 8601 time with its offset."""
-    return int(datetime.fromisoformat(text).timestamp() * 1000)
 
 
 def ticks(schedule: Schedule, start: str, n: int) -> "list[str]":
