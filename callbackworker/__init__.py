@@ -67,7 +67,7 @@ from .errors import (
 from .executor import Executor
 from .jobcontext import JobContext, current_job
 from .states import State, Status
-from .tasks import QueueConfig, Task, TaskClient, TaskInfo, TaskService
+from .tasks import QueueConfig, Task, TaskClient, TaskInfo, TaskService, current_task
 from .worker import Worker, WorkItem
 
 __version__ = "0.1.0"
@@ -111,7 +111,8 @@ __all__ = [
     "WorkerClosedError", "DeadlockError", "UnknownRouteError", "RouteClosedError",
     "TaskService", "TaskClient", "QueueConfig", "TaskInfo", "TaskError", "UnknownTaskError",
     "UnknownQueueError", "QueueExistsError", "TaskNotCancellableError", "ServiceClosedError",
-    "StorageBusyError", "Task", "TaskFailedError", "TaskCancelledError", "Retry", "NoRetry",
+    "StorageBusyError", "Task", "current_task", "TaskFailedError", "TaskCancelledError", "Retry",
+    "NoRetry",
     "CallbackHandle", "CallbackFailedError", "CallbackTimeoutError", "UnknownCallbackError",
     "CallbackAlreadyCompletedError", "NonDeterminismError",
     *_FUNCTIONS,

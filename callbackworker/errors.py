@@ -238,8 +238,8 @@ class TaskNotCancellableError(TaskError):
 
 
 class ServiceClosedError(TaskError, RuntimeError):
-    """The ``TaskService`` has been closed: no verb but ``close`` works any
-    more."""
+    """The ``TaskService`` or ``TaskClient`` has been closed: no verb but
+    ``close`` works any more."""
 
 
 class StorageBusyError(TaskError, TimeoutError):

@@ -68,14 +68,21 @@ def test_a_cancelled_detached_job_never_runs_its_item() -> None:
 def test_items_of_jobs_queued_at_close_never_run() -> None:
     w = Worker()
     gate = threading.Event()
-    blocker = Item(lambda: gate.wait(5))
+
+    def close_when_told() -> None:  # the close begins while `later` is queued
+        gate.wait(5)
+        w.close()
+
+    blocker = Item(close_when_told)
     w.run_detached(blocker)
     wait_for(lambda: bool(blocker.threads))
     later = Item()
     w.run_detached(later)
     gate.set()
+    assert blocker.ran.wait(5)
     w.close()
     assert not later.ran.is_set()
+    assert w._items == {}  # noqa: SLF001 - the worker forgot the item
 
 
 def test_run_detached_takes_the_routes_timeout() -> None:

@@ -6,11 +6,15 @@ storage backends.
 threads that claim and run tasks, with ``committer`` (the group committer)
 and ``owners`` (lease owners and the dead-owner probe); ``service``
 composes a client and a runtime into ``TaskService``.  ``storage`` holds
-the contract every backend implements (``TaskStore``), ``sqlite`` the
-SQLite backend, ``postgres`` the PostgreSQL backend (imported only when a
-``postgresql://`` DSN is opened, as its driver, psycopg 3, is the optional
-extra ``callbackworker[postgres]``), ``durablestore`` the durable logs in a
-task store.  ``functions`` makes Python functions tasks (``@svc.task``).
+the contract every backend implements (``TaskStore``), ``status`` the
+task statuses, ``schema`` the schema both backends reach, ``sql`` what the
+two backends share, ``sqlite`` the SQLite backend, ``postgres`` (with
+``pgconn``) the PostgreSQL backend (imported only when a ``postgresql://``
+DSN is opened, as its driver, psycopg 3, is the optional extra
+``callbackworker[postgres]``), ``durablestore`` the durable logs in a task
+store.  ``functions`` makes Python functions tasks (``@svc.task``),
+``results`` waits for their outcomes and ``progress`` records their
+progress.
 """
 
 from __future__ import annotations

@@ -38,6 +38,7 @@ from .config import TaskInfo, check_int, check_payload, check_queue_name, check_
 from .functions import check_dedup_key, check_priority, check_task_name, encode_arguments
 from .results import Completions, wait_for_result, wait_for_result_async
 from .sqlite import SQLiteTaskStore
+from .status import WAITING
 from .storage import NewCall, TaskStore
 
 
@@ -233,7 +234,7 @@ class TaskClient:
         status = self._store.cancel(task_id, self._now())
         if status is None:
             raise UnknownTaskError(task_id)
-        if status not in ("pending", "suspended"):
+        if status not in WAITING:
             raise TaskNotCancellableError(task_id, status)
 
     def clear_queue(self, name: str) -> int:

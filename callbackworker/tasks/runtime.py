@@ -52,7 +52,10 @@ DESIGN
 * Time limits.  Each attempt runs as a job with the task's ``timeout_ms``
   (registered), else its queue's (``QueueConfig.timeout_ms``, the route's
   limit).  The core interrupts an overdue attempt; the runtime settles it
-  as a failed attempt saying it timed out.
+  as a failed attempt saying it timed out.  A run stuck outside Python
+  code cannot be interrupted: the core abandons its thread (the route
+  keeps its thread count) and the runtime's watchdog, every lease renewal,
+  settles any run ``ABANDON_GRACE_S`` past its limit as timed out.
 * Progress.  While an attempt runs, ``current_task().progress`` writes
   through a ``ProgressReporter`` under the attempt's token; its last value
   is written before the outcome is handed to the committer.
@@ -60,7 +63,8 @@ DESIGN
   begun; running handlers finish and their outcomes are committed; tasks
   claimed but not yet started are given back (pending, attempt returned).
 * Lock order: ``_cond`` (runtime state) is never held while calling the
-  store or the worker.
+  store or the worker; it may be held while handing an outcome to the
+  committer (whose lock is innermost).
 """
 
 from __future__ import annotations
@@ -97,6 +101,8 @@ __all__ = ["TaskRuntime", "current_task"]
 log = logging.getLogger(__name__)
 
 _ROUTE_NAME_MAX = 128
+ABANDON_GRACE_S = 1.0
+"""How long past its time limit a run may go on before it is abandoned."""
 _SWEEP_EVERY_S = 60.0
 
 _running = threading.local()
@@ -156,7 +162,7 @@ class _Queue:
 class _Attempt:
     """The work item of one claimed task's job (``Worker.run_detached``)."""
 
-    __slots__ = ("runtime", "queue", "task", "epoch", "timeout_ms")
+    __slots__ = ("runtime", "queue", "task", "epoch", "timeout_ms", "started", "settled")
 
     def __init__(self, runtime: "TaskRuntime", queue: _Queue, task: ClaimedTask,
                  epoch: int) -> None:
@@ -165,6 +171,8 @@ class _Attempt:
         self.task = task
         self.epoch = epoch  # of the runtime's flushes, when it was claimed
         self.timeout_ms = queue.config.timeout_ms  # the attempt's limit, -1: none
+        self.started = 0.0  # monotonic, when its run began
+        self.settled = False  # its outcome is with the committer and it is counted out
 
     def run(self) -> None:
         self.runtime._run(self)
@@ -193,6 +201,7 @@ class TaskRuntime:
         self._create_lock = threading.Lock()
         self._queues: Dict[str, _Queue] = {}
         self._unstarted: Set[_Attempt] = set()  # claimed, handed to the worker, not yet run
+        self._started: Set[_Attempt] = set()  # running, with a time limit, not yet settled
         # Attempts claimed and not yet finished, counted by the epoch they
         # were claimed in; each flush() begins a new epoch and waits for the
         # counts of the earlier ones.
@@ -271,7 +280,7 @@ class TaskRuntime:
                 self._cond.wait()
         self._committer.flush()
 
-    def _track_locked(self, queue: _Queue, claimed: List[ClaimedTask]) -> List["_Attempt"]:
+    def _track_locked(self, queue: _Queue, claimed: List[ClaimedTask]) -> List[_Attempt]:
         """The attempts of tasks just claimed in ``queue``, counted in flight
         and unstarted until they run (under ``_cond``)."""
         attempts = [_Attempt(self, queue, task, self._epoch) for task in claimed]
@@ -280,7 +289,7 @@ class TaskRuntime:
         queue.in_flight += len(attempts)
         return attempts
 
-    def _finished_locked(self, attempt: "_Attempt") -> None:
+    def _finished_locked(self, attempt: _Attempt) -> None:
         """Counts ``attempt`` out of its queue's and its epoch's in-flight
         counts (under ``_cond``; its outcome is with the committer)."""
         attempt.queue.in_flight -= 1
@@ -351,6 +360,7 @@ class TaskRuntime:
     def _maintain(self, sweep: bool) -> None:
         """Renews this runtime's leases, takes back expired ones in its
         queues and, with ``sweep``, deletes tasks past their retention."""
+        self._abandon_overdue()
         now = self._now()
         self._store.renew_leases(self._owner, now + self._lease_ms)
         with self._cond:
@@ -415,6 +425,9 @@ class TaskRuntime:
         with self._cond:
             self._unstarted.discard(attempt)
             closing = self._closed
+            if attempt.timeout_ms >= 0:
+                attempt.started = time.monotonic()
+                self._started.add(attempt)
         outcome: Optional[Outcome] = None
         try:
             if closing:  # close() has begun: no handler starts any more
@@ -430,11 +443,40 @@ class TaskRuntime:
         finally:
             if outcome is None:  # interrupted by a BaseException
                 outcome = self._failure(queue, task, "interrupted: the handler did not return")
-            assert self._committer is not None
+            self._settle(attempt, outcome)
+
+    def _settle(self, attempt: _Attempt, outcome: Outcome) -> None:
+        """Hands the attempt's outcome to the committer and counts it out,
+        once: the watchdog (``_abandon_overdue``) may have done it first.
+        (An interrupt for a deadline that passed as the run ended may land
+        here; the flag is set between the two steps, so whatever part ran,
+        a later pass neither loses nor repeats the count.)"""
+        assert self._committer is not None
+        with self._cond:
+            if attempt.settled:
+                return
             self._committer.put(outcome)
-            with self._cond:
-                self._finished_locked(attempt)
-                self._kick_locked()
+            attempt.settled = True
+            self._started.discard(attempt)
+            self._finished_locked(attempt)
+            self._kick_locked()
+
+    def _abandon_overdue(self) -> None:
+        """Settles, as failed attempts, runs still going ``ABANDON_GRACE_S``
+        past their time limit: the core has interrupted them, and a run that
+        did not stop is stuck in C code, its thread abandoned and replaced.
+        Whatever such a run does later is ignored."""
+        now = time.monotonic()
+        with self._cond:
+            overdue = [a for a in self._started
+                       if now - a.started > a.timeout_ms / 1000 + ABANDON_GRACE_S]
+        for attempt in overdue:
+            log.warning("task %s: its attempt %d is stuck past its time limit of %d ms; "
+                        "abandoned", attempt.task.id, attempt.task.attempt, attempt.timeout_ms)
+            self._settle(attempt, self._failure(
+                attempt.queue, attempt.task,
+                f"TimeoutError: the attempt ran past its time limit of {attempt.timeout_ms} "
+                "ms and did not stop (stuck outside Python code); it was abandoned"))
 
     def _attempt(self, queue: _Queue, task: ClaimedTask) -> Outcome:
         view = memoryview(task.payload)
