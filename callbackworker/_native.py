@@ -70,7 +70,7 @@ def _describe(exc: BaseException) -> str:
 
 
 FORK_GENERATION = [0]
-"""Bumped in every forked child (worker.py registers the hook)."""
+"""Bumped in every forked child (by the fork hook in _lifecycle.py)."""
 
 
 def _exit_forked_child(failure: Optional[BaseException]) -> None:
@@ -121,6 +121,31 @@ class CallbackTable:
     def clear(self) -> None:
         self.callbacks.clear()
         self.failures.clear()
+
+    def watch(self, native: Any, jid: int, notify: Callable[[], None]) -> bool:
+        """Has ``notify()`` called, on whichever thread completes it, when
+        job ``jid`` of the core worker ``native`` completes.  Returns True
+        instead if the job has completed already (``notify`` is then never
+        called); raises for an unknown job."""
+        self.watchers.setdefault(jid, []).append(notify)  # first: it may fire at once
+        rc = lib.cbw_job_watch(native, jid)
+        if rc == 0:
+            return False
+        self.unwatch(jid, notify)
+        if rc < 0:
+            raise_for(rc, jid)
+        return True
+
+    def unwatch(self, jid: int, notify: Callable[[], None]) -> None:
+        """Takes back a watcher no longer needed (its waiter gave up)."""
+        entries = self.watchers.get(jid)
+        if entries is not None:
+            try:
+                entries.remove(notify)
+            except ValueError:
+                pass
+            if not entries:
+                self.watchers.pop(jid, None)
 
     def completed(self, ids: Any, n: int) -> None:
         """Watched jobs completed: call their watchers (any thread).  The

@@ -1,7 +1,7 @@
 """The ``callbackworker`` command (also ``python -m callbackworker``).
 
 Subcommands:
-  demo     a short guided tour of the Worker API and of a persistent queue
+  demo     a short guided tour of the Worker API, tasks as functions and raw queues
   bench    throughput and latency against ThreadPoolExecutor and a bare loop
   worker   serve the persistent queues an app module defines
   enqueue  add a task to a persistent queue; prints its id
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import signal
 import sys
@@ -26,10 +27,17 @@ from typing import Any, Callable, List, Optional, Sequence
 
 from . import Worker
 from .asyncmeta import JobMetaKey, Profile, RouteMetaKey, supports_blob_job
-from .errors import CallbackAlreadyCompletedError, JobFailedError, JobTimeoutError, TaskError
+from .errors import (
+    CallbackAlreadyCompletedError,
+    JobFailedError,
+    JobTimeoutError,
+    Retry,
+    TaskError,
+    TaskFailedError,
+)
 from .jobcontext import current_job
 from .states import State
-from .tasks import QueueConfig, TaskService
+from .tasks import QueueConfig, TaskService, current_task
 from .tasks.storage import STATUSES
 
 
@@ -108,6 +116,7 @@ def demo(args: argparse.Namespace) -> int:
         print(f"{len(pending)} jobs queued; close() -> {w.close()}")
     _demo_retries()
     _demo_durable()
+    _demo_functions()
     _demo_tasks()
     print("\ndemo finished")
     return 0
@@ -168,6 +177,50 @@ def _demo_durable() -> None:
             print(f"a second success raises {type(exc).__name__}")
 
 
+def _demo_functions() -> None:
+    """Tasks as functions: the persistent queues as most code uses them."""
+    _say("tasks as functions (TaskService on a temporary SQLite file)")
+    with tempfile.TemporaryDirectory() as tmp, \
+            TaskService(os.path.join(tmp, "functions.db")) as svc:
+        @svc.task(name="add")
+        def add(a: int, b: int) -> int:
+            task = current_task()
+            if task is not None:
+                task.progress({"adding": [a, b]})
+            return a + b
+
+        @svc.task(name="flaky", max_retries=2)
+        def flaky(word: str) -> str:
+            task = current_task()
+            assert task is not None
+            if task.attempt == 1:
+                raise Retry(delay_ms=0)
+            return f"{word} on attempt {task.attempt}"
+
+        @svc.task(name="broken")
+        def broken() -> None:
+            raise ValueError("no such record")
+
+        print(f"@svc.task add; add(2, 3) runs inline -> {add(2, 3)}")
+        ids = [add.enqueue(2, 3), flaky.enqueue("done"), broken.enqueue()]
+        print("add.enqueue(2, 3), flaky.enqueue('done'), broken.enqueue() -> 3 task ids "
+              "(JSON arguments, queue created on first use)")
+        svc.serve()
+        print(f"serve(); result(add) -> {svc.result(ids[0], timeout_ms=10_000)!r}; "
+              f"get(add).progress -> {svc.get(ids[0]).progress}")
+        print(f"result(flaky) -> {svc.result(ids[1], timeout_ms=10_000)!r} "
+              "(it raised Retry once)")
+        try:
+            svc.result(ids[2], timeout_ms=10_000)
+        except TaskFailedError as exc:
+            print(f"result(broken) raised TaskFailedError: {exc.message} "
+                  f"(traceback stored: {exc.traceback is not None})")
+        try:
+            add.enqueue({1, 2}, 3)
+        except TypeError as exc:
+            print(f"add.enqueue({{1, 2}}, 3) raised TypeError: {exc}")
+
+
 def _greet(payload: memoryview) -> str:
     name = bytes(payload).decode()
     if name == "nobody":
@@ -176,8 +229,9 @@ def _greet(payload: memoryview) -> str:
 
 
 def _demo_tasks() -> None:
-    """The persistent-queue part of the tour, on a temporary SQLite file."""
-    _say("persistent task queues (TaskService on a temporary SQLite file)")
+    """Raw byte handlers, the layer under the functions, on a temporary
+    SQLite file."""
+    _say("raw byte handlers, the layer under the functions (TaskService, temporary file)")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "demo.db")
         with TaskService(path) as tasks:
@@ -294,6 +348,14 @@ def task(args: argparse.Namespace) -> int:
     with TaskService(args.db) as service:
         info = service.get(args.id)
     print(f"status:  {info.status}\nattempt: {info.attempt}\nmessage: {info.message}")
+    if info.name is not None:  # a function's call: its name and what it returned
+        print(f"name:    {info.name}")
+        if info.status == "completed":
+            print(f"result:  {json.dumps(info.result)}")
+    if info.progress is not None:
+        print(f"progress: {json.dumps(info.progress)}")
+    if info.traceback is not None and info.status == "failed":
+        print(f"traceback:\n{info.traceback.rstrip()}")
     return 0
 
 
@@ -435,7 +497,10 @@ def _add_task_commands(sub: Any) -> None:
     p.set_defaults(func=enqueue)
 
     p = sub.add_parser("task", help="show a task's status, message and attempt",
-                       description="Prints the task's status, attempt and message.")
+                       description="Prints the task's status, attempt and message; for a "
+                                   "task function also its name and result (JSON), and its "
+                                   "latest progress (JSON) and the traceback of a failed task "
+                                   "when there is one.")
     _add_db(p)
     p.add_argument("id", help="the task id enqueue printed")
     p.set_defaults(func=task)
@@ -480,7 +545,8 @@ def _build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     p = sub.add_parser("demo", help="a short tour: start/wait, take, cancel, a timeout, a failure, "
-                                    "retries, a durable callback, a persistent queue",
+                                    "retries, a durable callback, tasks as functions, a raw "
+                                    "persistent queue",
                        description="A short tour of the Worker API; prints each step.")
     p.set_defaults(func=demo)
 

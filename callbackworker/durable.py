@@ -65,7 +65,6 @@ T = TypeVar("T")
 CALLBACK_ID_RE = re.compile(r"^[A-Za-z0-9_-]{32}$")
 MAX_RESULT_BYTES = 1 << 20
 MAX_ERROR_CHARS = 64 * 1024
-_NAME_MAX = 128
 
 
 class SuspendJob(BaseException):
@@ -147,22 +146,6 @@ def check_error(error: object) -> str:
     if len(error) > MAX_ERROR_CHARS:
         raise ValueError(f"error is {len(error)} characters; the limit is {MAX_ERROR_CHARS}")
     return error
-
-
-def _check_limit(value: object, name: str) -> int:
-    if type(value) is not int:
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if not 0 <= value <= 2**31 - 1:
-        raise ValueError(f"{name} must be 0 (no limit) or a positive number of ms, not {value}")
-    return value
-
-
-def _check_name(name: object) -> str:
-    if not isinstance(name, str):
-        raise TypeError(f"name must be a str, not {type(name).__name__}")
-    if not 0 < len(name.encode("utf-8")) <= _NAME_MAX:
-        raise ValueError(f"name must be 1..{_NAME_MAX} UTF-8 bytes")
-    return name
 
 
 Op = Tuple[str, str, Any]
@@ -296,7 +279,8 @@ _MISSING = object()
 class DurableRun:
     """One run of a durable job: walks the operation log with a cursor.
     ``suspend(wake_after_ms, request)`` must end the run (raise); ``-1``
-    means wake only on a signal."""
+    means wake only on a signal.  Its caller (``JobContext``) has checked
+    the arguments of ``create_callback`` and ``step``."""
 
     def __init__(self, store: DurableStore, owner: str, request: bytes,
                  suspend: Callable[[int, bytes], NoReturn]) -> None:
@@ -323,9 +307,6 @@ class DurableRun:
 
     def create_callback(self, name: str, timeout_ms: int = 0,
                         heartbeat_timeout_ms: int = 0) -> CallbackHandle:
-        name = _check_name(name)
-        timeout_ms = _check_limit(timeout_ms, "timeout_ms")
-        heartbeat_timeout_ms = _check_limit(heartbeat_timeout_ms, "heartbeat_timeout_ms")
         value, seq = self._next("callback", name)
         if value is _MISSING:
             value = secrets.token_urlsafe(24)  # 32 characters, 192 random bits
@@ -360,9 +341,6 @@ class DurableRun:
         return bytes(detail)
 
     def step(self, name: str, fn: Callable[[], T]) -> T:
-        name = _check_name(name)
-        if not callable(fn):
-            raise TypeError(f"fn must be callable, not {type(fn).__name__}")
         value, seq = self._next("step", name)
         if value is _MISSING:
             value = fn()

@@ -24,6 +24,7 @@ import threading
 from concurrent import futures
 from typing import Any, Callable, Optional, Set
 
+from ._validate import check_concurrency
 from .errors import (
     CallbackInterrupt,
     CallbackWorkerError,
@@ -103,10 +104,7 @@ class Executor(futures.Executor):
     """Runs calls asynchronously on callbackworker's C threads."""
 
     def __init__(self, max_workers: int = 1, route: Optional[str] = None) -> None:
-        if type(max_workers) is not int:
-            raise TypeError(f"max_workers must be an int, not {type(max_workers).__name__}")
-        if max_workers <= 0:
-            raise ValueError("max_workers must be greater than 0")
+        max_workers = check_concurrency(max_workers, "max_workers")
         if route is None:
             self._worker = Worker(concurrency=max_workers)
             self._owns_worker = True

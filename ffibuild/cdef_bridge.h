@@ -6,6 +6,8 @@
  */
 extern "Python" void cbwpy_completed(void *ctx, int64_t *ids, size_t n);
 
+#define CBWPY_EENCODE ...  /* cbwpy_start_text: the str cannot be encoded */
+
 int cbwpy_init(void *interrupt_type);
 void cbwpy_forked(void);
 cbw_worker *cbwpy_worker_new(void *handle, void *registry, void *table,

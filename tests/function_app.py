@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import os
 
-from callbackworker import TaskService
+from callbackworker import TaskService, current_task
 
 svc = TaskService(os.environ["CBW_APP_DB"])
 
 
 @svc.task(name="add")
 def add(a: int, b: int) -> int:
+    task = current_task()
+    if task is not None:
+        task.progress({"adding": [a, b]})
     return a + b
 
 

@@ -131,11 +131,12 @@ class PostgresCluster:
             raise
         return self
 
-    def restart(self) -> None:
-        """Stops the server (fast shutdown: sessions are terminated) and
-        starts it again on the same port."""
+    def restart(self, mode: str = "fast") -> None:
+        """Stops the server and starts it again on the same port.  ``mode``
+        is pg_ctl's: "fast" terminates the sessions cleanly, "immediate"
+        kills the server as a crash would (it recovers at start)."""
         self._run("pg_ctl", "-D", self.datadir, "-l", os.path.join(self._root, "log"),
-                  "-m", "fast", "-w", "-t", "60", "restart")
+                  "-m", mode, "-w", "-t", "60", "restart")
 
     def _create_database(self) -> None:
         import psycopg

@@ -38,6 +38,7 @@ from callbackworker import (
     RouteMetaKey,
     ShutdownError,
     Status,
+    TaskService,
     WaitTimeoutError,
     Worker,
     WorkerClosedError,
@@ -897,6 +898,61 @@ def test_interpreter_exit_with_jobs_queued_and_running(name: str) -> None:
     proc, elapsed = _run_script(EXIT_SCRIPTS[name])
     _assert_clean_exit(proc, elapsed)
     assert proc.stdout.startswith("exiting"), proc.stdout
+
+
+EXIT_ORDER_SCRIPT = """
+    import sys, threading, time
+    import callbackworker as cw
+
+    def announce(name, obj, method):
+        original = getattr(obj, method)
+        def closing(*args, **kwargs):
+            print("closing", name, flush=True)
+            return original(*args, **kwargs)
+        setattr(obj, method, closing)
+
+    running = threading.Event()
+    tasks = []
+    def handler(payload):
+        running.set()
+        time.sleep(0.3)  # still running when the interpreter exits
+        return "finished"
+
+    def open_service():
+        service = cw.TaskService(sys.argv[1])
+        service.create_queue("q", handler=handler)
+        tasks.append(service.enqueue("q", b"x"))
+        announce("service", service, "close")
+        return service
+
+    def open_worker():
+        worker = cw.Worker()
+        announce("worker", worker, "_close")
+        return worker
+
+    first, second = (open_service, open_worker) if sys.argv[2] == "service" else (open_worker, open_service)
+    kept = [first(), second()]
+    running.wait(10)
+    print(tasks[0], "exiting", flush=True)
+"""
+
+
+@pytest.mark.parametrize("opened_first", ["service", "worker"])
+def test_interpreter_exit_closes_task_services_before_workers(tmp_path: Any,
+                                                             opened_first: str) -> None:
+    """The exit hook closes every task service first, while its worker can
+    still finish the handler it runs, then every worker, whichever was
+    opened first."""
+    db = str(tmp_path / "tasks.db")
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(EXIT_ORDER_SCRIPT), db,
+                           opened_first], capture_output=True, text=True,
+                          timeout=SUBPROCESS_TIMEOUT)
+    _assert_clean_exit(proc, 0.0)
+    lines = proc.stdout.splitlines()
+    assert [line.split()[-1] for line in lines] == ["exiting", "service", "worker"], proc.stdout
+    task_id = lines[0].split()[0]
+    with TaskService(db) as service:  # the handler finished: its outcome was kept
+        assert service.get(task_id)[:2] == ("completed", "finished")
 
 
 # ---- os.fork() --------------------------------------------------------------------

@@ -101,7 +101,8 @@ def test_demo_tours_a_persistent_queue() -> None:
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert "== close (queued jobs are shut down)" in lines  # the Worker tour is still there
-    part = lines[lines.index("== persistent task queues (TaskService on a temporary SQLite file)"):]
+    part = lines[lines.index("== raw byte handlers, the layer under the functions "
+                             "(TaskService, temporary file)"):]
     assert part[1:] == [
         "enqueue_many(greet, [b'ada', b'nobody']) -> 2 task ids",
         "get(task) -> status='completed' message='hello, ada' attempt=1",
@@ -112,12 +113,33 @@ def test_demo_tours_a_persistent_queue() -> None:
     ]
 
 
+def test_demo_tours_tasks_as_functions_before_raw_handlers() -> None:
+    out = cli("demo")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    start = lines.index("== tasks as functions (TaskService on a temporary SQLite file)")
+    assert start < lines.index("== raw byte handlers, the layer under the functions "
+                               "(TaskService, temporary file)")
+    assert lines[start + 1:start + 8] == [
+        "@svc.task add; add(2, 3) runs inline -> 5",
+        "add.enqueue(2, 3), flaky.enqueue('done'), broken.enqueue() -> 3 task ids "
+        "(JSON arguments, queue created on first use)",
+        "serve(); result(add) -> 5; get(add).progress -> {'adding': [2, 3]}",
+        "result(flaky) -> 'done on attempt 2' (it raised Retry once)",
+        "result(broken) raised TaskFailedError: ValueError: no such record "
+        "(traceback stored: True)",
+        "add.enqueue({1, 2}, 3) raised TypeError: the arguments of task 'add' cannot be "
+        "encoded as JSON: Object of type set is not JSON serializable",
+        "",
+    ]
+
+
 def test_demo_tours_route_retries_and_a_durable_callback() -> None:
     out = cli("demo")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     start = lines.index("== routes: retries with exponential backoff (on a manual clock)")
-    end = lines.index("== persistent task queues (TaskService on a temporary SQLite file)")
+    end = lines.index("== tasks as functions (TaskService on a temporary SQLite file)")
     assert lines[start + 1:end] == [
         "open_route('flaky', max_retries=2, backoff_ms=1000); start(flaky)",
         "attempt 1 failed: state -> QUEUED, retry in 1000 ms; advance_clock(1000)",
@@ -144,8 +166,12 @@ def test_worker_app_may_be_a_task_service_serving_every_registered_task(tmp_path
         with TaskService(db) as producer:
             ids = [producer.enqueue_task("add", [2, 3]), producer.enqueue_task("shout", ["hi"],
                                                                               queue="text")]
-        for task_id in ids:
-            _wait_for_status(db, task_id, ["completed"])
+            assert producer.result(ids[0], timeout_ms=30_000) == 5
+            assert producer.result(ids[1], timeout_ms=30_000) == "HI"
+        out = cli("task", "--db", str(db), ids[0])
+        assert out.stdout.splitlines() == ["status:  completed", "attempt: 1", "message: ",
+                                           "name:    add", "result:  5",
+                                           'progress: {"adding": [2, 3]}']
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)

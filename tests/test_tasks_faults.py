@@ -7,14 +7,22 @@ backend runs the same tests (the ``db`` fixture), with a fake clock and
 
 from __future__ import annotations
 
-from typing import Iterator
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator, List, Sequence
 
 import pytest
 
-from callbackworker import QueueConfig, TaskService
-from callbackworker.tasks.storage import MAX_MESSAGE_CHARS, Outcome, storable_text
+from callbackworker import QueueConfig, StorageBusyError, TaskService
+from callbackworker.tasks import owners
+from callbackworker.tasks.client import open_store
+from callbackworker.tasks.committer import UNSTORABLE, GroupCommitter, is_data_error
+from callbackworker.tasks.storage import MAX_MESSAGE_CHARS, Outcome, TaskStore, storable_text
 
-from helpers import FakeClock
+from helpers import FakeClock, wait_for
 
 SURROGATE = b"caf\xe9".decode("utf-8", "surrogateescape")
 
@@ -78,3 +86,144 @@ def test_outcomes_carry_storable_text() -> None:
     o = Outcome("t", "tok", "complete", "a\x00b" + SURROGATE, 0)
     assert o.message == "a\\x00bcaf\\udce9"
     o.message.encode("utf-8")
+
+
+# ---- the group committer: nothing dropped while the process lives ---------
+
+
+class FlakyStore:
+    """Wraps a store: its next ``fail`` settles raise ``error`` first."""
+
+    def __init__(self, store: TaskStore, error: Exception, fail: int) -> None:
+        self._store = store
+        self.error = error
+        self.fail = fail
+        self.calls: List[int] = []
+
+    def settle(self, outcomes: Sequence[Outcome]) -> List[bool]:
+        self.calls.append(len(outcomes))
+        if self.fail > 0:
+            self.fail -= 1
+            raise self.error
+        return self._store.settle(outcomes)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._store, name)
+
+
+class RefusesOne:
+    """Wraps a store: any batch holding task ``culprit``'s outcome with a
+    message other than the committer's fixed one fails as data."""
+
+    def __init__(self, store: TaskStore, culprit: str) -> None:
+        self._store = store
+        self.culprit = culprit
+
+    def settle(self, outcomes: Sequence[Outcome]) -> List[bool]:
+        if any(o.task_id == self.culprit and o.message != UNSTORABLE for o in outcomes):
+            raise sqlite3.DataError("refused")
+        return self._store.settle(outcomes)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._store, name)
+
+
+def claimed_outcomes(store: TaskStore, n: int) -> List[Outcome]:
+    store.ensure_queue("q")
+    store.enqueue_many("q", [(f"t{i}", b"") for i in range(n)], now=0)
+    claimed = store.claim("q", owner="me", limit=n, now=0, lease_ms=60_000)
+    return [Outcome(c.id, c.token, "complete", f"done {c.id}", 1) for c in claimed]
+
+
+@pytest.mark.parametrize("error", [StorageBusyError("locked"), sqlite3.OperationalError("gone"),
+                                   ConnectionError("reset")])
+def test_a_transient_commit_failure_is_tried_again_until_it_succeeds(
+        tmp_path: Path, error: Exception) -> None:
+    store = open_store(str(tmp_path / "t.db"), "normal")
+    flaky = FlakyStore(store, error, fail=3)
+    committer = GroupCommitter(flaky, lambda: None, lambda: 2)  # type: ignore[arg-type]
+    committer.MAX_PAUSE_S = 0.01
+    outcomes = claimed_outcomes(store, 5)
+    for o in outcomes:
+        committer.put(o)
+    committer.flush()
+    committer.close()
+    assert [store.get(o.task_id).status for o in outcomes] == ["completed"] * 5  # type: ignore[union-attr]
+    assert len(flaky.calls) >= 4
+    store.close()
+
+
+def test_a_batch_refused_as_data_fails_only_the_culprit(tmp_path: Path) -> None:
+    store = open_store(str(tmp_path / "t.db"), "normal")
+    outcomes = claimed_outcomes(store, 6)
+    committer = GroupCommitter(RefusesOne(store, "t3"), lambda: None,  # type: ignore[arg-type]
+                               lambda: 2)
+    for o in outcomes:
+        committer.put(o)
+    committer.flush()
+    committer.close()
+    records = {o.task_id: store.get(o.task_id) for o in outcomes}
+    assert {t: r.status for t, r in records.items()} == {  # type: ignore[union-attr]
+        "t0": "completed", "t1": "completed", "t2": "completed", "t3": "failed",
+        "t4": "completed", "t5": "completed"}
+    assert records["t3"].message == UNSTORABLE  # type: ignore[union-attr]
+    store.close()
+
+
+def test_close_gives_up_on_a_store_that_never_answers(tmp_path: Path) -> None:
+    store = open_store(str(tmp_path / "t.db"), "normal")
+    flaky = FlakyStore(store, StorageBusyError("locked"), fail=10**9)
+    committer = GroupCommitter(flaky, lambda: None, lambda: 2)  # type: ignore[arg-type]
+    committer.MAX_PAUSE_S = 0.01
+    committer.CLOSE_PATIENCE_S = 0.2
+    outcomes = claimed_outcomes(store, 2)
+    for o in outcomes:
+        committer.put(o)
+    committer.close()  # returns: the tasks are left to lease expiry
+    assert [store.get(o.task_id).status for o in outcomes] == ["running"] * 2  # type: ignore[union-attr]
+    store.close()
+
+
+@pytest.mark.parametrize("exc, data", [
+    (sqlite3.DataError("x"), True), (sqlite3.IntegrityError("x"), True),
+    (sqlite3.ProgrammingError("x"), True), (ValueError("x"), True),
+    (sqlite3.OperationalError("database is locked"), False), (StorageBusyError("x"), False),
+    (OSError("x"), False), (ConnectionError("x"), False),
+])
+def test_data_errors_are_told_from_passing_ones(exc: Exception, data: bool) -> None:
+    assert is_data_error(exc) is data
+
+
+# ---- a predecessor killed with -9 but not yet reaped ----------------------
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_zombie_predecessor_is_dead() -> None:
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    try:
+        wait_for(lambda: _state(pid) == b"Z")
+        assert owners.owner_is_dead(f"{owners.HOST}/{pid}/x")
+    finally:
+        os.waitpid(pid, 0)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_live_process_with_parentheses_in_its_name_is_alive(tmp_path: Path) -> None:
+    tricky = tmp_path / "py) Z ("  # its /proc stat reads "pid (py) Z () S ..."
+    tricky.symlink_to(sys.executable)
+    child = subprocess.Popen([str(tricky), "-c", "import sys; sys.stdin.read()"],
+                             stdin=subprocess.PIPE)
+    try:
+        assert not owners.owner_is_dead(f"{owners.HOST}/{child.pid}/x")
+    finally:
+        assert child.stdin is not None
+        child.stdin.close()
+        child.wait()
+
+
+def _state(pid: int) -> bytes:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    return stat[stat.rfind(b")") + 2:][:1]

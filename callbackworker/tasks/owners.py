@@ -68,4 +68,17 @@ def owner_is_dead(owner: str) -> bool:
         return True
     except OSError:
         return False
-    return False
+    return _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    """True when ``pid`` has exited but its parent has not reaped it yet (a
+    process killed with -9 looks alive to ``kill(pid, 0)`` until then).
+    Linux only: elsewhere a zombie waits for its lease to expire."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    # "pid (comm) state ...": comm may hold spaces and parentheses.
+    return stat[stat.rfind(b")") + 2:][:1] == b"Z"

@@ -249,7 +249,7 @@ class TaskRuntime:
         (a service that only enqueues and inspects needs none)."""
         if self._worker is None:
             on_committed = None if self._completions is None else self._completions.notify
-            self._committer = GroupCommitter(self._store, self._kick, on_committed)
+            self._committer = GroupCommitter(self._store, self._kick, self._now, on_committed)
             self._worker = Worker(durable_backend=_TaskDurable(self._store, self._now))
             if self._background:
                 self._store.set_waker(self.wake)

@@ -17,19 +17,17 @@ DESIGN
   no thread.
 * Close.  ``close`` first makes the client refuse callers, then closes the
   runtime (running handlers finish, claimed tasks are given back), then
-  the store.  At interpreter exit, live services are closed before the
-  workers' own exit hook runs (``_close_all_at_exit``).
+  the store.  At interpreter exit, live services are closed before any
+  worker (the package's one exit hook, ``_lifecycle.py``).
 """
 
 from __future__ import annotations
 
-import atexit
-import logging
 import os
 import threading
-import weakref
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
+from .._lifecycle import live_services
 from ..errors import QueueExistsError, ServiceClosedError
 from .client import TaskClient, open_store
 from .config import (
@@ -54,8 +52,6 @@ from .schedules import Schedule
 
 __all__ = ["TaskService", "QueueConfig", "TaskInfo", "TaskContext", "current_task", "Handler", "MAX_PAYLOAD", "MAX_QUEUE_NAME",
            "MAX_BACKOFF_MS", "retry_delay_ms"]
-
-log = logging.getLogger(__name__)
 
 
 class TaskService:
@@ -120,7 +116,7 @@ class TaskService:
                                     background=background)
         self._close_lock = threading.Lock()
         self._closed = False
-        _live_services.add(self)
+        live_services.add(self)
 
     def __enter__(self) -> "TaskService":
         return self
@@ -149,7 +145,7 @@ class TaskService:
         self._scheduler.close()
         self._runtime.close()
         self._store.close()
-        _live_services.discard(self)
+        live_services.discard(self)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -396,20 +392,3 @@ class TaskService:
         ran."""
         self._check_open()
         return self._runtime.dispatch_once()
-
-
-_live_services: "weakref.WeakSet[TaskService]" = weakref.WeakSet()
-
-
-def _close_all_at_exit() -> None:
-    """Closes live services before the workers' own exit hook (atexit runs
-    hooks last-registered first), so claimed tasks are settled or given
-    back instead of waiting for their leases to expire."""
-    for service in list(_live_services):
-        try:
-            service.close()
-        except Exception:
-            log.exception("closing %r at exit", service)
-
-
-atexit.register(_close_all_at_exit)
