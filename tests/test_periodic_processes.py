@@ -1,6 +1,7 @@
 """Several ``callbackworker worker`` processes serving one schedule on one
 database (a SQLite file, and PostgreSQL when a server is available), in
-real time: every tick is enqueued once, never once per process."""
+real time: every tick is enqueued once, never once per process, and a
+worker killed with SIGKILL holds nothing back."""
 
 from __future__ import annotations
 
