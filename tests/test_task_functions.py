@@ -313,13 +313,19 @@ def test_retry_runs_the_task_again_after_its_delay(service: TaskService, clock: 
 
 def test_retry_without_a_delay_waits_the_backoff(service: TaskService, clock: FakeClock) -> None:
     service.declare_queue("default", QueueConfig(max_retries=1, backoff_ms=50))
-    task_id = service.task(name="r")(lambda: (_ for _ in ()).throw(Retry())).enqueue()
+
+    @service.task
+    def later() -> None:
+        raise Retry()
+
+    task_id = later.enqueue()
     service.serve()
     service._dispatch_once()
     clock.advance(49)
     assert service._dispatch_once() == 0
     clock.advance(1)
     assert service._dispatch_once() == 1
+    assert service.get(task_id)[:3] == ("failed", "Retry: retry requested", 2)
 
 
 def test_retry_counts_an_attempt_and_fails_when_none_is_left(service: TaskService) -> None:
@@ -732,3 +738,28 @@ def test_an_attempt_stuck_outside_python_is_abandoned_and_the_queue_goes_on(db: 
             assert service.result(quick.enqueue(), timeout_ms=30_000) == "still served"
         finally:
             release.set()
+
+
+def test_an_error_text_a_store_cannot_hold_fails_only_its_task(service: TaskService) -> None:
+    @service.task
+    def odd() -> None:
+        raise ValueError("nul \0 and lone \udc80")
+
+    good = service.task(name="good")(lambda: "fine")
+    ids = [odd.enqueue(), good.enqueue()]
+    service.declare_queue("default", QueueConfig(concurrency=2))
+    service.serve()
+    service._dispatch_once()
+    info = service.get(ids[0])
+    assert (info.status, info.message) == ("failed", "ValueError: nul \\x00 and lone \\udc80")
+    assert "\0" not in (info.traceback or "") and "\\udc80" in (info.traceback or "")
+    assert result_of(service, ids[1]) == "fine"
+
+
+def test_serve_after_close_raises(service: TaskService) -> None:
+    service.task(add)
+    service.close()
+    with pytest.raises(ServiceClosedError):
+        service.serve()
+    with pytest.raises(ServiceClosedError):
+        service.enqueue_task("x")

@@ -3,9 +3,11 @@
 DESIGN
 
 * What it is.  A client writes and reads a ``TaskStore``: it adds tasks
-  (``enqueue``, ``enqueue_many``), reads them (``get``, ``counts``,
-  ``queues``), cancels them (``cancel``, ``clear_queue``) and signals
-  durable callbacks (``send_callback_*``).  It starts no thread, holds no
+  (``enqueue``, ``enqueue_many``, and calls of task functions by name,
+  ``enqueue_task``), reads them (``get``, ``counts``, ``queues``), waits
+  for them (``result``, ``result_async``, ``results.py``), cancels them
+  (``cancel``, ``clear_queue``) and signals durable callbacks
+  (``send_callback_*``).  It starts no thread, holds no
   lease and runs no handler; a process that only produces tasks, or
   answers an HTTP endpoint, needs nothing more.  Listing verbs belong here.
 * Commits.  Every verb is one store transaction, committed when it

@@ -15,6 +15,12 @@ DESIGN
   wakes the runtime after each enqueue and signal it commits, so work the
   service serves starts at once.  A service that creates no queue starts
   no thread.
+* Functions.  The service owns a ``FunctionRegistry`` (``functions.py``):
+  ``task`` files functions in it, ``serve`` has the runtime serve their
+  queues with no raw handler, and the runtime runs every stored call
+  through it.  Its tasks enqueue through the client.  A ``Completions``
+  shared by the runtime's committer and the client wakes ``result``
+  waiters as soon as this service settles an outcome.
 * Close.  ``close`` first makes the client refuse callers, then closes the
   runtime (running handlers finish, claimed tasks are given back), then
   the store.  At interpreter exit, live services are closed before any
