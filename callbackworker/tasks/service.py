@@ -21,9 +21,14 @@ DESIGN
   through it.  Its tasks enqueue through the client.  A ``Completions``
   shared by the runtime's committer and the client wakes ``result``
   waiters as soon as this service settles an outcome.
-* Close.  ``close`` first makes the client refuse callers, then closes the
-  runtime (running handlers finish, claimed tasks are given back), then
-  the store.  At interpreter exit, live services are closed before any
+* Periodic tasks.  ``periodic`` files a function as a task and its
+  schedule in the service's ``Scheduler`` (``scheduler.py``); ``serve``
+  has the scheduler claim the ticks of the schedules of the queues it
+  serves, each through the store, and wake the runtime for each tick it
+  enqueues.
+* Close.  ``close`` first makes the client refuse callers, then stops the
+  scheduler, then closes the runtime (running handlers finish, claimed
+  tasks are given back), then the store.  At interpreter exit, live services are closed before any
   worker (the package's one exit hook, ``_lifecycle.py``).
 """
 
