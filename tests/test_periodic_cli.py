@@ -1,5 +1,6 @@
 """``callbackworker schedules``: the stored schedules, their specs and next
-runs; ``--remove`` for a schedule no code registers any more."""
+runs; ``--remove`` for a schedule no code registers any more (on each
+backend)."""
 
 from __future__ import annotations
 
@@ -11,20 +12,19 @@ from test_tasks_cli import cli
 
 
 
-def _database(path: Path, now: int) -> None:
+def _database(db: str, now: int) -> None:
     """Schedules "beat" (every minute) and "nightly" (03:00 Berlin) served
     once at ``now``."""
-    with TaskService(path, clock=FakeClock(now), background=False) as svc:
+    with TaskService(db, clock=FakeClock(now), background=False) as svc:
         svc.periodic(every_ms=60_000, name="beat")(lambda: None)
         svc.periodic(cron="0 3 * * *", tz="Europe/Berlin", name="nightly", queue="night")(
             lambda: None)
         svc.serve()
 
 
-def test_schedules_lists_names_specs_and_next_runs(tmp_path: Path) -> None:
-    db = tmp_path / "t.db"
+def test_schedules_lists_names_specs_and_next_runs(db: str) -> None:
     _database(db, ms("2099-05-01T10:00:30+00:00"))
-    out = cli("schedules", "--db", str(db))
+    out = cli("schedules", "--db", db)
     assert out.returncode == 0, out.stderr
     header, beat, nightly = out.stdout.splitlines()
     assert header.split() == ["name", "spec", "queue", "task", "last", "tick", "(UTC)", "next",
@@ -36,21 +36,19 @@ def test_schedules_lists_names_specs_and_next_runs(tmp_path: Path) -> None:
                                "01:00:00"]
 
 
-def test_a_schedule_no_service_ran_for_a_while_is_marked_overdue(tmp_path: Path) -> None:
-    db = tmp_path / "t.db"
+def test_a_schedule_no_service_ran_for_a_while_is_marked_overdue(db: str) -> None:
     _database(db, ms("2020-01-01T00:00:00+00:00"))
-    out = cli("schedules", "--db", str(db))
+    out = cli("schedules", "--db", db)
     assert [line.split()[-1] for line in out.stdout.splitlines()[1:]] == ["overdue"] * 2
 
 
-def test_remove_deletes_a_schedule(tmp_path: Path) -> None:
-    db = tmp_path / "t.db"
+def test_remove_deletes_a_schedule(db: str) -> None:
     _database(db, ms("2099-05-01T10:00:30+00:00"))
-    out = cli("schedules", "--db", str(db), "--remove", "beat")
+    out = cli("schedules", "--db", db, "--remove", "beat")
     assert (out.returncode, out.stdout.strip()) == (0, "removed schedule 'beat'")
-    assert [line.split()[0] for line in cli("schedules", "--db", str(db)).stdout.splitlines()] \
+    assert [line.split()[0] for line in cli("schedules", "--db", db).stdout.splitlines()] \
         == ["name", "nightly"]
-    out = cli("schedules", "--db", str(db), "--remove", "beat")
+    out = cli("schedules", "--db", db, "--remove", "beat")
     assert out.returncode == 1 and "no schedule named 'beat'" in out.stderr
 
 
