@@ -54,5 +54,14 @@ def test_remove_deletes_a_schedule(db: str) -> None:
 
 def test_schedules_refuses_a_database_that_does_not_exist(tmp_path: Path) -> None:
     out = cli("schedules", "--db", str(tmp_path / "missing.db"))
-    assert out.returncode != 0 and "no task database at" in out.stderr
+    assert out.returncode == 1 and "no task database at" in out.stderr
     assert not (tmp_path / "missing.db").exists()
+
+
+def test_schedules_escapes_control_characters_read_from_the_database(tmp_path: Path) -> None:
+    db = str(tmp_path / "t.db")
+    with TaskService(db, background=False) as svc:
+        svc.periodic(every_ms=60_000, name="evil\x1b[2J")(lambda: None)
+        svc.serve()
+    out = cli("schedules", "--db", db)
+    assert "\x1b" not in out.stdout and "evil\\x1b[2J" in out.stdout

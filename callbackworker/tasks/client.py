@@ -36,12 +36,14 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 from ..durable import check_callback_id, check_error, check_result
 from ..errors import ServiceClosedError, TaskNotCancellableError, UnknownQueueError, UnknownTaskError
-from .config import TaskInfo, check_int, check_payload, check_queue_name, check_task_id, wall_clock_ms
+from .config import (TaskInfo, check_int, check_payload, check_queue_name, check_task_id,
+                     wall_clock_ms)
+from .dsn import is_postgres_dsn
 from .functions import check_dedup_key, check_priority, check_task_name, encode_arguments
 from .results import Completions, wait_for_result, wait_for_result_async
 from .sqlite import SQLiteTaskStore
 from .status import WAITING
-from .storage import NewCall, TaskStore
+from .storage import NewCall, ScheduleRecord, TaskStore
 
 
 def _decoded(text: Optional[str]) -> Any:
@@ -57,7 +59,7 @@ def open_store(dsn: "str | os.PathLike[str]", durability: str = "normal") -> Tas
     missing).  ``durability`` as ``TaskService``."""
     if not isinstance(dsn, (str, os.PathLike)):
         raise TypeError(f"dsn must be a path or a URL string, not {type(dsn).__name__}")
-    if isinstance(dsn, str) and dsn.startswith(("postgresql://", "postgres://")):
+    if isinstance(dsn, str) and is_postgres_dsn(dsn):
         from .postgres import PostgresTaskStore  # psycopg is an optional extra
 
         return PostgresTaskStore(dsn, durability=durability)
@@ -248,6 +250,22 @@ class TaskClient:
         if name not in self._store.queues():
             raise UnknownQueueError(name)
         return self._store.clear(name, self._now())
+
+    def stored_schedules(self) -> List[ScheduleRecord]:
+        """Every periodic schedule in the database, whichever service
+        registered it, by name: spec, queue, task, last tick and next run
+        (``TaskService.schedules`` gives one service's own)."""
+        self._check_open()
+        return self._store.schedules()
+
+    def remove_schedule(self, name: str) -> bool:
+        """Deletes the stored schedule ``name`` (one no code registers any
+        more; a service still serving it registers it again); returns
+        whether it existed."""
+        if not isinstance(name, str):
+            raise TypeError(f"a schedule name must be a str, not {type(name).__name__}")
+        self._check_open()
+        return self._store.remove_schedule(name)
 
     def send_callback_success(self, callback_id: str, result: bytes) -> None:
         """Signals success to a task's callback: the task, if suspended
