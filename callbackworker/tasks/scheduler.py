@@ -111,8 +111,8 @@ class Scheduler:
 
     def serve(self, queues: List[str]) -> None:
         """Starts claiming the ticks of every schedule (filed now or later)
-        whose queue is in ``queues``: registers them in the store, then
-        runs a pass at once."""
+        whose queue is in ``queues``: registers them in the store; the
+        thread (started with the first) runs a pass at once."""
         with self._cond:
             self._served_queues.update(queues)
             fresh = [p for name, p in self._periodics.items()
