@@ -289,6 +289,18 @@ _MIGRATIONS: List[List[str]] = [
         "CREATE UNIQUE INDEX cbw_tasks_dedup ON cbw_tasks(queue, dedup_key) "
         "WHERE dedup_key IS NOT NULL AND status IN ('pending', 'running', 'suspended')",
     ],
+    # 4: periodic schedules.
+    [
+        """CREATE TABLE cbw_schedules (
+               name        text PRIMARY KEY,
+               spec        text NOT NULL,
+               queue       text NOT NULL,
+               task        text NOT NULL,
+               last_tick   bigint NOT NULL,
+               next_run_at bigint NOT NULL,
+               updated_at  bigint NOT NULL
+           )""",
+    ],
 ]
 
 

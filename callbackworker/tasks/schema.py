@@ -16,7 +16,7 @@ from typing import Dict, NamedTuple, Tuple
 
 __all__ = ["SCHEMA_VERSION", "Column", "TABLES", "TYPES", "INDEXES", "expected_columns"]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """The schema version this callbackworker creates and understands."""
 
 
@@ -66,6 +66,18 @@ TABLES: Dict[str, Tuple[Column, ...]] = {
         Column("progress", "text", True),
         Column("priority", "int"),
         Column("dedup_key", "text", True),
+    ),
+    # Periodic schedules (version 4), one row per name: the spec the last
+    # service started with, the task it enqueues, the last tick enqueued
+    # (the compare-and-set that makes each tick run once) and the next.
+    "schedules": (
+        Column("name", "text"),
+        Column("spec", "text"),
+        Column("queue", "text"),
+        Column("task", "text"),
+        Column("last_tick", "bigint"),
+        Column("next_run_at", "bigint"),
+        Column("updated_at", "bigint"),
     ),
     "durable_ops": (
         Column("task_id", "text"),
