@@ -788,3 +788,105 @@ class StorageContract:
         assert store.recover("q", now=10, max_attempts=2) == 1
         record = store.get(task.id)
         assert record is not None and (record.status, record.traceback) == ("failed", None)
+
+    # ---- periodic schedules ----------------------------------------------
+
+    @staticmethod
+    def _tick_call(task_id: str) -> NewCall:
+        return NewCall(task_id, "mod.tick", "[[],{}]", 0, 0)
+
+    def _registered(self, store: TaskStore, spec: str = "every 1000 ms") -> None:
+        """Schedule "s" on queue "q", baseline tick 1000, next run 2000."""
+        store.register_schedule("s", spec, queue="q", task="mod.tick", baseline=1000,
+                                next_run_at=2000, now=1500)
+
+    def test_register_schedule_files_a_new_schedule_from_its_baseline(
+            self, store: TaskStore) -> None:
+        self._registered(store)
+        assert store.schedules() == [("s", "every 1000 ms", "q", "mod.tick", 1000, 2000, 1500)]
+
+    def test_claim_tick_enqueues_the_call_and_moves_the_last_tick(
+            self, store: TaskStore) -> None:
+        self._registered(store)
+        assert store.claim_tick("s", "every 1000 ms", 2000, 3000, "q", self._tick_call("t1"),
+                                2001) is True
+        record = store.get("t1")
+        assert record is not None
+        assert (record.queue, record.status, record.name) == ("q", "pending", "mod.tick")
+        assert store.queues() == ["q"]
+        (schedule,) = store.schedules()
+        assert (schedule.last_tick, schedule.next_run_at) == (2000, 3000)
+
+    def test_a_tick_is_claimed_once(self, store: TaskStore) -> None:
+        self._registered(store)
+        assert store.claim_tick("s", "every 1000 ms", 2000, 3000, "q", self._tick_call("t1"), 0)
+        assert not store.claim_tick("s", "every 1000 ms", 2000, 3000, "q",
+                                    self._tick_call("t2"), 0)
+        assert store.get("t2") is None
+
+    def test_an_older_tick_is_refused_after_a_newer_one(self, store: TaskStore) -> None:
+        self._registered(store)
+        assert store.claim_tick("s", "every 1000 ms", 5000, 6000, "q", self._tick_call("t5"), 0)
+        assert not store.claim_tick("s", "every 1000 ms", 4000, 5000, "q",
+                                    self._tick_call("t4"), 0)
+        assert store.get("t4") is None
+        assert store.schedules()[0].last_tick == 5000
+
+    def test_a_claim_under_another_spec_is_refused(self, store: TaskStore) -> None:
+        self._registered(store, spec="cron 0 * * * *")
+        assert not store.claim_tick("s", "every 1000 ms", 2000, 3000, "q",
+                                    self._tick_call("t1"), 0)
+        assert store.get("t1") is None
+
+    def test_a_claim_of_an_unknown_schedule_is_refused(self, store: TaskStore) -> None:
+        assert not store.claim_tick("nope", "every 1000 ms", 2000, 3000, "q",
+                                    self._tick_call("t1"), 0)
+        assert store.get("t1") is None
+
+    def test_a_failed_enqueue_leaves_the_tick_unclaimed(self, store: TaskStore) -> None:
+        self._registered(store)
+        store.enqueue_call("q", self._tick_call("taken"), 0)
+        with pytest.raises(Exception):
+            store.claim_tick("s", "every 1000 ms", 2000, 3000, "q", self._tick_call("taken"), 0)
+        assert store.schedules()[0].last_tick == 1000
+        assert store.claim_tick("s", "every 1000 ms", 2000, 3000, "q", self._tick_call("t1"), 0)
+
+    def test_reregistering_the_same_spec_keeps_the_last_tick(self, store: TaskStore) -> None:
+        self._registered(store)
+        assert store.claim_tick("s", "every 1000 ms", 2000, 3000, "q", self._tick_call("t1"), 0)
+        store.register_schedule("s", "every 1000 ms", queue="q2", task="mod.other",
+                                baseline=9000, next_run_at=10_000, now=9500)
+        assert store.schedules() == [("s", "every 1000 ms", "q2", "mod.other", 2000, 3000, 9500)]
+
+    def test_registering_a_changed_spec_starts_from_the_new_baseline(
+            self, store: TaskStore) -> None:
+        self._registered(store)
+        assert store.claim_tick("s", "every 1000 ms", 2000, 3000, "q", self._tick_call("t1"), 0)
+        store.register_schedule("s", "every 5000 ms", queue="q", task="mod.tick",
+                                baseline=5000, next_run_at=10_000, now=9500)
+        assert store.schedules() == [("s", "every 5000 ms", "q", "mod.tick", 5000, 10_000, 9500)]
+
+    def test_remove_schedule_deletes_it(self, store: TaskStore) -> None:
+        self._registered(store)
+        assert store.remove_schedule("s") is True
+        assert store.remove_schedule("s") is False
+        assert store.schedules() == []
+
+    def test_concurrent_claims_of_one_tick_enqueue_one_call(self, store: TaskStore) -> None:
+        self._registered(store)
+        won: List[str] = []
+        lock = threading.Lock()
+
+        def claim(i: int) -> None:
+            if store.claim_tick("s", "every 1000 ms", 2000, 3000, "q",
+                                self._tick_call(f"t{i}"), 0):
+                with lock:
+                    won.append(f"t{i}")
+
+        threads = [threading.Thread(target=claim, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(won) == 1
+        assert store.counts()["q"]["pending"] == 1

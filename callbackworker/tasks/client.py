@@ -51,7 +51,7 @@ from .functions import check_dedup_key, check_priority, check_task_name, encode_
 from .results import Completions, wait_for_result, wait_for_result_async
 from .sqlite import SQLiteTaskStore
 from .status import RETRYABLE, TERMINAL, WAITING
-from .storage import STATUSES, NewCall, TaskRecord, TaskStore
+from .storage import STATUSES, NewCall, ScheduleRecord, TaskRecord, TaskStore
 
 
 __all__ = ["TaskClient", "open_store", "PURGE_BATCH", "LIST_LIMIT_MAX"]
@@ -355,6 +355,22 @@ class TaskClient:
         if name not in self._store.queues():
             raise UnknownQueueError(name)
         return self._store.clear(name, self._now())
+
+    def stored_schedules(self) -> List[ScheduleRecord]:
+        """Every periodic schedule in the database, whichever service
+        registered it, by name: spec, queue, task, last tick and next run
+        (``TaskService.schedules`` gives one service's own)."""
+        self._check_open()
+        return self._store.schedules()
+
+    def remove_schedule(self, name: str) -> bool:
+        """Deletes the stored schedule ``name`` (one no code registers any
+        more; a service still serving it registers it again); returns
+        whether it existed."""
+        if not isinstance(name, str):
+            raise TypeError(f"a schedule name must be a str, not {type(name).__name__}")
+        self._check_open()
+        return self._store.remove_schedule(name)
 
     def send_callback_success(self, callback_id: str, result: bytes) -> None:
         """Signals success to a task's callback: the task, if suspended

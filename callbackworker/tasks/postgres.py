@@ -291,7 +291,19 @@ _MIGRATIONS: List[List[str]] = [
         "CREATE UNIQUE INDEX cbw_tasks_dedup ON cbw_tasks(queue, dedup_key) "
         "WHERE dedup_key IS NOT NULL AND status IN ('pending', 'running', 'suspended')",
     ],
-    # 4: listing tasks newest first by queue, task name, or failed tasks.
+    # 4: periodic schedules.
+    [
+        """CREATE TABLE cbw_schedules (
+               name        text PRIMARY KEY,
+               spec        text NOT NULL,
+               queue       text NOT NULL,
+               task        text NOT NULL,
+               last_tick   bigint NOT NULL,
+               next_run_at bigint NOT NULL,
+               updated_at  bigint NOT NULL
+           )""",
+    ],
+    # 5: listing tasks newest first by queue, task name, or failed tasks.
     [
         "CREATE INDEX cbw_tasks_by_queue ON cbw_tasks(queue, seq)",
         "CREATE INDEX cbw_tasks_by_name ON cbw_tasks(name, seq) WHERE name IS NOT NULL",

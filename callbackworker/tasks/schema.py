@@ -16,7 +16,7 @@ from typing import Dict, NamedTuple, Tuple
 
 __all__ = ["SCHEMA_VERSION", "Column", "TABLES", "TYPES", "INDEXES", "expected_columns"]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """The schema version this callbackworker creates and understands."""
 
 
@@ -67,6 +67,18 @@ TABLES: Dict[str, Tuple[Column, ...]] = {
         Column("priority", "int"),
         Column("dedup_key", "text", True),
     ),
+    # Periodic schedules (version 4), one row per name: the spec the last
+    # service started with, the task it enqueues, the last tick enqueued
+    # (the compare-and-set that makes each tick run once) and the next.
+    "schedules": (
+        Column("name", "text"),
+        Column("spec", "text"),
+        Column("queue", "text"),
+        Column("task", "text"),
+        Column("last_tick", "bigint"),
+        Column("next_run_at", "bigint"),
+        Column("updated_at", "bigint"),
+    ),
     "durable_ops": (
         Column("task_id", "text"),
         Column("seq", "int"),
@@ -112,7 +124,7 @@ INDEXES: Dict[str, Dict[str, str]] = {
         "tasks_dedup": "UNIQUE tasks(queue, dedup_key) WHERE dedup_key IS NOT NULL "
                        "AND status IN ('pending', 'running', 'suspended')",
         # Listing newest first by queue, task name, or failed tasks
-        # (version 4); no index has the status, which changes at every claim
+        # (version 5); no index has the status, which changes at every claim
         # and settle, except for failed tasks, which seldom change.
         "tasks_by_queue": "tasks(queue, seq)",
         "tasks_by_name": "tasks(name, seq) WHERE name IS NOT NULL",

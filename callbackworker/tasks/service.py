@@ -21,9 +21,14 @@ DESIGN
   through it.  Its tasks enqueue through the client.  A ``Completions``
   shared by the runtime's committer and the client wakes ``result``
   waiters as soon as this service settles an outcome.
-* Close.  ``close`` first makes the client refuse callers, then closes the
-  runtime (running handlers finish, claimed tasks are given back), then
-  the store.  At interpreter exit, live services are closed before any
+* Periodic tasks.  ``periodic`` files a function as a task and its
+  schedule in the service's ``Scheduler`` (``scheduler.py``); ``serve``
+  has the scheduler claim the ticks of the schedules of the queues it
+  serves, each through the store, and wake the runtime for each tick it
+  enqueues.
+* Close.  ``close`` first makes the client refuse callers, then stops the
+  scheduler, then closes the runtime (running handlers finish, claimed
+  tasks are given back), then the store.  At interpreter exit, live services are closed before any
   worker (the package's one exit hook, ``_lifecycle.py``).
 """
 
@@ -53,9 +58,11 @@ from .config import (
     wall_clock_ms,
 )
 from .events import TaskEvents
-from .functions import FunctionRegistry, Task
+from .functions import FunctionRegistry, Task, encode_arguments
 from .results import Completions
 from .runtime import TaskRuntime, current_task
+from .scheduler import Periodic, Scheduler, ScheduleInfo
+from .schedules import Schedule
 
 __all__ = ["TaskService", "QueueConfig", "TaskInfo", "TaskContext", "current_task", "Handler", "MAX_PAYLOAD", "MAX_QUEUE_NAME",
            "MAX_BACKOFF_MS", "retry_delay_ms"]
@@ -91,7 +98,8 @@ class TaskService:
     back.  With 0, only tasks that are about to run hold a lease.
 
     With ``background=False`` nothing runs by itself: each
-    ``_dispatch_once()`` call does one pass (tests drive a fake clock so).
+    ``_dispatch_once()`` call does one pass, and each ``_schedule_once()``
+    one pass of the periodic scheduler (tests drive a fake clock so).
 
     The verbs that need no thread (``enqueue``, ``get``, ``cancel``,
     ``counts``, the signals...) are those of its ``client``.  Use it as a
@@ -120,6 +128,8 @@ class TaskService:
                                     events=self._events)
         self._client = TaskClient(self._store, clock=clock, on_commit=self._runtime.wake,
                                   completions=completions, events=self._events)
+        self._scheduler = Scheduler(self._store, clock, self._runtime.wake,
+                                    background=background)
         self._close_lock = threading.Lock()
         self._closed = False
         live_services.add(self)
@@ -148,6 +158,7 @@ class TaskService:
                 return
             self._closed = True
         self._client.close()
+        self._scheduler.close()
         self._runtime.close()
         self._store.close()
         live_services.discard(self)
@@ -356,6 +367,61 @@ class TaskService:
                     self._runtime.serve(queue, config, None)
                 except QueueExistsError:
                     pass  # served meanwhile by a concurrent serve()
+        self._scheduler.serve(wanted)
+
+    # ---- periodic tasks (``scheduler.py``, ``schedules.py``) -------------------
+
+    def periodic(self, *, cron: Optional[str] = None, every_ms: Optional[int] = None,
+                 name: Optional[str] = None, queue: str = "default", args: Sequence[Any] = (),
+                 kwargs: Optional[Mapping[str, Any]] = None,
+                 tz: Optional[str] = None) -> Callable[[Callable[..., Any]], Task]:
+        """Registers a function as a task (as ``task(name=..., queue=...)``
+        does) that runs by itself on a schedule: ``@svc.periodic(cron="0 3
+        * * *")`` or ``@svc.periodic(every_ms=60_000)``, exactly one of
+        them.  Returns the ``Task``.
+
+        ``cron`` is a five-field expression in UTC, or in the IANA time
+        zone ``tz`` (daylight-saving transitions as ``croniter`` defines
+        them: see ``callbackworker.tasks.schedules``); ``every_ms`` ticks on
+        its multiples since the Unix epoch.  Each tick enqueues one call
+        with ``args`` / ``kwargs`` (JSON-encodable, checked here), once
+        across every service on the database however many serve the
+        schedule.  A service serves the schedule once it serves ``queue``
+        (``serve()``, or ``callbackworker worker``).  Ticks missed while no
+        service ran coalesce into one run; a new or changed schedule first
+        runs at its next tick.  ``TypeError`` / ``ValueError`` for a spec or
+        arguments that cannot run.
+        """
+        schedule = Schedule(cron=cron, every_ms=every_ms, tz=tz)
+        if not isinstance(args, (list, tuple)):
+            raise TypeError(f"args must be a list or tuple, not {type(args).__name__}")
+
+        def register(fn: Callable[..., Any]) -> Task:
+            self._check_open()
+            label = name if name is not None else getattr(fn, "__qualname__", repr(fn))
+            call = encode_arguments(label, args, {} if kwargs is None else kwargs)
+            task = self._functions.register(fn, name, queue, None, None, None, 0)
+            self._scheduler.add(Periodic(task.name, schedule, task.name, task.queue, call,
+                                         task.priority))
+            return task
+
+        return register
+
+    def schedules(self) -> List[ScheduleInfo]:
+        """This service's periodic schedules, by name, as ``(name,
+        next_run_at_ms)``: the next run as stored by whichever service
+        claimed the last tick (at or before now: due, it runs at the next
+        pass), or, for a schedule not registered in the database yet or
+        registered there with another spec, its first tick after now."""
+        self._check_open()
+        return self._scheduler.schedules()
+
+    def _schedule_once(self) -> int:
+        """Test hook (documented, for ``background=False``): one scheduler
+        pass, synchronously: enqueues every due tick of the schedules this
+        service serves.  Returns how many it enqueued."""
+        self._check_open()
+        return self._scheduler.run_due()
 
     def result(self, task_id: str, timeout_ms: int = -1) -> Any:
         """As ``TaskClient.result``: blocks until the task is finished and

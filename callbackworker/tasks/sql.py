@@ -45,6 +45,7 @@ from .storage import (
     STATUSES,
     ClaimedTask,
     NewCall,
+    ScheduleRecord,
     TaskRecord,
     TaskStore,
     apply_signal,
@@ -142,7 +143,7 @@ STATEMENTS: Dict[str, str] = {
                                                  ELSE :before{as_bigint} END""",
     # Listing, newest first: the filters the call gives are appended
     # (``LIST_FILTERS``), then ``list_order``.  Every row is read newest
-    # first from an index ending in seq (migration 4) or from the key, so
+    # first from an index ending in seq (migration 5) or from the key, so
     # a page stops after ``limit`` matches: a queue's or a task function's
     # through its index, failed tasks through theirs (the status is
     # written as a literal so that the partial index applies), others by
@@ -162,6 +163,30 @@ STATEMENTS: Dict[str, str] = {
     **{f"purge_{status.value}": f"""DELETE FROM {{tasks}} WHERE seq IN (
                     SELECT seq FROM {{tasks}} WHERE queue = :queue AND status = {{{status.name}}}
                     ORDER BY seq LIMIT :limit)""" for status in TERMINAL},
+    # A starting service files its schedule: a new name, or a changed
+    # spec, starts from the given baseline; an unchanged spec keeps its
+    # last tick, so ticks missed while no service ran coalesce into one.
+    # (Every right-hand side reads the row as it was.)
+    "register_schedule": """
+        INSERT INTO {schedules}(name, spec, queue, task, last_tick, next_run_at, updated_at)
+        VALUES (:name, :spec, :queue, :task, :baseline, :next_run, :now)
+        ON CONFLICT (name) DO UPDATE SET
+            queue = excluded.queue, task = excluded.task, updated_at = excluded.updated_at,
+            last_tick = CASE WHEN {schedules}.spec = excluded.spec THEN {schedules}.last_tick
+                             ELSE excluded.last_tick END,
+            next_run_at = CASE WHEN {schedules}.spec = excluded.spec
+                               THEN {schedules}.next_run_at ELSE excluded.next_run_at END,
+            spec = excluded.spec""",
+    # The compare-and-set that makes a tick run once: it moves the last
+    # tick forward only from an older one, under the spec the schedule has
+    # now.  Concurrent claims of one tick serialise on the row (the write
+    # lock on SQLite, the row lock on PostgreSQL, where the loser re-reads
+    # the committed row and matches nothing).
+    "claim_tick": "UPDATE {schedules} SET last_tick = :tick, next_run_at = :next_run "
+                  "WHERE name = :name AND spec = :spec AND last_tick < :tick",
+    "schedules": "SELECT name, spec, queue, task, last_tick, next_run_at, updated_at "
+                 "FROM {schedules} ORDER BY name",
+    "remove_schedule": "DELETE FROM {schedules} WHERE name = :name",
     "durable_ops": "SELECT kind, name, value FROM {ops} WHERE task_id = :task_id ORDER BY seq",
     # Durable rows are refused for a task that does not exist: the insert
     # adds nothing (and a foreign key, where there is one, catches a task
@@ -235,6 +260,7 @@ class Dialect:
         self.named = named
         self._fields: Dict[str, str] = {
             "tasks": f"{prefix}tasks", "queues": f"{prefix}queues",
+            "schedules": f"{prefix}schedules",
             "ops": f"{prefix}durable_ops", "callbacks": f"{prefix}durable_callbacks",
             "lock_row": lock_row, "lock_update": lock_update, "skip_locked": skip_locked,
             "as_int": as_int, "as_bigint": as_bigint, "as_bytes": as_bytes,
@@ -509,6 +535,39 @@ class SQLTaskStore(TaskStore):
         if status not in TERMINAL:
             raise ValueError(f"only finished tasks are purged, not {status!r} ones")
         return self._rowcount(f"purge_{status}", {"queue": queue, "limit": limit})
+
+    # ---- periodic schedules ------------------------------------------------
+
+    def register_schedule(self, name: str, spec: str, *, queue: str, task: str,
+                          baseline: int, next_run_at: int, now: int) -> None:
+        self._rowcount("register_schedule", {
+            "name": name, "spec": spec, "queue": queue, "task": task,
+            "baseline": baseline, "next_run": next_run_at, "now": now})
+
+    def claim_tick(self, name: str, spec: str, tick: int, next_run_at: int, queue: str,
+                   call: NewCall, now: int) -> bool:
+        """See ``TaskStore.claim_tick``: one transaction runs the
+        compare-and-set and, when it wins, the enqueue."""
+        sql = self.dialect.sql
+        claim = {"name": name, "spec": spec, "tick": tick, "next_run": next_run_at}
+        enqueue = {"queue": queue, "id": call.id, "empty": b"", "run_at": call.run_at,
+                   "now": now, "name": call.name, "args": call.args, "priority": call.priority,
+                   "dedup_key": call.dedup_key}
+
+        def body(conn: Conn) -> bool:
+            if conn.execute(sql("claim_tick"), claim).rowcount != 1:
+                return False
+            conn.execute(sql("ensure_queue"), {"name": queue})
+            conn.execute(sql("enqueue_call"), enqueue).fetchall()
+            return True
+
+        return self._atomic(body)
+
+    def schedules(self) -> List[ScheduleRecord]:
+        return [ScheduleRecord(*row) for row in self._rows("schedules", {})]
+
+    def remove_schedule(self, name: str) -> bool:
+        return self._rowcount("remove_schedule", {"name": name}) == 1
 
     # ---- durable operation logs and callbacks ------------------------------
 

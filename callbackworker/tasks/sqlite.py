@@ -149,7 +149,19 @@ _MIGRATIONS: List[List[str]] = [
         "CREATE UNIQUE INDEX tasks_dedup ON tasks(queue, dedup_key) "
         "WHERE dedup_key IS NOT NULL AND status IN ('pending', 'running', 'suspended')",
     ],
-    # 4: listing tasks newest first by queue, task name, or failed tasks
+    # 4: periodic schedules.
+    [
+        """CREATE TABLE schedules (
+               name        TEXT PRIMARY KEY,
+               spec        TEXT NOT NULL,
+               queue       TEXT NOT NULL,
+               task        TEXT NOT NULL,
+               last_tick   INTEGER NOT NULL,
+               next_run_at INTEGER NOT NULL,
+               updated_at  INTEGER NOT NULL
+           ) WITHOUT ROWID""",
+    ],
+    # 5: listing tasks newest first by queue, task name, or failed tasks
     # (the listing names the status as a literal, so the partial index
     # applies).
     [

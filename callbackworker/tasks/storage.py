@@ -58,6 +58,7 @@ from .status import TaskStatus
 
 __all__ = [
     "STATUSES", "TaskStatus", "NEVER", "TaskRecord", "ClaimedTask", "NewCall", "Outcome",
+    "ScheduleRecord",
     "TaskStore",
     "Waker", "CALLBACK_COLUMNS", "callback_record", "check_signal_state", "apply_signal",
     "place_suspension", "storable_text", "MAX_MESSAGE_CHARS",
@@ -118,6 +119,22 @@ class NewCall(NamedTuple):
     priority: int
     run_at: int
     dedup_key: Optional[str] = None
+
+
+class ScheduleRecord(NamedTuple):
+    """A periodic schedule as stored: its ``spec`` (``Schedule.spec``), the
+    ``queue`` and ``task`` name it enqueues, the ``last_tick`` enqueued (or
+    the baseline it was registered with), the ``next_run_at`` after it and
+    when a service last registered it (``updated_at``); times in epoch
+    milliseconds."""
+
+    name: str
+    spec: str
+    queue: str
+    task: str
+    last_tick: int
+    next_run_at: int
+    updated_at: int
 
 
 @dataclass(frozen=True)
@@ -357,6 +374,41 @@ class TaskStore(ABC):
         """Deletes up to ``limit`` of the queue's tasks in ``status`` (a
         terminal one), oldest first, in one transaction; returns how many.
         Their durable logs and callbacks go with them."""
+
+    # ---- periodic schedules ---------------------------------------------
+
+    @abstractmethod
+    def register_schedule(self, name: str, spec: str, *, queue: str, task: str,
+                          baseline: int, next_run_at: int, now: int) -> None:
+        """Files schedule ``name`` as a starting service has it.  A new name,
+        or a ``spec`` other than the stored one, starts afresh: its last
+        tick becomes ``baseline`` and its next run ``next_run_at``.  The
+        same spec keeps the stored last tick and next run, so ticks missed
+        while no service ran are still due (and coalesce).  ``queue`` and
+        ``task`` are overwritten either way."""
+
+    @abstractmethod
+    def claim_tick(self, name: str, spec: str, tick: int, next_run_at: int, queue: str,
+                   call: NewCall, now: int) -> bool:
+        """Enqueues ``call`` on ``queue`` (creating the queue if needed) as
+        tick ``tick`` of schedule ``name``, in one transaction with a
+        compare-and-set of the schedule's last tick: it applies only while
+        the stored spec is ``spec`` and the stored last tick is older than
+        ``tick``, and then moves the last tick to ``tick`` and the next run
+        to ``next_run_at``.  Returns whether it applied.  However many
+        services claim one tick at once, exactly one call is enqueued; no
+        lock outlives the transaction, so a process that dies holds
+        nothing."""
+
+    @abstractmethod
+    def schedules(self) -> List[ScheduleRecord]:
+        """Every stored schedule, by name."""
+
+    @abstractmethod
+    def remove_schedule(self, name: str) -> bool:
+        """Deletes schedule ``name`` (one no code registers any more);
+        returns whether it existed.  A service still serving it registers
+        it again, from its next tick."""
 
     # ---- wake-ups -----------------------------------------------------
 
