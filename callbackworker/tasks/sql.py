@@ -37,12 +37,13 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..durable import CallbackRecord
 from ..errors import NonDeterminismError, StorageBusyError, UnknownCallbackError, UnknownTaskError
-from ..errors import TaskNotRetryableError
+from .sqlmanage import MANAGE_STATEMENTS, ManagedTasks
 from .status import RETRYABLE, TERMINAL, UNFINISHED, WAITING, TaskStatus, literal, literals
 from .storage import (
     CALLBACK_COLUMNS,
     NEVER,
     STATUSES,
+    TASK_COLUMNS,
     ClaimedTask,
     NewCall,
     ScheduleRecord,
@@ -53,7 +54,7 @@ from .storage import (
     check_signal_state,
 )
 
-__all__ = ["Dialect", "SQLTaskStore", "TransientError", "STATEMENTS", "LIST_FILTERS", "listing"]
+__all__ = ["Dialect", "SQLTaskStore", "TransientError", "STATEMENTS"]
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,7 @@ Conn = Any
 """A DB-API connection whose ``execute(sql, params)`` returns a cursor
 (``sqlite3.Connection`` and ``psycopg.Connection`` both do)."""
 
-_TASK_FIELDS = "id, queue, status, message, attempt, next_run_at, finished_at, owner, " \
-               "lease_expires_at, name, result, traceback, progress, created_at"
+_TASK_FIELDS = TASK_COLUMNS
 
 # The message a task gets when its worker was lost, with no attempt left
 # and with one left.
@@ -141,28 +141,6 @@ STATEMENTS: Dict[str, str] = {
                    AND status IN {TERMINAL}
                    AND finished_at < CASE status WHEN {FAILED} THEN :failed_before{as_bigint}
                                                  ELSE :before{as_bigint} END""",
-    # Listing, newest first: the filters the call gives are appended
-    # (``LIST_FILTERS``), then ``list_order``.  Every row is read newest
-    # first from an index ending in seq (migration 5) or from the key, so
-    # a page stops after ``limit`` matches: a queue's or a task function's
-    # through its index, failed tasks through theirs (the status is
-    # written as a literal so that the partial index applies), others by
-    # the key, quickly where the status is common among recent tasks.
-    "list_tasks": f"SELECT {_TASK_FIELDS} FROM {{tasks}} WHERE seq < :before",
-    "list_order": " ORDER BY seq DESC LIMIT :limit",
-    "task_seq": "SELECT seq FROM {tasks} WHERE id = :id",
-    "retry_check": "SELECT status, queue, dedup_key FROM {tasks} WHERE id = :id{lock_update}",
-    # A failed or cancelled task runs again from a fresh attempt count; its
-    # last message and traceback stay until its next attempt ends.
-    "retry_task": """UPDATE {tasks} SET status = {PENDING}, next_run_at = :now, attempt = 0,
-                            finished_at = NULL, result = NULL, progress = NULL, awaiting = NULL
-                     WHERE id = :id AND status IN {RETRYABLE}""",
-    # One batch of a purge, oldest first, one statement per finished
-    # status: the status is a literal, so failed tasks' partial index
-    # applies.
-    **{f"purge_{status.value}": f"""DELETE FROM {{tasks}} WHERE seq IN (
-                    SELECT seq FROM {{tasks}} WHERE queue = :queue AND status = {{{status.name}}}
-                    ORDER BY seq LIMIT :limit)""" for status in TERMINAL},
     # A starting service files its schedule: a new name, or a changed
     # spec, starts from the given baseline; an unchanged spec keeps its
     # last tick, so ticks missed while no service ran coalesce into one.
@@ -220,23 +198,10 @@ STATEMENTS: Dict[str, str] = {
     # A terminal signal wakes the task suspended on it: due now.
     "wake": "UPDATE {tasks} SET status = {PENDING}, next_run_at = :now WHERE id = :task_id "
             "AND status = {SUSPENDED} AND awaiting = :id",
+    **MANAGE_STATEMENTS,
 }
 """Every statement the stores share, by name, in the dialect-neutral form
 ``Dialect.sql`` renders."""
-
-LIST_FILTERS: Dict[str, str] = {"queue": " AND queue = :queue", "name": " AND name = :name",
-                                "status": " AND status = {status}"}
-"""The filters of ``list_tasks``, appended to its statement when given."""
-
-
-def listing(dialect: "Dialect", filters: Tuple[str, ...], status: str = "") -> str:
-    """The ``list_tasks`` statement with the ``filters`` (keys of
-    ``LIST_FILTERS``) given, rendered in ``dialect``; ``status`` (a
-    ``TaskStatus`` value, else ``ValueError``) when they include it."""
-    text = "".join(LIST_FILTERS[f] for f in filters)
-    if "status" in filters:
-        text = text.replace("{status}", literal(TaskStatus(status)))
-    return dialect.render(STATEMENTS["list_tasks"] + text + STATEMENTS["list_order"])
 
 _PLACEHOLDER = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
 
@@ -290,7 +255,7 @@ class TransientError(Exception):
     (the ``__cause__``) is one another attempt may get past."""
 
 
-class SQLTaskStore(TaskStore):
+class SQLTaskStore(ManagedTasks, TaskStore):
     """The ``TaskStore`` operations both SQL backends run the same way.  A
     subclass sets ``dialect`` and supplies the primitives below."""
 
@@ -487,54 +452,6 @@ class SQLTaskStore(TaskStore):
         return self._rowcount("sweep", {"queue": queue, "before": finished_before,
                                         "failed_before": failed,
                                         "latest": max(finished_before, failed)})
-
-    def list_tasks(self, *, queue: Optional[str] = None, status: Optional[str] = None,
-                   name: Optional[str] = None, limit: int = 100,
-                   before_id: Optional[str] = None) -> List[TaskRecord]:
-        """See ``TaskStore.list_tasks``."""
-        before = NEVER
-        if before_id is not None:
-            rows = self._rows("task_seq", {"id": before_id})
-            if not rows:
-                raise UnknownTaskError(before_id)
-            before = int(rows[0][0])
-        params: Dict[str, Any] = {"queue": queue, "status": status, "name": name}
-        given = tuple(column for column in LIST_FILTERS if params[column] is not None)
-        params.update(before=before, limit=limit)
-        sql = listing(self.dialect, given, status or "")
-        return [TaskRecord(*row) for row in self._query(sql, params)]
-
-    def retry_task(self, task_id: str, now: int) -> Optional[str]:
-        """See ``TaskStore.retry_task``.  One transaction reads the task
-        (locking its row where rows lock), checks that no unfinished task
-        holds its dedup key, and makes it pending."""
-        sql = self.dialect.sql
-        params = {"id": task_id, "now": now}
-
-        def body(conn: Conn) -> Optional[str]:
-            row = conn.execute(sql("retry_check"), params).fetchone()
-            if row is None:
-                return None
-            status, queue, dedup_key = row
-            if status not in RETRYABLE:
-                return str(status)
-            if dedup_key is not None:
-                held = conn.execute(sql("dedup_holder"),
-                                    {"queue": queue, "dedup_key": dedup_key}).fetchone()
-                if held is not None:
-                    raise TaskNotRetryableError(task_id, str(status), str(held[0]))
-            conn.execute(sql("retry_task"), params)
-            return str(status)
-
-        try:
-            return self._atomic(body)
-        except self.unique_violation:  # the key was taken meanwhile
-            raise TaskNotRetryableError(task_id, "failed", holder="") from None
-
-    def purge(self, queue: str, status: str, limit: int) -> int:
-        if status not in TERMINAL:
-            raise ValueError(f"only finished tasks are purged, not {status!r} ones")
-        return self._rowcount(f"purge_{status}", {"queue": queue, "limit": limit})
 
     # ---- periodic schedules ------------------------------------------------
 

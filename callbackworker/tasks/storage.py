@@ -57,12 +57,16 @@ from ..errors import CallbackAlreadyCompletedError
 from .status import TaskStatus
 
 __all__ = [
-    "STATUSES", "TaskStatus", "NEVER", "TaskRecord", "ClaimedTask", "NewCall", "Outcome",
+    "STATUSES", "TASK_COLUMNS", "TaskStatus", "NEVER", "TaskRecord", "ClaimedTask", "NewCall", "Outcome",
     "ScheduleRecord",
     "TaskStore",
     "Waker", "CALLBACK_COLUMNS", "callback_record", "check_signal_state", "apply_signal",
     "place_suspension", "storable_text", "MAX_MESSAGE_CHARS",
 ]
+
+TASK_COLUMNS = ("id, queue, status, message, attempt, next_run_at, finished_at, owner, "
+                "lease_expires_at, name, result, traceback, progress, created_at")
+"""The columns of a ``TaskRecord``, in its order, for a ``SELECT``."""
 
 STATUSES: Tuple[str, ...] = tuple(status.value for status in TaskStatus)
 """Every task status as stored, in the order tables show them."""
