@@ -6,6 +6,11 @@ DESIGN
   go on; the committer thread settles everything that piled up while the
   previous batch was being committed in one ``TaskStore.settle``
   transaction (at most ``BATCH_MAX`` outcomes).
+* Starts.  ``start`` puts a run's "start" record (its attempt counted)
+  in the next batch like an outcome and waits until that batch is
+  committed: the handler runs only once its attempt is durable, and starts
+  of concurrent runs share transactions with the outcomes of finished
+  ones.
 * Crash safety.  A crash before that commit loses the outcome but not the
   task: its lease expires and it runs again (at-least-once execution).
   An outcome the store rejects (its lease was lost and the task recovered
@@ -35,7 +40,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from ..errors import StorageBusyError
 from .storage import Outcome, TaskStore
@@ -68,6 +73,7 @@ class GroupCommitter:
         self._on_committed = on_committed
         self._cond = threading.Condition()
         self._queue: List[Outcome] = []
+        self._answers: Dict[int, Optional[bool]] = {}  # id() of a start -> applied
         self._busy = False
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="callbackworker-task-commit",
@@ -80,6 +86,19 @@ class GroupCommitter:
             self._queue.append(outcome)
             if len(self._queue) == 1:
                 self._cond.notify_all()
+
+    def start(self, record: Outcome) -> Optional[bool]:
+        """Queues a "start" record for the next batch and returns once it is
+        committed: True if it applied, False if the store rejected it (the
+        lease was lost), None if ``close`` gave up committing it."""
+        key = id(record)
+        with self._cond:
+            self._queue.append(record)
+            if len(self._queue) == 1:
+                self._cond.notify_all()
+            while key not in self._answers and self._thread.is_alive():
+                self._cond.wait()
+            return self._answers.pop(key, None)
 
     def flush(self) -> None:
         """Returns once everything put so far has been committed (or its
@@ -114,6 +133,12 @@ class GroupCommitter:
 
     def _commit(self, batch: List[Outcome]) -> None:
         applied = self._settle(batch)
+        starts = [(id(o), None if applied is None else ok)
+                  for o, ok in zip(batch, applied or [None] * len(batch)) if o.kind == "start"]
+        if starts:
+            with self._cond:
+                self._answers.update(starts)
+                self._cond.notify_all()
         if applied is None:
             return
         for outcome, ok in zip(batch, applied):
