@@ -10,7 +10,11 @@ DESIGN
   in the next batch like an outcome and waits until that batch is
   committed: the handler runs only once its attempt is durable, and starts
   of concurrent runs share transactions with the outcomes of finished
-  ones.
+  ones.  A starting thread that finds no commit under way leads the next
+  one itself rather than waking the committer thread and waiting for it
+  (group commit with a leader): one hand-off less per start.  Only one
+  batch is committed at a time (``_busy``), so order is kept whoever
+  leads.
 * Crash safety.  A crash before that commit loses the outcome but not the
   task: its lease expires and it runs again (at-least-once execution).
   An outcome the store rejects (its lease was lost and the task recovered
@@ -90,14 +94,19 @@ class GroupCommitter:
     def start(self, record: Outcome) -> Optional[bool]:
         """Queues a "start" record for the next batch and returns once it is
         committed: True if it applied, False if the store rejected it (the
-        lease was lost), None if ``close`` gave up committing it."""
+        lease was lost), None if ``close`` gave up committing it.  When no
+        commit is under way, the calling thread commits the batch itself
+        (no hand-off to the committer thread)."""
         key = id(record)
         with self._cond:
             self._queue.append(record)
-            if len(self._queue) == 1:
-                self._cond.notify_all()
-            while key not in self._answers and self._thread.is_alive():
-                self._cond.wait()
+            while key not in self._answers:
+                if self._queue and not self._busy:
+                    self._lead_locked()
+                elif self._thread.is_alive():
+                    self._cond.wait()
+                else:
+                    break
             return self._answers.pop(key, None)
 
     def flush(self) -> None:
@@ -117,19 +126,27 @@ class GroupCommitter:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._stopping:
+                while not (self._queue and not self._busy) and not (
+                        self._stopping and not self._busy):
                     self._cond.wait()
                 if not self._queue:
                     return
-                batch = self._queue[:self.BATCH_MAX]
-                del self._queue[:self.BATCH_MAX]
-                self._busy = True
-            try:
-                self._commit(batch)
-            finally:
-                with self._cond:
-                    self._busy = False
-                    self._cond.notify_all()
+                self._lead_locked()
+
+    def _lead_locked(self) -> None:
+        """Commits the next batch (under ``_cond``, with no commit under
+        way; the lock is released while the store works).  Whichever thread
+        leads, batches are committed one at a time, in order."""
+        batch = self._queue[:self.BATCH_MAX]
+        del self._queue[:self.BATCH_MAX]
+        self._busy = True
+        self._cond.release()
+        try:
+            self._commit(batch)
+        finally:
+            self._cond.acquire()
+            self._busy = False
+            self._cond.notify_all()
 
     def _commit(self, batch: List[Outcome]) -> None:
         applied = self._settle(batch)

@@ -30,7 +30,9 @@ DESIGN
 * Threads.  One daemon listener thread per channel, started by ``listen``
   and stopped by ``close`` (which sends the thread a datagram of its own).
   Sends come from whatever thread committed; the directory listing is
-  cached and read again only when the directory changes.
+  cached, its directory checked for changes at most every ``_RELIST_S``
+  (a listener that just started may miss the wake-ups of that moment;
+  polling covers it).
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ FINISHED = b"d"
 _STOP = b"\x00stop"
 _MAX_DATAGRAM = 1024
 _MAX_SOCKET_PATH = 100  # sun_path holds 104 bytes on macOS, 108 on Linux
+_RELIST_S = 0.05  # how long a listing is trusted: a new listener may miss that much
 _NAME_BYTES = 34  # "/<pid>-<12 hex digits>" with room to spare
 
 
@@ -72,6 +75,7 @@ class WakeChannel:
         self._lock = threading.Lock()
         self._peers: List[str] = []
         self._seen: Optional[Tuple[int, int]] = None  # the directory's (mtime_ns, inode)
+        self._fresh_until = 0.0  # monotonic; the listing is not checked again before
         self._own: Optional[str] = None
         self._socket: Optional[socket.socket] = None
         self._thread: Optional[threading.Thread] = None
@@ -117,12 +121,17 @@ class WakeChannel:
                 # EAGAIN / ENOBUFS: its buffer is full of wake-ups already
 
     def _listeners(self) -> List[str]:
+        now = time.monotonic()
+        with self._lock:
+            if now < self._fresh_until:
+                return self._peers
         try:
             st = os.stat(self.directory)
         except OSError:
             return []
         seen = (st.st_mtime_ns, st.st_ino)
         with self._lock:
+            self._fresh_until = now + _RELIST_S
             if seen != self._seen:
                 try:
                     names = os.listdir(self.directory)
@@ -140,6 +149,7 @@ class WakeChannel:
             pass
         with self._lock:
             self._seen = None
+            self._fresh_until = 0.0
 
     # ---- listening -------------------------------------------------------
 
@@ -159,7 +169,7 @@ class WakeChannel:
                 sock.close()
                 log.debug("%s: cannot bind a wake-up socket (%s); polling only", path, exc)
                 return False
-            self._own, self._socket, self._seen = path, sock, None
+            self._own, self._socket, self._seen, self._fresh_until = path, sock, None, 0.0
             self._thread = threading.Thread(target=self._receive, args=(sock,), daemon=True,
                                             name="callbackworker-wake")
             self._thread.start()
