@@ -281,21 +281,23 @@ class StorageContract:
         assert store.get(mine[0].id).lease_expires_at == 99_999  # type: ignore[union-attr]
         assert store.get(theirs.id).lease_expires_at == LEASE  # type: ignore[union-attr]
 
-    def test_renew_leases_leaves_claims_whose_run_has_not_started(self, store: TaskStore) -> None:
-        """An orphan claim (its answer lost with the connection) is never
-        renewed by its live owner: it expires and comes back free."""
+    def test_renew_leases_of_named_tasks_lets_the_others_expire(self, store: TaskStore) -> None:
+        """A live owner renews the tasks it knows it holds: an orphan claim
+        (its answer lost with the connection) expires and comes back free."""
         store.ensure_queue("q")
-        _enqueue(store, "q", 2)
-        started, orphan = store.claim("q", owner="me", limit=2, now=0, lease_ms=LEASE)
-        assert store.start(started.id, started.token, 0)
-        assert store.renew_leases("me", 99_999) == 1
-        assert store.get(orphan.id).lease_expires_at == LEASE  # type: ignore[union-attr]
-        assert store.start(orphan.id, orphan.token, 5, lease_until=5 + LEASE)
-        assert store.get(orphan.id).lease_expires_at == 5 + LEASE  # type: ignore[union-attr]
-        assert store.release(orphan.id, orphan.token, 6)
-        (orphan,) = store.claim("q", owner="me", limit=1, now=6, lease_ms=LEASE - 6)
-        assert store.recover("q", now=LEASE, max_attempts=1) == 1
+        _enqueue(store, "q", 3)
+        held, waiting, orphan = store.claim("q", owner="me", limit=3, now=0, lease_ms=LEASE)
+        _enqueue(store, "q", 1, prefix="u")
+        (theirs,) = store.claim("q", owner="them", limit=1, now=0, lease_ms=LEASE)
+        assert store.start(held.id, held.token, 0)
+        assert store.renew_leases("me", 99_999, [held.id, waiting.id, theirs.id]) == 2
+        assert [store.get(t.id).lease_expires_at for t in (held, waiting, orphan, theirs)] == [  # type: ignore[union-attr]
+            99_999, 99_999, LEASE, LEASE]
+        assert store.renew_leases("me", 99_999, []) == 0
+        assert store.recover("q", now=LEASE, max_attempts=1) == 2
         assert store.get(orphan.id)[2:5] == ("pending", "", 0)  # type: ignore[index]
+        assert store.start(waiting.id, waiting.token, 5, lease_until=5 + LEASE)
+        assert store.get(waiting.id).lease_expires_at == 5 + LEASE  # type: ignore[union-attr]
 
     def test_running_owners(self, store: TaskStore) -> None:
         store.ensure_queue("q")

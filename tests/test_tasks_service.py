@@ -586,6 +586,22 @@ def test_current_task_inside_a_handler(service: TaskService) -> None:
     assert current_task() is None
 
 
+def test_a_claim_whose_answer_never_arrived_is_taken_back_free(db: str, clock: FakeClock) -> None:
+    """The runtime renews only the leases of tasks it knows it holds: a claim
+    made under its owner whose answer was lost (with its connection)
+    expires, and the task runs as its first attempt."""
+    with TaskService(db, clock=clock, background=False, lease_ms=1000) as service:
+        service.create_queue("q", handler=ok)
+        store = open_store(db)
+        store.enqueue("q", "t", b"x", clock())
+        store.claim("q", owner=service._runtime._owner, limit=1, now=clock(), lease_ms=1000)
+        store.close()
+        assert service._dispatch_once() == 0
+        clock.advance(1000)
+        assert service._dispatch_once() == 1
+        assert service.get("t")[:3] == ("completed", "ok x", 1)
+
+
 def test_a_prefetched_task_whose_worker_dies_costs_no_attempt(db: str, clock: FakeClock) -> None:
     """The attempt is counted when the run starts: tasks claimed but not yet
     run when their process dies come back with every attempt left, while

@@ -79,6 +79,7 @@ class GroupCommitter:
         self._queue: List[Outcome] = []
         self._answers: Dict[int, Optional[bool]] = {}  # id() of a start -> applied
         self._busy = False
+        self._committing: List[Outcome] = []  # the batch under way
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="callbackworker-task-commit",
                                         daemon=True)
@@ -108,6 +109,12 @@ class GroupCommitter:
                 else:
                     break
             return self._answers.pop(key, None)
+
+    def holding(self) -> List[str]:
+        """The tasks whose outcomes (or starts) are not committed yet: their
+        leases must be renewed meanwhile."""
+        with self._cond:
+            return [o.task_id for o in (*self._committing, *self._queue)]
 
     def flush(self) -> None:
         """Returns once everything put so far has been committed (or its
@@ -140,12 +147,14 @@ class GroupCommitter:
         batch = self._queue[:self.BATCH_MAX]
         del self._queue[:self.BATCH_MAX]
         self._busy = True
+        self._committing = batch
         self._cond.release()
         try:
             self._commit(batch)
         finally:
             self._cond.acquire()
             self._busy = False
+            self._committing = []
             self._cond.notify_all()
 
     def _commit(self, batch: List[Outcome]) -> None:

@@ -13,10 +13,11 @@ DESIGN
   enqueues and inspects starts no thread.
 * Leases.  A claim leases the task to this runtime (``owner`` =
   host/pid/nonce, ``owners.py``) until ``now + lease_ms`` and gives it a
-  fresh token.  Only started runs are renewed: a claim still waiting in
-  the route past its lease, or one whose answer was lost with its
-  connection, expires and is taken back at no cost (a waiting attempt
-  whose start is then refused is dropped).  The attempt is counted when
+  fresh token.  The dispatcher renews the leases of the tasks it knows it
+  holds (claimed, running, or with an outcome still being committed) by
+  id: a claim whose answer was lost with its connection, or an outcome a
+  crashed server lost after confirming it, expires and is taken back
+  (free, if its run never started).  The attempt is counted when
   the run starts, not at claim:
   the route thread hands a "start" record to the group committer and runs
   the handler once it is committed, so a prefetched task that never ran,
@@ -212,6 +213,7 @@ class TaskRuntime:
         self._queues: Dict[str, _Queue] = {}
         self._unstarted: Set[_Attempt] = set()  # claimed, handed to the worker, not yet run
         self._started: Set[_Attempt] = set()  # running, with a time limit, not yet settled
+        self._begun: Set[_Attempt] = set()  # start recorded, not yet settled
         # Attempts claimed and not yet finished, counted by the epoch they
         # were claimed in; each flush() begins a new epoch and waits for the
         # counts of the earlier ones.
@@ -372,7 +374,11 @@ class TaskRuntime:
         queues and, with ``sweep``, deletes tasks past their retention."""
         self._abandon_overdue()
         now = self._now()
-        self._store.renew_leases(self._owner, now + self._lease_ms)
+        assert self._committer is not None
+        with self._cond:
+            held = [a.task.id for a in (*self._unstarted, *self._begun)]
+        held += self._committer.holding()
+        self._store.renew_leases(self._owner, now + self._lease_ms, held)
         with self._cond:
             queues = list(self._queues.values())
         for q in queues:
@@ -447,6 +453,9 @@ class TaskRuntime:
         if began is False:  # the lease was lost: the task is someone else's now
             self._settle(attempt, None)
             return
+        if began:
+            with self._cond:
+                self._begun.add(attempt)
         try:
             if not began:  # close() has begun, or the start could not be recorded
                 outcome = Outcome(task.id, task.token, "release", "", self._now())
@@ -492,6 +501,7 @@ class TaskRuntime:
                 self._committer.put(outcome)
             attempt.settled = True
             self._started.discard(attempt)
+            self._begun.discard(attempt)
             self._finished_locked(attempt)
             self._kick_locked()
 

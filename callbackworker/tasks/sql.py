@@ -33,7 +33,7 @@ import re
 import time
 import uuid
 from abc import abstractmethod
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Type, TypeVar
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Type, TypeVar
 
 from ..durable import CallbackRecord
 from ..errors import NonDeterminismError, StorageBusyError, UnknownCallbackError, UnknownTaskError
@@ -104,11 +104,10 @@ STATEMENTS: Dict[str, str] = {
                     "AND status IN {UNFINISHED}",
     "set_progress": "UPDATE {tasks} SET progress = :progress "
                     "WHERE id = :id AND token = :token AND status = {RUNNING}",
-    # Only runs that started: a claim whose run has not begun (waiting in
-    # the route, or whose answer was lost with its connection) expires and
-    # is taken back at no cost.
     "renew_leases": "UPDATE {tasks} SET lease_expires_at = :expires "
-                    "WHERE owner = :owner AND status = {RUNNING} AND started_at IS NOT NULL",
+                    "WHERE owner = :owner AND status = {RUNNING}",
+    "renew_lease": "UPDATE {tasks} SET lease_expires_at = :expires "
+                   "WHERE id = :id AND owner = :owner AND status = {RUNNING}",
     "running_owners": "SELECT DISTINCT owner FROM {tasks} "
                       "WHERE queue = :queue AND status = {RUNNING} ORDER BY owner",
     # Lost leases: back to pending with the attempt counted, or failed
@@ -370,8 +369,22 @@ class SQLTaskStore(TaskStore):
 
     # ---- leases ----------------------------------------------------------
 
-    def renew_leases(self, owner: str, expires_at: int) -> int:
-        return self._rowcount("renew_leases", {"owner": owner, "expires": expires_at})
+    def renew_leases(self, owner: str, expires_at: int,
+                     task_ids: Optional[Iterable[str]] = None) -> int:
+        """See ``TaskStore.renew_leases``: with ``task_ids``, one statement
+        per task, all in one transaction."""
+        if task_ids is None:
+            return self._rowcount("renew_leases", {"owner": owner, "expires": expires_at})
+        sql = self.dialect.sql("renew_lease")
+        params = [{"id": task_id, "owner": owner, "expires": expires_at}
+                  for task_id in sorted(set(task_ids))]
+        if not params:
+            return 0
+
+        def body(conn: Conn) -> int:
+            return sum(conn.execute(sql, one).rowcount for one in params)
+
+        return int(self._atomic(body))
 
     def running_owners(self, queue: str) -> List[str]:
         return [row[0] for row in self._rows("running_owners", {"queue": queue})]

@@ -286,11 +286,13 @@ class TaskStore(ABC):
     # ---- leases -------------------------------------------------------
 
     @abstractmethod
-    def renew_leases(self, owner: str, expires_at: int) -> int:
-        """Extends the lease of every running task of ``owner`` whose run
-        has started to ``expires_at``; returns how many.  A claim whose run
-        has not started keeps its lease: if it waits past it, or the
-        claim's answer never reached its owner, it is taken back (free)."""
+    def renew_leases(self, owner: str, expires_at: int,
+                     task_ids: Optional[Iterable[str]] = None) -> int:
+        """Extends to ``expires_at`` the lease of every running task of
+        ``owner``, or, with ``task_ids``, of those of them only; returns
+        how many.  A live owner names the tasks it holds, so a task it
+        does not know it holds (a claim whose answer never reached it, an
+        outcome the server lost in a crash) expires and is taken back."""
 
     @abstractmethod
     def running_owners(self, queue: str) -> List[str]:
