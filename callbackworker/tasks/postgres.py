@@ -169,12 +169,15 @@ _STATEMENTS = {
             SELECT pg_notify(:channel, queue) FROM (SELECT DISTINCT queue FROM settled
                                                     WHERE status = {PENDING}) AS requeued)
         SELECT id, token, (SELECT count(*) FROM woken) FROM settled""",
-    # Runs that start: the attempt is counted (not a replay's), once.
+    # Runs that start: the attempt is counted (not a replay's), once.  The
+    # statement's own transaction commits without waiting for the flush
+    # (see ``settle``); ``quick`` is a one-row join so that it is set.
     "start": """
+        WITH quick AS (SELECT set_config('synchronous_commit', 'off', true) AS setting)
         UPDATE {tasks} t SET started_at = o.at,
                lease_expires_at = coalesce(o.lease_until, t.lease_expires_at),
                attempt = t.attempt + (t.started_at IS NULL AND t.awaiting IS NULL)::int
-        FROM unnest(:ids::text[], :tokens::text[], :ats::bigint[], :leases::bigint[])
+        FROM quick, unnest(:ids::text[], :tokens::text[], :ats::bigint[], :leases::bigint[])
              AS o(id, token, at, lease_until)
         WHERE t.id = o.id AND t.token = o.token AND t.status = {RUNNING}
         RETURNING t.id, o.token""",
@@ -480,10 +483,16 @@ class PostgresTaskStore(SQLTaskStore):
 
     # ---- consuming -----------------------------------------------------
 
+    starts_apart = True
+
     def settle(self, outcomes: Sequence[Outcome]) -> List[bool]:
         """See ``TaskStore.settle``.  Starts are one ``UPDATE`` over
         ``unnest``, the other outcomes another; with both in the batch they
-        run in one transaction, starts first."""
+        run in one transaction, starts first.  A batch of starts alone
+        commits without waiting for the server's flush
+        (``synchronous_commit = off`` for that transaction): a start is
+        about a worker that may die, and only a server crash can lose it,
+        which costs that run its count, never a run that did not happen."""
         for o in outcomes:
             if o.kind not in Outcome.KINDS:
                 raise ValueError(f"unknown outcome kind {o.kind!r}; expected one of "
@@ -519,7 +528,7 @@ class PostgresTaskStore(SQLTaskStore):
             return started, rows
 
         def body(conn: "psycopg.Connection[Any]") -> "tuple[List[Any], List[Any]]":
-            if len(starts) == len(outcomes) or (not starts and not suspends):
+            if not suspends and (not starts or not ends):
                 return statements(conn)
             with conn.transaction():
                 return statements(conn)

@@ -244,6 +244,12 @@ class TaskStore(ABC):
         Claiming a task that suspended (a replay) does not count an attempt.
         """
 
+    starts_apart: bool = False
+    """True when a batch of ``"start"`` records alone commits markedly
+    faster than with outcomes (PostgreSQL: starts need not wait for the
+    server's flush); the group committer then settles them first, on
+    their own, and lets their runs begin before the outcomes commit."""
+
     @abstractmethod
     def settle(self, outcomes: Sequence[Outcome]) -> List[bool]:
         """Applies the outcomes in one transaction (a group commit).  Each
