@@ -19,12 +19,15 @@ Routes (every one needs ``Authorization: Bearer <token>``)::
 Answers: 200 with a JSON body on success; 401 for a missing or wrong token
 (checked with ``hmac.compare_digest`` before anything else, so an
 unauthenticated caller learns nothing, not even which paths exist); 404
-for a malformed or unknown callback id or task; 409 when the callback
+for a malformed or unknown callback id or task id; 409 when the callback
 takes no more signals (``{"state": "succeeded" | "failed" | "timed_out" |
-"closed"}``); 400 for a body that is not JSON, 422 for JSON of the wrong
-shape; 413 for a body over 1 MiB (by ``Content-Length`` and by the bytes
-actually received); 503 while the database stays locked or the service is
-closed.  A callback id is a capability: the app does not log request paths.
+"closed"}``); 400 for a body that is not JSON (not UTF-8, malformed, or
+nested too deeply to parse), 422 for JSON of the wrong shape or an error
+text holding a NUL or a lone surrogate (no store can hold those); 413 for
+a body over 1 MiB (by ``Content-Length`` and by the bytes actually
+received); 503 while the database stays locked or the service is closed.
+Every refusal is a one-line JSON ``{"error": "..."}``.  A callback id is a
+capability: the app does not log request paths.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import re
 from typing import Any, Awaitable, Callable, Dict, Union
 
 from starlette.applications import Starlette
@@ -134,7 +138,7 @@ def create_app(service_or_store: _Target, token: str) -> Starlette:
         client.send_callback_heartbeat(callback_id)
 
     async def get_task(request: Request) -> Response:
-        task_id = request.path_params["task_id"]
+        task_id = _task_id(request.path_params["task_id"])
         info = await run_in_threadpool(client.get, task_id)
         return JSONResponse(info._asdict())
 
@@ -166,17 +170,40 @@ def _signal_endpoint(state: str, send: Callable[[str, bytes], None]
     return endpoint
 
 
+_TASK_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def _task_id(text: str) -> str:
+    """A well-formed task id (32 lowercase hex digits, as ``enqueue``
+    makes them), or ``UnknownTaskError``: a malformed one (a NUL, say,
+    which PostgreSQL cannot even compare) never reaches the store."""
+    if not _TASK_ID.fullmatch(text):
+        raise UnknownTaskError(text)
+    return text
+
+
 def _error_text(body: bytes) -> str:
+    """The ``error`` of a failure body ``{"error": "<text>"}``: 400 for a
+    body that is not JSON (not UTF-8, malformed, or nested too deeply to
+    parse), 422 for JSON of another shape or text no store can hold."""
     try:
         document = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise HTTPException(400, 'the body must be JSON: {"error": "..."}') from None
     if not isinstance(document, dict) or not isinstance(document.get("error"), str):
         raise HTTPException(422, 'the body must be a JSON object {"error": "<text>"}')
     try:
-        return check_error(document["error"])
+        error = check_error(document["error"])
     except ValueError as exc:
         raise HTTPException(422, str(exc)) from None
+    if "\0" in error:
+        raise HTTPException(422, "the error text must not contain NUL characters")
+    try:
+        error.encode("utf-8")
+    except UnicodeEncodeError:
+        raise HTTPException(422, "the error text must not contain lone surrogates "
+                                 "(\\ud800-\\udfff escapes)") from None
+    return error
 
 
 def _answer(status: int, **fields: Any) -> Callable[[Request, Exception], Awaitable[Response]]:

@@ -281,7 +281,19 @@ class StorageContract:
         assert store.get(mine[0].id).lease_expires_at == 99_999  # type: ignore[union-attr]
         assert store.get(theirs.id).lease_expires_at == LEASE  # type: ignore[union-attr]
 
-    def test_renew_leases_of_named_tasks_lets_the_others_expire(self, store: TaskStore) -> None:
+    def test_renew_leases_of_named_tasks_leaves_the_others_to_expire(self,
+                                                                     store: TaskStore) -> None:
+        store.ensure_queue("q")
+        _enqueue(store, "q", 3)
+        kept, lost, other = store.claim("q", owner="me", limit=3, now=0, lease_ms=LEASE)
+        assert store.renew_leases("me", 99_999, [kept.id, other.id, "no-such-task"]) == 2
+        assert store.get(kept.id).lease_expires_at == 99_999  # type: ignore[union-attr]
+        assert store.get(lost.id).lease_expires_at == LEASE  # type: ignore[union-attr]
+        assert store.renew_leases("me", 99_999, []) == 0
+        assert store.recover("q", now=LEASE, max_attempts=3) == 1
+        assert store.get(lost.id).status == "pending"  # type: ignore[union-attr]
+
+    def test_an_orphan_claim_left_unrenewed_comes_back_free(self, store: TaskStore) -> None:
         """A live owner renews the tasks it knows it holds: an orphan claim
         (its answer lost with the connection) expires and comes back free."""
         store.ensure_queue("q")
@@ -624,6 +636,20 @@ class StorageContract:
         assert store.get(replay.id).attempt == 1  # type: ignore[union-attr]
 
     # ---- function calls (tasks as functions) ----------------------------
+
+    def test_declare_queue_creates_the_queue_and_stores_its_config(
+            self, store: TaskStore) -> None:
+        assert store.queue_config("q") is None
+        store.declare_queue("q", '{"concurrency":2}')
+        assert store.queues() == ["q"]
+        assert store.queue_config("q") == '{"concurrency":2}'
+
+    def test_declare_queue_again_replaces_the_config(self, store: TaskStore) -> None:
+        store.ensure_queue("q")
+        assert store.queue_config("q") is None
+        store.declare_queue("q", "{}")
+        store.declare_queue("q", '{"max_retries":1}')
+        assert store.queue_config("q") == '{"max_retries":1}'
 
     def _call(self, store: TaskStore, task_id: str, *, queue: str = "q", priority: int = 0,
               run_at: int = 0, dedup_key: "str | None" = None, now: int = 0) -> str:

@@ -36,7 +36,9 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 from ..durable import check_callback_id, check_error, check_result
 from ..errors import ServiceClosedError, TaskNotCancellableError, UnknownQueueError, UnknownTaskError
-from .config import TaskInfo, check_int, check_payload, check_queue_name, check_task_id, wall_clock_ms
+from .config import (TaskInfo, check_int, check_payload, check_queue_name, check_task_id,
+                     wall_clock_ms)
+from .dsn import is_postgres_dsn
 from .functions import check_dedup_key, check_priority, check_task_name, encode_arguments
 from .results import Completions, wait_for_result, wait_for_result_async
 from .sqlite import SQLiteTaskStore
@@ -57,7 +59,7 @@ def open_store(dsn: "str | os.PathLike[str]", durability: str = "normal") -> Tas
     missing).  ``durability`` as ``TaskService``."""
     if not isinstance(dsn, (str, os.PathLike)):
         raise TypeError(f"dsn must be a path or a URL string, not {type(dsn).__name__}")
-    if isinstance(dsn, str) and dsn.startswith(("postgresql://", "postgres://")):
+    if isinstance(dsn, str) and is_postgres_dsn(dsn):
         from .postgres import PostgresTaskStore  # psycopg is an optional extra
 
         return PostgresTaskStore(dsn, durability=durability)

@@ -17,6 +17,8 @@ DESIGN
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Optional
@@ -24,7 +26,7 @@ from typing import Any, Callable, NamedTuple, Optional
 from .progress import report_progress
 
 __all__ = ["QueueConfig", "TaskInfo", "TaskContext", "Handler", "MAX_PAYLOAD", "MAX_QUEUE_NAME",
-           "MAX_BACKOFF_MS", "retry_delay_ms"]
+           "MAX_BACKOFF_MS", "retry_delay_ms", "config_to_json", "config_from_json"]
 
 Handler = Callable[[memoryview], Optional[str]]
 """``handler(payload) -> message``: a read-only view of the task's payload;
@@ -142,6 +144,18 @@ class TaskContext(NamedTuple):
         report_progress(self.id, value)
 
 
+def config_to_json(config: QueueConfig) -> str:
+    """``config`` as the JSON text a store keeps (``declare_queue``)."""
+    return json.dumps(dataclasses.asdict(config), separators=(",", ":"), sort_keys=True)
+
+
+def config_from_json(text: str) -> QueueConfig:
+    """The ``QueueConfig`` that ``config_to_json`` wrote; fields this
+    version does not know (written by a newer one) are ignored."""
+    fields = {f.name for f in dataclasses.fields(QueueConfig)}
+    return QueueConfig(**{k: v for k, v in json.loads(text).items() if k in fields})
+
+
 def retry_delay_ms(backoff_ms: int, attempt: int) -> int:
     """The delay before retrying after failed attempt ``attempt`` (1-based):
     ``backoff_ms << (attempt - 1)``, at most one hour."""
@@ -150,13 +164,17 @@ def retry_delay_ms(backoff_ms: int, attempt: int) -> int:
 
 def check_queue_name(name: object) -> str:
     """``name`` if it is a valid queue name: a str of 1..``MAX_QUEUE_NAME``
-    UTF-8 bytes without NUL."""
+    UTF-8 bytes of printable text (no NUL, control characters, line
+    separators or bidirectional overrides: names are shown on terminals
+    and in logs)."""
     if not isinstance(name, str):
         raise TypeError(f"queue name must be a str, not {type(name).__name__}")
     size = len(name.encode("utf-8", "surrogatepass"))
-    if not 0 < size <= MAX_QUEUE_NAME or "\0" in name:
-        raise ValueError(f"queue name must be 1..{MAX_QUEUE_NAME} UTF-8 bytes without NUL, "
-                         f"not {size} bytes")
+    if not 0 < size <= MAX_QUEUE_NAME:
+        raise ValueError(f"queue name must be 1..{MAX_QUEUE_NAME} UTF-8 bytes, not {size} bytes")
+    if not name.isprintable():
+        raise ValueError(f"queue name {name!r} holds unprintable characters: a name is shown "
+                         f"on terminals and in logs, so it must be printable text")
     return name
 
 

@@ -13,22 +13,21 @@ DESIGN
   enqueues and inspects starts no thread.
 * Leases.  A claim leases the task to this runtime (``owner`` =
   host/pid/nonce, ``owners.py``) until ``now + lease_ms`` and gives it a
-  fresh token.  The dispatcher renews the leases of the tasks it knows it
-  holds (claimed, running, or with an outcome still being committed) by
+  fresh token.  Every ``lease_ms / 3`` the dispatcher renews the leases of
+  the tasks it holds (claimed and not yet settled by the committer), by
   id: a claim whose answer was lost with its connection, or an outcome a
-  crashed server lost after confirming it, expires and is taken back
-  (free, if its run never started).  The attempt is counted when
-  the run starts, not at claim:
-  the route thread hands a "start" record to the group committer and runs
-  the handler once it is committed, so a prefetched task that never ran,
-  or a claim whose answer was lost with its connection, comes back as it
-  was.  (Its start shares a transaction with the outcomes and starts of
-  other runs.)  The dispatcher renews its leases every ``lease_ms / 3``; a
-  task whose lease expires (its process died or stalled) is taken back by
-  whichever runtime serves the queue: pending again with the attempt
-  counted if its run had started, or failed when no attempt is left.  Serving a queue also takes
-  back, at once, tasks of a predecessor that is provably dead: same host,
-  process gone.
+  crashed server lost after confirming it, expires.  A task whose lease
+  expires (its process died or stalled) is taken back by whichever runtime
+  serves the queue: pending again, with the attempt counted if its run
+  had started, or failed when no attempt is left.  Serving a queue also
+  takes back, at once, tasks of a predecessor that is provably dead: same
+  host, process gone.
+* Attempts.  The attempt is counted when the run starts, not at claim:
+  the route thread hands a "start" record (which also renews the lease)
+  to the group committer and calls the handler once it is committed, so a
+  prefetched task that never ran, or a claim whose answer was lost, comes
+  back as it was.  Starts share transactions with the outcomes and starts
+  of other runs.
 * Sweep.  Every minute the dispatcher deletes the finished tasks of its
   queues that are past their retention.
 * Outcomes.  A finished handler's outcome goes to the group committer
@@ -37,10 +36,10 @@ DESIGN
 * Wake-ups.  ``wake`` (an enqueue or a signal in this process, and every
   finished attempt) makes the dispatcher look again; so does the store,
   from its own thread, when it learns that another process added work
-  (``TaskStore.set_waker``: PostgreSQL's LISTEN/NOTIFY; SQLite has no such
-  thing).  Otherwise it sleeps until the next due time, at most
-  ``poll_ms``, which is how it notices work written by other processes
-  when no notification came.
+  (``TaskStore.set_waker``: PostgreSQL's LISTEN/NOTIFY, SQLite's wake-up
+  sockets, ``wakeups.py``).  Otherwise it sleeps until the next due time,
+  at most ``poll_ms``, which is how it notices work written by other
+  processes when no notification came.
 * Durable tasks.  A handler may use ``current_job().create_callback`` /
   ``callback_result`` / ``step`` (``callbackworker.durable``); the
   runtime's worker hands it a ``DurableRun`` over the task's own store
@@ -101,7 +100,7 @@ from ..worker import Worker
 from .committer import GroupCommitter
 from .config import Handler, QueueConfig, TaskContext, retry_delay_ms
 from .durablestore import TaskDurableStore
-from .functions import FunctionRegistry
+from .functions import CallResult, FunctionRegistry
 from .owners import new_owner, owner_is_dead
 from .progress import ProgressReporter, reporting
 from .results import Completions
@@ -213,7 +212,9 @@ class TaskRuntime:
         self._queues: Dict[str, _Queue] = {}
         self._unstarted: Set[_Attempt] = set()  # claimed, handed to the worker, not yet run
         self._started: Set[_Attempt] = set()  # running, with a time limit, not yet settled
-        self._begun: Set[_Attempt] = set()  # start recorded, not yet settled
+        # Tasks this runtime claimed whose outcome is not yet settled: the
+        # only leases it renews.
+        self._held: Set[str] = set()
         # Attempts claimed and not yet finished, counted by the epoch they
         # were claimed in; each flush() begins a new epoch and waits for the
         # counts of the earlier ones.
@@ -260,8 +261,8 @@ class TaskRuntime:
         """The worker, committer and dispatcher, created with the first queue
         (a service that only enqueues and inspects needs none)."""
         if self._worker is None:
-            on_committed = None if self._completions is None else self._completions.notify
-            self._committer = GroupCommitter(self._store, self._kick, self._now, on_committed)
+            self._committer = GroupCommitter(self._store, self._kick, self._now,
+                                             on_settled=self._settled)
             self._worker = Worker(durable_backend=_TaskDurable(self._store, self._now))
             if self._background:
                 self._store.set_waker(self.wake)
@@ -297,9 +298,19 @@ class TaskRuntime:
         and unstarted until they run (under ``_cond``)."""
         attempts = [_Attempt(self, queue, task, self._epoch) for task in claimed]
         self._unstarted.update(attempts)
+        self._held.update(task.id for task in claimed)
         self._active[self._epoch] = self._active.get(self._epoch, 0) + len(attempts)
         queue.in_flight += len(attempts)
         return attempts
+
+    def _settled(self, task_ids: List[str]) -> None:
+        """The committer is done with these tasks' outcomes (settled,
+        rejected or given up at close): their leases are no longer ours, and
+        result waiters of this process read again."""
+        with self._cond:
+            self._held.difference_update(task_ids)
+        if self._completions is not None:
+            self._completions.notify()
 
     def _finished_locked(self, attempt: _Attempt) -> None:
         """Counts ``attempt`` out of its queue's and its epoch's in-flight
@@ -374,10 +385,8 @@ class TaskRuntime:
         queues and, with ``sweep``, deletes tasks past their retention."""
         self._abandon_overdue()
         now = self._now()
-        assert self._committer is not None
         with self._cond:
-            held = [a.task.id for a in (*self._unstarted, *self._begun)]
-        held += self._committer.holding()
+            held = sorted(self._held)
         self._store.renew_leases(self._owner, now + self._lease_ms, held)
         with self._cond:
             queues = list(self._queues.values())
@@ -451,11 +460,10 @@ class TaskRuntime:
         outcome: Optional[Outcome] = None
         began = None if closing else self._begin(attempt)
         if began is False:  # the lease was lost: the task is someone else's now
+            with self._cond:
+                self._held.discard(task.id)
             self._settle(attempt, None)
             return
-        if began:
-            with self._cond:
-                self._begun.add(attempt)
         try:
             if not began:  # close() has begun, or the start could not be recorded
                 outcome = Outcome(task.id, task.token, "release", "", self._now())
@@ -501,7 +509,6 @@ class TaskRuntime:
                 self._committer.put(outcome)
             attempt.settled = True
             self._started.discard(attempt)
-            self._begun.discard(attempt)
             self._finished_locked(attempt)
             self._kick_locked()
 
@@ -564,13 +571,10 @@ class TaskRuntime:
         """Runs the task: a stored call through the registry, a raw payload
         through the queue's handler.  What they raise propagates."""
         if task.name is not None:
-            if self._calls is None:
-                done = None
-            else:
-                done = self._calls.run(task)
-            if done is None or done.refusal is not None:
-                text = done.refusal if done is not None else "this service runs no task functions"
-                return Outcome(task.id, task.token, "fail", str(text), self._now())
+            done = (self._calls.run(task) if self._calls is not None
+                    else CallResult(None, "this runtime runs no task functions"))
+            if done.refusal is not None:
+                return Outcome(task.id, task.token, "fail", done.refusal, self._now())
             return Outcome(task.id, task.token, "complete", "", self._now(), result=done.result)
         if queue.handler is None:
             return Outcome(task.id, task.token, "fail",

@@ -34,6 +34,9 @@ TABLES: Dict[str, Tuple[Column, ...]] = {
         Column("name", "text"),
         # The next time a claim under a global delay may start a task.
         Column("next_start_at", "bigint"),
+        # The config declared for the queue (version 3): JSON of the
+        # ``QueueConfig`` fields, NULL if none was declared.
+        Column("config", "text", True),
     ),
     "tasks": (
         Column("seq", "bigint"),  # insertion order, the claim's tie-break

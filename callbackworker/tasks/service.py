@@ -47,6 +47,8 @@ from .config import (
     TaskInfo,
     check_int,
     check_queue_name,
+    config_from_json,
+    config_to_json,
     retry_delay_ms,
     wall_clock_ms,
 )
@@ -281,23 +283,27 @@ class TaskService:
                                          dedup_key=dedup_key)
 
     def declare_queue(self, name: str, config: Optional[QueueConfig] = None) -> None:
-        """Creates the queue in the database if it does not exist, without
-        serving it; ``config`` (default ``QueueConfig()``) is the policy
-        this service serves it with (``serve``).  Enqueueing a task into a
-        queue that does not exist creates it too."""
+        """Creates the queue if it does not exist and stores ``config``
+        (default ``QueueConfig()``) as its declared config in the database,
+        without serving it: every service that serves the queue for its
+        task functions (``serve``, here or in another process, later) uses
+        it.  Declaring again updates it (a service already serving the queue
+        keeps the config it started with).  Enqueueing a task into a queue
+        that does not exist creates it with the default config."""
         name = check_queue_name(name)
         config = QueueConfig() if config is None else config
         if not isinstance(config, QueueConfig):
             raise TypeError(f"config must be a QueueConfig, not {type(config).__name__}")
         self._check_open()
-        self._store.ensure_queue(name)
+        self._store.declare_queue(name, config_to_json(config))
         self._functions.declare(name, config)
 
     def serve(self, queues: Optional[Iterable[str]] = None) -> None:
         """Starts running registered tasks: on every queue a registered task
-        uses, or on the ``queues`` named (each must have one).  Returns at
-        once; ``close()`` stops.  A queue this service serves already is
-        left as it is."""
+        uses, or on the ``queues`` named (each must have one), each with
+        its declared config (``declare_queue``; the default without one).
+        Returns at once; ``close()`` stops.  A queue this service serves
+        already is left as it is."""
         registered = self._functions.queues()
         if queues is None:
             wanted = registered
@@ -313,8 +319,12 @@ class TaskService:
         self._check_open()
         for queue in wanted:
             if queue not in self._runtime.queue_names():
+                config = self._functions.declared(queue)
+                if config is None:
+                    stored = self._store.queue_config(queue)
+                    config = QueueConfig() if stored is None else config_from_json(stored)
                 try:
-                    self._runtime.serve(queue, self._functions.config(queue), None)
+                    self._runtime.serve(queue, config, None)
                 except QueueExistsError:
                     pass  # served meanwhile by a concurrent serve()
 

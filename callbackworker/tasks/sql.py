@@ -33,7 +33,7 @@ import re
 import time
 import uuid
 from abc import abstractmethod
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Type, TypeVar
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar
 
 from ..durable import CallbackRecord
 from ..errors import NonDeterminismError, StorageBusyError, UnknownCallbackError, UnknownTaskError
@@ -76,6 +76,9 @@ _SPENT = "started_at IS NOT NULL AND attempt >= :max_attempts"
 STATEMENTS: Dict[str, str] = {
     "ensure_queue": "INSERT INTO {queues}(name) VALUES (:name) ON CONFLICT (name) DO NOTHING",
     "queues": "SELECT name FROM {queues} ORDER BY name",
+    "declare_queue": "INSERT INTO {queues}(name, config) VALUES (:name, :config) "
+                     "ON CONFLICT (name) DO UPDATE SET config = excluded.config",
+    "queue_config": "SELECT config FROM {queues} WHERE name = :name",
     "queue_start": "SELECT next_start_at FROM {queues} WHERE name = :queue{lock_row}",
     "space_starts": "UPDATE {queues} SET next_start_at = :next_start WHERE name = :queue",
     # The first due tasks in claim order (the order of the claim index, so
@@ -306,6 +309,13 @@ class SQLTaskStore(TaskStore):
     def queues(self) -> List[str]:
         return [row[0] for row in self._rows("queues", {})]
 
+    def declare_queue(self, name: str, config: str) -> None:
+        self._rowcount("declare_queue", {"name": name, "config": config})
+
+    def queue_config(self, name: str) -> Optional[str]:
+        rows = self._rows("queue_config", {"name": name})
+        return rows[0][0] if rows else None
+
     # ---- producing -------------------------------------------------------
 
     def enqueue_call(self, queue: str, call: NewCall, now: int) -> str:
@@ -370,19 +380,16 @@ class SQLTaskStore(TaskStore):
     # ---- leases ----------------------------------------------------------
 
     def renew_leases(self, owner: str, expires_at: int,
-                     task_ids: Optional[Iterable[str]] = None) -> int:
-        """See ``TaskStore.renew_leases``: with ``task_ids``, one statement
-        per task, all in one transaction."""
+                     task_ids: Optional[Sequence[str]] = None) -> int:
         if task_ids is None:
             return self._rowcount("renew_leases", {"owner": owner, "expires": expires_at})
-        sql = self.dialect.sql("renew_lease")
-        params = [{"id": task_id, "owner": owner, "expires": expires_at}
-                  for task_id in sorted(set(task_ids))]
-        if not params:
+        if not task_ids:
             return 0
+        sql = self.dialect.sql("renew_lease")
+        params = [{"id": task_id, "owner": owner, "expires": expires_at} for task_id in task_ids]
 
         def body(conn: Conn) -> int:
-            return sum(conn.execute(sql, one).rowcount for one in params)
+            return sum(conn.execute(sql, p).rowcount for p in params)
 
         return int(self._atomic(body))
 

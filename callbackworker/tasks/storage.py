@@ -203,6 +203,16 @@ class TaskStore(ABC):
     def queues(self) -> List[str]:
         """The names of every queue, sorted."""
 
+    @abstractmethod
+    def declare_queue(self, name: str, config: str) -> None:
+        """Creates the queue if needed and stores ``config`` (JSON text, the
+        caller's business) as its declared config, replacing any other."""
+
+    @abstractmethod
+    def queue_config(self, name: str) -> Optional[str]:
+        """The queue's declared config, or None (no such queue, or none
+        declared)."""
+
     # ---- producing ----------------------------------------------------
 
     @abstractmethod
@@ -293,12 +303,11 @@ class TaskStore(ABC):
 
     @abstractmethod
     def renew_leases(self, owner: str, expires_at: int,
-                     task_ids: Optional[Iterable[str]] = None) -> int:
-        """Extends to ``expires_at`` the lease of every running task of
-        ``owner``, or, with ``task_ids``, of those of them only; returns
-        how many.  A live owner names the tasks it holds, so a task it
-        does not know it holds (a claim whose answer never reached it, an
-        outcome the server lost in a crash) expires and is taken back."""
+                     task_ids: Optional[Sequence[str]] = None) -> int:
+        """Extends the lease of every running task of ``owner`` to
+        ``expires_at`` (with ``task_ids``: of those tasks only, so a claim
+        whose answer was lost, or an outcome given up on, is left to
+        expire); returns how many."""
 
     @abstractmethod
     def running_owners(self, queue: str) -> List[str]:
