@@ -303,8 +303,9 @@ class StorageContract:
         (theirs,) = store.claim("q", owner="them", limit=1, now=0, lease_ms=LEASE)
         assert store.start(held.id, held.token, 0)
         assert store.renew_leases("me", 99_999, [held.id, waiting.id, theirs.id]) == 2
-        assert [store.get(t.id).lease_expires_at for t in (held, waiting, orphan, theirs)] == [  # type: ignore[union-attr]
-            99_999, 99_999, LEASE, LEASE]
+        leases = [store.get(t.id).lease_expires_at  # type: ignore[union-attr]
+                  for t in (held, waiting, orphan, theirs)]
+        assert leases == [99_999, 99_999, LEASE, LEASE]
         assert store.renew_leases("me", 99_999, []) == 0
         assert store.recover("q", now=LEASE, max_attempts=1) == 2
         assert store.get(orphan.id)[2:5] == ("pending", "", 0)  # type: ignore[index]

@@ -87,11 +87,12 @@ def test_tasks_finished_by_another_store_wake_result_watchers(tmp_path: Path) ->
         worker.close()
 
 
-def test_a_result_wait_is_woken_by_a_worker_in_another_process(tmp_path: Path) -> None:
-    """The waiter's pauses grow to half a second; the worker's commit wakes
-    it through the channel (watched from its first ``result``)."""
+def test_a_result_wait_watches_for_tasks_finished_elsewhere(tmp_path: Path) -> None:
+    """From its first ``result`` a client watches the channel, so a commit
+    in another process cuts its pauses (up to half a second) short."""
     db = tmp_path / "tasks.db"
-    with TaskService(db, poll_ms=NEVER_POLL_MS, lease_ms=NEVER_RENEW_MS) as worker, TaskService(db) as waiter:
+    with TaskService(db, poll_ms=NEVER_POLL_MS, lease_ms=NEVER_RENEW_MS) as worker, \
+            TaskService(db) as waiter:
         worker.create_queue("q", handler=lambda payload: "done")
         task_id = waiter.enqueue("q", b"x")
         assert waiter.result(task_id, timeout_ms=int(PATIENCE_S * 1000)) == "done"
