@@ -749,3 +749,22 @@ class StorageContract:
         assert store.complete(task.id, task.token, "", 1)
         assert store.set_progress(task.id, task.token, '{"done":3}') is False
         assert store.get(task.id).progress == '{"done":1}'  # type: ignore[union-attr]
+
+    def test_a_claim_that_never_ran_keeps_the_last_traceback_when_taken_back(
+            self, store: TaskStore) -> None:
+        task = _claimed_one(store, lease_ms=10)
+        assert store.settle([Outcome(task.id, task.token, "retry", "E: 1", 0, traceback="tb")])
+        store.claim("q", owner="me", limit=1, now=0, lease_ms=10)
+        assert store.recover("q", now=10, max_attempts=2) == 1
+        record = store.get(task.id)
+        assert record is not None
+        assert (record.status, record.message, record.traceback) == ("pending", "E: 1", "tb")
+
+    def test_a_lost_attempt_leaves_no_traceback(self, store: TaskStore) -> None:
+        task = _claimed_one(store, lease_ms=10)
+        assert store.settle([Outcome(task.id, task.token, "retry", "E: 1", 0, traceback="tb")])
+        (again,) = store.claim("q", owner="me", limit=1, now=0, lease_ms=10)
+        assert store.start(again.id, again.token, 0)  # the lost run had started
+        assert store.recover("q", now=10, max_attempts=2) == 1
+        record = store.get(task.id)
+        assert record is not None and (record.status, record.traceback) == ("failed", None)

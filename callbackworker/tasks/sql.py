@@ -126,6 +126,8 @@ STATEMENTS: Dict[str, str] = {
             next_run_at = CASE WHEN {_SPENT} THEN next_run_at ELSE :now{{as_bigint}} END,
             message = CASE WHEN started_at IS NULL THEN message
                            WHEN attempt >= :max_attempts THEN {_LOST[0]} ELSE {_LOST[1]} END,
+            -- a lost run is the last failed attempt, and has no traceback
+            traceback = CASE WHEN started_at IS NULL THEN traceback END,
             awaiting = CASE WHEN started_at IS NULL THEN awaiting END,
             owner = NULL, lease_expires_at = NULL, token = NULL
         WHERE queue = :queue AND status = {{RUNNING}}
