@@ -16,7 +16,7 @@ from typing import Dict, NamedTuple, Tuple
 
 __all__ = ["SCHEMA_VERSION", "Column", "TABLES", "TYPES", "INDEXES", "expected_columns"]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """The schema version this callbackworker creates and understands."""
 
 
@@ -66,6 +66,10 @@ TABLES: Dict[str, Tuple[Column, ...]] = {
         Column("progress", "text", True),
         Column("priority", "int"),
         Column("dedup_key", "text", True),
+        # When the current attempt's run started (version 5): NULL while a
+        # claimed task waits for its run, so a claim that never ran is
+        # taken back without counting an attempt.
+        Column("started_at", "bigint", True),
     ),
     # Periodic schedules (version 4), one row per name: the spec the last
     # service started with, the task it enqueues, the last tick enqueued
