@@ -128,6 +128,10 @@ REPORT_MARKERS = (
     "ERROR: ThreadSanitizer",
     "FATAL: ThreadSanitizer",
 )
+# ``-P`` (Python 3.11+) keeps the stress script's directory off sys.path.
+# Older interpreters go without it: that directory holds no callbackworker
+# package to shadow the copy, and the script checks which module it loaded.
+SAFE_PATH_OPTION: Tuple[str, ...] = ("-P",) if sys.version_info >= (3, 11) else ()
 TSAN_SUPPRESSIONS = textwrap.dedent("""\
     # glibc frees a finished detached thread's dynamic TLS block (cbw__self)
     # when another thread reuses its cached stack, under a lock TSan cannot
@@ -534,7 +538,7 @@ def run_stress(san: Sanitizer, runtime: str, pkg_root: Path,
     for key in ("CBW_SAN_SECONDS", "CBW_SAN_THREADS", "CBW_SAN_CLOSE_ROUNDS"):
         if key in os.environ:
             env[key] = os.environ[key]
-    command = [*prefix, sys.executable, "-P", str(script)]
+    command = [*prefix, sys.executable, *SAFE_PATH_OPTION, str(script)]
     try:
         return subprocess.run(command, cwd=pkg_root.parent, env=env, capture_output=True,
                               text=True, timeout=RUN_TIMEOUT_S)
