@@ -76,12 +76,22 @@ def test_task_commands_report_errors_without_traceback(tmp_path: Path) -> None:
     assert out.returncode == 1 and "unknown queue" in out.stderr
 
 
+def _wait_for_start(log: Path, task_id: str) -> None:
+    """Waits until the handler has started running ``task_id``: the store's
+    "running" status alone means claimed, and a claimed task that has not
+    started goes back to pending on a graceful stop."""
+    deadline = time.monotonic() + 30
+    while not (log.exists() and f"start {task_id} " in log.read_text()):
+        assert time.monotonic() < deadline, f"task {task_id} never started"
+        time.sleep(0.02)
+
+
 def test_sigterm_lets_the_running_task_finish_and_leaves_the_rest_pending(tmp_path: Path) -> None:
     db, log = tmp_path / "t.db", tmp_path / "runs.log"
     proc = _worker(db, log)
     with TaskService(db) as producer:
         running, *waiting = producer.enqueue_many("slow", [b"0.5", b"0", b"0"])
-    _wait_for_status(db, running, ["running"])
+    _wait_for_start(log, running)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0, proc.stderr.read()  # type: ignore[union-attr]
     with TaskService(db) as reader:
