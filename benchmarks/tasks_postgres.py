@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from pg_server import PostgresCluster, find_bindir, fresh_schema  # noqa: E402
 
 from callbackworker import QueueConfig, TaskService  # noqa: E402
-from callbackworker.tasks.service import _open_store  # noqa: E402
+from callbackworker.tasks.client import open_store  # noqa: E402
 
 QUEUE = "bench"
 CONCURRENCY = 4
@@ -86,7 +86,7 @@ def _procrastinate_worker(dsn: str, prefetch: int, ready: Any, go: Any, stop: An
 # ---- one measurement ---------------------------------------------------------
 
 def _cbw_prepare(dsn: str, n: int) -> Callable[[], int]:
-    store = _open_store(dsn, "normal")
+    store = open_store(dsn, "normal")
     try:
         store.ensure_queue(QUEUE)
     finally:
@@ -94,7 +94,7 @@ def _cbw_prepare(dsn: str, n: int) -> Callable[[], int]:
     with TaskService(dsn) as producer:
         for start in range(0, n, 1000):
             producer.enqueue_many(QUEUE, [b"x"] * min(1000, n - start))
-    reader = _open_store(dsn, "normal")
+    reader = open_store(dsn, "normal")
 
     def done() -> int:
         row = reader.counts().get(QUEUE, {})

@@ -39,6 +39,7 @@ from .durable import CallbackHandle
 from .errors import (
     CallbackAlreadyCompletedError,
     CallbackFailedError,
+    CallbackInterrupt,
     CallbackTimeoutError,
     CallbackWorkerError,
     DeadlockError,
@@ -65,8 +66,8 @@ from .errors import (
 from .executor import Executor
 from .jobcontext import JobContext, current_job
 from .states import State, Status
-from .tasks import QueueConfig, TaskInfo, TaskService
-from .worker import Worker
+from .tasks import QueueConfig, TaskClient, TaskInfo, TaskService
+from .worker import Worker, WorkItem
 
 __version__ = "0.1.0"
 
@@ -101,13 +102,13 @@ progress = _FUNCTIONS["progress"]
 query = _FUNCTIONS["query"]
 
 __all__ = [
-    "Worker", "Executor", "default_worker", "asyncmeta", "current_job", "JobContext",
+    "Worker", "WorkItem", "CallbackInterrupt", "Executor", "default_worker", "asyncmeta", "current_job", "JobContext",
     "Phase", "Status", "State", "STATUS_PENDING", "Capability", "Profile", "RouteState",
     "JobMetaKey", "RouteMetaKey",
     "CallbackWorkerError", "UnknownJobError", "JobNotCompleteError", "JobFailedError",
     "JobTimeoutError", "JobCancelledError", "ShutdownError", "WaitTimeoutError",
     "WorkerClosedError", "DeadlockError", "UnknownRouteError", "RouteClosedError",
-    "TaskService", "QueueConfig", "TaskInfo", "TaskError", "UnknownTaskError",
+    "TaskService", "TaskClient", "QueueConfig", "TaskInfo", "TaskError", "UnknownTaskError",
     "UnknownQueueError", "QueueExistsError", "TaskNotCancellableError", "ServiceClosedError",
     "StorageBusyError",
     "CallbackHandle", "CallbackFailedError", "CallbackTimeoutError", "UnknownCallbackError",

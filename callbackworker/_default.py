@@ -6,10 +6,10 @@ gets a fresh default worker."""
 
 from __future__ import annotations
 
-import os
 import threading
 from typing import Any, Callable, Optional
 
+from . import _lifecycle
 from .worker import Worker
 
 _lock = threading.Lock()
@@ -55,5 +55,4 @@ def _reset_in_child() -> None:
     _lock = threading.Lock()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_in_child)
+_lifecycle.on_fork_in_child(_reset_in_child)

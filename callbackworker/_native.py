@@ -19,11 +19,12 @@ import logging
 import os
 import sys
 import traceback
-import weakref
 from typing import Any, Callable, Dict, List, NoReturn, Optional
 
 from ._cbw_native import ffi, lib
+from .durable import DurableBackend, SuspendJob
 from .errors import (
+    CallbackInterrupt,
     CallbackWorkerError,
     DeadlockError,
     JobNotCompleteError,
@@ -46,30 +47,17 @@ _INT32_MIN = -(1 << 31)
 _INT32_MAX = (1 << 31) - 1
 
 
-class CallbackInterrupt(BaseException):
-    """Raised inside a callback that ran past its run-time limit (or whose
-    worker is shutting down at interpreter exit).  It derives from
-    ``BaseException`` so that ``except Exception`` in user code lets it pass.
-    The job has already completed with ``Status.TIMEOUT``; whatever the
-    callback does afterwards is discarded."""
-
-
-WORKERS: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
-"""Every live ``Worker`` by the address of its core worker, so a callback
-can find its own (``cbw_current_worker``)."""
-
-
-class SuspendJob(BaseException):
-    """Raised by ``callback_result`` to unwind a durable job that must wait
-    for an outside signal; the core has been told to suspend the job (see
-    ``callbackworker.durable``).  A ``BaseException``, so that ``except
-    Exception`` in user code lets it pass."""
-
-
 # The bridge keeps its own reference to the class (CPython's id() is the
 # object's address).
 if lib.cbwpy_init(ffi.cast("void *", id(CallbackInterrupt))) != lib.CBW_OK:
     raise MemoryError("callbackworker: the bridge could not start")
+
+
+def current_table() -> Optional["CallbackTable"]:
+    """The ``CallbackTable`` of the worker whose job the calling thread runs
+    (None on any other thread)."""
+    handle = lib.cbwpy_current_table()
+    return None if handle == ffi.NULL else ffi.from_handle(handle)  # type: ignore[no-any-return]
 
 
 def _describe(exc: BaseException) -> str:
@@ -82,7 +70,7 @@ def _describe(exc: BaseException) -> str:
 
 
 FORK_GENERATION = [0]
-"""Bumped in every forked child (worker.py registers the hook)."""
+"""Bumped in every forked child (by the fork hook in _lifecycle.py)."""
 
 
 def _exit_forked_child(failure: Optional[BaseException]) -> None:
@@ -118,7 +106,8 @@ class CallbackTable:
     failed attempt's; a success after it drops it).
     """
 
-    __slots__ = ("callbacks", "failures", "watchers", "handle", "generation", "__weakref__")
+    __slots__ = ("callbacks", "failures", "watchers", "handle", "generation", "durable",
+                 "__weakref__")
 
     def __init__(self) -> None:
         self.generation = FORK_GENERATION[0]
@@ -126,10 +115,37 @@ class CallbackTable:
         self.failures: Dict[int, BaseException] = {}
         self.watchers: Dict[int, List[Callable[[], None]]] = {}
         self.handle = ffi.new_handle(self)
+        self.durable: Optional[DurableBackend] = None
+        """Where the worker's durable jobs keep their logs; the worker sets it."""
 
     def clear(self) -> None:
         self.callbacks.clear()
         self.failures.clear()
+
+    def watch(self, native: Any, jid: int, notify: Callable[[], None]) -> bool:
+        """Has ``notify()`` called, on whichever thread completes it, when
+        job ``jid`` of the core worker ``native`` completes.  Returns True
+        instead if the job has completed already (``notify`` is then never
+        called); raises for an unknown job."""
+        self.watchers.setdefault(jid, []).append(notify)  # first: it may fire at once
+        rc = lib.cbw_job_watch(native, jid)
+        if rc == 0:
+            return False
+        self.unwatch(jid, notify)
+        if rc < 0:
+            raise_for(rc, jid)
+        return True
+
+    def unwatch(self, jid: int, notify: Callable[[], None]) -> None:
+        """Takes back a watcher no longer needed (its waiter gave up)."""
+        entries = self.watchers.get(jid)
+        if entries is not None:
+            try:
+                entries.remove(notify)
+            except ValueError:
+                pass
+            if not entries:
+                self.watchers.pop(jid, None)
 
     def completed(self, ids: Any, n: int) -> None:
         """Watched jobs completed: call their watchers (any thread).  The
@@ -164,16 +180,19 @@ class CallbackTable:
             return self.fail(_cast_run(run_addr), exc)
         return self.record_return(_cast_run(run_addr), out)
 
-    def escaped(self, run_addr: int, status: int) -> int:
+    def escaped(self, run_addr: int, status: int, exc: Optional[BaseException]) -> int:
         """Something still refers to the job's memory after the callback
-        (an export, or a slice of the view): that memory is kept for good,
-        and a successful job fails, since its response could still change
-        under the caller."""
-        run = _cast_run(run_addr)
-        lib.cbw_run_keep_alive(run)
-        if status == STATUS_OK:
-            status = self._record_failure(run, BufferError(
-                "the callback kept a view of its request after returning; "
+        (a slice of the view, an export of it).  The bridge has already
+        kept that memory alive for good (``cbw_run_keep_alive``), before
+        calling this.  A successful job fails, since its response could
+        still change under the caller; so does a job that was suspending
+        (``exc`` is the ``SuspendJob`` it raised), since its request cannot
+        be replaced under the view.  Returns the status."""
+        suspending = isinstance(exc, SuspendJob)
+        if status == STATUS_OK or suspending:
+            why = ", so the job could not suspend" if suspending else ""
+            status = self._record_failure(_cast_run(run_addr), BufferError(
+                f"the callback kept a view of its request after returning{why}; "
                 "copy it (bytes(request)) to keep the data"))
         return status
 
@@ -188,6 +207,12 @@ class CallbackTable:
             return self._record_failure(run, TypeError(
                 f"callback returned {type(out).__name__}; expected None, an int "
                 "or a bytes-like object"))
+        except (BufferError, ValueError) as exc:  # not contiguous, or released
+            failure = TypeError(
+                f"callback returned a {type(out).__name__} that cannot be the response "
+                f"({exc}); return bytes(...) of it instead")
+            failure.__cause__ = exc
+            return self._record_failure(run, failure)
         if lib.cbw_run_set_result(run, data, len(data)) != lib.CBW_OK:
             return self._record_failure(run, MemoryError("no memory for the callback's result"))
         return STATUS_OK

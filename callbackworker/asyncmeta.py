@@ -25,6 +25,8 @@ The C core defines the same numbers in ``csrc/cbw_asyncmeta.h``;
 
 from enum import IntEnum, IntFlag
 
+from ._validate import check_int
+
 __all__ = [
     "STATUS_PENDING",
     "Capability",
@@ -130,17 +132,6 @@ class RouteMetaKey(IntEnum):
     CLOSED_QUEUED = 9
 
 
-def _int_argument(name: str, value: object) -> int:
-    """Return ``value`` as a plain int, or raise TypeError naming ``name``.
-
-    ``bool`` is refused although it subclasses ``int``: a mask is never a
-    truth value, so a bool here is a caller's mistake.
-    """
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    return int(value)
-
-
 def _covers(mask: int, required: int) -> bool:
     return (mask & required) == required
 
@@ -151,7 +142,7 @@ def has_all_capabilities(mask: int, required: int) -> bool:
     This is ``(mask & required) == required``; a ``required`` of 0 is always
     held.  Raises TypeError if either argument is not an int.
     """
-    return _covers(_int_argument("mask", mask), _int_argument("required", required))
+    return _covers(check_int(mask, "mask"), check_int(required, "required"))
 
 
 def has_capability(mask: int, capability: int) -> bool:
@@ -161,8 +152,8 @@ def has_capability(mask: int, capability: int) -> bool:
     answers whether the backend supports that one feature.  Raises TypeError
     if either argument is not an int.
     """
-    checked_mask = _int_argument("mask", mask)
-    return (checked_mask & _int_argument("capability", capability)) != 0
+    checked_mask = check_int(mask, "mask")
+    return (checked_mask & check_int(capability, "capability")) != 0
 
 
 def supports_job_inspect(mask: int) -> bool:
@@ -170,7 +161,7 @@ def supports_job_inspect(mask: int) -> bool:
 
     Raises TypeError if ``mask`` is not an int.
     """
-    return _covers(_int_argument("mask", mask), Profile.JOB_INSPECT)
+    return _covers(check_int(mask, "mask"), Profile.JOB_INSPECT)
 
 
 def supports_blob_job(mask: int) -> bool:
@@ -178,7 +169,7 @@ def supports_blob_job(mask: int) -> bool:
 
     Raises TypeError if ``mask`` is not an int.
     """
-    return _covers(_int_argument("mask", mask), Profile.BLOB_JOB)
+    return _covers(check_int(mask, "mask"), Profile.BLOB_JOB)
 
 
 def supports_route_control(mask: int) -> bool:
@@ -186,7 +177,7 @@ def supports_route_control(mask: int) -> bool:
 
     Raises TypeError if ``mask`` is not an int.
     """
-    return _covers(_int_argument("mask", mask), Profile.ROUTE_CONTROL)
+    return _covers(check_int(mask, "mask"), Profile.ROUTE_CONTROL)
 
 
 def supports_route_service(mask: int) -> bool:
@@ -194,4 +185,4 @@ def supports_route_service(mask: int) -> bool:
 
     Raises TypeError if ``mask`` is not an int.
     """
-    return _covers(_int_argument("mask", mask), Profile.ROUTE_SERVICE)
+    return _covers(check_int(mask, "mask"), Profile.ROUTE_SERVICE)

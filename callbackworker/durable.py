@@ -57,7 +57,7 @@ from .errors import (
 
 __all__ = [
     "CallbackHandle", "CallbackRecord", "DurableStore", "MemoryDurableStore", "DurableRun",
-    "check_callback_id", "check_result",
+    "DurableBackend", "SuspendJob", "check_callback_id", "check_result",
 ]
 
 T = TypeVar("T")
@@ -65,7 +65,15 @@ T = TypeVar("T")
 CALLBACK_ID_RE = re.compile(r"^[A-Za-z0-9_-]{32}$")
 MAX_RESULT_BYTES = 1 << 20
 MAX_ERROR_CHARS = 64 * 1024
-_NAME_MAX = 128
+
+
+class SuspendJob(BaseException):
+    """Ends the run of a durable job that must wait for an outside signal.
+
+    ``callback_result`` raises it once the job's suspension is arranged (a
+    ``Worker``'s job is parked in the core; a task's attempt settles as
+    suspended).  A ``BaseException``, so that ``except Exception`` in user
+    code lets it pass."""
 
 
 class CallbackHandle(NamedTuple):
@@ -138,22 +146,6 @@ def check_error(error: object) -> str:
     if len(error) > MAX_ERROR_CHARS:
         raise ValueError(f"error is {len(error)} characters; the limit is {MAX_ERROR_CHARS}")
     return error
-
-
-def _check_limit(value: object, name: str) -> int:
-    if type(value) is not int:
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if not 0 <= value <= 2**31 - 1:
-        raise ValueError(f"{name} must be 0 (no limit) or a positive number of ms, not {value}")
-    return value
-
-
-def _check_name(name: object) -> str:
-    if not isinstance(name, str):
-        raise TypeError(f"name must be a str, not {type(name).__name__}")
-    if not 0 < len(name.encode("utf-8")) <= _NAME_MAX:
-        raise ValueError(f"name must be 1..{_NAME_MAX} UTF-8 bytes")
-    return name
 
 
 Op = Tuple[str, str, Any]
@@ -279,10 +271,6 @@ class MemoryDurableStore(DurableStore):
             while len(self._finished) > self._keep:
                 del self._finished[next(iter(self._finished))]
 
-    def pending_count(self) -> int:
-        """Callbacks not yet signalled (for tests and introspection)."""
-        with self._lock:
-            return sum(rec.state == "pending" for rec in self._callbacks.values())
 
 
 _MISSING = object()
@@ -291,7 +279,8 @@ _MISSING = object()
 class DurableRun:
     """One run of a durable job: walks the operation log with a cursor.
     ``suspend(wake_after_ms, request)`` must end the run (raise); ``-1``
-    means wake only on a signal."""
+    means wake only on a signal.  Its caller (``JobContext``) has checked
+    the arguments of ``create_callback`` and ``step``."""
 
     def __init__(self, store: DurableStore, owner: str, request: bytes,
                  suspend: Callable[[int, bytes], NoReturn]) -> None:
@@ -318,9 +307,6 @@ class DurableRun:
 
     def create_callback(self, name: str, timeout_ms: int = 0,
                         heartbeat_timeout_ms: int = 0) -> CallbackHandle:
-        name = _check_name(name)
-        timeout_ms = _check_limit(timeout_ms, "timeout_ms")
-        heartbeat_timeout_ms = _check_limit(heartbeat_timeout_ms, "heartbeat_timeout_ms")
         value, seq = self._next("callback", name)
         if value is _MISSING:
             value = secrets.token_urlsafe(24)  # 32 characters, 192 random bits
@@ -355,11 +341,33 @@ class DurableRun:
         return bytes(detail)
 
     def step(self, name: str, fn: Callable[[], T]) -> T:
-        name = _check_name(name)
-        if not callable(fn):
-            raise TypeError(f"fn must be callable, not {type(fn).__name__}")
         value, seq = self._next("step", name)
         if value is _MISSING:
             value = fn()
             self.store.record(self.owner, seq, ("step", name, value))
         return value  # type: ignore[no-any-return]
+
+
+class DurableBackend(ABC):
+    """Where a worker's durable jobs keep their operation logs.
+
+    A ``Worker`` keeps them in memory unless it is given another backend
+    (``Worker(durable_backend=...)``): ``TaskService`` gives its worker one
+    that keeps each task's log in the task store.  ``current_job()``'s
+    durable operations ask the backend of the worker running the job for
+    the job's ``DurableRun``.
+    """
+
+    @abstractmethod
+    def run_for(self, job_id: int, attempt: int, request: Callable[[], bytes]) -> DurableRun:
+        """The cursor of the running job ``job_id`` (its ``attempt``-th run),
+        made by its first durable operation and returned again to every
+        later one of the same run.  ``request()`` copies the job's request
+        as it is now."""
+
+    def signal(self, callback_id: str, state: str, result: Optional[bytes],
+               error: Optional[str]) -> None:
+        """Applies an outside signal (``Worker.send_callback_*``).  A backend
+        whose callbacks are signalled some other way (a ``TaskService``'s
+        are signalled through the service) knows none of them here."""
+        raise UnknownCallbackError(callback_id)

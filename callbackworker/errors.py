@@ -14,6 +14,7 @@ from typing import Optional
 from .states import Status
 
 __all__ = [
+    "CallbackInterrupt",
     "CallbackWorkerError",
     "UnknownJobError",
     "JobNotCompleteError",
@@ -40,6 +41,14 @@ __all__ = [
     "ServiceClosedError",
     "StorageBusyError",
 ]
+
+
+class CallbackInterrupt(BaseException):
+    """Raised inside a callback that ran past its run-time limit (or whose
+    worker is shutting down at interpreter exit).  It derives from
+    ``BaseException`` so that ``except Exception`` in user code lets it pass.
+    The job has already completed with ``Status.TIMEOUT``; whatever the
+    callback does afterwards is discarded."""
 
 
 class CallbackWorkerError(Exception):
@@ -225,8 +234,8 @@ class TaskNotCancellableError(TaskError):
 
 
 class ServiceClosedError(TaskError, RuntimeError):
-    """The ``TaskService`` has been closed: no verb but ``close`` works any
-    more."""
+    """The ``TaskService`` or ``TaskClient`` has been closed: no verb but
+    ``close`` works any more."""
 
 
 class StorageBusyError(TaskError, TimeoutError):

@@ -6,11 +6,12 @@ cancel_futures)`` and the context manager, returning ordinary
 ``concurrent.futures.Future`` objects (``result``, ``exception``,
 ``cancel``, ``add_done_callback``, ``asyncio.wrap_future``).
 
-Each submitted call is one job on a C worker thread, started detached: the
-job record disappears as it completes, and the future carries the outcome.
-Every job runs the same callback (so the core's per-callback bookkeeping is
-done once, not per call); the call itself waits in a dict under a key that
-travels in the job's request blob.
+Each submitted call is one job on a C worker thread, started with
+``Worker.run_detached``: the future is the job's work item, its ``run()``
+makes the call, and the future carries the outcome (the job record
+disappears as it completes).  On a named route the route's ``timeout_ms``
+applies: an overdue call is interrupted and its future fails with
+``JobTimeoutError``.
 ``Executor(max_workers=N)`` owns a worker with N threads; with
 ``route="name"`` it submits to that route of the default worker instead
 (opening it with ``concurrency=max_workers`` if it does not exist), and
@@ -19,12 +20,13 @@ travels in the job's request blob.
 
 from __future__ import annotations
 
-import itertools
 import threading
 from concurrent import futures
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Optional, Set
 
+from ._validate import check_concurrency
 from .errors import (
+    CallbackInterrupt,
     CallbackWorkerError,
     JobTimeoutError,
     UnknownJobError,
@@ -37,14 +39,17 @@ from .worker import Worker
 __all__ = ["Executor"]
 
 
+def _overdue() -> JobTimeoutError:
+    return JobTimeoutError(0, Status.TIMEOUT, "the call ran past its route's timeout")
+
+
 def _resolve_interrupted(future: futures.Future) -> None:
     """Leaves no future of a run unresolved, nor a waiter asleep, whatever
     point of the run an interrupt cut short."""
     if not future.done():
         try:
             if future.running() or future.set_running_or_notify_cancel():
-                future.set_exception(JobTimeoutError(
-                    0, Status.TIMEOUT, "the call ran past its route's timeout"))
+                future.set_exception(_overdue())
         except (futures.InvalidStateError, RuntimeError):
             pass  # resolved meanwhile
     else:
@@ -55,15 +60,38 @@ def _resolve_interrupted(future: futures.Future) -> None:
 
 
 class _CallFuture(futures.Future):
-    """The Future of one submitted call: cancelling it also takes its job
-    out of the queue.  (A subclass, so no done-callback per call is needed
-    to notice cancellation.)"""
+    """The Future of one submitted call, and the work item of its job:
+    ``run()`` makes the call; cancelling the future also takes its job out
+    of the queue.  (A subclass, so no done-callback per call is needed to
+    notice cancellation.)"""
 
-    def __init__(self, executor: "Executor", key: int) -> None:
+    def __init__(self, executor: "Executor", fn: Callable[..., Any], args: tuple,
+                 kwargs: dict) -> None:
         super().__init__()
         self.executor = executor
-        self.key = key
+        self.call: Optional[tuple] = (fn, args, kwargs)
         self.job = 0
+
+    def run(self) -> None:
+        """Runs on a worker thread: makes the call, unless it was cancelled."""
+        call, self.call = self.call, None
+        try:
+            if call is None or not self.set_running_or_notify_cancel():
+                return
+            fn, args, kwargs = call
+            try:
+                result = fn(*args, **kwargs)
+            except CallbackInterrupt:  # the route's run-time limit passed
+                self.set_exception(_overdue())
+            except BaseException as exc:  # the future carries every outcome
+                self.set_exception(exc)
+            else:
+                self.set_result(result)
+        finally:
+            # On a route with a run-time limit the job's interrupt may land
+            # here, outside fn (it is raised once per job, so not twice).
+            _resolve_interrupted(self)
+            self.executor._live.discard(self)
 
     def cancel(self) -> bool:
         if not super().cancel():
@@ -76,10 +104,7 @@ class Executor(futures.Executor):
     """Runs calls asynchronously on callbackworker's C threads."""
 
     def __init__(self, max_workers: int = 1, route: Optional[str] = None) -> None:
-        if type(max_workers) is not int:
-            raise TypeError(f"max_workers must be an int, not {type(max_workers).__name__}")
-        if max_workers <= 0:
-            raise ValueError("max_workers must be greater than 0")
+        max_workers = check_concurrency(max_workers, "max_workers")
         if route is None:
             self._worker = Worker(concurrency=max_workers)
             self._owns_worker = True
@@ -95,69 +120,40 @@ class Executor(futures.Executor):
         self._route = route
         self._lock = threading.Lock()
         self._shutdown = False
-        self._keys = itertools.count(1)
-        self._calls: Dict[int, Tuple[_CallFuture, Callable[..., Any], tuple, dict]] = {}
-        self._live: Dict[int, _CallFuture] = {}  # key -> future, until its call ends
-        self._runner = self._run_call  # one callable for every job
+        self._live: Set[_CallFuture] = set()  # futures whose call has not ended
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> futures.Future:
         """Schedules ``fn(*args, **kwargs)``; returns its Future."""
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
-        key = next(self._keys)
-        future = _CallFuture(self, key)
+        future = _CallFuture(self, fn, args, kwargs)
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            self._calls[key] = (future, fn, args, kwargs)
-            self._live[key] = future
+            self._live.add(future)
             try:
-                future.job = self._worker._start_detached(
-                    self._runner, key.to_bytes(8, "little"), self._route)
+                future.job = self._worker.run_detached(future, route=self._route)
             except WorkerClosedError:
-                del self._calls[key], self._live[key]
+                self._live.discard(future)
                 raise RuntimeError("cannot schedule new futures after the worker closed") from None
         return future
 
-    def _run_call(self, request: memoryview) -> None:
-        """The callback of every job: runs the call its key names."""
-        key = int.from_bytes(request, "little")
-        call = self._calls.pop(key, None)
-        if call is None:  # cancelled meanwhile
-            return
-        future, fn, args, kwargs = call
-        try:
-            if not future.set_running_or_notify_cancel():
-                return
-            try:
-                result = fn(*args, **kwargs)
-            except BaseException as exc:  # the future carries every outcome
-                future.set_exception(exc)
-            else:
-                future.set_result(result)
-        finally:
-            # On a route with a run-time limit the job's interrupt may land
-            # here, outside fn (it is raised once per job, so not twice).
-            _resolve_interrupted(future)
-            self._live.pop(key, None)
-
     def _cancelled(self, future: "_CallFuture") -> None:
-        """A future was cancelled before its call started.  Only the first
-        of concurrent cancels, and never a call that has started, gets past
-        the pop."""
-        with self._lock:
-            call = self._calls.pop(future.key, None)
-            self._live.pop(future.key, None)
-        if call is None:
-            return
-        # The call will never run: say so, as ThreadPoolExecutor's worker does
-        # when it reaches a cancelled item, so wait() and as_completed() count
-        # the future as done.
-        future.set_running_or_notify_cancel()
-        try:  # take the cancelled call out of the queue too
-            self._worker.cancel(future.job)
+        """A future was cancelled before its call started.  If its job was
+        still queued, the call will never run: say so, as
+        ThreadPoolExecutor's worker does when it reaches a cancelled item, so
+        wait() and as_completed() count the future as done.  Otherwise the
+        job's ``run`` says so when it finds the future cancelled."""
+        with self._lock:  # submit may not have recorded the job yet
+            job = future.job
+        try:
+            taken = self._worker.cancel(job)
         except (UnknownJobError, WorkerClosedError):
-            pass
+            taken = False
+        if taken:
+            future.call = None
+            self._live.discard(future)
+            future.set_running_or_notify_cancel()
 
     submit.__doc__ = futures.Executor.submit.__doc__
 
@@ -167,7 +163,7 @@ class Executor(futures.Executor):
         was not cancelled has finished."""
         with self._lock:
             self._shutdown = True
-            pending = list(self._live.values())
+            pending = list(self._live)
         if cancel_futures:
             for future in pending:
                 future.cancel()

@@ -1,6 +1,7 @@
 """The HTTP endpoint outside systems signal durable callbacks through.
 
-``create_app(service_or_store, token)`` returns a Starlette (ASGI) app;
+``create_app(service_or_store, token)`` (a ``TaskService``, a
+``TaskClient`` or a ``TaskStore``) returns a Starlette (ASGI) app;
 ``callbackworker serve`` runs it under uvicorn.  Both come with the
 optional extra ``callbackworker[http]``.
 
@@ -14,12 +15,15 @@ Routes (every one needs ``Authorization: Bearer <token>``)::
 Answers: 200 with a JSON body on success; 401 for a missing or wrong token
 (checked with ``hmac.compare_digest`` before anything else, so an
 unauthenticated caller learns nothing, not even which paths exist); 404
-for a malformed or unknown callback id or task; 409 when the callback
+for a malformed or unknown callback id or task id; 409 when the callback
 takes no more signals (``{"state": "succeeded" | "failed" | "timed_out" |
-"closed"}``); 400 for a body that is not JSON, 422 for JSON of the wrong
-shape; 413 for a body over 1 MiB (by ``Content-Length`` and by the bytes
-actually received); 503 while the database stays locked or the service is
-closed.  A callback id is a capability: the app does not log request paths.
+"closed"}``); 400 for a body that is not JSON (not UTF-8, malformed, or
+nested too deeply to parse), 422 for JSON of the wrong shape or an error
+text holding a NUL or a lone surrogate (no store can hold those); 413 for
+a body over 1 MiB (by ``Content-Length`` and by the bytes actually
+received); 503 while the database stays locked or the service is closed.
+Every refusal is a one-line JSON ``{"error": "..."}``.  A callback id is a
+capability: the app does not log request paths.
 """
 
 from __future__ import annotations
@@ -27,8 +31,8 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import time
-from typing import Any, Awaitable, Callable, Dict, Optional, Union
+import re
+from typing import Any, Awaitable, Callable, Dict, Union
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -39,7 +43,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .durable import MAX_RESULT_BYTES, check_callback_id, check_error, check_result
+from .durable import MAX_RESULT_BYTES, check_callback_id, check_error
 from .errors import (
     CallbackAlreadyCompletedError,
     ServiceClosedError,
@@ -47,6 +51,7 @@ from .errors import (
     UnknownCallbackError,
     UnknownTaskError,
 )
+from .tasks.client import TaskClient
 from .tasks.service import TaskService
 from .tasks.storage import TaskStore
 
@@ -57,7 +62,7 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = MAX_RESULT_BYTES
 """Largest request body accepted (1 MiB)."""
 
-_Target = Union[TaskService, TaskStore]
+_Target = Union[TaskService, TaskClient, TaskStore]
 
 
 class _BearerAuth:
@@ -98,102 +103,104 @@ async def _body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
-Signal = Callable[[str, str, Optional[bytes], Optional[str]], None]
-
-
-def _signaller(target: _Target) -> Signal:
-    """``signal(callback_id, state, result, error)`` on the target; state
-    as ``TaskStore.durable_signal`` (``"pending"`` is a heartbeat)."""
+def _client_of(target: _Target) -> TaskClient:
+    """The client the endpoint works through: a service's own (its signals
+    wake its dispatcher), the given one, or a client over a bare store."""
+    if isinstance(target, TaskService):
+        return target.client
+    if isinstance(target, TaskClient):
+        return target
     if isinstance(target, TaskStore):
-        store = target
-
-        def signal_store(callback_id: str, state: str, result: Optional[bytes],
-                         error: Optional[str]) -> None:
-            store.durable_signal(callback_id, state, result, error, time.time_ns() // 1_000_000)
-
-        return signal_store
-    service = target
-
-    def signal_service(callback_id: str, state: str, result: Optional[bytes],
-                       error: Optional[str]) -> None:
-        if state == "succeeded":
-            service.send_callback_success(callback_id, result or b"")
-        elif state == "failed":
-            service.send_callback_failure(callback_id, error or "")
-        else:
-            service.send_callback_heartbeat(callback_id)
-
-    return signal_service
-
-
-def _task_reader(target: _Target) -> Callable[[str], Dict[str, Any]]:
-    def read(task_id: str) -> Dict[str, Any]:
-        if isinstance(target, TaskService):
-            info = target.get(task_id)
-            status, message, attempt = info.status, info.message, info.attempt
-        else:
-            record = target.get(task_id)
-            if record is None:
-                raise UnknownTaskError(task_id)
-            status, message, attempt = record.status, record.message, record.attempt
-        return {"id": task_id, "status": status, "message": message, "attempt": attempt}
-
-    return read
+        return TaskClient(target)
+    raise TypeError(f"expected a TaskService, a TaskClient or a TaskStore, not "
+                    f"{type(target).__name__}")
 
 
 def create_app(service_or_store: _Target, token: str) -> Starlette:
     """The endpoint's ASGI app over a ``TaskService`` (signals go through
-    it, and wake its dispatcher at once when it serves the queue) or a bare
-    ``TaskStore`` (signals are written with the wall clock; whichever
-    service serves the queue notices within its ``poll_ms``).  ``token`` is
-    the bearer token every request must carry (non-empty)."""
-    if not isinstance(service_or_store, (TaskService, TaskStore)):
-        raise TypeError(f"expected a TaskService or a TaskStore, not "
-                        f"{type(service_or_store).__name__}")
+    its client, and wake its dispatcher at once when it serves the queue),
+    a ``TaskClient``, or a bare ``TaskStore`` (signals are written with the
+    wall clock; whichever service serves the queue notices within its
+    ``poll_ms``).  ``token`` is the bearer token every request must carry
+    (non-empty)."""
+    client = _client_of(service_or_store)
     if not isinstance(token, str) or not token.strip():
         raise ValueError("the HTTP endpoint needs a non-empty bearer token")
-    signal = _signaller(service_or_store)
-    read_task = _task_reader(service_or_store)
 
-    def signal_route(state: str) -> Callable[[Request], Awaitable[Response]]:
-        async def endpoint(request: Request) -> Response:
-            callback_id = check_callback_id(request.path_params["callback_id"])
-            body = await _body(request)
-            result: Optional[bytes] = None
-            error: Optional[str] = None
-            if state == "succeeded":
-                result = check_result(body)
-            elif state == "failed":
-                error = _error_text(body)
-            await run_in_threadpool(signal, callback_id, state, result, error)
-            return JSONResponse({"callback_id": callback_id, "state": state})
+    def fail(callback_id: str, body: bytes) -> None:
+        client.send_callback_failure(callback_id, _error_text(body))
 
-        return endpoint
+    def heartbeat(callback_id: str, body: bytes) -> None:
+        client.send_callback_heartbeat(callback_id)
 
     async def get_task(request: Request) -> Response:
-        return JSONResponse(await run_in_threadpool(read_task, request.path_params["task_id"]))
+        task_id = _task_id(request.path_params["task_id"])
+        info = await run_in_threadpool(client.get, task_id)
+        return JSONResponse({"id": task_id, "status": info.status, "message": info.message,
+                             "attempt": info.attempt})
 
     routes = [
-        Route("/v1/callbacks/{callback_id}/success", signal_route("succeeded"), methods=["POST"]),
-        Route("/v1/callbacks/{callback_id}/failure", signal_route("failed"), methods=["POST"]),
-        Route("/v1/callbacks/{callback_id}/heartbeat", signal_route("pending"), methods=["POST"]),
+        Route("/v1/callbacks/{callback_id}/success",
+              _signal_endpoint("succeeded", client.send_callback_success), methods=["POST"]),
+        Route("/v1/callbacks/{callback_id}/failure", _signal_endpoint("failed", fail),
+              methods=["POST"]),
+        Route("/v1/callbacks/{callback_id}/heartbeat", _signal_endpoint("pending", heartbeat),
+              methods=["POST"]),
         Route("/v1/tasks/{task_id}", get_task, methods=["GET"]),
     ]
     return Starlette(routes=routes, middleware=[Middleware(_BearerAuth, token=token)],
                      exception_handlers=_EXCEPTION_HANDLERS)
 
 
+def _signal_endpoint(state: str, send: Callable[[str, bytes], None]
+                     ) -> Callable[[Request], Awaitable[Response]]:
+    """A route that checks the callback id, reads the body (at most
+    ``MAX_BODY_BYTES``) and hands both to ``send`` on a worker thread; it
+    answers with the ``state`` the signal asked for."""
+
+    async def endpoint(request: Request) -> Response:
+        callback_id = check_callback_id(request.path_params["callback_id"])
+        body = await _body(request)
+        await run_in_threadpool(send, callback_id, body)
+        return JSONResponse({"callback_id": callback_id, "state": state})
+
+    return endpoint
+
+
+_TASK_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def _task_id(text: str) -> str:
+    """A well-formed task id (32 lowercase hex digits, as ``enqueue``
+    makes them), or ``UnknownTaskError``: a malformed one (a NUL, say,
+    which PostgreSQL cannot even compare) never reaches the store."""
+    if not _TASK_ID.fullmatch(text):
+        raise UnknownTaskError(text)
+    return text
+
+
 def _error_text(body: bytes) -> str:
+    """The ``error`` of a failure body ``{"error": "<text>"}``: 400 for a
+    body that is not JSON (not UTF-8, malformed, or nested too deeply to
+    parse), 422 for JSON of another shape or text no store can hold."""
     try:
         document = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise HTTPException(400, 'the body must be JSON: {"error": "..."}') from None
     if not isinstance(document, dict) or not isinstance(document.get("error"), str):
         raise HTTPException(422, 'the body must be a JSON object {"error": "<text>"}')
     try:
-        return check_error(document["error"])
+        error = check_error(document["error"])
     except ValueError as exc:
         raise HTTPException(422, str(exc)) from None
+    if "\0" in error:
+        raise HTTPException(422, "the error text must not contain NUL characters")
+    try:
+        error.encode("utf-8")
+    except UnicodeEncodeError:
+        raise HTTPException(422, "the error text must not contain lone surrogates "
+                                 "(\\ud800-\\udfff escapes)") from None
+    return error
 
 
 def _answer(status: int, **fields: Any) -> Callable[[Request, Exception], Awaitable[Response]]:

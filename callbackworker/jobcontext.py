@@ -31,7 +31,8 @@ from __future__ import annotations
 import itertools
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, TypeVar
 
-from ._native import WORKERS, ffi, lib
+from ._native import current_table, ffi, lib
+from ._validate import check_bool, check_callable, check_count, check_durable_name
 from .errors import CallbackWorkerError
 
 if TYPE_CHECKING:
@@ -77,6 +78,19 @@ class ProgressState:
 
     def snapshot(self) -> Dict[str, Any]:
         return dict(self.merged)
+
+
+def progress_state(on_progress: object, store_response: object,
+                   callback_data: object) -> Optional[ProgressState]:
+    """Checks the progress options of a start; None when none is used."""
+    if on_progress is not None:
+        check_callable(on_progress, "on_progress")
+    check_bool(store_response, "store_response")
+    if callback_data is not None and not isinstance(callback_data, dict):
+        raise TypeError(f"callback_data must be a dict, not {type(callback_data).__name__}")
+    if on_progress is None and not store_response and callback_data is None:
+        return None
+    return ProgressState(on_progress, store_response, callback_data)  # type: ignore[arg-type]
 
 
 class JobContext:
@@ -126,10 +140,11 @@ class JobContext:
         if run == ffi.NULL or run.id != self.id:
             raise CallbackWorkerError(
                 f"durable operations of job {self.id} must run inside that job's callback")
-        worker = WORKERS.get(int(ffi.cast("uintptr_t", lib.cbw_current_worker())))
-        if worker is None:
-            raise CallbackWorkerError("the job's worker is gone")
-        return worker._durable_run(run)  # type: ignore[no-any-return]
+        table = current_table()
+        if table is None or table.durable is None:
+            raise CallbackWorkerError("the job's worker has no durable backend")
+        return table.durable.run_for(int(run.id), int(run.attempt),
+                                     lambda: bytes(ffi.buffer(run.data, run.size)))
 
     def create_callback(self, name: str, timeout_ms: int = 0,
                         heartbeat_timeout_ms: int = 0) -> "CallbackHandle":
@@ -137,7 +152,9 @@ class JobContext:
         suspends.  ``timeout_ms``: the callback times out that long after it
         was created unless signalled; ``heartbeat_timeout_ms``: a heartbeat
         must arrive within each such interval (0: no limit for either)."""
-        return self._durable().create_callback(name, timeout_ms, heartbeat_timeout_ms)
+        run = self._durable()
+        return run.create_callback(check_durable_name(name), check_count(timeout_ms, "timeout_ms"),
+                                   check_count(heartbeat_timeout_ms, "heartbeat_timeout_ms"))
 
     def callback_result(self, handle: "CallbackHandle") -> bytes:
         """The callback's result once signalled with success; raises
@@ -150,7 +167,10 @@ class JobContext:
     def step(self, name: str, fn: Callable[[], T]) -> T:
         """Runs ``fn()`` once and records its value; a replay of this job
         returns the recorded value without calling ``fn``."""
-        return self._durable().step(name, fn)
+        run = self._durable()
+        name = check_durable_name(name)
+        check_callable(fn, "fn")
+        return run.step(name, fn)
 
     def __repr__(self) -> str:
         return (f"<JobContext id={self.id} route={self.route} attempt={self.attempt} "

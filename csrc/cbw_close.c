@@ -4,8 +4,12 @@
  * DESIGN
  * close() runs once; a second or concurrent call waits for the first to
  * finish (unless it comes from one of the worker's own threads, which must
- * not wait for itself) and returns CBW_OK.  The steps, each under w->mu
- * except the joins:
+ * not wait for itself) and returns CBW_OK.  A concurrent call with
+ * CBW_CLOSE_INTERRUPT that finds the first one running without it (a drain,
+ * or a plain close waiting for a long callback) escalates it first: it does
+ * steps 3 and 4 itself, so the first close's drain ends and its joins are
+ * bounded by grace_ms, and an exit-time close never waits on a weaker one.
+ * The steps, each under w->mu except the joins:
  *  1. closing: cbw_start fails from now on.
  *  2. with CBW_CLOSE_DRAIN, wait until every route is empty but for
  *     suspended jobs (they wait for an outside signal; retries waiting out
@@ -87,6 +91,18 @@ static void interrupt_running(cbw_worker *w)
         cbw__cond_signal(&w->timerc);
 }
 
+/* Steps 3 and 4 with CBW_CLOSE_INTERRUPT, for the close itself or for one
+ * that escalates a weaker close already running. */
+static void stop_now(cbw_worker *w, int32_t grace_ms)
+{
+    shut_down_queues(w);
+    w->stopping = 1;
+    w->interrupting = 1;
+    w->grace_ms = grace_ms;
+    interrupt_running(w);
+    wake_everyone(w);
+}
+
 /* A live route thread other than the caller, or NULL. */
 static cbw__thread_rec *next_to_join(cbw_worker *w)
 {
@@ -125,6 +141,8 @@ int cbw_worker_close(cbw_worker *w, int flags, int32_t grace_ms)
         return CBW_EINVAL;
     cbw__mutex_lock(&w->mu);
     if (w->closing) {
+        if ((flags & CBW_CLOSE_INTERRUPT) && !w->interrupting && !w->closed)
+            stop_now(w, grace_ms);
         while (!w->closed && !own)
             cbw__cond_wait(&w->statec, &w->mu);
         cbw__mutex_unlock(&w->mu);
@@ -142,11 +160,11 @@ int cbw_worker_close(cbw_worker *w, int flags, int32_t grace_ms)
             cbw__cond_wait(&w->statec, &w->mu);
         w->draining = 0;
     }
-    shut_down_queues(w);
-    w->stopping = 1;
     if (flags & CBW_CLOSE_INTERRUPT) {
-        w->grace_ms = grace_ms;
-        interrupt_running(w);
+        stop_now(w, grace_ms);
+    } else {
+        shut_down_queues(w);
+        w->stopping = 1;
     }
     if (own && self != NULL && !self->detached) {
         self->detached = 1; /* leaves after its callback returns */

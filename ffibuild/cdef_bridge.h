@@ -6,9 +6,12 @@
  */
 extern "Python" void cbwpy_completed(void *ctx, int64_t *ids, size_t n);
 
+#define CBWPY_EENCODE ...  /* cbwpy_start_text: the str cannot be encoded */
+
 int cbwpy_init(void *interrupt_type);
 void cbwpy_forked(void);
 cbw_worker *cbwpy_worker_new(void *handle, void *registry, void *table,
                              int32_t concurrency, int *err);
+void *cbwpy_current_table(void);
 int64_t cbwpy_start_text(cbw_worker *w, int32_t route, uint64_t callback,
                          void *text, int32_t timeout_ms);

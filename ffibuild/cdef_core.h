@@ -200,7 +200,6 @@ int cbw_job_error_text(cbw_worker *w, int64_t id, char *buf, size_t cap);
 size_t cbw_tokens_collect(cbw_worker *w, uint64_t *out, size_t cap);
 
 const cbw_run *cbw_current_run(void);
-cbw_worker *cbw_current_worker(void);
 int cbw_current_cancel_requested(void);
 
 int cbw_run_set_result(cbw_run *run, const char *data, size_t size);

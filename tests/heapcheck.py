@@ -11,13 +11,13 @@ import time
 from typing import Callable, List
 
 from callbackworker import _default
-from callbackworker import worker as worker_module
+from callbackworker import _lifecycle
 from callbackworker._native import lib
 from callbackworker.worker import Worker
 
 def other_open_workers() -> List[Worker]:
     default = _default._worker
-    return [w for w in list(worker_module._live_workers) if w is not default]
+    return [w for w in list(_lifecycle.live_workers) if w is not default]
 
 
 def stable_count() -> int:

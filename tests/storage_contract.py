@@ -8,7 +8,7 @@ contract (``callbackworker.tasks.storage``), explicit times, and no sleeps.
 from __future__ import annotations
 
 import threading
-from typing import List
+from typing import Dict, List, Tuple
 
 import pytest
 
@@ -18,7 +18,9 @@ from callbackworker.errors import (
     NonDeterminismError,
     UnknownCallbackError,
     UnknownQueueError,
+    UnknownTaskError,
 )
+from callbackworker.tasks.schema import INDEXES
 from callbackworker.tasks.storage import NEVER, STATUSES, ClaimedTask, Outcome, TaskStore
 
 LEASE = 30_000
@@ -48,6 +50,16 @@ def _suspended_one(store: TaskStore, timeout_ms: int = 0, heartbeat_ms: int = 0,
     assert store.settle([Outcome(task.id, task.token, "suspend", "", 10,
                                  awaiting=callback_id)]) == [True]
     return task
+
+
+def source_indexes(backend: str) -> Dict[str, Tuple[str, Tuple[str, ...]]]:
+    """``schema.INDEXES[backend]`` as ``{name: (table, key columns)}``, the
+    form each backend's schema test reads its live indexes in."""
+    parsed = {}
+    for name, text in INDEXES[backend].items():
+        table, _, rest = text.partition("(")
+        parsed[name] = (table, tuple(c.strip() for c in rest.partition(")")[0].split(",")))
+    return parsed
 
 
 class StorageContract:
@@ -219,6 +231,18 @@ class StorageContract:
         assert store.get(mine[0].id).lease_expires_at == 99_999  # type: ignore[union-attr]
         assert store.get(theirs.id).lease_expires_at == LEASE  # type: ignore[union-attr]
 
+    def test_renew_leases_of_named_tasks_leaves_the_others_to_expire(self,
+                                                                     store: TaskStore) -> None:
+        store.ensure_queue("q")
+        _enqueue(store, "q", 3)
+        kept, lost, other = store.claim("q", owner="me", limit=3, now=0, lease_ms=LEASE)
+        assert store.renew_leases("me", 99_999, [kept.id, other.id, "no-such-task"]) == 2
+        assert store.get(kept.id).lease_expires_at == 99_999  # type: ignore[union-attr]
+        assert store.get(lost.id).lease_expires_at == LEASE  # type: ignore[union-attr]
+        assert store.renew_leases("me", 99_999, []) == 0
+        assert store.recover("q", now=LEASE, max_attempts=3) == 1
+        assert store.get(lost.id).status == "pending"  # type: ignore[union-attr]
+
     def test_running_owners(self, store: TaskStore) -> None:
         store.ensure_queue("q")
         _enqueue(store, "q", 3)
@@ -347,6 +371,20 @@ class StorageContract:
         with pytest.raises(NonDeterminismError):
             store.durable_record(task.id, 0, "step", "b", b"2")
         assert store.durable_ops(task.id) == [("step", "a", b"1")]
+
+    def test_durable_rows_of_a_missing_task_are_refused(self, store: TaskStore) -> None:
+        """The log and callbacks belong to a task: none is kept for an id
+        that was never enqueued or was swept."""
+        with pytest.raises(UnknownTaskError):
+            store.durable_record("missing", 0, "step", "a", b"")
+        with pytest.raises(UnknownTaskError):
+            store.durable_add_callback(CallbackRecord("cb", "missing", "approval", 0))
+        store.ensure_queue("q")
+        _enqueue(store, "q", 1)
+        store.sweep("q", 1)  # nothing terminal: t0 stays
+        store.durable_record("t0", 0, "step", "a", b"")
+        assert store.durable_ops("t0") == [("step", "a", b"")]
+        assert store.durable_callback("cb") is None
 
     def test_callback_round_trip(self, store: TaskStore) -> None:
         task = _claimed_one(store)

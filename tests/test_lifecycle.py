@@ -38,6 +38,7 @@ from callbackworker import (
     RouteMetaKey,
     ShutdownError,
     Status,
+    TaskService,
     WaitTimeoutError,
     Worker,
     WorkerClosedError,
@@ -211,7 +212,10 @@ def test_close_joins_every_thread() -> None:
     alive = [t for t in tids if os.path.exists(f"/proc/self/task/{t}")]
     assert alive == [], f"worker threads still alive after close(): {alive}"
     # 5 route threads and the timer thread are gone (other threads of this
-    # process may only have left meanwhile, not arrived)
+    # process may only have left meanwhile, not arrived; on the main thread
+    # the close ran on a thread of its own, which the kernel reaps just after)
+    while time.monotonic() < deadline and len(os.listdir("/proc/self/task")) > before - 6:
+        time.sleep(0.01)
     assert len(os.listdir("/proc/self/task")) <= before - 6
 
 
@@ -766,6 +770,51 @@ def test_worker_collected_when_its_last_reference_drops_inside_its_own_callback(
 # ---- interpreter exit -------------------------------------------------------------------
 
 EXIT_SCRIPTS = {
+    # Interpreter exit while another thread is already closing the worker
+    # with weaker flags: the exit-time close escalates that close instead of
+    # waiting for a callback that never returns.
+    "another_thread_closing": """
+        import threading, time, callbackworker as cw
+        w = cw.Worker()
+        started = threading.Event()
+        def forever(m):
+            started.set()
+            while True:
+                time.sleep(0.01)
+        w.start(forever, b"x")
+        started.wait()
+        threading.Thread(target=w.close, daemon=True).start()
+        time.sleep(0.2)
+        print("exiting", flush=True)
+    """,
+    "another_thread_draining": """
+        import threading, time, callbackworker as cw
+        w = cw.Worker()
+        started = threading.Event()
+        def forever(m):
+            started.set()
+            while True:
+                time.sleep(0.01)
+        w.start(forever, b"x")
+        w.start_many(lambda m: None, [b"q"] * 100)
+        started.wait()
+        threading.Thread(target=w.close, kwargs={"drain": True}, daemon=True).start()
+        time.sleep(0.2)
+        print("exiting", flush=True)
+    """,
+    "executor_shutdown_without_wait": """
+        import threading, time, callbackworker as cw
+        ex = cw.Executor()
+        started = threading.Event()
+        def forever():
+            started.set()
+            while True:
+                time.sleep(0.01)
+        ex.submit(forever)
+        started.wait()
+        ex.shutdown(wait=False)
+        print("exiting", flush=True)
+    """,
     "10k_queued_and_busy_loop": """
         import time, callbackworker as cw
         w = cw.Worker()
@@ -852,6 +901,61 @@ def test_interpreter_exit_with_jobs_queued_and_running(name: str) -> None:
     proc, elapsed = _run_script(EXIT_SCRIPTS[name])
     _assert_clean_exit(proc, elapsed)
     assert proc.stdout.startswith("exiting"), proc.stdout
+
+
+EXIT_ORDER_SCRIPT = """
+    import sys, threading, time
+    import callbackworker as cw
+
+    def announce(name, obj, method):
+        original = getattr(obj, method)
+        def closing(*args, **kwargs):
+            print("closing", name, flush=True)
+            return original(*args, **kwargs)
+        setattr(obj, method, closing)
+
+    running = threading.Event()
+    tasks = []
+    def handler(payload):
+        running.set()
+        time.sleep(0.3)  # still running when the interpreter exits
+        return "finished"
+
+    def open_service():
+        service = cw.TaskService(sys.argv[1])
+        service.create_queue("q", handler=handler)
+        tasks.append(service.enqueue("q", b"x"))
+        announce("service", service, "close")
+        return service
+
+    def open_worker():
+        worker = cw.Worker()
+        announce("worker", worker, "_close")
+        return worker
+
+    first, second = (open_service, open_worker) if sys.argv[2] == "service" else (open_worker, open_service)
+    kept = [first(), second()]
+    running.wait(10)
+    print(tasks[0], "exiting", flush=True)
+"""
+
+
+@pytest.mark.parametrize("opened_first", ["service", "worker"])
+def test_interpreter_exit_closes_task_services_before_workers(tmp_path: Any,
+                                                             opened_first: str) -> None:
+    """The exit hook closes every task service first, while its worker can
+    still finish the handler it runs, then every worker, whichever was
+    opened first."""
+    db = str(tmp_path / "tasks.db")
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(EXIT_ORDER_SCRIPT), db,
+                           opened_first], capture_output=True, text=True,
+                          timeout=SUBPROCESS_TIMEOUT)
+    _assert_clean_exit(proc, 0.0)
+    lines = proc.stdout.splitlines()
+    assert [line.split()[-1] for line in lines] == ["exiting", "service", "worker"], proc.stdout
+    task_id = lines[0].split()[0]
+    with TaskService(db) as service:  # the handler finished: its outcome was kept
+        assert service.get(task_id)[:2] == ("completed", "finished")
 
 
 # ---- os.fork() --------------------------------------------------------------------
@@ -1041,6 +1145,65 @@ def test_keyboard_interrupt_while_the_main_thread_waits(verb: str) -> None:
         latency = float(lines[0].split()[1]) - sent
         assert latency < 1.0, f"KeyboardInterrupt {latency:.2f}s after SIGINT"
     assert lines[1:] == ["known True", "status PENDING", "result unharmed"], out
+
+
+CLOSE_SIGINT_SCRIPT = """
+import signal, sys, threading, time, callbackworker as cw
+
+signal.signal(signal.SIGINT, signal.default_int_handler)
+verb = sys.argv[1]
+started = threading.Event()
+def slow(*args):
+    started.set()
+    time.sleep(3.0)
+    return b"done"
+if verb == "executor_shutdown":
+    ex = cw.Executor()
+    future = ex.submit(slow)
+else:
+    w = cw.Worker()
+    j = w.start(slow, b"x")
+started.wait()
+print("ready", flush=True)
+try:
+    if verb == "close":
+        w.close()
+    elif verb == "close_drain":
+        w.start(lambda m: None, b"queued")
+        w.close(drain=True)
+    else:
+        ex.shutdown()
+    print("not interrupted", flush=True)
+except KeyboardInterrupt:
+    print("KeyboardInterrupt %.6f" % time.monotonic(), flush=True)
+"""
+
+
+@pytest.mark.skipif(not POSIX, reason="sends SIGINT")
+@pytest.mark.parametrize("verb", ["close", "close_drain", "executor_shutdown"])
+def test_keyboard_interrupt_while_the_main_thread_closes(verb: str) -> None:
+    """Ctrl-C interrupts a close waiting for a running callback; the close
+    goes on in the background and the interpreter still exits cleanly."""
+    proc = subprocess.Popen([sys.executable, "-c", CLOSE_SIGINT_SCRIPT, verb],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.5)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=SUBPROCESS_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err, err
+    lines = out.splitlines()
+    assert lines and lines[0].startswith("KeyboardInterrupt "), out
+    if LINUX:  # promptly: well before the callback (3 s) returns
+        latency = float(lines[0].split()[1]) - sent
+        assert latency < 1.5, f"KeyboardInterrupt {latency:.2f}s after SIGINT"
 
 
 # ---- fork from inside a callback -------------------------------------------------

@@ -5,6 +5,7 @@ through LISTEN/NOTIFY that survive a dropped connection."""
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 import time
@@ -12,15 +13,17 @@ from typing import Iterator, List, Optional
 
 import pytest
 
-from storage_contract import StorageContract
+from storage_contract import StorageContract, source_indexes
 
 psycopg = pytest.importorskip("psycopg", reason="psycopg 3 is not installed: "
                                                 "pip install 'callbackworker[postgres]'")
 
 from callbackworker.durable import CallbackRecord  # noqa: E402
-from callbackworker.errors import StorageBusyError, UnknownTaskError  # noqa: E402
+from callbackworker.errors import StorageBusyError  # noqa: E402
 from callbackworker.tasks import postgres  # noqa: E402
 from callbackworker.tasks.postgres import SCHEMA_VERSION, PostgresTaskStore  # noqa: E402
+from callbackworker.tasks.schema import expected_columns  # noqa: E402
+from callbackworker.tasks.status import TaskStatus  # noqa: E402
 from callbackworker.tasks.storage import NEVER, Outcome  # noqa: E402
 
 
@@ -108,6 +111,46 @@ def test_a_version_1_schema_is_migrated_keeping_its_tasks(pg_schema_dsn: str) ->
         assert store.get("old").status == "suspended"  # type: ignore[union-attr]
     finally:
         store.close()
+    columns, indexes = _live_schema(pg_schema_dsn)
+    assert columns == expected_columns("postgresql")
+    assert indexes == source_indexes("postgresql")
+
+
+def _live_schema(dsn: str) -> "tuple[dict, dict]":
+    """The columns ``{table: {column: (type, nullable)}}`` and secondary
+    indexes ``{name: (table, columns)}`` of the schema ``dsn`` uses (the
+    version table aside)."""
+    columns: dict = {}
+    for table, column, kind, nullable in _sql(dsn, """
+            SELECT table_name, column_name, data_type, is_nullable = 'YES'
+            FROM information_schema.columns
+            WHERE table_schema = current_schema() AND table_name <> 'cbw_schema_version'"""):
+        columns.setdefault(table, {})[column] = (kind, nullable)
+    indexes = {name: (table, tuple(keys)) for name, table, keys in _sql(dsn, """
+            SELECT i.relname, t.relname, array_agg(a.attname::text ORDER BY k.n)
+            FROM pg_index x
+            JOIN pg_class i ON i.oid = x.indexrelid
+            JOIN pg_class t ON t.oid = x.indrelid
+            CROSS JOIN LATERAL unnest(x.indkey) WITH ORDINALITY AS k(attnum, n)
+            JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = k.attnum
+            WHERE t.relnamespace = current_schema()::regnamespace
+                  AND NOT x.indisprimary AND NOT x.indisunique
+            GROUP BY i.relname, t.relname""")}
+    return columns, indexes
+
+
+def test_a_fresh_schema_is_the_described_one(store: PostgresTaskStore) -> None:
+    columns, indexes = _live_schema(store.dsn)
+    assert columns == expected_columns("postgresql")
+    assert indexes == source_indexes("postgresql")
+    assert len(postgres._MIGRATIONS) == SCHEMA_VERSION
+
+
+def test_the_status_check_allows_exactly_the_task_statuses(store: PostgresTaskStore) -> None:
+    (check,), = _sql(store.dsn, "SELECT pg_get_constraintdef(oid) FROM pg_constraint "
+                                "WHERE conname = 'cbw_tasks_status_check' "
+                                "AND connamespace = current_schema()::regnamespace")
+    assert sorted(re.findall(r"'(\w+)'", check)) == sorted(s.value for s in TaskStatus)
 
 
 def test_a_newer_schema_is_refused(pg_schema_dsn: str) -> None:
@@ -300,14 +343,6 @@ def test_a_large_batch_is_cut_into_statements_all_or_nothing(
 
 
 # ---- durable callbacks ------------------------------------------------------
-
-def test_durable_state_of_an_unknown_task_is_refused(store: PostgresTaskStore) -> None:
-    """The log and callbacks belong to a task row (and go with it)."""
-    with pytest.raises(UnknownTaskError):
-        store.durable_record("missing", 0, "step", "a", b"")
-    with pytest.raises(UnknownTaskError):
-        store.durable_add_callback(CallbackRecord("cb", "missing", "approval", 0))
-
 
 def test_a_signal_that_wakes_a_suspended_task_notifies_its_queue(
         store: PostgresTaskStore) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from typing import Iterator, List, Optional
 
 import pytest
@@ -26,8 +27,9 @@ from callbackworker import (
     UnknownQueueError,
     UnknownTaskError,
 )
-from callbackworker.tasks import service as service_module
-from callbackworker.tasks.service import _open_store, retry_delay_ms
+from callbackworker.tasks import owners
+from callbackworker.tasks.client import open_store as open_task_store
+from callbackworker.tasks.service import retry_delay_ms
 from callbackworker.tasks.storage import TaskStore
 
 from helpers import FakeClock
@@ -36,7 +38,7 @@ from helpers import FakeClock
 def open_store(db: str) -> TaskStore:
     """A second handle on the service's database, as another process would
     open it."""
-    return _open_store(db, "normal")
+    return open_task_store(db, "normal")
 
 
 @pytest.fixture
@@ -246,7 +248,7 @@ def test_retention_keeps_pending_tasks(service: TaskService, clock: FakeClock) -
     clock.advance(10**9)
     task = service.enqueue("q", b"x")
     clock.advance(10**9)
-    service._maintain(sweep=True)
+    service._runtime._maintain(sweep=True)
     assert service.get(task).status == "pending"
 
 
@@ -321,6 +323,17 @@ def test_enqueue_to_unknown_queue(service: TaskService) -> None:
         service.enqueue("nope", b"x")
 
 
+def test_served_queues_are_those_this_service_created(db: str, clock: FakeClock) -> None:
+    with TaskService(db, clock=clock, background=False) as other:
+        other.create_queue("elsewhere", handler=ok)
+        with TaskService(db, clock=clock, background=False) as service:
+            assert service.served_queues() == []
+            service.create_queue("b", handler=ok)
+            service.create_queue("a", handler=ok)
+            assert service.served_queues() == ["a", "b"]
+            assert service.queues() == ["a", "b", "elsewhere"]
+
+
 def test_queue_created_elsewhere_accepts_tasks(db: str, clock: FakeClock) -> None:
     with TaskService(db, clock=clock, background=False) as runner:
         runner.create_queue("q", handler=ok)
@@ -338,7 +351,7 @@ def test_crash_recovery_on_create_queue(db: str, clock: FakeClock) -> None:
     store.ensure_queue("q")
     store.enqueue_many("q", [("dead", b"1"), ("expired", b"2"), ("live", b"3")],
                        clock() - 50_000)
-    host = service_module._HOST  # the host name, and on Linux its pid namespace
+    host = owners.HOST  # the host name, and on Linux its pid namespace
     gone_pid = _a_dead_pid()
     store.claim("q", owner=f"{host}/{gone_pid}/x", limit=1, now=clock(), lease_ms=10**9)
     store.claim("q", owner="otherhost/1/y", limit=1, now=clock() - 40_000, lease_ms=30_000)
@@ -394,10 +407,10 @@ def test_a_host_name_shared_with_another_machine_does_not_make_its_workers_dead(
     """Two containers or machines with one host name share a database: a
     pid that is gone here says nothing about a worker over there."""
     gone_pid = _a_dead_pid()
-    assert service_module._owner_is_dead(f"{service_module._HOST}/{gone_pid}/x")
+    assert owners.owner_is_dead(f"{owners.HOST}/{gone_pid}/x")
     twin = f"{socket.gethostname()}#000000000000"
-    assert not service_module._owner_is_dead(f"{twin}/{gone_pid}/x")
-    assert not service_module._owner_is_dead(f"{socket.gethostname()}/{gone_pid}/x")
+    assert not owners.owner_is_dead(f"{twin}/{gone_pid}/x")
+    assert not owners.owner_is_dead(f"{socket.gethostname()}/{gone_pid}/x")
 
 
 # ---- limits and bad input -----------------------------------------------
@@ -477,13 +490,60 @@ def test_closed_service_refuses_every_verb(db: str) -> None:
             call()
 
 
+def test_flush_waits_for_claimed_tasks_and_commits_their_outcomes(db: str) -> None:
+    gate, running = threading.Event(), threading.Event()
+
+    def hold(payload: memoryview) -> str:
+        running.set()
+        gate.wait(30)
+        return "done"
+
+    with TaskService(db) as service:
+        service.flush()  # serves no queue: nothing to wait for
+        service.create_queue("q", handler=hold)
+        task = service.enqueue("q", b"")
+        assert running.wait(30)
+        flusher = threading.Thread(target=service.flush)
+        flusher.start()
+        flusher.join(0.2)
+        assert flusher.is_alive()  # the handler still runs
+        gate.set()
+        flusher.join(30)
+        assert not flusher.is_alive()
+        store = open_store(db)  # another process sees the outcome at once
+        try:
+            record = store.get(task)
+        finally:
+            store.close()
+        assert record is not None and (record.status, record.message) == ("completed", "done")
+
+
+def test_flush_from_a_handler_is_a_runtime_error(service: TaskService) -> None:
+    def flush_myself(payload: memoryview) -> None:
+        service.flush()
+
+    service.create_queue("q", handler=flush_myself)
+    task = service.enqueue("q", b"")
+    service._dispatch_once()
+    info = service.get(task)
+    assert info.status == "failed" and info.message.startswith("RuntimeError: ")
+
+
+def test_flush_on_a_closed_service_is_an_error(db: str) -> None:
+    service = TaskService(db)
+    service.close()
+    with pytest.raises(ServiceClosedError):
+        service.flush()
+
+
 def test_close_gives_back_claimed_but_unstarted_tasks(service: TaskService, db: str) -> None:
     service.create_queue("q", QueueConfig(concurrency=1), handler=ok)
     task = service.enqueue("q", b"x")
-    (claimed,) = service._store.claim("q", owner=service._owner, limit=1, now=0 + service._now(),
+    runtime = service._runtime
+    (claimed,) = service._store.claim("q", owner=runtime._owner, limit=1, now=runtime._now(),
                                        lease_ms=30_000)
-    with service._cond:
-        service._claims[99] = (service._queues["q"], claimed)
+    with runtime._cond:  # as if handed to the worker, which has not run it yet
+        runtime._track_locked(runtime._queues["q"], [claimed])
     service.close()
     store = open_store(db)
     record = store.get(task)
@@ -513,8 +573,6 @@ def test_current_task_inside_a_handler(service: TaskService) -> None:
 
 
 def test_prefetch_claims_beyond_free_slots_and_close_gives_them_back(db: str, clock: FakeClock) -> None:
-    import threading
-
     gate, running = threading.Event(), threading.Event()
 
     def hold(payload: memoryview) -> None:
@@ -524,7 +582,7 @@ def test_prefetch_claims_beyond_free_slots_and_close_gives_them_back(db: str, cl
     service = TaskService(db, clock=clock, background=False, prefetch=2)
     service.create_queue("q", handler=hold)
     ids = service.enqueue_many("q", [b"1", b"2", b"3", b"4"])
-    started, _ = service._claim_and_start()
+    started, _ = service._runtime._claim_and_start()
     assert started == 3  # one slot plus two prefetched
     with TaskService(db, clock=clock, background=False) as reader:
         assert [reader.get(i).status for i in ids] == ["running"] * 3 + ["pending"]

@@ -4,16 +4,21 @@ connections."""
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Iterator, List
+from typing import Any, Iterator, List, Mapping
 
 import pytest
 
+from callbackworker.durable import CallbackRecord
+from callbackworker.errors import StorageBusyError
+from callbackworker.tasks.schema import SCHEMA_VERSION, expected_columns
 from callbackworker.tasks.sqlite import SQLiteTaskStore
+from callbackworker.tasks.storage import Outcome
 
-from storage_contract import StorageContract
+from storage_contract import StorageContract, source_indexes
 
 
 @pytest.fixture
@@ -37,7 +42,7 @@ def _pragma(path: Path, name: str) -> object:
 def test_wal_journal_and_schema_version(store: SQLiteTaskStore) -> None:
     path = Path(store.path)
     assert _pragma(path, "journal_mode") == "wal"
-    assert _pragma(path, "user_version") == 2
+    assert _pragma(path, "user_version") == SCHEMA_VERSION
 
 
 @pytest.mark.parametrize("durability, level", [("normal", 1), ("full", 2)])
@@ -106,6 +111,22 @@ def test_writes_wait_out_another_connection_holding_the_lock(tmp_path: Path) -> 
         store.close()
 
 
+def test_a_lock_held_past_patience_is_storage_busy_error(tmp_path: Path) -> None:
+    """Past ``patience_s`` the retry loop gives up with one clear error."""
+    path = tmp_path / "t.db"
+    store = SQLiteTaskStore(path, patience_s=0.1)
+    store.ensure_queue("q")
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(StorageBusyError, match="stayed locked"):
+            store.enqueue("q", "t1", b"x", 0)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        store.close()
+
+
 def test_closed_store_refuses_use(tmp_path: Path) -> None:
     s = SQLiteTaskStore(tmp_path / "t.db")
     s.close()
@@ -127,10 +148,109 @@ def test_a_version_1_database_is_migrated_in_place(tmp_path: Path) -> None:
                    "VALUES ('old', 'q', x'00', 'pending', 0, 0)")
     store = SQLiteTaskStore(path)
     try:
-        assert _pragma(path, "user_version") == 2
+        assert _pragma(path, "user_version") == SCHEMA_VERSION
         (task,) = store.claim("q", owner="me", limit=1, now=0, lease_ms=1000)
         assert (task.id, task.attempt) == ("old", 1)
         store.durable_record("old", 0, "step", "s", b"v")
         assert store.durable_ops("old") == [("step", "s", b"v")]
     finally:
         store.close()
+
+
+# A named (``:name``) or numbered (``?1``) placeholder: bound from a
+# sequence, Python 3.12 warns and 3.14 raises.
+_NAMED = re.compile(r"(?<![:\w])[:@$][A-Za-z_]\w*|\?\d")
+
+
+class _CheckedConnection:
+    """A connection that records every statement whose placeholders do not
+    match the kind of parameters it was given."""
+
+    def __init__(self, db: sqlite3.Connection, mismatches: List[str]) -> None:
+        self._db = db
+        self._mismatches = mismatches
+
+    def _check(self, sql: str, params: Any) -> None:
+        if not isinstance(params, Mapping) and _NAMED.search(sql):
+            self._mismatches.append(sql)
+
+    def execute(self, sql: str, params: Any = ()) -> sqlite3.Cursor:
+        self._check(sql, params)
+        return self._db.execute(sql, params)
+
+    def executemany(self, sql: str, rows: Any) -> sqlite3.Cursor:
+        rows = list(rows)
+        for params in rows[:1]:
+            self._check(sql, params)
+        return self._db.executemany(sql, rows)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._db, name)
+
+
+def test_named_placeholders_are_bound_from_mappings_only(store: SQLiteTaskStore) -> None:
+    """Every operation binds positional parameters to ``?`` only and named
+    ones from a mapping (the mix is deprecated since Python 3.12)."""
+    mismatches: List[str] = []
+    store._db = _CheckedConnection(store._conn(), mismatches)  # type: ignore[assignment]
+    store.ensure_queue("q")
+    store.enqueue_many("q", [("a", b"x"), ("b", b"y")], 0)
+    task, = store.claim("q", owner="o", limit=1, now=0, lease_ms=10)
+    store.durable_record("a", 0, "step", "n", b"v")
+    store.durable_ops("a")
+    store.durable_add_callback(CallbackRecord("cb", "a", "n", 0, 100, 0, last_beat_ms=0))
+    store.settle([Outcome("a", task.token, "suspend", "", 1, awaiting="cb")])
+    store.durable_signal("cb", "pending", None, None, 2)
+    store.durable_signal("cb", "succeeded", b"r", None, 3)
+    store.durable_callback("cb")
+    store.next_due("q")
+    store.counts()
+    store.get("a")
+    store.claim("q", owner="o", limit=2, now=5, lease_ms=10, delay_ms=3)
+    store.renew_leases("o", 100)
+    store.running_owners("q")
+    store.recover("q", now=1000, max_attempts=1, owners=["x", "y"])
+    store.cancel("b", 5)
+    store.clear("q", 5)
+    store.sweep("q", 10**9)
+    assert mismatches == []
+
+
+def _live_schema(path: Path) -> "tuple[dict, dict]":
+    """The columns ``{table: {column: (type, nullable)}}`` and secondary
+    indexes ``{name: (table, columns)}`` of the database at ``path``."""
+    with sqlite3.connect(path) as db:
+        tables = [row[0] for row in db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+        columns = {table: {name: (kind, not (notnull or pk))
+                           for _, name, kind, notnull, _, pk in db.execute(
+                               f"PRAGMA table_info({table})")}
+                   for table in tables}
+        indexes = {name: (table, tuple(row[2] for row in db.execute(
+                       f"PRAGMA index_info({name})")))
+                   for name, table in db.execute(
+                       "SELECT name, tbl_name FROM sqlite_master WHERE type = 'index' "
+                       "AND name NOT LIKE 'sqlite_autoindex_%'")}
+    return columns, indexes
+
+
+def test_a_fresh_database_has_the_described_schema(store: SQLiteTaskStore) -> None:
+    columns, indexes = _live_schema(Path(store.path))
+    assert columns == expected_columns("sqlite")
+    assert indexes == source_indexes("sqlite")
+    assert _pragma(Path(store.path), "user_version") == SCHEMA_VERSION
+
+
+def test_a_migrated_database_has_the_described_schema(tmp_path: Path) -> None:
+    from callbackworker.tasks.sqlite import _MIGRATIONS
+
+    assert len(_MIGRATIONS) == SCHEMA_VERSION
+    path = tmp_path / "v1.db"
+    with sqlite3.connect(path) as db:
+        for statement in _MIGRATIONS[0]:
+            db.execute(statement)
+        db.execute("PRAGMA user_version = 1")
+    SQLiteTaskStore(path).close()
+    columns, indexes = _live_schema(path)
+    assert columns == expected_columns("sqlite")
+    assert indexes == source_indexes("sqlite")

@@ -16,10 +16,21 @@ DESIGN
   the write lock up front, so two processes never deadlock upgrading a read
   lock.  ``busy_timeout`` waits for a lock inside SQLite; if the lock is
   still held, the whole transaction is rolled back and retried with
-  exponential backoff, so "database is locked" never reaches a caller (past
-  ``patience_s`` it raises ``StorageBusyError``).
+  exponential backoff by the loop both stores share
+  (``SQLTaskStore._retry``), so "database is locked" never reaches a
+  caller (past ``patience_s`` it raises ``StorageBusyError``).
+* What this store runs like the PostgreSQL one comes from
+  ``sql.SQLTaskStore`` (statements kept by name, rendered in this store's
+  ``_DIALECT``); its own are the per-kind settle statements and the
+  ``executemany`` enqueue.  Named parameters are always bound from a
+  mapping, positional ones only to ``?``.
+* A durable row (an operation, a callback) of a task that does not exist
+  is refused with ``UnknownTaskError``, as on PostgreSQL, where a foreign
+  key does it: here the insert adds a row only if the task exists.
 * The schema is versioned by ``PRAGMA user_version``; ``_MIGRATIONS`` holds
-  every step, each applied once, in one transaction with the version bump.
+  every step, each applied once, in one transaction with the version bump;
+  ``schema.py`` describes the result (the tests check one against the
+  other).
 * A claim is one ``UPDATE … RETURNING`` over the oldest due pending tasks
   (SQLite ≥ 3.35).
 """
@@ -28,33 +39,14 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import sqlite3
 import threading
-import time
-import uuid
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, TypeVar
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, TypeVar
 
-from ..durable import CallbackRecord
-from ..errors import (
-    NonDeterminismError,
-    StorageBusyError,
-    UnknownCallbackError,
-    UnknownQueueError,
-)
-from .storage import (
-    NEVER,
-    STATUSES,
-    ClaimedTask,
-    Outcome,
-    TaskRecord,
-    TaskStore,
-    CALLBACK_COLUMNS,
-    apply_signal,
-    callback_record,
-    check_signal_state,
-    place_suspension,
-)
+from ..errors import UnknownQueueError
+from .schema import SCHEMA_VERSION
+from .sql import Dialect, SQLTaskStore, TransientError
+from .storage import Outcome, callback_record, place_suspension
 
 __all__ = ["SQLiteTaskStore", "DURABILITY"]
 
@@ -67,6 +59,11 @@ DURABILITY = {"normal": "NORMAL", "full": "FULL"}
 
 _MIN_SQLITE = (3, 35, 0)
 _BUSY_TIMEOUT_MS = 2000
+
+# Who is recovered as known dead: expanded per call (SQLite has no arrays).
+_DEAD_OWNERS = "owner IN (:dead_owners)"
+
+_DIALECT = Dialect(dead_owners=_DEAD_OWNERS)
 
 _MIGRATIONS: List[List[str]] = [
     # 1: queues and tasks.
@@ -123,14 +120,9 @@ _MIGRATIONS: List[List[str]] = [
         "CREATE INDEX durable_callbacks_task ON durable_callbacks(task_id)",
         # Every path to a terminal status (complete, fail, recover, cancel,
         # clear) ends the task's durable state here, in its transaction.
-        """CREATE TRIGGER tasks_durable_ended AFTER UPDATE OF status ON tasks
+        f"""CREATE TRIGGER tasks_durable_ended AFTER UPDATE OF status ON tasks
            WHEN NEW.status IN ('completed', 'failed', 'cancelled')
-           BEGIN
-               DELETE FROM durable_ops WHERE task_id = NEW.id;
-               UPDATE durable_callbacks
-                  SET state = CASE state WHEN 'pending' THEN 'closed' ELSE state END,
-                      result = NULL
-                WHERE task_id = NEW.id;
+           BEGIN {_DIALECT.sql("end_durable_state")}
            END""",
         """CREATE TRIGGER tasks_durable_swept AFTER DELETE ON tasks
            BEGIN
@@ -141,24 +133,24 @@ _MIGRATIONS: List[List[str]] = [
 ]
 
 
-_SETTLE_SQL = {
-    "complete": """UPDATE tasks SET status = 'completed', message = ?, finished_at = ?,
-                       awaiting = NULL, owner = NULL, lease_expires_at = NULL, token = NULL
-                   WHERE id = ? AND token = ? AND status = 'running'""",
-    "fail": """UPDATE tasks SET status = 'failed', message = ?, finished_at = ?,
-                   awaiting = NULL, owner = NULL, lease_expires_at = NULL, token = NULL
-               WHERE id = ? AND token = ? AND status = 'running'""",
-    "retry": """UPDATE tasks SET status = 'pending', message = ?, next_run_at = ?,
-                    awaiting = NULL, owner = NULL, lease_expires_at = NULL, token = NULL
-                WHERE id = ? AND token = ? AND status = 'running'""",
-    "release": """UPDATE tasks SET status = 'pending', message = ?, next_run_at = ?,
-                      attempt = attempt - (awaiting IS NULL), owner = NULL,
-                      lease_expires_at = NULL, token = NULL
-                  WHERE id = ? AND token = ? AND status = 'running'""",
-    "suspend": """UPDATE tasks SET status = ?, message = ?, next_run_at = ?, awaiting = ?,
-                      owner = NULL, lease_expires_at = NULL, token = NULL
-                  WHERE id = ? AND token = ? AND status = 'running'""",
-}
+_QUEUE_EXISTS = _DIALECT.render("SELECT 1 FROM {queues} WHERE name = ?")
+_ENQUEUE = _DIALECT.render("INSERT INTO {tasks}(id, queue, payload, status, next_run_at, "
+                           "created_at) VALUES (?, ?, ?, {PENDING}, ?, ?)")
+
+# One statement per outcome kind; each applies only while the task runs
+# under the outcome's token.  A release gives the attempt back unless the
+# claim was the replay of a suspended task.
+_LEASE_ENDS = "owner = NULL, lease_expires_at = NULL, token = NULL"
+_WHILE_RUNNING = "WHERE id = ? AND token = ? AND status = {RUNNING}"
+_SETTLE_SQL = {kind: _DIALECT.render(f"UPDATE {{tasks}} SET {change}, {_LEASE_ENDS} "
+                                     f"{_WHILE_RUNNING}") for kind, change in {
+    "complete": "status = {COMPLETED}, message = ?, finished_at = ?, awaiting = NULL",
+    "fail": "status = {FAILED}, message = ?, finished_at = ?, awaiting = NULL",
+    "retry": "status = {PENDING}, message = ?, next_run_at = ?, awaiting = NULL",
+    "release": "status = {PENDING}, message = ?, next_run_at = ?, "
+               "attempt = attempt - (awaiting IS NULL)",
+    "suspend": "status = ?, message = ?, next_run_at = ?, awaiting = ?",
+}.items()}
 
 
 def _check_sqlite_version() -> None:
@@ -168,17 +160,39 @@ def _check_sqlite_version() -> None:
             f"this Python is linked with SQLite {sqlite3.sqlite_version}")
 
 
-def _is_busy(exc: sqlite3.OperationalError) -> bool:
+def _is_busy(exc: BaseException) -> bool:
+    """True for the lock contention that another attempt may get past."""
+    if not isinstance(exc, sqlite3.OperationalError):
+        return False
     text = str(exc).lower()
     return "locked" in text or "busy" in text
 
 
-class SQLiteTaskStore(TaskStore):
+def _create_private(path: str) -> None:
+    """Creates a new database file readable by its owner only (0600), not
+    as the umask says: it holds callback ids, which are capabilities, and
+    payloads.  SQLite gives the -wal and -shm files the database file's
+    mode.  An existing file is left as it is."""
+    if path == ":memory:" or path.startswith("file:"):
+        return
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except (FileExistsError, IsADirectoryError):
+        return  # opening it says what is wrong, if anything
+    except OSError:
+        return  # e.g. a missing directory: sqlite3 reports it when opening
+    os.close(fd)
+
+
+class SQLiteTaskStore(SQLTaskStore):
     """The ``TaskStore`` contract on a SQLite file (``path``; ``":memory:"``
     works for one process).  ``durability`` is ``"normal"`` (survives a
     killed process) or ``"full"`` (also survives power loss); see the module
     docstring.  ``patience_s`` bounds how long a write keeps retrying while
     other processes hold the database locked."""
+
+    dialect = _DIALECT
+    unique_violation = (sqlite3.IntegrityError,)
 
     def __init__(self, path: "str | os.PathLike[str]", *, durability: str = "normal",
                  patience_s: float = 60.0) -> None:
@@ -189,6 +203,7 @@ class SQLiteTaskStore(TaskStore):
         self.durability = durability
         self._patience_s = patience_s
         self._lock = threading.Lock()
+        _create_private(self.path)
         self._db: Optional[sqlite3.Connection] = sqlite3.connect(
             self.path, isolation_level=None, check_same_thread=False,
             timeout=_BUSY_TIMEOUT_MS / 1000)
@@ -202,48 +217,44 @@ class SQLiteTaskStore(TaskStore):
 
     def _configure(self) -> None:
         db = self._conn()
-        self._retry(lambda: db.execute("PRAGMA journal_mode=WAL").fetchone())
+        self._retry(lambda: self._attempt(lambda: db.execute("PRAGMA journal_mode=WAL")
+                                          .fetchone()))
         db.execute(f"PRAGMA synchronous={DURABILITY[self.durability]}")
         db.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
-        self._write(self._migrate)
+        self._atomic(self._migrate)
 
     def _migrate(self, db: sqlite3.Connection) -> None:
         version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version > len(_MIGRATIONS):
+        if version > SCHEMA_VERSION:
             raise RuntimeError(f"{self.path}: task schema version {version} is newer than this "
-                               f"callbackworker knows ({len(_MIGRATIONS)}); upgrade callbackworker")
-        for step in range(version, len(_MIGRATIONS)):
+                               f"callbackworker knows ({SCHEMA_VERSION}); upgrade callbackworker")
+        for step in range(version, SCHEMA_VERSION):
             for statement in _MIGRATIONS[step]:
                 db.execute(statement)
             log.info("%s: task schema migrated to version %d", self.path, step + 1)
-        if version < len(_MIGRATIONS):
-            db.execute(f"PRAGMA user_version = {len(_MIGRATIONS)}")
+        if version < SCHEMA_VERSION:
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
             raise RuntimeError("the task store is closed")
         return self._db
 
-    def _retry(self, attempt: Callable[[], T]) -> T:
-        """Runs ``attempt`` (a whole transaction) until it gets past lock
-        contention, backing off exponentially with jitter."""
-        deadline = time.monotonic() + self._patience_s
-        pause = 0.001
-        while True:
-            try:
-                return attempt()
-            except sqlite3.OperationalError as exc:
-                if not _is_busy(exc):
-                    raise
-                if time.monotonic() >= deadline:
-                    raise StorageBusyError(
-                        f"{self.path}: the database stayed locked by other connections "
-                        f"for {self._patience_s:g} s") from exc
-                log.debug("%s: busy (%s); retrying in %.0f ms", self.path, exc, pause * 1000)
-                time.sleep(pause * (0.5 + random.random()))
-                pause = min(pause * 2, 0.1)
+    @staticmethod
+    def _attempt(body: Callable[[], T]) -> T:
+        """One try of ``body``; lock contention asks ``_retry`` for another."""
+        try:
+            return body()
+        except sqlite3.OperationalError as exc:
+            if _is_busy(exc):
+                raise TransientError() from exc
+            raise
 
-    def _write(self, body: Callable[[sqlite3.Connection], T]) -> T:
+    def _busy_message(self, exc: BaseException) -> str:
+        return (f"{self.path}: the database stayed locked by other connections "
+                f"for {self._patience_s:g} s")
+
+    def _atomic(self, body: Callable[[sqlite3.Connection], T]) -> T:
         """Runs ``body`` in one ``BEGIN IMMEDIATE`` transaction, retried as a
         whole on lock contention."""
         with self._lock:
@@ -260,67 +271,27 @@ class SQLiteTaskStore(TaskStore):
                     raise
                 return result
 
-            return self._retry(attempt)
+            return self._retry(lambda: self._attempt(attempt))
 
-    def _read(self, sql: str, params: Sequence[Any] = ()) -> List[Any]:
+    _single = _atomic
+
+    def _query(self, sql: str, params: Mapping[str, Any]) -> List[Any]:
         with self._lock:
             db = self._conn()
-            return self._retry(lambda: db.execute(sql, params).fetchall())
-
-    # ---- queues --------------------------------------------------------
-
-    def ensure_queue(self, name: str) -> None:
-        self._write(lambda db: db.execute(
-            "INSERT INTO queues(name) VALUES (?) ON CONFLICT(name) DO NOTHING", (name,)))
-
-    def queues(self) -> List[str]:
-        return [row[0] for row in self._read("SELECT name FROM queues ORDER BY name")]
+            return self._retry(lambda: self._attempt(lambda: db.execute(sql, params).fetchall()))
 
     # ---- producing -----------------------------------------------------
 
     def enqueue_many(self, queue: str, tasks: Sequence["tuple[str, bytes]"], now: int) -> None:
         def body(db: sqlite3.Connection) -> None:
-            if db.execute("SELECT 1 FROM queues WHERE name = ?", (queue,)).fetchone() is None:
+            if db.execute(_QUEUE_EXISTS, (queue,)).fetchone() is None:
                 raise UnknownQueueError(queue)
-            db.executemany(
-                "INSERT INTO tasks(id, queue, payload, status, next_run_at, created_at) "
-                "VALUES (?, ?, ?, 'pending', ?, ?)",
-                [(task_id, queue, payload, now, now) for task_id, payload in tasks])
+            db.executemany(_ENQUEUE, [(task_id, queue, payload, now, now)
+                                      for task_id, payload in tasks])
 
-        self._write(body)
+        self._atomic(body)
 
     # ---- consuming -----------------------------------------------------
-
-    def claim(self, queue: str, *, owner: str, limit: int, now: int, lease_ms: int,
-              delay_ms: int = 0) -> List[ClaimedTask]:
-        if limit <= 0:
-            return []
-        token = uuid.uuid4().hex  # unique per claim; a task appears once in a claim
-
-        def body(db: sqlite3.Connection) -> List[ClaimedTask]:
-            n = limit
-            if delay_ms > 0:
-                row = db.execute("SELECT next_start_at FROM queues WHERE name = ?",
-                                 (queue,)).fetchone()
-                if row is None or row[0] > now:
-                    return []
-                n = 1
-            rows = db.execute(
-                """UPDATE tasks SET status = 'running', attempt = attempt + (awaiting IS NULL),
-                       owner = ?, lease_expires_at = ?, token = ?
-                   WHERE seq IN (SELECT seq FROM tasks
-                                 WHERE queue = ? AND status IN ('pending', 'suspended')
-                                       AND next_run_at <= ?
-                                 ORDER BY next_run_at, seq LIMIT ?)
-                   RETURNING next_run_at, seq, id, payload, attempt""",
-                (owner, now + lease_ms, token, queue, now, n)).fetchall()
-            if rows and delay_ms > 0:
-                db.execute("UPDATE queues SET next_start_at = ? WHERE name = ?",
-                           (now + delay_ms, queue))
-            rows.sort(key=lambda r: (r[0], r[1]))
-            return [ClaimedTask(r[2], bytes(r[3]), r[4], token) for r in rows]
-
-        return self._write(body)
 
     def settle(self, outcomes: Sequence[Outcome]) -> List[bool]:
         for o in outcomes:
@@ -332,160 +303,27 @@ class SQLiteTaskStore(TaskStore):
             return [db.execute(_SETTLE_SQL[o.kind], self._settle_params(db, o)).rowcount == 1
                     for o in outcomes]
 
-        return self._write(body) if outcomes else []
+        return self._atomic(body) if outcomes else []
 
     def _settle_params(self, db: sqlite3.Connection, o: Outcome) -> Sequence[Any]:
         if o.kind != "suspend":
             return (o.message, o.at, o.task_id, o.token)
-        row = db.execute(f"SELECT {CALLBACK_COLUMNS} FROM durable_callbacks WHERE id = ?",
-                         (o.awaiting,)).fetchone()
+        row = db.execute(_DIALECT.sql("callback"), {"id": o.awaiting}).fetchone()
         status, due = place_suspension(None if row is None else callback_record(row), o.at)
         return (status, o.message, due, o.awaiting, o.task_id, o.token)
 
     # ---- leases --------------------------------------------------------
 
-    def renew_leases(self, owner: str, expires_at: int) -> int:
-        return self._write(lambda db: db.execute(
-            "UPDATE tasks SET lease_expires_at = ? WHERE owner = ? AND status = 'running'",
-            (expires_at, owner)).rowcount)
-
-    def running_owners(self, queue: str) -> List[str]:
-        return [row[0] for row in self._read(
-            "SELECT DISTINCT owner FROM tasks WHERE queue = ? AND status = 'running' "
-            "ORDER BY owner", (queue,))]
-
     def recover(self, queue: str, *, now: int, max_attempts: int,
                 owners: Iterable[str] = ()) -> int:
         dead = sorted(set(owners))
-        marks = ",".join("?" * len(dead))
-        lost = (f"status = 'running' AND queue = ? AND "
-                f"(lease_expires_at <= ? OR owner IN ({marks}))")
-        params = (queue, now, *dead)
+        params: Dict[str, Any] = {f"owner{i}": owner for i, owner in enumerate(dead)}
+        params.update(queue=queue, now=now, max_attempts=max_attempts)
+        marks = ", ".join(f":owner{i}" for i in range(len(dead)))
+        sql = _DIALECT.sql("recover").replace(_DEAD_OWNERS, f"owner IN ({marks})")
+        return int(self._single(lambda db: db.execute(sql, params).rowcount))
 
-        def body(db: sqlite3.Connection) -> int:
-            failed = db.execute(
-                f"""UPDATE tasks SET status = 'failed', finished_at = ?,
-                        message = 'worker lost during attempt ' || attempt
-                                  || ' (lease expired); no attempts left',
-                        awaiting = NULL, owner = NULL, lease_expires_at = NULL, token = NULL
-                    WHERE {lost} AND attempt >= ?""", (now, *params, max_attempts)).rowcount
-            retried = db.execute(
-                f"""UPDATE tasks SET status = 'pending', next_run_at = ?,
-                        message = 'worker lost during attempt ' || attempt || '; retrying',
-                        awaiting = NULL, owner = NULL, lease_expires_at = NULL, token = NULL
-                    WHERE {lost}""", (now, *params)).rowcount
-            return int(failed + retried)
-
-        return self._write(body)
-
-    # ---- management ----------------------------------------------------
-
-    def get(self, task_id: str) -> Optional[TaskRecord]:
-        rows = self._read(
-            "SELECT id, queue, status, message, attempt, next_run_at, finished_at, owner, "
-            "lease_expires_at FROM tasks WHERE id = ?", (task_id,))
-        return TaskRecord(*rows[0]) if rows else None
-
-    def cancel(self, task_id: str, now: int) -> Optional[str]:
-        def body(db: sqlite3.Connection) -> Optional[str]:
-            row = db.execute("SELECT status FROM tasks WHERE id = ?", (task_id,)).fetchone()
-            if row is None:
-                return None
-            if row[0] in ("pending", "suspended"):
-                db.execute("UPDATE tasks SET status = 'cancelled', finished_at = ?, "
-                           "awaiting = NULL WHERE id = ?", (now, task_id))
-            return str(row[0])
-
-        return self._write(body)
-
-    def clear(self, queue: str, now: int) -> int:
-        return self._write(lambda db: db.execute(
-            "UPDATE tasks SET status = 'cancelled', finished_at = ?, awaiting = NULL "
-            "WHERE queue = ? AND status IN ('pending', 'suspended')", (now, queue)).rowcount)
-
-    def counts(self) -> Dict[str, Dict[str, int]]:
-        table: Dict[str, Dict[str, int]] = {name: dict.fromkeys(STATUSES, 0)
-                                            for name in self.queues()}
-        for queue, status, n in self._read(
-                "SELECT queue, status, count(*) FROM tasks GROUP BY queue, status"):
-            table.setdefault(queue, dict.fromkeys(STATUSES, 0))[status] = n
-        return table
-
-    def next_due(self, queue: str) -> Optional[int]:
-        rows = self._read(
-            """SELECT (SELECT min(next_run_at) FROM tasks
-                       WHERE queue = ?1 AND status IN ('pending', 'suspended')
-                             AND next_run_at < ?2),
-                      (SELECT next_start_at FROM queues WHERE name = ?1)""", (queue, NEVER))
-        due, next_start = rows[0]
-        if due is None:
-            return None
-        return max(due, next_start or 0)
-
-    def sweep(self, queue: str, finished_before: int) -> int:
-        return self._write(lambda db: db.execute(
-            "DELETE FROM tasks WHERE queue = ? AND finished_at < ? "
-            "AND status IN ('completed', 'failed', 'cancelled')",
-            (queue, finished_before)).rowcount)
-
-    # ---- durable operation logs and callbacks ---------------------------
-
-    def durable_ops(self, task_id: str) -> List["tuple[str, str, bytes]"]:
-        return [(kind, name, bytes(value)) for kind, name, value in self._read(
-            "SELECT kind, name, value FROM durable_ops WHERE task_id = ? ORDER BY seq",
-            (task_id,))]
-
-    def durable_record(self, task_id: str, seq: int, kind: str, name: str,
-                       value: bytes) -> None:
-        def body(db: sqlite3.Connection) -> None:
-            try:
-                db.execute("INSERT INTO durable_ops(task_id, seq, kind, name, value) "
-                           "VALUES (?, ?, ?, ?, ?)", (task_id, seq, kind, name, value))
-            except sqlite3.IntegrityError:
-                raise NonDeterminismError(
-                    f"operation {seq + 1} of task {task_id} was recorded twice (did two runs "
-                    f"of the task overlap?)") from None
-
-        self._write(body)
-
-    def durable_add_callback(self, record: CallbackRecord) -> None:
-        self._write(lambda db: db.execute(
-            f"INSERT INTO durable_callbacks({CALLBACK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (record.callback_id, record.owner, record.name, record.created_ms, record.timeout_ms,
-             record.heartbeat_timeout_ms, record.state, record.result, record.error,
-             record.last_beat_ms)))
-
-    def durable_callback(self, callback_id: str) -> Optional[CallbackRecord]:
-        rows = self._read(f"SELECT {CALLBACK_COLUMNS} FROM durable_callbacks WHERE id = ?",
-                          (callback_id,))
-        return callback_record(rows[0]) if rows else None
-
-    def durable_signal(self, callback_id: str, state: str, result: Optional[bytes],
-                       error: Optional[str], now: int) -> CallbackRecord:
-        check_signal_state(state)
-
-        def body(db: sqlite3.Connection) -> CallbackRecord:
-            row = db.execute(f"SELECT {CALLBACK_COLUMNS} FROM durable_callbacks WHERE id = ?",
-                             (callback_id,)).fetchone()
-            if row is None:
-                raise UnknownCallbackError(callback_id)
-            record = callback_record(row)
-            due = apply_signal(record, state, result, error, now)
-            if due is not None:  # a heartbeat
-                db.execute("UPDATE durable_callbacks SET last_beat_at = ? WHERE id = ?",
-                           (now, callback_id))
-                db.execute("UPDATE tasks SET next_run_at = ? WHERE id = ? "
-                           "AND status = 'suspended' AND awaiting = ?",
-                           (due, record.owner, callback_id))
-                return record
-            db.execute("UPDATE durable_callbacks SET state = ?, result = ?, error = ? "
-                       "WHERE id = ?", (state, result, error, callback_id))
-            db.execute("UPDATE tasks SET status = 'pending', next_run_at = ? "
-                       "WHERE id = ? AND status = 'suspended' AND awaiting = ?",
-                       (now, record.owner, callback_id))
-            return record
-
-        return self._write(body)
+    # ---- lifecycle -----------------------------------------------------
 
     def close(self) -> None:
         with self._lock:

@@ -54,25 +54,19 @@ from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Se
 
 from ..durable import CallbackRecord
 from ..errors import CallbackAlreadyCompletedError
+from .status import TaskStatus
 
 __all__ = [
-    "STATUSES", "TERMINAL_STATUSES", "NEVER", "CALLBACK_STATES", "TaskRecord", "ClaimedTask", "Outcome",
-    "TaskStore", "Waker", "CALLBACK_COLUMNS", "callback_record", "check_signal_state",
-    "apply_signal", "place_suspension",
+    "STATUSES", "TaskStatus", "NEVER", "TaskRecord", "ClaimedTask", "Outcome", "TaskStore",
+    "Waker", "CALLBACK_COLUMNS", "callback_record", "check_signal_state", "apply_signal",
+    "place_suspension", "storable_text", "MAX_MESSAGE_CHARS",
 ]
 
-STATUSES = ("pending", "running", "suspended", "completed", "failed", "cancelled")
-"""Every task status, in the order tables show them."""
-
-TERMINAL_STATUSES = ("completed", "failed", "cancelled")
-"""Statuses a task never leaves; retention deletes them by ``finished_at``."""
+STATUSES: Tuple[str, ...] = tuple(status.value for status in TaskStatus)
+"""Every task status as stored, in the order tables show them."""
 
 NEVER = 2**62
 """``next_run_at`` of a suspended task that only a signal can wake."""
-
-CALLBACK_STATES = ("pending", "succeeded", "failed", "closed")
-"""Stored callback states.  ``timed_out`` is never stored: a pending
-callback past its limit is timed out, computed from its times."""
 
 
 Waker = Callable[[Optional[str]], None]
@@ -127,6 +121,31 @@ class Outcome:
     awaiting: str = ""
 
     KINDS = ("complete", "fail", "retry", "release", "suspend")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "message", storable_text(self.message))
+
+
+MAX_MESSAGE_CHARS = 64 * 1024
+"""Longest message a task keeps; longer ones are cut, with a marker."""
+
+
+def storable_text(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """``text`` as every store can hold it: lone surrogates (from a name
+    decoded with ``surrogateescape``, say) and NUL characters, which SQLite
+    or PostgreSQL refuse, are written as backslash escapes, and text over
+    ``limit`` characters is cut, saying how much was left out.  Text that
+    needs none of this is returned as it is."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(text) > limit:
+        cut = len(text) - limit
+        text = f"{text[:limit]}... [{cut} more characters cut]"
+    return text
 
 
 class TaskStore(ABC):
@@ -203,9 +222,12 @@ class TaskStore(ABC):
     # ---- leases -------------------------------------------------------
 
     @abstractmethod
-    def renew_leases(self, owner: str, expires_at: int) -> int:
+    def renew_leases(self, owner: str, expires_at: int,
+                     task_ids: Optional[Sequence[str]] = None) -> int:
         """Extends the lease of every running task of ``owner`` to
-        ``expires_at``; returns how many."""
+        ``expires_at`` (with ``task_ids``: of those tasks only, so a claim
+        whose answer was lost, or an outcome given up on, is left to
+        expire); returns how many."""
 
     @abstractmethod
     def running_owners(self, queue: str) -> List[str]:
@@ -274,11 +296,14 @@ class TaskStore(ABC):
     def durable_record(self, task_id: str, seq: int, kind: str, name: str,
                        value: bytes) -> None:
         """Appends operation ``seq`` to the task's log.  Raises
-        ``NonDeterminismError`` (nothing changes) if ``seq`` is taken."""
+        ``NonDeterminismError`` (nothing changes) if ``seq`` is taken, and
+        ``UnknownTaskError`` if the task does not exist (any more)."""
 
     @abstractmethod
     def durable_add_callback(self, record: CallbackRecord) -> None:
-        """Files a new pending callback owned by task ``record.owner``."""
+        """Files a new pending callback owned by task ``record.owner``.
+        Raises ``UnknownTaskError`` if that task does not exist (any
+        more)."""
 
     @abstractmethod
     def durable_callback(self, callback_id: str) -> Optional[CallbackRecord]:
@@ -351,7 +376,7 @@ def place_suspension(record: Optional[CallbackRecord], at: int) -> Tuple[str, in
     if record is not None and record.state == "pending":
         expiry, _ = record.expiry()
         if expiry is None:
-            return "suspended", NEVER
+            return TaskStatus.SUSPENDED.value, NEVER
         if at < expiry:
-            return "suspended", expiry
-    return "pending", at
+            return TaskStatus.SUSPENDED.value, expiry
+    return TaskStatus.PENDING.value, at

@@ -1,0 +1,74 @@
+"""The package's one interpreter-exit hook and one fork hook.
+
+At interpreter exit, open task services close first: each settles or gives
+back the tasks it has claimed while its worker can still run them.  Then
+every open worker closes: queued jobs are shut down, running callbacks are
+interrupted, and threads still busy after a short grace period are
+abandoned, so exit never hangs.  (Hooks registered one per module would run
+in reverse import order; this order is written here once.)
+
+In a child made by ``os.fork()`` only the forking thread exists: the bridge
+forgets the parent's threads, module state registered with
+``on_fork_in_child`` is reset, and every worker starts over, empty, with
+its configuration.
+
+``Worker`` and ``TaskService`` add themselves to ``live_workers`` /
+``live_services`` while open and take themselves out when closed.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import weakref
+from typing import Any, Callable, List
+
+from . import _native
+from ._native import lib
+
+__all__ = ["live_workers", "live_services", "on_fork_in_child", "EXIT_GRACE_MS"]
+
+EXIT_GRACE_MS = 200
+"""How long exit waits for a worker's busy threads before abandoning them."""
+
+live_workers: "weakref.WeakSet[Any]" = weakref.WeakSet()
+"""Open ``Worker`` objects."""
+
+live_services: "weakref.WeakSet[Any]" = weakref.WeakSet()
+"""Open ``TaskService`` objects."""
+
+_fork_actions: List[Callable[[], None]] = []
+
+
+def on_fork_in_child(action: Callable[[], None]) -> None:
+    """Has ``action()`` reset module state in a forked child, before the
+    workers start over."""
+    _fork_actions.append(action)
+
+
+def _close_all_at_exit() -> None:
+    """Closes every open task service, then every open worker."""
+    for service in list(live_services):
+        try:
+            service.close()
+        except Exception:  # exit must go on whatever one service does
+            _native.log.exception("callbackworker: error closing %r at exit", service)
+    for worker in list(live_workers):
+        try:
+            worker._close(lib.CBW_CLOSE_INTERRUPT, EXIT_GRACE_MS, interruptible=False)
+        except Exception:  # exit must go on whatever one worker does
+            _native.log.exception("callbackworker: error closing a worker at exit")
+
+
+def _after_fork_in_child() -> None:
+    _native.FORK_GENERATION[0] += 1
+    lib.cbwpy_forked()
+    for action in _fork_actions:
+        action()
+    for worker in list(live_workers):
+        worker._reset_after_fork()
+
+
+atexit.register(_close_all_at_exit)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

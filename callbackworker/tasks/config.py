@@ -1,0 +1,153 @@
+"""The vocabulary of task queues: a queue's policy, a task's state, the
+limits, and the checks every entry point applies to its arguments.
+
+DESIGN
+
+* Records.  ``QueueConfig`` (a queue's policy, validated when built),
+  ``TaskInfo`` (what ``get`` answers) and ``TaskContext`` (what a running
+  handler may ask through ``current_task()``) are plain immutable values;
+  nothing here holds state or threads.
+* Limits.  A payload is at most ``MAX_PAYLOAD`` bytes, a queue name at
+  most ``MAX_QUEUE_NAME`` UTF-8 bytes; retry delays double from
+  ``backoff_ms`` and are capped at ``MAX_BACKOFF_MS``.
+* Checks.  The client and the runtime call the ``check_*`` functions
+  before touching the store, so a bad argument is a ``TypeError`` or
+  ``ValueError`` naming it, never a database error.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Optional
+
+__all__ = ["QueueConfig", "TaskInfo", "TaskContext", "Handler", "MAX_PAYLOAD", "MAX_QUEUE_NAME",
+           "MAX_BACKOFF_MS", "retry_delay_ms"]
+
+Handler = Callable[[memoryview], Optional[str]]
+"""``handler(payload) -> message``: a read-only view of the task's payload;
+the returned ``str`` (or None, stored as ``""``) becomes the task's message."""
+
+MAX_PAYLOAD = 1 << 20
+"""Largest payload, in bytes (1 MiB)."""
+
+MAX_QUEUE_NAME = 128
+"""Longest queue name, in UTF-8 bytes."""
+
+MAX_BACKOFF_MS = 3_600_000
+"""Retry delays are capped at one hour."""
+
+RETENTION_MIN_MS = 60_000
+RETENTION_MAX_MS = 604_800_000
+INTERVAL_MAX_MS = RETENTION_MAX_MS
+"""The longest lease, backoff or delay between starts (one week)."""
+CONCURRENCY_MAX = 1024
+RETRIES_MAX = 2**31 - 1
+
+
+def wall_clock_ms() -> int:
+    """The default clock of the task queues: wall-clock milliseconds."""
+    return time.time_ns() // 1_000_000
+
+
+def check_int(value: object, name: str, low: int, high: int) -> int:
+    """``value`` if it is an int in ``low..high``; else a ``TypeError`` or
+    ``ValueError`` naming ``name``."""
+    if type(value) is not int:
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be between {low} and {high}, not {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    """A queue's policy, with the reference's defaults and bounds.
+
+    * ``concurrency`` (1..1024, default 1): handlers of this queue running
+      at once in this service.
+    * ``max_retries`` (>= 0, default 0): attempts after the first failure.
+    * ``backoff_ms`` (0..604_800_000, default 1000): the delay before retry
+      n is ``backoff_ms << (n - 1)``, capped at one hour.
+    * ``delay_ms`` (0..604_800_000, default 0): minimum gap between
+      consecutive starts in the queue, across every process on the database.
+    * ``retention_ms`` (60_000..604_800_000, default one hour): how long
+      completed, failed and cancelled tasks are kept.
+    """
+
+    concurrency: int = 1
+    max_retries: int = 0
+    backoff_ms: int = 1000
+    delay_ms: int = 0
+    retention_ms: int = 3_600_000
+
+    def __post_init__(self) -> None:
+        check_int(self.concurrency, "concurrency", 1, CONCURRENCY_MAX)
+        check_int(self.max_retries, "max_retries", 0, RETRIES_MAX)
+        check_int(self.backoff_ms, "backoff_ms", 0, INTERVAL_MAX_MS)
+        check_int(self.delay_ms, "delay_ms", 0, INTERVAL_MAX_MS)
+        check_int(self.retention_ms, "retention_ms", RETENTION_MIN_MS, RETENTION_MAX_MS)
+
+
+class TaskInfo(NamedTuple):
+    """A task's state: ``status`` ("pending", "running", "suspended" (a
+    durable handler waits for an external callback), "completed", "failed",
+    "cancelled"), ``message`` (the handler's result, or the error
+    text ``"ExcType: message"`` of the last failed attempt) and ``attempt``
+    (1-based, counted when the task is claimed; 0 before its first run)."""
+
+    status: str
+    message: str
+    attempt: int
+
+
+class TaskContext(NamedTuple):
+    """What a running handler may ask about its task (``current_task()``)."""
+
+    id: str
+    queue: str
+    attempt: int
+
+
+def retry_delay_ms(backoff_ms: int, attempt: int) -> int:
+    """The delay before retrying after failed attempt ``attempt`` (1-based):
+    ``backoff_ms << (attempt - 1)``, at most one hour."""
+    return min(backoff_ms << min(attempt - 1, 62), MAX_BACKOFF_MS)
+
+
+def check_queue_name(name: object) -> str:
+    """``name`` if it is a valid queue name: a str of 1..``MAX_QUEUE_NAME``
+    UTF-8 bytes of printable text (no NUL, control characters, line
+    separators or bidirectional overrides: names are shown on terminals
+    and in logs)."""
+    if not isinstance(name, str):
+        raise TypeError(f"queue name must be a str, not {type(name).__name__}")
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if not 0 < size <= MAX_QUEUE_NAME:
+        raise ValueError(f"queue name must be 1..{MAX_QUEUE_NAME} UTF-8 bytes, not {size} bytes")
+    if not name.isprintable():
+        raise ValueError(f"queue name {name!r} holds unprintable characters: a name is shown "
+                         f"on terminals and in logs, so it must be printable text")
+    return name
+
+
+def check_payload(payload: object) -> bytes:
+    """The bytes of a bytes-like ``payload`` of at most ``MAX_PAYLOAD``
+    bytes (``payload`` itself when it is ``bytes``)."""
+    if isinstance(payload, str):
+        raise TypeError("payload must be bytes-like, not str (encode it first)")
+    try:
+        view = memoryview(payload)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"payload must be bytes-like, not {type(payload).__name__}") from None
+    if view.nbytes > MAX_PAYLOAD:
+        raise ValueError(f"payload is {view.nbytes} bytes; the limit is {MAX_PAYLOAD} (1 MiB)")
+    return payload if type(payload) is bytes else view.tobytes()
+
+
+def check_task_id(task_id: object) -> str:
+    """``task_id`` if it is a str (any str: an unknown one is the store's
+    answer to give)."""
+    if not isinstance(task_id, str):
+        raise TypeError(f"task id must be a str, not {type(task_id).__name__}")
+    return task_id

@@ -1,0 +1,455 @@
+"""The task runtime: the threads that claim, run and settle tasks.
+
+DESIGN
+
+* Execution.  The runtime owns a ``Worker`` with one route per queue it
+  serves (``task:<name>``, ``concurrency`` threads).  A dispatcher thread
+  claims due tasks, never more than the queue's free slots (plus
+  ``prefetch``), and starts each as a job on that route
+  (``Worker.run_detached``, one ``_Attempt`` work item per claimed task).
+  Handlers run on the C threads.  The worker, the committer and the
+  dispatcher are created with the first queue: a service that only
+  enqueues and inspects starts no thread.
+* Leases.  A claim leases the task to this runtime (``owner`` =
+  host/pid/nonce, ``owners.py``) until ``now + lease_ms`` and gives it a
+  fresh token.  The dispatcher renews its leases every ``lease_ms / 3``; a
+  task whose lease expires (its process died or stalled) is taken back by
+  whichever runtime serves the queue: pending again with the attempt
+  counted, or failed when no attempt is left.  Serving a queue also takes
+  back, at once, tasks of a predecessor that is provably dead: same host,
+  process gone.
+* Sweep.  Every minute the dispatcher deletes the finished tasks of its
+  queues that are past their retention.
+* Outcomes.  A finished handler's outcome goes to the group committer
+  (``committer.py``); at-least-once execution, never two holders at once
+  while leases are renewed.
+* Wake-ups.  ``wake`` (an enqueue or a signal in this process, and every
+  finished attempt) makes the dispatcher look again; so does the store,
+  from its own thread, when it learns that another process added work
+  (``TaskStore.set_waker``: PostgreSQL's LISTEN/NOTIFY; SQLite has no such
+  thing).  Otherwise it sleeps until the next due time, at most
+  ``poll_ms``, which is how it notices work written by other processes
+  when no notification came.
+* Durable tasks.  A handler may use ``current_job().create_callback`` /
+  ``callback_result`` / ``step`` (``callbackworker.durable``); the
+  runtime's worker hands it a ``DurableRun`` over the task's own store
+  (``TaskDurableStore``).  When ``callback_result`` finds its callback
+  pending, the run ends with ``SuspendJob`` and the attempt settles as
+  "suspend": the task is ``suspended`` (no lease, the attempt given back),
+  due when the callback expires or never.  A signal updates the callback
+  and makes the task due in one transaction; the dispatcher claims it like
+  any due task and the handler replays from the log.  A signal that races
+  the suspension is caught by the store when the suspension is settled.
+* Close.  No task is claimed and no handler starts once ``close`` has
+  begun; running handlers finish and their outcomes are committed; tasks
+  claimed but not yet started are given back (pending, attempt returned).
+* Lock order: ``_cond`` (runtime state) is never held while calling the
+  store or the worker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, NoReturn, Optional, Set, Tuple
+
+from ..durable import DurableBackend, DurableRun, SuspendJob
+from ..errors import CallbackWorkerError, QueueExistsError, ServiceClosedError
+from ..worker import Worker
+from .committer import GroupCommitter
+from .config import Handler, QueueConfig, TaskContext, retry_delay_ms
+from .durablestore import TaskDurableStore
+from .owners import new_owner, owner_is_dead
+from .storage import ClaimedTask, Outcome, TaskStore
+
+__all__ = ["TaskRuntime", "current_task"]
+
+log = logging.getLogger(__name__)
+
+_ROUTE_NAME_MAX = 128
+_SWEEP_EVERY_S = 60.0
+
+_running = threading.local()
+
+
+def current_task() -> Optional[TaskContext]:
+    """Inside a handler, the task it is running; None anywhere else."""
+    return getattr(_running, "task", None)
+
+
+def _suspend_task(wake_after_ms: int, request: bytes) -> NoReturn:
+    """Ends a task's run that waits for a callback; ``_attempt`` settles it
+    as suspended (the store works out when it is due)."""
+    raise SuspendJob()
+
+
+class _TaskDurable(DurableBackend):
+    """The durable backend of the runtime's worker: a task handler's
+    durable operations go to the task's store, not to the worker's memory.
+    The run of the task the calling thread handles is made by its first
+    durable operation."""
+
+    def __init__(self, store: TaskStore, clock: Callable[[], int]) -> None:
+        self._store = store
+        self._clock = clock
+
+    def run_for(self, job_id: int, attempt: int, request: Callable[[], bytes]) -> DurableRun:
+        durable: Optional[DurableRun] = getattr(_running, "durable", None)
+        if durable is None:
+            task = current_task()
+            if task is None:
+                raise CallbackWorkerError("durable operations of a task must run in its handler")
+            store = TaskDurableStore(self._store, self._clock, task.id)
+            durable = _running.durable = DurableRun(store, task.id, b"", _suspend_task)
+        return durable
+
+
+def _route_for(queue: str) -> str:
+    """The worker route of a queue: ``task:<name>``, or a digest of the name
+    when that would pass the worker's 128-byte limit ("task#" cannot clash
+    with a "task:" name)."""
+    route = f"task:{queue}"
+    if len(route.encode("utf-8", "surrogatepass")) <= _ROUTE_NAME_MAX:
+        return route
+    return "task#" + hashlib.blake2b(queue.encode("utf-8", "surrogatepass"), digest_size=24).hexdigest()
+
+
+@dataclass(eq=False)
+class _Queue:
+    name: str
+    route: str
+    config: QueueConfig
+    handler: Handler
+    in_flight: int = 0  # claimed by this runtime and not yet finished
+
+
+class _Attempt:
+    """The work item of one claimed task's job (``Worker.run_detached``)."""
+
+    __slots__ = ("runtime", "queue", "task", "epoch")
+
+    def __init__(self, runtime: "TaskRuntime", queue: _Queue, task: ClaimedTask,
+                 epoch: int) -> None:
+        self.runtime = runtime
+        self.queue = queue
+        self.task = task
+        self.epoch = epoch  # of the runtime's flushes, when it was claimed
+
+    def run(self) -> None:
+        self.runtime._run(self)
+
+
+class TaskRuntime:
+    """Serves queues of a store: claims their due tasks, runs them on a
+    ``Worker`` and settles their outcomes.  ``TaskService`` owns one; its
+    arguments are validated there.  With ``background=False`` no dispatcher
+    thread runs and ``dispatch_once`` does one pass."""
+
+    def __init__(self, store: TaskStore, clock: Callable[[], int], *, lease_ms: int,
+                 poll_ms: int, prefetch: int, background: bool) -> None:
+        self._store = store
+        self._clock = clock
+        self._lease_ms = lease_ms
+        self._poll_ms = poll_ms
+        self._prefetch = prefetch
+        self._background = background
+        self._owner = new_owner()
+        self._cond = threading.Condition()
+        self._create_lock = threading.Lock()
+        self._queues: Dict[str, _Queue] = {}
+        self._unstarted: Set[_Attempt] = set()  # claimed, handed to the worker, not yet run
+        # Tasks this runtime claimed whose outcome is not yet settled: the
+        # only leases it renews.
+        self._held: Set[str] = set()
+        # Attempts claimed and not yet finished, counted by the epoch they
+        # were claimed in; each flush() begins a new epoch and waits for the
+        # counts of the earlier ones.
+        self._epoch = 0
+        self._active: Dict[int, int] = {}
+        self._kicked = False
+        self._closed = False
+        self._worker: Optional[Worker] = None
+        self._committer: Optional[GroupCommitter] = None
+        self._dispatcher: Optional[threading.Thread] = None
+
+    def _now(self) -> int:
+        return int(self._clock())
+
+    def queue_names(self) -> List[str]:
+        """The queues this runtime serves, sorted."""
+        with self._cond:
+            return sorted(self._queues)
+
+    def serve(self, name: str, config: QueueConfig, handler: Handler) -> None:
+        """Joins the queue ``name`` in the store and starts running its
+        tasks with ``handler``, after recovering the running tasks of dead
+        predecessors (see ``TaskService.create_queue``)."""
+        with self._create_lock:
+            if self._closed:
+                raise ServiceClosedError("the TaskService has been closed")
+            if name in self._queues:
+                raise QueueExistsError(f"queue {name!r} was already created by this service")
+            self._store.ensure_queue(name)
+            dead = [o for o in self._store.running_owners(name) if owner_is_dead(o)]
+            recovered = self._store.recover(name, now=self._now(),
+                                            max_attempts=config.max_retries + 1, owners=dead)
+            if recovered:
+                log.info("queue %r: recovered %d running tasks of dead workers", name, recovered)
+            queue = _Queue(name, _route_for(name), config, handler)
+            self._start_machinery().open_route(queue.route, concurrency=config.concurrency)
+            with self._cond:
+                self._queues[name] = queue
+                self._kick_locked()
+
+    def _start_machinery(self) -> Worker:
+        """The worker, committer and dispatcher, created with the first queue
+        (a service that only enqueues and inspects needs none)."""
+        if self._worker is None:
+            self._committer = GroupCommitter(self._store, self._kick, self._now,
+                                             on_settled=self._settled)
+            self._worker = Worker(durable_backend=_TaskDurable(self._store, self._now))
+            if self._background:
+                self._store.set_waker(self.wake)
+                self._dispatcher = threading.Thread(target=self._dispatch_loop, daemon=True,
+                                                    name="callbackworker-task-dispatch")
+                self._dispatcher.start()
+        return self._worker
+
+    def wake(self, queue: Optional[str]) -> None:
+        """Tells the dispatcher that work may be due: in ``queue`` (ignored
+        unless served here) or, with None, in any queue.  Called after an
+        enqueue or a signal, and by the store's waker from its thread."""
+        with self._cond:
+            if queue is None or queue in self._queues:
+                self._kick_locked()
+
+    def flush(self) -> None:
+        """Returns once every task claimed so far has finished (its handler
+        returned, or it was given back) and its outcome is committed; at
+        once when no queue is served.  Tasks claimed meanwhile are not
+        waited for."""
+        if self._committer is None:
+            return
+        with self._cond:
+            epoch = self._epoch
+            self._epoch += 1
+            while any(e <= epoch for e in self._active):
+                self._cond.wait()
+        self._committer.flush()
+
+    def _track_locked(self, queue: _Queue, claimed: List[ClaimedTask]) -> List[_Attempt]:
+        """The attempts of tasks just claimed in ``queue``, counted in flight
+        and unstarted until they run (under ``_cond``)."""
+        attempts = [_Attempt(self, queue, task, self._epoch) for task in claimed]
+        self._unstarted.update(attempts)
+        self._held.update(task.id for task in claimed)
+        self._active[self._epoch] = self._active.get(self._epoch, 0) + len(attempts)
+        queue.in_flight += len(attempts)
+        return attempts
+
+    def _settled(self, task_ids: List[str]) -> None:
+        """The committer is done with these tasks' outcomes (settled,
+        rejected or given up at close): their leases are no longer ours."""
+        with self._cond:
+            self._held.difference_update(task_ids)
+
+    def _finished_locked(self, attempt: _Attempt) -> None:
+        """Counts ``attempt`` out of its queue's and its epoch's in-flight
+        counts (under ``_cond``; its outcome is with the committer)."""
+        attempt.queue.in_flight -= 1
+        left = self._active[attempt.epoch] - 1
+        if left:
+            self._active[attempt.epoch] = left
+        else:
+            del self._active[attempt.epoch]
+        self._cond.notify_all()
+
+    def close(self) -> None:
+        """Stops claiming, lets running handlers finish, commits their
+        outcomes and gives back tasks claimed but not started.  Leaves the
+        store open."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+        if self._dispatcher is not None:
+            self._dispatcher.join()
+        if self._worker is not None:
+            self._worker.close()  # running handlers finish; queued jobs never run
+        now = self._now()
+        with self._cond:
+            unstarted = list(self._unstarted)
+            self._unstarted.clear()
+        if self._committer is not None:
+            for attempt in unstarted:  # their jobs never run: give them back
+                task = attempt.task
+                self._committer.put(Outcome(task.id, task.token, "release", "", now))
+            with self._cond:
+                for attempt in unstarted:
+                    self._finished_locked(attempt)
+            self._committer.close()
+
+    def _kick(self) -> None:
+        with self._cond:
+            self._kick_locked()
+
+    def _kick_locked(self) -> None:
+        self._kicked = True
+        self._cond.notify_all()
+
+    def _dispatch_loop(self) -> None:
+        renew_every = self._lease_ms / 3000
+        next_renewal = next_sweep = 0.0
+        while True:
+            with self._cond:
+                if self._closed:
+                    return
+                self._kicked = False
+            try:
+                mono = time.monotonic()
+                if mono >= next_renewal:
+                    self._maintain(sweep=mono >= next_sweep)
+                    next_renewal = mono + renew_every
+                    next_sweep = next_sweep if mono < next_sweep else mono + _SWEEP_EVERY_S
+                _, wait_ms = self._claim_and_start()
+            except Exception:
+                log.exception("task dispatcher: pass failed; retrying")
+                wait_ms = self._poll_ms
+            wait_ms = min(wait_ms, max(0.0, next_renewal - time.monotonic()) * 1000)
+            with self._cond:
+                if not self._kicked and not self._closed and wait_ms > 0:
+                    self._cond.wait(wait_ms / 1000)
+
+    def _maintain(self, sweep: bool) -> None:
+        """Renews this runtime's leases, takes back expired ones in its
+        queues and, with ``sweep``, deletes tasks past their retention."""
+        now = self._now()
+        with self._cond:
+            held = sorted(self._held)
+        self._store.renew_leases(self._owner, now + self._lease_ms, held)
+        with self._cond:
+            queues = list(self._queues.values())
+        for q in queues:
+            if self._store.recover(q.name, now=now, max_attempts=q.config.max_retries + 1):
+                log.info("queue %r: recovered tasks whose lease expired", q.name)
+            if sweep:
+                self._store.sweep(q.name, now - q.config.retention_ms)
+
+    def _claim_and_start(self) -> Tuple[int, float]:
+        """Claims due tasks up to each queue's free slots and starts them.
+        Returns how many started and how long (ms) until more may be due."""
+        with self._cond:
+            free = [(q, q.config.concurrency + self._prefetch - q.in_flight)
+                    for q in self._queues.values()]
+        started, wait_ms = 0, float(self._poll_ms)
+        for queue, slots in free:
+            if slots <= 0:
+                continue  # a finishing handler kicks the dispatcher
+            now = self._now()
+            claimed = self._store.claim(queue.name, owner=self._owner, limit=slots, now=now,
+                                        lease_ms=self._lease_ms, delay_ms=queue.config.delay_ms)
+            self._start(queue, claimed)
+            started += len(claimed)
+            if len(claimed) < slots:
+                due = self._store.next_due(queue.name)
+                if due is not None:
+                    wait_ms = min(wait_ms, max(0, due - now))
+        return started, wait_ms
+
+    def _start(self, queue: _Queue, claimed: List[ClaimedTask]) -> None:
+        if not claimed:
+            return
+        assert self._worker is not None and self._committer is not None
+        with self._cond:
+            attempts = self._track_locked(queue, claimed)
+        for attempt in attempts:
+            try:
+                self._worker.run_detached(attempt, route=queue.route)
+            except Exception:
+                with self._cond:
+                    taken = attempt in self._unstarted  # else close() released it
+                    self._unstarted.discard(attempt)
+                if taken:  # the job never ran: give the attempt back
+                    task = attempt.task
+                    self._committer.put(Outcome(task.id, task.token, "release", "", self._now()))
+                    with self._cond:
+                        self._finished_locked(attempt)
+                if not self._closed:
+                    raise
+
+    def _run(self, attempt: _Attempt) -> None:
+        """Runs one claimed task's handler (``_Attempt.run``, on a C thread)."""
+        queue, task = attempt.queue, attempt.task
+        with self._cond:
+            self._unstarted.discard(attempt)
+            closing = self._closed
+        outcome: Optional[Outcome] = None
+        try:
+            if closing:  # close() has begun: no handler starts any more
+                outcome = Outcome(task.id, task.token, "release", "", self._now())
+            else:
+                outcome = self._attempt(queue, task)
+        finally:
+            if outcome is None:  # interrupted by a BaseException
+                outcome = self._failure(queue, task, "interrupted: the handler did not return")
+            assert self._committer is not None
+            self._committer.put(outcome)
+            with self._cond:
+                self._finished_locked(attempt)
+                self._kick_locked()
+
+    def _attempt(self, queue: _Queue, task: ClaimedTask) -> Outcome:
+        view = memoryview(task.payload)
+        _running.task = TaskContext(task.id, queue.name, task.attempt)
+        _running.durable = None
+        outcome: Outcome
+        unwound = False  # by SuspendJob, as callback_result suspends
+        try:
+            message = queue.handler(view)
+            if message is not None and not isinstance(message, str):
+                raise TypeError(f"the handler must return a str or None, "
+                                f"not {type(message).__name__}")
+        except SuspendJob:
+            unwound = True
+            outcome = self._failure(queue, task, "SuspendJob: raised outside callback_result")
+        except Exception as exc:
+            outcome = self._failure(queue, task, f"{type(exc).__name__}: {exc}")
+        else:
+            outcome = Outcome(task.id, task.token, "complete", message or "", self._now())
+        finally:
+            durable: Optional[DurableRun] = _running.durable
+            _running.task = _running.durable = None
+            try:
+                view.release()
+            except BufferError:
+                pass  # the handler kept an export; the bytes stay valid anyway
+        if durable is not None and durable.suspended_on is not None:
+            if not unwound:  # the handler caught SuspendJob: the wait still stands
+                log.warning("task %s: the handler went on after callback_result suspended it; "
+                            "its outcome is ignored and the task stays suspended", task.id)
+            return Outcome(task.id, task.token, "suspend", "", self._now(),
+                           awaiting=durable.suspended_on)
+        return outcome
+
+    def _failure(self, queue: _Queue, task: ClaimedTask, text: str) -> Outcome:
+        now = self._now()
+        if task.attempt <= queue.config.max_retries:
+            run_at = now + retry_delay_ms(queue.config.backoff_ms, task.attempt)
+            return Outcome(task.id, task.token, "retry", text, run_at)
+        return Outcome(task.id, task.token, "fail", text, now)
+
+    def dispatch_once(self) -> int:
+        """One full pass, synchronously: renews leases, recovers expired
+        ones, sweeps retention, claims every due task that fits the free
+        slots, runs them and commits their outcomes before returning.
+        Returns how many tasks ran."""
+        if self._worker is None:
+            return 0
+        self._maintain(sweep=True)
+        started, _ = self._claim_and_start()
+        self.flush()
+        return started

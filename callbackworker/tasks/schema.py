@@ -1,0 +1,114 @@
+"""The task schema at ``SCHEMA_VERSION``, described once for both backends.
+
+Each backend reaches this schema by its own versioned migrations (SQLite's
+``PRAGMA user_version``, PostgreSQL's ``cbw_schema_version``): a migration,
+once released, is history and never changes, so the DDL is not rendered
+from here.  Instead the tests open every backend, fresh and migrated from
+each older version, and compare its live tables, columns, types,
+nullability and indexes with ``expected_columns`` and ``INDEXES``.  A
+schema change therefore touches three places together: a new migration in
+each backend and this description.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, NamedTuple, Tuple
+
+__all__ = ["SCHEMA_VERSION", "Column", "TABLES", "TYPES", "INDEXES", "expected_columns"]
+
+SCHEMA_VERSION = 2
+"""The schema version this callbackworker creates and understands."""
+
+
+class Column(NamedTuple):
+    """One column: its name, its portable type (a key of ``TYPES``) and
+    whether it may be NULL."""
+
+    name: str
+    type: str
+    nullable: bool = False
+
+
+TABLES: Dict[str, Tuple[Column, ...]] = {
+    "queues": (
+        Column("name", "text"),
+        # The next time a claim under a global delay may start a task.
+        Column("next_start_at", "bigint"),
+    ),
+    "tasks": (
+        Column("seq", "bigint"),  # insertion order, the claim's tie-break
+        Column("id", "text"),
+        Column("queue", "text"),
+        Column("payload", "bytes"),
+        Column("status", "text"),  # a ``TaskStatus`` value
+        Column("message", "text"),
+        Column("attempt", "int"),
+        Column("next_run_at", "bigint"),
+        Column("created_at", "bigint"),
+        Column("finished_at", "bigint", True),
+        Column("owner", "text", True),
+        Column("lease_expires_at", "bigint", True),
+        Column("token", "text", True),
+        # The callback a suspended task waits for, kept until the replay
+        # ends.
+        Column("awaiting", "text", True),
+    ),
+    "durable_ops": (
+        Column("task_id", "text"),
+        Column("seq", "int"),
+        Column("kind", "text"),
+        Column("name", "text"),
+        Column("value", "bytes"),
+    ),
+    "durable_callbacks": (
+        Column("id", "text"),
+        Column("task_id", "text"),
+        Column("name", "text"),
+        Column("state", "text"),
+        Column("result", "bytes", True),
+        Column("error", "text", True),
+        Column("created_at", "bigint"),
+        Column("last_beat_at", "bigint"),
+        Column("timeout_ms", "bigint"),
+        Column("heartbeat_timeout_ms", "bigint"),
+    ),
+}
+"""Every table (without the backend's prefix) and its columns."""
+
+TYPES: Dict[str, Dict[str, str]] = {
+    "sqlite": {"text": "TEXT", "int": "INTEGER", "bigint": "INTEGER", "bytes": "BLOB"},
+    "postgresql": {"text": "text", "int": "integer", "bigint": "bigint", "bytes": "bytea"},
+}
+"""Each portable type as each backend declares it."""
+
+PREFIX: Dict[str, str] = {"sqlite": "", "postgresql": "cbw_"}
+"""What each backend puts before a table's name."""
+
+INDEXES: Dict[str, Dict[str, str]] = {
+    # One index serves both the claim and next_due: SQLite has no partial
+    # index a claim over two statuses would use.
+    "sqlite": {
+        "tasks_due": "tasks(queue, status, next_run_at, seq)",
+        "tasks_finished": "tasks(queue, finished_at) WHERE finished_at IS NOT NULL",
+        "tasks_leased": "tasks(owner) WHERE status = 'running'",
+        "durable_callbacks_task": "durable_callbacks(task_id)",
+    },
+    "postgresql": {
+        "cbw_tasks_due": "cbw_tasks(queue, next_run_at, seq) "
+                         "WHERE status IN ('pending', 'suspended')",
+        "cbw_tasks_finished": "cbw_tasks(queue, finished_at) WHERE finished_at IS NOT NULL",
+        "cbw_tasks_leases": "cbw_tasks(queue, lease_expires_at) WHERE status = 'running'",
+        "cbw_tasks_owned": "cbw_tasks(owner) WHERE status = 'running'",
+        "cbw_durable_callbacks_task": "cbw_durable_callbacks(task_id)",
+    },
+}
+"""The secondary indexes each backend creates (keys and unique constraints
+aside), by name, as ``table(columns) [WHERE predicate]``."""
+
+
+def expected_columns(backend: str) -> Dict[str, Dict[str, Tuple[str, bool]]]:
+    """``{table: {column: (declared type, nullable)}}`` as ``backend``
+    (``"sqlite"`` or ``"postgresql"``) should hold it, prefixes included."""
+    types, prefix = TYPES[backend], PREFIX[backend]
+    return {prefix + table: {c.name: (types[c.type], c.nullable) for c in columns}
+            for table, columns in TABLES.items()}
