@@ -1,12 +1,12 @@
 """The import-time refusal on a free-threaded interpreter running without the GIL.
 
-The cffi bridge (``ffibuild/bridge.c``) is correct only while the interpreter
-lock serialises Python threads: its interrupt check-then-raise and its
-callback-token registry rely on it.  cffi nevertheless marks the compiled
-module as not needing the GIL, so on a free-threaded build (3.13t, 3.14t)
-CPython would not turn the GIL back on when the module loads, and nothing in
-Python can turn it on afterwards.  The package therefore refuses to import
-there, before the compiled module is loaded, and says how to start the
+The cffi bridge (``ffibuild/bridge.c``) compiles locks in place of the
+interpreter lock on a free-threaded build (3.13t, 3.14t), but no such
+interpreter has ever run the suite.  cffi marks the compiled module as not
+needing the GIL, so CPython would not turn the GIL back on when the module
+loads, and nothing in Python can turn it on afterwards.  Until CI tests a
+free-threaded build, the package therefore refuses to import on one whose
+GIL is off, before the compiled module is loaded, and says how to start the
 interpreter with the GIL.  With the GIL enabled (``-X gil=1`` or
 ``PYTHON_GIL=1``) a free-threaded build runs it like any other.
 
@@ -29,7 +29,7 @@ def free_threading_refusal(free_threaded_build: bool, gil_enabled: bool) -> Opti
     currently disabled is refused."""
     if not free_threaded_build or gil_enabled:
         return None
-    return ("callbackworker needs the GIL: its C bridge is not yet safe on a free-threaded "
+    return ("callbackworker needs the GIL: it has not been tested on a free-threaded "
             "interpreter running without it; start Python with -X gil=1 (or set "
             "PYTHON_GIL=1) to use it on this build")
 
