@@ -629,10 +629,13 @@ def run_test_module(san: Sanitizer, runtime: str, pkg_root: Path,
            if not k.startswith(("PYTHON", "ASAN_", "UBSAN_", "TSAN_", "LD_PRELOAD"))}
     env.update(sanitizer_env(san, runtime, pkg_root))
     env["CBW_SAN_EXPECT_DIR"] = str(pkg_root)
-    command = [sys.executable, "-P", "-c", PYTEST_SNIPPET, str(ROOT / "tests" / module)]
+    # Started beside the package copy, not in the checkout: without -P (before
+    # 3.11) the working directory comes first on sys.path.
+    command = [sys.executable, *SAFE_PATH_OPTION, "-c", PYTEST_SNIPPET,
+               str(ROOT / "tests" / module)]
     try:
-        return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=RUN_TIMEOUT_S)
+        return subprocess.run(command, cwd=pkg_root.parent, env=env, capture_output=True,
+                              text=True, timeout=RUN_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         pytest.fail(f"tests/{module} under {san.name} did not finish within "
                     f"{RUN_TIMEOUT_S} s (hang?)", pytrace=False)
