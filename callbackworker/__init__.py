@@ -48,12 +48,16 @@ from .errors import (
     JobNotCompleteError,
     JobTimeoutError,
     NonDeterminismError,
+    NoRetry,
     QueueExistsError,
+    Retry,
     RouteClosedError,
     ServiceClosedError,
     ShutdownError,
     StorageBusyError,
+    TaskCancelledError,
     TaskError,
+    TaskFailedError,
     TaskNotCancellableError,
     UnknownCallbackError,
     UnknownJobError,
@@ -66,7 +70,7 @@ from .errors import (
 from .executor import Executor
 from .jobcontext import JobContext, current_job
 from .states import State, Status
-from .tasks import QueueConfig, TaskClient, TaskInfo, TaskService
+from .tasks import QueueConfig, Task, TaskClient, TaskInfo, TaskService, current_task
 from .worker import Worker, WorkItem
 
 __version__ = "0.1.0"
@@ -75,6 +79,7 @@ start = _FUNCTIONS["start"]
 start_text = _FUNCTIONS["start_text"]
 start_many = _FUNCTIONS["start_many"]
 wait = _FUNCTIONS["wait"]
+wait_many = _FUNCTIONS["wait_many"]
 wait_complete = _FUNCTIONS["wait_complete"]
 take = _FUNCTIONS["take"]
 take_blob = _FUNCTIONS["take_blob"]
@@ -110,7 +115,8 @@ __all__ = [
     "WorkerClosedError", "DeadlockError", "UnknownRouteError", "RouteClosedError",
     "TaskService", "TaskClient", "QueueConfig", "TaskInfo", "TaskError", "UnknownTaskError",
     "UnknownQueueError", "QueueExistsError", "TaskNotCancellableError", "ServiceClosedError",
-    "StorageBusyError",
+    "StorageBusyError", "Task", "current_task", "TaskFailedError", "TaskCancelledError", "Retry",
+    "NoRetry",
     "CallbackHandle", "CallbackFailedError", "CallbackTimeoutError", "UnknownCallbackError",
     "CallbackAlreadyCompletedError", "NonDeterminismError",
     *_FUNCTIONS,

@@ -12,7 +12,8 @@ place):
               ThreadPoolExecutor(max_workers=1) (submit a bytearray copy,
               then result()) and vs a bare loop (copy into a bytearray, call
               the callback): the floor for Python callbacks
-* batch       the same through start_many
+* batch       the same through start_many, waiting each job with wait, and
+              with wait_many (every response in a few core calls)
 * latency     start + wait of one job, repeated: median and p99 vs
               ThreadPoolExecutor's submit + result()
 * blobs       1 MiB requests: jobs/s and GB/s vs ThreadPoolExecutor
@@ -24,6 +25,11 @@ place):
               trivial calls, then result() of each; and the ceiling of any
               Executor returning concurrent.futures.Future objects: those
               futures' own lifecycle, with nothing run
+* first-call  an idle pool's first call under a producer that keeps
+              submitting: the time from its submit to its start, for the
+              Executor and for start() vs ThreadPoolExecutor(1) (each pool
+              has run one call and idled 20 ms first; the median of 4
+              samples per run)
 * progress    the plain start/wait path, run next to the same jobs started
               with an on_progress callback that is never called: the
               plain path must not pay for the feature
@@ -94,6 +100,14 @@ def cbw_start_many(n: int) -> float:
         ids = w.start_many(touch, reqs)
         for job in ids:
             wait(job)
+        return n / (time.perf_counter() - t0)
+
+
+def cbw_start_many_wait_many(n: int) -> float:
+    with Worker() as w:
+        reqs = [REQUEST] * n
+        t0 = time.perf_counter()
+        w.wait_many(w.start_many(touch, reqs))
         return n / (time.perf_counter() - t0)
 
 
@@ -255,6 +269,46 @@ def future_lifecycle_rate(n: int) -> float:
     for f in futures:
         f.result()
     return n / (time.perf_counter() - t0)
+
+
+FIRST_CALL_IDLE_S = 0.02
+FIRST_CALL_CAP_S = 0.1
+FIRST_CALL_SAMPLES = 4  # per run: one sample is one wake-up, and wake-ups scatter
+
+
+def first_call_latency(kind: str) -> float:
+    """Seconds from the submit of an idle pool's first call to its start,
+    while the producer keeps submitting (until that call starts, at most
+    FIRST_CALL_CAP_S)."""
+    started = [0.0]
+
+    def first(*_: object) -> None:
+        started[0] = time.perf_counter()
+
+    def other(*_: object) -> None:
+        pass
+
+    if kind == "start":
+        with Worker() as w:
+            w.wait(w.start(other, REQUEST))
+            time.sleep(FIRST_CALL_IDLE_S)
+            t0 = time.perf_counter()
+            ids = [w.start(first, REQUEST)]
+            while not started[0] and time.perf_counter() - t0 < FIRST_CALL_CAP_S:
+                ids.append(w.start(other, REQUEST))
+            w.wait_many(ids)
+        return (started[0] or time.perf_counter()) - t0
+    ex = Executor(max_workers=1) if kind == "cbw" else ThreadPoolExecutor(max_workers=1)
+    with ex:
+        ex.submit(other).result()
+        time.sleep(FIRST_CALL_IDLE_S)
+        t0 = time.perf_counter()
+        futures = [ex.submit(first)]
+        while not started[0] and time.perf_counter() - t0 < FIRST_CALL_CAP_S:
+            futures.append(ex.submit(other))
+        for f in futures:
+            f.result()
+    return (started[0] or time.perf_counter()) - t0
 
 
 def progress_tracked(n: int) -> float:
@@ -428,7 +482,7 @@ def bench_tasks(n: int, runs: int, rows: List[Tuple[str, str, str, str]],
 # ---- driver -----------------------------------------------------------
 
 SECTIONS = ["throughput", "batch", "latency", "blobs", "memory", "scaling", "close",
-            "executor", "progress", "tasks"]
+            "executor", "first-call", "progress", "tasks"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -476,6 +530,10 @@ def main(args: argparse.Namespace) -> int:
             figures["start_many_per_s"] = ours
             _row(rows, "start_many vs bare Python loop", f"{ours:,.0f}/s", f"{bare:,.0f}/s", f"{ours / bare:.0%}")
             _row(rows, "start_many vs TPE(1)", f"{ours:,.0f}/s", f"{tpe:,.0f}/s", f"{ours / tpe:.1f}x")
+            ours = _median_rate(lambda: cbw_start_many_wait_many(n), runs, "start_many + wait_many")
+            figures["start_many_wait_many_per_s"] = ours
+            _row(rows, "start_many + wait_many vs bare Python loop", f"{ours:,.0f}/s",
+                 f"{bare:,.0f}/s", f"{ours / bare:.0%}")
 
     if "latency" in want:
         ours_l = [cbw_latency(lat_n) for _ in range(runs)]
@@ -529,6 +587,18 @@ def main(args: argparse.Namespace) -> int:
         figures["future_lifecycle_per_s"] = floor
         _row(rows, "  ceiling: Future lifecycle alone, vs TPE(1)", f"{floor:,.0f}/s",
              f"{base:,.0f}/s", f"{floor / base:.1f}x")
+
+    if "first-call" in want:
+        samples = {kind: [first_call_latency(kind) * 1e3 for _ in range(runs * FIRST_CALL_SAMPLES)]
+                   for kind in ("cbw", "start", "tpe")}
+        _progress("first-call done")
+        first = {kind: statistics.median(v) for kind, v in samples.items()}
+        figures.update(first_call_executor_ms=first["cbw"], first_call_start_ms=first["start"],
+                       tpe_first_call_ms=first["tpe"])
+        _row(rows, "first call starts, producer submitting", f"{first['cbw']:.2f} ms",
+             f"{first['tpe']:.2f} ms", f"{first['cbw'] / first['tpe']:.2f}")
+        _row(rows, "  same through start(), vs TPE(1)", f"{first['start']:.2f} ms",
+             f"{first['tpe']:.2f} ms", f"{first['start'] / first['tpe']:.2f}")
 
     if "progress" in want:
         plain = _median_rate(lambda: cbw_one_at_a_time(n), runs, "no progress")

@@ -1,12 +1,13 @@
 """The ``callbackworker`` command (also ``python -m callbackworker``).
 
 Subcommands:
-  demo     a short guided tour of the Worker API and of a persistent queue
+  demo     a short guided tour of the Worker API, tasks as functions and raw queues
   bench    throughput and latency against ThreadPoolExecutor and a bare loop
   worker   serve the persistent queues an app module defines
   enqueue  add a task to a persistent queue; prints its id
   task     show a task's status, message and attempt
   queues   a table of task counts per queue and status
+  schedules  the periodic schedules in the database, their specs and next runs
   serve    the HTTP endpoint outside systems signal durable callbacks through
 
 The task commands report an ordinary failure as one line on stderr,
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import ipaddress
+import json
 import os
 import signal
 import socket
@@ -31,15 +33,23 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import datetime, timezone
 from typing import Any, Callable, List, Optional, Sequence, TypeVar
 
 from . import Worker
 from .asyncmeta import JobMetaKey, Profile, RouteMetaKey, supports_blob_job
-from .errors import CallbackAlreadyCompletedError, JobFailedError, JobTimeoutError, TaskError
+from .errors import (
+    CallbackAlreadyCompletedError,
+    JobFailedError,
+    JobTimeoutError,
+    Retry,
+    TaskError,
+    TaskFailedError,
+)
 from .jobcontext import current_job
 from .states import State
 from .shutdown import WatchedService, WorkerShutdown
-from .tasks import QueueConfig, TaskService
+from .tasks import QueueConfig, TaskService, current_task
 from .tasks.dsn import is_postgres_dsn, redact_dsn
 from .tasks.storage import STATUSES
 
@@ -121,6 +131,7 @@ def demo(args: argparse.Namespace) -> int:
         print(f"{len(pending)} jobs queued; close() -> {w.close()}")
     _demo_retries()
     _demo_durable()
+    _demo_functions()
     _demo_tasks()
     print("\ndemo finished")
     return 0
@@ -181,6 +192,50 @@ def _demo_durable() -> None:
             print(f"a second success raises {type(exc).__name__}")
 
 
+def _demo_functions() -> None:
+    """Tasks as functions: the persistent queues as most code uses them."""
+    _say("tasks as functions (TaskService on a temporary SQLite file)")
+    with tempfile.TemporaryDirectory() as tmp, \
+            TaskService(os.path.join(tmp, "functions.db")) as svc:
+        @svc.task(name="add")
+        def add(a: int, b: int) -> int:
+            task = current_task()
+            if task is not None:
+                task.progress({"adding": [a, b]})
+            return a + b
+
+        @svc.task(name="flaky", max_retries=2)
+        def flaky(word: str) -> str:
+            task = current_task()
+            assert task is not None
+            if task.attempt == 1:
+                raise Retry(delay_ms=0)
+            return f"{word} on attempt {task.attempt}"
+
+        @svc.task(name="broken")
+        def broken() -> None:
+            raise ValueError("no such record")
+
+        print(f"@svc.task add; add(2, 3) runs inline -> {add(2, 3)}")
+        ids = [add.enqueue(2, 3), flaky.enqueue("done"), broken.enqueue()]
+        print("add.enqueue(2, 3), flaky.enqueue('done'), broken.enqueue() -> 3 task ids "
+              "(JSON arguments, queue created on first use)")
+        svc.serve()
+        print(f"serve(); result(add) -> {svc.result(ids[0], timeout_ms=10_000)!r}; "
+              f"get(add).progress -> {svc.get(ids[0]).progress}")
+        print(f"result(flaky) -> {svc.result(ids[1], timeout_ms=10_000)!r} "
+              "(it raised Retry once)")
+        try:
+            svc.result(ids[2], timeout_ms=10_000)
+        except TaskFailedError as exc:
+            print(f"result(broken) raised TaskFailedError: {exc.message} "
+                  f"(traceback stored: {exc.traceback is not None})")
+        try:
+            add.enqueue({1, 2}, 3)
+        except TypeError as exc:
+            print(f"add.enqueue({{1, 2}}, 3) raised TypeError: {exc}")
+
+
 def _greet(payload: memoryview) -> str:
     name = bytes(payload).decode()
     if name == "nobody":
@@ -189,8 +244,9 @@ def _greet(payload: memoryview) -> str:
 
 
 def _demo_tasks() -> None:
-    """The persistent-queue part of the tour, on a temporary SQLite file."""
-    _say("persistent task queues (TaskService on a temporary SQLite file)")
+    """Raw byte handlers, the layer under the functions, on a temporary
+    SQLite file."""
+    _say("raw byte handlers, the layer under the functions (TaskService, temporary file)")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "demo.db")
         with TaskService(path) as tasks:
@@ -200,7 +256,9 @@ def _demo_tasks() -> None:
             while any(tasks.get(i).status in ("pending", "running") for i in ids):
                 time.sleep(0.01)
             for task_id in ids:
-                print(f"get(task) -> {tasks.get(task_id)}")
+                info = tasks.get(task_id)
+                print(f"get(task) -> status={info.status!r} message={info.message!r} "
+                      f"attempt={info.attempt}")
         with TaskService(path) as reopened:
             print(f"after close and reopen: get(first task).status -> "
                   f"{reopened.get(ids[0]).status!r}")
@@ -384,15 +442,29 @@ def worker(args: argparse.Namespace) -> int:
     shutdown = WorkerShutdown(args.lease_ms, args.shutdown_timeout, EXIT_ABANDONED)
     shutdown.install()  # before the app's import, which may be slow
     app = _load_app(args.app)
-    service = _open_service(args, WatchedService, durability=args.durability,
-                            lease_ms=args.lease_ms)
+    if isinstance(app, TaskService):  # its own database, and its registered tasks
+        if args.db is not None:
+            raise CommandError(f"--db cannot be used with {args.app}: that TaskService was "
+                               "opened on its own database", EXIT_USAGE)
+        service: TaskService = app
+        shown = "its own database"
+    else:
+        args.db = args.db or "callbackworker.db"
+        service = _open_service(args, WatchedService, durability=args.durability,
+                                lease_ms=args.lease_ms)
+        shown = redact_dsn(args.db)
     try:
-        shutdown.watch(service)
-        names = setup_app(service, app)
+        if isinstance(service, WatchedService):
+            shutdown.watch(service)
+        if service is app:
+            service.serve()
+            names = service.served_queues()
+        else:
+            names = setup_app(service, app)
     except BaseException:
         service.close()
         raise
-    print(f"serving {len(names)} queue(s) on {redact_dsn(args.db)}: "
+    print(f"serving {len(names)} queue(s) on {shown}: "
           f"{', '.join(printable(n) for n in names)}", flush=True)
     while not shutdown.requested.wait(0.5):  # timed: an untimed wait misses Ctrl-C on Windows
         pass
@@ -414,6 +486,15 @@ def task(args: argparse.Namespace) -> int:
     with _open_service(args, TaskService, must_exist=True) as service:
         info = service.get(args.id)
     print(f"status:  {info.status}\nattempt: {info.attempt}\nmessage: {printable(info.message)}")
+    if info.name is not None:  # a function's call: its name and what it returned
+        print(f"name:    {printable(info.name)}")
+        if info.status == "completed":
+            print(f"result:  {json.dumps(info.result)}")
+    if info.progress is not None:
+        print(f"progress: {json.dumps(info.progress)}")
+    if info.traceback is not None and info.status == "failed":
+        print("traceback:\n" + "\n".join(printable(line)
+                                           for line in info.traceback.rstrip().splitlines()))
     return 0
 
 
@@ -424,6 +505,38 @@ def queues(args: argparse.Namespace) -> int:
     print(f"{'queue':<{width}} " + " ".join(f"{s:>9}" for s in STATUSES))
     for name, row in counts.items():
         print(f"{name:<{width}} " + " ".join(f"{row[s]:>9}" for s in STATUSES))
+    return 0
+
+
+OVERDUE_MS = 60_000
+"""How late a schedule's next run must be for ``schedules`` to call it
+overdue: no service has run it (all stopped, or no code registers it any
+more)."""
+
+
+def _utc(at_ms: int) -> str:
+    return datetime.fromtimestamp(at_ms / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def schedules(args: argparse.Namespace) -> int:
+    """Lists the stored periodic schedules, or removes one (``--remove``)."""
+    with _open_service(args, TaskService, must_exist=True) as service:
+        if args.remove is not None:
+            if not service.client.remove_schedule(args.remove):
+                raise CommandError(f"no schedule named {printable(args.remove)!r}: "
+                                   "`callbackworker schedules` lists them")
+            print(f"removed schedule {printable(args.remove)!r}")
+            return 0
+        rows = service.client.stored_schedules()
+    now = int(time.time() * 1000)
+    table = [("name", "spec", "queue", "task", "last tick (UTC)", "next run (UTC)")]
+    for r in rows:
+        late = " overdue" if r.next_run_at < now - OVERDUE_MS else ""
+        table.append((printable(r.name), printable(r.spec), printable(r.queue),
+                      printable(r.task), _utc(r.last_tick), _utc(r.next_run_at) + late))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     return 0
 
 
@@ -528,12 +641,16 @@ def _add_db(p: argparse.ArgumentParser) -> None:
 def _add_task_commands(sub: Any) -> None:
     p = sub.add_parser("worker", help="serve the persistent queues an app module defines",
                        description="Imports module:attr and serves its queues until SIGINT or "
-                                   "SIGTERM, then shuts down gracefully. attr is a callable "
-                                   "taking a TaskService (it creates the queues) or a dict "
+                                   "SIGTERM, then shuts down gracefully. attr is a TaskService "
+                                   "(every task registered with @svc.task is served, on that "
+                                   "service's own database), a callable taking a TaskService "
+                                   "(it creates the queues) or a dict "
                                    "{queue: handler | {'handler': fn, <QueueConfig fields>}}.")
-    _add_db(p)
+    p.add_argument("--db", default=None, metavar="PATH|URL",
+                   help="the task database: a SQLite file, or a postgresql:// URL "
+                        "(default: callbackworker.db; not with a TaskService app)")
     p.add_argument("--app", required=True, metavar="MODULE:ATTR",
-                   help="what defines the queues, e.g. myapp.tasks:queues")
+                   help="what defines the tasks, e.g. myapp.tasks:svc")
     p.add_argument("--durability", choices=["normal", "full"], default="normal",
                    help="normal survives a killed process; full also power loss")
     p.add_argument("--lease-ms", type=int, default=30_000, metavar="MS",
@@ -555,7 +672,10 @@ def _add_task_commands(sub: Any) -> None:
     p.set_defaults(func=enqueue)
 
     p = sub.add_parser("task", help="show a task's status, message and attempt",
-                       description="Prints the task's status, attempt and message.")
+                       description="Prints the task's status, attempt and message; for a "
+                                   "task function also its name and result (JSON), and its "
+                                   "latest progress (JSON) and the traceback of a failed task "
+                                   "when there is one.")
     _add_db(p)
     p.add_argument("id", help="the task id enqueue printed")
     p.set_defaults(func=task)
@@ -565,6 +685,19 @@ def _add_task_commands(sub: Any) -> None:
                                    "per queue.")
     _add_db(p)
     p.set_defaults(func=queues)
+
+    p = sub.add_parser("schedules", help="the periodic schedules, their specs and next runs",
+                       description="A table of the periodic schedules stored in the database: "
+                                   "name, spec, queue, task, last tick (the last one "
+                                   "enqueued, or the one before the schedule was registered) "
+                                   "and next run (UTC). A next run "
+                                   f"more than {OVERDUE_MS // 1000} s past is marked overdue: no "
+                                   "service is running that schedule (none is up, or no code "
+                                   "registers it any more; --remove deletes it).")
+    _add_db(p)
+    p.add_argument("--remove", metavar="NAME",
+                   help="delete the schedule NAME (one no code registers any more)")
+    p.set_defaults(func=schedules)
 
     p = sub.add_parser("serve", help="HTTP endpoint for external callback signals",
                        description="Serves POST /v1/callbacks/{id}/success|failure|heartbeat "
@@ -587,7 +720,8 @@ def _build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     p = sub.add_parser("demo", help="a short tour: start/wait, take, cancel, a timeout, a failure, "
-                                    "retries, a durable callback, a persistent queue",
+                                    "retries, a durable callback, tasks as functions, a raw "
+                                    "persistent queue",
                        description="A short tour of the Worker API; prints each step.")
     p.set_defaults(func=demo)
 

@@ -40,6 +40,10 @@ __all__ = [
     "TaskNotCancellableError",
     "ServiceClosedError",
     "StorageBusyError",
+    "TaskFailedError",
+    "TaskCancelledError",
+    "Retry",
+    "NoRetry",
 ]
 
 
@@ -241,6 +245,56 @@ class ServiceClosedError(TaskError, RuntimeError):
 class StorageBusyError(TaskError, TimeoutError):
     """The task database stayed locked by other connections for longer than
     the store's patience (transient contention is retried, never raised)."""
+
+
+class TaskFailedError(TaskError):
+    """``TaskService.result`` of a task that failed: ``.message`` is the
+    last attempt's error (``"ExcType: message"``), ``.traceback`` its
+    formatted traceback (None when there is none, e.g. a lost worker) and
+    ``.attempt`` how many attempts ran."""
+
+    def __init__(self, task_id: str, message: str, traceback: Optional[str],
+                 attempt: int) -> None:
+        super().__init__(f"task {task_id!r} failed after {attempt} attempt"
+                         f"{'' if attempt == 1 else 's'}: {message}")
+        self.task_id = task_id
+        self.message = message
+        self.traceback = traceback
+        self.attempt = attempt
+
+
+class TaskCancelledError(TaskError):
+    """``TaskService.result`` of a task that was cancelled."""
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__(f"task {task_id!r} was cancelled")
+        self.task_id = task_id
+
+
+class Retry(CallbackWorkerError):
+    """Raised by a task function to run it again after ``delay_ms`` (None:
+    the task's backoff).  It counts as a failed attempt: once the task's
+    ``max_retries`` are used up, the task fails instead.  Raise it ``from``
+    the exception that caused it to keep that in the stored traceback."""
+
+    def __init__(self, delay_ms: Optional[int] = None) -> None:
+        if delay_ms is not None:
+            if type(delay_ms) is not int:
+                raise TypeError(f"delay_ms must be an int or None, not {type(delay_ms).__name__}")
+            if not 0 <= delay_ms <= 604_800_000:
+                raise ValueError(f"delay_ms must be between 0 and 604800000, not {delay_ms}")
+        super().__init__("retry requested" if delay_ms is None
+                         else f"retry requested in {delay_ms} ms")
+        self.delay_ms = delay_ms
+
+
+class NoRetry(CallbackWorkerError):
+    """Raised by a task function to fail its task at once, whatever retries
+    are left; ``message`` becomes the task's error message."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
 
 
 _STATUS_WORDS = {

@@ -10,7 +10,11 @@ Routes (every one needs ``Authorization: Bearer <token>``)::
     POST /v1/callbacks/{id}/success    raw body = the result (at most 1 MiB)
     POST /v1/callbacks/{id}/failure    JSON {"error": "..."}
     POST /v1/callbacks/{id}/heartbeat  body ignored
-    GET  /v1/tasks/{task_id}           JSON {"id", "status", "message", "attempt"}
+    GET  /v1/tasks/{task_id}           JSON: every ``TaskInfo`` field by name
+                                       ("status", "message", "attempt", "id",
+                                       "name", "queue", "result", "progress",
+                                       "traceback", "created_at_ms",
+                                       "finished_at_ms")
 
 Answers: 200 with a JSON body on success; 401 for a missing or wrong token
 (checked with ``hmac.compare_digest`` before anything else, so an
@@ -136,8 +140,7 @@ def create_app(service_or_store: _Target, token: str) -> Starlette:
     async def get_task(request: Request) -> Response:
         task_id = _task_id(request.path_params["task_id"])
         info = await run_in_threadpool(client.get, task_id)
-        return JSONResponse({"id": task_id, "status": info.status, "message": info.message,
-                             "attempt": info.attempt})
+        return JSONResponse(info._asdict())
 
     routes = [
         Route("/v1/callbacks/{callback_id}/success",

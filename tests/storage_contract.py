@@ -21,7 +21,7 @@ from callbackworker.errors import (
     UnknownTaskError,
 )
 from callbackworker.tasks.schema import INDEXES
-from callbackworker.tasks.storage import NEVER, STATUSES, ClaimedTask, Outcome, TaskStore
+from callbackworker.tasks.storage import NEVER, STATUSES, ClaimedTask, NewCall, Outcome, TaskStore
 
 LEASE = 30_000
 
@@ -57,8 +57,8 @@ def source_indexes(backend: str) -> Dict[str, Tuple[str, Tuple[str, ...]]]:
     form each backend's schema test reads its live indexes in."""
     parsed = {}
     for name, text in INDEXES[backend].items():
-        table, _, rest = text.partition("(")
-        parsed[name] = (table, tuple(c.strip() for c in rest.partition(")")[0].split(",")))
+        table, _, rest = text.removeprefix("UNIQUE ").partition("(")
+        parsed[name] = (table, tuple(c.split()[0] for c in rest.partition(")")[0].split(",")))
     return parsed
 
 
@@ -552,3 +552,227 @@ class StorageContract:
         (replay,) = store.claim("q", owner="me", limit=1, now=100, lease_ms=LEASE)
         assert store.release(replay.id, replay.token, 100) is True
         assert store.get(replay.id).attempt == 1  # type: ignore[union-attr]
+
+    # ---- function calls (tasks as functions) ----------------------------
+
+    def test_declare_queue_creates_the_queue_and_stores_its_config(
+            self, store: TaskStore) -> None:
+        assert store.queue_config("q") is None
+        store.declare_queue("q", '{"concurrency":2}')
+        assert store.queues() == ["q"]
+        assert store.queue_config("q") == '{"concurrency":2}'
+
+    def test_declare_queue_again_replaces_the_config(self, store: TaskStore) -> None:
+        store.ensure_queue("q")
+        assert store.queue_config("q") is None
+        store.declare_queue("q", "{}")
+        store.declare_queue("q", '{"max_retries":1}')
+        assert store.queue_config("q") == '{"max_retries":1}'
+
+    def _call(self, store: TaskStore, task_id: str, *, queue: str = "q", priority: int = 0,
+              run_at: int = 0, dedup_key: "str | None" = None, now: int = 0) -> str:
+        return store.enqueue_call(queue, NewCall(task_id, "mod.fn", f'[["{task_id}"],{{}}]',
+                                                 priority, run_at, dedup_key), now)
+
+    def test_enqueue_call_creates_the_queue_and_stores_name_and_args(
+            self, store: TaskStore) -> None:
+        assert self._call(store, "c1", now=7) == "c1"
+        assert store.queues() == ["q"]
+        record = store.get("c1")
+        assert record is not None
+        assert (record.status, record.name, record.created_at, record.result) == (
+            "pending", "mod.fn", 7, None)
+        (task,) = store.claim("q", owner="me", limit=1, now=7, lease_ms=LEASE)
+        assert (task.id, task.name, task.args, task.payload) == ("c1", "mod.fn", '[["c1"],{}]', b"")
+
+    def test_raw_tasks_have_no_name(self, store: TaskStore) -> None:
+        (task,) = [_claimed_one(store)]
+        assert task.name is None and task.args is None
+        assert store.get(task.id).name is None  # type: ignore[union-attr]
+
+    def test_claim_takes_higher_priority_first_then_fifo(self, store: TaskStore) -> None:
+        for task_id, priority in [("low1", 0), ("high1", 5), ("low2", 0), ("high2", 5),
+                                  ("mid", 1)]:
+            self._call(store, task_id, priority=priority)
+        claimed = store.claim("q", owner="me", limit=5, now=0, lease_ms=LEASE)
+        assert [t.id for t in claimed] == ["high1", "high2", "mid", "low1", "low2"]
+
+    def test_claim_leaves_calls_before_their_run_at(self, store: TaskStore) -> None:
+        self._call(store, "later", priority=9, run_at=100)
+        self._call(store, "now")
+        assert [t.id for t in store.claim("q", owner="me", limit=5, now=99,
+                                          lease_ms=LEASE)] == ["now"]
+        assert store.next_due("q") == 100
+        assert [t.id for t in store.claim("q", owner="me", limit=5, now=100,
+                                          lease_ms=LEASE)] == ["later"]
+
+    def test_dedup_key_returns_the_unfinished_task_holding_it(self, store: TaskStore) -> None:
+        assert self._call(store, "first", dedup_key="k") == "first"
+        assert self._call(store, "second", dedup_key="k") == "first"  # pending
+        (task,) = store.claim("q", owner="me", limit=1, now=0, lease_ms=LEASE)
+        assert self._call(store, "third", dedup_key="k") == "first"  # running
+        assert store.get("second") is None and store.get("third") is None
+        assert store.complete(task.id, task.token, "", 1)
+        assert self._call(store, "fourth", dedup_key="k") == "fourth"  # first is finished
+
+    def test_dedup_key_holds_while_suspended(self, store: TaskStore) -> None:
+        self._call(store, "t0", dedup_key="k")
+        (task,) = store.claim("q", owner="me", limit=1, now=0, lease_ms=LEASE)
+        store.durable_add_callback(CallbackRecord("cb", task.id, "approval", 0))
+        assert store.settle([Outcome(task.id, task.token, "suspend", "", 1, awaiting="cb")])
+        assert self._call(store, "t1", dedup_key="k") == "t0"
+
+    def test_dedup_keys_are_per_queue(self, store: TaskStore) -> None:
+        assert self._call(store, "a", queue="q1", dedup_key="k") == "a"
+        assert self._call(store, "b", queue="q2", dedup_key="k") == "b"
+
+    def test_concurrent_enqueues_with_one_dedup_key_store_one_task(
+            self, store: TaskStore) -> None:
+        ids: List[str] = []
+        lock = threading.Lock()
+
+        def enqueue(i: int) -> None:
+            got = self._call(store, f"t{i}", dedup_key="k")
+            with lock:
+                ids.append(got)
+
+        threads = [threading.Thread(target=enqueue, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(set(ids)) == 1 and len(ids) == 8
+        assert store.counts()["q"]["pending"] == 1
+
+    def test_complete_stores_the_result(self, store: TaskStore) -> None:
+        task = _claimed_one(store)
+        assert store.settle([Outcome(task.id, task.token, "complete", "", 1, result="[1,2]")])
+        assert store.get(task.id).result == "[1,2]"  # type: ignore[union-attr]
+
+    def test_fail_and_retry_store_the_attempts_traceback(self, store: TaskStore) -> None:
+        task = _claimed_one(store)
+        assert store.settle([Outcome(task.id, task.token, "retry", "E: 1", 0, traceback="tb1")])
+        assert store.get(task.id).traceback == "tb1"  # type: ignore[union-attr]
+        (task,) = store.claim("q", owner="me", limit=1, now=0, lease_ms=LEASE)
+        assert store.settle([Outcome(task.id, task.token, "fail", "E: 2", 1, traceback="tb2")])
+        record = store.get(task.id)
+        assert record is not None and (record.status, record.traceback) == ("failed", "tb2")
+
+    def test_set_progress_needs_the_running_token(self, store: TaskStore) -> None:
+        task = _claimed_one(store)
+        assert store.set_progress(task.id, task.token, '{"done":1}') is True
+        assert store.get(task.id).progress == '{"done":1}'  # type: ignore[union-attr]
+        assert store.set_progress(task.id, "stale", '{"done":2}') is False
+        assert store.complete(task.id, task.token, "", 1)
+        assert store.set_progress(task.id, task.token, '{"done":3}') is False
+        assert store.get(task.id).progress == '{"done":1}'  # type: ignore[union-attr]
+
+    def test_a_lost_attempt_leaves_no_traceback(self, store: TaskStore) -> None:
+        task = _claimed_one(store, lease_ms=10)
+        assert store.settle([Outcome(task.id, task.token, "retry", "E: 1", 0, traceback="tb")])
+        store.claim("q", owner="me", limit=1, now=0, lease_ms=10)
+        assert store.recover("q", now=10, max_attempts=2) == 1
+        record = store.get(task.id)
+        assert record is not None and (record.status, record.traceback) == ("failed", None)
+
+    # ---- periodic schedules ----------------------------------------------
+
+    @staticmethod
+    def _tick_call(task_id: str) -> NewCall:
+        return NewCall(task_id, "mod.tick", "[[],{}]", 0, 0)
+
+    def _registered(self, store: TaskStore, spec: str = "every 1000 ms") -> None:
+        """Schedule "s" on queue "q", baseline tick 1000, next run 2000."""
+        store.register_schedule("s", spec, queue="q", task="mod.tick", baseline=1000,
+                                next_run_at=2000, now=1500)
+
+    def test_register_schedule_files_a_new_schedule_from_its_baseline(
+            self, store: TaskStore) -> None:
+        self._registered(store)
+        assert store.schedules() == [("s", "every 1000 ms", "q", "mod.tick", 1000, 2000, 1500)]
+
+    def test_claim_tick_enqueues_the_call_and_moves_the_last_tick(
+            self, store: TaskStore) -> None:
+        self._registered(store)
+        assert store.claim_tick("s", "every 1000 ms", 2000, 3000, "q", self._tick_call("t1"),
+                                2001) is True
+        record = store.get("t1")
+        assert record is not None
+        assert (record.queue, record.status, record.name) == ("q", "pending", "mod.tick")
+        assert store.queues() == ["q"]
+        (schedule,) = store.schedules()
+        assert (schedule.last_tick, schedule.next_run_at) == (2000, 3000)
+
+    def test_a_tick_is_claimed_once(self, store: TaskStore) -> None:
+        self._registered(store)
+        assert store.claim_tick("s", "every 1000 ms", 2000, 3000, "q", self._tick_call("t1"), 0)
+        assert not store.claim_tick("s", "every 1000 ms", 2000, 3000, "q",
+                                    self._tick_call("t2"), 0)
+        assert store.get("t2") is None
+
+    def test_an_older_tick_is_refused_after_a_newer_one(self, store: TaskStore) -> None:
+        self._registered(store)
+        assert store.claim_tick("s", "every 1000 ms", 5000, 6000, "q", self._tick_call("t5"), 0)
+        assert not store.claim_tick("s", "every 1000 ms", 4000, 5000, "q",
+                                    self._tick_call("t4"), 0)
+        assert store.get("t4") is None
+        assert store.schedules()[0].last_tick == 5000
+
+    def test_a_claim_under_another_spec_is_refused(self, store: TaskStore) -> None:
+        self._registered(store, spec="cron 0 * * * *")
+        assert not store.claim_tick("s", "every 1000 ms", 2000, 3000, "q",
+                                    self._tick_call("t1"), 0)
+        assert store.get("t1") is None
+
+    def test_a_claim_of_an_unknown_schedule_is_refused(self, store: TaskStore) -> None:
+        assert not store.claim_tick("nope", "every 1000 ms", 2000, 3000, "q",
+                                    self._tick_call("t1"), 0)
+        assert store.get("t1") is None
+
+    def test_a_failed_enqueue_leaves_the_tick_unclaimed(self, store: TaskStore) -> None:
+        self._registered(store)
+        store.enqueue_call("q", self._tick_call("taken"), 0)
+        with pytest.raises(Exception):
+            store.claim_tick("s", "every 1000 ms", 2000, 3000, "q", self._tick_call("taken"), 0)
+        assert store.schedules()[0].last_tick == 1000
+        assert store.claim_tick("s", "every 1000 ms", 2000, 3000, "q", self._tick_call("t1"), 0)
+
+    def test_reregistering_the_same_spec_keeps_the_last_tick(self, store: TaskStore) -> None:
+        self._registered(store)
+        assert store.claim_tick("s", "every 1000 ms", 2000, 3000, "q", self._tick_call("t1"), 0)
+        store.register_schedule("s", "every 1000 ms", queue="q2", task="mod.other",
+                                baseline=9000, next_run_at=10_000, now=9500)
+        assert store.schedules() == [("s", "every 1000 ms", "q2", "mod.other", 2000, 3000, 9500)]
+
+    def test_registering_a_changed_spec_starts_from_the_new_baseline(
+            self, store: TaskStore) -> None:
+        self._registered(store)
+        assert store.claim_tick("s", "every 1000 ms", 2000, 3000, "q", self._tick_call("t1"), 0)
+        store.register_schedule("s", "every 5000 ms", queue="q", task="mod.tick",
+                                baseline=5000, next_run_at=10_000, now=9500)
+        assert store.schedules() == [("s", "every 5000 ms", "q", "mod.tick", 5000, 10_000, 9500)]
+
+    def test_remove_schedule_deletes_it(self, store: TaskStore) -> None:
+        self._registered(store)
+        assert store.remove_schedule("s") is True
+        assert store.remove_schedule("s") is False
+        assert store.schedules() == []
+
+    def test_concurrent_claims_of_one_tick_enqueue_one_call(self, store: TaskStore) -> None:
+        self._registered(store)
+        won: List[str] = []
+        lock = threading.Lock()
+
+        def claim(i: int) -> None:
+            if store.claim_tick("s", "every 1000 ms", 2000, 3000, "q",
+                                self._tick_call(f"t{i}"), 0):
+                with lock:
+                    won.append(f"t{i}")
+
+        threads = [threading.Thread(target=claim, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(won) == 1
+        assert store.counts()["q"]["pending"] == 1

@@ -21,7 +21,7 @@ What a test does
    sanitized module, then: four threads start (``start``, ``start_text``,
    ``start_many``, two routes, callbacks that edit in place, return longer
    responses, fail, run past a route timeout, or start and wait for jobs
-   from inside a callback), cancel, wait with short timeouts,
+   from inside a callback), cancel, wait (and wait_many) with short timeouts,
    ``wait_complete`` + ``take`` and query jobs picked at random from a
    shared pool; then 20 rounds of ``close()`` racing with threads blocked in
    ``wait`` (bounded and unbounded), starting, cancelling and taking —
@@ -332,8 +332,11 @@ STRESS_SCRIPT = textwrap.dedent('''\
                     if jid is None:
                         continue
                     try:
-                        if rng.random() < 0.5:
+                        how = rng.random()
+                        if how < 0.35:
                             got = w.wait(jid, rng.choice([0, 1, 5, 50]))
+                        elif how < 0.5:
+                            got = w.wait_many([jid], rng.choice([0, 1, 5, 50]))[0]
                         else:
                             if not w.wait_complete(jid, rng.choice([0, 5, 50])):
                                 raise WaitTimeoutError()

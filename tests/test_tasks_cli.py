@@ -89,9 +89,9 @@ def test_sigterm_lets_the_running_task_finish_and_leaves_the_rest_pending(tmp_pa
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0, proc.stderr.read()  # type: ignore[union-attr]
     with TaskService(db) as reader:
-        assert reader.get(running) == ("completed", "slept", 1)
+        assert reader.get(running)[:3] == ("completed", "slept", 1)
         for task_id in waiting:
-            assert reader.get(task_id) == ("pending", "", 0)
+            assert reader.get(task_id)[:3] == ("pending", "", 0)
         assert reader.counts()["slow"]["running"] == 0
 
 
@@ -105,14 +105,36 @@ def test_demo_tours_a_persistent_queue() -> None:
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert "== close (queued jobs are shut down)" in lines  # the Worker tour is still there
-    part = lines[lines.index("== persistent task queues (TaskService on a temporary SQLite file)"):]
+    part = lines[lines.index("== raw byte handlers, the layer under the functions "
+                             "(TaskService, temporary file)"):]
     assert part[1:] == [
         "enqueue_many(greet, [b'ada', b'nobody']) -> 2 task ids",
-        "get(task) -> TaskInfo(status='completed', message='hello, ada', attempt=1)",
-        "get(task) -> TaskInfo(status='failed', message='LookupError: no one to greet', attempt=2)",
+        "get(task) -> status='completed' message='hello, ada' attempt=1",
+        "get(task) -> status='failed' message='LookupError: no one to greet' attempt=2",
         "after close and reopen: get(first task).status -> 'completed'",
         "",
         "demo finished",
+    ]
+
+
+def test_demo_tours_tasks_as_functions_before_raw_handlers() -> None:
+    out = cli("demo")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    start = lines.index("== tasks as functions (TaskService on a temporary SQLite file)")
+    assert start < lines.index("== raw byte handlers, the layer under the functions "
+                               "(TaskService, temporary file)")
+    assert lines[start + 1:start + 8] == [
+        "@svc.task add; add(2, 3) runs inline -> 5",
+        "add.enqueue(2, 3), flaky.enqueue('done'), broken.enqueue() -> 3 task ids "
+        "(JSON arguments, queue created on first use)",
+        "serve(); result(add) -> 5; get(add).progress -> {'adding': [2, 3]}",
+        "result(flaky) -> 'done on attempt 2' (it raised Retry once)",
+        "result(broken) raised TaskFailedError: ValueError: no such record "
+        "(traceback stored: True)",
+        "add.enqueue({1, 2}, 3) raised TypeError: the arguments of task 'add' cannot be "
+        "encoded as JSON: Object of type set is not JSON serializable",
+        "",
     ]
 
 
@@ -121,7 +143,7 @@ def test_demo_tours_route_retries_and_a_durable_callback() -> None:
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     start = lines.index("== routes: retries with exponential backoff (on a manual clock)")
-    end = lines.index("== persistent task queues (TaskService on a temporary SQLite file)")
+    end = lines.index("== tasks as functions (TaskService on a temporary SQLite file)")
     assert lines[start + 1:end] == [
         "open_route('flaky', max_retries=2, backoff_ms=1000); start(flaky)",
         "attempt 1 failed: state -> QUEUED, retry in 1000 ms; advance_clock(1000)",
@@ -218,3 +240,36 @@ def test_a_negative_shutdown_timeout_is_a_usage_error(tmp_path: Path) -> None:
               "--shutdown-timeout", "-1")
     assert out.returncode == EXIT_USAGE
     assert out.stderr.startswith("callbackworker worker: --shutdown-timeout must be")
+
+
+def test_worker_app_may_be_a_task_service_serving_every_registered_task(tmp_path: Path) -> None:
+    db = tmp_path / "t.db"
+    proc = subprocess.Popen([sys.executable, "-m", "callbackworker", "worker",
+                             "--app", "function_app:svc"],
+                            env=dict(os.environ, PYTHONPATH=str(TESTS), CBW_APP_DB=str(db)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().decode().split(": ")[-1].strip() == "default, text"
+        with TaskService(db) as producer:
+            ids = [producer.enqueue_task("add", [2, 3]), producer.enqueue_task("shout", ["hi"],
+                                                                              queue="text")]
+            assert producer.result(ids[0], timeout_ms=30_000) == 5
+            assert producer.result(ids[1], timeout_ms=30_000) == "HI"
+        out = cli("task", "--db", str(db), ids[0])
+        assert out.stdout.splitlines() == ["status:  completed", "attempt: 1", "message: ",
+                                           "name:    add", "result:  5",
+                                           'progress: {"adding": [2, 3]}']
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    assert proc.returncode == 0
+
+
+def test_worker_refuses_db_with_a_task_service_app(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "callbackworker", "worker", "--db",
+                          str(tmp_path / "other.db"), "--app", "function_app:svc"],
+                         capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, PYTHONPATH=str(TESTS),
+                                  CBW_APP_DB=str(tmp_path / "t.db")))
+    assert out.returncode != 0 and "--db cannot be used with function_app:svc" in out.stderr

@@ -54,7 +54,7 @@ def test_every_verb_works_without_starting_a_thread(store: TaskStore, clock: Fak
     with TaskClient(store, clock=clock) as client:
         first = client.enqueue("q", b"one")
         second, third = client.enqueue_many("q", [b"two", bytearray(b"three")])
-        assert client.get(first) == TaskInfo("pending", "", 0)
+        assert client.get(first)[:3] == ("pending", "", 0)
         assert client.queues() == ["other", "q"]
         assert client.counts()["q"]["pending"] == 3
         client.cancel(first)
@@ -143,7 +143,7 @@ def test_on_commit_follows_each_committed_enqueue_and_signal(db: str, clock: Fak
         finally:
             store.close()
         service._dispatch_once()
-        assert service.get(task) == TaskInfo("completed", "approved by mail", 1)
+        assert service.get(task)[:3] == ("completed", "approved by mail", 1)
 
 
 def test_a_services_client_shares_its_store_and_closes_with_it(db: str, clock: FakeClock) -> None:
@@ -153,7 +153,7 @@ def test_a_services_client_shares_its_store_and_closes_with_it(db: str, clock: F
     assert isinstance(client, TaskClient)
     task = client.enqueue("q", b"")
     assert service._dispatch_once() == 1
-    assert client.get(task) == service.get(task) == TaskInfo("completed", "ran", 1)
+    assert client.get(task)[:3] == service.get(task)[:3] == ("completed", "ran", 1)
     service.close()
     with pytest.raises(ServiceClosedError):
         client.get(task)

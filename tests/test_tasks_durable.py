@@ -87,7 +87,7 @@ def suspended_task(service: TaskService, handler: Approval) -> str:
     service.create_queue("q", handler=handler)
     task = service.enqueue("q", b"order")
     assert service._dispatch_once() == 1
-    assert service.get(task) == TaskInfo("suspended", "", 1)
+    assert service.get(task)[:3] == ("suspended", "", 1)
     return task
 
 
@@ -106,7 +106,7 @@ def test_reference_two_invocations(service: TaskService) -> None:
     assert service._dispatch_once() == 1
     assert handler.events == ["created", "created", "resumed"]
     assert handler.ids[0] == handler.ids[1]
-    assert service.get(task) == TaskInfo("completed", "receipt-1 approved by alice", 1)
+    assert service.get(task)[:3] == ("completed", "receipt-1 approved by alice", 1)
 
 
 def test_callback_ids_are_unguessable_and_distinct(service: TaskService) -> None:
@@ -126,7 +126,7 @@ def test_failure_signal_raises_callback_failed_in_the_handler(service: TaskServi
     task = suspended_task(service, handler)
     service.send_callback_failure(handler.callback_id, "over budget")
     service._dispatch_once()
-    assert service.get(task) == TaskInfo("completed", "declined: over budget", 1)
+    assert service.get(task)[:3] == ("completed", "declined: over budget", 1)
 
 
 def test_an_uncaught_callback_failure_fails_the_task(service: TaskService) -> None:
@@ -153,7 +153,7 @@ def test_timeout_wakes_the_task_and_raises_in_the_handler(service: TaskService,
     assert service._dispatch_once() == 0
     clock.advance(1)
     assert service._dispatch_once() == 1
-    assert service.get(task) == TaskInfo("completed", "timed out: timeout", 1)
+    assert service.get(task)[:3] == ("completed", "timed out: timeout", 1)
     with pytest.raises(CallbackAlreadyCompletedError) as info:
         service.send_callback_success(handler.callback_id, b"late")
     assert info.value.state == "closed"
@@ -192,7 +192,7 @@ def test_a_missing_heartbeat_times_the_callback_out(service: TaskService,
     assert service._dispatch_once() == 0
     clock.advance(1)
     assert service._dispatch_once() == 1
-    assert service.get(task) == TaskInfo("completed", "timed out: heartbeat", 1)
+    assert service.get(task)[:3] == ("completed", "timed out: heartbeat", 1)
 
 
 def test_a_heartbeat_does_not_extend_the_overall_timeout(service: TaskService,
@@ -266,7 +266,7 @@ def test_several_callbacks_in_one_task(service: TaskService) -> None:
     assert service.get(task).status == "suspended", "it waits for the first one"
     service.send_callback_success(handles[0].callback_id, b"A")
     service._dispatch_once()
-    assert service.get(task) == TaskInfo("completed", "AB", 1)
+    assert service.get(task)[:3] == ("completed", "AB", 1)
 
 
 def test_a_different_order_on_replay_is_a_non_determinism_error(service: TaskService) -> None:
@@ -301,7 +301,7 @@ def test_a_signal_before_callback_result_is_not_lost(service: TaskService) -> No
     service.create_queue("q", handler=handler)
     task = service.enqueue("q", b"")
     service._dispatch_once()
-    assert service.get(task) == TaskInfo("completed", "quick", 1)
+    assert service.get(task)[:3] == ("completed", "quick", 1)
 
 
 def test_a_handler_that_swallows_the_suspension_stays_suspended(service: TaskService) -> None:
@@ -338,7 +338,7 @@ def test_a_suspended_task_survives_a_restart(open_service: Callable[[], TaskServ
     server = open_service()
     server.create_queue("q", handler=handler)
     assert server._dispatch_once() == 1
-    assert server.get(task) == TaskInfo("completed", "receipt-1 approved after restart", 1)
+    assert server.get(task)[:3] == ("completed", "receipt-1 approved after restart", 1)
     assert handler.charges == 1
 
 

@@ -134,7 +134,7 @@ def _live_schema(dsn: str) -> "tuple[dict, dict]":
             CROSS JOIN LATERAL unnest(x.indkey) WITH ORDINALITY AS k(attnum, n)
             JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = k.attnum
             WHERE t.relnamespace = current_schema()::regnamespace
-                  AND NOT x.indisprimary AND NOT x.indisunique
+                  AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = x.indexrelid)
             GROUP BY i.relname, t.relname""")}
     return columns, indexes
 
@@ -394,3 +394,48 @@ def test_a_signal_racing_the_suspension_is_never_lost(store: PostgresTaskStore) 
         record = store.get(task_id)
         assert record is not None and (record.status, record.next_run_at) == ("pending", 5), i
         assert record.next_run_at != NEVER
+
+
+def test_a_version_2_schema_is_upgraded_in_place_and_keeps_its_tasks(pg_schema_dsn: str) -> None:
+    """A deployment made by the release before tasks as functions (schema
+    2, written by its own migrations): its tasks are found and run on."""
+    _sql(pg_schema_dsn, "CREATE TABLE cbw_schema_version (one boolean PRIMARY KEY DEFAULT true "
+                        "CHECK (one), version integer NOT NULL)")
+    for step in postgres._MIGRATIONS[:2]:
+        for statement in step:
+            _sql(pg_schema_dsn, statement)
+    _sql(pg_schema_dsn, "INSERT INTO cbw_schema_version(version) VALUES (2)")
+    _sql(pg_schema_dsn, "INSERT INTO cbw_queues(name) VALUES ('q')")
+    _sql(pg_schema_dsn, "INSERT INTO cbw_tasks(id, queue, payload, status, message, next_run_at, "
+                        "created_at, finished_at) VALUES ('done', 'q', '\\x01', 'completed', "
+                        "'ok', 0, 5, 9), ('todo', 'q', '\\x01', 'pending', '', 0, 5, NULL)")
+    store = PostgresTaskStore(pg_schema_dsn)
+    try:
+        assert _sql(pg_schema_dsn, "SELECT version FROM cbw_schema_version") == \
+            [(SCHEMA_VERSION,)]
+        done = store.get("done")
+        assert done is not None
+        assert (done.status, done.message, done.name, done.result, done.created_at,
+                done.finished_at) == ("completed", "ok", None, None, 5, 9)
+        (task,) = store.claim("q", owner="me", limit=5, now=0, lease_ms=1000)
+        assert (task.id, task.payload, task.name) == ("todo", b"\x01", None)
+    finally:
+        store.close()
+    columns, indexes = _live_schema(pg_schema_dsn)
+    assert columns == expected_columns("postgresql")
+    assert indexes == source_indexes("postgresql")
+
+
+def test_the_claim_reads_the_claim_index_in_order(store: PostgresTaskStore) -> None:
+    """The claim's plan on a queue of 20 000 due tasks: a scan of
+    ``cbw_tasks_claim`` in its order under a limit, no sort of every due
+    task, so it stops after ``limit`` rows however many are pending."""
+    _sql(store.dsn, "INSERT INTO cbw_queues(name) VALUES ('q')")
+    _sql(store.dsn, "INSERT INTO cbw_tasks(id, queue, payload, status, next_run_at, created_at, "
+                    "priority) SELECT 't' || i, 'q', '', 'pending', i, 0, i % 3 "
+                    "FROM generate_series(1, 20000) AS i")
+    _sql(store.dsn, "ANALYZE cbw_tasks")
+    plan = "\n".join(row[0] for row in _sql(store.dsn, "EXPLAIN " + store.dialect.sql("claim"), {
+        "owner": "me", "expires": 1, "token": "t", "queue": "q", "now": 10**12, "limit": 5}))
+    assert "Index Scan using cbw_tasks_claim" in plan, plan
+    assert "Sort" not in plan, plan

@@ -254,3 +254,44 @@ def test_a_migrated_database_has_the_described_schema(tmp_path: Path) -> None:
     columns, indexes = _live_schema(path)
     assert columns == expected_columns("sqlite")
     assert indexes == source_indexes("sqlite")
+
+
+def test_a_version_2_database_is_upgraded_in_place_and_keeps_its_tasks(tmp_path: Path) -> None:
+    """A database made by the release before tasks as functions (schema 2,
+    written by its own migrations): its tasks are found and run on."""
+    from callbackworker.tasks.sqlite import _MIGRATIONS
+
+    path = tmp_path / "v2.db"
+    with sqlite3.connect(path) as db:
+        for step in _MIGRATIONS[:2]:
+            for statement in step:
+                db.execute(statement)
+        db.execute("PRAGMA user_version = 2")
+        db.execute("INSERT INTO queues(name) VALUES ('q')")
+        db.executemany("INSERT INTO tasks(id, queue, payload, status, message, next_run_at, "
+                       "created_at, finished_at) VALUES (?, 'q', x'01', ?, ?, 0, 5, ?)",
+                       [("done", "completed", "ok", 9), ("todo", "pending", "", None)])
+    store = SQLiteTaskStore(path)
+    try:
+        assert _pragma(path, "user_version") == SCHEMA_VERSION
+        done = store.get("done")
+        assert done is not None
+        assert (done.status, done.message, done.name, done.result, done.created_at,
+                done.finished_at) == ("completed", "ok", None, None, 5, 9)
+        (task,) = store.claim("q", owner="me", limit=5, now=0, lease_ms=1000)
+        assert (task.id, task.payload, task.name) == ("todo", b"\x01", None)
+    finally:
+        store.close()
+
+
+def test_the_claim_reads_the_claim_index_in_order(store: SQLiteTaskStore) -> None:
+    """The claim's plan: a search of ``tasks_claim`` on the queue, in the
+    index's order (no sort of every due task), so it stops after ``limit``
+    rows however many are pending."""
+    sql = store.dialect.sql("claim")
+    with sqlite3.connect(store.path) as db:
+        plan = " / ".join(row[3] for row in db.execute(
+            "EXPLAIN QUERY PLAN " + sql, {"owner": "me", "expires": 1, "token": "t",
+                                          "queue": "q", "now": 0, "limit": 5}))
+    assert "USING INDEX tasks_claim (queue=?)" in plan, plan
+    assert "TEMP B-TREE" not in plan, plan

@@ -104,6 +104,27 @@ def test_run_detached_takes_the_routes_timeout() -> None:
         assert seen and type(seen[0]).__name__ == "CallbackInterrupt"
 
 
+def test_run_detached_with_a_timeout_interrupts_that_job_only() -> None:
+    with Worker() as w:
+        w.open_route("unlimited")
+        seen: List[BaseException] = []
+
+        def spin() -> None:
+            try:
+                while True:
+                    time.sleep(0.001)
+            except BaseException as exc:  # the interrupt
+                seen.append(exc)
+                raise
+
+        item = Item(spin)
+        w.run_detached(item, route="unlimited", timeout_ms=50)
+        assert item.ran.wait(5)
+        assert seen and type(seen[0]).__name__ == "CallbackInterrupt"
+        with pytest.raises(ValueError, match="timeout_ms"):
+            w.run_detached(Item(), route="unlimited", timeout_ms=-2)
+
+
 @pytest.mark.parametrize("item", [object(), 3, None, type("NoRun", (), {"run": 1})()])
 def test_run_detached_refuses_what_has_no_run_method(item: object) -> None:
     with Worker() as w:

@@ -12,15 +12,18 @@ two backends share, ``sqlite`` the SQLite backend, ``postgres`` (with
 ``pgconn``) the PostgreSQL backend (imported only when a ``postgresql://``
 DSN is opened, as its driver, psycopg 3, is the optional extra
 ``callbackworker[postgres]``), ``durablestore`` the durable logs in a task
-store.
+store.  ``functions`` makes Python functions tasks (``@svc.task``),
+``results`` waits for their outcomes and ``progress`` records their
+progress.
 """
 
 from __future__ import annotations
 
 from .client import TaskClient
+from .functions import Task
 from .service import QueueConfig, TaskContext, TaskInfo, TaskService, current_task
 from .sqlite import SQLiteTaskStore
 from .storage import TaskStore
 
-__all__ = ["TaskService", "TaskClient", "QueueConfig", "TaskInfo", "TaskContext", "current_task",
-           "TaskStore", "SQLiteTaskStore"]
+__all__ = ["TaskService", "TaskClient", "Task", "QueueConfig", "TaskInfo", "TaskContext",
+           "current_task", "TaskStore", "SQLiteTaskStore"]

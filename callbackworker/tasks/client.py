@@ -3,9 +3,11 @@
 DESIGN
 
 * What it is.  A client writes and reads a ``TaskStore``: it adds tasks
-  (``enqueue``, ``enqueue_many``), reads them (``get``, ``counts``,
-  ``queues``), cancels them (``cancel``, ``clear_queue``) and signals
-  durable callbacks (``send_callback_*``).  It starts no thread, holds no
+  (``enqueue``, ``enqueue_many``, and calls of task functions by name,
+  ``enqueue_task``), reads them (``get``, ``counts``, ``queues``), waits
+  for them (``result``, ``result_async``, ``results.py``), cancels them
+  (``cancel``, ``clear_queue``) and signals durable callbacks
+  (``send_callback_*``).  It starts no thread, holds no
   lease and runs no handler; a process that only produces tasks, or
   answers an HTTP endpoint, needs nothing more.  Listing verbs belong here.
 * Commits.  Every verb is one store transaction, committed when it
@@ -25,18 +27,28 @@ DESIGN
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import threading
 import uuid
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
 from ..durable import check_callback_id, check_error, check_result
 from ..errors import ServiceClosedError, TaskNotCancellableError, UnknownQueueError, UnknownTaskError
-from .config import TaskInfo, check_payload, check_queue_name, check_task_id, wall_clock_ms
+from .config import (TaskInfo, check_int, check_payload, check_queue_name, check_task_id,
+                     wall_clock_ms)
 from .dsn import is_postgres_dsn
+from .functions import check_dedup_key, check_priority, check_task_name, encode_arguments
+from .results import Completions, wait_for_result, wait_for_result_async
 from .sqlite import SQLiteTaskStore
 from .status import WAITING
-from .storage import TaskStore
+from .storage import NewCall, ScheduleRecord, TaskStore
+
+
+def _decoded(text: Optional[str]) -> Any:
+    """A stored JSON value, decoded (None stays None)."""
+    return None if text is None else json.loads(text)
 
 __all__ = ["TaskClient", "open_store"]
 
@@ -69,7 +81,8 @@ class TaskClient:
     """
 
     def __init__(self, store: TaskStore, *, clock: Optional[Callable[[], int]] = None,
-                 on_commit: Optional[Callable[[Optional[str]], None]] = None) -> None:
+                 on_commit: Optional[Callable[[Optional[str]], None]] = None,
+                 completions: Optional[Completions] = None) -> None:
         if not isinstance(store, TaskStore):
             raise TypeError(f"store must be a TaskStore, not {type(store).__name__}")
         if clock is not None and not callable(clock):
@@ -79,6 +92,7 @@ class TaskClient:
         self._store = store
         self._clock: Callable[[], int] = clock or wall_clock_ms
         self._on_commit = on_commit
+        self._completions = completions
         self._owns_store = False
         self._close_lock = threading.Lock()
         self._closed = False
@@ -160,7 +174,58 @@ class TaskClient:
         record = self._store.get(task_id)
         if record is None:
             raise UnknownTaskError(task_id)
-        return TaskInfo(record.status, record.message, record.attempt)
+        return TaskInfo(record.status, record.message, record.attempt, record.id, record.name,
+                        record.queue, _decoded(record.result), _decoded(record.progress),
+                        record.traceback, record.created_at, record.finished_at)
+
+    def enqueue_task(self, name: str, args: Sequence[Any] = (),
+                     kwargs: Optional[Mapping[str, Any]] = None, *, queue: str = "default",
+                     delay_ms: int = 0, run_at_ms: Optional[int] = None, priority: int = 0,
+                     dedup_key: Optional[str] = None) -> str:
+        """Adds a call of the task function registered as ``name`` (by
+        whichever process serves ``queue``) and returns its task id,
+        committed when this returns; the queue is created if it does not
+        exist.  ``args`` (list or tuple) and ``kwargs`` must be
+        JSON-encodable, else ``TypeError`` and nothing is stored.  The task
+        starts no earlier than ``delay_ms`` from now or ``run_at_ms`` (epoch
+        ms; not both); higher ``priority`` runs first, equal priorities in
+        order.  With ``dedup_key``, while a task of the queue with that key
+        is pending, running or suspended, nothing is stored and that task's
+        id is returned."""
+        name = check_task_name(name)
+        queue = check_queue_name(queue)
+        check_int(delay_ms, "delay_ms", 0, 2**62)
+        if run_at_ms is not None:
+            check_int(run_at_ms, "run_at_ms", 0, 2**62)
+            if delay_ms:
+                raise ValueError("give delay_ms or run_at_ms, not both")
+        text = encode_arguments(name, args, {} if kwargs is None else kwargs)
+        self._check_open()
+        now = self._now()
+        run_at = now + delay_ms if run_at_ms is None else run_at_ms
+        task_id = self._store.enqueue_call(queue, NewCall(uuid.uuid4().hex, name, text,
+                                                          check_priority(priority), run_at,
+                                                          check_dedup_key(dedup_key)), now)
+        if self._on_commit is not None:
+            self._on_commit(queue)
+        return task_id
+
+    def result(self, task_id: str, timeout_ms: int = -1) -> Any:
+        """Blocks until the task is finished (run by any process on the
+        database) and returns its function's JSON-decoded return value (a
+        raw task's message).  Raises ``TaskFailedError`` (``.message``,
+        ``.traceback``, ``.attempt``) or ``TaskCancelledError``;
+        ``WaitTimeoutError`` after ``timeout_ms`` (-1: no limit), the task
+        untouched; ``UnknownTaskError`` for an unknown id."""
+        task_id = check_task_id(task_id)
+        return wait_for_result(lambda: self.get(task_id), task_id, timeout_ms, self._completions)
+
+    async def result_async(self, task_id: str, timeout_ms: int = -1) -> Any:
+        """``result`` for a coroutine: the event loop keeps running while it
+        waits (each read of the store runs in a thread)."""
+        task_id = check_task_id(task_id)
+        return await wait_for_result_async(lambda: asyncio.to_thread(self.get, task_id),
+                                           task_id, timeout_ms)
 
     def cancel(self, task_id: str) -> None:
         """Cancels a pending or suspended task (a suspended one's callbacks
@@ -185,6 +250,22 @@ class TaskClient:
         if name not in self._store.queues():
             raise UnknownQueueError(name)
         return self._store.clear(name, self._now())
+
+    def stored_schedules(self) -> List[ScheduleRecord]:
+        """Every periodic schedule in the database, whichever service
+        registered it, by name: spec, queue, task, last tick and next run
+        (``TaskService.schedules`` gives one service's own)."""
+        self._check_open()
+        return self._store.schedules()
+
+    def remove_schedule(self, name: str) -> bool:
+        """Deletes the stored schedule ``name`` (one no code registers any
+        more; a service still serving it registers it again); returns
+        whether it existed."""
+        if not isinstance(name, str):
+            raise TypeError(f"a schedule name must be a str, not {type(name).__name__}")
+        self._check_open()
+        return self._store.remove_schedule(name)
 
     def send_callback_success(self, callback_id: str, result: bytes) -> None:
         """Signals success to a task's callback: the task, if suspended

@@ -17,12 +17,16 @@ DESIGN
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
+
+from .progress import report_progress
 
 __all__ = ["QueueConfig", "TaskInfo", "TaskContext", "Handler", "MAX_PAYLOAD", "MAX_QUEUE_NAME",
-           "MAX_BACKOFF_MS", "retry_delay_ms"]
+           "MAX_BACKOFF_MS", "retry_delay_ms", "config_to_json", "config_from_json"]
 
 Handler = Callable[[memoryview], Optional[str]]
 """``handler(payload) -> message``: a read-only view of the task's payload;
@@ -42,6 +46,7 @@ RETENTION_MAX_MS = 604_800_000
 INTERVAL_MAX_MS = RETENTION_MAX_MS
 """The longest lease, backoff or delay between starts (one week)."""
 CONCURRENCY_MAX = 1024
+TIMEOUT_MAX_MS = 2**31 - 1
 RETRIES_MAX = 2**31 - 1
 
 
@@ -73,6 +78,11 @@ class QueueConfig:
       consecutive starts in the queue, across every process on the database.
     * ``retention_ms`` (60_000..604_800_000, default one hour): how long
       completed, failed and cancelled tasks are kept.
+    * ``timeout_ms`` (-1 or 0..2_147_483_647, default -1: none): the
+      run-time limit of one attempt.  An attempt past it is interrupted, as
+      ``Worker`` timeouts interrupt a callback, and counts as a failed
+      attempt (retried under the policy).  A task's own ``timeout_ms``
+      (``TaskService.task``) overrides it.
     """
 
     concurrency: int = 1
@@ -80,6 +90,7 @@ class QueueConfig:
     backoff_ms: int = 1000
     delay_ms: int = 0
     retention_ms: int = 3_600_000
+    timeout_ms: int = -1
 
     def __post_init__(self) -> None:
         check_int(self.concurrency, "concurrency", 1, CONCURRENCY_MAX)
@@ -87,26 +98,62 @@ class QueueConfig:
         check_int(self.backoff_ms, "backoff_ms", 0, INTERVAL_MAX_MS)
         check_int(self.delay_ms, "delay_ms", 0, INTERVAL_MAX_MS)
         check_int(self.retention_ms, "retention_ms", RETENTION_MIN_MS, RETENTION_MAX_MS)
+        check_int(self.timeout_ms, "timeout_ms", -1, TIMEOUT_MAX_MS)
 
 
 class TaskInfo(NamedTuple):
     """A task's state: ``status`` ("pending", "running", "suspended" (a
     durable handler waits for an external callback), "completed", "failed",
-    "cancelled"), ``message`` (the handler's result, or the error
-    text ``"ExcType: message"`` of the last failed attempt) and ``attempt``
-    (1-based, counted when the task is claimed; 0 before its first run)."""
+    "cancelled"), ``message`` (a raw handler's result, or the error text
+    ``"ExcType: message"`` of the last failed attempt) and ``attempt``
+    (1-based, counted when the task is claimed; 0 before its first run);
+    then ``id``, ``name`` (the registered task's; None for a raw payload),
+    ``queue``, ``result`` (a function's JSON-decoded return value; None
+    until completed), ``progress`` (the latest ``current_task().progress``,
+    decoded), ``traceback`` (the last failed attempt's, None if none
+    failed), ``created_at_ms`` and ``finished_at_ms`` (None until
+    finished)."""
 
     status: str
     message: str
     attempt: int
+    id: str = ""
+    name: Optional[str] = None
+    queue: str = ""
+    result: Any = None
+    progress: Any = None
+    traceback: Optional[str] = None
+    created_at_ms: int = 0
+    finished_at_ms: Optional[int] = None
 
 
 class TaskContext(NamedTuple):
-    """What a running handler may ask about its task (``current_task()``)."""
+    """What a running handler may ask about its task (``current_task()``),
+    and ``progress(value)`` to report how far it got."""
 
     id: str
     queue: str
     attempt: int
+
+    def progress(self, value: Any) -> None:
+        """Records ``value`` (anything JSON can encode, else ``TypeError``)
+        as the task's progress, read with ``get(task_id).progress``.  Writes
+        are throttled (at most one every ``PROGRESS_EVERY_MS``); the last
+        value is always written before the attempt's outcome.  Only from
+        the thread running the task."""
+        report_progress(self.id, value)
+
+
+def config_to_json(config: QueueConfig) -> str:
+    """``config`` as the JSON text a store keeps (``declare_queue``)."""
+    return json.dumps(dataclasses.asdict(config), separators=(",", ":"), sort_keys=True)
+
+
+def config_from_json(text: str) -> QueueConfig:
+    """The ``QueueConfig`` that ``config_to_json`` wrote; fields this
+    version does not know (written by a newer one) are ignored."""
+    fields = {f.name for f in dataclasses.fields(QueueConfig)}
+    return QueueConfig(**{k: v for k, v in json.loads(text).items() if k in fields})
 
 
 def retry_delay_ms(backoff_ms: int, attempt: int) -> int:

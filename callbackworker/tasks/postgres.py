@@ -145,6 +145,9 @@ _STATEMENTS = {
             status = CASE o.kind WHEN 'complete' THEN {COMPLETED} WHEN 'fail' THEN {FAILED}
                                  WHEN 'suspend' THEN {SUSPENDED} ELSE {PENDING} END,
             message = o.message,
+            result = CASE WHEN o.kind = 'complete' THEN o.result ELSE t.result END,
+            traceback = CASE WHEN o.kind IN ('fail', 'retry') THEN o.traceback
+                             ELSE t.traceback END,
             finished_at = CASE WHEN o.kind IN ('complete', 'fail') THEN o.at END,
             next_run_at = CASE WHEN o.kind IN ('retry', 'release') THEN o.at
                                WHEN o.kind = 'suspend' THEN {NEVER}
@@ -155,8 +158,8 @@ _STATEMENTS = {
                                    WHEN 'suspend' THEN o.awaiting END,
             owner = NULL, lease_expires_at = NULL, token = NULL
         FROM unnest(:ids::text[], :tokens::text[], :kinds::text[], :messages::text[],
-                    :ats::bigint[], :awaiting::text[])
-             AS o(id, token, kind, message, at, awaiting)
+                    :ats::bigint[], :awaiting::text[], :results::text[], :tracebacks::text[])
+             AS o(id, token, kind, message, at, awaiting, result, traceback)
         WHERE t.id = o.id AND t.token = o.token AND t.status = {RUNNING}
         RETURNING t.id, o.token, t.queue, t.status),
         woken AS (
@@ -178,6 +181,11 @@ _STATEMENTS = {
         SELECT pg_notify(:channel, queue)
         FROM (SELECT DISTINCT queue FROM placed WHERE next_run_at < {NEVER}) AS due""",
     "callbacks": f"SELECT {CALLBACK_COLUMNS} FROM {{callbacks}} WHERE id = ANY(:ids)",
+    # A function call added notifies its queue.
+    "enqueue_call": f"""
+        WITH added AS ({STATEMENTS["enqueue_call"]}),
+             notified AS (SELECT pg_notify('{CHANNEL}', :queue) FROM added)
+        SELECT id, (SELECT count(*) FROM notified) FROM added""",
 }
 
 _DIALECT = Dialect(prefix="cbw_", lock_row=" FOR NO KEY UPDATE", lock_update=" FOR UPDATE",
@@ -266,6 +274,32 @@ _MIGRATIONS: List[List[str]] = [
            WHEN (NEW.status IN ('completed', 'failed', 'cancelled')
                  AND OLD.status NOT IN ('completed', 'failed', 'cancelled'))
            EXECUTE FUNCTION cbw_tasks_durable_ended()""",
+    ],
+    # 3: tasks as functions: name, arguments, result, traceback, progress,
+    # priority and deduplication.
+    [
+        "ALTER TABLE cbw_queues ADD COLUMN config text",
+        """ALTER TABLE cbw_tasks ADD COLUMN name text, ADD COLUMN args text,
+               ADD COLUMN result text, ADD COLUMN traceback text, ADD COLUMN progress text,
+               ADD COLUMN priority integer NOT NULL DEFAULT 0, ADD COLUMN dedup_key text""",
+        # The claim reads due tasks in its own order from here and stops
+        # after ``limit`` of them.
+        "CREATE INDEX cbw_tasks_claim ON cbw_tasks(queue, priority DESC, next_run_at, seq) "
+        "WHERE status IN ('pending', 'suspended')",
+        "CREATE UNIQUE INDEX cbw_tasks_dedup ON cbw_tasks(queue, dedup_key) "
+        "WHERE dedup_key IS NOT NULL AND status IN ('pending', 'running', 'suspended')",
+    ],
+    # 4: periodic schedules.
+    [
+        """CREATE TABLE cbw_schedules (
+               name        text PRIMARY KEY,
+               spec        text NOT NULL,
+               queue       text NOT NULL,
+               task        text NOT NULL,
+               last_tick   bigint NOT NULL,
+               next_run_at bigint NOT NULL,
+               updated_at  bigint NOT NULL
+           )""",
     ],
 ]
 
@@ -453,6 +487,8 @@ class PostgresTaskStore(SQLTaskStore):
         params = {"ids": [o.task_id for o in outcomes], "tokens": [o.token for o in outcomes],
                   "kinds": [o.kind for o in outcomes], "messages": [o.message for o in outcomes],
                   "ats": [o.at for o in outcomes], "awaiting": [o.awaiting for o in outcomes],
+                  "results": [o.result for o in outcomes],
+                  "tracebacks": [o.traceback for o in outcomes],
                   "channel": CHANNEL}
         sql = _DIALECT.sql("settle")
         suspends = [o for o in outcomes if o.kind == "suspend"]

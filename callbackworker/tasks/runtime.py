@@ -40,11 +40,31 @@ DESIGN
   and makes the task due in one transaction; the dispatcher claims it like
   any due task and the handler replays from the log.  A signal that races
   the suspension is caught by the store when the suspension is settled.
+* Tasks as functions.  A claimed task with a ``name`` is a stored call:
+  the service's ``FunctionRegistry`` runs it and its return value is
+  settled as the result.  A raw task (no name) goes to the queue's handler;
+  a queue served only for functions has none, and fails such a task at
+  once.  Either may raise ``Retry`` (retry after its delay, within the
+  retries left) or ``NoRetry`` (fail now); any other exception is a failed
+  attempt under the policy (a registered task's ``max_retries`` and
+  ``backoff_ms`` over its queue's).  A failed attempt's traceback is
+  stored with its message.
+* Time limits.  Each attempt runs as a job with the task's ``timeout_ms``
+  (registered), else its queue's (``QueueConfig.timeout_ms``, the route's
+  limit).  The core interrupts an overdue attempt; the runtime settles it
+  as a failed attempt saying it timed out.  A run stuck outside Python
+  code cannot be interrupted: the core abandons its thread (the route
+  keeps its thread count) and the runtime's watchdog, every lease renewal,
+  settles any run ``ABANDON_GRACE_S`` past its limit as timed out.
+* Progress.  While an attempt runs, ``current_task().progress`` writes
+  through a ``ProgressReporter`` under the attempt's token; its last value
+  is written before the outcome is handed to the committer.
 * Close.  No task is claimed and no handler starts once ``close`` has
   begun; running handlers finish and their outcomes are committed; tasks
   claimed but not yet started are given back (pending, attempt returned).
 * Lock order: ``_cond`` (runtime state) is never held while calling the
-  store or the worker.
+  store or the worker; it may be held while handing an outcome to the
+  committer (whose lock is innermost).
 """
 
 from __future__ import annotations
@@ -53,16 +73,27 @@ import hashlib
 import logging
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Callable, Dict, List, NoReturn, Optional, Set, Tuple
 
 from ..durable import DurableBackend, DurableRun, SuspendJob
-from ..errors import CallbackWorkerError, QueueExistsError, ServiceClosedError
+from ..errors import (
+    CallbackInterrupt,
+    CallbackWorkerError,
+    NoRetry,
+    QueueExistsError,
+    Retry,
+    ServiceClosedError,
+)
 from ..worker import Worker
 from .committer import GroupCommitter
 from .config import Handler, QueueConfig, TaskContext, retry_delay_ms
 from .durablestore import TaskDurableStore
+from .functions import CallResult, FunctionRegistry
 from .owners import new_owner, owner_is_dead
+from .progress import ProgressReporter, reporting
+from .results import Completions
 from .storage import ClaimedTask, Outcome, TaskStore
 
 __all__ = ["TaskRuntime", "current_task"]
@@ -70,6 +101,8 @@ __all__ = ["TaskRuntime", "current_task"]
 log = logging.getLogger(__name__)
 
 _ROUTE_NAME_MAX = 128
+ABANDON_GRACE_S = 1.0
+"""How long past its time limit a run may go on before it is abandoned."""
 _SWEEP_EVERY_S = 60.0
 
 _running = threading.local()
@@ -122,14 +155,14 @@ class _Queue:
     name: str
     route: str
     config: QueueConfig
-    handler: Handler
+    handler: Optional[Handler]  # None: the queue serves task functions only
     in_flight: int = 0  # claimed by this runtime and not yet finished
 
 
 class _Attempt:
     """The work item of one claimed task's job (``Worker.run_detached``)."""
 
-    __slots__ = ("runtime", "queue", "task", "epoch")
+    __slots__ = ("runtime", "queue", "task", "epoch", "timeout_ms", "started", "settled")
 
     def __init__(self, runtime: "TaskRuntime", queue: _Queue, task: ClaimedTask,
                  epoch: int) -> None:
@@ -137,6 +170,9 @@ class _Attempt:
         self.queue = queue
         self.task = task
         self.epoch = epoch  # of the runtime's flushes, when it was claimed
+        self.timeout_ms = queue.config.timeout_ms  # the attempt's limit, -1: none
+        self.started = 0.0  # monotonic, when its run began
+        self.settled = False  # its outcome is with the committer and it is counted out
 
     def run(self) -> None:
         self.runtime._run(self)
@@ -149,8 +185,12 @@ class TaskRuntime:
     thread runs and ``dispatch_once`` does one pass."""
 
     def __init__(self, store: TaskStore, clock: Callable[[], int], *, lease_ms: int,
-                 poll_ms: int, prefetch: int, background: bool) -> None:
+                 poll_ms: int, prefetch: int, background: bool,
+                 calls: Optional[FunctionRegistry] = None,
+                 completions: Optional[Completions] = None) -> None:
         self._store = store
+        self._calls = calls
+        self._completions = completions
         self._clock = clock
         self._lease_ms = lease_ms
         self._poll_ms = poll_ms
@@ -161,6 +201,7 @@ class TaskRuntime:
         self._create_lock = threading.Lock()
         self._queues: Dict[str, _Queue] = {}
         self._unstarted: Set[_Attempt] = set()  # claimed, handed to the worker, not yet run
+        self._started: Set[_Attempt] = set()  # running, with a time limit, not yet settled
         # Tasks this runtime claimed whose outcome is not yet settled: the
         # only leases it renews.
         self._held: Set[str] = set()
@@ -183,10 +224,11 @@ class TaskRuntime:
         with self._cond:
             return sorted(self._queues)
 
-    def serve(self, name: str, config: QueueConfig, handler: Handler) -> None:
+    def serve(self, name: str, config: QueueConfig, handler: Optional[Handler]) -> None:
         """Joins the queue ``name`` in the store and starts running its
-        tasks with ``handler``, after recovering the running tasks of dead
-        predecessors (see ``TaskService.create_queue``)."""
+        tasks with ``handler`` (None: its task functions only), after
+        recovering the running tasks of dead predecessors (see
+        ``TaskService.create_queue``)."""
         with self._create_lock:
             if self._closed:
                 raise ServiceClosedError("the TaskService has been closed")
@@ -199,7 +241,8 @@ class TaskRuntime:
             if recovered:
                 log.info("queue %r: recovered %d running tasks of dead workers", name, recovered)
             queue = _Queue(name, _route_for(name), config, handler)
-            self._start_machinery().open_route(queue.route, concurrency=config.concurrency)
+            self._start_machinery().open_route(queue.route, concurrency=config.concurrency,
+                                               timeout_ms=config.timeout_ms)
             with self._cond:
                 self._queues[name] = queue
                 self._kick_locked()
@@ -252,9 +295,12 @@ class TaskRuntime:
 
     def _settled(self, task_ids: List[str]) -> None:
         """The committer is done with these tasks' outcomes (settled,
-        rejected or given up at close): their leases are no longer ours."""
+        rejected or given up at close): their leases are no longer ours, and
+        result waiters of this process read again."""
         with self._cond:
             self._held.difference_update(task_ids)
+        if self._completions is not None:
+            self._completions.notify()
 
     def _finished_locked(self, attempt: _Attempt) -> None:
         """Counts ``attempt`` out of its queue's and its epoch's in-flight
@@ -327,6 +373,7 @@ class TaskRuntime:
     def _maintain(self, sweep: bool) -> None:
         """Renews this runtime's leases, takes back expired ones in its
         queues and, with ``sweep``, deletes tasks past their retention."""
+        self._abandon_overdue()
         now = self._now()
         with self._cond:
             held = sorted(self._held)
@@ -367,8 +414,14 @@ class TaskRuntime:
         with self._cond:
             attempts = self._track_locked(queue, claimed)
         for attempt in attempts:
+            own = self._calls.timeout_ms(attempt.task.name) if self._calls is not None else None
+            if own is not None:
+                attempt.timeout_ms = own
             try:
-                self._worker.run_detached(attempt, route=queue.route)
+                if own is None:
+                    self._worker.run_detached(attempt, route=queue.route)
+                else:
+                    self._worker.run_detached(attempt, route=queue.route, timeout_ms=own)
             except Exception:
                 with self._cond:
                     taken = attempt in self._unstarted  # else close() released it
@@ -387,20 +440,58 @@ class TaskRuntime:
         with self._cond:
             self._unstarted.discard(attempt)
             closing = self._closed
+            if attempt.timeout_ms >= 0:
+                attempt.started = time.monotonic()
+                self._started.add(attempt)
         outcome: Optional[Outcome] = None
         try:
             if closing:  # close() has begun: no handler starts any more
                 outcome = Outcome(task.id, task.token, "release", "", self._now())
             else:
                 outcome = self._attempt(queue, task)
+        except CallbackInterrupt:
+            if attempt.timeout_ms >= 0:
+                outcome = self._failure(queue, task, f"TimeoutError: the attempt ran past its "
+                                                     f"time limit of {attempt.timeout_ms} ms "
+                                                     "and was interrupted")
+            raise
         finally:
             if outcome is None:  # interrupted by a BaseException
                 outcome = self._failure(queue, task, "interrupted: the handler did not return")
-            assert self._committer is not None
+            self._settle(attempt, outcome)
+
+    def _settle(self, attempt: _Attempt, outcome: Outcome) -> None:
+        """Hands the attempt's outcome to the committer and counts it out,
+        once: the watchdog (``_abandon_overdue``) may have done it first.
+        (An interrupt for a deadline that passed as the run ended may land
+        here; the flag is set between the two steps, so whatever part ran,
+        a later pass neither loses nor repeats the count.)"""
+        assert self._committer is not None
+        with self._cond:
+            if attempt.settled:
+                return
             self._committer.put(outcome)
-            with self._cond:
-                self._finished_locked(attempt)
-                self._kick_locked()
+            attempt.settled = True
+            self._started.discard(attempt)
+            self._finished_locked(attempt)
+            self._kick_locked()
+
+    def _abandon_overdue(self) -> None:
+        """Settles, as failed attempts, runs still going ``ABANDON_GRACE_S``
+        past their time limit: the core has interrupted them, and a run that
+        did not stop is stuck in C code, its thread abandoned and replaced.
+        Whatever such a run does later is ignored."""
+        now = time.monotonic()
+        with self._cond:
+            overdue = [a for a in self._started
+                       if now - a.started > a.timeout_ms / 1000 + ABANDON_GRACE_S]
+        for attempt in overdue:
+            log.warning("task %s: its attempt %d is stuck past its time limit of %d ms; "
+                        "abandoned", attempt.task.id, attempt.task.attempt, attempt.timeout_ms)
+            self._settle(attempt, self._failure(
+                attempt.queue, attempt.task,
+                f"TimeoutError: the attempt ran past its time limit of {attempt.timeout_ms} "
+                "ms and did not stop (stuck outside Python code); it was abandoned"))
 
     def _attempt(self, queue: _Queue, task: ClaimedTask) -> Outcome:
         view = memoryview(task.payload)
@@ -408,18 +499,23 @@ class TaskRuntime:
         _running.durable = None
         outcome: Outcome
         unwound = False  # by SuspendJob, as callback_result suspends
+        reporter = ProgressReporter(
+            task.id, lambda text: self._store.set_progress(task.id, task.token, text))
         try:
-            message = queue.handler(view)
-            if message is not None and not isinstance(message, str):
-                raise TypeError(f"the handler must return a str or None, "
-                                f"not {type(message).__name__}")
+            with reporting(reporter):
+                outcome = self._call(queue, task, view)
         except SuspendJob:
             unwound = True
             outcome = self._failure(queue, task, "SuspendJob: raised outside callback_result")
+        except NoRetry as exc:
+            outcome = Outcome(task.id, task.token, "fail", f"NoRetry: {exc.message}",
+                              self._now(), traceback=traceback.format_exc())
+        except Retry as exc:
+            outcome = self._failure(queue, task, f"Retry: {exc}", exc.delay_ms,
+                                    traceback.format_exc())
         except Exception as exc:
-            outcome = self._failure(queue, task, f"{type(exc).__name__}: {exc}")
-        else:
-            outcome = Outcome(task.id, task.token, "complete", message or "", self._now())
+            outcome = self._failure(queue, task, f"{type(exc).__name__}: {exc}",
+                                    tb=traceback.format_exc())
         finally:
             durable: Optional[DurableRun] = _running.durable
             _running.task = _running.durable = None
@@ -435,12 +531,38 @@ class TaskRuntime:
                            awaiting=durable.suspended_on)
         return outcome
 
-    def _failure(self, queue: _Queue, task: ClaimedTask, text: str) -> Outcome:
+    def _call(self, queue: _Queue, task: ClaimedTask, view: memoryview) -> Outcome:
+        """Runs the task: a stored call through the registry, a raw payload
+        through the queue's handler.  What they raise propagates."""
+        if task.name is not None:
+            done = (self._calls.run(task) if self._calls is not None
+                    else CallResult(None, "this runtime runs no task functions"))
+            if done.refusal is not None:
+                return Outcome(task.id, task.token, "fail", done.refusal, self._now())
+            return Outcome(task.id, task.token, "complete", "", self._now(), result=done.result)
+        if queue.handler is None:
+            return Outcome(task.id, task.token, "fail",
+                           f"queue {queue.name!r} serves task functions only: a raw payload "
+                           "needs a handler (create_queue)", self._now())
+        message = queue.handler(view)
+        if message is not None and not isinstance(message, str):
+            raise TypeError(f"the handler must return a str or None, "
+                            f"not {type(message).__name__}")
+        return Outcome(task.id, task.token, "complete", message or "", self._now())
+
+    def _failure(self, queue: _Queue, task: ClaimedTask, text: str,
+                 delay_ms: Optional[int] = None, tb: Optional[str] = None) -> Outcome:
+        """A failed attempt: retried after ``delay_ms`` (None: the backoff)
+        while retries are left, else failed; ``tb`` is its traceback."""
         now = self._now()
-        if task.attempt <= queue.config.max_retries:
-            run_at = now + retry_delay_ms(queue.config.backoff_ms, task.attempt)
-            return Outcome(task.id, task.token, "retry", text, run_at)
-        return Outcome(task.id, task.token, "fail", text, now)
+        retries, backoff_ms = (self._calls.limits(task.name, queue.config)
+                               if self._calls is not None
+                               else (queue.config.max_retries, queue.config.backoff_ms))
+        if task.attempt <= retries:
+            if delay_ms is None:
+                delay_ms = retry_delay_ms(backoff_ms, task.attempt)
+            return Outcome(task.id, task.token, "retry", text, now + delay_ms, traceback=tb)
+        return Outcome(task.id, task.token, "fail", text, now, traceback=tb)
 
     def dispatch_once(self) -> int:
         """One full pass, synchronously: renews leases, recovers expired

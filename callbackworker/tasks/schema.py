@@ -16,7 +16,7 @@ from typing import Dict, NamedTuple, Tuple
 
 __all__ = ["SCHEMA_VERSION", "Column", "TABLES", "TYPES", "INDEXES", "expected_columns"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 4
 """The schema version this callbackworker creates and understands."""
 
 
@@ -34,6 +34,9 @@ TABLES: Dict[str, Tuple[Column, ...]] = {
         Column("name", "text"),
         # The next time a claim under a global delay may start a task.
         Column("next_start_at", "bigint"),
+        # The config declared for the queue (version 3): JSON of the
+        # ``QueueConfig`` fields, NULL if none was declared.
+        Column("config", "text", True),
     ),
     "tasks": (
         Column("seq", "bigint"),  # insertion order, the claim's tie-break
@@ -52,6 +55,29 @@ TABLES: Dict[str, Tuple[Column, ...]] = {
         # The callback a suspended task waits for, kept until the replay
         # ends.
         Column("awaiting", "text", True),
+        # Tasks as functions (version 3): the registered name (NULL for a
+        # raw payload), the call's arguments, the return value, the last
+        # failed attempt's traceback and the latest progress, all JSON text
+        # but the traceback; the claim order; the deduplication key.
+        Column("name", "text", True),
+        Column("args", "text", True),
+        Column("result", "text", True),
+        Column("traceback", "text", True),
+        Column("progress", "text", True),
+        Column("priority", "int"),
+        Column("dedup_key", "text", True),
+    ),
+    # Periodic schedules (version 4), one row per name: the spec the last
+    # service started with, the task it enqueues, the last tick enqueued
+    # (the compare-and-set that makes each tick run once) and the next.
+    "schedules": (
+        Column("name", "text"),
+        Column("spec", "text"),
+        Column("queue", "text"),
+        Column("task", "text"),
+        Column("last_tick", "bigint"),
+        Column("next_run_at", "bigint"),
+        Column("updated_at", "bigint"),
     ),
     "durable_ops": (
         Column("task_id", "text"),
@@ -92,6 +118,11 @@ INDEXES: Dict[str, Dict[str, str]] = {
         "tasks_finished": "tasks(queue, finished_at) WHERE finished_at IS NOT NULL",
         "tasks_leased": "tasks(owner) WHERE status = 'running'",
         "durable_callbacks_task": "durable_callbacks(task_id)",
+        # The claim's order, due tasks read first to last (version 3).
+        "tasks_claim": "tasks(queue, priority DESC, next_run_at, seq) "
+                       "WHERE status IN ('pending', 'suspended')",
+        "tasks_dedup": "UNIQUE tasks(queue, dedup_key) WHERE dedup_key IS NOT NULL "
+                       "AND status IN ('pending', 'running', 'suspended')",
     },
     "postgresql": {
         "cbw_tasks_due": "cbw_tasks(queue, next_run_at, seq) "
@@ -100,10 +131,14 @@ INDEXES: Dict[str, Dict[str, str]] = {
         "cbw_tasks_leases": "cbw_tasks(queue, lease_expires_at) WHERE status = 'running'",
         "cbw_tasks_owned": "cbw_tasks(owner) WHERE status = 'running'",
         "cbw_durable_callbacks_task": "cbw_durable_callbacks(task_id)",
+        "cbw_tasks_claim": "cbw_tasks(queue, priority DESC, next_run_at, seq) "
+                           "WHERE status IN ('pending', 'suspended')",
+        "cbw_tasks_dedup": "UNIQUE cbw_tasks(queue, dedup_key) WHERE dedup_key IS NOT NULL "
+                           "AND status IN ('pending', 'running', 'suspended')",
     },
 }
 """The secondary indexes each backend creates (keys and unique constraints
-aside), by name, as ``table(columns) [WHERE predicate]``."""
+aside), by name, as ``[UNIQUE ]table(columns) [WHERE predicate]``."""
 
 
 def expected_columns(backend: str) -> Dict[str, Dict[str, Tuple[str, bool]]]:

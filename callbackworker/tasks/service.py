@@ -15,9 +15,20 @@ DESIGN
   wakes the runtime after each enqueue and signal it commits, so work the
   service serves starts at once.  A service that creates no queue starts
   no thread.
-* Close.  ``close`` first makes the client refuse callers, then closes the
-  runtime (running handlers finish, claimed tasks are given back), then
-  the store.  At interpreter exit, live services are closed before any
+* Functions.  The service owns a ``FunctionRegistry`` (``functions.py``):
+  ``task`` files functions in it, ``serve`` has the runtime serve their
+  queues with no raw handler, and the runtime runs every stored call
+  through it.  Its tasks enqueue through the client.  A ``Completions``
+  shared by the runtime's committer and the client wakes ``result``
+  waiters as soon as this service settles an outcome.
+* Periodic tasks.  ``periodic`` files a function as a task and its
+  schedule in the service's ``Scheduler`` (``scheduler.py``); ``serve``
+  has the scheduler claim the ticks of the schedules of the queues it
+  serves, each through the store, and wake the runtime for each tick it
+  enqueues.
+* Close.  ``close`` first makes the client refuse callers, then stops the
+  scheduler, then closes the runtime (running handlers finish, claimed
+  tasks are given back), then the store.  At interpreter exit, live services are closed before any
   worker (the package's one exit hook, ``_lifecycle.py``).
 """
 
@@ -25,10 +36,10 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
 from .._lifecycle import live_services
-from ..errors import ServiceClosedError
+from ..errors import QueueExistsError, ServiceClosedError
 from .client import TaskClient, open_store
 from .config import (
     INTERVAL_MAX_MS,
@@ -41,10 +52,16 @@ from .config import (
     TaskInfo,
     check_int,
     check_queue_name,
+    config_from_json,
+    config_to_json,
     retry_delay_ms,
     wall_clock_ms,
 )
+from .functions import FunctionRegistry, Task, encode_arguments
+from .results import Completions
 from .runtime import TaskRuntime, current_task
+from .scheduler import Periodic, Scheduler, ScheduleInfo
+from .schedules import Schedule
 
 __all__ = ["TaskService", "QueueConfig", "TaskInfo", "TaskContext", "current_task", "Handler", "MAX_PAYLOAD", "MAX_QUEUE_NAME",
            "MAX_BACKOFF_MS", "retry_delay_ms"]
@@ -80,7 +97,8 @@ class TaskService:
     back.  With 0, only tasks that are about to run hold a lease.
 
     With ``background=False`` nothing runs by itself: each
-    ``_dispatch_once()`` call does one pass (tests drive a fake clock so).
+    ``_dispatch_once()`` call does one pass, and each ``_schedule_once()``
+    one pass of the periodic scheduler (tests drive a fake clock so).
 
     The verbs that need no thread (``enqueue``, ``get``, ``cancel``,
     ``counts``, the signals...) are those of its ``client``.  Use it as a
@@ -100,9 +118,15 @@ class TaskService:
             raise TypeError(f"background must be a bool, not {type(background).__name__}")
         self._store = open_store(dsn, durability)
         clock = clock or wall_clock_ms
+        completions = Completions()
+        self._functions = FunctionRegistry(lambda *a, **k: self._client.enqueue_task(*a, **k))
         self._runtime = TaskRuntime(self._store, clock, lease_ms=lease_ms, poll_ms=poll_ms,
-                                    prefetch=prefetch, background=background)
-        self._client = TaskClient(self._store, clock=clock, on_commit=self._runtime.wake)
+                                    prefetch=prefetch, background=background,
+                                    calls=self._functions, completions=completions)
+        self._client = TaskClient(self._store, clock=clock, on_commit=self._runtime.wake,
+                                  completions=completions)
+        self._scheduler = Scheduler(self._store, clock, self._runtime.wake,
+                                    background=background)
         self._close_lock = threading.Lock()
         self._closed = False
         live_services.add(self)
@@ -131,6 +155,7 @@ class TaskService:
                 return
             self._closed = True
         self._client.close()
+        self._scheduler.close()
         self._runtime.close()
         self._store.close()
         live_services.discard(self)
@@ -231,6 +256,154 @@ class TaskService:
     def send_callback_heartbeat(self, callback_id: str) -> None:
         """As ``TaskClient.send_callback_heartbeat``."""
         self._client.send_callback_heartbeat(callback_id)
+
+    # ---- tasks as functions (``functions.py``) ---------------------------
+
+    def task(self, name: "Optional[str] | Callable[..., Any]" = None, *, queue: str = "default",
+             max_retries: Optional[int] = None, backoff_ms: Optional[int] = None,
+             timeout_ms: Optional[int] = None, priority: int = 0) -> Any:
+        """Registers a function as a task: ``@svc.task(...)`` (or bare
+        ``@svc.task``) returns a ``Task``; calling it runs the function
+        inline, ``.enqueue(...)`` stores a call.
+
+        ``name`` defaults to ``module.qualname`` and is what producers
+        enqueue by; registering a name twice is a ``ValueError``.  Several
+        tasks may share a ``queue``.  ``max_retries``, ``backoff_ms`` and
+        ``timeout_ms`` (None: the queue's config) and ``priority`` (higher
+        runs first) apply to every call.  ``async def`` functions run to
+        completion on an event loop.  Registering serves nothing: see
+        ``serve``.
+        """
+        def register(fn: Callable[..., Any]) -> Task:
+            self._check_open()
+            return self._functions.register(fn, None if callable(name) else name, queue,
+                                            max_retries, backoff_ms, timeout_ms, priority)
+
+        return register(name) if callable(name) else register
+
+    def enqueue_task(self, name: str, args: Sequence[Any] = (),
+                     kwargs: Optional[Mapping[str, Any]] = None, *, queue: str = "default",
+                     delay_ms: int = 0, run_at_ms: Optional[int] = None, priority: int = 0,
+                     dedup_key: Optional[str] = None) -> str:
+        """As ``TaskClient.enqueue_task``: enqueues a call of the task
+        ``name`` without importing its function (a producer such as a web
+        app) and returns the task id."""
+        return self._client.enqueue_task(name, args, kwargs, queue=queue, delay_ms=delay_ms,
+                                         run_at_ms=run_at_ms, priority=priority,
+                                         dedup_key=dedup_key)
+
+    def declare_queue(self, name: str, config: Optional[QueueConfig] = None) -> None:
+        """Creates the queue if it does not exist and stores ``config``
+        (default ``QueueConfig()``) as its declared config in the database,
+        without serving it: every service that serves the queue for its
+        task functions (``serve``, here or in another process, later) uses
+        it.  Declaring again updates it (a service already serving the queue
+        keeps the config it started with).  Enqueueing a task into a queue
+        that does not exist creates it with the default config."""
+        name = check_queue_name(name)
+        config = QueueConfig() if config is None else config
+        if not isinstance(config, QueueConfig):
+            raise TypeError(f"config must be a QueueConfig, not {type(config).__name__}")
+        self._check_open()
+        self._store.declare_queue(name, config_to_json(config))
+        self._functions.declare(name, config)
+
+    def serve(self, queues: Optional[Iterable[str]] = None) -> None:
+        """Starts running registered tasks: on every queue a registered task
+        uses, or on the ``queues`` named (each must have one), each with
+        its declared config (``declare_queue``; the default without one).
+        Returns at once; ``close()`` stops.  A queue this service serves
+        already is left as it is."""
+        registered = self._functions.queues()
+        if queues is None:
+            wanted = registered
+        else:
+            if isinstance(queues, str):
+                raise TypeError("queues must be an iterable of queue names, not one str "
+                                "(write queues=[name])")
+            wanted = [check_queue_name(q) for q in queues]
+            stray = [q for q in wanted if q not in registered]
+            if stray:
+                raise ValueError(f"no registered task uses queue {stray[0]!r}; register one "
+                                 "with task(queue=...) before serving it")
+        self._check_open()
+        for queue in wanted:
+            if queue not in self._runtime.queue_names():
+                config = self._functions.declared(queue)
+                if config is None:
+                    stored = self._store.queue_config(queue)
+                    config = QueueConfig() if stored is None else config_from_json(stored)
+                try:
+                    self._runtime.serve(queue, config, None)
+                except QueueExistsError:
+                    pass  # served meanwhile by a concurrent serve()
+        self._scheduler.serve(wanted)
+
+    # ---- periodic tasks (``scheduler.py``, ``schedules.py``) -------------------
+
+    def periodic(self, *, cron: Optional[str] = None, every_ms: Optional[int] = None,
+                 name: Optional[str] = None, queue: str = "default", args: Sequence[Any] = (),
+                 kwargs: Optional[Mapping[str, Any]] = None,
+                 tz: Optional[str] = None) -> Callable[[Callable[..., Any]], Task]:
+        """Registers a function as a task (as ``task(name=..., queue=...)``
+        does) that runs by itself on a schedule: ``@svc.periodic(cron="0 3
+        * * *")`` or ``@svc.periodic(every_ms=60_000)``, exactly one of
+        them.  Returns the ``Task``.
+
+        ``cron`` is a five-field expression in UTC, or in the IANA time
+        zone ``tz`` (daylight-saving transitions as ``croniter`` defines
+        them: see ``callbackworker.tasks.schedules``); ``every_ms`` ticks on
+        its multiples since the Unix epoch.  Each tick enqueues one call
+        with ``args`` / ``kwargs`` (JSON-encodable, checked here), once
+        across every service on the database however many serve the
+        schedule.  A service serves the schedule once it serves ``queue``
+        (``serve()``, or ``callbackworker worker``).  Ticks missed while no
+        service ran coalesce into one run; a new or changed schedule first
+        runs at its next tick.  ``TypeError`` / ``ValueError`` for a spec or
+        arguments that cannot run.
+        """
+        schedule = Schedule(cron=cron, every_ms=every_ms, tz=tz)
+        if not isinstance(args, (list, tuple)):
+            raise TypeError(f"args must be a list or tuple, not {type(args).__name__}")
+
+        def register(fn: Callable[..., Any]) -> Task:
+            self._check_open()
+            label = name if name is not None else getattr(fn, "__qualname__", repr(fn))
+            call = encode_arguments(label, args, {} if kwargs is None else kwargs)
+            task = self._functions.register(fn, name, queue, None, None, None, 0)
+            self._scheduler.add(Periodic(task.name, schedule, task.name, task.queue, call,
+                                         task.priority))
+            return task
+
+        return register
+
+    def schedules(self) -> List[ScheduleInfo]:
+        """This service's periodic schedules, by name, as ``(name,
+        next_run_at_ms)``: the next run as stored by whichever service
+        claimed the last tick (at or before now: due, it runs at the next
+        pass), or, for a schedule not registered in the database yet or
+        registered there with another spec, its first tick after now."""
+        self._check_open()
+        return self._scheduler.schedules()
+
+    def _schedule_once(self) -> int:
+        """Test hook (documented, for ``background=False``): one scheduler
+        pass, synchronously: enqueues every due tick of the schedules this
+        service serves.  Returns how many it enqueued."""
+        self._check_open()
+        return self._scheduler.run_due()
+
+    def result(self, task_id: str, timeout_ms: int = -1) -> Any:
+        """As ``TaskClient.result``: blocks until the task is finished and
+        returns its function's decoded return value, or raises
+        ``TaskFailedError`` / ``TaskCancelledError`` (``WaitTimeoutError``
+        past ``timeout_ms``).  Tasks this service settles wake it at once;
+        others are seen by reading the database, with a backoff."""
+        return self._client.result(task_id, timeout_ms)
+
+    async def result_async(self, task_id: str, timeout_ms: int = -1) -> Any:
+        """As ``TaskClient.result_async``: ``await``-able ``result``."""
+        return await self._client.result_async(task_id, timeout_ms)
 
     def _dispatch_once(self) -> int:
         """Test hook (documented, for ``background=False``): one full pass,

@@ -37,12 +37,14 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..durable import CallbackRecord
 from ..errors import NonDeterminismError, StorageBusyError, UnknownCallbackError, UnknownTaskError
-from .status import TERMINAL, WAITING, TaskStatus, literal, literals
+from .status import TERMINAL, UNFINISHED, WAITING, TaskStatus, literal, literals
 from .storage import (
     CALLBACK_COLUMNS,
     NEVER,
     STATUSES,
     ClaimedTask,
+    NewCall,
+    ScheduleRecord,
     TaskRecord,
     TaskStore,
     apply_signal,
@@ -61,7 +63,7 @@ Conn = Any
 (``sqlite3.Connection`` and ``psycopg.Connection`` both do)."""
 
 _TASK_FIELDS = "id, queue, status, message, attempt, next_run_at, finished_at, owner, " \
-               "lease_expires_at"
+               "lease_expires_at, name, result, traceback, progress, created_at"
 
 # The message a task gets when its worker was lost, with no attempt left
 # and with one left.
@@ -71,17 +73,34 @@ _LOST = ("'worker lost during attempt ' || attempt || ' (lease expired); no atte
 STATEMENTS: Dict[str, str] = {
     "ensure_queue": "INSERT INTO {queues}(name) VALUES (:name) ON CONFLICT (name) DO NOTHING",
     "queues": "SELECT name FROM {queues} ORDER BY name",
+    "declare_queue": "INSERT INTO {queues}(name, config) VALUES (:name, :config) "
+                     "ON CONFLICT (name) DO UPDATE SET config = excluded.config",
+    "queue_config": "SELECT config FROM {queues} WHERE name = :name",
     "queue_start": "SELECT next_start_at FROM {queues} WHERE name = :queue{lock_row}",
     "space_starts": "UPDATE {queues} SET next_start_at = :next_start WHERE name = :queue",
-    # The oldest due tasks, claimed under a lease; a replay of a suspended
-    # task (``awaiting`` set) stays in its attempt.
+    # The first due tasks in claim order (the order of the claim index, so
+    # the scan stops after ``limit`` due rows), claimed under a lease; a
+    # replay of a suspended task (``awaiting`` set) stays in its attempt.
     "claim": """
         UPDATE {tasks} SET status = {RUNNING}, attempt = attempt + (awaiting IS NULL){as_int},
                owner = :owner, lease_expires_at = :expires, token = :token
         WHERE seq IN (SELECT seq FROM {tasks}
                       WHERE queue = :queue AND status IN {WAITING} AND next_run_at <= :now
-                      ORDER BY next_run_at, seq LIMIT :limit{skip_locked})
-        RETURNING next_run_at, seq, id, payload, attempt""",
+                      ORDER BY priority DESC, next_run_at, seq LIMIT :limit{skip_locked})
+        RETURNING priority, next_run_at, seq, id, payload, attempt, name, args""",
+    # A function call; with a dedup key, nothing while an unfinished task of
+    # the queue holds it (the partial unique index decides, race-free).
+    "enqueue_call": """
+        INSERT INTO {tasks}(id, queue, payload, status, next_run_at, created_at, name, args,
+                            priority, dedup_key)
+        VALUES (:id, :queue, :empty{as_bytes}, {PENDING}, :run_at, :now, :name, :args,
+                :priority, :dedup_key)
+        ON CONFLICT (queue, dedup_key) WHERE dedup_key IS NOT NULL AND status IN {UNFINISHED}
+        DO NOTHING RETURNING id""",
+    "dedup_holder": "SELECT id FROM {tasks} WHERE queue = :queue AND dedup_key = :dedup_key "
+                    "AND status IN {UNFINISHED}",
+    "set_progress": "UPDATE {tasks} SET progress = :progress "
+                    "WHERE id = :id AND token = :token AND status = {RUNNING}",
     "renew_leases": "UPDATE {tasks} SET lease_expires_at = :expires "
                     "WHERE owner = :owner AND status = {RUNNING}",
     "renew_lease": "UPDATE {tasks} SET lease_expires_at = :expires "
@@ -98,6 +117,7 @@ STATEMENTS: Dict[str, str] = {
             next_run_at = CASE WHEN attempt >= :max_attempts THEN next_run_at
                                ELSE :now{{as_bigint}} END,
             message = CASE WHEN attempt >= :max_attempts THEN {_LOST[0]} ELSE {_LOST[1]} END,
+            traceback = NULL,  -- the lost attempt is the last failed one, and has none
             awaiting = NULL, owner = NULL, lease_expires_at = NULL, token = NULL
         WHERE queue = :queue AND status = {{RUNNING}}
               AND (lease_expires_at <= :now OR {{dead_owners}})""",
@@ -116,6 +136,30 @@ STATEMENTS: Dict[str, str] = {
                           (SELECT next_start_at FROM {queues} WHERE name = :queue)""",
     "sweep": "DELETE FROM {tasks} WHERE queue = :queue AND finished_at < :before "
              "AND status IN {TERMINAL}",
+    # A starting service files its schedule: a new name, or a changed
+    # spec, starts from the given baseline; an unchanged spec keeps its
+    # last tick, so ticks missed while no service ran coalesce into one.
+    # (Every right-hand side reads the row as it was.)
+    "register_schedule": """
+        INSERT INTO {schedules}(name, spec, queue, task, last_tick, next_run_at, updated_at)
+        VALUES (:name, :spec, :queue, :task, :baseline, :next_run, :now)
+        ON CONFLICT (name) DO UPDATE SET
+            queue = excluded.queue, task = excluded.task, updated_at = excluded.updated_at,
+            last_tick = CASE WHEN {schedules}.spec = excluded.spec THEN {schedules}.last_tick
+                             ELSE excluded.last_tick END,
+            next_run_at = CASE WHEN {schedules}.spec = excluded.spec
+                               THEN {schedules}.next_run_at ELSE excluded.next_run_at END,
+            spec = excluded.spec""",
+    # The compare-and-set that makes a tick run once: it moves the last
+    # tick forward only from an older one, under the spec the schedule has
+    # now.  Concurrent claims of one tick serialise on the row (the write
+    # lock on SQLite, the row lock on PostgreSQL, where the loser re-reads
+    # the committed row and matches nothing).
+    "claim_tick": "UPDATE {schedules} SET last_tick = :tick, next_run_at = :next_run "
+                  "WHERE name = :name AND spec = :spec AND last_tick < :tick",
+    "schedules": "SELECT name, spec, queue, task, last_tick, next_run_at, updated_at "
+                 "FROM {schedules} ORDER BY name",
+    "remove_schedule": "DELETE FROM {schedules} WHERE name = :name",
     "durable_ops": "SELECT kind, name, value FROM {ops} WHERE task_id = :task_id ORDER BY seq",
     # Durable rows are refused for a task that does not exist: the insert
     # adds nothing (and a foreign key, where there is one, catches a task
@@ -175,11 +219,13 @@ class Dialect:
         self.named = named
         self._fields: Dict[str, str] = {
             "tasks": f"{prefix}tasks", "queues": f"{prefix}queues",
+            "schedules": f"{prefix}schedules",
             "ops": f"{prefix}durable_ops", "callbacks": f"{prefix}durable_callbacks",
             "lock_row": lock_row, "lock_update": lock_update, "skip_locked": skip_locked,
             "as_int": as_int, "as_bigint": as_bigint, "as_bytes": as_bytes,
             "dead_owners": dead_owners, "NEVER": str(NEVER),
             "TERMINAL": literals(TERMINAL), "WAITING": literals(WAITING),
+            "UNFINISHED": literals(UNFINISHED),
         }
         self._fields.update({s.name: literal(s) for s in TaskStatus})
         self._sql = {name: self.render(text) for name, text in {**STATEMENTS,
@@ -273,6 +319,37 @@ class SQLTaskStore(TaskStore):
     def queues(self) -> List[str]:
         return [row[0] for row in self._rows("queues", {})]
 
+    def declare_queue(self, name: str, config: str) -> None:
+        self._rowcount("declare_queue", {"name": name, "config": config})
+
+    def queue_config(self, name: str) -> Optional[str]:
+        rows = self._rows("queue_config", {"name": name})
+        return rows[0][0] if rows else None
+
+    # ---- producing -------------------------------------------------------
+
+    def enqueue_call(self, queue: str, call: NewCall, now: int) -> str:
+        """See ``TaskStore.enqueue_call``.  One transaction creates the
+        queue if needed, then either inserts the call or, when the dedup
+        index refuses it, reads the task holding the key; should that task
+        finish between the two statements, it tries again."""
+        sql = self.dialect.sql
+        params = {"queue": queue, "id": call.id, "empty": b"", "run_at": call.run_at,
+                  "now": now, "name": call.name, "args": call.args, "priority": call.priority,
+                  "dedup_key": call.dedup_key}
+
+        def body(conn: Conn) -> str:
+            conn.execute(sql("ensure_queue"), {"name": queue})
+            while True:
+                row = conn.execute(sql("enqueue_call"), params).fetchone()
+                if row is not None:
+                    return str(row[0])
+                held = conn.execute(sql("dedup_holder"), params).fetchone()
+                if held is not None:
+                    return str(held[0])
+
+        return self._atomic(body)
+
     # ---- consuming -------------------------------------------------------
 
     def claim(self, queue: str, *, owner: str, limit: int, now: int, lease_ms: int,
@@ -301,8 +378,12 @@ class SQLTaskStore(TaskStore):
             rows = self._atomic(spaced)
         else:
             rows = self._single(lambda conn: list(conn.execute(claim, params).fetchall()))
-        rows.sort(key=lambda r: (r[0], r[1]))
-        return [ClaimedTask(r[2], bytes(r[3]), r[4], token) for r in rows]
+        rows.sort(key=lambda r: (-r[0], r[1], r[2]))
+        return [ClaimedTask(r[3], bytes(r[4]), r[5], token, r[6], r[7]) for r in rows]
+
+    def set_progress(self, task_id: str, token: str, progress: str) -> bool:
+        return self._rowcount("set_progress", {"id": task_id, "token": token,
+                                               "progress": progress}) == 1
 
     # ---- leases ----------------------------------------------------------
 
@@ -361,6 +442,39 @@ class SQLTaskStore(TaskStore):
 
     def sweep(self, queue: str, finished_before: int) -> int:
         return self._rowcount("sweep", {"queue": queue, "before": finished_before})
+
+    # ---- periodic schedules ------------------------------------------------
+
+    def register_schedule(self, name: str, spec: str, *, queue: str, task: str,
+                          baseline: int, next_run_at: int, now: int) -> None:
+        self._rowcount("register_schedule", {
+            "name": name, "spec": spec, "queue": queue, "task": task,
+            "baseline": baseline, "next_run": next_run_at, "now": now})
+
+    def claim_tick(self, name: str, spec: str, tick: int, next_run_at: int, queue: str,
+                   call: NewCall, now: int) -> bool:
+        """See ``TaskStore.claim_tick``: one transaction runs the
+        compare-and-set and, when it wins, the enqueue."""
+        sql = self.dialect.sql
+        claim = {"name": name, "spec": spec, "tick": tick, "next_run": next_run_at}
+        enqueue = {"queue": queue, "id": call.id, "empty": b"", "run_at": call.run_at,
+                   "now": now, "name": call.name, "args": call.args, "priority": call.priority,
+                   "dedup_key": call.dedup_key}
+
+        def body(conn: Conn) -> bool:
+            if conn.execute(sql("claim_tick"), claim).rowcount != 1:
+                return False
+            conn.execute(sql("ensure_queue"), {"name": queue})
+            conn.execute(sql("enqueue_call"), enqueue).fetchall()
+            return True
+
+        return self._atomic(body)
+
+    def schedules(self) -> List[ScheduleRecord]:
+        return [ScheduleRecord(*row) for row in self._rows("schedules", {})]
+
+    def remove_schedule(self, name: str) -> bool:
+        return self._rowcount("remove_schedule", {"name": name}) == 1
 
     # ---- durable operation logs and callbacks ------------------------------
 

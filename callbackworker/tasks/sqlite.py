@@ -130,6 +130,37 @@ _MIGRATIONS: List[List[str]] = [
                DELETE FROM durable_callbacks WHERE task_id = OLD.id;
            END""",
     ],
+    # 3: tasks as functions: name, arguments, result, traceback, progress,
+    # priority and deduplication.
+    [
+        "ALTER TABLE queues ADD COLUMN config TEXT",
+        "ALTER TABLE tasks ADD COLUMN name TEXT",
+        "ALTER TABLE tasks ADD COLUMN args TEXT",
+        "ALTER TABLE tasks ADD COLUMN result TEXT",
+        "ALTER TABLE tasks ADD COLUMN traceback TEXT",
+        "ALTER TABLE tasks ADD COLUMN progress TEXT",
+        "ALTER TABLE tasks ADD COLUMN priority INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE tasks ADD COLUMN dedup_key TEXT",
+        # The claim reads due tasks in its own order from here and stops
+        # after ``limit`` of them; the query repeats the predicate word for
+        # word, which is how SQLite knows the partial index applies.
+        "CREATE INDEX tasks_claim ON tasks(queue, priority DESC, next_run_at, seq) "
+        "WHERE status IN ('pending', 'suspended')",
+        "CREATE UNIQUE INDEX tasks_dedup ON tasks(queue, dedup_key) "
+        "WHERE dedup_key IS NOT NULL AND status IN ('pending', 'running', 'suspended')",
+    ],
+    # 4: periodic schedules.
+    [
+        """CREATE TABLE schedules (
+               name        TEXT PRIMARY KEY,
+               spec        TEXT NOT NULL,
+               queue       TEXT NOT NULL,
+               task        TEXT NOT NULL,
+               last_tick   INTEGER NOT NULL,
+               next_run_at INTEGER NOT NULL,
+               updated_at  INTEGER NOT NULL
+           ) WITHOUT ROWID""",
+    ],
 ]
 
 
@@ -144,9 +175,10 @@ _LEASE_ENDS = "owner = NULL, lease_expires_at = NULL, token = NULL"
 _WHILE_RUNNING = "WHERE id = ? AND token = ? AND status = {RUNNING}"
 _SETTLE_SQL = {kind: _DIALECT.render(f"UPDATE {{tasks}} SET {change}, {_LEASE_ENDS} "
                                      f"{_WHILE_RUNNING}") for kind, change in {
-    "complete": "status = {COMPLETED}, message = ?, finished_at = ?, awaiting = NULL",
-    "fail": "status = {FAILED}, message = ?, finished_at = ?, awaiting = NULL",
-    "retry": "status = {PENDING}, message = ?, next_run_at = ?, awaiting = NULL",
+    "complete": "status = {COMPLETED}, message = ?, result = ?, finished_at = ?, "
+                "awaiting = NULL",
+    "fail": "status = {FAILED}, message = ?, traceback = ?, finished_at = ?, awaiting = NULL",
+    "retry": "status = {PENDING}, message = ?, traceback = ?, next_run_at = ?, awaiting = NULL",
     "release": "status = {PENDING}, message = ?, next_run_at = ?, "
                "attempt = attempt - (awaiting IS NULL)",
     "suspend": "status = ?, message = ?, next_run_at = ?, awaiting = ?",
@@ -306,6 +338,10 @@ class SQLiteTaskStore(SQLTaskStore):
         return self._atomic(body) if outcomes else []
 
     def _settle_params(self, db: sqlite3.Connection, o: Outcome) -> Sequence[Any]:
+        if o.kind == "complete":
+            return (o.message, o.result, o.at, o.task_id, o.token)
+        if o.kind in ("fail", "retry"):
+            return (o.message, o.traceback, o.at, o.task_id, o.token)
         if o.kind != "suspend":
             return (o.message, o.at, o.task_id, o.token)
         row = db.execute(_DIALECT.sql("callback"), {"id": o.awaiting}).fetchone()

@@ -14,7 +14,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Tuple
 
-__all__ = ["TaskStatus", "TERMINAL", "WAITING", "literal", "literals"]
+__all__ = ["TaskStatus", "TERMINAL", "WAITING", "UNFINISHED", "literal", "literals"]
 
 
 class TaskStatus(str, Enum):
@@ -39,6 +39,11 @@ and retention deletes it by ``finished_at``."""
 
 WAITING: Tuple[TaskStatus, ...] = (TaskStatus.PENDING, TaskStatus.SUSPENDED)
 """Statuses a claim takes a due task from, and that cancelling ends."""
+
+UNFINISHED: Tuple[TaskStatus, ...] = (TaskStatus.PENDING, TaskStatus.RUNNING,
+                                      TaskStatus.SUSPENDED)
+"""Statuses of a task not finished yet: one holding a ``dedup_key`` keeps
+another with the same key in its queue from being stored."""
 
 
 def literal(status: TaskStatus) -> str:

@@ -57,7 +57,9 @@ from ..errors import CallbackAlreadyCompletedError
 from .status import TaskStatus
 
 __all__ = [
-    "STATUSES", "TaskStatus", "NEVER", "TaskRecord", "ClaimedTask", "Outcome", "TaskStore",
+    "STATUSES", "TaskStatus", "NEVER", "TaskRecord", "ClaimedTask", "NewCall", "Outcome",
+    "ScheduleRecord",
+    "TaskStore",
     "Waker", "CALLBACK_COLUMNS", "callback_record", "check_signal_state", "apply_signal",
     "place_suspension", "storable_text", "MAX_MESSAGE_CHARS",
 ]
@@ -86,16 +88,53 @@ class TaskRecord(NamedTuple):
     finished_at: Optional[int]
     owner: Optional[str]
     lease_expires_at: Optional[int]
+    name: Optional[str] = None
+    result: Optional[str] = None
+    traceback: Optional[str] = None
+    progress: Optional[str] = None
+    created_at: int = 0
 
 
 class ClaimedTask(NamedTuple):
     """A task handed out by ``TaskStore.claim``: run it, then settle it with
-    its ``token``."""
+    its ``token``.  A function call (``enqueue_call``) has its ``name`` and
+    ``args``; a raw task has its ``payload``."""
 
     id: str
     payload: bytes
     attempt: int
     token: str
+    name: Optional[str] = None
+    args: Optional[str] = None
+
+
+class NewCall(NamedTuple):
+    """A function call to store (``TaskStore.enqueue_call``): the task
+    ``name``, its ``args`` (JSON text), its ``priority`` (higher is claimed
+    first), when it is due (``run_at``) and its ``dedup_key`` (or None)."""
+
+    id: str
+    name: str
+    args: str
+    priority: int
+    run_at: int
+    dedup_key: Optional[str] = None
+
+
+class ScheduleRecord(NamedTuple):
+    """A periodic schedule as stored: its ``spec`` (``Schedule.spec``), the
+    ``queue`` and ``task`` name it enqueues, the ``last_tick`` enqueued (or
+    the baseline it was registered with), the ``next_run_at`` after it and
+    when a service last registered it (``updated_at``); times in epoch
+    milliseconds."""
+
+    name: str
+    spec: str
+    queue: str
+    task: str
+    last_tick: int
+    next_run_at: int
+    updated_at: int
 
 
 @dataclass(frozen=True)
@@ -110,7 +149,9 @@ class Outcome:
     becomes suspended, still in its attempt, due when that callback
     expires, or never; if the callback was signalled or has expired by the
     time this applies, the task is pending and due at ``at`` instead, so a
-    signal racing the suspension is never lost).
+    signal racing the suspension is never lost).  ``"complete"`` stores
+    ``result`` (JSON text of a function's return value); ``"fail"`` and
+    ``"retry"`` store ``traceback``, the failed attempt's.
     """
 
     task_id: str
@@ -119,11 +160,15 @@ class Outcome:
     message: str
     at: int
     awaiting: str = ""
+    result: Optional[str] = None
+    traceback: Optional[str] = None
 
     KINDS = ("complete", "fail", "retry", "release", "suspend")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "message", storable_text(self.message))
+        if self.traceback is not None:
+            object.__setattr__(self, "traceback", storable_text(self.traceback))
 
 
 MAX_MESSAGE_CHARS = 64 * 1024
@@ -163,6 +208,16 @@ class TaskStore(ABC):
     def queues(self) -> List[str]:
         """The names of every queue, sorted."""
 
+    @abstractmethod
+    def declare_queue(self, name: str, config: str) -> None:
+        """Creates the queue if needed and stores ``config`` (JSON text, the
+        caller's business) as its declared config, replacing any other."""
+
+    @abstractmethod
+    def queue_config(self, name: str) -> Optional[str]:
+        """The queue's declared config, or None (no such queue, or none
+        declared)."""
+
     # ---- producing ----------------------------------------------------
 
     @abstractmethod
@@ -176,14 +231,23 @@ class TaskStore(ABC):
         """Adds one pending task; see ``enqueue_many``."""
         self.enqueue_many(queue, [(task_id, payload)], now)
 
+    @abstractmethod
+    def enqueue_call(self, queue: str, call: NewCall, now: int) -> str:
+        """Adds a pending function call, due at ``call.run_at``, creating the
+        queue if it does not exist, in one transaction; returns its id.
+        With a ``dedup_key``, while a task of the queue with that key is
+        pending, running or suspended, nothing is added and that task's id
+        is returned instead (of concurrent calls, exactly one adds it)."""
+
     # ---- consuming ----------------------------------------------------
 
     @abstractmethod
     def claim(self, queue: str, *, owner: str, limit: int, now: int, lease_ms: int,
               delay_ms: int = 0) -> List[ClaimedTask]:
-        """Atomically moves up to ``limit`` of the queue's oldest due pending
-        or suspended tasks (``next_run_at <= now``, oldest ``next_run_at`` first, then
-        insertion order) to running under a lease: ``owner``, expiry
+        """Atomically moves up to ``limit`` of the queue's due pending or
+        suspended tasks (``next_run_at <= now``; highest ``priority`` first,
+        then oldest ``next_run_at``, then insertion order, read in that order
+        from an index) to running under a lease: ``owner``, expiry
         ``now + lease_ms``, a fresh token, ``attempt + 1``.  Returns them in
         that order.
 
@@ -218,6 +282,11 @@ class TaskStore(ABC):
         """Running → pending, due at ``now``, the attempt given back (the
         handler never started).  False if the token is stale."""
         return self.settle([Outcome(task_id, token, "release", "", now)])[0]
+
+    @abstractmethod
+    def set_progress(self, task_id: str, token: str, progress: str) -> bool:
+        """Stores ``progress`` (JSON text) on a task running under
+        ``token``; False (nothing changed) if the token is stale."""
 
     # ---- leases -------------------------------------------------------
 
@@ -276,6 +345,41 @@ class TaskStore(ABC):
     def sweep(self, queue: str, finished_before: int) -> int:
         """Deletes the queue's completed, failed and cancelled tasks that
         finished before ``finished_before``; returns how many."""
+
+    # ---- periodic schedules ---------------------------------------------
+
+    @abstractmethod
+    def register_schedule(self, name: str, spec: str, *, queue: str, task: str,
+                          baseline: int, next_run_at: int, now: int) -> None:
+        """Files schedule ``name`` as a starting service has it.  A new name,
+        or a ``spec`` other than the stored one, starts afresh: its last
+        tick becomes ``baseline`` and its next run ``next_run_at``.  The
+        same spec keeps the stored last tick and next run, so ticks missed
+        while no service ran are still due (and coalesce).  ``queue`` and
+        ``task`` are overwritten either way."""
+
+    @abstractmethod
+    def claim_tick(self, name: str, spec: str, tick: int, next_run_at: int, queue: str,
+                   call: NewCall, now: int) -> bool:
+        """Enqueues ``call`` on ``queue`` (creating the queue if needed) as
+        tick ``tick`` of schedule ``name``, in one transaction with a
+        compare-and-set of the schedule's last tick: it applies only while
+        the stored spec is ``spec`` and the stored last tick is older than
+        ``tick``, and then moves the last tick to ``tick`` and the next run
+        to ``next_run_at``.  Returns whether it applied.  However many
+        services claim one tick at once, exactly one call is enqueued; no
+        lock outlives the transaction, so a process that dies holds
+        nothing."""
+
+    @abstractmethod
+    def schedules(self) -> List[ScheduleRecord]:
+        """Every stored schedule, by name."""
+
+    @abstractmethod
+    def remove_schedule(self, name: str) -> bool:
+        """Deletes schedule ``name`` (one no code registers any more);
+        returns whether it existed.  A service still serving it registers
+        it again, from its next tick."""
 
     # ---- wake-ups -----------------------------------------------------
 
