@@ -20,6 +20,9 @@ The module-level functions (``callbackworker.start``, ``callbackworker.wait``,
 
 from __future__ import annotations
 
+# First, before anything loads the compiled module: importing _gilcheck
+# refuses a free-threaded interpreter running without the GIL.
+from . import _gilcheck  # noqa: F401
 from . import asyncmeta
 from ._default import FUNCTIONS as _FUNCTIONS
 from ._default import default_worker

@@ -39,7 +39,13 @@ place):
               database), vs huey's SqliteHuey (thread consumer) and
               persist-queue's SQLiteAckQueue (get/ack on a consumer thread);
               a baseline that is not installed (``pip install
-              '.[bench]'``) is skipped with a message
+              '.[bench]'``) is skipped with a message; end-to-end runs
+              default settings, then enqueue_many, then prefetch 256
+* task-wakeups  enqueue -> handler start across processes with an idle
+              worker (default settings): p50 and p99 on SQLite and, with
+              ``CBW_PG_DSN`` set, on PostgreSQL; and the idle worker's CPU
+              share over 10 s (getrusage in the worker).  The target is
+              absolute; polling alone would wait up to ``poll_ms``
 """
 
 from __future__ import annotations
@@ -50,11 +56,10 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 from .executor import Executor
 from .worker import Worker
@@ -325,164 +330,10 @@ def progress_tracked(n: int) -> float:
         return n / (time.perf_counter() - t0)
 
 
-# ---- persistent task queues ---------------------------------------------
-
-TASK_PAYLOAD = b"task payload 16b"
-
-
-def _task_done(payload: memoryview) -> str:
-    return "ok"
-
-
-def tasks_rate(kind: str, n: int, end_to_end: bool) -> float:
-    """Tasks/s for one run on a fresh SQLite file: enqueue only, or enqueue
-    plus the handler until every task is completed in the database."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "bench.db")
-        return _TASK_RUNNERS[kind](path, n, end_to_end)
-
-
-def _cbw_tasks(path: str, n: int, end_to_end: bool, prefetch: int = 0,
-               batch: bool = False) -> float:
-    from .tasks import QueueConfig, TaskService
-
-    done = threading.Event()
-    left = [n]
-    lock = threading.Lock()
-
-    def handler(payload: memoryview) -> str:
-        with lock:
-            left[0] -= 1
-            if left[0] == 0:
-                done.set()
-        return "ok"
-
-    with TaskService(path, background=end_to_end, prefetch=prefetch) as service:
-        service.create_queue("bench", QueueConfig(), handler=handler)
-        enqueue, payload = service.enqueue, TASK_PAYLOAD
-        t0 = time.perf_counter()
-        if batch:
-            service.enqueue_many("bench", [payload] * n)
-        else:
-            for _ in range(n):
-                enqueue("bench", payload)
-        if end_to_end:
-            done.wait()
-            service.flush()  # completed means committed
-        elapsed = time.perf_counter() - t0
-    return n / elapsed
-
-
-def _huey_tasks(path: str, n: int, end_to_end: bool) -> float:
-    import logging
-
-    from huey import SqliteHuey
-
-    logging.getLogger("huey").setLevel(logging.WARNING)
-    huey = SqliteHuey(filename=path, results=False)
-    done = threading.Event()
-    left = [n]
-
-    @huey.task()
-    def job(payload: bytes) -> str:
-        left[0] -= 1
-        if left[0] == 0:
-            done.set()
-        return "ok"
-
-    consumer = huey.create_consumer(workers=1, worker_type="thread", initial_delay=0.001,
-                                    max_delay=0.01) if end_to_end else None
-    if consumer is not None:
-        consumer.start()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        job(TASK_PAYLOAD)
-    if consumer is not None:
-        done.wait()
-    elapsed = time.perf_counter() - t0
-    if consumer is not None:
-        consumer.stop(graceful=True)
-    return n / elapsed
-
-
-def _persistqueue_tasks(path: str, n: int, end_to_end: bool) -> float:
-    from persistqueue import SQLiteAckQueue
-
-    queue = SQLiteAckQueue(path, multithreading=True, auto_commit=True)
-    done = threading.Event()
-
-    def consume() -> None:
-        for _ in range(n):
-            item = queue.get()
-            _task_done(memoryview(item))
-            queue.ack(item)
-        done.set()
-
-    consumer: Optional[threading.Thread] = None
-    if end_to_end:
-        consumer = threading.Thread(target=consume, daemon=True)
-        consumer.start()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        queue.put(TASK_PAYLOAD)
-    if consumer is not None:
-        done.wait()
-    return n / (time.perf_counter() - t0)
-
-
-TASK_PREFETCH = 256
-
-_TASK_RUNNERS: Dict[str, Callable[[str, int, bool], float]] = {
-    "cbw": _cbw_tasks,
-    "cbw-prefetch": lambda path, n, e2e: _cbw_tasks(path, n, e2e, prefetch=TASK_PREFETCH),
-    "cbw-batch": lambda path, n, e2e: _cbw_tasks(path, n, e2e, prefetch=TASK_PREFETCH, batch=True),
-    "huey": _huey_tasks,
-    "persistqueue": _persistqueue_tasks,
-}
-_TASK_VARIANTS = {
-    False: [("cbw", "enqueue, one per call"), ("cbw-batch", "enqueue_many")],
-    True: [("cbw", "end-to-end, prefetch 0 (default)"),
-           ("cbw-prefetch", f"end-to-end, prefetch {TASK_PREFETCH}"),
-           ("cbw-batch", f"end-to-end, enqueue_many, prefetch {TASK_PREFETCH}")],
-}
-_TASK_BASELINES = [("huey", "huey", "SqliteHuey"), ("persistqueue", "persistqueue", "SQLiteAckQueue")]
-
-
-def _installed(module: str) -> bool:
-    try:
-        __import__(module)
-    except ImportError:
-        return False
-    return True
-
-
-def bench_tasks(n: int, runs: int, rows: List[Tuple[str, str, str, str]],
-                figures: Dict[str, float]) -> None:
-    """Each baseline runs its own one-call-per-task API; every variant of
-    ours is compared with the same baseline figures."""
-    baselines = [(kind, label) for kind, module, label in _TASK_BASELINES if _installed(module)]
-    for kind, module, label in _TASK_BASELINES:
-        if not _installed(module):
-            print(f"  (skipped {label}: {module} is not installed; pip install '.[bench]')",
-                  flush=True)
-    for end_to_end in (False, True):
-        mode = "end-to-end" if end_to_end else "enqueue"
-        base = {kind: _median_rate(lambda: tasks_rate(kind, n, end_to_end), runs, f"{label} {mode}")
-                for kind, label in baselines}
-        for kind, label in baselines:
-            figures[f"{kind}_{mode}_per_s"] = base[kind]
-        for variant, what in _TASK_VARIANTS[end_to_end]:
-            ours = _median_rate(lambda: tasks_rate(variant, n, end_to_end), runs, f"tasks {what}")
-            figures[f"tasks_{variant}_{mode}_per_s"] = ours
-            _row(rows, f"{what}, {n:,}", f"{ours:,.0f}/s", "", "")
-            for kind, label in baselines:
-                _row(rows, f"  vs {label}", "", f"{base[kind]:,.0f}/s", f"{ours / base[kind]:.1f}x")
-
-
 # ---- driver -----------------------------------------------------------
 
 SECTIONS = ["throughput", "batch", "latency", "blobs", "memory", "scaling", "close",
-            "executor", "first-call", "progress", "tasks"]
+            "executor", "first-call", "progress", "tasks", "task-wakeups"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -607,8 +458,14 @@ def main(args: argparse.Namespace) -> int:
         _row(rows, "jobs started with on_progress vs plain jobs", f"{tracked:,.0f}/s", f"{plain:,.0f}/s",
              f"{tracked / plain:.2f}")
 
+    if "tasks" in want or "task-wakeups" in want:
+        from .bench_tasks import bench_task_wakeups, bench_tasks
     if "tasks" in want:
         bench_tasks(task_n, runs, rows, figures)
+
+    if "task-wakeups" in want:
+        bench_task_wakeups(30 if args.quick else 200, runs, rows, figures,
+                           idle_s=1.0 if args.quick else 10.0)
 
     if args.json:
         with open(args.json, "w") as f:

@@ -186,6 +186,54 @@ class StorageContract:
         record = store.get(task.id)
         assert record is not None and (record.status, record.attempt) == ("pending", 0)
 
+    def test_release_after_a_recorded_start_gives_the_attempt_back(self, store: TaskStore) -> None:
+        task = _claimed_one(store)
+        assert store.start(task.id, task.token, 3) is True
+        assert store.release(task.id, task.token, 5) is True
+        record = store.get(task.id)
+        assert record is not None and (record.status, record.attempt) == ("pending", 0)
+
+    # ---- starts: the attempt is counted when the run begins --------------
+
+    def test_a_claim_counts_no_attempt_until_its_run_starts(self, store: TaskStore) -> None:
+        task = _claimed_one(store)
+        assert task.attempt == 1, "the claim tells the number its run will have"
+        assert store.get(task.id).attempt == 0  # type: ignore[union-attr]
+        assert store.start(task.id, task.token, 5) is True
+        record = store.get(task.id)
+        assert record is not None and (record.status, record.attempt) == ("running", 1)
+
+    def test_a_start_counts_once_and_names_the_claims_token(self, store: TaskStore) -> None:
+        task = _claimed_one(store)
+        assert store.start(task.id, "stale", 5) is False
+        assert store.start(task.id, task.token, 5) is True
+        assert store.start(task.id, task.token, 6) is True  # applied again, counted once
+        assert store.complete(task.id, task.token, "ok", 7) is True
+        record = store.get(task.id)
+        assert record is not None and (record.status, record.attempt) == ("completed", 1)
+        assert store.start(task.id, task.token, 8) is False
+
+    def test_an_outcome_without_a_recorded_start_counts_the_attempt(self, store: TaskStore) -> None:
+        task = _claimed_one(store)
+        assert store.retry(task.id, task.token, "E: x", 0) is True
+        (again,) = store.claim("q", owner="me", limit=1, now=0, lease_ms=LEASE)
+        assert again.attempt == 2 and store.get(task.id).attempt == 1  # type: ignore[union-attr]
+
+    def test_recover_frees_a_claim_whose_run_never_started(self, store: TaskStore) -> None:
+        store.ensure_queue("q")
+        _enqueue(store, "q", 2)
+        orphan, ran = store.claim("q", owner="dead", limit=2, now=0, lease_ms=LEASE)
+        assert store.start(ran.id, ran.token, 1) is True
+        assert store.recover("q", now=2, max_attempts=1, owners=["dead"]) == 2
+        record = store.get(orphan.id)
+        assert record is not None
+        assert (record.status, record.attempt, record.message, record.owner) == (
+            "pending", 0, "", None)
+        lost = store.get(ran.id)
+        assert lost is not None and (lost.status, lost.attempt) == ("failed", 1)
+        (again,) = store.claim("q", owner="me", limit=1, now=2, lease_ms=LEASE)
+        assert again.id == orphan.id and again.attempt == 1
+
     def test_stale_token_is_rejected(self, store: TaskStore) -> None:
         task = _claimed_one(store)
         assert store.recover("q", now=LEASE, max_attempts=5) == 1
@@ -228,6 +276,8 @@ class StorageContract:
         _enqueue(store, "q", 3)
         mine = store.claim("q", owner="me", limit=2, now=0, lease_ms=LEASE)
         (theirs,) = store.claim("q", owner="them", limit=1, now=0, lease_ms=LEASE)
+        for task in (*mine, theirs):
+            assert store.start(task.id, task.token, 0)
         assert store.renew_leases("me", 99_999) == 2
         assert store.get(mine[0].id).lease_expires_at == 99_999  # type: ignore[union-attr]
         assert store.get(theirs.id).lease_expires_at == LEASE  # type: ignore[union-attr]
@@ -244,6 +294,25 @@ class StorageContract:
         assert store.recover("q", now=LEASE, max_attempts=3) == 1
         assert store.get(lost.id).status == "pending"  # type: ignore[union-attr]
 
+    def test_an_orphan_claim_left_unrenewed_comes_back_free(self, store: TaskStore) -> None:
+        """A live owner renews the tasks it knows it holds: an orphan claim
+        (its answer lost with the connection) expires and comes back free."""
+        store.ensure_queue("q")
+        _enqueue(store, "q", 3)
+        held, waiting, orphan = store.claim("q", owner="me", limit=3, now=0, lease_ms=LEASE)
+        _enqueue(store, "q", 1, prefix="u")
+        (theirs,) = store.claim("q", owner="them", limit=1, now=0, lease_ms=LEASE)
+        assert store.start(held.id, held.token, 0)
+        assert store.renew_leases("me", 99_999, [held.id, waiting.id, theirs.id]) == 2
+        leases = [store.get(t.id).lease_expires_at  # type: ignore[union-attr]
+                  for t in (held, waiting, orphan, theirs)]
+        assert leases == [99_999, 99_999, LEASE, LEASE]
+        assert store.renew_leases("me", 99_999, []) == 0
+        assert store.recover("q", now=LEASE, max_attempts=1) == 2
+        assert store.get(orphan.id)[2:5] == ("pending", "", 0)  # type: ignore[index]
+        assert store.start(waiting.id, waiting.token, 5, lease_until=5 + LEASE)
+        assert store.get(waiting.id).lease_expires_at == 5 + LEASE  # type: ignore[union-attr]
+
     def test_running_owners(self, store: TaskStore) -> None:
         store.ensure_queue("q")
         _enqueue(store, "q", 3)
@@ -256,6 +325,7 @@ class StorageContract:
         _enqueue(store, "q", 2)
         (old,) = store.claim("q", owner="a", limit=1, now=0, lease_ms=100)
         (fresh,) = store.claim("q", owner="b", limit=1, now=0, lease_ms=1000)
+        assert store.start(old.id, old.token, 0) and store.start(fresh.id, fresh.token, 0)
         assert store.recover("q", now=99, max_attempts=3) == 0
         assert store.recover("q", now=100, max_attempts=3) == 1
         record = store.get(old.id)
@@ -278,6 +348,7 @@ class StorageContract:
         store.ensure_queue("q")
         _enqueue(store, "q", 1)
         (task,) = store.claim("q", owner="a", limit=1, now=0, lease_ms=10)
+        assert store.start(task.id, task.token, 0) is True
         assert store.recover("q", now=10, max_attempts=1) == 1
         record = store.get(task.id)
         assert record is not None
@@ -657,9 +728,21 @@ class StorageContract:
         _suspended_one(store, timeout_ms=100)
         (replay,) = store.claim("q", owner="me", limit=1, now=100, lease_ms=10)
         assert replay.attempt == 1
+        assert store.start(replay.id, replay.token, 100) is True
+        assert store.get(replay.id).attempt == 1  # type: ignore[union-attr]
         assert store.recover("q", now=110, max_attempts=3) == 1
         (again,) = store.claim("q", owner="me", limit=1, now=110, lease_ms=10)
         assert again.attempt == 2
+
+    def test_recover_of_a_replay_that_never_started_keeps_it_a_replay(
+            self, store: TaskStore) -> None:
+        _suspended_one(store, timeout_ms=100)
+        store.claim("q", owner="me", limit=1, now=100, lease_ms=10)
+        assert store.recover("q", now=110, max_attempts=1) == 1
+        (again,) = store.claim("q", owner="me", limit=1, now=110, lease_ms=10)
+        assert again.attempt == 1
+        assert store.start(again.id, again.token, 110) is True
+        assert store.get(again.id).attempt == 1  # type: ignore[union-attr]
 
     def test_releasing_a_replay_claim_keeps_the_attempt(self, store: TaskStore) -> None:
         _suspended_one(store, timeout_ms=100)
@@ -781,10 +864,21 @@ class StorageContract:
         assert store.set_progress(task.id, task.token, '{"done":3}') is False
         assert store.get(task.id).progress == '{"done":1}'  # type: ignore[union-attr]
 
-    def test_a_lost_attempt_leaves_no_traceback(self, store: TaskStore) -> None:
+    def test_a_claim_that_never_ran_keeps_the_last_traceback_when_taken_back(
+            self, store: TaskStore) -> None:
         task = _claimed_one(store, lease_ms=10)
         assert store.settle([Outcome(task.id, task.token, "retry", "E: 1", 0, traceback="tb")])
         store.claim("q", owner="me", limit=1, now=0, lease_ms=10)
+        assert store.recover("q", now=10, max_attempts=2) == 1
+        record = store.get(task.id)
+        assert record is not None
+        assert (record.status, record.message, record.traceback) == ("pending", "E: 1", "tb")
+
+    def test_a_lost_attempt_leaves_no_traceback(self, store: TaskStore) -> None:
+        task = _claimed_one(store, lease_ms=10)
+        assert store.settle([Outcome(task.id, task.token, "retry", "E: 1", 0, traceback="tb")])
+        (again,) = store.claim("q", owner="me", limit=1, now=0, lease_ms=10)
+        assert store.start(again.id, again.token, 0)  # the lost run had started
         assert store.recover("q", now=10, max_attempts=2) == 1
         record = store.get(task.id)
         assert record is not None and (record.status, record.traceback) == ("failed", None)

@@ -124,7 +124,8 @@ class TaskClient:
         self._store = store
         self._clock: Callable[[], int] = clock or wall_clock_ms
         self._on_commit = on_commit
-        self._completions = completions
+        self._completions = completions if completions is not None else Completions()
+        self._watching = False  # the store wakes the completions of other processes
         self._events = TaskEvents() if events is None else events
         self._owns_store = False
         self._close_lock = threading.Lock()
@@ -323,6 +324,9 @@ class TaskClient:
         ``WaitTimeoutError`` after ``timeout_ms`` (-1: no limit), the task
         untouched; ``UnknownTaskError`` for an unknown id."""
         task_id = check_task_id(task_id)
+        if not self._watching:  # tasks finished by other processes wake the wait
+            self._watching = True
+            self._store.watch_finished(self._completions.notify)
         return wait_for_result(lambda: self.get(task_id), task_id, timeout_ms, self._completions)
 
     async def result_async(self, task_id: str, timeout_ms: int = -1) -> Any:

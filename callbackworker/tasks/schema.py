@@ -16,7 +16,7 @@ from typing import Dict, NamedTuple, Tuple
 
 __all__ = ["SCHEMA_VERSION", "Column", "TABLES", "TYPES", "INDEXES", "expected_columns"]
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 """The schema version this callbackworker creates and understands."""
 
 
@@ -66,6 +66,10 @@ TABLES: Dict[str, Tuple[Column, ...]] = {
         Column("progress", "text", True),
         Column("priority", "int"),
         Column("dedup_key", "text", True),
+        # When the current attempt's run started (version 5): NULL while a
+        # claimed task waits for its run, so a claim that never ran is
+        # taken back without counting an attempt.
+        Column("started_at", "bigint", True),
     ),
     # Periodic schedules (version 4), one row per name: the spec the last
     # service started with, the task it enqueues, the last tick enqueued
@@ -124,7 +128,7 @@ INDEXES: Dict[str, Dict[str, str]] = {
         "tasks_dedup": "UNIQUE tasks(queue, dedup_key) WHERE dedup_key IS NOT NULL "
                        "AND status IN ('pending', 'running', 'suspended')",
         # Listing newest first by queue, task name, or failed tasks
-        # (version 5); no index has the status, which changes at every claim
+        # (version 6); no index has the status, which changes at every claim
         # and settle, except for failed tasks, which seldom change.
         "tasks_by_queue": "tasks(queue, seq)",
         "tasks_by_name": "tasks(name, seq) WHERE name IS NOT NULL",

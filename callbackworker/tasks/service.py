@@ -89,13 +89,12 @@ class TaskService:
     ``poll_ms`` bounds how long work written by another process may wait
     to be noticed.
 
-    ``prefetch`` (default 0) lets each queue claim that many tasks beyond
-    its free slots, in one transaction, so they wait in the queue's route
-    instead of being claimed one by one: far higher throughput, at a cost
-    on a crash: a prefetched task's attempt was counted at claim, so it
-    comes back with one attempt fewer left (or fails if it had none) though
-    its handler never ran.  A graceful ``close()`` gives those attempts
-    back.  With 0, only tasks that are about to run hold a lease.
+    ``prefetch`` lets each queue claim that many tasks beyond its free
+    slots, in one transaction, so they wait in the queue's route instead
+    of being claimed one by one (default None: as many as the queue's
+    ``concurrency``; 0 claims only tasks about to run).  It costs no
+    attempt on a crash: an attempt is counted when its run starts, so a
+    prefetched task that never ran comes back as it was.
 
     With ``background=False`` nothing runs by itself: each
     ``_dispatch_once()`` call does one pass, and each ``_schedule_once()``
@@ -108,13 +107,15 @@ class TaskService:
 
     def __init__(self, dsn: "str | os.PathLike[str]" = "callbackworker.db", *,
                  durability: str = "normal", clock: Optional[Callable[[], int]] = None,
-                 lease_ms: int = 30_000, poll_ms: int = 200, prefetch: int = 0,
+                 lease_ms: int = 30_000, poll_ms: int = 200,
+                 prefetch: Optional[int] = None,
                  background: bool = True) -> None:
         if clock is not None and not callable(clock):
             raise TypeError(f"clock must be callable, not {type(clock).__name__}")
         check_int(lease_ms, "lease_ms", 100, INTERVAL_MAX_MS)
         check_int(poll_ms, "poll_ms", 1, 60_000)
-        check_int(prefetch, "prefetch", 0, 100_000)
+        if prefetch is not None:
+            check_int(prefetch, "prefetch", 0, 100_000)
         if type(background) is not bool:
             raise TypeError(f"background must be a bool, not {type(background).__name__}")
         self._store = open_store(dsn, durability)

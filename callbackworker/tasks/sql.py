@@ -53,6 +53,7 @@ from .storage import (
     callback_record,
     check_signal_state,
 )
+from .wakeups import WORK
 
 __all__ = ["Dialect", "SQLTaskStore", "TransientError", "STATEMENTS"]
 
@@ -71,6 +72,9 @@ _TASK_FIELDS = TASK_COLUMNS
 _LOST = ("'worker lost during attempt ' || attempt || ' (lease expired); no attempts left'",
          "'worker lost during attempt ' || attempt || '; retrying'")
 
+# A lost run that used up the attempts: started, and the last allowed.
+_SPENT = "started_at IS NOT NULL AND attempt >= :max_attempts"
+
 STATEMENTS: Dict[str, str] = {
     "ensure_queue": "INSERT INTO {queues}(name) VALUES (:name) ON CONFLICT (name) DO NOTHING",
     "queues": "SELECT name FROM {queues} ORDER BY name",
@@ -80,15 +84,18 @@ STATEMENTS: Dict[str, str] = {
     "queue_start": "SELECT next_start_at FROM {queues} WHERE name = :queue{lock_row}",
     "space_starts": "UPDATE {queues} SET next_start_at = :next_start WHERE name = :queue",
     # The first due tasks in claim order (the order of the claim index, so
-    # the scan stops after ``limit`` due rows), claimed under a lease; a
-    # replay of a suspended task (``awaiting`` set) stays in its attempt.
+    # the scan stops after ``limit`` due rows), claimed under a lease.  The
+    # attempt is counted when the run starts ("start" in settle), not here;
+    # the claim returns the number the run will have (a replay of a
+    # suspended task, ``awaiting`` set, stays in its attempt).
     "claim": """
-        UPDATE {tasks} SET status = {RUNNING}, attempt = attempt + (awaiting IS NULL){as_int},
+        UPDATE {tasks} SET status = {RUNNING}, started_at = NULL,
                owner = :owner, lease_expires_at = :expires, token = :token
         WHERE seq IN (SELECT seq FROM {tasks}
                       WHERE queue = :queue AND status IN {WAITING} AND next_run_at <= :now
                       ORDER BY priority DESC, next_run_at, seq LIMIT :limit{skip_locked})
-        RETURNING priority, next_run_at, seq, id, payload, attempt, name, args""",
+        RETURNING priority, next_run_at, seq, id, payload,
+                  attempt + (awaiting IS NULL){as_int}, name, args""",
     # A function call; with a dedup key, nothing while an unfinished task of
     # the queue holds it (the partial unique index decides, race-free).
     "enqueue_call": """
@@ -109,17 +116,22 @@ STATEMENTS: Dict[str, str] = {
     "running_owners": "SELECT DISTINCT owner FROM {tasks} "
                       "WHERE queue = :queue AND status = {RUNNING} ORDER BY owner",
     # Lost leases: back to pending with the attempt counted, or failed
-    # once the attempts are used up.  ``{dead_owners}`` is the dialect's
-    # test of ``owner`` against the ``owners`` of the call.
+    # once the attempts are used up.  A claim whose run never started
+    # (``started_at`` NULL: the worker died first, or the claim's answer
+    # was lost with its connection) goes back to pending as it was, its
+    # attempt not counted.  ``{dead_owners}`` is the dialect's test of
+    # ``owner`` against the ``owners`` of the call.
     "recover": f"""
         UPDATE {{tasks}} SET
-            status = CASE WHEN attempt >= :max_attempts THEN {{FAILED}} ELSE {{PENDING}} END,
-            finished_at = CASE WHEN attempt >= :max_attempts THEN :now{{as_bigint}} END,
-            next_run_at = CASE WHEN attempt >= :max_attempts THEN next_run_at
-                               ELSE :now{{as_bigint}} END,
-            message = CASE WHEN attempt >= :max_attempts THEN {_LOST[0]} ELSE {_LOST[1]} END,
-            traceback = NULL,  -- the lost attempt is the last failed one, and has none
-            awaiting = NULL, owner = NULL, lease_expires_at = NULL, token = NULL
+            status = CASE WHEN {_SPENT} THEN {{FAILED}} ELSE {{PENDING}} END,
+            finished_at = CASE WHEN {_SPENT} THEN :now{{as_bigint}} END,
+            next_run_at = CASE WHEN {_SPENT} THEN next_run_at ELSE :now{{as_bigint}} END,
+            message = CASE WHEN started_at IS NULL THEN message
+                           WHEN attempt >= :max_attempts THEN {_LOST[0]} ELSE {_LOST[1]} END,
+            -- a lost run is the last failed attempt, and has no traceback
+            traceback = CASE WHEN started_at IS NULL THEN traceback END,
+            awaiting = CASE WHEN started_at IS NULL THEN awaiting END,
+            owner = NULL, lease_expires_at = NULL, token = NULL
         WHERE queue = :queue AND status = {{RUNNING}}
               AND (lease_expires_at <= :now OR {{dead_owners}})""",
     "get": f"SELECT {_TASK_FIELDS} FROM {{tasks}} WHERE id = :id",
@@ -288,6 +300,12 @@ class SQLTaskStore(ManagedTasks, TaskStore):
     foreign_key_violation: Tuple[Type[BaseException], ...] = ()
     """The driver's errors for a row whose parent row is missing."""
 
+    def _wake_others(self, message: bytes) -> None:
+        """Called after a commit that may concern other processes: ``WORK``
+        + a queue's name (empty: any queue) or ``FINISHED``
+        (``wakeups.py``).  A backend whose statements notify by
+        themselves keeps this default, which does nothing."""
+
     # ---- the retry loop --------------------------------------------------
 
     def _retry(self, attempt: Callable[[], T]) -> T:
@@ -354,7 +372,9 @@ class SQLTaskStore(ManagedTasks, TaskStore):
                 if held is not None:
                     return str(held[0])
 
-        return self._atomic(body)
+        task_id = self._atomic(body)
+        self._wake_others(WORK + queue.encode("utf-8", "surrogatepass"))
+        return task_id
 
     # ---- consuming -------------------------------------------------------
 
@@ -560,4 +580,6 @@ class SQLTaskStore(ManagedTasks, TaskStore):
                 conn.execute(sql("wake"), params)
             return record
 
-        return self._atomic(body)
+        record = self._atomic(body)
+        self._wake_others(WORK)  # the task it woke, in whichever queue
+        return record

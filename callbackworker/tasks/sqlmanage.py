@@ -4,7 +4,7 @@ retrying them and purging them.
 ``sql.SQLTaskStore`` inherits ``ManagedTasks`` and renders
 ``MANAGE_STATEMENTS`` with its other statements, in each dialect.  Every
 listing reads rows newest first from an index ending in ``seq`` (schema
-migration 5) or from the table's key, so a page stops after ``limit``
+migration 6) or from the table's key, so a page stops after ``limit``
 matches; no index holds the status, which every claim and settle changes,
 except the partial ones of failed tasks, which seldom change.
 """
@@ -27,7 +27,7 @@ Conn = Any
 MANAGE_STATEMENTS: Dict[str, str] = {
     # Listing, newest first: the filters the call gives are appended
     # (``LIST_FILTERS``), then ``list_order``.  Every row is read newest
-    # first from an index ending in seq (migration 5) or from the key, so
+    # first from an index ending in seq (migration 6) or from the key, so
     # a page stops after ``limit`` matches: a queue's or a task function's
     # through its index, failed tasks through theirs (the status is
     # written as a literal so that the partial index applies), others by
