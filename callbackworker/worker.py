@@ -25,7 +25,7 @@ from . import _lifecycle
 from . import jobcontext as _progress
 from ._asyncwait import AsyncWaits
 from ._jobquery import JobQueries
-from ._memdurable import MemoryDurableBackend
+from ._memdurable import DurableSignals, MemoryDurableBackend
 from ._native import CallbackTable, ffi, lib, raise_for
 from ._routes import RouteVerbs
 from ._validate import (
@@ -40,7 +40,7 @@ from ._validate import (
     may_be_job_id,
 )
 from .asyncmeta import Profile
-from .durable import DurableBackend, check_callback_id, check_error, check_result
+from .durable import DurableBackend
 from .errors import DeadlockError, failure_for_status
 from .jobcontext import ProgressCallback, progress_state
 from .states import Status
@@ -106,7 +106,7 @@ class _RouteTimeout(int):
 _UNSET = _RouteTimeout(-1)
 
 
-class Worker(JobQueries, RouteVerbs, AsyncWaits):
+class Worker(JobQueries, RouteVerbs, AsyncWaits, DurableSignals):
     """Runs jobs (a callback plus a copied input blob) on C threads.
 
     ``concurrency`` is the number of threads of the default route (route 1,
@@ -187,7 +187,7 @@ class Worker(JobQueries, RouteVerbs, AsyncWaits):
         if self._closed:
             return 0
         if interruptible and threading.get_ident() == _main_ident:
-            return _off_the_main_thread(lambda: self._close(flags, grace_ms, interruptible=False))
+            return _lifecycle.off_the_main_thread(lambda: self._close(flags, grace_ms, interruptible=False))
         rc = lib.cbw_worker_close(self._w, flags, grace_ms)
         if rc == _EDEADLOCK:
             raise DeadlockError("close(drain=True) cannot be called from inside one of "
@@ -592,60 +592,6 @@ class Worker(JobQueries, RouteVerbs, AsyncWaits):
         if not may_be_job_id(jid):
             raise_for(lib.CBW_EUNKNOWN, job_id)
         return jid, timeout_ms
-
-    # ---- durable external callbacks ----------------------------------
-
-    def send_callback_success(self, callback_id: str, result: bytes) -> None:
-        """Signals success: the suspended job is replayed and its
-        ``callback_result`` returns ``result`` (bytes-like, at most 1 MiB).
-        Raises ``UnknownCallbackError`` for an id never issued and
-        ``CallbackAlreadyCompletedError`` once the callback has succeeded,
-        failed, timed out or its job ended (a duplicate is never applied)."""
-        self._signal(check_callback_id(callback_id), "succeeded", check_result(result), None)
-
-    def send_callback_failure(self, callback_id: str, error: str) -> None:
-        """Signals failure: the job's ``callback_result`` raises
-        ``CallbackFailedError`` carrying ``error``.  Errors as
-        ``send_callback_success``."""
-        self._signal(check_callback_id(callback_id), "failed", None, check_error(error))
-
-    def send_callback_heartbeat(self, callback_id: str) -> None:
-        """Tells a callback with ``heartbeat_timeout_ms`` that the outside
-        system is still at work: its heartbeat deadline moves to now plus
-        that interval.  Errors as ``send_callback_success``."""
-        self._signal(check_callback_id(callback_id), "pending", None, None)
-
-    def _signal(self, callback_id: str, state: str, result: Optional[bytes],
-                error: Optional[str]) -> None:
-        self._check_open()
-        self._table.durable.signal(callback_id, state, result, error)
-
-
-def _off_the_main_thread(call: Callable[[], int]) -> int:
-    """Runs ``call`` (a close, which may wait long for running callbacks) on
-    a thread of its own while the main thread waits for it, so that Ctrl-C
-    interrupts the wait: the ``KeyboardInterrupt`` reaches the caller at
-    once and the close goes on in the background (a later ``close()``
-    waits for it).  Where no thread can start (interpreter shutdown), the
-    call runs here."""
-    outcome: List[Any] = []
-
-    def run() -> None:
-        try:
-            outcome.append((True, call()))
-        except BaseException as exc:  # handed to the waiting caller
-            outcome.append((False, exc))
-
-    closer = threading.Thread(target=run, name="callbackworker-close", daemon=True)
-    try:
-        closer.start()
-    except RuntimeError:  # "can't create new thread at interpreter shutdown"
-        return call()
-    closer.join()
-    ok, value = outcome[0]
-    if not ok:
-        raise value
-    return value  # type: ignore[no-any-return]
 
 
 def _release_native(native: Any, table: CallbackTable) -> None:

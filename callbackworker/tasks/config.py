@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Optional
 
+from .._validate import CONCURRENCY_MAX
+from .._validate import check_range as check_int  # the package's one int rule
 from .progress import report_progress
 
 __all__ = ["QueueConfig", "TaskInfo", "TaskContext", "Handler", "MAX_PAYLOAD", "MAX_QUEUE_NAME",
@@ -45,7 +47,6 @@ RETENTION_MIN_MS = 60_000
 RETENTION_MAX_MS = 604_800_000
 INTERVAL_MAX_MS = RETENTION_MAX_MS
 """The longest lease, backoff or delay between starts (one week)."""
-CONCURRENCY_MAX = 1024
 TIMEOUT_MAX_MS = 2**31 - 1
 RETRIES_MAX = 2**31 - 1
 
@@ -53,16 +54,6 @@ RETRIES_MAX = 2**31 - 1
 def wall_clock_ms() -> int:
     """The default clock of the task queues: wall-clock milliseconds."""
     return time.time_ns() // 1_000_000
-
-
-def check_int(value: object, name: str, low: int, high: int) -> int:
-    """``value`` if it is an int in ``low..high``; else a ``TypeError`` or
-    ``ValueError`` naming ``name``."""
-    if type(value) is not int:
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be between {low} and {high}, not {value}")
-    return value
 
 
 @dataclass(frozen=True)

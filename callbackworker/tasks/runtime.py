@@ -87,6 +87,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Callable, Dict, List, NoReturn, Optional, Set, Tuple
 
+from .._validate import ROUTE_NAME_MAX
 from ..durable import DurableBackend, DurableRun, SuspendJob
 from ..errors import (
     CallbackInterrupt,
@@ -111,7 +112,6 @@ __all__ = ["TaskRuntime", "current_task"]
 
 log = logging.getLogger(__name__)
 
-_ROUTE_NAME_MAX = 128
 ABANDON_GRACE_S = 1.0
 """How long past its time limit a run may go on before it is abandoned."""
 _SWEEP_EVERY_S = 60.0
@@ -156,7 +156,7 @@ def _route_for(queue: str) -> str:
     when that would pass the worker's 128-byte limit ("task#" cannot clash
     with a "task:" name)."""
     route = f"task:{queue}"
-    if len(route.encode("utf-8", "surrogatepass")) <= _ROUTE_NAME_MAX:
+    if len(route.encode("utf-8", "surrogatepass")) <= ROUTE_NAME_MAX:
         return route
     return "task#" + hashlib.blake2b(queue.encode("utf-8", "surrogatepass"), digest_size=24).hexdigest()
 
