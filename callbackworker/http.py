@@ -5,7 +5,7 @@
 ``callbackworker serve`` runs it under uvicorn.  Both come with the
 optional extra ``callbackworker[http]``.
 
-Routes (every one needs ``Authorization: Bearer <token>``)::
+Routes (every one but the dashboard's needs ``Authorization: Bearer <token>``)::
 
     POST /v1/callbacks/{id}/success    raw body = the result (at most 1 MiB)
     POST /v1/callbacks/{id}/failure    JSON {"error": "..."}
@@ -15,6 +15,10 @@ Routes (every one needs ``Authorization: Bearer <token>``)::
                                        "name", "queue", "result", "progress",
                                        "traceback", "created_at_ms",
                                        "finished_at_ms")
+    /ui/...                            the web dashboard (``callbackworker.ui``):
+                                       HTML pages behind a login form that takes
+                                       the same token once and sets a session
+                                       cookie
 
 Answers: 200 with a JSON body on success; 401 for a missing or wrong token
 (checked with ``hmac.compare_digest`` before anything else, so an
@@ -40,7 +44,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .durable import MAX_RESULT_BYTES, check_callback_id, check_error
@@ -54,27 +58,32 @@ from .errors import (
 from .tasks.client import TaskClient
 from .tasks.service import TaskService
 from .tasks.storage import TaskStore
+from .ui import create_dashboard
 
-__all__ = ["create_app", "MAX_BODY_BYTES"]
+__all__ = ["create_app", "MAX_BODY_BYTES", "DASHBOARD_PATH"]
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = MAX_RESULT_BYTES
 """Largest request body accepted (1 MiB)."""
 
+DASHBOARD_PATH = "/ui"
+"""Where the web dashboard is mounted."""
+
 _Target = Union[TaskService, TaskClient, TaskStore]
 
 
 class _BearerAuth:
     """ASGI middleware: a request without the right bearer token gets 401
-    before routing (so unknown paths are 401 too, never 404)."""
+    before routing (so unknown paths are 401 too, never 404).  Paths under
+    ``/ui`` pass: the dashboard checks its own session cookie."""
 
     def __init__(self, app: ASGIApp, token: str) -> None:
         self.app = app
         self._expected = b"Bearer " + token.encode("utf-8")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
+        if scope["type"] == "http" and not _is_dashboard(scope["path"]):
             given = next((value for name, value in scope["headers"]
                           if name == b"authorization"), b"")
             if not hmac.compare_digest(given, self._expected):
@@ -83,6 +92,10 @@ class _BearerAuth:
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def _is_dashboard(path: str) -> bool:
+    return path == DASHBOARD_PATH or path.startswith(DASHBOARD_PATH + "/")
 
 
 async def _body(request: Request) -> bytes:
@@ -146,6 +159,7 @@ def create_app(service_or_store: _Target, token: str) -> Starlette:
         Route("/v1/callbacks/{callback_id}/heartbeat", _signal_endpoint("pending", heartbeat),
               methods=["POST"]),
         Route("/v1/tasks/{task_id}", get_task, methods=["GET"]),
+        Mount(DASHBOARD_PATH, app=create_dashboard(client, token)),
     ]
     return Starlette(routes=routes, middleware=[Middleware(_BearerAuth, token=token)],
                      exception_handlers=_EXCEPTION_HANDLERS)
