@@ -34,6 +34,7 @@ from .errors import (
     TaskFailedError,
 )
 from .jobcontext import current_job
+from .logs import FORMATS, LEVELS, configure_logging
 from .states import State
 from .tasks import QueueConfig, TaskService, current_task
 from .tasks.storage import STATUSES
@@ -302,6 +303,7 @@ def setup_app(service: TaskService, app: Any) -> List[str]:
 def worker(args: argparse.Namespace) -> int:
     """Serves the app's queues until SIGINT or SIGTERM, then shuts down
     gracefully (running tasks finish; claimed ones go back to pending)."""
+    configure_logging(args.log_level, args.log_format)
     app = _load_app(args.app)
     stop = threading.Event()
 
@@ -445,6 +447,13 @@ def _add_task_commands(sub: Any) -> None:
                    help="how long a claimed task stays leased without renewal: a dead "
                         "worker's tasks run again elsewhere this long after it died "
                         "(default: 30000)")
+    p.add_argument("--log-level", choices=LEVELS, default="INFO", type=str.upper,
+                   help="the least severe log records printed on stderr: INFO shows each "
+                        "completed task, WARNING and ERROR each retried and failed one with "
+                        "its traceback (default: INFO)")
+    p.add_argument("--log-format", choices=FORMATS, default="text",
+                   help="text, or json: one object per line (time, level, logger, message, "
+                        "task fields, traceback) for log shippers (default: text)")
     p.set_defaults(func=worker)
 
     p = sub.add_parser("enqueue", help="add a task to a persistent queue; prints its id",

@@ -38,6 +38,7 @@ __all__ = [
     "UnknownQueueError",
     "QueueExistsError",
     "TaskNotCancellableError",
+    "TaskNotRetryableError",
     "ServiceClosedError",
     "StorageBusyError",
     "TaskFailedError",
@@ -235,6 +236,29 @@ class TaskNotCancellableError(TaskError):
         super().__init__(f"cannot cancel task {task_id!r}: {reason}")
         self.task_id = task_id
         self.status = status
+
+
+class TaskNotRetryableError(TaskError):
+    """``retry_task`` on a task that is neither failed nor cancelled (``.status`` says what
+    it is), or whose ``dedup_key`` an unfinished task holds now (``.holder``, that task's
+    id, or "" when it could not be read)."""
+
+    def __init__(self, task_id: str, status: str, holder: "str | None" = None) -> None:
+        if holder is not None:
+            holding = f"task {holder!r}" if holder else "another task"
+            reason = (f"{holding} of its queue holds its dedup_key and is not finished "
+                      "(wait for it, or cancel it)")
+        else:
+            reason = {
+                "pending": "it is pending already",
+                "running": "it is running",
+                "suspended": "it is suspended, waiting for a callback",
+                "completed": "it completed (only failed and cancelled tasks can be retried)",
+            }.get(status, f"its status is {status!r}")
+        super().__init__(f"cannot retry task {task_id!r}: {reason}")
+        self.task_id = task_id
+        self.status = status
+        self.holder = holder
 
 
 class ServiceClosedError(TaskError, RuntimeError):

@@ -46,8 +46,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from .errors import (ServiceClosedError, StorageBusyError, TaskError, UnknownQueueError,
-                     UnknownTaskError)
+from .errors import ServiceClosedError, StorageBusyError, TaskError, UnknownTaskError
 from .tasks.client import TaskClient
 from .tasks.config import TaskInfo
 from .tasks.status import TaskStatus
@@ -177,9 +176,6 @@ def create_dashboard(client: TaskClient, token: str, *,
         try:
             tasks = await run_in_threadpool(lambda: client.list_tasks(
                 limit=PAGE_SIZE, before_id=before, **filters))
-        except UnknownQueueError:
-            return _error_page(request, 404, f"There is no queue {filters['queue']!r}.",
-                               session)
         except UnknownTaskError:
             return _error_page(request, 404, "That page no longer exists: start again "
                                              "from the first.", session)
@@ -210,8 +206,7 @@ def create_dashboard(client: TaskClient, token: str, *,
         Route("/", page(overview), methods=["GET"]),
         Route("/tasks", page(task_list), methods=["GET"]),
         Route("/tasks/{task_id}", page(task_page), methods=["GET"]),
-        Route("/tasks/{task_id}/retry",
-              action(task_action(lambda task_id: client.retry_task(task_id), "retried")),
+        Route("/tasks/{task_id}/retry", action(task_action(client.retry_task, "retried")),
               methods=["POST"]),
         Route("/tasks/{task_id}/cancel", action(task_action(client.cancel, "cancelled")),
               methods=["POST"]),
@@ -241,7 +236,7 @@ def _recent_completions(client: TaskClient, queue: str, now: int) -> Tuple[int, 
     minute = hour = read = 0
     before: Optional[str] = None
     while read < THROUGHPUT_SCAN:
-        limit = min(100, THROUGHPUT_SCAN - read)
+        limit = min(500, THROUGHPUT_SCAN - read)
         batch = client.list_tasks(queue=queue, status=TaskStatus.COMPLETED.value,
                                   limit=limit, before_id=before)
         for info in batch:

@@ -16,6 +16,7 @@ from callbackworker.durable import CallbackRecord
 from callbackworker.errors import (
     CallbackAlreadyCompletedError,
     NonDeterminismError,
+    TaskNotRetryableError,
     UnknownCallbackError,
     UnknownQueueError,
     UnknownTaskError,
@@ -342,6 +343,112 @@ class StorageContract:
         assert store.get(running.id) is not None
         assert store.sweep("q", finished_before=10**12) == 1
         assert store.get(running.id) is not None
+
+    def test_sweep_keeps_failed_tasks_until_their_own_retention(self, store: TaskStore) -> None:
+        store.ensure_queue("q")
+        _enqueue(store, "q", 2)
+        done, failed = store.claim("q", owner="me", limit=2, now=0, lease_ms=LEASE)
+        store.complete(done.id, done.token, "", 100)
+        store.fail(failed.id, failed.token, "", 100)
+        assert store.sweep("q", finished_before=101, failed_before=50) == 1
+        assert store.get(done.id) is None and store.get(failed.id) is not None
+        assert store.sweep("q", finished_before=0, failed_before=101) == 1
+        assert store.get(failed.id) is None
+
+    # ---- listing, retrying and purging tasks -----------------------------
+
+    def _finished(self, store: TaskStore) -> None:
+        """Queue "a": a0 completed, a1 failed, a2 cancelled, a3 pending;
+        queue "b": the call b0 ("fn") pending."""
+        store.ensure_queue("a")
+        _enqueue(store, "a", 4, prefix="a")
+        store.enqueue_call("b", NewCall("b0", "fn", "[[], {}]", 0, 0), 0)
+        done, failed = store.claim("a", owner="me", limit=2, now=0, lease_ms=LEASE)
+        store.complete(done.id, done.token, "", 1)
+        store.settle([Outcome(failed.id, failed.token, "fail", "E: no", 1, traceback="tb")])
+        store.cancel("a2", 1)
+
+    def test_list_tasks_is_newest_first(self, store: TaskStore) -> None:
+        self._finished(store)
+        assert [r.id for r in store.list_tasks()] == ["b0", "a3", "a2", "a1", "a0"]
+        (record,) = store.list_tasks(status="failed")
+        assert (record.id, record.queue, record.message, record.traceback) == \
+            ("a1", "a", "E: no", "tb")
+
+    def test_list_tasks_filters_by_queue_status_and_name(self, store: TaskStore) -> None:
+        self._finished(store)
+        assert [r.id for r in store.list_tasks(queue="a")] == ["a3", "a2", "a1", "a0"]
+        assert [r.id for r in store.list_tasks(queue="a", status="pending")] == ["a3"]
+        assert [r.id for r in store.list_tasks(status="pending")] == ["b0", "a3"]
+        assert [r.id for r in store.list_tasks(name="fn")] == ["b0"]
+        assert store.list_tasks(queue="a", name="fn") == []
+        assert store.list_tasks(queue="nope") == []
+
+    def test_list_tasks_pages_by_before_id(self, store: TaskStore) -> None:
+        store.ensure_queue("q")
+        _enqueue(store, "q", 5)
+        first = store.list_tasks(limit=2)
+        second = store.list_tasks(limit=2, before_id=first[-1].id)
+        third = store.list_tasks(limit=2, before_id=second[-1].id)
+        assert [[r.id for r in page] for page in (first, second, third)] == \
+            [["t4", "t3"], ["t2", "t1"], ["t0"]]
+        assert store.list_tasks(before_id="t0") == []
+
+    def test_list_tasks_before_an_unknown_id_raises(self, store: TaskStore) -> None:
+        with pytest.raises(UnknownTaskError):
+            store.list_tasks(before_id="missing")
+
+    def test_retry_task_makes_a_failed_or_cancelled_task_pending_due_now(
+            self, store: TaskStore) -> None:
+        self._finished(store)
+        assert store.retry_task("a1", 50) == "failed"
+        assert store.retry_task("a2", 50) == "cancelled"
+        for task_id in ("a1", "a2"):
+            record = store.get(task_id)
+            assert record is not None
+            assert (record.status, record.attempt, record.next_run_at, record.finished_at) == \
+                ("pending", 0, 50, None)
+        assert store.get("a1").traceback == "tb"  # type: ignore[union-attr]
+        claimed = store.claim("a", owner="me", limit=5, now=50, lease_ms=LEASE)
+        assert sorted(t.id for t in claimed) == ["a1", "a2", "a3"]
+        assert all(t.attempt == 1 for t in claimed)
+
+    def test_retry_task_changes_nothing_in_other_statuses(self, store: TaskStore) -> None:
+        self._finished(store)
+        assert store.retry_task("a0", 50) == "completed"
+        assert store.retry_task("a3", 50) == "pending"
+        assert store.get("a0").status == "completed"  # type: ignore[union-attr]
+        assert store.retry_task("missing", 50) is None
+
+    def test_retry_task_refuses_while_an_unfinished_task_holds_its_dedup_key(
+            self, store: TaskStore) -> None:
+        store.enqueue_call("q", NewCall("old", "fn", "[[], {}]", 0, 0, "k"), 0)
+        (task,) = store.claim("q", owner="me", limit=1, now=0, lease_ms=LEASE)
+        store.fail(task.id, task.token, "E", 1)
+        store.enqueue_call("q", NewCall("new", "fn", "[[], {}]", 0, 0, "k"), 2)
+        with pytest.raises(TaskNotRetryableError, match="task 'new' of its queue holds"):
+            store.retry_task("old", 3)
+        assert store.get("old").status == "failed"  # type: ignore[union-attr]
+
+    def test_purge_deletes_up_to_limit_of_one_status_oldest_first(
+            self, store: TaskStore) -> None:
+        store.ensure_queue("q")
+        _enqueue(store, "q", 5)
+        for task_id in ("t0", "t1", "t2", "t4"):
+            store.cancel(task_id, 1)
+        assert store.purge("q", "cancelled", 2) == 2
+        assert store.get("t0") is None and store.get("t1") is None
+        assert store.purge("q", "cancelled", 10) == 2
+        assert [r.id for r in store.list_tasks()] == ["t3"]
+        assert store.purge("q", "cancelled", 10) == 0
+
+    def test_purge_deletes_the_tasks_durable_state(self, store: TaskStore) -> None:
+        task = _claimed_one(store)
+        store.durable_record(task.id, 0, "step", "a", b"v")
+        store.durable_add_callback(CallbackRecord("cb", task.id, "approval", 0))
+        store.fail(task.id, task.token, "E", 1)
+        assert store.purge("q", "failed", 10) == 1
+        assert store.durable_callback("cb") is None and store.durable_ops(task.id) == []
 
     # ---- durable operation logs and callbacks ---------------------------
 

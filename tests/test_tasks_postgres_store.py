@@ -23,6 +23,7 @@ from callbackworker.errors import StorageBusyError  # noqa: E402
 from callbackworker.tasks import postgres  # noqa: E402
 from callbackworker.tasks.postgres import SCHEMA_VERSION, PostgresTaskStore  # noqa: E402
 from callbackworker.tasks.schema import expected_columns  # noqa: E402
+from callbackworker.tasks.sql import listing  # noqa: E402
 from callbackworker.tasks.status import TaskStatus  # noqa: E402
 from callbackworker.tasks.storage import NEVER, Outcome  # noqa: E402
 
@@ -438,4 +439,24 @@ def test_the_claim_reads_the_claim_index_in_order(store: PostgresTaskStore) -> N
     plan = "\n".join(row[0] for row in _sql(store.dsn, "EXPLAIN " + store.dialect.sql("claim"), {
         "owner": "me", "expires": 1, "token": "t", "queue": "q", "now": 10**12, "limit": 5}))
     assert "Index Scan using cbw_tasks_claim" in plan, plan
+    assert "Sort" not in plan, plan
+
+
+@pytest.mark.parametrize("filters", [(), ("queue",), ("status",), ("name",),
+                                     ("queue", "status"), ("queue", "status", "name")])
+def test_listing_reads_an_index_in_order(store: PostgresTaskStore,
+                                         filters: "tuple[str, ...]") -> None:
+    """``list_tasks``'s plan for every filter, over 20 000 tasks in ten
+    queues: a scan of an index (or of the key) newest first, no sort of
+    every matching task, so a page stops after ``limit`` rows."""
+    _sql(store.dsn, "INSERT INTO cbw_queues(name) SELECT 'q' || i FROM generate_series(0, 9) i")
+    _sql(store.dsn, "INSERT INTO cbw_tasks(id, queue, payload, status, next_run_at, created_at, "
+                    "name) SELECT 't' || i, 'q' || i % 10, '', "
+                    "(ARRAY['pending', 'completed', 'failed'])[1 + i % 3], i, 0, 'fn' || i % 7 "
+                    "FROM generate_series(1, 20000) AS i")
+    _sql(store.dsn, "ANALYZE cbw_tasks")
+    plan = "\n".join(row[0] for row in _sql(store.dsn, "EXPLAIN " + listing(store.dialect, filters),
+                                            {"queue": "q1", "status": "failed", "name": "fn1",
+                                             "before": 2**62, "limit": 10}))
+    assert "Index Scan Backward using cbw_tasks" in plan, plan
     assert "Sort" not in plan, plan

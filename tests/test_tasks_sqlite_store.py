@@ -15,6 +15,7 @@ import pytest
 from callbackworker.durable import CallbackRecord
 from callbackworker.errors import StorageBusyError
 from callbackworker.tasks.schema import SCHEMA_VERSION, expected_columns
+from callbackworker.tasks.sql import listing
 from callbackworker.tasks.sqlite import SQLiteTaskStore
 from callbackworker.tasks.storage import Outcome
 
@@ -294,4 +295,19 @@ def test_the_claim_reads_the_claim_index_in_order(store: SQLiteTaskStore) -> Non
             "EXPLAIN QUERY PLAN " + sql, {"owner": "me", "expires": 1, "token": "t",
                                           "queue": "q", "now": 0, "limit": 5}))
     assert "USING INDEX tasks_claim (queue=?)" in plan, plan
+    assert "TEMP B-TREE" not in plan, plan
+
+
+@pytest.mark.parametrize("filters", [(), ("queue",), ("status",), ("name",),
+                                     ("queue", "status"), ("queue", "status", "name")])
+def test_listing_reads_an_index_in_order(store: SQLiteTaskStore,
+                                         filters: "tuple[str, ...]") -> None:
+    """``list_tasks``'s plan for every filter: a search of an index (or of
+    the table's key), newest first, with no sort of every matching task, so
+    a page stops after ``limit`` rows."""
+    with sqlite3.connect(store.path) as db:
+        plan = " / ".join(row[3] for row in db.execute(
+            "EXPLAIN QUERY PLAN " + listing(store.dialect, filters),
+            {"queue": "q", "status": "failed", "name": "fn", "before": 10, "limit": 5}))
+    assert "SEARCH tasks USING" in plan, plan
     assert "TEMP B-TREE" not in plan, plan

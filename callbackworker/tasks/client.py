@@ -36,20 +36,49 @@ import uuid
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
 from ..durable import CallbackRecord, check_callback_id, check_error, check_result
-from ..errors import ServiceClosedError, TaskNotCancellableError, UnknownQueueError, UnknownTaskError
+from ..errors import (
+    ServiceClosedError,
+    TaskNotCancellableError,
+    TaskNotRetryableError,
+    UnknownQueueError,
+    UnknownTaskError,
+)
 from .config import TaskInfo, check_int, check_payload, check_queue_name, check_task_id, wall_clock_ms
+from .events import TaskEvents
 from .functions import check_dedup_key, check_priority, check_task_name, encode_arguments
 from .results import Completions, wait_for_result, wait_for_result_async
 from .sqlite import SQLiteTaskStore
-from .status import WAITING
-from .storage import NewCall, TaskStore
+from .status import RETRYABLE, TERMINAL, WAITING
+from .storage import STATUSES, NewCall, TaskRecord, TaskStore
+
+
+__all__ = ["TaskClient", "open_store", "PURGE_BATCH", "LIST_LIMIT_MAX"]
+
+PURGE_BATCH = 1000
+"""Tasks ``purge`` deletes per transaction."""
+
+LIST_LIMIT_MAX = 10_000
+"""The largest page ``list_tasks`` returns."""
 
 
 def _decoded(text: Optional[str]) -> Any:
     """A stored JSON value, decoded (None stays None)."""
     return None if text is None else json.loads(text)
 
-__all__ = ["TaskClient", "open_store"]
+
+def _info(record: TaskRecord) -> TaskInfo:
+    """The ``TaskInfo`` of a stored task."""
+    return TaskInfo(record.status, record.message, record.attempt, record.id, record.name,
+                    record.queue, _decoded(record.result), _decoded(record.progress),
+                    record.traceback, record.created_at, record.finished_at)
+
+
+def _check_status(status: object, allowed: "tuple[str, ...]", verb: str) -> str:
+    if not isinstance(status, str):
+        raise TypeError(f"status must be a str, not {type(status).__name__}")
+    if status not in allowed:
+        raise ValueError(f"{verb} takes a status among {', '.join(allowed)}, not {status!r}")
+    return status
 
 
 def open_store(dsn: "str | os.PathLike[str]", durability: str = "normal") -> TaskStore:
@@ -74,14 +103,16 @@ class TaskClient:
     else owns.  ``clock`` returns the time in milliseconds (default: wall
     clock).  ``on_commit(queue)`` is called after an enqueue (the queue's
     name) or a callback signal (None) has committed; it must not raise.
-    A ``TaskService`` has one: ``TaskService.client``.
+    A ``TaskService`` has one: ``TaskService.client``.  ``events``
+    (default: a new one) is told of every enqueue (``events.py``).
 
     Use it as a context manager or call ``close()``.  Thread-safe.
     """
 
     def __init__(self, store: TaskStore, *, clock: Optional[Callable[[], int]] = None,
                  on_commit: Optional[Callable[[Optional[str]], None]] = None,
-                 completions: Optional[Completions] = None) -> None:
+                 completions: Optional[Completions] = None,
+                 events: Optional[TaskEvents] = None) -> None:
         if not isinstance(store, TaskStore):
             raise TypeError(f"store must be a TaskStore, not {type(store).__name__}")
         if clock is not None and not callable(clock):
@@ -92,6 +123,7 @@ class TaskClient:
         self._clock: Callable[[], int] = clock or wall_clock_ms
         self._on_commit = on_commit
         self._completions = completions
+        self._events = TaskEvents() if events is None else events
         self._owns_store = False
         self._close_lock = threading.Lock()
         self._closed = False
@@ -117,6 +149,12 @@ class TaskClient:
 
     def _now(self) -> int:
         return int(self._clock())
+
+    @property
+    def events(self) -> TaskEvents:
+        """What this client (and the service it belongs to) does to tasks,
+        for observers such as ``callbackworker.metrics``."""
+        return self._events
 
     def close(self) -> None:
         """Stops answering (every verb then raises ``ServiceClosedError``)
@@ -161,6 +199,7 @@ class TaskClient:
         self._check_open()
         if tasks:
             self._store.enqueue_many(name, tasks, self._now())
+            self._events.enqueued(name, None, len(tasks))
             if self._on_commit is not None:
                 self._on_commit(name)
         return [task_id for task_id, _ in tasks]
@@ -173,9 +212,71 @@ class TaskClient:
         record = self._store.get(task_id)
         if record is None:
             raise UnknownTaskError(task_id)
-        return TaskInfo(record.status, record.message, record.attempt, record.id, record.name,
-                        record.queue, _decoded(record.result), _decoded(record.progress),
-                        record.traceback, record.created_at, record.finished_at)
+        return _info(record)
+
+    def list_tasks(self, *, queue: Optional[str] = None, status: Optional[str] = None,
+                   name: Optional[str] = None, limit: int = 100,
+                   before_id: Optional[str] = None) -> List[TaskInfo]:
+        """Up to ``limit`` (1..10_000) tasks, newest first, of the ``queue``,
+        ``status`` and task function ``name`` given (None: any).  Pages go
+        by id: pass the last id of a page as ``before_id`` to get the next
+        one (an empty list after the last).  ``UnknownTaskError`` if
+        ``before_id`` is no longer in the database (swept or purged)."""
+        if queue is not None:
+            queue = check_queue_name(queue)
+        if status is not None:
+            status = _check_status(status, STATUSES, "list_tasks")
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a str, not {type(name).__name__}")
+        check_int(limit, "limit", 1, LIST_LIMIT_MAX)
+        if before_id is not None:
+            before_id = check_task_id(before_id)
+        self._check_open()
+        return [_info(r) for r in self._store.list_tasks(queue=queue, status=status, name=name,
+                                                         limit=limit, before_id=before_id)]
+
+    def retry_task(self, task_id: str) -> None:
+        """Makes a failed or cancelled task pending again, due now, with a
+        fresh count of attempts (its last message and traceback stay until
+        its next attempt ends).  ``TaskNotRetryableError`` (with
+        ``.status``) for a task in any other status, or whose ``dedup_key``
+        an unfinished task now holds; ``UnknownTaskError`` if there is no
+        such task."""
+        task_id = check_task_id(task_id)
+        self._check_open()
+        status = self._store.retry_task(task_id, self._now())
+        if status is None:
+            raise UnknownTaskError(task_id)
+        if status not in RETRYABLE:
+            raise TaskNotRetryableError(task_id, status)
+        if self._on_commit is not None:
+            record = self._store.get(task_id)
+            if record is not None:
+                self._on_commit(record.queue)
+
+    def purge(self, queue: str, *, status: str,
+              on_batch: Optional[Callable[[int], None]] = None) -> int:
+        """Deletes the queue's tasks in ``status`` (``"completed"``,
+        ``"failed"`` or ``"cancelled"``), with their durable state, and
+        returns how many.  Deletes ``PURGE_BATCH`` tasks per transaction,
+        oldest first, so a large purge never holds the database long;
+        ``on_batch(deleted_so_far)`` is called after each.
+        ``UnknownQueueError`` if the queue does not exist."""
+        name = check_queue_name(queue)
+        status = _check_status(status, tuple(s.value for s in TERMINAL), "purge")
+        if on_batch is not None and not callable(on_batch):
+            raise TypeError(f"on_batch must be callable, not {type(on_batch).__name__}")
+        self._check_open()
+        if name not in self._store.queues():
+            raise UnknownQueueError(name)
+        total = 0
+        while True:
+            deleted = self._store.purge(name, status, PURGE_BATCH)
+            total += deleted
+            if deleted and on_batch is not None:
+                on_batch(total)
+            if deleted < PURGE_BATCH:
+                return total
 
     def enqueue_task(self, name: str, args: Sequence[Any] = (),
                      kwargs: Optional[Mapping[str, Any]] = None, *, queue: str = "default",
@@ -202,9 +303,12 @@ class TaskClient:
         self._check_open()
         now = self._now()
         run_at = now + delay_ms if run_at_ms is None else run_at_ms
-        task_id = self._store.enqueue_call(queue, NewCall(uuid.uuid4().hex, name, text,
+        call_id = uuid.uuid4().hex
+        task_id = self._store.enqueue_call(queue, NewCall(call_id, name, text,
                                                           check_priority(priority), run_at,
                                                           check_dedup_key(dedup_key)), now)
+        if task_id == call_id:  # not an earlier task holding the dedup key
+            self._events.enqueued(queue, name, 1)
         if self._on_commit is not None:
             self._on_commit(queue)
         return task_id

@@ -75,12 +75,15 @@ class QueueConfig:
     * ``delay_ms`` (0..604_800_000, default 0): minimum gap between
       consecutive starts in the queue, across every process on the database.
     * ``retention_ms`` (60_000..604_800_000, default one hour): how long
-      completed, failed and cancelled tasks are kept.
+      completed and cancelled tasks are kept.
     * ``timeout_ms`` (-1 or 0..2_147_483_647, default -1: none): the
       run-time limit of one attempt.  An attempt past it is interrupted, as
       ``Worker`` timeouts interrupt a callback, and counts as a failed
       attempt (retried under the policy).  A task's own ``timeout_ms``
       (``TaskService.task``) overrides it.
+    * ``failed_retention_ms`` (60_000..604_800_000, default one week): how
+      long failed tasks are kept, so their tracebacks can be read and the
+      tasks retried (``retry_task``) well after they failed.
     """
 
     concurrency: int = 1
@@ -89,6 +92,7 @@ class QueueConfig:
     delay_ms: int = 0
     retention_ms: int = 3_600_000
     timeout_ms: int = -1
+    failed_retention_ms: int = 604_800_000
 
     def __post_init__(self) -> None:
         check_int(self.concurrency, "concurrency", 1, CONCURRENCY_MAX)
@@ -97,6 +101,8 @@ class QueueConfig:
         check_int(self.delay_ms, "delay_ms", 0, INTERVAL_MAX_MS)
         check_int(self.retention_ms, "retention_ms", RETENTION_MIN_MS, RETENTION_MAX_MS)
         check_int(self.timeout_ms, "timeout_ms", -1, TIMEOUT_MAX_MS)
+        check_int(self.failed_retention_ms, "failed_retention_ms", RETENTION_MIN_MS,
+                  RETENTION_MAX_MS)
 
 
 class TaskInfo(NamedTuple):

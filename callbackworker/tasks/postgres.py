@@ -119,6 +119,8 @@ def _notifying(update: str) -> str:
 _STATEMENTS = {
     # A signal that wakes a suspended task notifies its queue.
     "wake": _notifying(STATEMENTS["wake"]),
+    # So does a task retried by hand.
+    "retry_task": _notifying(STATEMENTS["retry_task"]),
     # A recovery that puts tasks back to pending notifies their queue.
     "recover": f"""
         WITH lost AS ({STATEMENTS["recover"]} RETURNING status)
@@ -287,6 +289,12 @@ _MIGRATIONS: List[List[str]] = [
         "WHERE status IN ('pending', 'suspended')",
         "CREATE UNIQUE INDEX cbw_tasks_dedup ON cbw_tasks(queue, dedup_key) "
         "WHERE dedup_key IS NOT NULL AND status IN ('pending', 'running', 'suspended')",
+    ],
+    # 4: listing tasks newest first by queue, status or task name.
+    [
+        "CREATE INDEX cbw_tasks_by_queue ON cbw_tasks(queue, seq)",
+        "CREATE INDEX cbw_tasks_by_status ON cbw_tasks(status, seq)",
+        "CREATE INDEX cbw_tasks_by_name ON cbw_tasks(name, seq) WHERE name IS NOT NULL",
     ],
 ]
 

@@ -90,6 +90,7 @@ from ..worker import Worker
 from .committer import GroupCommitter
 from .config import Handler, QueueConfig, TaskContext, retry_delay_ms
 from .durablestore import TaskDurableStore
+from .events import TaskEvents
 from .functions import FunctionRegistry
 from .owners import new_owner, owner_is_dead
 from .progress import ProgressReporter, reporting
@@ -162,7 +163,8 @@ class _Queue:
 class _Attempt:
     """The work item of one claimed task's job (``Worker.run_detached``)."""
 
-    __slots__ = ("runtime", "queue", "task", "epoch", "timeout_ms", "started", "settled")
+    __slots__ = ("runtime", "queue", "task", "epoch", "timeout_ms", "started", "settled",
+                 "begun")
 
     def __init__(self, runtime: "TaskRuntime", queue: _Queue, task: ClaimedTask,
                  epoch: int) -> None:
@@ -173,6 +175,7 @@ class _Attempt:
         self.timeout_ms = queue.config.timeout_ms  # the attempt's limit, -1: none
         self.started = 0.0  # monotonic, when its run began
         self.settled = False  # its outcome is with the committer and it is counted out
+        self.begun = 0.0  # monotonic, when its run began (for the events)
 
     def run(self) -> None:
         self.runtime._run(self)
@@ -187,8 +190,10 @@ class TaskRuntime:
     def __init__(self, store: TaskStore, clock: Callable[[], int], *, lease_ms: int,
                  poll_ms: int, prefetch: int, background: bool,
                  calls: Optional[FunctionRegistry] = None,
-                 completions: Optional[Completions] = None) -> None:
+                 completions: Optional[Completions] = None,
+                 events: Optional[TaskEvents] = None) -> None:
         self._store = store
+        self._events = TaskEvents() if events is None else events
         self._calls = calls
         self._completions = completions
         self._clock = clock
@@ -236,7 +241,7 @@ class TaskRuntime:
             recovered = self._store.recover(name, now=self._now(),
                                             max_attempts=config.max_retries + 1, owners=dead)
             if recovered:
-                log.info("queue %r: recovered %d running tasks of dead workers", name, recovered)
+                self._events.recovered(name, recovered, "lease expired or process gone")
             queue = _Queue(name, _route_for(name), config, handler)
             self._start_machinery().open_route(queue.route, concurrency=config.concurrency,
                                                timeout_ms=config.timeout_ms)
@@ -366,10 +371,13 @@ class TaskRuntime:
         with self._cond:
             queues = list(self._queues.values())
         for q in queues:
-            if self._store.recover(q.name, now=now, max_attempts=q.config.max_retries + 1):
-                log.info("queue %r: recovered tasks whose lease expired", q.name)
+            recovered = self._store.recover(q.name, now=now,
+                                            max_attempts=q.config.max_retries + 1)
+            if recovered:
+                self._events.recovered(q.name, recovered, "lease expired")
             if sweep:
-                self._store.sweep(q.name, now - q.config.retention_ms)
+                self._store.sweep(q.name, now - q.config.retention_ms,
+                                  now - q.config.failed_retention_ms)
 
     def _claim_and_start(self) -> Tuple[int, float]:
         """Claims due tasks up to each queue's free slots and starts them.
@@ -425,9 +433,12 @@ class TaskRuntime:
         with self._cond:
             self._unstarted.discard(attempt)
             closing = self._closed
+            attempt.begun = time.monotonic()
             if attempt.timeout_ms >= 0:
-                attempt.started = time.monotonic()
+                attempt.started = attempt.begun
                 self._started.add(attempt)
+        if not closing:
+            self._events.started(task.id, queue.name, task.name, task.attempt)
         outcome: Optional[Outcome] = None
         try:
             if closing:  # close() has begun: no handler starts any more
@@ -460,6 +471,10 @@ class TaskRuntime:
             self._started.discard(attempt)
             self._finished_locked(attempt)
             self._kick_locked()
+        task = attempt.task
+        self._events.finished(task.id, attempt.queue.name, task.name, task.attempt, outcome.kind,
+                              time.monotonic() - attempt.begun, outcome.message,
+                              outcome.traceback)
 
     def _abandon_overdue(self) -> None:
         """Settles, as failed attempts, runs still going ``ABANDON_GRACE_S``

@@ -16,7 +16,7 @@ from typing import Dict, NamedTuple, Tuple
 
 __all__ = ["SCHEMA_VERSION", "Column", "TABLES", "TYPES", "INDEXES", "expected_columns"]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """The schema version this callbackworker creates and understands."""
 
 
@@ -108,6 +108,10 @@ INDEXES: Dict[str, Dict[str, str]] = {
                        "WHERE status IN ('pending', 'suspended')",
         "tasks_dedup": "UNIQUE tasks(queue, dedup_key) WHERE dedup_key IS NOT NULL "
                        "AND status IN ('pending', 'running', 'suspended')",
+        # Listing newest first by queue, status or task name (version 4).
+        "tasks_by_queue": "tasks(queue, seq)",
+        "tasks_by_status": "tasks(status, seq)",
+        "tasks_by_name": "tasks(name, seq) WHERE name IS NOT NULL",
     },
     "postgresql": {
         "cbw_tasks_due": "cbw_tasks(queue, next_run_at, seq) "
@@ -120,6 +124,9 @@ INDEXES: Dict[str, Dict[str, str]] = {
                            "WHERE status IN ('pending', 'suspended')",
         "cbw_tasks_dedup": "UNIQUE cbw_tasks(queue, dedup_key) WHERE dedup_key IS NOT NULL "
                            "AND status IN ('pending', 'running', 'suspended')",
+        "cbw_tasks_by_queue": "cbw_tasks(queue, seq)",
+        "cbw_tasks_by_status": "cbw_tasks(status, seq)",
+        "cbw_tasks_by_name": "cbw_tasks(name, seq) WHERE name IS NOT NULL",
     },
 }
 """The secondary indexes each backend creates (keys and unique constraints

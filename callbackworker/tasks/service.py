@@ -50,6 +50,7 @@ from .config import (
     retry_delay_ms,
     wall_clock_ms,
 )
+from .events import TaskEvents
 from .functions import FunctionRegistry, Task
 from .results import Completions
 from .runtime import TaskRuntime, current_task
@@ -109,12 +110,14 @@ class TaskService:
         self._store = open_store(dsn, durability)
         clock = clock or wall_clock_ms
         completions = Completions()
+        self._events = TaskEvents()
         self._functions = FunctionRegistry(lambda *a, **k: self._client.enqueue_task(*a, **k))
         self._runtime = TaskRuntime(self._store, clock, lease_ms=lease_ms, poll_ms=poll_ms,
                                     prefetch=prefetch, background=background,
-                                    calls=self._functions, completions=completions)
+                                    calls=self._functions, completions=completions,
+                                    events=self._events)
         self._client = TaskClient(self._store, clock=clock, on_commit=self._runtime.wake,
-                                  completions=completions)
+                                  completions=completions, events=self._events)
         self._close_lock = threading.Lock()
         self._closed = False
         live_services.add(self)
@@ -157,6 +160,13 @@ class TaskService:
         service's store.  What it enqueues or signals wakes this service's
         dispatcher; it is closed with the service."""
         return self._client
+
+    @property
+    def events(self) -> TaskEvents:
+        """What this service does to tasks (enqueues, attempts, lease
+        recovery), logged on ``callbackworker.tasks.events`` and told to
+        subscribed observers such as ``callbackworker.metrics``."""
+        return self._events
 
     def create_queue(self, name: str, config: Optional[QueueConfig] = None,
                      handler: Optional[Handler] = None) -> None:
@@ -229,6 +239,26 @@ class TaskService:
     def cancel(self, task_id: str) -> None:
         """As ``TaskClient.cancel``: cancels a pending or suspended task."""
         self._client.cancel(task_id)
+
+    def list_tasks(self, *, queue: Optional[str] = None, status: Optional[str] = None,
+                   name: Optional[str] = None, limit: int = 100,
+                   before_id: Optional[str] = None) -> List[TaskInfo]:
+        """As ``TaskClient.list_tasks``: tasks newest first, filtered,
+        paginated by ``before_id``."""
+        return self._client.list_tasks(queue=queue, status=status, name=name, limit=limit,
+                                       before_id=before_id)
+
+    def retry_task(self, task_id: str) -> None:
+        """As ``TaskClient.retry_task``: a failed or cancelled task is
+        pending again, due now; this service runs it at once if it serves
+        its queue."""
+        self._client.retry_task(task_id)
+
+    def purge(self, queue: str, *, status: str,
+              on_batch: Optional[Callable[[int], None]] = None) -> int:
+        """As ``TaskClient.purge``: deletes the queue's finished tasks of
+        ``status`` and returns how many."""
+        return self._client.purge(queue, status=status, on_batch=on_batch)
 
     def send_callback_success(self, callback_id: str, result: bytes) -> None:
         """As ``TaskClient.send_callback_success``: the suspended task waiting

@@ -37,7 +37,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Type, Ty
 
 from ..durable import CallbackRecord
 from ..errors import NonDeterminismError, StorageBusyError, UnknownCallbackError, UnknownTaskError
-from .status import TERMINAL, UNFINISHED, WAITING, TaskStatus, literal, literals
+from ..errors import TaskNotRetryableError
+from .status import RETRYABLE, TERMINAL, UNFINISHED, WAITING, TaskStatus, literal, literals
 from .storage import (
     CALLBACK_COLUMNS,
     NEVER,
@@ -51,7 +52,7 @@ from .storage import (
     check_signal_state,
 )
 
-__all__ = ["Dialect", "SQLTaskStore", "TransientError", "STATEMENTS"]
+__all__ = ["Dialect", "SQLTaskStore", "TransientError", "STATEMENTS", "LIST_FILTERS", "listing"]
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +128,29 @@ STATEMENTS: Dict[str, str] = {
                            WHERE queue = :queue AND status IN {WAITING}
                                  AND next_run_at < :never),
                           (SELECT next_start_at FROM {queues} WHERE name = :queue)""",
-    "sweep": "DELETE FROM {tasks} WHERE queue = :queue AND finished_at < :before "
-             "AND status IN {TERMINAL}",
+    # Failed tasks by their own retention; the first test keeps the scan
+    # on the finished-tasks index.
+    "sweep": """DELETE FROM {tasks} WHERE queue = :queue AND finished_at < :latest
+                   AND status IN {TERMINAL}
+                   AND finished_at < CASE status WHEN {FAILED} THEN :failed_before{as_bigint}
+                                                 ELSE :before{as_bigint} END""",
+    # Listing, newest first: the filters the call gives are appended
+    # (``LIST_FILTERS``), then ``list_order``; each filter has an index
+    # ending in seq (migration 4), so a page reads no more rows than it
+    # shows when the filters are selective, and stops early when not.
+    "list_tasks": f"SELECT {_TASK_FIELDS} FROM {{tasks}} WHERE seq < :before",
+    "list_order": " ORDER BY seq DESC LIMIT :limit",
+    "task_seq": "SELECT seq FROM {tasks} WHERE id = :id",
+    "retry_check": "SELECT status, queue, dedup_key FROM {tasks} WHERE id = :id{lock_update}",
+    # A failed or cancelled task runs again from a fresh attempt count; its
+    # last message and traceback stay until its next attempt ends.
+    "retry_task": """UPDATE {tasks} SET status = {PENDING}, next_run_at = :now, attempt = 0,
+                            finished_at = NULL, result = NULL, progress = NULL, awaiting = NULL
+                     WHERE id = :id AND status IN {RETRYABLE}""",
+    # One batch of a purge, oldest first.
+    "purge": """DELETE FROM {tasks} WHERE seq IN (
+                    SELECT seq FROM {tasks} WHERE queue = :queue AND status = :status
+                    ORDER BY seq LIMIT :limit)""",
     "durable_ops": "SELECT kind, name, value FROM {ops} WHERE task_id = :task_id ORDER BY seq",
     # Durable rows are refused for a task that does not exist: the insert
     # adds nothing (and a foreign key, where there is one, catches a task
@@ -166,6 +188,17 @@ STATEMENTS: Dict[str, str] = {
 """Every statement the stores share, by name, in the dialect-neutral form
 ``Dialect.sql`` renders."""
 
+LIST_FILTERS: Dict[str, str] = {column: f" AND {column} = :{column}"
+                                for column in ("queue", "status", "name")}
+"""The filters of ``list_tasks``, appended to its statement when given."""
+
+
+def listing(dialect: "Dialect", filters: Tuple[str, ...]) -> str:
+    """The ``list_tasks`` statement with the ``filters`` (keys of
+    ``LIST_FILTERS``) given, rendered in ``dialect``."""
+    return dialect.render(STATEMENTS["list_tasks"] + "".join(LIST_FILTERS[f] for f in filters)
+                          + STATEMENTS["list_order"])
+
 _PLACEHOLDER = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
 
 
@@ -193,7 +226,7 @@ class Dialect:
             "as_int": as_int, "as_bigint": as_bigint, "as_bytes": as_bytes,
             "dead_owners": dead_owners, "NEVER": str(NEVER),
             "TERMINAL": literals(TERMINAL), "WAITING": literals(WAITING),
-            "UNFINISHED": literals(UNFINISHED),
+            "UNFINISHED": literals(UNFINISHED), "RETRYABLE": literals(RETRYABLE),
         }
         self._fields.update({s.name: literal(s) for s in TaskStatus})
         self._sql = {name: self.render(text) for name, text in {**STATEMENTS,
@@ -390,8 +423,57 @@ class SQLTaskStore(TaskStore):
             return None
         return int(max(due, next_start or 0))
 
-    def sweep(self, queue: str, finished_before: int) -> int:
-        return self._rowcount("sweep", {"queue": queue, "before": finished_before})
+    def sweep(self, queue: str, finished_before: int,
+              failed_before: Optional[int] = None) -> int:
+        failed = finished_before if failed_before is None else failed_before
+        return self._rowcount("sweep", {"queue": queue, "before": finished_before,
+                                        "failed_before": failed,
+                                        "latest": max(finished_before, failed)})
+
+    def list_tasks(self, *, queue: Optional[str] = None, status: Optional[str] = None,
+                   name: Optional[str] = None, limit: int = 100,
+                   before_id: Optional[str] = None) -> List[TaskRecord]:
+        """See ``TaskStore.list_tasks``."""
+        before = NEVER
+        if before_id is not None:
+            rows = self._rows("task_seq", {"id": before_id})
+            if not rows:
+                raise UnknownTaskError(before_id)
+            before = int(rows[0][0])
+        params: Dict[str, Any] = {"queue": queue, "status": status, "name": name}
+        given = tuple(column for column in LIST_FILTERS if params[column] is not None)
+        params.update(before=before, limit=limit)
+        return [TaskRecord(*row) for row in self._query(listing(self.dialect, given), params)]
+
+    def retry_task(self, task_id: str, now: int) -> Optional[str]:
+        """See ``TaskStore.retry_task``.  One transaction reads the task
+        (locking its row where rows lock), checks that no unfinished task
+        holds its dedup key, and makes it pending."""
+        sql = self.dialect.sql
+        params = {"id": task_id, "now": now}
+
+        def body(conn: Conn) -> Optional[str]:
+            row = conn.execute(sql("retry_check"), params).fetchone()
+            if row is None:
+                return None
+            status, queue, dedup_key = row
+            if status not in RETRYABLE:
+                return str(status)
+            if dedup_key is not None:
+                held = conn.execute(sql("dedup_holder"),
+                                    {"queue": queue, "dedup_key": dedup_key}).fetchone()
+                if held is not None:
+                    raise TaskNotRetryableError(task_id, str(status), str(held[0]))
+            conn.execute(sql("retry_task"), params)
+            return str(status)
+
+        try:
+            return self._atomic(body)
+        except self.unique_violation:  # the key was taken meanwhile
+            raise TaskNotRetryableError(task_id, "failed", holder="") from None
+
+    def purge(self, queue: str, status: str, limit: int) -> int:
+        return self._rowcount("purge", {"queue": queue, "status": status, "limit": limit})
 
     # ---- durable operation logs and callbacks ------------------------------
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 from enum import Enum
 from typing import Tuple
 
-__all__ = ["TaskStatus", "TERMINAL", "WAITING", "UNFINISHED", "literal", "literals"]
+__all__ = ["TaskStatus", "TERMINAL", "WAITING", "UNFINISHED", "RETRYABLE", "literal",
+           "literals"]
 
 
 class TaskStatus(str, Enum):
@@ -44,6 +45,10 @@ UNFINISHED: Tuple[TaskStatus, ...] = (TaskStatus.PENDING, TaskStatus.RUNNING,
                                       TaskStatus.SUSPENDED)
 """Statuses of a task not finished yet: one holding a ``dedup_key`` keeps
 another with the same key in its queue from being stored."""
+
+
+RETRYABLE: Tuple[TaskStatus, ...] = (TaskStatus.FAILED, TaskStatus.CANCELLED)
+"""Statuses ``retry_task`` makes a task pending again from."""
 
 
 def literal(status: TaskStatus) -> str:

@@ -312,9 +312,38 @@ class TaskStore(ABC):
         allowed start), or None when there is no such task."""
 
     @abstractmethod
-    def sweep(self, queue: str, finished_before: int) -> int:
-        """Deletes the queue's completed, failed and cancelled tasks that
-        finished before ``finished_before``; returns how many."""
+    def sweep(self, queue: str, finished_before: int,
+              failed_before: Optional[int] = None) -> int:
+        """Deletes the queue's completed and cancelled tasks that finished
+        before ``finished_before`` and its failed tasks that finished
+        before ``failed_before`` (None: ``finished_before`` too); returns
+        how many."""
+
+    @abstractmethod
+    def list_tasks(self, *, queue: Optional[str] = None, status: Optional[str] = None,
+                   name: Optional[str] = None, limit: int = 100,
+                   before_id: Optional[str] = None) -> List[TaskRecord]:
+        """Up to ``limit`` tasks, newest (last enqueued) first, of the
+        queue, status and task name given (None: any), read from an index.
+        With ``before_id``, only tasks enqueued before that one: the next
+        page after a page whose last task it is.  Raises
+        ``UnknownTaskError`` if ``before_id`` does not exist (any more)."""
+
+    @abstractmethod
+    def retry_task(self, task_id: str, now: int) -> Optional[str]:
+        """Makes a failed or cancelled task pending again, due at ``now``,
+        with its attempt count back to 0 (its message and traceback stay
+        until its next attempt ends).  Returns the status it had
+        (``"failed"`` or ``"cancelled"`` means it is now pending; any other
+        means nothing changed), or None if the task does not exist.  Raises
+        ``TaskNotRetryableError`` (nothing changes) if an unfinished task
+        of its queue holds its ``dedup_key``."""
+
+    @abstractmethod
+    def purge(self, queue: str, status: str, limit: int) -> int:
+        """Deletes up to ``limit`` of the queue's tasks in ``status`` (a
+        terminal one), oldest first, in one transaction; returns how many.
+        Their durable logs and callbacks go with them."""
 
     # ---- wake-ups -----------------------------------------------------
 
