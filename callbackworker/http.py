@@ -83,7 +83,7 @@ class _BearerAuth:
         self._expected = b"Bearer " + token.encode("utf-8")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not _is_dashboard(scope["path"]):
+        if scope["type"] == "http" and not _is_dashboard(scope):
             given = next((value for name, value in scope["headers"]
                           if name == b"authorization"), b"")
             if not hmac.compare_digest(given, self._expected):
@@ -94,7 +94,12 @@ class _BearerAuth:
         await self.app(scope, receive, send)
 
 
-def _is_dashboard(path: str) -> bool:
+def _is_dashboard(scope: Scope) -> bool:
+    """Whether the request is for the dashboard, wherever the app itself is
+    mounted (``root_path``)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root + "/"):
+        path = path[len(root):]
     return path == DASHBOARD_PATH or path.startswith(DASHBOARD_PATH + "/")
 
 

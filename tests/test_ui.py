@@ -448,3 +448,22 @@ def test_create_app_serves_the_dashboard_under_ui_with_the_same_token(tmp_path: 
             assert http.get("/ui/").status_code == 200
             # The session cookie is not a bearer token for the API.
             assert http.get("/v1/tasks/x").status_code == 401
+
+
+def test_the_dashboard_works_with_create_app_mounted_inside_another_app(tmp_path: Path) -> None:
+    with TaskService(tmp_path / "t.db", background=False) as service:
+        task_id = failing_task(service)
+        outer = Starlette(routes=[Mount("/jobs", app=create_app(service, TOKEN))])
+        with TestClient(outer, follow_redirects=False) as http:
+            assert http.get("/jobs/ui/").headers["location"] == "/jobs/ui/login"
+            r = http.post("/jobs/ui/login", data={"token": TOKEN}, headers=ORIGIN)
+            assert r.status_code == 303 and "path=/jobs/ui/" in r.headers["set-cookie"].lower()
+            page = http.get("/jobs/ui/").text
+            assert f'href="/jobs/ui/tasks/{task_id}"' in page
+            assert 'href="/jobs/ui/static/dashboard.css"' in page
+            r = http.post(f"/jobs/ui/tasks/{task_id}/retry",
+                          data={"csrf": csrf_of(http, "/jobs/ui/")}, headers=ORIGIN)
+            assert r.headers["location"] == f"/jobs/ui/tasks/{task_id}?done=retried"
+            assert http.get(f"/jobs/v1/tasks/{task_id}").status_code == 401
+            assert http.get(f"/jobs/v1/tasks/{task_id}",
+                            headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
