@@ -179,6 +179,9 @@ def create_dashboard(client: TaskClient, token: str, *,
         except UnknownTaskError:
             return _error_page(request, 404, "That page no longer exists: start again "
                                              "from the first.", session)
+        except (TypeError, ValueError) as exc:
+            return _error_page(request, 400, f"Those filters cannot match a task: {exc}",
+                               session)
         return _render(request, "tasks.html", {
             "session": session, "tasks": tasks, "filters": filters,
             "next_page": _tasks_url(request, before=tasks[-1].id, **filters)

@@ -335,6 +335,12 @@ def test_an_unknown_status_filter_is_400(dash: Dashboard) -> None:
     assert r.status_code == 400 and "&lt;lost&gt;" in r.text
 
 
+def test_a_filter_no_queue_name_can_hold_is_400(dash: Dashboard) -> None:
+    login(dash.http)
+    r = dash.http.get("/ui/tasks?queue=a%00b")
+    assert r.status_code == 400 and "Those filters cannot match a task" in r.text
+
+
 def test_the_task_page_shows_status_attempts_progress_and_result(dash: Dashboard) -> None:
     @dash.service.task(name="jobs.report", queue="work")
     def report(n: int) -> dict:

@@ -40,7 +40,7 @@ pytestmark = pytest.mark.skipif(
     reason="the browser tests need Chromium and chromedriver (Debian: apt-get install "
            "chromium chromium-driver); .ci/run installs them")
 
-TOKEN = "browser-test-token"
+TOKEN = "browser-test-token-of-at-least-32-characters"
 
 
 class Site(NamedTuple):
