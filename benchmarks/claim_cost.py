@@ -1,5 +1,6 @@
 """What one claim costs with a small and a huge backlog:
-``python benchmarks/claim_cost.py [--sizes 10000,1000000] [--claims 500] [--backends sqlite,postgresql]``.
+``python benchmarks/claim_cost.py [--sizes 10000,1000000] [--claims 500]
+[--backends sqlite,postgresql]``.
 
 For each backend and each size, a fresh database gets one queue with that
 many due pending tasks (priorities 0..4, inserted in one statement), then

@@ -55,7 +55,7 @@ def _close_all_at_exit() -> None:
             _native.log.exception("callbackworker: error closing %r at exit", service)
     for worker in list(live_workers):
         try:
-            worker._close(lib.CBW_CLOSE_INTERRUPT, EXIT_GRACE_MS)
+            worker._close(lib.CBW_CLOSE_INTERRUPT, EXIT_GRACE_MS, interruptible=False)
         except Exception:  # exit must go on whatever one worker does
             _native.log.exception("callbackworker: error closing a worker at exit")
 

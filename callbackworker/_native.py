@@ -180,16 +180,19 @@ class CallbackTable:
             return self.fail(_cast_run(run_addr), exc)
         return self.record_return(_cast_run(run_addr), out)
 
-    def escaped(self, run_addr: int, status: int) -> int:
+    def escaped(self, run_addr: int, status: int, exc: Optional[BaseException]) -> int:
         """Something still refers to the job's memory after the callback
-        (an export, or a slice of the view): that memory is kept for good,
-        and a successful job fails, since its response could still change
-        under the caller."""
-        run = _cast_run(run_addr)
-        lib.cbw_run_keep_alive(run)
-        if status == STATUS_OK:
-            status = self._record_failure(run, BufferError(
-                "the callback kept a view of its request after returning; "
+        (a slice of the view, an export of it).  The bridge has already
+        kept that memory alive for good (``cbw_run_keep_alive``), before
+        calling this.  A successful job fails, since its response could
+        still change under the caller; so does a job that was suspending
+        (``exc`` is the ``SuspendJob`` it raised), since its request cannot
+        be replaced under the view.  Returns the status."""
+        suspending = isinstance(exc, SuspendJob)
+        if status == STATUS_OK or suspending:
+            why = ", so the job could not suspend" if suspending else ""
+            status = self._record_failure(_cast_run(run_addr), BufferError(
+                f"the callback kept a view of its request after returning{why}; "
                 "copy it (bytes(request)) to keep the data"))
         return status
 
@@ -204,6 +207,12 @@ class CallbackTable:
             return self._record_failure(run, TypeError(
                 f"callback returned {type(out).__name__}; expected None, an int "
                 "or a bytes-like object"))
+        except (BufferError, ValueError) as exc:  # not contiguous, or released
+            failure = TypeError(
+                f"callback returned a {type(out).__name__} that cannot be the response "
+                f"({exc}); return bytes(...) of it instead")
+            failure.__cause__ = exc
+            return self._record_failure(run, failure)
         if lib.cbw_run_set_result(run, data, len(data)) != lib.CBW_OK:
             return self._record_failure(run, MemoryError("no memory for the callback's result"))
         return STATUS_OK

@@ -8,20 +8,31 @@ Subcommands:
   task     show a task's status, message and attempt
   queues   a table of task counts per queue and status
   serve    the HTTP endpoint outside systems signal durable callbacks through
+
+The task commands report an ordinary failure as one line on stderr,
+``callbackworker COMMAND: what went wrong`` (a database password shown as
+``***``), and exit with 1 (``EXIT_FAILURE``: it failed at run time), 2
+(``EXIT_USAGE``: wrong arguments) or, for ``worker`` only, 3
+(``EXIT_ABANDONED``: it exited with handlers still running); Ctrl-C ends
+them with 130 (``EXIT_INTERRUPTED``).  They never write a control
+character read from the database to the terminal (``printable``).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import ipaddress
 import json
 import os
 import signal
+import socket
+import sqlite3
 import sys
 import tempfile
 import threading
 import time
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence, TypeVar
 
 from . import Worker
 from .asyncmeta import JobMetaKey, Profile, RouteMetaKey, supports_blob_job
@@ -36,8 +47,12 @@ from .errors import (
 from .jobcontext import current_job
 from .logs import FORMATS, LEVELS, configure_logging
 from .states import State
+from .shutdown import WatchedService, WorkerShutdown
 from .tasks import QueueConfig, TaskService, current_task
+from .tasks.dsn import is_postgres_dsn, redact_dsn
 from .tasks.storage import STATUSES
+
+S = TypeVar("S", bound=TaskService)
 
 
 def _say(title: str) -> None:
@@ -261,14 +276,129 @@ def bench(args: argparse.Namespace) -> int:
 
 # ---- persistent task queues -------------------------------------------
 
+EXIT_FAILURE = 1
+"""Exit status of a command that failed at run time: the database cannot be
+opened or used, the port is taken, the task or queue is unknown."""
+
+EXIT_USAGE = 2
+"""Exit status of a command given wrong arguments (argparse's own status
+too): an ``--app`` that cannot be imported, a port out of range, a bearer
+token missing or too short."""
+
+EXIT_ABANDONED = 3
+"""Exit status of a ``worker`` that stopped with handlers still running (a
+second SIGINT/SIGTERM, or ``--shutdown-timeout`` passed): their tasks run
+again once their leases expire."""
+
+EXIT_INTERRUPTED = 130
+"""Exit status of a command interrupted by Ctrl-C (128 + SIGINT, as shells
+report it); ``worker`` and ``serve`` stop gracefully on SIGINT instead."""
+
+
+class CommandError(Exception):
+    """A failure a command reports as one line on stderr before exiting
+    with ``status``."""
+
+    def __init__(self, message: str, status: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def printable(text: str) -> str:
+    """``text`` safe to write to a terminal: every character ``repr``
+    would escape (control characters, line separators, bidirectional
+    overrides, lone surrogates) becomes a backslash escape, so text read
+    from a database cannot move the cursor, recolour or hide output."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else
+                   f"\\x{ord(c):02x}" if ord(c) < 0x100 else
+                   f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}"
+                   for c in text)
+
+
+def _one_line(text: str) -> str:
+    """``text`` (a possibly multi-line error message) as one printable line."""
+    return printable(" ".join(line.strip() for line in text.splitlines() if line.strip()))
+
+
+def _database_errors() -> "tuple[type[BaseException], ...]":
+    """The database drivers' exception classes (psycopg's only once a
+    PostgreSQL store has imported it)."""
+    psycopg = sys.modules.get("psycopg")
+    return (sqlite3.Error,) + ((psycopg.Error,) if psycopg is not None else ())
+
+
+def _open_service(args: argparse.Namespace, factory: Callable[..., S], *,
+                  must_exist: bool = False, **options: Any) -> S:
+    """``factory(--db, **options)`` (a ``TaskService``); a ``CommandError``
+    naming the database (its password hidden) when it cannot be opened.
+    With ``must_exist``, a SQLite file that does not exist is refused
+    instead of being created (for the commands that only read)."""
+    db: str = args.db
+    shown = redact_dsn(db)
+    if not is_postgres_dsn(db):
+        if os.path.isdir(db):
+            raise CommandError(f"--db {shown} is a directory, not a task database file")
+        if must_exist and not os.path.exists(db):
+            raise CommandError(f"no task database at {shown}: check --db ({args.command} "
+                               f"only reads, so it does not create one)")
+    cannot_open = (ImportError, OSError, RuntimeError) + _database_errors()
+    try:
+        return factory(db, **options)
+    except cannot_open as exc:
+        reason = str(exc)
+        if reason.startswith(f"{db}: "):
+            reason = reason[len(db) + 2:]
+        raise CommandError(f"cannot open the task database {shown}: {reason}") from exc
+
+
+def _describe(args: argparse.Namespace, exc: Exception) -> Optional["tuple[str, int]"]:
+    """The line and exit status that report ``exc``, or None for an
+    exception no command expects (a bug: it keeps its traceback)."""
+    if isinstance(exc, CommandError):
+        return str(exc), exc.status
+    db = getattr(args, "db", None)
+    if isinstance(exc, _database_errors()) and db is not None:
+        return f"task database {redact_dsn(db)}: {exc}", EXIT_FAILURE
+    if isinstance(exc, (TaskError, ValueError, TypeError)):
+        return str(exc), EXIT_FAILURE
+    return None
+
+
+def _report(args: argparse.Namespace, exc: Exception) -> int:
+    """Writes the one line on stderr that reports ``exc`` (a password in
+    the DSN never shows) and returns the exit status; re-raises an
+    exception no command expects."""
+    described = _describe(args, exc)
+    if described is None:
+        raise exc
+    message, status = described
+    db = getattr(args, "db", None)
+    if db is not None and redact_dsn(db) != db:
+        message = message.replace(db, redact_dsn(db))
+    print(f"callbackworker {args.command}: {_one_line(message)}", file=sys.stderr, flush=True)
+    return status
+
+
 def _load_app(spec: str) -> Any:
+    """The object ``--app module:attr`` names; a ``CommandError`` (usage)
+    when the module cannot be imported or lacks the attribute.  Any other
+    exception while importing is a bug in the app and keeps its traceback."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise SystemExit(f"--app must look like module:attribute, not {spec!r}")
+        raise CommandError(f"--app must look like module:attribute, not {spec!r}", EXIT_USAGE)
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    obj: Any = importlib.import_module(module_name)
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise CommandError(f"--app {spec}: cannot import {module_name}: {exc}",
+                           EXIT_USAGE) from exc
     for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise CommandError(f"--app {spec}: {module_name} has no attribute {attr}",
+                               EXIT_USAGE)
         obj = getattr(obj, part)
     return obj
 
@@ -302,66 +432,75 @@ def setup_app(service: TaskService, app: Any) -> List[str]:
 
 def worker(args: argparse.Namespace) -> int:
     """Serves the app's queues until SIGINT or SIGTERM, then shuts down
-    gracefully (running tasks finish; claimed ones go back to pending)."""
+    gracefully (running tasks finish; claimed ones go back to pending).  A
+    second signal, or ``--shutdown-timeout`` passing, exits at once with
+    ``EXIT_ABANDONED``, leaving the running tasks to lease recovery."""
+    if args.shutdown_timeout is not None and not args.shutdown_timeout >= 0:
+        raise CommandError(f"--shutdown-timeout must be a number of seconds >= 0, "
+                           f"not {args.shutdown_timeout}", EXIT_USAGE)
+    shutdown = WorkerShutdown(args.lease_ms, args.shutdown_timeout, EXIT_ABANDONED)
     configure_logging(args.log_level, args.log_format)
+    shutdown.install()  # before the app's import, which may be slow
     app = _load_app(args.app)
-    stop = threading.Event()
-
-    def request_stop(signum: int, frame: object) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    from .tasks.postgres import redact_dsn  # here: psycopg takes ~0.1 s to import
-
     if isinstance(app, TaskService):  # its own database, and its registered tasks
         if args.db is not None:
-            raise SystemExit(f"--db cannot be used with {args.app}: that TaskService was "
-                             "opened on its own database")
-        service, dsn = app, "its database"
+            raise CommandError(f"--db cannot be used with {args.app}: that TaskService was "
+                               "opened on its own database", EXIT_USAGE)
+        service: TaskService = app
+        shown = "its own database"
     else:
-        dsn = args.db or "callbackworker.db"
-        service = TaskService(dsn, durability=args.durability, lease_ms=args.lease_ms)
-        dsn = redact_dsn(dsn)
-    with service:
+        args.db = args.db or "callbackworker.db"
+        service = _open_service(args, WatchedService, durability=args.durability,
+                                lease_ms=args.lease_ms)
+        shown = redact_dsn(args.db)
+    try:
+        if isinstance(service, WatchedService):
+            shutdown.watch(service)
         if service is app:
             service.serve()
             names = service.served_queues()
         else:
             names = setup_app(service, app)
-        print(f"serving {len(names)} queue(s) on {dsn}: {', '.join(names)}", flush=True)
-        while not stop.wait(0.5):
-            pass
-        print("stopping: waiting for running tasks", file=sys.stderr, flush=True)
+    except BaseException:
+        service.close()
+        raise
+    print(f"serving {len(names)} queue(s) on {shown}: "
+          f"{', '.join(printable(n) for n in names)}", flush=True)
+    while not shutdown.requested.wait(0.5):  # timed: an untimed wait misses Ctrl-C on Windows
+        pass
+    print("stopping: waiting for running tasks (a second SIGINT or SIGTERM exits at once)",
+          file=sys.stderr, flush=True)
+    shutdown.close(service)
     print("stopped", file=sys.stderr, flush=True)
     return 0
 
 
 def enqueue(args: argparse.Namespace) -> int:
     payload = sys.stdin.buffer.read() if args.payload == "-" else os.fsencode(args.payload)
-    with TaskService(args.db) as service:
+    with _open_service(args, TaskService) as service:
         print(service.enqueue(args.queue, payload))
     return 0
 
 
 def task(args: argparse.Namespace) -> int:
-    with TaskService(args.db) as service:
+    with _open_service(args, TaskService, must_exist=True) as service:
         info = service.get(args.id)
-    print(f"status:  {info.status}\nattempt: {info.attempt}\nmessage: {info.message}")
+    print(f"status:  {info.status}\nattempt: {info.attempt}\nmessage: {printable(info.message)}")
     if info.name is not None:  # a function's call: its name and what it returned
-        print(f"name:    {info.name}")
+        print(f"name:    {printable(info.name)}")
         if info.status == "completed":
             print(f"result:  {json.dumps(info.result)}")
     if info.progress is not None:
         print(f"progress: {json.dumps(info.progress)}")
     if info.traceback is not None and info.status == "failed":
-        print(f"traceback:\n{info.traceback.rstrip()}")
+        print("traceback:\n" + "\n".join(printable(line)
+                                           for line in info.traceback.rstrip().splitlines()))
     return 0
 
 
 def queues(args: argparse.Namespace) -> int:
-    with TaskService(args.db) as service:
-        counts = service.counts()
+    with _open_service(args, TaskService, must_exist=True) as service:
+        counts = {printable(name): row for name, row in service.counts().items()}
     width = max([5, *(len(name) for name in counts)])
     print(f"{'queue':<{width}} " + " ".join(f"{s:>9}" for s in STATUSES))
     for name, row in counts.items():
@@ -371,25 +510,61 @@ def queues(args: argparse.Namespace) -> int:
 
 TOKEN_ENV = "CALLBACKWORKER_TOKEN"
 
+MIN_TOKEN_CHARS = 32
+"""``serve`` refuses a shorter bearer token: it is the endpoint's only secret."""
+
 
 def _read_token(token_file: Optional[str]) -> str:
     """The bearer token: the file's content (stripped) if given, else the
-    environment variable; SystemExit with a clear message without one."""
+    environment variable; a ``CommandError`` (usage) without one or with
+    one shorter than ``MIN_TOKEN_CHARS``."""
     if token_file is not None:
         try:
             with open(token_file, encoding="utf-8") as f:
                 token = f.read().strip()
-        except OSError as exc:
-            raise SystemExit(f"callbackworker serve: cannot read --token-file: {exc}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CommandError(f"cannot read --token-file: {exc}", EXIT_USAGE) from None
         source = token_file
     else:
         token = os.environ.get(TOKEN_ENV, "").strip()
         source = f"${TOKEN_ENV}"
     if not token:
-        raise SystemExit(f"callbackworker serve: refusing to start without a bearer token: "
-                         f"{source} is empty or unset (give --token-file FILE or set "
-                         f"{TOKEN_ENV})")
+        raise CommandError(f"refusing to start without a bearer token: {source} is empty or "
+                           f"unset (give --token-file FILE or set {TOKEN_ENV})", EXIT_USAGE)
+    if len(token) < MIN_TOKEN_CHARS:
+        raise CommandError(f"refusing a bearer token of {len(token)} characters from {source}: "
+                           f"use at least {MIN_TOKEN_CHARS} (e.g. openssl rand -hex 32)",
+                           EXIT_USAGE)
     return token
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` and listening, so ``serve`` says
+    "serving" only once connections are accepted; a ``CommandError`` when
+    the address cannot be bound.  Warns on stderr when the address is not
+    a loopback one."""
+    if not 0 <= port <= 65535:
+        raise CommandError(f"--port must be 0..65535, not {port}", EXIT_USAGE)
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            if os.name != "nt":  # on Windows, SO_REUSEADDR would let two servers share a port
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            sock.listen(2048)
+        except BaseException:
+            sock.close()
+            raise
+    except OSError as exc:
+        raise CommandError(f"cannot listen on {host} port {port}: "
+                           f"{exc.strerror or exc}") from None
+    if not ipaddress.ip_address(str(address[0]).partition("%")[0]).is_loopback:
+        print(f"callbackworker serve: warning: listening on {address[0]}, not a loopback "
+              f"address: the bearer token and callback ids cross the network in clear "
+              f"unless TLS is terminated in front of this port", file=sys.stderr, flush=True)
+    return sock
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -401,11 +576,11 @@ def serve(args: argparse.Namespace) -> int:
 
         from .http import create_app
     except ImportError as exc:
-        raise SystemExit(f"callbackworker serve needs the http extra "
-                         f"(pip install 'callbackworker[http]'): {exc}") from None
-    with TaskService(args.db) as service:
-        config = uvicorn.Config(create_app(service, token), host=args.host, port=args.port,
-                                lifespan="off", access_log=False, log_level="info")
+        raise CommandError(f"serve needs the http extra "
+                           f"(pip install 'callbackworker[http]'): {exc}") from None
+    with _open_service(args, TaskService) as service, _listen(args.host, args.port) as sock:
+        config = uvicorn.Config(create_app(service, token), lifespan="off", access_log=False,
+                                log_level="info")
         server = uvicorn.Server(config)
 
         def request_stop(signum: int, frame: object) -> None:
@@ -416,8 +591,11 @@ def serve(args: argparse.Namespace) -> int:
         # and the command exits 0 instead of dying by the signal.
         signal.signal(signal.SIGTERM, request_stop)
         signal.signal(signal.SIGINT, request_stop)
-        print(f"serving callbacks for {args.db} on http://{args.host}:{args.port}", flush=True)
-        server.run()
+        host, port = sock.getsockname()[:2]
+        shown_host = f"[{host}]" if ":" in host else host
+        print(f"serving callbacks for {redact_dsn(args.db)} on http://{shown_host}:{port}",
+              flush=True)
+        server.run(sockets=[sock])
     print("stopped", file=sys.stderr, flush=True)
     return 0
 
@@ -447,6 +625,11 @@ def _add_task_commands(sub: Any) -> None:
                    help="how long a claimed task stays leased without renewal: a dead "
                         "worker's tasks run again elsewhere this long after it died "
                         "(default: 30000)")
+    p.add_argument("--shutdown-timeout", type=float, metavar="SECONDS",
+                   help="how long the graceful stop may wait for running handlers before "
+                        f"the worker exits anyway (status {EXIT_ABANDONED}), leaving their "
+                        "tasks to lease recovery (default: no limit; a second SIGINT or "
+                        "SIGTERM also exits at once)")
     p.add_argument("--log-level", choices=LEVELS, default="INFO", type=str.upper,
                    help="the least severe log records printed on stderr: INFO shows each "
                         "completed task, WARNING and ERROR each retried and failed one with "
@@ -516,19 +699,35 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Runs one command; returns its exit status.  A task command reports
+    an expected failure as one line on stderr (``_report``) and exits with
+    ``EXIT_FAILURE`` or ``EXIT_USAGE``; a closed stdout (``... | head -1``)
+    ends it quietly with ``EXIT_FAILURE``, Ctrl-C with ``EXIT_INTERRUPTED``."""
     parser = _build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
-    try:
+    if args.command in ("demo", "bench"):
         return func(args)
-    except (TaskError, ValueError, TypeError) as exc:
-        if args.command in ("demo", "bench"):
-            raise
-        print(f"callbackworker {args.command}: {exc}", file=sys.stderr)
-        return 1
+    try:
+        status = func(args)
+        sys.stdout.flush()  # a closed pipe shows here rather than at interpreter exit
+        return status
+    except BrokenPipeError:
+        # Whoever reads stdout stopped reading: nothing to report, and the
+        # flush at exit must not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print(f"callbackworker {args.command}: interrupted", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        return _report(args, exc)
 
 
-__all__: List[str] = ["main"]
+__all__: List[str] = ["main", "printable", "CommandError", "EXIT_FAILURE", "EXIT_USAGE",
+                       "EXIT_ABANDONED", "EXIT_INTERRUPTED"]
 
 if __name__ == "__main__":
     sys.exit(main())

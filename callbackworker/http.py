@@ -15,6 +15,11 @@ Routes (every one but the dashboard's needs ``Authorization: Bearer <token>``)::
                                        "name", "queue", "result", "progress",
                                        "traceback", "created_at_ms",
                                        "finished_at_ms")
+    GET  /metrics                      Prometheus text format
+                                       (``callbackworker.metrics``): the
+                                       database's pending/running/suspended
+                                       gauges per queue, this process's
+                                       counters
     /ui/...                            the web dashboard (``callbackworker.ui``):
                                        HTML pages behind a login form that takes
                                        the same token once and sets a session
@@ -23,12 +28,15 @@ Routes (every one but the dashboard's needs ``Authorization: Bearer <token>``)::
 Answers: 200 with a JSON body on success; 401 for a missing or wrong token
 (checked with ``hmac.compare_digest`` before anything else, so an
 unauthenticated caller learns nothing, not even which paths exist); 404
-for a malformed or unknown callback id or task; 409 when the callback
+for a malformed or unknown callback id or task id; 409 when the callback
 takes no more signals (``{"state": "succeeded" | "failed" | "timed_out" |
-"closed"}``); 400 for a body that is not JSON, 422 for JSON of the wrong
-shape; 413 for a body over 1 MiB (by ``Content-Length`` and by the bytes
-actually received); 503 while the database stays locked or the service is
-closed.  A callback id is a capability: the app does not log request paths.
+"closed"}``); 400 for a body that is not JSON (not UTF-8, malformed, or
+nested too deeply to parse), 422 for JSON of the wrong shape or an error
+text holding a NUL or a lone surrogate (no store can hold those); 413 for
+a body over 1 MiB (by ``Content-Length`` and by the bytes actually
+received); 503 while the database stays locked or the service is closed.
+Every refusal is a one-line JSON ``{"error": "..."}``.  A callback id is a
+capability: the app does not log request paths.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import re
 from typing import Any, Awaitable, Callable, Dict, Union
 
 from starlette.applications import Starlette
@@ -152,9 +161,18 @@ def create_app(service_or_store: _Target, token: str) -> Starlette:
         client.send_callback_heartbeat(callback_id)
 
     async def get_task(request: Request) -> Response:
-        task_id = request.path_params["task_id"]
+        task_id = _task_id(request.path_params["task_id"])
         info = await run_in_threadpool(client.get, task_id)
         return JSONResponse(info._asdict())
+
+    metrics = _metrics_of(client)
+
+    async def get_metrics(request: Request) -> Response:
+        if metrics is None:
+            return JSONResponse({"error": "metrics need prometheus_client (pip install "
+                                          "'callbackworker[metrics]')"}, 501)
+        body = await run_in_threadpool(metrics.render)
+        return Response(body, media_type=metrics_content_type())
 
     routes = [
         Route("/v1/callbacks/{callback_id}/success",
@@ -164,10 +182,29 @@ def create_app(service_or_store: _Target, token: str) -> Starlette:
         Route("/v1/callbacks/{callback_id}/heartbeat", _signal_endpoint("pending", heartbeat),
               methods=["POST"]),
         Route("/v1/tasks/{task_id}", get_task, methods=["GET"]),
+        Route("/metrics", get_metrics, methods=["GET"]),
         Mount(DASHBOARD_PATH, app=create_dashboard(client, token)),
     ]
-    return Starlette(routes=routes, middleware=[Middleware(_BearerAuth, token=token)],
-                     exception_handlers=_EXCEPTION_HANDLERS)
+    app = Starlette(routes=routes, middleware=[Middleware(_BearerAuth, token=token)],
+                    exception_handlers=_EXCEPTION_HANDLERS)
+    app.state.metrics = metrics  # the app keeps its metrics (and their counting) alive
+    return app
+
+
+def _metrics_of(client: TaskClient) -> Any:
+    """A ``TaskMetrics`` over ``client``, or None without prometheus_client."""
+    try:
+        from .metrics import TaskMetrics
+    except ImportError:
+        return None
+    return TaskMetrics(client)
+
+
+def metrics_content_type() -> str:
+    """The ``Content-Type`` of ``GET /metrics``."""
+    from .metrics import CONTENT_TYPE
+
+    return CONTENT_TYPE
 
 
 def _signal_endpoint(state: str, send: Callable[[str, bytes], None]
@@ -185,17 +222,40 @@ def _signal_endpoint(state: str, send: Callable[[str, bytes], None]
     return endpoint
 
 
+_TASK_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def _task_id(text: str) -> str:
+    """A well-formed task id (32 lowercase hex digits, as ``enqueue``
+    makes them), or ``UnknownTaskError``: a malformed one (a NUL, say,
+    which PostgreSQL cannot even compare) never reaches the store."""
+    if not _TASK_ID.fullmatch(text):
+        raise UnknownTaskError(text)
+    return text
+
+
 def _error_text(body: bytes) -> str:
+    """The ``error`` of a failure body ``{"error": "<text>"}``: 400 for a
+    body that is not JSON (not UTF-8, malformed, or nested too deeply to
+    parse), 422 for JSON of another shape or text no store can hold."""
     try:
         document = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise HTTPException(400, 'the body must be JSON: {"error": "..."}') from None
     if not isinstance(document, dict) or not isinstance(document.get("error"), str):
         raise HTTPException(422, 'the body must be a JSON object {"error": "<text>"}')
     try:
-        return check_error(document["error"])
+        error = check_error(document["error"])
     except ValueError as exc:
         raise HTTPException(422, str(exc)) from None
+    if "\0" in error:
+        raise HTTPException(422, "the error text must not contain NUL characters")
+    try:
+        error.encode("utf-8")
+    except UnicodeEncodeError:
+        raise HTTPException(422, "the error text must not contain lone surrogates "
+                                 "(\\ud800-\\udfff escapes)") from None
+    return error
 
 
 def _answer(status: int, **fields: Any) -> Callable[[Request, Exception], Awaitable[Response]]:

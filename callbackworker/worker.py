@@ -179,9 +179,11 @@ class Worker(JobQueries, RouteVerbs, AsyncWaits):
         check_bool(drain, "drain")
         return self._close(lib.CBW_CLOSE_DRAIN if drain else 0, 0)
 
-    def _close(self, flags: int, grace_ms: int) -> int:
+    def _close(self, flags: int, grace_ms: int, *, interruptible: bool = True) -> int:
         if self._closed:
             return 0
+        if interruptible and threading.get_ident() == _main_ident:
+            return _off_the_main_thread(lambda: self._close(flags, grace_ms, interruptible=False))
         rc = lib.cbw_worker_close(self._w, flags, grace_ms)
         if rc == _EDEADLOCK:
             raise DeadlockError("close(drain=True) cannot be called from inside one of "
@@ -543,6 +545,33 @@ class Worker(JobQueries, RouteVerbs, AsyncWaits):
                 error: Optional[str]) -> None:
         self._check_open()
         self._table.durable.signal(callback_id, state, result, error)
+
+
+def _off_the_main_thread(call: Callable[[], int]) -> int:
+    """Runs ``call`` (a close, which may wait long for running callbacks) on
+    a thread of its own while the main thread waits for it, so that Ctrl-C
+    interrupts the wait: the ``KeyboardInterrupt`` reaches the caller at
+    once and the close goes on in the background (a later ``close()``
+    waits for it).  Where no thread can start (interpreter shutdown), the
+    call runs here."""
+    outcome: List[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, call()))
+        except BaseException as exc:  # handed to the waiting caller
+            outcome.append((False, exc))
+
+    closer = threading.Thread(target=run, name="callbackworker-close", daemon=True)
+    try:
+        closer.start()
+    except RuntimeError:  # "can't create new thread at interpreter shutdown"
+        return call()
+    closer.join()
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value  # type: ignore[no-any-return]
 
 
 def _release_native(native: Any, table: CallbackTable) -> None:

@@ -77,7 +77,8 @@ typedef struct cbw_run {
 
 /*
  * One worker thread, as its executor sees it.  The exec_* fields belong to
- * the executor; the core only stores them.
+ * the executor; the core only stores them, zeroed when the thread is made,
+ * and keeps them until the worker is freed (after the thread has left).
  */
 typedef struct cbw_slot {
     void *exec_state;
@@ -85,6 +86,8 @@ typedef struct cbw_slot {
     int64_t exec_job;
     int exec_flags;
     int exec_interrupted;
+    void *exec_memory;
+    uintptr_t exec_lock;   /* room for a one-word lock of the executor's */
 } cbw_slot;
 
 /*
@@ -241,6 +244,8 @@ int cbw_take(cbw_worker *w, int64_t id, cbw_result *out);
  * other errors are cbw_wait's. */
 int64_t cbw_wait_copy(cbw_worker *w, int64_t id, int32_t timeout_ms,
                       char *buf, size_t cap, cbw_result *slow);
+/* Lets a detached result go.  A result keeps its worker's memory (not its
+ * threads) alive, so it may be released after cbw_worker_release. */
 void cbw_result_release(cbw_result *res);
 int cbw_job_info_get(cbw_worker *w, int64_t id, cbw_job_info *out);
 /* Asks for one completion report of a job: 1 if it has completed already
@@ -267,14 +272,18 @@ int cbw_current_cancel_requested(void);
 int cbw_run_set_result(cbw_run *run, const char *data, size_t size);
 int cbw_run_set_error(cbw_run *run, const char *text);
 /* The callback kept a view of the request after returning: the job record
- * is never freed, so that view stays valid. */
+ * and the request the run saw (which cbw_run_set_result leaves in place)
+ * are never freed, so that view stays valid.  Such a job is never retried,
+ * and a suspension it asked for fails it (CBW_STATUS_ERROR) instead: its
+ * request cannot be replaced under the view. */
 int cbw_run_keep_alive(cbw_run *run);
 /* Durable jobs: asks that, when run() returns, the job suspend instead of
  * completing: it leaves its thread, waits (State SUSPENDED, phase QUEUED,
  * pending on its route) and runs again from the start - with `request` as
  * its request and the same attempt number - once cbw_job_wake wakes it or
  * wake_after_ms passes (-1: only when woken).  Ignored if the run times out;
- * the job completes with SHUTDOWN if the worker is closing. */
+ * the job completes with SHUTDOWN if the worker is closing, and with ERROR
+ * if the run was kept alive (cbw_run_keep_alive). */
 int cbw_run_suspend(cbw_run *run, const char *request, size_t size, int64_t wake_after_ms);
 /* Wakes a suspended job after_ms from now (0: at once; a later call
  * replaces the time).  1 if it was suspended; 0 if it was not (if it is

@@ -17,7 +17,8 @@
  *    still runs stays valid until the callback returns.
  *  - The worker is freed when its last reference goes: the owner's, plus one
  *    per detached thread (a thread abandoned after a timeout, or the thread
- *    that called close from inside a callback).
+ *    that called close from inside a callback), plus one per detached
+ *    cbw_result not yet released (releasing it takes w->mu).
  */
 #ifndef CBW_INTERNAL_H
 #define CBW_INTERNAL_H
@@ -43,6 +44,11 @@ typedef struct cbw__thread_rec cbw__thread_rec;
 struct cbw__job {
     cbw_run run;              /* first: executors get &job->run */
     cbw__job *next;           /* route FIFO link */
+    unsigned char *request;   /* the request of a retried or replayed run
+                                 (malloc) or NULL: once a run has seen it, it
+                                 is freed only with the job or by the next
+                                 park, so a view the executor kept
+                                 (cbw_run_keep_alive) stays valid */
     unsigned char *result;    /* replacement response (malloc) or NULL */
     char *error;              /* error text (malloc) or NULL */
     uint32_t refs;

@@ -42,6 +42,7 @@ void cbw__job_unref(cbw__job *job)
         abort();
     if (--job->refs > 0)
         return;
+    cbw__free(job->request);
     cbw__free(job->result);
     cbw__free(job->error);
     cbw__free(job);
@@ -124,18 +125,21 @@ int cbw_run_set_result(cbw_run *run, const char *data, size_t size)
     unsigned char *copy;
     if (cbw__self == NULL || cbw__self->job != job)
         return CBW_EINVAL;
-    if (size <= (size_t)(run->data == job->inline_data ? run->size : 0)) {
+    if (size <= run->size) {
+        /* run->data is always the job's own memory (inline, its request
+         * buffer or an earlier result): fill it in place. */
         memmove(run->data, data, size);
         run->size = size;
         return CBW_OK;
     }
-    copy = cbw__malloc(size ? size : 1);
+    copy = cbw__malloc(size);
     if (copy == NULL)
         return CBW_ENOMEM;
-    if (size)
-        memcpy(copy, data, size);
+    memcpy(copy, data, size);
     /* Only the thread running the job touches result/data/size until the
-     * job completes, so no lock is needed to swap the buffers. */
+     * job completes, so no lock is needed to swap the buffers.  The request
+     * (inline, or job->request) is left alone: the executor may have kept a
+     * view of it.  An earlier result is no run's request, so it can go. */
     cbw__free(job->result);
     job->result = copy;
     run->data = copy;

@@ -142,8 +142,10 @@ static void remove_waiting(cbw__route *r, cbw__job *job)
 static void park(cbw__route *r, cbw__thread_rec *t, cbw__job *job,
                  unsigned char *request, size_t size, int64_t due)
 {
-    cbw__free(job->result);
-    job->result = request;
+    cbw__free(job->result); /* no view of these escaped (may_park) */
+    job->result = NULL;
+    cbw__free(job->request);
+    job->request = request;
     job->run.data = request;
     job->run.size = size;
     job->run.rc = 0;

@@ -112,6 +112,19 @@ static void begin_run(cbw_worker *w, cbw__route *r, cbw__thread_rec *t,
         cbw__timer_arm(w, t->deadline_ns);
 }
 
+/* Completes the run's job with status and the executor's error text
+ * (cbw_run_set_error), else `why`. */
+static void complete_run(cbw_worker *w, cbw__thread_rec *t, cbw__job *job, int status,
+                         const char *why)
+{
+    if (t->pending_error != NULL) {
+        cbw__free(job->error);
+        job->error = t->pending_error;
+        t->pending_error = NULL;
+    }
+    cbw__job_complete(w, job, status, why);
+}
+
 static void end_run(cbw_worker *w, cbw__route *r, cbw__thread_rec *t,
                     cbw__job *job, int status)
 {
@@ -127,21 +140,18 @@ static void end_run(cbw_worker *w, cbw__route *r, cbw__thread_rec *t,
         } else if (t->suspend_request != NULL) {
             if (cbw__suspend_park(w, r, t, job))
                 retried = 1;
+            else if (job->flags & CBW__JOB_KEPT) /* its request must stay */
+                complete_run(w, t, job, CBW_STATUS_ERROR,
+                             "BufferError: the callback kept a view of its request, "
+                             "so the job could not suspend");
             else
                 cbw__job_complete(w, job, CBW_STATUS_SHUTDOWN,
                                   "the worker was closed while the job suspended");
         } else if (status != CBW_STATUS_OK && cbw__retry_schedule(w, r, t, job)) {
             retried = 1; /* the job and its callback token wait in the list */
         } else {
-            if (t->pending_error != NULL) {
-                cbw__free(job->error);
-                job->error = t->pending_error;
-                t->pending_error = NULL;
-            }
-            cbw__job_complete(w, job,
-                              status == CBW_STATUS_OK ? CBW_STATUS_OK
-                                                      : CBW_STATUS_ERROR,
-                              NULL);
+            complete_run(w, t, job,
+                         status == CBW_STATUS_OK ? CBW_STATUS_OK : CBW_STATUS_ERROR, NULL);
         }
     }
     cbw__free(t->pending_error);

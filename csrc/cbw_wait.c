@@ -162,6 +162,7 @@ static void detach(cbw_worker *w, cbw__job *job, cbw_result *out)
     out->callback = job->run.callback;
     out->job_ = job; /* the table's reference passes to the result */
     out->worker_ = w;
+    w->refs++; /* w->mu must outlive the result (cbw_result_release) */
 }
 
 int cbw_wait(cbw_worker *w, int64_t id, int32_t timeout_ms, cbw_result *out)
@@ -259,7 +260,7 @@ void cbw_result_release(cbw_result *res)
         return;
     cbw__mutex_lock(&w->mu);
     cbw__job_unref(res->job_);
-    cbw__mutex_unlock(&w->mu);
+    cbw__worker_unref(w); /* the result's; unlocks, may free the worker */
     res->job_ = NULL;
     res->data = NULL;
     res->error = NULL;

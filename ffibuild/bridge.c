@@ -29,10 +29,61 @@
  * A callback token is the callable's address, and the registry holds the
  * callable while jobs may run it, so the run hook calls it directly.
  *
+ * Request views: the callback's memoryview is made over a cbwpy_memory
+ * (request_memory.c, compiled just before this file), which exports the
+ * job's memory in place, so the bridge learns from its export count whether
+ * anything still reads that memory after the call.  A job whose memory
+ * escaped is kept alive (cbw_run_keep_alive) before any Python code runs
+ * for it.
+ *
+ * C API: the bridge uses only public, documented CPython API (checked
+ * against the 3.9 and 3.13 headers).  It used to read the memoryview's
+ * internals (PyMemoryViewObject.exports/flags/mbuf and
+ * _PyManagedBufferObject.exports) to find kept slices; the exporter object
+ * replaces them, and no internal structure remains.  It is not limited to
+ * the stable ABI: the str accessors of cbwpy_start_text
+ * (PyUnicode_IS_ASCII/KIND/DATA/READ) are outside it, hence
+ * _CFFI_NO_LIMITED_API and no abi3 wheel.
+ *
+ * Free threading: three things here were correct only because the
+ * interpreter lock serializes them; a build without it (Py_GIL_DISABLED)
+ * compiles locks in their place (CBWPY_LOCKS), and other builds pay nothing:
+ *  - interrupts: a PyMutex per slot (in cbw_slot.exec_lock, as the timer
+ *    may reach a slot whose thread is leaving) covers the timer's
+ *    exec_flags/exec_job check with its PyThreadState_SetAsyncExc, and the
+ *    run hook's exec_flags changes with the withdrawal.  A PyMutex detaches
+ *    the thread while it waits, so it cannot deadlock against a
+ *    stop-the-world that setting an asynchronous exception may take;
+ *  - the registry: a PyMutex per worker (cbwpy_ctx) makes cbwpy_retain's
+ *    insert and cbwpy_release's collect-and-delete one atomic step with
+ *    respect to each other (see cbw_token.c); it is never held while a
+ *    callable's last reference goes (the keep list);
+ *  - cbwpy_memory (request_memory.c): the object's critical section covers
+ *    getbuffer, releasebuffer and the run hook's "data = NULL, then
+ *    exports == 0?".
+ * Free-threaded interpreters are not on these machines, so that build is
+ * untested; defining CBWPY_LOCKS_WITH_GIL compiles the same locks into a
+ * 3.13+ build with the interpreter lock, which the tests run
+ * (tests/test_sanitized_extension.py).
+ *
  * Lock order: the interpreter lock may be held when the core's mutex is
  * taken, never the reverse (the core never calls a hook with its mutex held).
  */
 #include "cbw.h"
+
+#ifdef CBWPY_LOCKS /* request_memory.c decides */
+/* A PyMutex is one zeroed byte; the slot has a word for it. */
+typedef char cbwpy_slot_lock_fits[sizeof(PyMutex) <= sizeof(uintptr_t) ? 1 : -1];
+#define cbwpy_slot_lock(slot) PyMutex_Lock((PyMutex *)(void *)&(slot)->exec_lock)
+#define cbwpy_slot_unlock(slot) PyMutex_Unlock((PyMutex *)(void *)&(slot)->exec_lock)
+#define cbwpy_registry_lock(c) PyMutex_Lock(&(c)->registry_lock)
+#define cbwpy_registry_unlock(c) PyMutex_Unlock(&(c)->registry_lock)
+#else
+#define cbwpy_slot_lock(slot) ((void)0)
+#define cbwpy_slot_unlock(slot) ((void)0)
+#define cbwpy_registry_lock(c) ((void)0)
+#define cbwpy_registry_unlock(c) ((void)0)
+#endif
 
 static void cbwpy_completed(void *ctx, int64_t *ids, size_t n); /* Python */
 
@@ -51,6 +102,9 @@ typedef struct cbwpy_ctx {
     PyObject *table;     /* the CallbackTable: outcome(), escaped() */
     int fork_generation; /* cbwpy_fork_generation when it was made */
     cbw_worker *worker;
+#ifdef CBWPY_LOCKS
+    PyMutex registry_lock; /* see DESIGN: free threading */
+#endif
 } cbwpy_ctx;
 
 /* Registers the exception class raised inside an overdue callback.  The
@@ -68,7 +122,7 @@ static int cbwpy_init(void *interrupt_type)
     if (cbwpy_escaped_name == NULL)
         cbwpy_escaped_name = PyUnicode_InternFromString("escaped");
     if (cbwpy_release_name == NULL || cbwpy_outcome_name == NULL ||
-        cbwpy_escaped_name == NULL) {
+        cbwpy_escaped_name == NULL || cbwpy_memory_init() < 0) {
         PyErr_Clear();
         PyGILState_Release(st);
         return CBW_ENOMEM;
@@ -92,6 +146,7 @@ static void cbwpy_thread_enter(void *ctx, cbw_slot *slot)
     slot->exec_flags = 0;
     slot->exec_job = 0;
     slot->exec_interrupted = 0;
+    slot->exec_memory = NULL;
     slot->exec_state = PyEval_SaveThread();
 }
 
@@ -99,6 +154,8 @@ static void cbwpy_thread_exit(void *ctx, cbw_slot *slot)
 {
     (void)ctx;
     PyEval_RestoreThread((PyThreadState *)slot->exec_state);
+    Py_XDECREF((PyObject *)slot->exec_memory);
+    slot->exec_memory = NULL;
     PyGILState_Release(PyGILState_UNLOCKED);
 }
 
@@ -143,12 +200,34 @@ static int cbwpy_call_table(cbwpy_ctx *c, PyObject *name, cbw_run *run, PyObject
     if (res != NULL)
         status = PyLong_AsLong(res);
     if (res == NULL || (status == -1 && PyErr_Occurred())) {
-        PyErr_WriteUnraisable(c->table); /* a bug in the bridge: log it */
+        if (PyErr_ExceptionMatches(PyExc_MemoryError)) {
+            PyErr_Clear();
+            cbw_run_set_error(run, "MemoryError: no memory to settle the callback's outcome");
+        } else {
+            PyErr_WriteUnraisable(c->table); /* a bug in the bridge: log it */
+            cbw_run_set_error(run, "SystemError: the worker could not settle the "
+                                   "callback's outcome (the error is logged)");
+        }
         status = CBW_STATUS_ERROR;
     }
     Py_XDECREF(res);
     Py_XDECREF(addr);
     return (int)status;
+}
+
+/* Settles a run whose request memory escaped (kept alive already): calls
+ * table.escaped(run, status, exc); returns the new status. */
+static int cbwpy_escaped(cbwpy_ctx *c, cbw_run *run, int status, PyObject *exc)
+{
+    PyObject *was = PyLong_FromLong(status);
+    if (was == NULL) {
+        PyErr_Clear();
+        cbw_run_set_error(run, "MemoryError: no memory to settle the callback's outcome");
+        return CBW_STATUS_ERROR;
+    }
+    status = cbwpy_call_table(c, cbwpy_escaped_name, run, was, exc ? exc : Py_None);
+    Py_DECREF(was);
+    return status;
 }
 
 /*
@@ -162,36 +241,47 @@ static int cbwpy_call_table(cbwpy_ctx *c, PyObject *name, cbw_run *run, PyObject
  * interrupt can land nowhere else; one raised but not yet delivered when
  * the callback returned is withdrawn before any other Python code runs.
  *
- * The request view is a memoryview straight over the job's memory.  After
- * the call it is released; if something still refers to that memory (an
- * export, or a slice, which keeps the view's managed buffer), the memory is
- * kept for good and escaped() fails a successful job.
+ * The request view is a memoryview over the slot's cbwpy_memory, which
+ * exports the job's memory in place.  After the call the view is released
+ * (only if something else still holds it: else dropping it releases it);
+ * if some buffer of that memory is still taken (a slice, an export of the
+ * view), the job is kept alive for good here, in C, before any Python code
+ * can fail, and escaped() fails a successful or suspending job.
  */
 static int cbwpy_run_hook(void *ctx, cbw_slot *slot, cbw_run *run)
 {
     cbwpy_ctx *c = ctx;
     PyObject *callable = (PyObject *)(uintptr_t)run->callback;
-    PyObject *view, *out, *exc = NULL, *res;
-    PyMemoryViewObject *mv;
-    _PyManagedBufferObject *mbuf;
-    int status = CBW_STATUS_OK, escaped;
+    PyObject *view = NULL, *out, *exc = NULL, *res;
+    cbwpy_memory *memory = cbwpy_slot_memory(slot);
+    int status = CBW_STATUS_OK;
 
-    view = PyMemoryView_FromMemory((char *)run->data, (Py_ssize_t)run->size, PyBUF_WRITE);
+    if (memory != NULL) {
+        memory->data = run->data;
+        memory->size = (Py_ssize_t)run->size;
+        view = PyMemoryView_FromObject((PyObject *)memory);
+    }
     if (view == NULL) {
         PyErr_Clear();
+        if (memory != NULL)
+            memory->data = NULL;
         cbw_run_set_error(run, "MemoryError: no memory for the request's view");
         return CBW_STATUS_ERROR;
     }
-    slot->exec_job = run->id;
     Py_INCREF(callable); /* the registry may drop it while it runs (a close) */
+    cbwpy_slot_lock(slot);
+    slot->exec_job = run->id;
     slot->exec_flags = 1;
+    cbwpy_slot_unlock(slot);
     out = PyObject_CallOneArg(callable, view);
+    cbwpy_slot_lock(slot);
     slot->exec_flags = 0;
     if (slot->exec_interrupted) {
         PyThreadState_SetAsyncExc((unsigned long)slot->exec_ident, NULL);
         slot->exec_interrupted = 0;
     }
     slot->exec_job = 0;
+    cbwpy_slot_unlock(slot);
     if (out == NULL)
         exc = cbwpy_take_exception();
     Py_DECREF(callable);
@@ -205,36 +295,25 @@ static int cbwpy_run_hook(void *ctx, cbw_slot *slot, cbw_run *run)
                                   exc ? exc : Py_None);
     }
     Py_XDECREF(out);
-    Py_XDECREF(exc); /* a stored failure keeps its own reference */
 
-    mv = (PyMemoryViewObject *)view;
-    mbuf = mv->mbuf;
-    if (Py_REFCNT(view) == 1 && mv->exports == 0 && mbuf->exports == 1 &&
-        !(mv->flags & _Py_MEMORYVIEW_RELEASED)) {
-        /* Nothing else refers to the job's memory.  (A view the callback
-         * released itself no longer counts in mbuf->exports, so the one
-         * export left may be a slice: that case takes the path below.) */
-        Py_DECREF(view);
+    if (Py_REFCNT(view) > 1) {
+        /* Held elsewhere (a traceback, a global): release it, so that it
+         * no longer reaches the job's memory.  A BufferError here means
+         * the view itself is exported, which the check below catches. */
+        res = PyObject_CallMethodNoArgs(view, cbwpy_release_name);
+        if (res == NULL)
+            PyErr_Clear();
+        Py_XDECREF(res);
+    }
+    Py_DECREF(view);
+    if (!cbwpy_memory_close(memory)) {
+        Py_XDECREF(exc); /* a stored failure keeps its own reference */
         return status;
     }
-    Py_INCREF(mbuf);
-    res = PyObject_CallMethodNoArgs(view, cbwpy_release_name);
-    escaped = res == NULL || mbuf->exports > 0;
-    if (res == NULL)
-        PyErr_Clear(); /* BufferError: the view itself is exported */
-    Py_XDECREF(res);
-    Py_DECREF(mbuf);
-    Py_DECREF(view);
-    if (escaped) {
-        PyObject *was = PyLong_FromLong(status);
-        if (was == NULL) {
-            PyErr_Clear();
-            cbw_run_keep_alive(run);
-            return CBW_STATUS_ERROR;
-        }
-        status = cbwpy_call_table(c, cbwpy_escaped_name, run, was, NULL);
-        Py_DECREF(was);
-    }
+    /* Something still reads the job's memory: it must never be freed. */
+    cbw_run_keep_alive(run);
+    status = cbwpy_escaped(c, run, status, exc);
+    Py_XDECREF(exc);
     return status;
 }
 
@@ -245,11 +324,13 @@ static void cbwpy_interrupt(void *ctx, cbw_slot *slot, int64_t job_id)
     if (cbwpy_interrupt_type == NULL || !Py_IsInitialized())
         return;
     st = PyGILState_Ensure();
+    cbwpy_slot_lock(slot);
     if (slot->exec_flags == 1 && slot->exec_job == job_id) {
         slot->exec_interrupted = 1;
         PyThreadState_SetAsyncExc((unsigned long)slot->exec_ident,
                                   cbwpy_interrupt_type);
     }
+    cbwpy_slot_unlock(slot);
     PyGILState_Release(st);
 }
 
@@ -258,10 +339,14 @@ static int cbwpy_retain(void *ctx, uint64_t callback)
     cbwpy_ctx *c = ctx;
     PyGILState_STATE st = PyGILState_Ensure();
     PyObject *key = PyLong_FromUnsignedLongLong(callback);
+    int rc = -1;
     /* The token is the callable's address; the caller of cbw_start keeps
      * the callable alive for the duration of the call. */
-    int rc = key == NULL ? -1
-                         : PyDict_SetItem(c->registry, key, (PyObject *)(uintptr_t)callback);
+    if (key != NULL) {
+        cbwpy_registry_lock(c);
+        rc = PyDict_SetItem(c->registry, key, (PyObject *)(uintptr_t)callback);
+        cbwpy_registry_unlock(c);
+    }
     Py_XDECREF(key);
     if (rc < 0)
         PyErr_Clear();
@@ -284,18 +369,24 @@ static void cbwpy_release(void *ctx)
         return;
     st = PyGILState_Ensure();
     keep = PyList_New(0);
+    cbwpy_registry_lock(c);
     do {
         n = cbw_tokens_collect(c->worker, dead, 64);
         for (i = 0; i < n; i++) {
             PyObject *key = PyLong_FromUnsignedLongLong(dead[i]);
             PyObject *value = key != NULL ? PyDict_GetItemWithError(c->registry, key) : NULL;
-            if (value != NULL && keep != NULL && PyList_Append(keep, value) < 0)
+            if (value != NULL && (keep == NULL || PyList_Append(keep, value) < 0)) {
+                /* Out of memory: deleting it could run its finalizer here,
+                 * so it stays in the registry until the worker is released. */
                 PyErr_Clear();
+                value = NULL;
+            }
             if (value == NULL || PyDict_DelItem(c->registry, key) < 0)
                 PyErr_Clear(); /* already gone (the worker was closed) */
             Py_XDECREF(key);
         }
     } while (n == 64);
+    cbwpy_registry_unlock(c);
     if (keep == NULL)
         PyErr_Clear();
     Py_XDECREF(keep); /* finalizers may run now */
@@ -348,6 +439,9 @@ static cbw_worker *cbwpy_worker_new(void *handle, void *registry, void *table,
     ctx->registry = (PyObject *)registry;
     ctx->table = (PyObject *)table;
     ctx->worker = NULL;
+#ifdef CBWPY_LOCKS
+    memset(&ctx->registry_lock, 0, sizeof(ctx->registry_lock)); /* unlocked */
+#endif
     st = PyGILState_Ensure();
     ctx->fork_generation = cbwpy_fork_generation;
     Py_INCREF(ctx->registry);

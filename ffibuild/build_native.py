@@ -1,9 +1,9 @@
 """cffi build script for ``callbackworker._cbw_native``.
 
 Out-of-line API mode: the C core in ``csrc/`` and the executor glue in
-``bridge.c`` are compiled into one extension module; ``cdef_core.h`` and
-``cdef_bridge.h`` are the declarations Python sees.  setup.py names this file
-in ``cffi_modules``.
+``request_memory.c`` and ``bridge.c`` are compiled into one extension module;
+``cdef_core.h`` and ``cdef_bridge.h`` are the declarations Python sees.
+setup.py names this file in ``cffi_modules``.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ CSRC = ROOT / "csrc"
 CORE_SOURCES = sorted(
     os.path.relpath(p, ROOT).replace(os.sep, "/") for p in CSRC.glob("cbw_*.c")
 )
+# The executor glue: one translation unit after cffi's prelude, in this order.
+BRIDGE_SOURCES = ("request_memory.c", "bridge.c")
 
 
 def compile_args() -> list[str]:
@@ -41,6 +43,13 @@ def link_args() -> list[str]:
     return extra.split() if extra else []
 
 
+def bridge_source() -> str:
+    """The bridge's files as one text; #line keeps compiler messages
+    pointing into each file."""
+    return "".join(f'#line 1 "ffibuild/{name}"\n' + (HERE / name).read_text()
+                   for name in BRIDGE_SOURCES)
+
+
 def make_ffi(absolute_paths: bool = False) -> FFI:
     """The module definition.  setuptools wants source paths relative to
     the project root; a direct ffi.compile() runs the compiler elsewhere and
@@ -54,7 +63,7 @@ def make_ffi(absolute_paths: bool = False) -> FFI:
         macros.append(("_GNU_SOURCE", "1"))
     made.set_source(
         "_cbw_native",
-        (HERE / "bridge.c").read_text(),
+        bridge_source(),
         sources=sources,
         include_dirs=[str(CSRC) if absolute_paths else os.path.relpath(CSRC, ROOT)],
         define_macros=macros,

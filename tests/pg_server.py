@@ -138,6 +138,30 @@ class PostgresCluster:
         self._run("pg_ctl", "-D", self.datadir, "-l", os.path.join(self._root, "log"),
                   "-m", mode, "-w", "-t", "60", "restart")
 
+    def require_password(self, password: str) -> None:
+        """Gives the ``cbw`` role ``password`` and makes TCP connections
+        authenticate with it (SCRAM), as a production server does; the
+        Unix socket stays trusted."""
+        import psycopg
+
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute("SET password_encryption = 'scram-sha-256'")
+            conn.execute(psycopg.sql.SQL("ALTER ROLE cbw PASSWORD {}").format(password))
+        with open(os.path.join(self.datadir, "pg_hba.conf"), "w") as f:
+            f.write("local all all trust\n"
+                    "host all all 127.0.0.1/32 scram-sha-256\n"
+                    "host all all ::1/128 scram-sha-256\n")
+        self._run("pg_ctl", "-D", self.datadir, "reload")
+        deadline = time.monotonic() + 30
+        while True:  # the reload is asynchronous: wait until it applies
+            try:
+                psycopg.connect(self.dsn).close()
+            except psycopg.OperationalError:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError("pg_hba.conf was not reloaded:\n" + self.log_tail())
+            time.sleep(0.05)
+
     def _create_database(self) -> None:
         import psycopg
 

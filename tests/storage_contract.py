@@ -232,6 +232,18 @@ class StorageContract:
         assert store.get(mine[0].id).lease_expires_at == 99_999  # type: ignore[union-attr]
         assert store.get(theirs.id).lease_expires_at == LEASE  # type: ignore[union-attr]
 
+    def test_renew_leases_of_named_tasks_leaves_the_others_to_expire(self,
+                                                                     store: TaskStore) -> None:
+        store.ensure_queue("q")
+        _enqueue(store, "q", 3)
+        kept, lost, other = store.claim("q", owner="me", limit=3, now=0, lease_ms=LEASE)
+        assert store.renew_leases("me", 99_999, [kept.id, other.id, "no-such-task"]) == 2
+        assert store.get(kept.id).lease_expires_at == 99_999  # type: ignore[union-attr]
+        assert store.get(lost.id).lease_expires_at == LEASE  # type: ignore[union-attr]
+        assert store.renew_leases("me", 99_999, []) == 0
+        assert store.recover("q", now=LEASE, max_attempts=3) == 1
+        assert store.get(lost.id).status == "pending"  # type: ignore[union-attr]
+
     def test_running_owners(self, store: TaskStore) -> None:
         store.ensure_queue("q")
         _enqueue(store, "q", 3)

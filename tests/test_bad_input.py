@@ -10,6 +10,7 @@ thread, may crash or hang the process."
 from __future__ import annotations
 
 import re
+import sys
 import threading
 from typing import Any, Callable, Optional
 
@@ -164,6 +165,12 @@ CLOSED = "worker is closed"
 NOT_DONE = "has not completed"
 ROUTE_NAME = re.escape("route name must be 1..128 UTF-8 bytes")
 ROUTE_TYPE = "route name must be a str"
+
+
+def cb_returns_released_view(request: memoryview) -> memoryview:
+    view = memoryview(b"abc")
+    view.release()
+    return view
 
 
 def row(id: str, action: Callable[[Env], Any], exc: type, match: str,
@@ -516,6 +523,13 @@ ROWS = [
         "callback returned float", TypeError, raised=False),
     row("callback-returns-dict", lambda e: e.run(lambda r: {}), JobFailedError,
         "callback returned dict", TypeError, raised=False),
+    row("callback-returns-non-contiguous-view",
+        lambda e: e.run(lambda r: memoryview(b"abcdef")[::2]), JobFailedError,
+        r"TypeError: callback returned a memoryview that cannot be the response "
+        r"\(memoryview: underlying buffer is not C-contiguous\)", TypeError, raised=False),
+    row("callback-returns-released-view", lambda e: e.run(cb_returns_released_view),
+        JobFailedError, "callback returned a memoryview that cannot be the response "
+        r"\(operation forbidden on released memoryview object\)", TypeError, raised=False),
     row("callback-signature-no-args", lambda e: e.run(lambda: None), JobFailedError,
         "takes 0 positional arguments but 1 was given", TypeError),
     row("callback-signature-two-args", lambda e: e.run(lambda a, b: None), JobFailedError,
@@ -573,6 +587,25 @@ def test_bad_input(action, exc, match, cause, raised):
     finally:
         env.close()
         _kept.clear()
+
+
+def test_a_non_contiguous_response_fails_with_its_reason_and_logs_nothing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reason is in error_text, the BufferError behind it is kept as
+    the cause's cause, and nothing is reported as an ignored exception."""
+    unraisable: list = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    w = Worker()
+    try:
+        jid = w.start(lambda r: memoryview(b"abcdef")[::2], b"abc")
+        with pytest.raises(JobFailedError) as excinfo:
+            w.wait(jid, WAIT_MS)
+    finally:
+        w.close()
+    assert "not C-contiguous" in excinfo.value.error_text
+    assert type(excinfo.value.__cause__) is TypeError
+    assert type(excinfo.value.__cause__.__cause__) is BufferError
+    assert unraisable == []
 
 
 def test_bad_input_from_8_threads_at_once():

@@ -7,12 +7,11 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Callable, Iterator, List, NamedTuple, TypeVar
+from typing import Callable, Iterator, List, NamedTuple
 
 import httpx
 import pytest
@@ -21,6 +20,7 @@ from starlette.applications import Starlette
 
 import callbackworker
 from callbackworker import CallbackFailedError, TaskClient, TaskService
+from callbackworker.cli import EXIT_USAGE
 from callbackworker.http import MAX_BODY_BYTES, create_app
 from callbackworker.tasks.client import open_store
 
@@ -72,17 +72,30 @@ def _serving(app: Starlette) -> Iterator[httpx.Client]:
         thread.join(10)
 
 
-@pytest.fixture
-def endpoint(tmp_path: Path) -> Iterator[Endpoint]:
+@contextlib.contextmanager
+def _endpoint_over(db: "str | Path") -> Iterator[Endpoint]:
+    """A service on ``db`` serving queue "q" (a handler that waits for an
+    approval callback), and the endpoint over it."""
     clock = FakeClock()
     handles: List[callbackworker.CallbackHandle] = []
-    service = TaskService(tmp_path / "t.db", clock=clock, background=False)
-    try:
+    with TaskService(db, clock=clock, background=False) as service:
         service.create_queue("q", handler=_approval(handles))
         with _serving(create_app(service, TOKEN)) as client:
             yield Endpoint(service, client, clock, handles)
-    finally:
-        service.close()
+
+
+@pytest.fixture
+def endpoint(tmp_path: Path) -> Iterator[Endpoint]:
+    """The endpoint over a SQLite file."""
+    with _endpoint_over(tmp_path / "t.db") as e:
+        yield e
+
+
+@pytest.fixture
+def any_endpoint(db: str) -> Iterator[Endpoint]:
+    """The endpoint once over each backend (``db``: SQLite, PostgreSQL)."""
+    with _endpoint_over(db) as e:
+        yield e
 
 
 def _suspended(e: Endpoint) -> str:
@@ -215,6 +228,34 @@ def test_bad_failure_bodies(endpoint: Endpoint, body: bytes, status: int) -> Non
     assert endpoint.service.get(task).status == "suspended"
 
 
+DEEP = 100_000
+
+
+@pytest.mark.parametrize("body, status", [
+    (b'{"error": "a NUL \\u0000 inside"}', 422),
+    (b'{"error": "a lone \\udc80 surrogate"}', 422),
+    (b"[" * DEEP + b"]" * DEEP, 400),
+    (b'{"error": ' + b"[" * DEEP + b"]" * DEEP + b"}", 400),
+    (b'{"error": "\xff\xfe is not UTF-8"}', 400),
+], ids=["NUL", "surrogate", "nested", "nested-in-object", "not-UTF-8"])
+def test_every_bad_failure_body_is_a_4xx_with_a_one_line_json_error(
+        any_endpoint: Endpoint, body: bytes, status: int) -> None:
+    task = _suspended(any_endpoint)
+    r = any_endpoint.client.post(_url(any_endpoint, "failure"), content=body, headers=AUTH)
+    assert r.status_code == status
+    assert "\n" not in r.text and isinstance(r.json()["error"], str)
+    assert any_endpoint.service.get(task).status == "suspended"
+
+
+@pytest.mark.parametrize("path", [
+    "/v1/tasks/%00", "/v1/tasks/" + "0" * 31 + "%00", "/v1/tasks/" + "0" * 32 + "%0A",
+    "/v1/tasks/%ED%B2%80", "/v1/callbacks/" + "A" * 31 + "%00/success",
+])
+def test_an_id_no_store_could_hold_is_404(any_endpoint: Endpoint, path: str) -> None:
+    r = any_endpoint.client.request("GET" if "/tasks/" in path else "POST", path, headers=AUTH)
+    assert r.status_code == 404 and "\n" not in r.text
+
+
 def test_oversized_body_by_content_length_is_413(endpoint: Endpoint) -> None:
     _suspended(endpoint)
     r = endpoint.client.post(_url(endpoint, "success"), content=b"x" * (MAX_BODY_BYTES + 1),
@@ -284,6 +325,9 @@ def test_create_app_refuses_anything_but_a_service_client_or_store() -> None:
 
 # ---- the serve command ------------------------------------------------------
 
+CLI_TOKEN = "c" * 32
+
+
 def _serve(*args: str, token_env: str = "") -> "subprocess.Popen[bytes]":
     env = {k: v for k, v in os.environ.items() if k != "CALLBACKWORKER_TOKEN"}
     if token_env:
@@ -292,52 +336,87 @@ def _serve(*args: str, token_env: str = "") -> "subprocess.Popen[bytes]":
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _banner_port(proc: "subprocess.Popen[bytes]") -> "tuple[str, int]":
+    """The banner ``serve`` prints once it listens, and the port it names."""
+    assert proc.stdout is not None
+    banner = proc.stdout.readline().decode()
+    assert banner.startswith("serving callbacks for "), banner
+    return banner, int(banner.rstrip().rpartition(":")[2])
+
+
+def _stop(proc: "subprocess.Popen[bytes]") -> bytes:
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    return err
 
 
 def test_serve_refuses_to_start_without_a_token(tmp_path: Path) -> None:
-    proc = _serve("--db", str(tmp_path / "t.db"), "--port", str(_free_port()))
+    proc = _serve("--db", str(tmp_path / "t.db"), "--port", "0")
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode != 0 and b"refusing to start without a bearer token" in err
+    assert proc.returncode == EXIT_USAGE and b"refusing to start without a bearer token" in err
+
+
+def test_serve_refuses_a_token_shorter_than_32_characters(tmp_path: Path) -> None:
+    proc = _serve("--db", str(tmp_path / "t.db"), "--port", "0", token_env="x" * 31)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_USAGE and out == b""
+    assert err.decode().splitlines() == [
+        "callbackworker serve: refusing a bearer token of 31 characters from "
+        "$CALLBACKWORKER_TOKEN: use at least 32 (e.g. openssl rand -hex 32)"]
+
+
+def test_serve_warns_when_it_listens_beyond_loopback(tmp_path: Path) -> None:
+    proc = _serve("--db", str(tmp_path / "t.db"), "--host", "0.0.0.0", "--port", "0",
+                  token_env=CLI_TOKEN)
+    try:
+        _banner_port(proc)
+    finally:
+        err = _stop(proc)
+    assert b"callbackworker serve: warning: listening on 0.0.0.0, not a loopback address" in err
+
+
+def test_serve_on_loopback_does_not_warn(tmp_path: Path) -> None:
+    proc = _serve("--db", str(tmp_path / "t.db"), "--port", "0", token_env=CLI_TOKEN)
+    try:
+        _banner_port(proc)
+    finally:
+        err = _stop(proc)
+    assert b"warning" not in err
+
+
+def test_serve_never_shows_the_database_password(pg_schema_dsn: str) -> None:
+    if "://cbw@" not in pg_schema_dsn:
+        pytest.skip("needs the throwaway cluster (trust auth accepts any password)")
+    dsn = pg_schema_dsn.replace("://cbw@", "://cbw:PWSECRET@", 1) + "&sslpassword=SSLSECRET"
+    proc = _serve("--db", dsn, "--port", "0", token_env=CLI_TOKEN)
+    try:
+        banner, _ = _banner_port(proc)
+    finally:
+        err = _stop(proc)
+    assert "cbw:***@" in banner and "sslpassword=***" in banner
+    assert "SECRET" not in banner and b"SECRET" not in err
 
 
 def test_serve_signals_a_task_and_stops_gracefully(tmp_path: Path) -> None:
+    """The banner comes once the port listens: the first request connects."""
     db, token_file = tmp_path / "t.db", tmp_path / "token"
-    token_file.write_text("file-token\n")
+    token_file.write_text(CLI_TOKEN + "\n")
     handles: List[callbackworker.CallbackHandle] = []
     with TaskService(db, background=False) as service:
         service.create_queue("q", handler=_approval(handles, heartbeat_timeout_ms=0))
         task = service.enqueue("q", b"")
         service._dispatch_once()
-        port = _free_port()
-        proc = _serve("--db", str(db), "--port", str(port), "--token-file", str(token_file),
+        proc = _serve("--db", str(db), "--port", "0", "--token-file", str(token_file),
                       token_env="ignored-env-token")
         try:
-            assert proc.stdout is not None and proc.stdout.readline().startswith(b"serving")
+            _, port = _banner_port(proc)
             url = f"http://127.0.0.1:{port}/v1/callbacks/{handles[-1].callback_id}/success"
             with httpx.Client(timeout=10) as client:
-                r = _retry_connect(lambda: client.post(
-                    url, content=b"via cli", headers={"Authorization": "Bearer file-token"}))
+                r = client.post(url, content=b"via cli",
+                                headers={"Authorization": f"Bearer {CLI_TOKEN}"})
                 assert r.status_code == 200
         finally:
-            proc.send_signal(signal.SIGTERM)
-            _, err = proc.communicate(timeout=30)
-        assert proc.returncode == 0, err
+            _stop(proc)
         service._dispatch_once()
         assert service.get(task).message == "approved via cli"
-
-
-T = TypeVar("T")
-
-
-def _retry_connect(call: Callable[[], T]) -> T:
-    """The server prints its banner just before uvicorn binds the port."""
-    for _ in range(500):
-        try:
-            return call()
-        except httpx.ConnectError:
-            threading.Event().wait(0.02)
-    return call()

@@ -30,6 +30,18 @@ What a test does
    block must be freed (``lib.cbw_live_allocations()``).
 4. Asserts exit status 0 and no sanitizer report in the output.
 
+``test_memory_safety_tests_under_asan_and_ubsan`` runs
+``tests/test_memory_safety.py`` (callbacks that keep views of their request
+past retries, replays, suspensions and a failing bridge) with pytest in the
+same sanitized environment: a view reading freed memory is a
+heap-use-after-free report there.
+
+``test_stress_under_tsan_with_the_free_threading_locks`` (Python 3.13 and
+later) runs the ThreadSanitizer stress against a build with
+``-DCBWPY_LOCKS_WITH_GIL``: the locks that a free-threaded build compiles in
+instead of relying on the interpreter lock (no free-threaded interpreter is
+at hand to run them where they matter).
+
 Two workarounds in step 1, both for ``ffi.compile`` outside setuptools:
 the build script's source and include paths are relative to the repository
 root and cffi compiles from inside ``tmpdir``, so ``csrc/`` is copied into
@@ -110,7 +122,7 @@ import subprocess
 import sys
 import sysconfig
 import textwrap
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, Tuple
 
@@ -166,6 +178,10 @@ SANITIZERS = {
         suppressions=TSAN_SUPPRESSIONS,
     ),
 }
+# ThreadSanitizer over the locks a free-threaded build compiles in.
+SANITIZERS["tsan_locks"] = replace(
+    SANITIZERS["tsan"], name="tsan_locks",
+    cflags=(*SANITIZERS["tsan"].cflags, "-DCBWPY_LOCKS_WITH_GIL"))
 # For ffi.compile outside setuptools (see the module docstring).
 BUILD_WORKAROUND_CFLAGS = ("-D_CFFI_NO_LIMITED_API",)
 
@@ -589,8 +605,59 @@ def test_stress_under_asan_and_ubsan(sanitized) -> None:
     print(result.stdout.strip())
 
 
+# Runs a test module against the sanitized package, after checking that it
+# is the sanitized module that gets imported.  -s: a sanitizer report is
+# written to fd 2 by a dying process, which pytest's capture would swallow.
+PYTEST_SNIPPET = textwrap.dedent('''\
+    import os, sys
+    import callbackworker._cbw_native as native
+    if not native.__file__.startswith(os.environ["CBW_SAN_EXPECT_DIR"]):
+        sys.exit(f"SETUP: imported {native.__file__}, not the sanitized module")
+    import pytest
+    sys.exit(pytest.main(["-q", "-s", "-p", "no:cacheprovider", *sys.argv[1:]]))
+''')
+
+
+def run_test_module(san: Sanitizer, runtime: str, pkg_root: Path,
+                    module: str) -> subprocess.CompletedProcess:
+    """Runs tests/<module> with pytest inside the sanitized process."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PYTHON", "ASAN_", "UBSAN_", "TSAN_", "LD_PRELOAD"))}
+    env.update(sanitizer_env(san, runtime, pkg_root))
+    env["CBW_SAN_EXPECT_DIR"] = str(pkg_root)
+    command = [sys.executable, "-P", "-c", PYTEST_SNIPPET, str(ROOT / "tests" / module)]
+    try:
+        return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"tests/{module} under {san.name} did not finish within "
+                    f"{RUN_TIMEOUT_S} s (hang?)", pytrace=False)
+
+
+def test_memory_safety_tests_under_asan_and_ubsan(sanitized) -> None:
+    """tests/test_memory_safety.py: every kept view reads live memory."""
+    san, runtime, pkg_root = sanitized("asan")
+    result = run_test_module(san, runtime, pkg_root, "test_memory_safety.py")
+    assert_clean(result, san)
+    print(result.stdout.strip()[-2000:])
+
+
 def test_stress_under_tsan(sanitized) -> None:
-    san, runtime, pkg_root = sanitized("tsan")
+    tsan_stress(sanitized, "tsan")
+
+
+def test_stress_under_tsan_with_the_free_threading_locks(sanitized) -> None:
+    """The locks a free-threaded build compiles in (ffibuild/bridge.c,
+    DESIGN), built into this interpreter with CBWPY_LOCKS_WITH_GIL."""
+    if sys.version_info < (3, 13):
+        pytest.skip("the free-threading locks are PyMutex, new in Python 3.13")
+    tsan_stress(sanitized, "tsan_locks")
+
+
+def tsan_stress(sanitized, name: str) -> None:
+    """Runs the stress under a ThreadSanitizer build (retried without
+    address-space randomisation where the runtime needs that)."""
+    san, runtime, pkg_root = sanitized(name)
     result = run_stress(san, runtime, pkg_root)
     if "unexpected memory mapping" in result.stderr:
         if shutil.which("setarch") is None:
@@ -607,7 +674,7 @@ def test_stress_under_tsan(sanitized) -> None:
 
 
 def _main(argv: list) -> int:
-    """python tests/test_sanitized_extension.py {asan|tsan} DEST"""
+    """python tests/test_sanitized_extension.py {asan|tsan|tsan_locks} DEST"""
     if len(argv) != 2 or argv[0] not in SANITIZERS:
         print(_main.__doc__, file=sys.stderr)
         return 2

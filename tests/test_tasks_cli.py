@@ -8,12 +8,14 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import List
+from typing import Iterator, List, Sequence
 
 import pytest
 
 from callbackworker import TaskService
+from callbackworker.cli import EXIT_ABANDONED, EXIT_USAGE
 
 TESTS = Path(__file__).parent
 
@@ -24,9 +26,10 @@ def cli(*args: str, stdin: bytes = b"") -> "subprocess.CompletedProcess[str]":
                           env=dict(os.environ, PYTHONPATH=str(TESTS)))
 
 
-def _worker(db: Path, log: Path, app: str = "task_apps:one_at_a_time") -> "subprocess.Popen[bytes]":
+def _worker(db: Path, log: Path, app: str = "task_apps:one_at_a_time",
+            extra: Sequence[str] = ()) -> "subprocess.Popen[bytes]":
     proc = subprocess.Popen([sys.executable, "-m", "callbackworker", "worker", "--db", str(db),
-                             "--app", app],
+                             "--app", app, *extra],
                             env=dict(os.environ, PYTHONPATH=str(TESTS), CBW_TASK_LOG=str(log)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None and proc.stdout.readline().startswith(b"serving")
@@ -70,6 +73,7 @@ def test_worker_enqueue_task_queues(tmp_path: Path) -> None:
 
 def test_task_commands_report_errors_without_traceback(tmp_path: Path) -> None:
     db = str(tmp_path / "t.db")
+    TaskService(db).close()
     out = cli("task", "--db", db, "nope")
     assert out.returncode == 1 and "unknown task" in out.stderr and "Traceback" not in out.stderr
     out = cli("enqueue", "--db", db, "nope", "x")
@@ -152,6 +156,93 @@ def test_demo_tours_route_retries_and_a_durable_callback() -> None:
         "a second success raises CallbackAlreadyCompletedError",
         "",
     ]
+
+
+def _wait_for_start(log: Path, task_id: str) -> None:
+    """Waits until the handler has started on the task (claimed is not
+    enough: a claimed task that has not started goes back to pending)."""
+    deadline = time.monotonic() + 30
+    while not (log.exists() and f"start {task_id} " in log.read_text()):
+        assert time.monotonic() < deadline, "the handler never started"
+        time.sleep(0.02)
+
+
+@contextmanager
+def _killed_at_the_end(proc: "subprocess.Popen[bytes]") -> Iterator[None]:
+    """Kills the worker if the test failed before it exited."""
+    try:
+        yield
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def _stopping(proc: "subprocess.Popen[bytes]", signum: int) -> None:
+    """Sends the first signal and waits until the worker says it is stopping
+    (past the log lines it printed before: schema migrations, tasks run)."""
+    proc.send_signal(signum)
+    assert proc.stderr is not None
+    line = proc.stderr.readline()
+    while b" INFO callbackworker." in line:
+        line = proc.stderr.readline()
+    assert line.startswith(b"stopping"), line
+
+
+@pytest.mark.parametrize("first, second", [(signal.SIGTERM, signal.SIGINT),
+                                           (signal.SIGINT, signal.SIGINT)],
+                         ids=["TERM-then-INT", "INT-then-INT"])
+def test_a_second_signal_exits_at_once_leaving_the_running_task_to_its_lease(
+        tmp_path: Path, first: int, second: int) -> None:
+    db, log = tmp_path / "t.db", tmp_path / "runs.log"
+    proc = _worker(db, log)
+    with _killed_at_the_end(proc):
+        with TaskService(db) as producer:
+            task_id = producer.enqueue("slow", b"3600")
+        _wait_for_start(log, task_id)
+        _stopping(proc, first)
+        proc.send_signal(second)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == EXIT_ABANDONED, err
+    assert f"left 1 task(s) running: {task_id} (slow)".encode() in err
+    assert b"leases expire" in err
+    with TaskService(db) as reader:
+        assert reader.get(task_id).status == "running"  # until its lease expires
+
+
+def test_shutdown_timeout_bounds_the_graceful_stop(tmp_path: Path) -> None:
+    db, log = tmp_path / "t.db", tmp_path / "runs.log"
+    proc = _worker(db, log, extra=["--shutdown-timeout", "0.5"])
+    with _killed_at_the_end(proc):
+        with TaskService(db) as producer:
+            task_id = producer.enqueue("slow", b"3600")
+        _wait_for_start(log, task_id)
+        _stopping(proc, signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == EXIT_ABANDONED, err
+    assert b"--shutdown-timeout 0.5 s passed" in err
+    assert f"{task_id} (slow)".encode() in err
+
+
+def test_shutdown_timeout_leaves_a_graceful_stop_that_fits_alone(tmp_path: Path) -> None:
+    db, log = tmp_path / "t.db", tmp_path / "runs.log"
+    proc = _worker(db, log, extra=["--shutdown-timeout", "60"])
+    with _killed_at_the_end(proc):
+        with TaskService(db) as producer:
+            task_id = producer.enqueue("slow", b"0.3")
+        _wait_for_start(log, task_id)
+        _stopping(proc, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    with TaskService(db) as reader:
+        assert reader.get(task_id).status == "completed"
+
+
+def test_a_negative_shutdown_timeout_is_a_usage_error(tmp_path: Path) -> None:
+    out = cli("worker", "--db", str(tmp_path / "t.db"), "--app", "task_apps:one_at_a_time",
+              "--shutdown-timeout", "-1")
+    assert out.returncode == EXIT_USAGE
+    assert out.stderr.startswith("callbackworker worker: --shutdown-timeout must be")
 
 
 def test_worker_app_may_be_a_task_service_serving_every_registered_task(tmp_path: Path) -> None:

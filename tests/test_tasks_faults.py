@@ -194,6 +194,23 @@ def test_data_errors_are_told_from_passing_ones(exc: Exception, data: bool) -> N
     assert is_data_error(exc) is data
 
 
+def test_a_claim_the_service_never_learned_of_is_not_renewed(db: str, clock: FakeClock) -> None:
+    """A claim committed whose answer was lost (a connection dropped after
+    the commit) holds a task under this service's name: the service must
+    not keep its lease alive, so recovery takes it back."""
+    with TaskService(db, clock=clock, background=False, lease_ms=1000) as service:
+        service.create_queue("q", QueueConfig(max_retries=1), handler=lambda p: "ran")
+        tid = service.enqueue("q", b"")
+        service._store.claim("q", owner=service._runtime._owner, limit=1,  # noqa: SLF001
+                             now=clock(), lease_ms=1000)
+        service._dispatch_once()
+        assert service.get(tid).status == "running"
+        clock.advance(1000)
+        service._dispatch_once()  # renews nothing of it; recovers it
+        service._dispatch_once()  # runs it
+        assert (service.get(tid).status, service.get(tid).message) == ("completed", "ran")
+
+
 # ---- a predecessor killed with -9 but not yet reaped ----------------------
 
 
@@ -227,3 +244,30 @@ def _state(pid: int) -> bytes:
     with open(f"/proc/{pid}/stat", "rb") as f:
         stat = f.read()
     return stat[stat.rfind(b")") + 2:][:1]
+
+
+# ---- new database files are private ----------------------------------------
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_a_new_database_and_its_wal_files_are_private(tmp_path: Path) -> None:
+    path = tmp_path / "new.db"
+    old = os.umask(0o022)
+    try:
+        with TaskService(str(path)) as service:
+            service.create_queue("q", handler=lambda p: None)
+            service.enqueue("q", b"")
+            modes = {name: os.stat(tmp_path / name).st_mode & 0o777
+                     for name in ("new.db", "new.db-wal", "new.db-shm")}
+    finally:
+        os.umask(old)
+    assert modes == {"new.db": 0o600, "new.db-wal": 0o600, "new.db-shm": 0o600}
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_an_existing_database_keeps_its_mode(tmp_path: Path) -> None:
+    path = tmp_path / "shared.db"
+    TaskService(str(path)).close()
+    os.chmod(path, 0o640)
+    TaskService(str(path)).close()
+    assert os.stat(path).st_mode & 0o777 == 0o640

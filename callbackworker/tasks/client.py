@@ -43,7 +43,9 @@ from ..errors import (
     UnknownQueueError,
     UnknownTaskError,
 )
-from .config import TaskInfo, check_int, check_payload, check_queue_name, check_task_id, wall_clock_ms
+from .config import (TaskInfo, check_int, check_payload, check_queue_name, check_task_id,
+                     wall_clock_ms)
+from .dsn import is_postgres_dsn
 from .events import TaskEvents
 from .functions import check_dedup_key, check_priority, check_task_name, encode_arguments
 from .results import Completions, wait_for_result, wait_for_result_async
@@ -87,7 +89,7 @@ def open_store(dsn: "str | os.PathLike[str]", durability: str = "normal") -> Tas
     missing).  ``durability`` as ``TaskService``."""
     if not isinstance(dsn, (str, os.PathLike)):
         raise TypeError(f"dsn must be a path or a URL string, not {type(dsn).__name__}")
-    if isinstance(dsn, str) and dsn.startswith(("postgresql://", "postgres://")):
+    if isinstance(dsn, str) and is_postgres_dsn(dsn):
         from .postgres import PostgresTaskStore  # psycopg is an optional extra
 
         return PostgresTaskStore(dsn, durability=durability)

@@ -20,14 +20,15 @@ DESIGN
   fixed message that can.  Only ``close`` gives up, after
   ``CLOSE_PATIENCE_S`` of failures: the process is ending, its leases stop
   being renewed, and those tasks come back when they expire.
+* Leases.  ``on_settled`` is told, after each batch, which tasks' outcomes
+  the committer is done with (settled, rejected, or given up at close):
+  the runtime renews the leases of the tasks it holds until then only.
 * Suspensions.  After a batch with a suspension the committer calls
   ``on_suspended``: a callback signalled while the handler was suspending
   has made that task due, and the dispatcher must look again.
-* Completions.  After every committed batch the committer calls
-  ``on_committed`` (if given): result waiters of this process read again.
 * ``flush`` waits until everything put so far is committed; ``close``
   commits what is left and stops the thread.  The lock is never held while
-  calling the store, ``on_suspended`` or ``on_committed``.
+  calling the store or ``on_suspended``.
 """
 
 from __future__ import annotations
@@ -60,12 +61,12 @@ class GroupCommitter:
     """Longest pause between two tries of a failing commit."""
 
     def __init__(self, store: TaskStore, on_suspended: Callable[[], None],
-                 clock: Callable[[], int],
-                 on_committed: Optional[Callable[[], None]] = None) -> None:
+                 clock: Callable[[], int], *,
+                 on_settled: Optional[Callable[[List[str]], None]] = None) -> None:
         self._store = store
         self._on_suspended = on_suspended
         self._clock = clock
-        self._on_committed = on_committed
+        self._on_settled = on_settled
         self._cond = threading.Condition()
         self._queue: List[Outcome] = []
         self._busy = False
@@ -114,6 +115,8 @@ class GroupCommitter:
 
     def _commit(self, batch: List[Outcome]) -> None:
         applied = self._settle(batch)
+        if self._on_settled is not None:
+            self._on_settled([o.task_id for o in batch])
         if applied is None:
             return
         for outcome, ok in zip(batch, applied):
@@ -126,8 +129,6 @@ class GroupCommitter:
                 self._on_suspended()  # one whose callback was signalled meanwhile is due
             except Exception:  # the dispatcher looks again at its next pass anyway
                 log.exception("could not wake the dispatcher after a suspension")
-        if self._on_committed is not None:
-            self._on_committed()  # result waiters of this process read again
 
     def _settle(self, batch: List[Outcome]) -> Optional[List[bool]]:
         """Settles ``batch``, trying again while the failure can pass;

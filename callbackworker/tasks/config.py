@@ -156,13 +156,17 @@ def retry_delay_ms(backoff_ms: int, attempt: int) -> int:
 
 def check_queue_name(name: object) -> str:
     """``name`` if it is a valid queue name: a str of 1..``MAX_QUEUE_NAME``
-    UTF-8 bytes without NUL."""
+    UTF-8 bytes of printable text (no NUL, control characters, line
+    separators or bidirectional overrides: names are shown on terminals
+    and in logs)."""
     if not isinstance(name, str):
         raise TypeError(f"queue name must be a str, not {type(name).__name__}")
     size = len(name.encode("utf-8", "surrogatepass"))
-    if not 0 < size <= MAX_QUEUE_NAME or "\0" in name:
-        raise ValueError(f"queue name must be 1..{MAX_QUEUE_NAME} UTF-8 bytes without NUL, "
-                         f"not {size} bytes")
+    if not 0 < size <= MAX_QUEUE_NAME:
+        raise ValueError(f"queue name must be 1..{MAX_QUEUE_NAME} UTF-8 bytes, not {size} bytes")
+    if not name.isprintable():
+        raise ValueError(f"queue name {name!r} holds unprintable characters: a name is shown "
+                         f"on terminals and in logs, so it must be printable text")
     return name
 
 

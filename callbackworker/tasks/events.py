@@ -20,13 +20,16 @@ DESIGN
   with the task anyway.
 * Observers are called on the thread the event happened on (a handler's
   thread, the dispatcher, a producer); an observer must be quick and must
-  not raise (what it raises is logged and dropped).
+  not raise (what it raises is logged and dropped).  They are held
+  weakly: an observer nobody else refers to any more (the metrics of an
+  HTTP app that is gone) stops being called, without unsubscribing.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from typing import Any, Dict, List, Optional, Protocol
 
 __all__ = ["TaskEvents", "TaskObserver", "LOGGER_NAME"]
@@ -61,22 +64,28 @@ class TaskEvents:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._observers: List[TaskObserver] = []
+        self._observers: List["weakref.ref[TaskObserver]"] = []
 
     def subscribe(self, observer: TaskObserver) -> None:
         """Calls ``observer`` on every later event (once, however often it
-        is subscribed)."""
+        is subscribed) while the caller keeps a reference to it."""
         with self._lock:
-            if all(o is not observer for o in self._observers):
-                self._observers = [*self._observers, observer]
+            live = [ref for ref in self._observers if ref() is not None]
+            if all(ref() is not observer for ref in live):
+                live.append(weakref.ref(observer))
+            self._observers = live
 
     def unsubscribe(self, observer: TaskObserver) -> None:
         """Stops calling ``observer``; nothing if it was not subscribed."""
         with self._lock:
-            self._observers = [o for o in self._observers if o is not observer]
+            self._observers = [ref for ref in self._observers
+                               if ref() is not None and ref() is not observer]
 
     def _tell(self, method: str, *args: Any) -> None:
-        for observer in self._observers:  # a snapshot: replaced, never mutated
+        for ref in self._observers:  # a snapshot: replaced, never mutated
+            observer = ref()
+            if observer is None:
+                continue
             try:
                 getattr(observer, method)(*args)
             except Exception:

@@ -90,7 +90,8 @@ def encode_arguments(name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) 
     try:
         return json.dumps([list(args), dict(kwargs)], allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError) as exc:
-        raise TypeError(f"the arguments of task {name!r} cannot be encoded as JSON: {exc}") from None
+        raise TypeError(f"the arguments of task {name!r} cannot be encoded as JSON: "
+                        f"{exc}") from None
 
 
 def decode_arguments(text: str) -> Tuple[List[Any], Dict[str, Any]]:
@@ -110,7 +111,8 @@ def _run_coroutine(coro: Any) -> Any:
         return pool.submit(asyncio.run, coro).result()
 
 
-def run_to_completion(fn: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
+def run_to_completion(fn: Callable[..., Any], args: Sequence[Any],
+                      kwargs: Mapping[str, Any]) -> Any:
     """Calls ``fn(*args, **kwargs)``; a coroutine it returns (an ``async
     def`` function) is run to completion on an event loop."""
     value = fn(*args, **kwargs)
@@ -265,9 +267,10 @@ class FunctionRegistry:
         """``(max_retries, backoff_ms)`` of a call of task ``name``: its
         registered options over the queue's ``config``."""
         task = self.task_named(name)
-        retries = config.max_retries if task is None or task.max_retries is None else task.max_retries
-        backoff = config.backoff_ms if task is None or task.backoff_ms is None else task.backoff_ms
-        return retries, backoff
+        if task is None:
+            return config.max_retries, config.backoff_ms
+        return (config.max_retries if task.max_retries is None else task.max_retries,
+                config.backoff_ms if task.backoff_ms is None else task.backoff_ms)
 
     def timeout_ms(self, name: Optional[str]) -> Optional[int]:
         """The registered ``timeout_ms`` of task ``name`` (None: the queue's)."""

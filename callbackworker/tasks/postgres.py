@@ -88,9 +88,9 @@ from __future__ import annotations
 import logging
 import threading
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 from ..errors import UnknownQueueError
+from .dsn import redact_dsn  # re-exported: listed in __all__
 from .pgconn import CHANNEL, Listener, Pool, is_transient, psycopg, require_psycopg
 from .schema import SCHEMA_VERSION
 from .sql import STATEMENTS, Dialect, SQLTaskStore, TransientError
@@ -549,19 +549,3 @@ class PostgresTaskStore(SQLTaskStore):
     def __repr__(self) -> str:
         return f"<PostgresTaskStore {redact_dsn(self.dsn)!r} durability={self.durability}>"
 
-
-def redact_dsn(dsn: str) -> str:
-    """``dsn`` (a ``postgresql://`` URL) with any password replaced by
-    ``***``, fit for logs and output; anything else (a SQLite path) as
-    it is."""
-    if not dsn.startswith(("postgresql://", "postgres://")):
-        return dsn
-    parts = urlsplit(dsn)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostport = netloc.rpartition("@")
-        if ":" in userinfo:
-            netloc = f"{userinfo.partition(':')[0]}:***@{hostport}"
-    query = "&".join("password=***" if pair.lower().startswith("password=") else pair
-                     for pair in parts.query.split("&")) if parts.query else ""
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))

@@ -72,8 +72,8 @@ def outcome_of(info: TaskInfo) -> Any:
 
 def _check_timeout(timeout_ms: object) -> Optional[float]:
     """The deadline (monotonic seconds) of a wait, None for no limit."""
-    check_int(timeout_ms, "timeout_ms", -1, 2**31 - 1)
-    return None if timeout_ms == -1 else time.monotonic() + timeout_ms / 1000  # type: ignore[operator]
+    limit = check_int(timeout_ms, "timeout_ms", -1, 2**31 - 1)
+    return None if limit == -1 else time.monotonic() + limit / 1000
 
 
 def _timed_out(task_id: str, timeout_ms: int) -> WaitTimeoutError:

@@ -91,7 +91,7 @@ from .committer import GroupCommitter
 from .config import Handler, QueueConfig, TaskContext, retry_delay_ms
 from .durablestore import TaskDurableStore
 from .events import TaskEvents
-from .functions import FunctionRegistry
+from .functions import CallResult, FunctionRegistry
 from .owners import new_owner, owner_is_dead
 from .progress import ProgressReporter, reporting
 from .results import Completions
@@ -207,6 +207,9 @@ class TaskRuntime:
         self._queues: Dict[str, _Queue] = {}
         self._unstarted: Set[_Attempt] = set()  # claimed, handed to the worker, not yet run
         self._started: Set[_Attempt] = set()  # running, with a time limit, not yet settled
+        # Tasks this runtime claimed whose outcome is not yet settled: the
+        # only leases it renews.
+        self._held: Set[str] = set()
         # Attempts claimed and not yet finished, counted by the epoch they
         # were claimed in; each flush() begins a new epoch and waits for the
         # counts of the earlier ones.
@@ -253,8 +256,8 @@ class TaskRuntime:
         """The worker, committer and dispatcher, created with the first queue
         (a service that only enqueues and inspects needs none)."""
         if self._worker is None:
-            on_committed = None if self._completions is None else self._completions.notify
-            self._committer = GroupCommitter(self._store, self._kick, self._now, on_committed)
+            self._committer = GroupCommitter(self._store, self._kick, self._now,
+                                             on_settled=self._settled)
             self._worker = Worker(durable_backend=_TaskDurable(self._store, self._now))
             if self._background:
                 self._store.set_waker(self.wake)
@@ -290,9 +293,19 @@ class TaskRuntime:
         and unstarted until they run (under ``_cond``)."""
         attempts = [_Attempt(self, queue, task, self._epoch) for task in claimed]
         self._unstarted.update(attempts)
+        self._held.update(task.id for task in claimed)
         self._active[self._epoch] = self._active.get(self._epoch, 0) + len(attempts)
         queue.in_flight += len(attempts)
         return attempts
+
+    def _settled(self, task_ids: List[str]) -> None:
+        """The committer is done with these tasks' outcomes (settled,
+        rejected or given up at close): their leases are no longer ours, and
+        result waiters of this process read again."""
+        with self._cond:
+            self._held.difference_update(task_ids)
+        if self._completions is not None:
+            self._completions.notify()
 
     def _finished_locked(self, attempt: _Attempt) -> None:
         """Counts ``attempt`` out of its queue's and its epoch's in-flight
@@ -367,7 +380,9 @@ class TaskRuntime:
         queues and, with ``sweep``, deletes tasks past their retention."""
         self._abandon_overdue()
         now = self._now()
-        self._store.renew_leases(self._owner, now + self._lease_ms)
+        with self._cond:
+            held = sorted(self._held)
+        self._store.renew_leases(self._owner, now + self._lease_ms, held)
         with self._cond:
             queues = list(self._queues.values())
         for q in queues:
@@ -535,13 +550,10 @@ class TaskRuntime:
         """Runs the task: a stored call through the registry, a raw payload
         through the queue's handler.  What they raise propagates."""
         if task.name is not None:
-            if self._calls is None:
-                done = None
-            else:
-                done = self._calls.run(task)
-            if done is None or done.refusal is not None:
-                text = done.refusal if done is not None else "this service runs no task functions"
-                return Outcome(task.id, task.token, "fail", str(text), self._now())
+            done = (self._calls.run(task) if self._calls is not None
+                    else CallResult(None, "this runtime runs no task functions"))
+            if done.refusal is not None:
+                return Outcome(task.id, task.token, "fail", done.refusal, self._now())
             return Outcome(task.id, task.token, "complete", "", self._now(), result=done.result)
         if queue.handler is None:
             return Outcome(task.id, task.token, "fail",

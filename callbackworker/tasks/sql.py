@@ -33,7 +33,7 @@ import re
 import time
 import uuid
 from abc import abstractmethod
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Type, TypeVar
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar
 
 from ..durable import CallbackRecord
 from ..errors import NonDeterminismError, StorageBusyError, UnknownCallbackError, UnknownTaskError
@@ -100,6 +100,8 @@ STATEMENTS: Dict[str, str] = {
                     "WHERE id = :id AND token = :token AND status = {RUNNING}",
     "renew_leases": "UPDATE {tasks} SET lease_expires_at = :expires "
                     "WHERE owner = :owner AND status = {RUNNING}",
+    "renew_lease": "UPDATE {tasks} SET lease_expires_at = :expires "
+                   "WHERE id = :id AND owner = :owner AND status = {RUNNING}",
     "running_owners": "SELECT DISTINCT owner FROM {tasks} "
                       "WHERE queue = :queue AND status = {RUNNING} ORDER BY owner",
     # Lost leases: back to pending with the attempt counted, or failed
@@ -381,8 +383,19 @@ class SQLTaskStore(TaskStore):
 
     # ---- leases ----------------------------------------------------------
 
-    def renew_leases(self, owner: str, expires_at: int) -> int:
-        return self._rowcount("renew_leases", {"owner": owner, "expires": expires_at})
+    def renew_leases(self, owner: str, expires_at: int,
+                     task_ids: Optional[Sequence[str]] = None) -> int:
+        if task_ids is None:
+            return self._rowcount("renew_leases", {"owner": owner, "expires": expires_at})
+        if not task_ids:
+            return 0
+        sql = self.dialect.sql("renew_lease")
+        params = [{"id": task_id, "owner": owner, "expires": expires_at} for task_id in task_ids]
+
+        def body(conn: Conn) -> int:
+            return sum(conn.execute(sql, p).rowcount for p in params)
+
+        return int(self._atomic(body))
 
     def running_owners(self, queue: str) -> List[str]:
         return [row[0] for row in self._rows("running_owners", {"queue": queue})]

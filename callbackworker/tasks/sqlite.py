@@ -193,6 +193,22 @@ def _is_busy(exc: BaseException) -> bool:
     return "locked" in text or "busy" in text
 
 
+def _create_private(path: str) -> None:
+    """Creates a new database file readable by its owner only (0600), not
+    as the umask says: it holds callback ids, which are capabilities, and
+    payloads.  SQLite gives the -wal and -shm files the database file's
+    mode.  An existing file is left as it is."""
+    if path == ":memory:" or path.startswith("file:"):
+        return
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except (FileExistsError, IsADirectoryError):
+        return  # opening it says what is wrong, if anything
+    except OSError:
+        return  # e.g. a missing directory: sqlite3 reports it when opening
+    os.close(fd)
+
+
 class SQLiteTaskStore(SQLTaskStore):
     """The ``TaskStore`` contract on a SQLite file (``path``; ``":memory:"``
     works for one process).  ``durability`` is ``"normal"`` (survives a
@@ -212,6 +228,7 @@ class SQLiteTaskStore(SQLTaskStore):
         self.durability = durability
         self._patience_s = patience_s
         self._lock = threading.Lock()
+        _create_private(self.path)
         self._db: Optional[sqlite3.Connection] = sqlite3.connect(
             self.path, isolation_level=None, check_same_thread=False,
             timeout=_BUSY_TIMEOUT_MS / 1000)

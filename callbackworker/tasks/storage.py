@@ -264,9 +264,12 @@ class TaskStore(ABC):
     # ---- leases -------------------------------------------------------
 
     @abstractmethod
-    def renew_leases(self, owner: str, expires_at: int) -> int:
+    def renew_leases(self, owner: str, expires_at: int,
+                     task_ids: Optional[Sequence[str]] = None) -> int:
         """Extends the lease of every running task of ``owner`` to
-        ``expires_at``; returns how many."""
+        ``expires_at`` (with ``task_ids``: of those tasks only, so a claim
+        whose answer was lost, or an outcome given up on, is left to
+        expire); returns how many."""
 
     @abstractmethod
     def running_owners(self, queue: str) -> List[str]:

@@ -137,6 +137,8 @@ enum op {
     OP_KEEP,      /* cbw_run_keep_alive, remember the request's address */
     OP_SCRIBBLE,  /* uppercase the request in place; fail unless it already was */
     OP_SUSPEND,   /* "s<ms>": suspend, replay with "r<ms>" (woken, or after <ms>) */
+    OP_KEEP_GROW, /* attempt 1 fails; later ones OP_KEEP, then OP_GROW */
+    OP_KEEP_SUSPEND, /* cbw_run_keep_alive, then OP_SUSPEND */
     OP_COUNT      /* stress: count runs by id, track routes; '!' fails, '~' naps */
 };
 
@@ -163,10 +165,14 @@ static pthread_mutex_t tokens_mu = PTHREAD_MUTEX_INITIALIZER;
 
 static executor ex;
 
-/* What OP_KEEP kept, and the core blocks such jobs hold forever. */
+/* What OP_KEEP kept, and the core blocks such jobs hold forever.  The runs
+ * (each at the start of its job record) stay referenced here, as a real
+ * executor's views reference them, so LeakSanitizer sees them reachable. */
 static const unsigned char *kept_view;
 static size_t kept_size;
 static int64_t kept_blocks;
+static const cbw_run *kept_runs[16];
+static int kept_runs_len;
 
 static void ex_thread_enter(void *ctx, cbw_slot *slot)
 {
@@ -333,7 +339,22 @@ static int op_keep(executor *x, cbw_run *run)
         INC(&x->bad_calls);
     STORE(&kept_size, run->size);
     STORE(&kept_view, run->data);
+    STORE(&kept_runs[(INC(&kept_runs_len) - 1) % 16], run);
     return CBW_STATUS_OK;
+}
+
+/* What OP_KEEP_GROW saw as its request (kept_view must still read it). */
+static char kept_request[32];
+
+static int op_keep_grow(executor *x, cbw_run *run)
+{
+    if (run->attempt == 1)
+        return op_fail(x, run);
+    if (run->size >= sizeof(kept_request))
+        return op_fail(x, run);
+    memcpy(kept_request, run->data, run->size);
+    op_keep(x, run);
+    return op_grow(x, run); /* a longer response: a new buffer */
 }
 
 static int op_count(executor *x, cbw_run *run)
@@ -397,6 +418,8 @@ static int dispatch(executor *x, cbw_slot *slot, cbw_run *run)
     case OP_WAIT_SELF: return op_wait(x, run->id);
     case OP_WAIT_NEXT: return op_wait(x, run->id + 1);
     case OP_KEEP: return op_keep(x, run);
+    case OP_KEEP_GROW: return op_keep_grow(x, run);
+    case OP_KEEP_SUSPEND: op_keep(x, run); return op_suspend(x, run);
     case OP_COUNT: return op_count(x, run);
     default: INC(&x->bad_calls); return CBW_STATUS_ERROR;
     }
@@ -950,6 +973,64 @@ static void test_keep_alive_keeps_the_request_valid(void)
     CHECK(EVENTUALLY(cbw_live_allocations() == before + 1, SETTLE_MS));
     kept_blocks += cbw_live_allocations() - before; /* by design, forever */
     CHECK(LOAD(&kept_size) == 4 && memcmp(LOAD(&kept_view), "kept", 4) == 0);
+}
+
+/* A retried attempt's request lives in its own buffer: a response longer
+ * than it must not free it under a view the executor kept. */
+static void test_keep_alive_of_a_retried_request_survives_a_longer_response(void)
+{
+    int64_t before = cbw_live_allocations(), id;
+    cbw_worker *w = new_worker(1);
+    cbw_route_config cfg = {1, CBW_TIMEOUT_INFINITE, 1, 0, 0};
+    int32_t route = cbw_route_open_config(w, "again", &cfg);
+    id = start_text(w, route, OP_KEEP_GROW, "retried", CBW_TIMEOUT_ROUTE);
+    expect_result(w, id, CBW_STATUS_OK, "retriedretriedretried!");
+    cbw_worker_release(w);
+    CHECK_EQ(LOAD(&ex.bad_calls), 0);
+    /* The job, its request and its response stay, by design. */
+    CHECK(EVENTUALLY(cbw_live_allocations() == before + 3, SETTLE_MS));
+    kept_blocks += cbw_live_allocations() - before;
+    CHECK(LOAD(&kept_size) == 7 && memcmp(LOAD(&kept_view), "retried", 7) == 0);
+    CHECK(strcmp(kept_request, "retried") == 0);
+}
+
+/* A suspension cannot replace a request a view was kept of: the job fails
+ * and says why (it is not reported shut down while the worker is open). */
+static void test_kept_suspension_fails_with_the_reason(void)
+{
+    int64_t before = cbw_live_allocations(), id;
+    cbw_worker *w = new_worker(1);
+    cbw_result res;
+    id = start_text(w, CBW_DEFAULT_ROUTE, OP_KEEP_SUSPEND, "s", CBW_TIMEOUT_INFINITE);
+    CHECK_EQ(cbw_wait(w, id, WAIT_MS, &res), CBW_OK);
+    CHECK_EQ(res.status, CBW_STATUS_ERROR);
+    CHECK(res.error != NULL && strstr(res.error, "kept a view of its request") != NULL);
+    cbw_result_release(&res);
+    cbw_worker_release(w);
+    CHECK_EQ(LOAD(&ex.bad_calls), 0);
+    CHECK(EVENTUALLY(cbw_live_allocations() == before + 2, SETTLE_MS)); /* job, error */
+    kept_blocks += cbw_live_allocations() - before;
+}
+
+/* A detached result holds the worker's memory: releasing it after the
+ * worker is fine, and frees the worker then. */
+static void test_result_released_after_its_worker(void)
+{
+    int err;
+    cbw_worker *w = cbw_worker_new(&token_hooks, 1, &err);
+    cbw_result res;
+    int64_t id;
+    REQUIRE(w != NULL);
+    STORE(&ex.worker, w);
+    id = start_text(w, CBW_DEFAULT_ROUTE, OP_UPPER, "late", CBW_TIMEOUT_INFINITE);
+    CHECK_EQ(cbw_wait(w, id, WAIT_MS, &res), CBW_OK);
+    cbw_worker_release(w);
+    CHECK_EQ(LOAD(&ex.finalized), 0);
+    CHECK(res.size == 4 && memcmp(res.data, "LATE", 4) == 0);
+    CHECK(res.error != NULL && res.error[0] == '\0');
+    cbw_result_release(&res);
+    CHECK_EQ(LOAD(&ex.finalized), 1);
+    cbw_result_release(&res); /* a second release is a no-op */
 }
 
 /* ---- close --------------------------------------------------------------- */
@@ -2089,6 +2170,9 @@ static const test_case tests[] = {
     TEST(test_timer_handles_many_simultaneous_deadlines),
     TEST(test_many_jobs_taken_in_random_order),
     TEST(test_keep_alive_keeps_the_request_valid),
+    TEST(test_keep_alive_of_a_retried_request_survives_a_longer_response),
+    TEST(test_kept_suspension_fails_with_the_reason),
+    TEST(test_result_released_after_its_worker),
     TEST(test_release_without_close_finishes_running_jobs),
     TEST(test_close_shuts_down_queue_and_wakes_waiters),
     TEST(test_close_drain_runs_queued_jobs),
