@@ -44,7 +44,6 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import re
 from typing import Any, Awaitable, Callable, Dict, Union
 
 from starlette.applications import Starlette
@@ -65,6 +64,7 @@ from .errors import (
     UnknownTaskError,
 )
 from .tasks.client import TaskClient
+from .tasks.config import is_task_id
 from .tasks.service import TaskService
 from .tasks.storage import TaskStore
 from .ui import create_dashboard
@@ -222,14 +222,9 @@ def _signal_endpoint(state: str, send: Callable[[str, bytes], None]
     return endpoint
 
 
-_TASK_ID = re.compile(r"[0-9a-f]{32}")
-
-
 def _task_id(text: str) -> str:
-    """A well-formed task id (32 lowercase hex digits, as ``enqueue``
-    makes them), or ``UnknownTaskError``: a malformed one (a NUL, say,
-    which PostgreSQL cannot even compare) never reaches the store."""
-    if not _TASK_ID.fullmatch(text):
+    """A well-formed task id (``is_task_id``), or ``UnknownTaskError``."""
+    if not is_task_id(text):
         raise UnknownTaskError(text)
     return text
 

@@ -48,7 +48,7 @@ from starlette.routing import Route
 
 from .errors import ServiceClosedError, StorageBusyError, TaskError, UnknownTaskError
 from .tasks.client import TaskClient
-from .tasks.config import TaskInfo
+from .tasks.config import TaskInfo, is_task_id
 from .tasks.status import TaskStatus
 from .uisession import SESSION_MAX_AGE_S, Session, SessionSigner
 
@@ -173,6 +173,9 @@ def create_dashboard(client: TaskClient, token: str, *,
             return _error_page(request, 400, f"There is no status {filters['status']!r}.",
                                session)
         before = request.query_params.get("before") or None
+        if before is not None and not is_task_id(before):
+            return _error_page(request, 404, "That page does not exist: start again from "
+                                             "the first.", session)
         try:
             tasks = await run_in_threadpool(lambda: client.list_tasks(
                 limit=PAGE_SIZE, before_id=before, **filters))
@@ -195,6 +198,8 @@ def create_dashboard(client: TaskClient, token: str, *,
                     ) -> Callable[[Request, Session], Awaitable[Response]]:
         async def view(request: Request, session: Session) -> Response:
             task_id = request.path_params["task_id"]
+            if not is_task_id(task_id):
+                return _error_page(request, 404, "There is no such task.", session)
             try:
                 await run_in_threadpool(verb, task_id)
             except UnknownTaskError:
@@ -257,6 +262,8 @@ async def _task_page(request: Request, session: Session, client: TaskClient, *,
                      notice: Optional[str] = None, error: Optional[str] = None,
                      status: int = 200) -> Response:
     task_id = request.path_params["task_id"]
+    if not is_task_id(task_id):
+        return _error_page(request, 404, "There is no such task.", session)
     try:
         info, callbacks = await run_in_threadpool(
             lambda: (client.get(task_id), client.callbacks(task_id)))

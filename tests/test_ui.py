@@ -386,10 +386,19 @@ def test_the_task_page_shows_the_durable_callbacks_a_task_waits_for(dash: Dashbo
     assert 'id="cancel"' in page
 
 
-def test_the_page_of_an_unknown_task_is_404(dash: Dashboard) -> None:
+@pytest.mark.parametrize("task_id", ["0" * 32, "nosuchtask", "a%00b", "A" * 32])
+def test_the_page_of_an_unknown_or_malformed_task_is_404(dash: Dashboard, task_id: str) -> None:
     login(dash.http)
-    r = dash.http.get("/ui/tasks/nosuchtask")
+    r = dash.http.get(f"/ui/tasks/{task_id}")
     assert r.status_code == 404 and "There is no such task" in r.text
+    r = dash.http.post(f"/ui/tasks/{task_id}/retry", data={"csrf": csrf_of(dash.http)},
+                       headers=ORIGIN)
+    assert r.status_code == 404
+
+
+def test_a_page_cursor_that_is_no_task_id_is_404(dash: Dashboard) -> None:
+    login(dash.http)
+    assert dash.http.get("/ui/tasks?before=x%00y").status_code == 404
 
 
 # ---- actions ----------------------------------------------------------------
@@ -473,3 +482,21 @@ def test_the_dashboard_works_with_create_app_mounted_inside_another_app(tmp_path
             assert http.get(f"/jobs/v1/tasks/{task_id}").status_code == 401
             assert http.get(f"/jobs/v1/tasks/{task_id}",
                             headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+
+
+def test_the_dashboard_reads_and_retries_on_each_backend(db: str) -> None:
+    clock = FakeClock(1_700_000_000_000)
+    with TaskService(db, clock=clock, background=False) as service:
+        task_id = failing_task(service)
+        app = Starlette(routes=[Mount("/ui", app=ui.create_dashboard(service.client, TOKEN,
+                                                                      clock=clock))])
+        with TestClient(app, follow_redirects=False) as http:
+            login(http)
+            assert "RuntimeError: disk &lt;full&gt; &amp; gone" in http.get("/ui/").text
+            assert http.get("/ui/tasks/a%00b").status_code == 404
+            assert http.get("/ui/tasks?queue=work&before=" + "f" * 32).status_code == 404
+            r = http.post(f"/ui/tasks/{task_id}/retry", data={"csrf": csrf_of(http)},
+                          headers=ORIGIN)
+            assert r.status_code == 303
+            drain(service)
+            assert '<dd id="status">completed</dd>' in http.get(f"/ui/tasks/{task_id}").text
