@@ -8,6 +8,9 @@ Subcommands:
   task     show a task's status, message and attempt
   queues   a table of task counts per queue and status
   serve    the HTTP endpoint outside systems signal durable callbacks through
+  tasks    list tasks, newest first, filtered (cli_tasks.py)
+  retry    run a failed or cancelled task again (cli_tasks.py)
+  purge    delete a queue's finished tasks of one status (cli_tasks.py)
 
 The task commands report an ordinary failure as one line on stderr,
 ``callbackworker COMMAND: what went wrong`` (a database password shown as
@@ -45,7 +48,7 @@ from .errors import (
     TaskFailedError,
 )
 from .jobcontext import current_job
-from .logs import FORMATS, LEVELS, configure_logging
+from .logs import configure_logging
 from .states import State
 from .shutdown import WatchedService, WorkerShutdown
 from .tasks import QueueConfig, TaskService, current_task
@@ -438,10 +441,13 @@ def worker(args: argparse.Namespace) -> int:
     if args.shutdown_timeout is not None and not args.shutdown_timeout >= 0:
         raise CommandError(f"--shutdown-timeout must be a number of seconds >= 0, "
                            f"not {args.shutdown_timeout}", EXIT_USAGE)
+    from .cli_tasks import start_metrics, worker_service_options
+
     shutdown = WorkerShutdown(args.lease_ms, args.shutdown_timeout, EXIT_ABANDONED)
     configure_logging(args.log_level, args.log_format)
     shutdown.install()  # before the app's import, which may be slow
     app = _load_app(args.app)
+    options = worker_service_options(args, isinstance(app, TaskService))
     if isinstance(app, TaskService):  # its own database, and its registered tasks
         if args.db is not None:
             raise CommandError(f"--db cannot be used with {args.app}: that TaskService was "
@@ -449,9 +455,9 @@ def worker(args: argparse.Namespace) -> int:
         service: TaskService = app
         shown = "its own database"
     else:
-        args.db = args.db or "callbackworker.db"
+        args.db = args.db or default_db()
         service = _open_service(args, WatchedService, durability=args.durability,
-                                lease_ms=args.lease_ms)
+                                lease_ms=args.lease_ms, **options)
         shown = redact_dsn(args.db)
     try:
         if isinstance(service, WatchedService):
@@ -461,15 +467,18 @@ def worker(args: argparse.Namespace) -> int:
             names = service.served_queues()
         else:
             names = setup_app(service, app)
+        print(f"serving {len(names)} queue(s) on {shown}: "
+              f"{', '.join(printable(n) for n in names)}", flush=True)
+        metrics_server = start_metrics(service, args.metrics_port)
     except BaseException:
         service.close()
         raise
-    print(f"serving {len(names)} queue(s) on {shown}: "
-          f"{', '.join(printable(n) for n in names)}", flush=True)
     while not shutdown.requested.wait(0.5):  # timed: an untimed wait misses Ctrl-C on Windows
         pass
     print("stopping: waiting for running tasks (a second SIGINT or SIGTERM exits at once)",
           file=sys.stderr, flush=True)
+    if metrics_server is not None:
+        metrics_server.shutdown()
     shutdown.close(service)
     print("stopped", file=sys.stderr, flush=True)
     return 0
@@ -600,10 +609,21 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+DB_ENV = "CALLBACKWORKER_DB"
+"""The environment variable naming the task database every ``--db``
+defaults to."""
+
+
+def default_db() -> str:
+    """``$CALLBACKWORKER_DB`` if set and not empty, else
+    ``callbackworker.db``."""
+    return os.environ.get(DB_ENV) or "callbackworker.db"
+
+
 def _add_db(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--db", default="callbackworker.db", metavar="PATH|URL",
+    p.add_argument("--db", default=default_db(), metavar="PATH|URL",
                    help="the task database: a SQLite file, or a postgresql:// URL "
-                        "(default: callbackworker.db)")
+                        f"(default: ${DB_ENV}, else callbackworker.db)")
 
 
 def _add_task_commands(sub: Any) -> None:
@@ -616,7 +636,8 @@ def _add_task_commands(sub: Any) -> None:
                                    "{queue: handler | {'handler': fn, <QueueConfig fields>}}.")
     p.add_argument("--db", default=None, metavar="PATH|URL",
                    help="the task database: a SQLite file, or a postgresql:// URL "
-                        "(default: callbackworker.db; not with a TaskService app)")
+                        f"(default: ${DB_ENV}, else callbackworker.db; not with a "
+                        "TaskService app)")
     p.add_argument("--app", required=True, metavar="MODULE:ATTR",
                    help="what defines the tasks, e.g. myapp.tasks:svc")
     p.add_argument("--durability", choices=["normal", "full"], default="normal",
@@ -630,13 +651,9 @@ def _add_task_commands(sub: Any) -> None:
                         f"the worker exits anyway (status {EXIT_ABANDONED}), leaving their "
                         "tasks to lease recovery (default: no limit; a second SIGINT or "
                         "SIGTERM also exits at once)")
-    p.add_argument("--log-level", choices=LEVELS, default="INFO", type=str.upper,
-                   help="the least severe log records printed on stderr: INFO shows each "
-                        "completed task, WARNING and ERROR each retried and failed one with "
-                        "its traceback (default: INFO)")
-    p.add_argument("--log-format", choices=FORMATS, default="text",
-                   help="text, or json: one object per line (time, level, logger, message, "
-                        "task fields, traceback) for log shippers (default: text)")
+    from .cli_tasks import add_commands, add_worker_options
+
+    add_worker_options(p)
     p.set_defaults(func=worker)
 
     p = sub.add_parser("enqueue", help="add a task to a persistent queue; prints its id",
@@ -672,6 +689,7 @@ def _add_task_commands(sub: Any) -> None:
     p.add_argument("--token-file", metavar="FILE",
                    help=f"file holding the bearer token (default: ${TOKEN_ENV})")
     p.set_defaults(func=serve)
+    add_commands(sub)
 
 
 def _build_parser() -> argparse.ArgumentParser:

@@ -45,7 +45,8 @@ def _wait_for_status(db: Path, task_id: str, statuses: List[str]) -> str:
     return status
 
 
-@pytest.mark.parametrize("command", ["worker", "enqueue", "task", "queues", "serve", "demo"])
+@pytest.mark.parametrize("command", ["worker", "enqueue", "task", "queues", "serve", "demo",
+                                     "tasks", "retry", "purge"])
 def test_every_command_has_help(command: str) -> None:
     out = cli(command, "--help")
     assert out.returncode == 0 and "usage:" in out.stdout

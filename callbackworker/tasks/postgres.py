@@ -416,11 +416,13 @@ class PostgresTaskStore(SQLTaskStore):
             for step in range(version, SCHEMA_VERSION):
                 for statement in _MIGRATIONS[step]:
                     conn.execute(statement)
-                log.info("PostgreSQL task schema migrated to version %d", step + 1)
             if version < SCHEMA_VERSION:
                 conn.execute("""INSERT INTO cbw_schema_version(version) VALUES (%s)
                                 ON CONFLICT (one) DO UPDATE SET version = excluded.version""",
                              (SCHEMA_VERSION,))
+                log.info("PostgreSQL task schema %s version %d",
+                         f"migrated from version {version} to" if version else "created at",
+                         SCHEMA_VERSION)
 
     # ---- wake-ups ------------------------------------------------------
 

@@ -256,9 +256,11 @@ class SQLiteTaskStore(SQLTaskStore):
         for step in range(version, SCHEMA_VERSION):
             for statement in _MIGRATIONS[step]:
                 db.execute(statement)
-            log.info("%s: task schema migrated to version %d", self.path, step + 1)
         if version < SCHEMA_VERSION:
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            log.info("%s: task schema %s version %d", self.path,
+                     f"migrated from version {version} to" if version else "created at",
+                     SCHEMA_VERSION)
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
