@@ -9,10 +9,15 @@ does.
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Iterator, List, NamedTuple
 
+import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.routing import Mount
@@ -500,3 +505,23 @@ def test_the_dashboard_reads_and_retries_on_each_backend(db: str) -> None:
             assert r.status_code == 303
             drain(service)
             assert '<dd id="status">completed</dd>' in http.get(f"/ui/tasks/{task_id}").text
+
+
+def test_serve_names_the_dashboard_and_serves_its_login_page(tmp_path: Path) -> None:
+    env = {**os.environ, "CALLBACKWORKER_TOKEN": "t" * 32}
+    proc = subprocess.Popen([sys.executable, "-m", "callbackworker", "serve", "--db",
+                             str(tmp_path / "t.db"), "--port", "0"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        proc.stdout.readline()
+        line = proc.stdout.readline().decode()
+        assert line.startswith("dashboard: http://127.0.0.1:"), line
+        url = line.split()[1]
+        r = httpx.get(url, timeout=10)
+        assert r.status_code == 303 and r.headers["location"] == "/ui/login"
+        assert 'type="password"' in httpx.get(url + "login", timeout=10).text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +29,8 @@ from helpers import wait_for
 webdriver = pytest.importorskip(
     "selenium.webdriver", reason="selenium is not installed: pip install -e '.[test]'")
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support import expected_conditions as page  # noqa: E402
+from selenium.webdriver.support.wait import WebDriverWait  # noqa: E402
 
 CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser"))), None)
 CHROMEDRIVER = shutil.which("chromedriver") or next(
@@ -48,12 +49,6 @@ class Site(NamedTuple):
     service: TaskService
     flaky: Any
     broken: Any
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _import_pipeline(x: int) -> dict:
@@ -91,22 +86,17 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     service.serve()
     token_file = tmp / "token"
     token_file.write_text(TOKEN)
-    port = _free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "callbackworker", "serve", "--db", str(db), "--port", str(port),
+        [sys.executable, "-m", "callbackworker", "serve", "--db", str(db), "--port", "0",
          "--token-file", str(token_file)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-
-    def answers() -> bool:
-        assert server.poll() is None, server.stderr.read().decode() if server.stderr else ""
-        try:
-            return httpx.get(url + "/ui/login", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
-
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        wait_for(answers, 30)
+        assert server.stdout is not None
+        server.stdout.readline()  # "serving callbacks for ... on http://127.0.0.1:PORT"
+        dashboard = server.stdout.readline().decode()
+        assert dashboard.startswith("dashboard: http://127.0.0.1:"), dashboard
+        url = dashboard.split()[1].removesuffix("/ui/")
+        assert httpx.get(url + "/ui/login", timeout=10).status_code == 200
         yield Site(url, service, flaky, broken)
     finally:
         server.terminate()
@@ -131,12 +121,19 @@ def browser(tmp_path: Path) -> Iterator[Any]:
         driver.quit()
 
 
+def _until(browser: Any, condition: Callable[[Any], Any]) -> Any:
+    """Waits (up to 30 s) for a click's navigation to reach ``condition``,
+    and returns what it found."""
+    return WebDriverWait(browser, 30).until(condition)
+
+
 def _log_in(browser: Any, site: Site) -> None:
     browser.get(site.url + "/ui/")
     assert browser.current_url == site.url + "/ui/login"
     browser.find_element(By.ID, "token").send_keys(TOKEN)
     browser.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
-    assert browser.current_url == site.url + "/ui/"
+    _until(browser, page.url_to_be(site.url + "/ui/"))
+    _until(browser, page.presence_of_element_located((By.CSS_SELECTOR, "table.queues")))
 
 
 def _failed(site: Site, enqueue: Callable[[], str]) -> str:
@@ -162,14 +159,15 @@ def test_log_in_see_the_traceback_press_retry_and_see_the_task_complete(
     task_id = _failed(site, lambda: site.flaky.enqueue(7))
     _log_in(browser, site)
     browser.find_element(By.CSS_SELECTOR, f'a[href="/ui/tasks/{task_id}"]').click()
-    traceback = browser.find_element(By.ID, "traceback").text
+    traceback = _until(browser, page.presence_of_element_located((By.ID, "traceback"))).text
     assert traceback.startswith("Traceback (most recent call last)")
     assert "ConnectionError: the upstream <API> timed out" in traceback
     assert browser.find_element(By.ID, "status").text == "failed"
 
     browser.find_element(By.ID, "retry").click()
-    assert browser.current_url.endswith(f"/ui/tasks/{task_id}?done=retried")
-    assert "The task is pending again." in browser.page_source
+    _until(browser, page.url_to_be(f"{site.url}/ui/tasks/{task_id}?done=retried"))
+    notice = _until(browser, page.presence_of_element_located((By.CSS_SELECTOR, ".flash.ok")))
+    assert notice.text == "The task is pending again."
 
     def completed() -> bool:
         browser.refresh()
