@@ -280,3 +280,10 @@ def test_worker_command_log_level_and_json_format(tmp_path: Path) -> None:
     lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
     assert [(line["level"], line["task_id"]) for line in lines] == [("ERROR", failing)]
     assert "ValueError: the ledger is out of balance" in lines[0]["traceback"]
+
+
+def test_the_demo_keeps_its_deliberate_task_failures_off_stderr() -> None:
+    out = subprocess.run([sys.executable, "-m", "callbackworker", "demo"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and "failed on attempt" not in out.stderr
+    assert "Traceback" not in out.stderr

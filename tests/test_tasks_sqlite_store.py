@@ -298,16 +298,21 @@ def test_the_claim_reads_the_claim_index_in_order(store: SQLiteTaskStore) -> Non
     assert "TEMP B-TREE" not in plan, plan
 
 
-@pytest.mark.parametrize("filters", [(), ("queue",), ("status",), ("name",),
-                                     ("queue", "status"), ("queue", "status", "name")])
-def test_listing_reads_an_index_in_order(store: SQLiteTaskStore,
-                                         filters: "tuple[str, ...]") -> None:
+@pytest.mark.parametrize("filters, status", [
+    ((), ""), (("queue",), ""), (("name",), ""), (("status",), "failed"),
+    (("status",), "completed"), (("queue", "status"), "failed"),
+    (("queue", "status"), "pending"), (("queue", "status", "name"), "failed")])
+def test_listing_reads_an_index_in_order(store: SQLiteTaskStore, filters: "tuple[str, ...]",
+                                         status: str) -> None:
     """``list_tasks``'s plan for every filter: a search of an index (or of
     the table's key), newest first, with no sort of every matching task, so
-    a page stops after ``limit`` rows."""
+    a page stops after ``limit`` rows; failed tasks through their own
+    index."""
     with sqlite3.connect(store.path) as db:
         plan = " / ".join(row[3] for row in db.execute(
-            "EXPLAIN QUERY PLAN " + listing(store.dialect, filters),
-            {"queue": "q", "status": "failed", "name": "fn", "before": 10, "limit": 5}))
+            "EXPLAIN QUERY PLAN " + listing(store.dialect, filters, status),
+            {"queue": "q", "name": "fn", "before": 10, "limit": 5}))
     assert "SEARCH tasks USING" in plan, plan
     assert "TEMP B-TREE" not in plan, plan
+    if status == "failed":
+        assert "USING INDEX tasks_failed" in plan, plan

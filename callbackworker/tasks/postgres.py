@@ -290,11 +290,13 @@ _MIGRATIONS: List[List[str]] = [
         "CREATE UNIQUE INDEX cbw_tasks_dedup ON cbw_tasks(queue, dedup_key) "
         "WHERE dedup_key IS NOT NULL AND status IN ('pending', 'running', 'suspended')",
     ],
-    # 4: listing tasks newest first by queue, status or task name.
+    # 4: listing tasks newest first by queue, task name, or failed tasks.
     [
         "CREATE INDEX cbw_tasks_by_queue ON cbw_tasks(queue, seq)",
-        "CREATE INDEX cbw_tasks_by_status ON cbw_tasks(status, seq)",
         "CREATE INDEX cbw_tasks_by_name ON cbw_tasks(name, seq) WHERE name IS NOT NULL",
+        "CREATE INDEX cbw_tasks_failed ON cbw_tasks(seq) WHERE status = 'failed'",
+        "CREATE INDEX cbw_tasks_failed_by_queue ON cbw_tasks(queue, seq) "
+        "WHERE status = 'failed'",
     ],
 ]
 

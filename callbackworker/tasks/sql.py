@@ -137,9 +137,12 @@ STATEMENTS: Dict[str, str] = {
                    AND finished_at < CASE status WHEN {FAILED} THEN :failed_before{as_bigint}
                                                  ELSE :before{as_bigint} END""",
     # Listing, newest first: the filters the call gives are appended
-    # (``LIST_FILTERS``), then ``list_order``; each filter has an index
-    # ending in seq (migration 4), so a page reads no more rows than it
-    # shows when the filters are selective, and stops early when not.
+    # (``LIST_FILTERS``), then ``list_order``.  Every row is read newest
+    # first from an index ending in seq (migration 4) or from the key, so
+    # a page stops after ``limit`` matches: a queue's or a task function's
+    # through its index, failed tasks through theirs (the status is
+    # written as a literal so that the partial index applies), others by
+    # the key, quickly where the status is common among recent tasks.
     "list_tasks": f"SELECT {_TASK_FIELDS} FROM {{tasks}} WHERE seq < :before",
     "list_order": " ORDER BY seq DESC LIMIT :limit",
     "task_seq": "SELECT seq FROM {tasks} WHERE id = :id",
@@ -190,16 +193,19 @@ STATEMENTS: Dict[str, str] = {
 """Every statement the stores share, by name, in the dialect-neutral form
 ``Dialect.sql`` renders."""
 
-LIST_FILTERS: Dict[str, str] = {column: f" AND {column} = :{column}"
-                                for column in ("queue", "status", "name")}
+LIST_FILTERS: Dict[str, str] = {"queue": " AND queue = :queue", "name": " AND name = :name",
+                                "status": " AND status = {status}"}
 """The filters of ``list_tasks``, appended to its statement when given."""
 
 
-def listing(dialect: "Dialect", filters: Tuple[str, ...]) -> str:
+def listing(dialect: "Dialect", filters: Tuple[str, ...], status: str = "") -> str:
     """The ``list_tasks`` statement with the ``filters`` (keys of
-    ``LIST_FILTERS``) given, rendered in ``dialect``."""
-    return dialect.render(STATEMENTS["list_tasks"] + "".join(LIST_FILTERS[f] for f in filters)
-                          + STATEMENTS["list_order"])
+    ``LIST_FILTERS``) given, rendered in ``dialect``; ``status`` (a
+    ``TaskStatus`` value, else ``ValueError``) when they include it."""
+    text = "".join(LIST_FILTERS[f] for f in filters)
+    if "status" in filters:
+        text = text.replace("{status}", literal(TaskStatus(status)))
+    return dialect.render(STATEMENTS["list_tasks"] + text + STATEMENTS["list_order"])
 
 _PLACEHOLDER = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
 
@@ -456,7 +462,8 @@ class SQLTaskStore(TaskStore):
         params: Dict[str, Any] = {"queue": queue, "status": status, "name": name}
         given = tuple(column for column in LIST_FILTERS if params[column] is not None)
         params.update(before=before, limit=limit)
-        return [TaskRecord(*row) for row in self._query(listing(self.dialect, given), params)]
+        sql = listing(self.dialect, given, status or "")
+        return [TaskRecord(*row) for row in self._query(sql, params)]
 
     def retry_task(self, task_id: str, now: int) -> Optional[str]:
         """See ``TaskStore.retry_task``.  One transaction reads the task

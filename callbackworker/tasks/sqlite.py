@@ -148,11 +148,14 @@ _MIGRATIONS: List[List[str]] = [
         "CREATE UNIQUE INDEX tasks_dedup ON tasks(queue, dedup_key) "
         "WHERE dedup_key IS NOT NULL AND status IN ('pending', 'running', 'suspended')",
     ],
-    # 4: listing tasks newest first by queue, status or task name.
+    # 4: listing tasks newest first by queue, task name, or failed tasks
+    # (the listing names the status as a literal, so the partial index
+    # applies).
     [
         "CREATE INDEX tasks_by_queue ON tasks(queue, seq)",
-        "CREATE INDEX tasks_by_status ON tasks(status, seq)",
         "CREATE INDEX tasks_by_name ON tasks(name, seq) WHERE name IS NOT NULL",
+        "CREATE INDEX tasks_failed ON tasks(seq) WHERE status = 'failed'",
+        "CREATE INDEX tasks_failed_by_queue ON tasks(queue, seq) WHERE status = 'failed'",
     ],
 ]
 
