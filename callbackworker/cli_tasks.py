@@ -50,7 +50,7 @@ def add_worker_options(p: argparse.ArgumentParser) -> None:
                         "(needs callbackworker[metrics]; 0 picks a free port)")
 
 
-def worker_service_options(args: argparse.Namespace, own_service: bool) -> Dict[str, int]:
+def worker_service_options(args: argparse.Namespace, own_service: bool) -> Dict[str, Any]:
     """The ``TaskService`` options ``--prefetch`` and ``--poll-ms`` ask for;
     a usage ``CommandError`` when the app opened its own service
     (``own_service``), which they cannot change."""

@@ -454,6 +454,13 @@ class StorageContract:
         assert [r.id for r in store.list_tasks()] == ["t3"]
         assert store.purge("q", "cancelled", 10) == 0
 
+    def test_purge_refuses_an_unfinished_status(self, store: TaskStore) -> None:
+        store.ensure_queue("q")
+        _enqueue(store, "q", 1)
+        with pytest.raises(ValueError, match="only finished tasks are purged"):
+            store.purge("q", "pending", 10)
+        assert store.get("t0") is not None
+
     def test_purge_deletes_the_tasks_durable_state(self, store: TaskStore) -> None:
         task = _claimed_one(store)
         store.durable_record(task.id, 0, "step", "a", b"v")

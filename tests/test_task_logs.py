@@ -287,3 +287,33 @@ def test_the_demo_keeps_its_deliberate_task_failures_off_stderr() -> None:
                          text=True, timeout=120)
     assert out.returncode == 0 and "failed on attempt" not in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_worker_on_postgresql_logs_no_password_even_at_debug(tmp_path: Path) -> None:
+    pytest.importorskip("psycopg", reason="psycopg 3 is not installed")
+    from pg_server import PostgresCluster, find_bindir
+
+    bindir = find_bindir()
+    if bindir is None or sys.platform == "win32":
+        pytest.skip("needs the PostgreSQL server programs for a cluster with password auth")
+    cluster = PostgresCluster(bindir).start()
+    try:
+        cluster.require_password("PWSECRET-42")
+        dsn = cluster.dsn.replace("://cbw@", "://cbw:PWSECRET-42@")
+        proc = subprocess.Popen([sys.executable, "-m", "callbackworker", "worker", "--db", dsn,
+                                 "--app", "task_apps:crash", "--log-level", "DEBUG"],
+                                env=dict(os.environ, PYTHONPATH=str(TESTS)),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().startswith("serving")
+            with TaskService(dsn) as producer:
+                ok, bad = producer.enqueue_many("crash", [b"ok", b"fail"])
+                assert producer.result(ok, timeout_ms=30_000) == "done 1"
+                with pytest.raises(Exception):
+                    producer.result(bad, timeout_ms=30_000)
+        finally:
+            err = _stop(proc)
+    finally:
+        cluster.stop()
+    assert "failed on attempt 3" in err and "started" in err  # DEBUG and ERROR records
+    assert "PWSECRET" not in err

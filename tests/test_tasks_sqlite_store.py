@@ -316,3 +316,13 @@ def test_listing_reads_an_index_in_order(store: SQLiteTaskStore, filters: "tuple
     assert "TEMP B-TREE" not in plan, plan
     if status == "failed":
         assert "USING INDEX tasks_failed" in plan, plan
+
+
+def test_a_purge_of_failed_tasks_reads_their_index(store: SQLiteTaskStore) -> None:
+    """A batch of a purge of failed tasks finds them through their partial
+    index, not by walking the queue's other tasks."""
+    with sqlite3.connect(store.path) as db:
+        plan = " / ".join(row[3] for row in db.execute(
+            "EXPLAIN QUERY PLAN " + store.dialect.sql("purge_failed"),
+            {"queue": "q", "limit": 5}))
+    assert "USING INDEX tasks_failed_by_queue" in plan, plan

@@ -14,7 +14,8 @@ DSN is opened, as its driver, psycopg 3, is the optional extra
 ``callbackworker[postgres]``), ``durablestore`` the durable logs in a task
 store.  ``functions`` makes Python functions tasks (``@svc.task``),
 ``results`` waits for their outcomes and ``progress`` records their
-progress.
+progress.  ``events`` logs what happens to tasks and tells observers
+(``callbackworker.metrics``).
 """
 
 from __future__ import annotations

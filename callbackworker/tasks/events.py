@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
-from typing import Any, Dict, List, Optional, Protocol
+from typing import Any, Dict, List, Optional, Protocol, Tuple
 
 __all__ = ["TaskEvents", "TaskObserver", "LOGGER_NAME"]
 
@@ -114,7 +114,7 @@ class TaskEvents:
         if log.isEnabledFor(level):
             if outcome == "complete":
                 text = "task %s%s completed in %.0f ms (queue %r, attempt %d)"
-                args: tuple = (task_id, _called(name), seconds * 1000, queue, attempt)
+                args: Tuple[object, ...] = (task_id, _called(name), seconds * 1000, queue, attempt)
             elif outcome in ("retry", "fail"):
                 text = ("task %s%s failed on attempt %d (queue %r); "
                         + ("it will be retried: %s" if outcome == "retry" else "no retry: %s"))

@@ -152,10 +152,12 @@ STATEMENTS: Dict[str, str] = {
     "retry_task": """UPDATE {tasks} SET status = {PENDING}, next_run_at = :now, attempt = 0,
                             finished_at = NULL, result = NULL, progress = NULL, awaiting = NULL
                      WHERE id = :id AND status IN {RETRYABLE}""",
-    # One batch of a purge, oldest first.
-    "purge": """DELETE FROM {tasks} WHERE seq IN (
-                    SELECT seq FROM {tasks} WHERE queue = :queue AND status = :status
-                    ORDER BY seq LIMIT :limit)""",
+    # One batch of a purge, oldest first, one statement per finished
+    # status: the status is a literal, so failed tasks' partial index
+    # applies.
+    **{f"purge_{status.value}": f"""DELETE FROM {{tasks}} WHERE seq IN (
+                    SELECT seq FROM {{tasks}} WHERE queue = :queue AND status = {{{status.name}}}
+                    ORDER BY seq LIMIT :limit)""" for status in TERMINAL},
     "durable_ops": "SELECT kind, name, value FROM {ops} WHERE task_id = :task_id ORDER BY seq",
     # Durable rows are refused for a task that does not exist: the insert
     # adds nothing (and a foreign key, where there is one, catches a task
@@ -493,7 +495,9 @@ class SQLTaskStore(TaskStore):
             raise TaskNotRetryableError(task_id, "failed", holder="") from None
 
     def purge(self, queue: str, status: str, limit: int) -> int:
-        return self._rowcount("purge", {"queue": queue, "status": status, "limit": limit})
+        if status not in TERMINAL:
+            raise ValueError(f"only finished tasks are purged, not {status!r} ones")
+        return self._rowcount(f"purge_{status}", {"queue": queue, "limit": limit})
 
     # ---- durable operation logs and callbacks ------------------------------
 
