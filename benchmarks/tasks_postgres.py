@@ -8,7 +8,8 @@ times until the database says every task is done.  Medians of ``--runs``.
 Systems, each in a fresh schema (PostgreSQL) or file (SQLite):
 
 * ``cbw-pg``: ``TaskService`` on PostgreSQL, queue concurrency 4 per
-  process, ``prefetch=0`` (the default) and ``prefetch=64``.
+  process, default settings (prefetch: the queue's concurrency), then
+  ``prefetch=0`` and ``prefetch=64``.
 * ``cbw-sqlite``: the same on one SQLite file (``durability="normal"``).
 * ``procrastinate``: procrastinate's worker on the same server, concurrency
   4 per process, an ``async`` no-op task (skipped, saying so, unless
@@ -52,7 +53,7 @@ def _noop(payload: memoryview) -> str:
 
 # ---- worker processes --------------------------------------------------------
 
-def _cbw_worker(dsn: str, prefetch: int, ready: Any, go: Any, stop: Any) -> None:
+def _cbw_worker(dsn: str, prefetch: Optional[int], ready: Any, go: Any, stop: Any) -> None:
     with TaskService(dsn, prefetch=prefetch) as service:
         ready.set()
         go.wait()
@@ -123,10 +124,12 @@ def _procrastinate_prepare(dsn: str, n: int) -> Callable[[], int]:
     return done
 
 
-SYSTEMS: Dict[str, Tuple[Callable[..., None], Callable[[str, int], Callable[[], int]], int]] = {
-    "cbw-pg": (_cbw_worker, _cbw_prepare, 0),
+SYSTEMS: Dict[str, Tuple[Callable[..., None], Callable[[str, int], Callable[[], int]],
+                         Optional[int]]] = {
+    "cbw-pg": (_cbw_worker, _cbw_prepare, None),
+    "cbw-pg-prefetch0": (_cbw_worker, _cbw_prepare, 0),
     f"cbw-pg-prefetch{PREFETCH}": (_cbw_worker, _cbw_prepare, PREFETCH),
-    "cbw-sqlite": (_cbw_worker, _cbw_prepare, 0),
+    "cbw-sqlite": (_cbw_worker, _cbw_prepare, None),
     f"cbw-sqlite-prefetch{PREFETCH}": (_cbw_worker, _cbw_prepare, PREFETCH),
     "procrastinate": (_procrastinate_worker, _procrastinate_prepare, 0),
 }

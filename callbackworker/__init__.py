@@ -20,6 +20,9 @@ The module-level functions (``callbackworker.start``, ``callbackworker.wait``,
 
 from __future__ import annotations
 
+# First, before anything loads the compiled module: importing _gilcheck
+# refuses a free-threaded interpreter running without the GIL.
+from . import _gilcheck  # noqa: F401
 from . import asyncmeta
 from ._default import FUNCTIONS as _FUNCTIONS
 from ._default import default_worker
@@ -77,6 +80,7 @@ start = _FUNCTIONS["start"]
 start_text = _FUNCTIONS["start_text"]
 start_many = _FUNCTIONS["start_many"]
 wait = _FUNCTIONS["wait"]
+wait_many = _FUNCTIONS["wait_many"]
 wait_complete = _FUNCTIONS["wait_complete"]
 take = _FUNCTIONS["take"]
 take_blob = _FUNCTIONS["take_blob"]

@@ -40,8 +40,8 @@ def _forward(name: str) -> Callable[..., Any]:
 
 
 VERBS = (
-    "start", "start_text", "start_many", "wait", "wait_complete", "take", "take_blob",
-    "cancel", "phase", "phase_text", "status", "status_text", "state", "error_text",
+    "start", "start_text", "start_many", "wait", "wait_many", "wait_complete", "take",
+    "take_blob", "cancel", "phase", "phase_text", "status", "status_text", "state", "error_text",
     "job_known", "job_timeout", "job_has_blob_result", "job_blob_result_size", "job_meta",
     "info", "capabilities", "close", "open_route", "close_route", "wait_drained",
     "route_meta", "route_info", "progress", "query",

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Dict, Optional
 
 from . import jobcontext as _progress
-from ._native import ffi, lib, raise_for
+from ._native import current_table, ffi, lib, raise_for
 from ._validate import check_id, check_key, may_be_job_id
 from .asyncmeta import JobMetaKey, Phase
 from .errors import failure_for_status
@@ -131,6 +131,13 @@ class JobQueries:
         if not self.job_known(jid):
             raise_for(lib.CBW_EUNKNOWN, jid)
         tag = self._progress.get(jid)
+        if tag is None:
+            # The job's own callback may ask before start() has recorded the
+            # job (an idle route starts its first job at once): its run
+            # carries the tag.
+            run = lib.cbw_current_run()
+            if run != ffi.NULL and run.id == jid and current_table() is self._table:
+                tag = run.tag or None
         return None if tag is None else _progress.STATES.get(tag)
 
     def progress(self: "Worker", job_id: int) -> Any:

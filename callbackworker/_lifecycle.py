@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import atexit
 import os
+import threading
 import weakref
 from typing import Any, Callable, List
 
 from . import _native
 from ._native import lib
 
-__all__ = ["live_workers", "live_services", "on_fork_in_child", "EXIT_GRACE_MS"]
+__all__ = ["live_workers", "live_services", "on_fork_in_child", "off_the_main_thread", "EXIT_GRACE_MS"]
 
 EXIT_GRACE_MS = 200
 """How long exit waits for a worker's busy threads before abandoning them."""
@@ -72,3 +73,30 @@ def _after_fork_in_child() -> None:
 atexit.register(_close_all_at_exit)
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def off_the_main_thread(call: Callable[[], int]) -> int:
+    """Runs ``call`` (a close, which may wait long for running callbacks) on
+    a thread of its own while the main thread waits for it, so that Ctrl-C
+    interrupts the wait: the ``KeyboardInterrupt`` reaches the caller at
+    once and the close goes on in the background (a later ``close()``
+    waits for it).  Where no thread can start (interpreter shutdown), the
+    call runs here."""
+    outcome: List[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, call()))
+        except BaseException as exc:  # handed to the waiting caller
+            outcome.append((False, exc))
+
+    closer = threading.Thread(target=run, name="callbackworker-close", daemon=True)
+    try:
+        closer.start()
+    except RuntimeError:  # "can't create new thread at interpreter shutdown"
+        return call()
+    closer.join()
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value  # type: ignore[no-any-return]

@@ -9,13 +9,24 @@ callback's timeout.
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Dict, NoReturn, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, NoReturn, Optional, Tuple
 
 from ._native import CallbackTable, ffi, lib, raise_for
-from .durable import DurableBackend, DurableRun, MemoryDurableStore, SuspendJob
+from .durable import (
+    DurableBackend,
+    DurableRun,
+    MemoryDurableStore,
+    SuspendJob,
+    check_callback_id,
+    check_error,
+    check_result,
+)
 from .errors import CallbackWorkerError
 
-__all__ = ["MemoryDurableBackend"]
+if TYPE_CHECKING:
+    from .worker import Worker
+
+__all__ = ["MemoryDurableBackend", "DurableSignals"]
 
 
 class MemoryDurableBackend(DurableBackend):
@@ -79,3 +90,34 @@ class MemoryDurableBackend(DurableBackend):
         rc = lib.cbw_job_wake(self.native, int(rec.owner), wake)
         if rc < 0 and rc != lib.CBW_EUNKNOWN:
             raise_for(rc, int(rec.owner))
+
+
+class DurableSignals:
+    """The ``Worker`` verbs that signal its durable jobs' callbacks from
+    outside (a mixin of ``Worker``): they go to the worker's durable
+    backend."""
+
+    def send_callback_success(self: "Worker", callback_id: str, result: bytes) -> None:
+        """Signals success: the suspended job is replayed and its
+        ``callback_result`` returns ``result`` (bytes-like, at most 1 MiB).
+        Raises ``UnknownCallbackError`` for an id never issued and
+        ``CallbackAlreadyCompletedError`` once the callback has succeeded,
+        failed, timed out or its job ended (a duplicate is never applied)."""
+        self._signal(check_callback_id(callback_id), "succeeded", check_result(result), None)
+
+    def send_callback_failure(self: "Worker", callback_id: str, error: str) -> None:
+        """Signals failure: the job's ``callback_result`` raises
+        ``CallbackFailedError`` carrying ``error``.  Errors as
+        ``send_callback_success``."""
+        self._signal(check_callback_id(callback_id), "failed", None, check_error(error))
+
+    def send_callback_heartbeat(self: "Worker", callback_id: str) -> None:
+        """Tells a callback with ``heartbeat_timeout_ms`` that the outside
+        system is still at work: its heartbeat deadline moves to now plus
+        that interval.  Errors as ``send_callback_success``."""
+        self._signal(check_callback_id(callback_id), "pending", None, None)
+
+    def _signal(self: "Worker", callback_id: str, state: str, result: Optional[bytes],
+                error: Optional[str]) -> None:
+        self._check_open()
+        self._table.durable.signal(callback_id, state, result, error)

@@ -12,7 +12,8 @@ place):
               ThreadPoolExecutor(max_workers=1) (submit a bytearray copy,
               then result()) and vs a bare loop (copy into a bytearray, call
               the callback): the floor for Python callbacks
-* batch       the same through start_many
+* batch       the same through start_many, waiting each job with wait, and
+              with wait_many (every response in a few core calls)
 * latency     start + wait of one job, repeated: median and p99 vs
               ThreadPoolExecutor's submit + result()
 * blobs       1 MiB requests: jobs/s and GB/s vs ThreadPoolExecutor
@@ -24,6 +25,11 @@ place):
               trivial calls, then result() of each; and the ceiling of any
               Executor returning concurrent.futures.Future objects: those
               futures' own lifecycle, with nothing run
+* first-call  an idle pool's first call under a producer that keeps
+              submitting: the time from its submit to its start, for the
+              Executor and for start() vs ThreadPoolExecutor(1) (each pool
+              has run one call and idled 20 ms first; the median of 4
+              samples per run)
 * progress    the plain start/wait path, run next to the same jobs started
               with an on_progress callback that is never called: the
               plain path must not pay for the feature
@@ -33,7 +39,13 @@ place):
               database), vs huey's SqliteHuey (thread consumer) and
               persist-queue's SQLiteAckQueue (get/ack on a consumer thread);
               a baseline that is not installed (``pip install
-              '.[bench]'``) is skipped with a message
+              '.[bench]'``) is skipped with a message; end-to-end runs
+              default settings, then enqueue_many, then prefetch 256
+* task-wakeups  enqueue -> handler start across processes with an idle
+              worker (default settings): p50 and p99 on SQLite and, with
+              ``CBW_PG_DSN`` set, on PostgreSQL; and the idle worker's CPU
+              share over 10 s (getrusage in the worker).  The target is
+              absolute; polling alone would wait up to ``poll_ms``
 """
 
 from __future__ import annotations
@@ -44,11 +56,10 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 from .executor import Executor
 from .worker import Worker
@@ -94,6 +105,14 @@ def cbw_start_many(n: int) -> float:
         ids = w.start_many(touch, reqs)
         for job in ids:
             wait(job)
+        return n / (time.perf_counter() - t0)
+
+
+def cbw_start_many_wait_many(n: int) -> float:
+    with Worker() as w:
+        reqs = [REQUEST] * n
+        t0 = time.perf_counter()
+        w.wait_many(w.start_many(touch, reqs))
         return n / (time.perf_counter() - t0)
 
 
@@ -257,6 +276,46 @@ def future_lifecycle_rate(n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
+FIRST_CALL_IDLE_S = 0.02
+FIRST_CALL_CAP_S = 0.1
+FIRST_CALL_SAMPLES = 4  # per run: one sample is one wake-up, and wake-ups scatter
+
+
+def first_call_latency(kind: str) -> float:
+    """Seconds from the submit of an idle pool's first call to its start,
+    while the producer keeps submitting (until that call starts, at most
+    FIRST_CALL_CAP_S)."""
+    started = [0.0]
+
+    def first(*_: object) -> None:
+        started[0] = time.perf_counter()
+
+    def other(*_: object) -> None:
+        pass
+
+    if kind == "start":
+        with Worker() as w:
+            w.wait(w.start(other, REQUEST))
+            time.sleep(FIRST_CALL_IDLE_S)
+            t0 = time.perf_counter()
+            ids = [w.start(first, REQUEST)]
+            while not started[0] and time.perf_counter() - t0 < FIRST_CALL_CAP_S:
+                ids.append(w.start(other, REQUEST))
+            w.wait_many(ids)
+        return (started[0] or time.perf_counter()) - t0
+    ex = Executor(max_workers=1) if kind == "cbw" else ThreadPoolExecutor(max_workers=1)
+    with ex:
+        ex.submit(other).result()
+        time.sleep(FIRST_CALL_IDLE_S)
+        t0 = time.perf_counter()
+        futures = [ex.submit(first)]
+        while not started[0] and time.perf_counter() - t0 < FIRST_CALL_CAP_S:
+            futures.append(ex.submit(other))
+        for f in futures:
+            f.result()
+    return (started[0] or time.perf_counter()) - t0
+
+
 def progress_tracked(n: int) -> float:
     """The throughput workload with progress tracking switched on."""
     def ignore(job_id: int, data: object) -> None:
@@ -271,164 +330,10 @@ def progress_tracked(n: int) -> float:
         return n / (time.perf_counter() - t0)
 
 
-# ---- persistent task queues ---------------------------------------------
-
-TASK_PAYLOAD = b"task payload 16b"
-
-
-def _task_done(payload: memoryview) -> str:
-    return "ok"
-
-
-def tasks_rate(kind: str, n: int, end_to_end: bool) -> float:
-    """Tasks/s for one run on a fresh SQLite file: enqueue only, or enqueue
-    plus the handler until every task is completed in the database."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "bench.db")
-        return _TASK_RUNNERS[kind](path, n, end_to_end)
-
-
-def _cbw_tasks(path: str, n: int, end_to_end: bool, prefetch: int = 0,
-               batch: bool = False) -> float:
-    from .tasks import QueueConfig, TaskService
-
-    done = threading.Event()
-    left = [n]
-    lock = threading.Lock()
-
-    def handler(payload: memoryview) -> str:
-        with lock:
-            left[0] -= 1
-            if left[0] == 0:
-                done.set()
-        return "ok"
-
-    with TaskService(path, background=end_to_end, prefetch=prefetch) as service:
-        service.create_queue("bench", QueueConfig(), handler=handler)
-        enqueue, payload = service.enqueue, TASK_PAYLOAD
-        t0 = time.perf_counter()
-        if batch:
-            service.enqueue_many("bench", [payload] * n)
-        else:
-            for _ in range(n):
-                enqueue("bench", payload)
-        if end_to_end:
-            done.wait()
-            service.flush()  # completed means committed
-        elapsed = time.perf_counter() - t0
-    return n / elapsed
-
-
-def _huey_tasks(path: str, n: int, end_to_end: bool) -> float:
-    import logging
-
-    from huey import SqliteHuey
-
-    logging.getLogger("huey").setLevel(logging.WARNING)
-    huey = SqliteHuey(filename=path, results=False)
-    done = threading.Event()
-    left = [n]
-
-    @huey.task()
-    def job(payload: bytes) -> str:
-        left[0] -= 1
-        if left[0] == 0:
-            done.set()
-        return "ok"
-
-    consumer = huey.create_consumer(workers=1, worker_type="thread", initial_delay=0.001,
-                                    max_delay=0.01) if end_to_end else None
-    if consumer is not None:
-        consumer.start()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        job(TASK_PAYLOAD)
-    if consumer is not None:
-        done.wait()
-    elapsed = time.perf_counter() - t0
-    if consumer is not None:
-        consumer.stop(graceful=True)
-    return n / elapsed
-
-
-def _persistqueue_tasks(path: str, n: int, end_to_end: bool) -> float:
-    from persistqueue import SQLiteAckQueue
-
-    queue = SQLiteAckQueue(path, multithreading=True, auto_commit=True)
-    done = threading.Event()
-
-    def consume() -> None:
-        for _ in range(n):
-            item = queue.get()
-            _task_done(memoryview(item))
-            queue.ack(item)
-        done.set()
-
-    consumer: Optional[threading.Thread] = None
-    if end_to_end:
-        consumer = threading.Thread(target=consume, daemon=True)
-        consumer.start()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        queue.put(TASK_PAYLOAD)
-    if consumer is not None:
-        done.wait()
-    return n / (time.perf_counter() - t0)
-
-
-TASK_PREFETCH = 256
-
-_TASK_RUNNERS: Dict[str, Callable[[str, int, bool], float]] = {
-    "cbw": _cbw_tasks,
-    "cbw-prefetch": lambda path, n, e2e: _cbw_tasks(path, n, e2e, prefetch=TASK_PREFETCH),
-    "cbw-batch": lambda path, n, e2e: _cbw_tasks(path, n, e2e, prefetch=TASK_PREFETCH, batch=True),
-    "huey": _huey_tasks,
-    "persistqueue": _persistqueue_tasks,
-}
-_TASK_VARIANTS = {
-    False: [("cbw", "enqueue, one per call"), ("cbw-batch", "enqueue_many")],
-    True: [("cbw", "end-to-end, prefetch 0 (default)"),
-           ("cbw-prefetch", f"end-to-end, prefetch {TASK_PREFETCH}"),
-           ("cbw-batch", f"end-to-end, enqueue_many, prefetch {TASK_PREFETCH}")],
-}
-_TASK_BASELINES = [("huey", "huey", "SqliteHuey"), ("persistqueue", "persistqueue", "SQLiteAckQueue")]
-
-
-def _installed(module: str) -> bool:
-    try:
-        __import__(module)
-    except ImportError:
-        return False
-    return True
-
-
-def bench_tasks(n: int, runs: int, rows: List[Tuple[str, str, str, str]],
-                figures: Dict[str, float]) -> None:
-    """Each baseline runs its own one-call-per-task API; every variant of
-    ours is compared with the same baseline figures."""
-    baselines = [(kind, label) for kind, module, label in _TASK_BASELINES if _installed(module)]
-    for kind, module, label in _TASK_BASELINES:
-        if not _installed(module):
-            print(f"  (skipped {label}: {module} is not installed; pip install '.[bench]')",
-                  flush=True)
-    for end_to_end in (False, True):
-        mode = "end-to-end" if end_to_end else "enqueue"
-        base = {kind: _median_rate(lambda: tasks_rate(kind, n, end_to_end), runs, f"{label} {mode}")
-                for kind, label in baselines}
-        for kind, label in baselines:
-            figures[f"{kind}_{mode}_per_s"] = base[kind]
-        for variant, what in _TASK_VARIANTS[end_to_end]:
-            ours = _median_rate(lambda: tasks_rate(variant, n, end_to_end), runs, f"tasks {what}")
-            figures[f"tasks_{variant}_{mode}_per_s"] = ours
-            _row(rows, f"{what}, {n:,}", f"{ours:,.0f}/s", "", "")
-            for kind, label in baselines:
-                _row(rows, f"  vs {label}", "", f"{base[kind]:,.0f}/s", f"{ours / base[kind]:.1f}x")
-
-
 # ---- driver -----------------------------------------------------------
 
 SECTIONS = ["throughput", "batch", "latency", "blobs", "memory", "scaling", "close",
-            "executor", "progress", "tasks"]
+            "executor", "first-call", "progress", "tasks", "task-wakeups"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -476,6 +381,10 @@ def main(args: argparse.Namespace) -> int:
             figures["start_many_per_s"] = ours
             _row(rows, "start_many vs bare Python loop", f"{ours:,.0f}/s", f"{bare:,.0f}/s", f"{ours / bare:.0%}")
             _row(rows, "start_many vs TPE(1)", f"{ours:,.0f}/s", f"{tpe:,.0f}/s", f"{ours / tpe:.1f}x")
+            ours = _median_rate(lambda: cbw_start_many_wait_many(n), runs, "start_many + wait_many")
+            figures["start_many_wait_many_per_s"] = ours
+            _row(rows, "start_many + wait_many vs bare Python loop", f"{ours:,.0f}/s",
+                 f"{bare:,.0f}/s", f"{ours / bare:.0%}")
 
     if "latency" in want:
         ours_l = [cbw_latency(lat_n) for _ in range(runs)]
@@ -530,6 +439,18 @@ def main(args: argparse.Namespace) -> int:
         _row(rows, "  ceiling: Future lifecycle alone, vs TPE(1)", f"{floor:,.0f}/s",
              f"{base:,.0f}/s", f"{floor / base:.1f}x")
 
+    if "first-call" in want:
+        samples = {kind: [first_call_latency(kind) * 1e3 for _ in range(runs * FIRST_CALL_SAMPLES)]
+                   for kind in ("cbw", "start", "tpe")}
+        _progress("first-call done")
+        first = {kind: statistics.median(v) for kind, v in samples.items()}
+        figures.update(first_call_executor_ms=first["cbw"], first_call_start_ms=first["start"],
+                       tpe_first_call_ms=first["tpe"])
+        _row(rows, "first call starts, producer submitting", f"{first['cbw']:.2f} ms",
+             f"{first['tpe']:.2f} ms", f"{first['cbw'] / first['tpe']:.2f}")
+        _row(rows, "  same through start(), vs TPE(1)", f"{first['start']:.2f} ms",
+             f"{first['tpe']:.2f} ms", f"{first['start'] / first['tpe']:.2f}")
+
     if "progress" in want:
         plain = _median_rate(lambda: cbw_one_at_a_time(n), runs, "no progress")
         tracked = _median_rate(lambda: progress_tracked(n), runs, "progress tracked")
@@ -537,8 +458,14 @@ def main(args: argparse.Namespace) -> int:
         _row(rows, "jobs started with on_progress vs plain jobs", f"{tracked:,.0f}/s", f"{plain:,.0f}/s",
              f"{tracked / plain:.2f}")
 
+    if "tasks" in want or "task-wakeups" in want:
+        from .bench_tasks import bench_task_wakeups, bench_tasks
     if "tasks" in want:
         bench_tasks(task_n, runs, rows, figures)
+
+    if "task-wakeups" in want:
+        bench_task_wakeups(30 if args.quick else 200, runs, rows, figures,
+                           idle_s=1.0 if args.quick else 10.0)
 
     if args.json:
         with open(args.json, "w") as f:

@@ -7,6 +7,7 @@ Subcommands:
   enqueue  add a task to a persistent queue; prints its id
   task     show a task's status, message and attempt
   queues   a table of task counts per queue and status
+  schedules  the periodic schedules in the database, their specs and next runs
   serve    the HTTP endpoint outside systems signal durable callbacks through,
            with metrics and the web dashboard
   tasks    list tasks, newest first, filtered (cli_tasks.py)
@@ -37,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import datetime, timezone
 from typing import Any, Callable, List, Optional, Sequence, TypeVar
 
 from . import Worker
@@ -522,6 +524,38 @@ def queues(args: argparse.Namespace) -> int:
     return 0
 
 
+OVERDUE_MS = 60_000
+"""How late a schedule's next run must be for ``schedules`` to call it
+overdue: no service has run it (all stopped, or no code registers it any
+more)."""
+
+
+def _utc(at_ms: int) -> str:
+    return datetime.fromtimestamp(at_ms / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def schedules(args: argparse.Namespace) -> int:
+    """Lists the stored periodic schedules, or removes one (``--remove``)."""
+    with _open_service(args, TaskService, must_exist=True) as service:
+        if args.remove is not None:
+            if not service.client.remove_schedule(args.remove):
+                raise CommandError(f"no schedule named {printable(args.remove)!r}: "
+                                   "`callbackworker schedules` lists them")
+            print(f"removed schedule {printable(args.remove)!r}")
+            return 0
+        rows = service.client.stored_schedules()
+    now = int(time.time() * 1000)
+    table = [("name", "spec", "queue", "task", "last tick (UTC)", "next run (UTC)")]
+    for r in rows:
+        late = " overdue" if r.next_run_at < now - OVERDUE_MS else ""
+        table.append((printable(r.name), printable(r.spec), printable(r.queue),
+                      printable(r.task), _utc(r.last_tick), _utc(r.next_run_at) + late))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
 TOKEN_ENV = "CALLBACKWORKER_TOKEN"
 
 MIN_TOKEN_CHARS = 32
@@ -684,6 +718,19 @@ def _add_task_commands(sub: Any) -> None:
                                    "per queue.")
     _add_db(p)
     p.set_defaults(func=queues)
+
+    p = sub.add_parser("schedules", help="the periodic schedules, their specs and next runs",
+                       description="A table of the periodic schedules stored in the database: "
+                                   "name, spec, queue, task, last tick (the last one "
+                                   "enqueued, or the one before the schedule was registered) "
+                                   "and next run (UTC). A next run "
+                                   f"more than {OVERDUE_MS // 1000} s past is marked overdue: no "
+                                   "service is running that schedule (none is up, or no code "
+                                   "registers it any more; --remove deletes it).")
+    _add_db(p)
+    p.add_argument("--remove", metavar="NAME",
+                   help="delete the schedule NAME (one no code registers any more)")
+    p.set_defaults(func=schedules)
 
     p = sub.add_parser("serve", help="HTTP endpoint for callback signals, and the dashboard",
                        description="Serves POST /v1/callbacks/{id}/success|failure|heartbeat, "

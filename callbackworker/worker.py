@@ -15,6 +15,7 @@ the main thread they wake up every 50 ms so that Ctrl-C interrupts them
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 import weakref
@@ -24,7 +25,7 @@ from . import _lifecycle
 from . import jobcontext as _progress
 from ._asyncwait import AsyncWaits
 from ._jobquery import JobQueries
-from ._memdurable import MemoryDurableBackend
+from ._memdurable import DurableSignals, MemoryDurableBackend
 from ._native import CallbackTable, ffi, lib, raise_for
 from ._routes import RouteVerbs
 from ._validate import (
@@ -39,7 +40,7 @@ from ._validate import (
     may_be_job_id,
 )
 from .asyncmeta import Profile
-from .durable import DurableBackend, check_callback_id, check_error, check_result
+from .durable import DurableBackend
 from .errors import DeadlockError, failure_for_status
 from .jobcontext import ProgressCallback, progress_state
 from .states import Status
@@ -72,13 +73,15 @@ _MAIN_SLICE_MS = 50
 
 _start = lib.cbw_start
 _wait_copy = lib.cbw_wait_copy
+_wait_many = lib.cbwpy_wait_many
+_WAIT_CHUNK = int(lib.CBWPY_WAIT_CHUNK)
+_EFAILED = int(lib.CBWPY_EFAILED)
 _unpack = ffi.unpack
 _EMORE = int(lib.CBW_EMORE)
 _SCRATCH_SIZE = 256
 _main_ident = threading.main_thread().ident
 _local = threading.local()
 _main_waiting = [False]  # the main thread's wait() is using its scratch buffers
-_EMPTY = b""
 
 
 def _scratch() -> Any:
@@ -103,7 +106,7 @@ class _RouteTimeout(int):
 _UNSET = _RouteTimeout(-1)
 
 
-class Worker(JobQueries, RouteVerbs, AsyncWaits):
+class Worker(JobQueries, RouteVerbs, AsyncWaits, DurableSignals):
     """Runs jobs (a callback plus a copied input blob) on C threads.
 
     ``concurrency`` is the number of threads of the default route (route 1,
@@ -128,8 +131,9 @@ class Worker(JobQueries, RouteVerbs, AsyncWaits):
         self._finalizer = self._track_native()
         self._routes: dict[str, int] = {"default": _DEFAULT_ROUTE}
         self._progress: Dict[int, int] = {}  # tracked job id -> progress tag
-        self._items: Dict[int, WorkItem] = {}  # detached job id -> its item, until it runs
-        self._items_lock = threading.Lock()
+        self._items: Dict[int, list] = {}  # item key -> [item, job id], until it runs
+        self._item_keys: Dict[int, int] = {}  # detached job id -> item key, for cancel
+        self._next_item_key = itertools.count(1).__next__
         self._run_item_cb = self._run_item  # one callable for every detached job
         _lifecycle.live_workers.add(self)
 
@@ -183,7 +187,7 @@ class Worker(JobQueries, RouteVerbs, AsyncWaits):
         if self._closed:
             return 0
         if interruptible and threading.get_ident() == _main_ident:
-            return _off_the_main_thread(lambda: self._close(flags, grace_ms, interruptible=False))
+            return _lifecycle.off_the_main_thread(lambda: self._close(flags, grace_ms, interruptible=False))
         rc = lib.cbw_worker_close(self._w, flags, grace_ms)
         if rc == _EDEADLOCK:
             raise DeadlockError("close(drain=True) cannot be called from inside one of "
@@ -194,8 +198,8 @@ class Worker(JobQueries, RouteVerbs, AsyncWaits):
         # core releases each one as its last job goes.  Items of detached
         # jobs still queued will never run.
         self._table.failures.clear()
-        with self._items_lock:
-            self._items.clear()
+        self._items.clear()
+        self._item_keys.clear()
         for tag in self._progress.values():
             _progress.STATES.pop(tag, None)
         self._progress.clear()
@@ -211,7 +215,7 @@ class Worker(JobQueries, RouteVerbs, AsyncWaits):
         self._routes = {"default": _DEFAULT_ROUTE}
         self._progress = {}
         self._items = {}
-        self._items_lock = threading.Lock()
+        self._item_keys = {}
         if self._closed:
             self._w = ffi.NULL
             return
@@ -310,21 +314,34 @@ class Worker(JobQueries, RouteVerbs, AsyncWaits):
         if not callable(run):
             raise TypeError(f"item must have a run() method, not be a {type(item).__name__}")
         rid, timeout_ms = self._prepare(self._run_item_cb, timeout_ms, route)
-        with self._items_lock:
-            jid = lib.cbw_start_ex(self._w, rid, id(self._run_item_cb), _EMPTY, 0, timeout_ms,
-                                   lib.CBW_JOB_DETACHED, 0)
-            if jid < 0:
-                raise_for(jid, route)
-            self._items[jid] = item
+        # The item is found by a key that travels as the job's request,
+        # stored before the start: the job may run at once, no lock may be
+        # held across the start (an idle route's thread takes its first job
+        # while the start waits, see csrc/cbw_thread.c), and reading the key
+        # in _run_item makes no core call (which would let another thread
+        # take the interpreter lock between jobs of a burst).  The holder
+        # gets the job id after the start, for cancel's map; whichever of
+        # the run and the start comes last empties that map's entry.
+        key = self._next_item_key()
+        holder = [item, 0]
+        self._items[key] = holder
+        jid = lib.cbw_start_ex(self._w, rid, id(self._run_item_cb), key.to_bytes(8, "little"), 8,
+                               timeout_ms, lib.CBW_JOB_DETACHED, 0)
+        if jid < 0:
+            self._items.pop(key, None)
+            raise_for(jid, route)
+        holder[1] = jid
+        self._item_keys[jid] = key
+        if key not in self._items:  # it ran already: nothing left to cancel
+            self._item_keys.pop(jid, None)
         return jid
 
     def _run_item(self, request: memoryview) -> None:
         """The callback of every detached job: runs the job's item."""
-        jid = lib.cbw_current_run().id
-        with self._items_lock:
-            item = self._items.pop(jid, None)
-        if item is not None:
-            item.run()
+        holder = self._items.pop(int.from_bytes(request, "little"), None)
+        if holder is not None:
+            self._item_keys.pop(holder[1], None)
+            holder[0].run()
 
     def start_text(self, callback: Callback, text: str, timeout_ms: int = _UNSET,
                    *, route: Optional[str] = None) -> int:
@@ -435,6 +452,62 @@ class Worker(JobQueries, RouteVerbs, AsyncWaits):
             return _unpack(scratch, n)
         raise_for(n, jid)
 
+    def wait_many(self, job_ids: Iterable[int], timeout_ms: int = -1) -> List[bytes]:
+        """Waits for the jobs in order and returns their responses: what
+        ``[wait(j) for j in job_ids]`` returns, with ``timeout_ms`` bounding
+        the whole call, and far cheaper (the core waits and the bytes are
+        made in C, a chunk of jobs per call).
+
+        It stops where that loop would: at the first job that fails, which
+        raises its ``JobFailedError`` and is destroyed, or whose wait fails
+        (``WaitTimeoutError``, ``UnknownJobError``...), which leaves that job
+        untouched.  Either way the jobs before it are destroyed (their
+        responses are lost) and the jobs after it are untouched: ``wait``,
+        ``take`` or ``cancel`` them by id.  An id that can never be a job's
+        raises ``UnknownJobError`` before anything is waited for."""
+        ids = [j if type(j) is int else check_id(j) for j in job_ids]
+        timeout_ms = check_timeout(timeout_ms)
+        self._check_open()
+        for jid in ids:
+            if not may_be_job_id(jid):
+                raise_for(lib.CBW_EUNKNOWN, jid)
+        out: List[bytes] = []
+        if ids:
+            self._wait_many_into(ids, timeout_ms, out)
+        return out
+
+    def _wait_many_into(self, ids: List[int], timeout_ms: int, out: List[bytes]) -> None:
+        """wait_many's loop: a chunk per core call; on the main thread in
+        slices, so that signal handlers (Ctrl-C) run while it waits."""
+        n = len(ids)
+        arr = ffi.new("int64_t[]", ids)
+        failed, consumed = ffi.new("cbw_result *"), ffi.new("size_t *")
+        sliced = timeout_ms != 0 and threading.get_ident() == _main_ident
+        deadline = None if timeout_ms < 0 else time.monotonic() + timeout_ms / 1000
+        target = ffi.cast("void *", id(out))
+        pos, budget = 0, timeout_ms
+        try:
+            while pos < n:
+                if deadline is not None:
+                    budget = max(0, int((deadline - time.monotonic()) * 1000 + 0.999))
+                if sliced:
+                    budget = _MAIN_SLICE_MS if budget < 0 else min(budget, _MAIN_SLICE_MS)
+                rc = _wait_many(self._w, arr + pos, min(_WAIT_CHUNK, n - pos), budget,
+                                target, failed, consumed)
+                pos += consumed[0]
+                if rc == _EFAILED:
+                    self._consume(failed)  # raises the job's failure
+                if rc == _ETIMEDOUT and sliced and (
+                        deadline is None or time.monotonic() < deadline):
+                    continue
+                if rc < 0:
+                    raise_for(rc, ids[pos])
+        finally:
+            if self._table.failures or self._progress:
+                for jid in ids[:pos]:  # destroyed: nothing may outlive them
+                    self._table.failures.pop(jid, None)
+                    self._forget_progress(jid)
+
     def wait_complete(self, job_id: int, timeout_ms: int = -1) -> bool:
         """Blocks until the job completes; True if it did, False if
         ``timeout_ms`` passed first.  Never destroys the job."""
@@ -481,9 +554,10 @@ class Worker(JobQueries, RouteVerbs, AsyncWaits):
         rc = lib.cbw_cancel(self._w, jid, ffi.NULL)
         if rc < 0:
             raise_for(rc, jid)
-        if rc == 1 and self._items:
-            with self._items_lock:
-                self._items.pop(jid, None)  # a detached job's item never runs now
+        if rc == 1 and self._item_keys:
+            key = self._item_keys.pop(jid, None)
+            if key is not None:
+                self._items.pop(key, None)  # a detached job's item never runs now
         return rc == 1
 
     def _forget_progress(self, jid: int) -> None:
@@ -518,60 +592,6 @@ class Worker(JobQueries, RouteVerbs, AsyncWaits):
         if not may_be_job_id(jid):
             raise_for(lib.CBW_EUNKNOWN, job_id)
         return jid, timeout_ms
-
-    # ---- durable external callbacks ----------------------------------
-
-    def send_callback_success(self, callback_id: str, result: bytes) -> None:
-        """Signals success: the suspended job is replayed and its
-        ``callback_result`` returns ``result`` (bytes-like, at most 1 MiB).
-        Raises ``UnknownCallbackError`` for an id never issued and
-        ``CallbackAlreadyCompletedError`` once the callback has succeeded,
-        failed, timed out or its job ended (a duplicate is never applied)."""
-        self._signal(check_callback_id(callback_id), "succeeded", check_result(result), None)
-
-    def send_callback_failure(self, callback_id: str, error: str) -> None:
-        """Signals failure: the job's ``callback_result`` raises
-        ``CallbackFailedError`` carrying ``error``.  Errors as
-        ``send_callback_success``."""
-        self._signal(check_callback_id(callback_id), "failed", None, check_error(error))
-
-    def send_callback_heartbeat(self, callback_id: str) -> None:
-        """Tells a callback with ``heartbeat_timeout_ms`` that the outside
-        system is still at work: its heartbeat deadline moves to now plus
-        that interval.  Errors as ``send_callback_success``."""
-        self._signal(check_callback_id(callback_id), "pending", None, None)
-
-    def _signal(self, callback_id: str, state: str, result: Optional[bytes],
-                error: Optional[str]) -> None:
-        self._check_open()
-        self._table.durable.signal(callback_id, state, result, error)
-
-
-def _off_the_main_thread(call: Callable[[], int]) -> int:
-    """Runs ``call`` (a close, which may wait long for running callbacks) on
-    a thread of its own while the main thread waits for it, so that Ctrl-C
-    interrupts the wait: the ``KeyboardInterrupt`` reaches the caller at
-    once and the close goes on in the background (a later ``close()``
-    waits for it).  Where no thread can start (interpreter shutdown), the
-    call runs here."""
-    outcome: List[Any] = []
-
-    def run() -> None:
-        try:
-            outcome.append((True, call()))
-        except BaseException as exc:  # handed to the waiting caller
-            outcome.append((False, exc))
-
-    closer = threading.Thread(target=run, name="callbackworker-close", daemon=True)
-    try:
-        closer.start()
-    except RuntimeError:  # "can't create new thread at interpreter shutdown"
-        return call()
-    closer.join()
-    ok, value = outcome[0]
-    if not ok:
-        raise value
-    return value  # type: ignore[no-any-return]
 
 
 def _release_native(native: Any, table: CallbackTable) -> None:

@@ -247,6 +247,16 @@ int64_t cbw_wait_copy(cbw_worker *w, int64_t id, int32_t timeout_ms,
 /* Lets a detached result go.  A result keeps its worker's memory (not its
  * threads) alive, so it may be released after cbw_worker_release. */
 void cbw_result_release(cbw_result *res);
+/* Waits for ids[0..n) in order, as cbw_wait would for each, with one
+ * deadline (timeout_ms) for the whole call, detaching each completed job
+ * into out[i].  Stops after the first job that completed without success
+ * (its status is in out[*done - 1]) or at the first wait that fails: then
+ * that error is returned, for ids[*done], and that job is untouched.  Jobs
+ * after the stop are untouched.  Returns CBW_OK otherwise. */
+int cbw_wait_many(cbw_worker *w, const int64_t *ids, size_t n, int32_t timeout_ms,
+                  cbw_result *out, size_t *done);
+/* cbw_result_release for n results, taking the worker's mutex once. */
+void cbw_result_release_many(cbw_result *res, size_t n);
 int cbw_job_info_get(cbw_worker *w, int64_t id, cbw_job_info *out);
 /* Asks for one completion report of a job: 1 if it has completed already
  * (no report follows), 0 if hooks->completed will report it. */

@@ -36,6 +36,9 @@
 #define CBW__WAITER_SPIN_NS 20000 /* a thread with one job looks this long for
                                      its waiter before taking the interpreter
                                      lock (see cbw_thread.c) */
+#define CBW__HANDOFF_MAX_NS 5000000 /* a start waits at most this long for an
+                                       idle route's first session to begin
+                                       (see cbw_thread.c) */
 
 typedef struct cbw__job cbw__job;
 typedef struct cbw__route cbw__route;
@@ -92,6 +95,7 @@ struct cbw__thread_rec {
     uint8_t orphaned;         /* abandoned after its job timed out */
     uint8_t exited;
     uint8_t blocked;          /* in an infinite cbw_wait (deadlock check) */
+    uint8_t handoff;          /* raised its route's handoff when it was made */
     int32_t blocked_on_route; /* ...for a job queued on this route, or 0 */
 };
 
@@ -124,6 +128,10 @@ struct cbw__route {
     int64_t enqueued;          /* jobs ever queued (coalescing and spinning
                                   watch it); written with cbw__atomic_add */
     uint8_t spinning;          /* a thread spins for work (at most one) */
+    uint8_t handoff;           /* a thread woken on an idle route is taking
+                                  the executor's lock for its first job:
+                                  starts wait for it on handc */
+    cbw__cond handc;
     cbw__cond cond;            /* idle threads wait here for work */
     cbw__thread_rec *threads;
 };
@@ -237,6 +245,9 @@ int cbw__notify_reserve(cbw_worker *w);
 int cbw__route_ensure_threads(cbw_worker *w, cbw__route *r);
 void cbw__route_unlink_thread(cbw__route *r, cbw__thread_rec *t);
 void cbw__route_wake(cbw__route *r);
+void cbw__route_await_handoff(cbw_worker *w, cbw__route *r);
+
+/* The timer (cbw_timer.c); all under w->mu. */
 int cbw__timer_start(cbw_worker *w);
 void cbw__timer_arm(cbw_worker *w, int64_t deadline_ns);
 

@@ -68,6 +68,12 @@ int32_t cbw__route_add(cbw_worker *w, const char *name, const cbw_route_config *
         cbw__free(r);
         return CBW_ENOMEM;
     }
+    if (cbw__cond_init(&r->handc) != 0) {
+        cbw__cond_destroy(&r->coalc);
+        cbw__cond_destroy(&r->cond);
+        cbw__free(r);
+        return CBW_ENOMEM;
+    }
     memcpy(r->name, name, strlen(name) + 1);
     r->concurrency = cfg->concurrency;
     r->timeout_ms = cfg->timeout_ms;

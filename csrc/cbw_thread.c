@@ -1,5 +1,5 @@
 /*
- * cbw_thread.c - the threads that run jobs, and the timer thread.
+ * cbw_thread.c - the threads that run jobs.
  *
  * DESIGN
  * Each route has `concurrency` threads, started when its first job arrives.
@@ -18,15 +18,35 @@
  * Cancelled jobs are left in the FIFO (cancel is O(1)); the queue holds a
  * reference and the popping thread drops them.
  *
- * Coalescing: when an executor session is costly (it takes an interpreter
- * lock the producer also needs), a thread woken with more than one ready job
- * does not start a burst at once while jobs are still arriving.  It waits until some thread
- * blocks waiting for a job of its route (the lock is then free), or the
- * producer has been quiet for CBW__QUIET_NS, or CBW__COALESCE_MAX_NS have
- * passed.  Competing for the lock with a thread that is busy starting jobs
- * would cost that thread a wake-up system call on every start; waiting
- * turns many small bursts into a few large ones.  A waiter never waits for
- * this: blocking in a wait ends the coalescing at once.
+ * When an executor session is costly (it takes an interpreter lock the
+ * producer also needs), the batching rule is: an idle route's first job
+ * starts at once, later ones are batched.
+ *
+ * Prompt start: a thread that slept (its idle spell outlasted the spin
+ * below) and wakes to a route with no running job takes the executor's lock
+ * for that job straight away, and raises r->handoff meanwhile; so does a
+ * new thread (spawn raises the flag for it, as it enters the executor and
+ * begins its first session).  A start on that route that sees the flag
+ * waits (on r->handc, for at most CBW__HANDOFF_MAX_NS) until the thread's
+ * session has begun.  Every start runs without the executor's lock (the
+ * bridge releases the interpreter lock around each core call), so the
+ * thread takes the lock while the producer waits, instead of queueing for
+ * it behind a producer that holds it between starts (for a whole switch
+ * interval of the interpreter).  This happens once per idle spell, and only
+ * to a producer that is still starting jobs.  A job may therefore run
+ * before its start has returned: whatever a job's callback looks up must be
+ * in place before the start, never recorded after it.
+ *
+ * Coalescing: any other thread woken with more than one ready job (the
+ * route is busy: one of its threads runs a job, or this thread found the job
+ * while spinning) does not start a burst at once while jobs are still
+ * arriving.  It waits until some thread blocks waiting for a job of its
+ * route (the lock is then free), or the producer has been quiet for
+ * CBW__QUIET_NS, or CBW__COALESCE_MAX_NS have passed.  Competing for the
+ * lock with a thread that is busy starting jobs would cost that thread a
+ * wake-up system call on every start; waiting turns many small bursts into
+ * a few large ones.  A waiter never waits for this: blocking in a wait ends
+ * the coalescing at once.
  *
  * Spinning, for round trips (start a job, wait for it, repeat): a thread
  * that runs out of work spins for up to CBW__SPIN_NS before it sleeps, and
@@ -39,22 +59,13 @@
  * for later (the thread's next session, or before it sleeps), so the
  * waiter finds the executor's lock free.
  *
- * The timer thread enforces run-time limits.  It sleeps until the earliest
- * deadline of a running job (a start with a later deadline does not wake it),
- * completes an overdue job with TIMEOUT, so its waiters wake at once, and
- * asks the executor to interrupt the callback.  If the thread is still inside
- * the callback a grace period later, the thread is abandoned: it is marked
- * orphaned and detached, a replacement is started for its route, and when
- * the callback finally returns the thread discards the result and leaves.
+ * Run-time limits are the timer's (cbw_timer.c).
  */
 #include <stdlib.h>
 
 #include "cbw_internal.h"
 
 CBW__TLS cbw__thread_rec *cbw__self;
-CBW__TLS cbw_worker *cbw__timer_self;
-
-#define CBW__FIRE_MAX 16
 
 void cbw__route_wake(cbw__route *r)
 {
@@ -62,6 +73,20 @@ void cbw__route_wake(cbw__route *r)
         r->wakeups++;
         cbw__cond_signal(&r->cond);
     }
+}
+
+/* A start on route r, which just queued its job(s): if a thread woken on
+ * the idle route is taking the executor's lock for its first job, lets it
+ * (see DESIGN).  The caller holds w->mu and not the executor's lock. */
+void cbw__route_await_handoff(cbw_worker *w, cbw__route *r)
+{
+    int64_t until;
+    if (!r->handoff)
+        return;
+    until = cbw__now_ns() + CBW__HANDOFF_MAX_NS;
+    while (r->handoff && !w->stopping)
+        if (cbw__cond_wait_until(&r->handc, &w->mu, until))
+            break;
 }
 
 void cbw__route_unlink_thread(cbw__route *r, cbw__thread_rec *t)
@@ -169,9 +194,10 @@ static void end_run(cbw_worker *w, cbw__route *r, cbw__thread_rec *t,
         cbw__cond_broadcast(&w->statec);
 }
 
-/* Runs ready jobs under one executor session.  Called and returns with
- * w->mu held. */
-static void run_burst(cbw_worker *w, cbw__route *r, cbw__thread_rec *t)
+/* Runs ready jobs under one executor session; `prompt`: this thread raised
+ * r->handoff, and lowers it once the session has begun.  Called and returns
+ * with w->mu held. */
+static void run_burst(cbw_worker *w, cbw__route *r, cbw__thread_rec *t, int prompt)
 {
     const cbw_hooks *h = &w->hooks;
     int n, status, pending, in_session = 1;
@@ -182,6 +208,10 @@ static void run_burst(cbw_worker *w, cbw__route *r, cbw__thread_rec *t)
     if (h->session_begin)
         h->session_begin(h->ctx, &t->slot);
     cbw__mutex_lock(&w->mu);
+    if (prompt) {
+        r->handoff = 0;
+        cbw__cond_broadcast(&r->handc);
+    }
     for (n = 0; n < CBW__BATCH_MAX && !t->orphaned && in_session; n++) {
         if (!cbw__route_ready(w, r, &wake))
             break;
@@ -289,22 +319,45 @@ static void spin_for_waiter(cbw_worker *w, cbw__route *r)
     cbw__mutex_lock(&w->mu);
 }
 
+/* Raises r->handoff for this thread when its route has no running job and
+ * no other thread holds the flag (see DESIGN); true if it did. */
+static int raise_handoff(cbw_worker *w, cbw__route *r)
+{
+    if (w->hooks.session_begin == NULL || r->handoff || r->running > 0)
+        return 0;
+    r->handoff = 1;
+    return 1;
+}
+
+static void lower_handoff(cbw__route *r)
+{
+    r->handoff = 0;
+    cbw__cond_broadcast(&r->handc);
+}
+
 static void thread_main(void *arg)
 {
     cbw__thread_rec *t = arg;
     cbw_worker *w = t->w;
     cbw__route *r = t->route;
     const cbw_hooks *h = &w->hooks;
-    int detached, leftover;
+    int detached, leftover, prompt, slept = 0;
     int64_t wake;
 
     cbw__self = t;
+    cbw__mutex_lock(&w->mu);
+    prompt = t->handoff; /* raised by spawn: entering takes the executor's lock too */
+    cbw__mutex_unlock(&w->mu);
     if (h->thread_enter)
         h->thread_enter(h->ctx, &t->slot);
     cbw__mutex_lock(&w->mu);
     for (;;) {
         int spun = 0, swept = 0; /* once per idle spell each, then sleep */
         while (!t->orphaned && !w->stopping && !cbw__route_ready(w, r, &wake)) {
+            if (prompt) {
+                lower_handoff(r); /* nothing to run yet */
+                prompt = 0;
+            }
             if (!spun && wake == CBW__NEVER && !r->spinning && !w->closing) {
                 spun = 1;
                 (void)spin_for_work(w, r);
@@ -321,18 +374,27 @@ static void thread_main(void *arg)
             r->idle++;
             cbw__cond_wait_until(&r->cond, &w->mu, wake);
             r->idle--;
+            slept = 1;
             if (r->wakeups > 0)
                 r->wakeups--;
         }
         if (t->orphaned || r->head == NULL)
             break;
-        if (h->session_begin != NULL && r->queued > 1 && r->delay_ms == 0)
+        /* The batching rule (see DESIGN): the first job after an idle spell
+         * starts at once; later ones are coalesced. */
+        if (slept && !prompt)
+            prompt = raise_handoff(w, r);
+        slept = 0;
+        if (h->session_begin != NULL && !prompt && r->queued > 1 && r->delay_ms == 0)
             coalesce(w, r, t); /* one ready job says nothing of a producer */
         else if (h->session_begin != NULL && r->queued == 1 && r->waited_for &&
                  r->waiting == 0)
             spin_for_waiter(w, r);
-        run_burst(w, r, t);
+        run_burst(w, r, t, prompt);
+        prompt = 0;
     }
+    if (prompt)
+        lower_handoff(r);
     t->exited = 1;
     detached = t->detached;
     if (detached && !t->orphaned)
@@ -360,7 +422,10 @@ static int spawn(cbw_worker *w, cbw__route *r)
         return CBW_ENOMEM;
     t->w = w;
     t->route = r;
+    t->handoff = (uint8_t)raise_handoff(w, r); /* before the thread reads it */
     if (cbw__thread_start(&t->handle, thread_main, t) != 0) {
+        if (t->handoff)
+            lower_handoff(r);
         cbw__free(t);
         return CBW_ETHREAD;
     }
@@ -381,126 +446,4 @@ int cbw__route_ensure_threads(cbw_worker *w, cbw__route *r)
             break;
     }
     return r->nthreads > 0 ? CBW_OK : rc;
-}
-
-/* The timer abandons a thread stuck in a callback past deadline + grace. */
-static void orphan(cbw_worker *w, cbw__route *r, cbw__thread_rec *t)
-{
-    t->orphaned = 1;
-    r->running--;
-    cbw__route_unlink_thread(r, t);
-    if (!t->detached) {
-        t->detached = 1;
-        w->refs++; /* dropped by the thread when it finally leaves */
-    }
-    if (!w->stopping)
-        (void)cbw__route_ensure_threads(w, r); /* best effort */
-    cbw__route_wake(r);
-    cbw__cond_broadcast(&w->statec);
-}
-
-static int64_t add_saturating(int64_t a, int64_t b)
-{
-    return a > CBW__NEVER - b ? CBW__NEVER : a + b;
-}
-
-typedef struct { cbw__thread_rec *t; int64_t job_id; } cbw__fire;
-
-/* One pass over the running jobs: times out the overdue ones (recording whom
- * to interrupt in fire[]), abandons stuck threads, and returns when the timer
- * must look again. */
-static int64_t timer_scan(cbw_worker *w, cbw__fire *fire, int *nfire)
-{
-    int64_t now = cbw__now_ns(), next = CBW__NEVER, grace, until;
-    cbw__thread_rec *t, *tn;
-    cbw__job *job;
-    int32_t i;
-
-    grace = (int64_t)w->grace_ms * 1000000;
-    for (i = 0; i < w->nroutes; i++) {
-        cbw__route *r = w->routes[i];
-        for (t = r->threads; t != NULL; t = tn) {
-            tn = t->next;
-            job = t->job;
-            if (job == NULL || t->deadline_ns == CBW__NEVER)
-                continue;
-            if (job->phase != CBW_PHASE_COMPLETED) {
-                if (now < t->deadline_ns) {
-                    if (t->deadline_ns < next)
-                        next = t->deadline_ns;
-                    continue;
-                }
-                if (*nfire == CBW__FIRE_MAX) {
-                    next = now; /* look again after these are delivered */
-                    continue;
-                }
-                cbw__job_complete(w, job,
-                                  w->stopping ? CBW_STATUS_SHUTDOWN
-                                              : CBW_STATUS_TIMEOUT,
-                                  w->stopping
-                                      ? "the worker was closed while the callback ran"
-                                      : "the callback ran past its timeout");
-                fire[*nfire].t = t;
-                fire[*nfire].job_id = job->run.id;
-                (*nfire)++;
-            }
-            until = add_saturating(t->deadline_ns, grace);
-            if (now >= until)
-                orphan(w, r, t);
-            else if (until < next)
-                next = until;
-        }
-    }
-    return next;
-}
-
-static void timer_main(void *arg)
-{
-    cbw_worker *w = arg;
-    const cbw_hooks *h = &w->hooks;
-    cbw__fire fire[CBW__FIRE_MAX];
-    int nfire, i, pending;
-    int64_t next;
-
-    cbw__timer_self = w;
-    cbw__mutex_lock(&w->mu);
-    while (!w->timer_stop) {
-        nfire = 0;
-        next = timer_scan(w, fire, &nfire);
-        if (nfire > 0) {
-            w->timer_wake_ns = INT64_MIN; /* awake: nobody need signal */
-            pending = cbw__pending(w);
-            cbw__mutex_unlock(&w->mu);
-            cbw__after_unlock(w, pending);
-            for (i = 0; i < nfire; i++)
-                if (h->interrupt)
-                    h->interrupt(h->ctx, &fire[i].t->slot, fire[i].job_id);
-            cbw__mutex_lock(&w->mu);
-            continue;
-        }
-        w->timer_wake_ns = next;
-        cbw__cond_wait_until(&w->timerc, &w->mu, next);
-    }
-    cbw__timer_self = NULL;
-    if (w->timer_detached)
-        cbw__worker_unref(w); /* a hook closed the worker on this thread */
-    else
-        cbw__mutex_unlock(&w->mu);
-}
-
-int cbw__timer_start(cbw_worker *w)
-{
-    if (w->timer_started)
-        return CBW_OK;
-    w->timer_wake_ns = CBW__NEVER;
-    if (cbw__thread_start(&w->timer, timer_main, w) != 0)
-        return CBW_ETHREAD;
-    w->timer_started = 1;
-    return CBW_OK;
-}
-
-void cbw__timer_arm(cbw_worker *w, int64_t deadline_ns)
-{
-    if (w->timer_started && deadline_ns < w->timer_wake_ns)
-        cbw__cond_signal(&w->timerc);
 }

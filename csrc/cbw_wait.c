@@ -220,6 +220,79 @@ int64_t cbw_wait_copy(cbw_worker *w, int64_t id, int32_t timeout_ms,
     return rc;
 }
 
+/* What is left of timeout_ms (-1: none) at deadline, rounded up. */
+static int32_t ms_left(int32_t timeout_ms, int64_t deadline)
+{
+    int64_t left;
+    if (timeout_ms < 0)
+        return CBW_TIMEOUT_INFINITE;
+    left = deadline - cbw__now_ns();
+    return left <= 0 ? 0 : (int32_t)((left + 999999) / 1000000);
+}
+
+int cbw_wait_many(cbw_worker *w, const int64_t *ids, size_t n, int32_t timeout_ms,
+                  cbw_result *out, size_t *done)
+{
+    cbw__job *job;
+    int64_t deadline;
+    size_t i;
+    int rc = CBW_OK;
+    if (done == NULL)
+        return CBW_EINVAL;
+    *done = 0;
+    if (timeout_ms < CBW_TIMEOUT_INFINITE || (n > 0 && (ids == NULL || out == NULL)))
+        return CBW_EINVAL;
+    if (n == 0)
+        return CBW_OK;
+    memset(out, 0, n * sizeof(*out));
+    deadline = cbw__deadline_after_ms(timeout_ms);
+    cbw__mutex_lock(&w->mu);
+    for (i = 0; i < n; i++) {
+        if ((job = lookup(w, ids[i], &rc)) == NULL)
+            break;
+        rc = wait_locked(w, job, ms_left(timeout_ms, deadline));
+        if (rc != CBW_OK)
+            break;
+        if ((job = cbw__table_get(&w->table, ids[i])) == NULL) {
+            rc = CBW_EUNKNOWN; /* another thread took it meanwhile */
+            break;
+        }
+        detach(w, job, &out[i]);
+        *done = i + 1;
+        if (out[i].status != CBW_STATUS_OK)
+            break;
+    }
+    cbw__mutex_unlock(&w->mu);
+    return rc;
+}
+
+void cbw_result_release_many(cbw_result *res, size_t n)
+{
+    size_t i = 0;
+    uint32_t held;
+    cbw_worker *w;
+    while (i < n) {
+        if (res[i].job_ == NULL) {
+            i++;
+            continue;
+        }
+        w = res[i].worker_;
+        held = 0;
+        cbw__mutex_lock(&w->mu);
+        for (; i < n && (res[i].job_ == NULL || res[i].worker_ == w); i++) {
+            if (res[i].job_ == NULL)
+                continue;
+            cbw__job_unref(res[i].job_);
+            held++; /* each result holds a reference on the worker */
+            res[i].job_ = NULL;
+            res[i].data = NULL;
+            res[i].error = NULL;
+        }
+        w->refs -= held - 1;
+        cbw__worker_unref(w); /* the last one; unlocks, may free the worker */
+    }
+}
+
 int cbw_wait_complete(cbw_worker *w, int64_t id, int32_t timeout_ms)
 {
     cbw__job *job;

@@ -26,6 +26,7 @@ static void worker_destroy(cbw_worker *w)
     for (r = 0; r < w->nroutes; r++) {
         cbw__cond_destroy(&w->routes[r]->cond);
         cbw__cond_destroy(&w->routes[r]->coalc);
+        cbw__cond_destroy(&w->routes[r]->handc);
         cbw__free(w->routes[r]);
     }
     cbw__free(w->routes);
@@ -241,6 +242,7 @@ static int64_t start_job(cbw_worker *w, int32_t route, uint64_t callback,
     if (rc == CBW_OK) {
         id = job->run.id;
         cbw__route_wake(r);
+        cbw__route_await_handoff(w, r);
     }
     pending = cbw__pending(w);
     cbw__mutex_unlock(&w->mu);
@@ -327,8 +329,10 @@ int cbw_start_many(cbw_worker *w, int32_t route, uint64_t callback,
             rc = enqueue(w, r, jobs[i], callback, timeout_ms);
             ids[i] = jobs[i]->run.id;
         }
-        if (rc == CBW_OK)
+        if (rc == CBW_OK) {
             cbw__route_wake(r);
+            cbw__route_await_handoff(w, r);
+        }
         pending = cbw__pending(w);
         cbw__mutex_unlock(&w->mu);
         cbw__after_unlock(w, pending);

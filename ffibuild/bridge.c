@@ -88,6 +88,8 @@ typedef char cbwpy_slot_lock_fits[sizeof(PyMutex) <= sizeof(uintptr_t) ? 1 : -1]
 static void cbwpy_completed(void *ctx, int64_t *ids, size_t n); /* Python */
 
 #define CBWPY_EENCODE (-100)
+#define CBWPY_EFAILED (-101)
+#define CBWPY_WAIT_CHUNK 128
 
 static PyObject *cbwpy_interrupt_type;
 static PyObject *cbwpy_release_name;  /* "release" */
@@ -562,4 +564,51 @@ static int64_t cbwpy_start_text(cbw_worker *w, int32_t route, uint64_t callback,
     if (size < 0)
         return CBWPY_EENCODE;
     return cbw_start_fill(w, route, callback, (size_t)size, timeout_ms, cbwpy_fill_utf8, &t);
+}
+
+/* Waits for jobs ids[0..n) in order (n at most CBWPY_WAIT_CHUNK) with
+ * cbw_wait_many, without the interpreter lock, then takes that lock once to
+ * append each successful job's response to the list `out` as bytes.
+ * *consumed counts the jobs destroyed.  Returns CBW_OK; or the core's error
+ * for ids[*consumed], which is untouched; or CBWPY_EFAILED when
+ * ids[*consumed - 1] completed without success: its detached result is in
+ * *failed, for the caller to raise and release; or CBW_ENOMEM when a bytes
+ * object could not be made (the jobs are destroyed, the responses from there
+ * on lost).  The caller keeps `out` alive for the call. */
+static int cbwpy_wait_many(cbw_worker *w, const int64_t *ids, size_t n, int32_t timeout_ms,
+                           void *out, cbw_result *failed, size_t *consumed)
+{
+    cbw_result res[CBWPY_WAIT_CHUNK];
+    PyObject *list = (PyObject *)out, *item;
+    PyGILState_STATE st;
+    size_t done = 0, i;
+    int rc;
+
+    *consumed = 0;
+    if (n > CBWPY_WAIT_CHUNK)
+        return CBW_EINVAL;
+    rc = cbw_wait_many(w, ids, n, timeout_ms, res, &done);
+    *consumed = done;
+    if (done > 0 && res[done - 1].status != CBW_STATUS_OK) {
+        *failed = res[--done]; /* the caller raises and releases it */
+        rc = CBWPY_EFAILED;
+    }
+    if (done == 0)
+        return rc;
+    st = PyGILState_Ensure();
+    for (i = 0; i < done; i++) {
+        item = PyBytes_FromStringAndSize((const char *)res[i].data, (Py_ssize_t)res[i].size);
+        if (item == NULL || PyList_Append(list, item) < 0) {
+            Py_XDECREF(item);
+            PyErr_Clear();
+            if (rc == CBWPY_EFAILED)
+                cbw_result_release(failed);
+            rc = CBW_ENOMEM;
+            break;
+        }
+        Py_DECREF(item);
+    }
+    PyGILState_Release(st);
+    cbw_result_release_many(res, done);
+    return rc;
 }

@@ -15,3 +15,7 @@ cbw_worker *cbwpy_worker_new(void *handle, void *registry, void *table,
 void *cbwpy_current_table(void);
 int64_t cbwpy_start_text(cbw_worker *w, int32_t route, uint64_t callback,
                          void *text, int32_t timeout_ms);
+#define CBWPY_EFAILED ...
+#define CBWPY_WAIT_CHUNK ...
+int cbwpy_wait_many(cbw_worker *w, const int64_t *ids, size_t n, int32_t timeout_ms,
+                    void *out, cbw_result *failed, size_t *consumed);

@@ -192,6 +192,9 @@ int cbw_take(cbw_worker *w, int64_t id, cbw_result *out);
 int64_t cbw_wait_copy(cbw_worker *w, int64_t id, int32_t timeout_ms,
                       char *buf, size_t cap, cbw_result *slow);
 void cbw_result_release(cbw_result *res);
+int cbw_wait_many(cbw_worker *w, const int64_t *ids, size_t n, int32_t timeout_ms,
+                  cbw_result *out, size_t *done);
+void cbw_result_release_many(cbw_result *res, size_t n);
 int cbw_job_info_get(cbw_worker *w, int64_t id, cbw_job_info *out);
 int cbw_job_watch(cbw_worker *w, int64_t id);
 size_t cbw_completions_collect(cbw_worker *w, int64_t *out, size_t cap);

@@ -9,8 +9,48 @@ from typing import Iterator
 
 import pytest
 
+import callbackworker
 from callbackworker import Worker
 from helpers import FakeClock
+
+SOURCE_PACKAGE = Path(__file__).resolve().parents[1] / "callbackworker"
+INSTALLED_ONLY_VARIABLE = "CBW_TEST_INSTALLED"
+
+
+def _imported_package() -> Path:
+    return Path(callbackworker.__file__).resolve().parent
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """Says, at the top of every run, which ``callbackworker`` is under test."""
+    where = "the source tree" if _imported_package() == SOURCE_PACKAGE else "an install"
+    return f"callbackworker under test: {_imported_package()} ({where})"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """With ``CBW_TEST_INSTALLED=1`` (``.ci/run`` sets it) the run stops at once
+    unless ``callbackworker`` was imported from an installed copy: a file
+    missing from the wheel must fail the suite, not be found in the checkout."""
+    if os.environ.get(INSTALLED_ONLY_VARIABLE) != "1":
+        return
+    if _imported_package() == SOURCE_PACKAGE:
+        pytest.exit(f"{INSTALLED_ONLY_VARIABLE}=1 but callbackworker was imported from the "
+                    f"source tree ({SOURCE_PACKAGE}): install it without -e and start pytest "
+                    f"from outside the checkout", returncode=pytest.ExitCode.USAGE_ERROR)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def run_outside_the_checkout(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Runs the tests from a scratch directory: the interpreters that tests
+    start with ``python -c`` or ``-m`` put their working directory first on
+    ``sys.path``, and from the repository root they would import the source
+    tree instead of the package under test."""
+    previous = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    try:
+        yield
+    finally:
+        os.chdir(previous)
 
 
 @pytest.fixture

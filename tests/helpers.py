@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from datetime import datetime
 from typing import Callable
 
 
@@ -30,3 +31,9 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
             return
         pause.wait(0.002)
     raise AssertionError("condition not reached in time")
+
+
+def epoch_ms(text: str) -> int:
+    """Epoch milliseconds of an ISO 8601 time with its offset, such as
+    ``"2026-03-29T01:00:00+00:00"`` (for tests of exact tick times)."""
+    return int(datetime.fromisoformat(text).timestamp() * 1000)

@@ -186,6 +186,54 @@ class StorageContract:
         record = store.get(task.id)
         assert record is not None and (record.status, record.attempt) == ("pending", 0)
 
+    def test_release_after_a_recorded_start_gives_the_attempt_back(self, store: TaskStore) -> None:
+        task = _claimed_one(store)
+        assert store.start(task.id, task.token, 3) is True
+        assert store.release(task.id, task.token, 5) is True
+        record = store.get(task.id)
+        assert record is not None and (record.status, record.attempt) == ("pending", 0)
+
+    # ---- starts: the attempt is counted when the run begins --------------
+
+    def test_a_claim_counts_no_attempt_until_its_run_starts(self, store: TaskStore) -> None:
+        task = _claimed_one(store)
+        assert task.attempt == 1, "the claim tells the number its run will have"
+        assert store.get(task.id).attempt == 0  # type: ignore[union-attr]
+        assert store.start(task.id, task.token, 5) is True
+        record = store.get(task.id)
+        assert record is not None and (record.status, record.attempt) == ("running", 1)
+
+    def test_a_start_counts_once_and_names_the_claims_token(self, store: TaskStore) -> None:
+        task = _claimed_one(store)
+        assert store.start(task.id, "stale", 5) is False
+        assert store.start(task.id, task.token, 5) is True
+        assert store.start(task.id, task.token, 6) is True  # applied again, counted once
+        assert store.complete(task.id, task.token, "ok", 7) is True
+        record = store.get(task.id)
+        assert record is not None and (record.status, record.attempt) == ("completed", 1)
+        assert store.start(task.id, task.token, 8) is False
+
+    def test_an_outcome_without_a_recorded_start_counts_the_attempt(self, store: TaskStore) -> None:
+        task = _claimed_one(store)
+        assert store.retry(task.id, task.token, "E: x", 0) is True
+        (again,) = store.claim("q", owner="me", limit=1, now=0, lease_ms=LEASE)
+        assert again.attempt == 2 and store.get(task.id).attempt == 1  # type: ignore[union-attr]
+
+    def test_recover_frees_a_claim_whose_run_never_started(self, store: TaskStore) -> None:
+        store.ensure_queue("q")
+        _enqueue(store, "q", 2)
+        orphan, ran = store.claim("q", owner="dead", limit=2, now=0, lease_ms=LEASE)
+        assert store.start(ran.id, ran.token, 1) is True
+        assert store.recover("q", now=2, max_attempts=1, owners=["dead"]) == 2
+        record = store.get(orphan.id)
+        assert record is not None
+        assert (record.status, record.attempt, record.message, record.owner) == (
+            "pending", 0, "", None)
+        lost = store.get(ran.id)
+        assert lost is not None and (lost.status, lost.attempt) == ("failed", 1)
+        (again,) = store.claim("q", owner="me", limit=1, now=2, lease_ms=LEASE)
+        assert again.id == orphan.id and again.attempt == 1
+
     def test_stale_token_is_rejected(self, store: TaskStore) -> None:
         task = _claimed_one(store)
         assert store.recover("q", now=LEASE, max_attempts=5) == 1
@@ -228,6 +276,8 @@ class StorageContract:
         _enqueue(store, "q", 3)
         mine = store.claim("q", owner="me", limit=2, now=0, lease_ms=LEASE)
         (theirs,) = store.claim("q", owner="them", limit=1, now=0, lease_ms=LEASE)
+        for task in (*mine, theirs):
+            assert store.start(task.id, task.token, 0)
         assert store.renew_leases("me", 99_999) == 2
         assert store.get(mine[0].id).lease_expires_at == 99_999  # type: ignore[union-attr]
         assert store.get(theirs.id).lease_expires_at == LEASE  # type: ignore[union-attr]
@@ -244,6 +294,25 @@ class StorageContract:
         assert store.recover("q", now=LEASE, max_attempts=3) == 1
         assert store.get(lost.id).status == "pending"  # type: ignore[union-attr]
 
+    def test_an_orphan_claim_left_unrenewed_comes_back_free(self, store: TaskStore) -> None:
+        """A live owner renews the tasks it knows it holds: an orphan claim
+        (its answer lost with the connection) expires and comes back free."""
+        store.ensure_queue("q")
+        _enqueue(store, "q", 3)
+        held, waiting, orphan = store.claim("q", owner="me", limit=3, now=0, lease_ms=LEASE)
+        _enqueue(store, "q", 1, prefix="u")
+        (theirs,) = store.claim("q", owner="them", limit=1, now=0, lease_ms=LEASE)
+        assert store.start(held.id, held.token, 0)
+        assert store.renew_leases("me", 99_999, [held.id, waiting.id, theirs.id]) == 2
+        leases = [store.get(t.id).lease_expires_at  # type: ignore[union-attr]
+                  for t in (held, waiting, orphan, theirs)]
+        assert leases == [99_999, 99_999, LEASE, LEASE]
+        assert store.renew_leases("me", 99_999, []) == 0
+        assert store.recover("q", now=LEASE, max_attempts=1) == 2
+        assert store.get(orphan.id)[2:5] == ("pending", "", 0)  # type: ignore[index]
+        assert store.start(waiting.id, waiting.token, 5, lease_until=5 + LEASE)
+        assert store.get(waiting.id).lease_expires_at == 5 + LEASE  # type: ignore[union-attr]
+
     def test_running_owners(self, store: TaskStore) -> None:
         store.ensure_queue("q")
         _enqueue(store, "q", 3)
@@ -256,6 +325,7 @@ class StorageContract:
         _enqueue(store, "q", 2)
         (old,) = store.claim("q", owner="a", limit=1, now=0, lease_ms=100)
         (fresh,) = store.claim("q", owner="b", limit=1, now=0, lease_ms=1000)
+        assert store.start(old.id, old.token, 0) and store.start(fresh.id, fresh.token, 0)
         assert store.recover("q", now=99, max_attempts=3) == 0
         assert store.recover("q", now=100, max_attempts=3) == 1
         record = store.get(old.id)
@@ -278,6 +348,7 @@ class StorageContract:
         store.ensure_queue("q")
         _enqueue(store, "q", 1)
         (task,) = store.claim("q", owner="a", limit=1, now=0, lease_ms=10)
+        assert store.start(task.id, task.token, 0) is True
         assert store.recover("q", now=10, max_attempts=1) == 1
         record = store.get(task.id)
         assert record is not None
@@ -657,9 +728,21 @@ class StorageContract:
         _suspended_one(store, timeout_ms=100)
         (replay,) = store.claim("q", owner="me", limit=1, now=100, lease_ms=10)
         assert replay.attempt == 1
+        assert store.start(replay.id, replay.token, 100) is True
+        assert store.get(replay.id).attempt == 1  # type: ignore[union-attr]
         assert store.recover("q", now=110, max_attempts=3) == 1
         (again,) = store.claim("q", owner="me", limit=1, now=110, lease_ms=10)
         assert again.attempt == 2
+
+    def test_recover_of_a_replay_that_never_started_keeps_it_a_replay(
+            self, store: TaskStore) -> None:
+        _suspended_one(store, timeout_ms=100)
+        store.claim("q", owner="me", limit=1, now=100, lease_ms=10)
+        assert store.recover("q", now=110, max_attempts=1) == 1
+        (again,) = store.claim("q", owner="me", limit=1, now=110, lease_ms=10)
+        assert again.attempt == 1
+        assert store.start(again.id, again.token, 110) is True
+        assert store.get(again.id).attempt == 1  # type: ignore[union-attr]
 
     def test_releasing_a_replay_claim_keeps_the_attempt(self, store: TaskStore) -> None:
         _suspended_one(store, timeout_ms=100)
@@ -668,6 +751,20 @@ class StorageContract:
         assert store.get(replay.id).attempt == 1  # type: ignore[union-attr]
 
     # ---- function calls (tasks as functions) ----------------------------
+
+    def test_declare_queue_creates_the_queue_and_stores_its_config(
+            self, store: TaskStore) -> None:
+        assert store.queue_config("q") is None
+        store.declare_queue("q", '{"concurrency":2}')
+        assert store.queues() == ["q"]
+        assert store.queue_config("q") == '{"concurrency":2}'
+
+    def test_declare_queue_again_replaces_the_config(self, store: TaskStore) -> None:
+        store.ensure_queue("q")
+        assert store.queue_config("q") is None
+        store.declare_queue("q", "{}")
+        store.declare_queue("q", '{"max_retries":1}')
+        assert store.queue_config("q") == '{"max_retries":1}'
 
     def _call(self, store: TaskStore, task_id: str, *, queue: str = "q", priority: int = 0,
               run_at: int = 0, dedup_key: "str | None" = None, now: int = 0) -> str:
@@ -766,3 +863,124 @@ class StorageContract:
         assert store.complete(task.id, task.token, "", 1)
         assert store.set_progress(task.id, task.token, '{"done":3}') is False
         assert store.get(task.id).progress == '{"done":1}'  # type: ignore[union-attr]
+
+    def test_a_claim_that_never_ran_keeps_the_last_traceback_when_taken_back(
+            self, store: TaskStore) -> None:
+        task = _claimed_one(store, lease_ms=10)
+        assert store.settle([Outcome(task.id, task.token, "retry", "E: 1", 0, traceback="tb")])
+        store.claim("q", owner="me", limit=1, now=0, lease_ms=10)
+        assert store.recover("q", now=10, max_attempts=2) == 1
+        record = store.get(task.id)
+        assert record is not None
+        assert (record.status, record.message, record.traceback) == ("pending", "E: 1", "tb")
+
+    def test_a_lost_attempt_leaves_no_traceback(self, store: TaskStore) -> None:
+        task = _claimed_one(store, lease_ms=10)
+        assert store.settle([Outcome(task.id, task.token, "retry", "E: 1", 0, traceback="tb")])
+        (again,) = store.claim("q", owner="me", limit=1, now=0, lease_ms=10)
+        assert store.start(again.id, again.token, 0)  # the lost run had started
+        assert store.recover("q", now=10, max_attempts=2) == 1
+        record = store.get(task.id)
+        assert record is not None and (record.status, record.traceback) == ("failed", None)
+
+    # ---- periodic schedules ----------------------------------------------
+
+    @staticmethod
+    def _tick_call(task_id: str) -> NewCall:
+        return NewCall(task_id, "mod.tick", "[[],{}]", 0, 0)
+
+    def _registered(self, store: TaskStore, spec: str = "every 1000 ms") -> None:
+        """Schedule "s" on queue "q", baseline tick 1000, next run 2000."""
+        store.register_schedule("s", spec, queue="q", task="mod.tick", baseline=1000,
+                                next_run_at=2000, now=1500)
+
+    def test_register_schedule_files_a_new_schedule_from_its_baseline(
+            self, store: TaskStore) -> None:
+        self._registered(store)
+        assert store.schedules() == [("s", "every 1000 ms", "q", "mod.tick", 1000, 2000, 1500)]
+
+    def test_claim_tick_enqueues_the_call_and_moves_the_last_tick(
+            self, store: TaskStore) -> None:
+        self._registered(store)
+        assert store.claim_tick("s", "every 1000 ms", 2000, 3000, "q", self._tick_call("t1"),
+                                2001) is True
+        record = store.get("t1")
+        assert record is not None
+        assert (record.queue, record.status, record.name) == ("q", "pending", "mod.tick")
+        assert store.queues() == ["q"]
+        (schedule,) = store.schedules()
+        assert (schedule.last_tick, schedule.next_run_at) == (2000, 3000)
+
+    def test_a_tick_is_claimed_once(self, store: TaskStore) -> None:
+        self._registered(store)
+        assert store.claim_tick("s", "every 1000 ms", 2000, 3000, "q", self._tick_call("t1"), 0)
+        assert not store.claim_tick("s", "every 1000 ms", 2000, 3000, "q",
+                                    self._tick_call("t2"), 0)
+        assert store.get("t2") is None
+
+    def test_an_older_tick_is_refused_after_a_newer_one(self, store: TaskStore) -> None:
+        self._registered(store)
+        assert store.claim_tick("s", "every 1000 ms", 5000, 6000, "q", self._tick_call("t5"), 0)
+        assert not store.claim_tick("s", "every 1000 ms", 4000, 5000, "q",
+                                    self._tick_call("t4"), 0)
+        assert store.get("t4") is None
+        assert store.schedules()[0].last_tick == 5000
+
+    def test_a_claim_under_another_spec_is_refused(self, store: TaskStore) -> None:
+        self._registered(store, spec="cron 0 * * * *")
+        assert not store.claim_tick("s", "every 1000 ms", 2000, 3000, "q",
+                                    self._tick_call("t1"), 0)
+        assert store.get("t1") is None
+
+    def test_a_claim_of_an_unknown_schedule_is_refused(self, store: TaskStore) -> None:
+        assert not store.claim_tick("nope", "every 1000 ms", 2000, 3000, "q",
+                                    self._tick_call("t1"), 0)
+        assert store.get("t1") is None
+
+    def test_a_failed_enqueue_leaves_the_tick_unclaimed(self, store: TaskStore) -> None:
+        self._registered(store)
+        store.enqueue_call("q", self._tick_call("taken"), 0)
+        with pytest.raises(Exception):
+            store.claim_tick("s", "every 1000 ms", 2000, 3000, "q", self._tick_call("taken"), 0)
+        assert store.schedules()[0].last_tick == 1000
+        assert store.claim_tick("s", "every 1000 ms", 2000, 3000, "q", self._tick_call("t1"), 0)
+
+    def test_reregistering_the_same_spec_keeps_the_last_tick(self, store: TaskStore) -> None:
+        self._registered(store)
+        assert store.claim_tick("s", "every 1000 ms", 2000, 3000, "q", self._tick_call("t1"), 0)
+        store.register_schedule("s", "every 1000 ms", queue="q2", task="mod.other",
+                                baseline=9000, next_run_at=10_000, now=9500)
+        assert store.schedules() == [("s", "every 1000 ms", "q2", "mod.other", 2000, 3000, 9500)]
+
+    def test_registering_a_changed_spec_starts_from_the_new_baseline(
+            self, store: TaskStore) -> None:
+        self._registered(store)
+        assert store.claim_tick("s", "every 1000 ms", 2000, 3000, "q", self._tick_call("t1"), 0)
+        store.register_schedule("s", "every 5000 ms", queue="q", task="mod.tick",
+                                baseline=5000, next_run_at=10_000, now=9500)
+        assert store.schedules() == [("s", "every 5000 ms", "q", "mod.tick", 5000, 10_000, 9500)]
+
+    def test_remove_schedule_deletes_it(self, store: TaskStore) -> None:
+        self._registered(store)
+        assert store.remove_schedule("s") is True
+        assert store.remove_schedule("s") is False
+        assert store.schedules() == []
+
+    def test_concurrent_claims_of_one_tick_enqueue_one_call(self, store: TaskStore) -> None:
+        self._registered(store)
+        won: List[str] = []
+        lock = threading.Lock()
+
+        def claim(i: int) -> None:
+            if store.claim_tick("s", "every 1000 ms", 2000, 3000, "q",
+                                self._tick_call(f"t{i}"), 0):
+                with lock:
+                    won.append(f"t{i}")
+
+        threads = [threading.Thread(target=claim, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(won) == 1
+        assert store.counts()["q"]["pending"] == 1

@@ -389,10 +389,11 @@ def test_context_manager_closes_on_exception_and_propagates_it() -> None:
 @pytest.mark.parametrize("concurrency", [1, 3])
 def test_close_from_inside_a_callback(concurrency: int) -> None:
     w = Worker(concurrency=concurrency)
-    done = threading.Event()
+    done, queued = threading.Event(), threading.Event()
     seen: Dict[str, Any] = {}
 
     def closer(request: memoryview) -> bytes:
+        queued.wait(SETTLE)  # an idle worker starts its first job at once
         seen["rc"] = w.close()
         seen["rc2"] = w.close()
         try:
@@ -407,6 +408,7 @@ def test_close_from_inside_a_callback(concurrency: int) -> None:
         w.start_many(lambda m: time.sleep(0.05), [b""] * (concurrency - 1))
     job = w.start(closer, b"")
     w.start_many(lambda m: ran.append(1), [b""] * 10)
+    queued.set()
     assert done.wait(SETTLE), "close() from inside a callback deadlocked"
     assert seen == {"rc": 0, "rc2": 0, "start_after": "WorkerClosedError"}
     # the worker is closed afterwards, from every thread

@@ -21,7 +21,7 @@ What a test does
    sanitized module, then: four threads start (``start``, ``start_text``,
    ``start_many``, two routes, callbacks that edit in place, return longer
    responses, fail, run past a route timeout, or start and wait for jobs
-   from inside a callback), cancel, wait with short timeouts,
+   from inside a callback), cancel, wait (and wait_many) with short timeouts,
    ``wait_complete`` + ``take`` and query jobs picked at random from a
    shared pool; then 20 rounds of ``close()`` racing with threads blocked in
    ``wait`` (bounded and unbounded), starting, cancelling and taking —
@@ -140,6 +140,10 @@ REPORT_MARKERS = (
     "ERROR: ThreadSanitizer",
     "FATAL: ThreadSanitizer",
 )
+# ``-P`` (Python 3.11+) keeps the stress script's directory off sys.path.
+# Older interpreters go without it: that directory holds no callbackworker
+# package to shadow the copy, and the script checks which module it loaded.
+SAFE_PATH_OPTION: Tuple[str, ...] = ("-P",) if sys.version_info >= (3, 11) else ()
 TSAN_SUPPRESSIONS = textwrap.dedent("""\
     # glibc frees a finished detached thread's dynamic TLS block (cbw__self)
     # when another thread reuses its cached stack, under a lock TSan cannot
@@ -328,8 +332,11 @@ STRESS_SCRIPT = textwrap.dedent('''\
                     if jid is None:
                         continue
                     try:
-                        if rng.random() < 0.5:
+                        how = rng.random()
+                        if how < 0.35:
                             got = w.wait(jid, rng.choice([0, 1, 5, 50]))
+                        elif how < 0.5:
+                            got = w.wait_many([jid], rng.choice([0, 1, 5, 50]))[0]
                         else:
                             if not w.wait_complete(jid, rng.choice([0, 5, 50])):
                                 raise WaitTimeoutError()
@@ -550,7 +557,7 @@ def run_stress(san: Sanitizer, runtime: str, pkg_root: Path,
     for key in ("CBW_SAN_SECONDS", "CBW_SAN_THREADS", "CBW_SAN_CLOSE_ROUNDS"):
         if key in os.environ:
             env[key] = os.environ[key]
-    command = [*prefix, sys.executable, "-P", str(script)]
+    command = [*prefix, sys.executable, *SAFE_PATH_OPTION, str(script)]
     try:
         return subprocess.run(command, cwd=pkg_root.parent, env=env, capture_output=True,
                               text=True, timeout=RUN_TIMEOUT_S)
@@ -625,10 +632,13 @@ def run_test_module(san: Sanitizer, runtime: str, pkg_root: Path,
            if not k.startswith(("PYTHON", "ASAN_", "UBSAN_", "TSAN_", "LD_PRELOAD"))}
     env.update(sanitizer_env(san, runtime, pkg_root))
     env["CBW_SAN_EXPECT_DIR"] = str(pkg_root)
-    command = [sys.executable, "-P", "-c", PYTEST_SNIPPET, str(ROOT / "tests" / module)]
+    # Started beside the package copy, not in the checkout: without -P (before
+    # 3.11) the working directory comes first on sys.path.
+    command = [sys.executable, *SAFE_PATH_OPTION, "-c", PYTEST_SNIPPET,
+               str(ROOT / "tests" / module)]
     try:
-        return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=RUN_TIMEOUT_S)
+        return subprocess.run(command, cwd=pkg_root.parent, env=env, capture_output=True,
+                              text=True, timeout=RUN_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         pytest.fail(f"tests/{module} under {san.name} did not finish within "
                     f"{RUN_TIMEOUT_S} s (hang?)", pytrace=False)

@@ -449,6 +449,39 @@ def test_declare_queue_creates_the_queue_without_serving_it(service: TaskService
     assert service.served_queues() == []
 
 
+def test_a_declared_config_is_used_by_every_service_that_serves_the_queue(
+        db: str, clock: FakeClock) -> None:
+    with TaskService(db, clock=clock, background=False) as web:
+        web.declare_queue("emails", QueueConfig(max_retries=1, backoff_ms=0))
+        task_id = web.enqueue_task("flaky", queue="emails")
+    calls: List[int] = []
+    with TaskService(db, clock=clock, background=False) as worker:
+        @worker.task(name="flaky", queue="emails")
+        def flaky() -> str:
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("first")
+            return "second"
+
+        worker.serve()
+        assert drain(worker) == 2
+        assert result_of(worker, task_id) == "second"
+
+
+def test_declare_queue_again_updates_the_stored_config(db: str) -> None:
+    from callbackworker.tasks.client import open_store
+    from callbackworker.tasks.config import config_from_json
+
+    with TaskService(db) as service:
+        service.declare_queue("q", QueueConfig(concurrency=3))
+        service.declare_queue("q", QueueConfig(timeout_ms=500))
+    store = open_store(db)
+    try:
+        assert config_from_json(store.queue_config("q") or "") == QueueConfig(timeout_ms=500)
+    finally:
+        store.close()
+
+
 def test_raw_payloads_on_a_queue_served_for_functions_fail_saying_so(
         service: TaskService) -> None:
     service.task(add)

@@ -86,7 +86,7 @@ def test_sigterm_lets_the_running_task_finish_and_leaves_the_rest_pending(tmp_pa
     proc = _worker(db, log)
     with TaskService(db) as producer:
         running, *waiting = producer.enqueue_many("slow", [b"0.5", b"0", b"0"])
-    _wait_for_status(db, running, ["running"])
+    _wait_for_start(log, running)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0, proc.stderr.read()  # type: ignore[union-attr]
     with TaskService(db) as reader:

@@ -191,3 +191,23 @@ def test_a_client_lists_retries_and_purges_without_a_service(db: str) -> None:
         client.cancel(task_id)
         assert client.purge("q", status="cancelled") == 1
         assert client.list_tasks() == []
+
+
+def test_a_declared_queue_keeps_its_failed_retention(db: str, clock: FakeClock) -> None:
+    with TaskService(db, clock=clock, background=False) as declarer:
+        declarer.declare_queue("kept", QueueConfig(failed_retention_ms=120_000))
+    with TaskService(db, clock=clock, background=False) as svc:
+        @svc.task(name="explode", queue="kept")
+        def explode() -> None:
+            raise ValueError("boom")
+
+        task_id = explode.enqueue()
+        svc.serve()
+        svc._dispatch_once()
+        clock.advance(60_001)
+        svc._dispatch_once()
+        assert svc.get(task_id).status == "failed"
+        clock.advance(60_000)
+        svc._dispatch_once()
+        with pytest.raises(UnknownTaskError):
+            svc.get(task_id)

@@ -23,7 +23,7 @@ from callbackworker.errors import StorageBusyError  # noqa: E402
 from callbackworker.tasks import postgres  # noqa: E402
 from callbackworker.tasks.postgres import SCHEMA_VERSION, PostgresTaskStore  # noqa: E402
 from callbackworker.tasks.schema import expected_columns  # noqa: E402
-from callbackworker.tasks.sql import listing  # noqa: E402
+from callbackworker.tasks.sqlmanage import listing  # noqa: E402
 from callbackworker.tasks.status import TaskStatus  # noqa: E402
 from callbackworker.tasks.storage import NEVER, Outcome  # noqa: E402
 

@@ -147,10 +147,17 @@ def test_tasks_run_oldest_first(service: TaskService) -> None:
     assert order == [b"1", b"2", b"3"]
 
 
-def test_concurrency_bounds_tasks_per_pass(service: TaskService) -> None:
+def test_concurrency_bounds_tasks_per_pass(db: str, clock: FakeClock) -> None:
+    with TaskService(db, clock=clock, background=False, prefetch=0) as service:
+        service.create_queue("q", QueueConfig(concurrency=3), handler=ok)
+        service.enqueue_many("q", [b"x"] * 7)
+        assert [service._dispatch_once() for _ in range(4)] == [3, 3, 1, 0]
+
+
+def test_default_prefetch_claims_the_concurrency_again(service: TaskService) -> None:
     service.create_queue("q", QueueConfig(concurrency=3), handler=ok)
     service.enqueue_many("q", [b"x"] * 7)
-    assert [service._dispatch_once() for _ in range(4)] == [3, 3, 1, 0]
+    assert [service._dispatch_once() for _ in range(3)] == [6, 1, 0]
 
 
 # ---- retries and backoff ----------------------------------------------
@@ -353,9 +360,13 @@ def test_crash_recovery_on_create_queue(db: str, clock: FakeClock) -> None:
                        clock() - 50_000)
     host = owners.HOST  # the host name, and on Linux its pid namespace
     gone_pid = _a_dead_pid()
-    store.claim("q", owner=f"{host}/{gone_pid}/x", limit=1, now=clock(), lease_ms=10**9)
-    store.claim("q", owner="otherhost/1/y", limit=1, now=clock() - 40_000, lease_ms=30_000)
-    store.claim("q", owner=f"{host}/{os.getppid()}/z", limit=1, now=clock(), lease_ms=30_000)
+    claims = [store.claim("q", owner=f"{host}/{gone_pid}/x", limit=1, now=clock(), lease_ms=10**9),
+              store.claim("q", owner="otherhost/1/y", limit=1, now=clock() - 40_000,
+                          lease_ms=30_000),
+              store.claim("q", owner=f"{host}/{os.getppid()}/z", limit=1, now=clock(),
+                          lease_ms=30_000)]
+    for (task,) in claims:  # their runs started
+        assert store.start(task.id, task.token, clock())
     store.close()
     with TaskService(db, clock=clock, background=False) as service:
         service.create_queue("q", QueueConfig(max_retries=1), handler=ok)
@@ -370,7 +381,8 @@ def test_recovery_fails_a_task_with_no_attempt_left(db: str, clock: FakeClock) -
     store = open_store(db)
     store.ensure_queue("q")
     store.enqueue("q", "t", b"", clock())
-    store.claim("q", owner="otherhost/1/y", limit=1, now=clock(), lease_ms=100)
+    (task,) = store.claim("q", owner="otherhost/1/y", limit=1, now=clock(), lease_ms=100)
+    assert store.start(task.id, task.token, clock())
     store.close()
     clock.advance(100)
     with TaskService(db, clock=clock, background=False) as service:
@@ -386,7 +398,9 @@ def test_expired_leases_are_recovered_while_serving(db: str, clock: FakeClock) -
         service.create_queue("held", QueueConfig(max_retries=2), handler=ok)
         store = open_store(db)
         store.enqueue("held", "t", b"x", clock())
-        store.claim("held", owner="otherhost/1/y", limit=1, now=clock(), lease_ms=1000)
+        (task,) = store.claim("held", owner="otherhost/1/y", limit=1, now=clock(),
+                              lease_ms=1000)
+        assert store.start(task.id, task.token, clock())  # its run started
         store.close()
         assert service._dispatch_once() == 0
         clock.advance(1000)
@@ -570,6 +584,53 @@ def test_current_task_inside_a_handler(service: TaskService) -> None:
     service._dispatch_once()
     assert seen == [TaskContext(task, "q", 1)]
     assert current_task() is None
+
+
+def test_a_claim_whose_answer_never_arrived_is_taken_back_free(db: str, clock: FakeClock) -> None:
+    """The runtime renews only the leases of tasks it knows it holds: a claim
+    made under its owner whose answer was lost (with its connection)
+    expires, and the task runs as its first attempt."""
+    with TaskService(db, clock=clock, background=False, lease_ms=1000) as service:
+        service.create_queue("q", handler=ok)
+        store = open_store(db)
+        store.enqueue("q", "t", b"x", clock())
+        store.claim("q", owner=service._runtime._owner, limit=1, now=clock(), lease_ms=1000)
+        store.close()
+        assert service._dispatch_once() == 0
+        clock.advance(1000)
+        assert service._dispatch_once() == 1
+        assert service.get("t")[:3] == ("completed", "ok x", 1)
+
+
+def test_a_prefetched_task_whose_worker_dies_costs_no_attempt(db: str, clock: FakeClock) -> None:
+    """The attempt is counted when the run starts: tasks claimed but not yet
+    run when their process dies come back with every attempt left, while
+    the one that ran is charged."""
+    gate, running = threading.Event(), threading.Event()
+
+    def hold(payload: memoryview) -> None:
+        running.set()
+        gate.wait(30)
+
+    service = TaskService(db, clock=clock, background=False, lease_ms=1000, prefetch=2)
+    service.create_queue("q", handler=hold)
+    ids = service.enqueue_many("q", [b"1", b"2", b"3"])
+    started, _ = service._runtime._claim_and_start()
+    assert started == 3 and running.wait(30)  # its start is committed before it runs
+    with TaskService(db, clock=clock, background=False) as reader:
+        assert [reader.get(i)[:3:2] for i in ids] == [("running", 1), ("running", 0),
+                                                      ("running", 0)]
+    clock.advance(1000)  # the process is gone: its leases expire unrenewed
+    with TaskService(db, clock=clock, background=False) as heir:
+        heir.create_queue("q", handler=ok)  # recovers the expired leases
+        assert heir.get(ids[0])[:3] == ("failed", "worker lost during attempt 1 (lease expired); "
+                                                  "no attempts left", 1)
+        assert [heir.get(i)[:3] for i in ids[1:]] == [("pending", "", 0)] * 2
+        heir._dispatch_once()
+        assert [heir.get(i)[:3] for i in ids[1:]] == [("completed", "ok 2", 1),
+                                                      ("completed", "ok 3", 1)]
+    gate.set()
+    service.close()
 
 
 def test_prefetch_claims_beyond_free_slots_and_close_gives_them_back(db: str, clock: FakeClock) -> None:

@@ -15,7 +15,7 @@ import pytest
 from callbackworker.durable import CallbackRecord
 from callbackworker.errors import StorageBusyError
 from callbackworker.tasks.schema import SCHEMA_VERSION, expected_columns
-from callbackworker.tasks.sql import listing
+from callbackworker.tasks.sqlmanage import listing
 from callbackworker.tasks.sqlite import SQLiteTaskStore
 from callbackworker.tasks.storage import Outcome
 

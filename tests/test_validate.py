@@ -135,3 +135,12 @@ def test_check_range_names_the_bounds_and_the_value() -> None:
 def test_check_key_returns_the_enum_member() -> None:
     assert check_key(RouteMetaKey.STATE, JobMetaKey) is JobMetaKey.PHASE  # both are 1
     assert check_key(5, JobMetaKey) is JobMetaKey.KNOWN
+
+
+def test_queue_config_takes_intenum_members_like_every_other_int_argument() -> None:
+    from callbackworker import QueueConfig
+
+    config = QueueConfig(concurrency=Small.TWO, max_retries=Small.TWO)
+    assert (config.concurrency, config.max_retries) == (2, 2)
+    with pytest.raises(TypeError, match="concurrency"):
+        QueueConfig(concurrency=True)  # type: ignore[arg-type]

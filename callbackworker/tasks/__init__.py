@@ -8,7 +8,7 @@ and ``owners`` (lease owners and the dead-owner probe); ``service``
 composes a client and a runtime into ``TaskService``.  ``storage`` holds
 the contract every backend implements (``TaskStore``), ``status`` the
 task statuses, ``schema`` the schema both backends reach, ``sql`` what the
-two backends share, ``sqlite`` the SQLite backend, ``postgres`` (with
+two backends share (``sqlmanage``: listing, retrying and purging), ``sqlite`` the SQLite backend, ``postgres`` (with
 ``pgconn``) the PostgreSQL backend (imported only when a ``postgresql://``
 DSN is opened, as its driver, psycopg 3, is the optional extra
 ``callbackworker[postgres]``), ``durablestore`` the durable logs in a task

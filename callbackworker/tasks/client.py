@@ -4,12 +4,13 @@ DESIGN
 
 * What it is.  A client writes and reads a ``TaskStore``: it adds tasks
   (``enqueue``, ``enqueue_many``, and calls of task functions by name,
-  ``enqueue_task``), reads them (``get``, ``counts``, ``queues``), waits
-  for them (``result``, ``result_async``, ``results.py``), cancels them
-  (``cancel``, ``clear_queue``) and signals durable callbacks
-  (``send_callback_*``).  It starts no thread, holds no
-  lease and runs no handler; a process that only produces tasks, or
-  answers an HTTP endpoint, needs nothing more.  Listing verbs belong here.
+  ``enqueue_task``), reads and lists them (``get``, ``counts``,
+  ``queues``, ``list_tasks``), waits for them (``result``,
+  ``result_async``, ``results.py``), cancels, retries and purges them
+  (``cancel``, ``clear_queue``, ``retry_task``, ``purge``) and signals
+  durable callbacks (``send_callback_*``).  It starts no thread, holds no
+  lease and runs no handler; a process that only produces tasks, runs a
+  dashboard or answers an HTTP endpoint needs nothing more.
 * Commits.  Every verb is one store transaction, committed when it
   returns.  Times come from the client's ``clock`` (wall-clock
   milliseconds by default), the same clock the runtime uses in a
@@ -51,7 +52,7 @@ from .functions import check_dedup_key, check_priority, check_task_name, encode_
 from .results import Completions, wait_for_result, wait_for_result_async
 from .sqlite import SQLiteTaskStore
 from .status import RETRYABLE, TERMINAL, WAITING
-from .storage import STATUSES, NewCall, TaskRecord, TaskStore
+from .storage import STATUSES, NewCall, ScheduleRecord, TaskRecord, TaskStore
 
 
 __all__ = ["TaskClient", "open_store", "PURGE_BATCH", "LIST_LIMIT_MAX"]
@@ -124,7 +125,8 @@ class TaskClient:
         self._store = store
         self._clock: Callable[[], int] = clock or wall_clock_ms
         self._on_commit = on_commit
-        self._completions = completions
+        self._completions = completions if completions is not None else Completions()
+        self._watching = False  # the store wakes the completions of other processes
         self._events = TaskEvents() if events is None else events
         self._owns_store = False
         self._close_lock = threading.Lock()
@@ -323,6 +325,9 @@ class TaskClient:
         ``WaitTimeoutError`` after ``timeout_ms`` (-1: no limit), the task
         untouched; ``UnknownTaskError`` for an unknown id."""
         task_id = check_task_id(task_id)
+        if not self._watching:  # tasks finished by other processes wake the wait
+            self._watching = True
+            self._store.watch_finished(self._completions.notify)
         return wait_for_result(lambda: self.get(task_id), task_id, timeout_ms, self._completions)
 
     async def result_async(self, task_id: str, timeout_ms: int = -1) -> Any:
@@ -355,6 +360,22 @@ class TaskClient:
         if name not in self._store.queues():
             raise UnknownQueueError(name)
         return self._store.clear(name, self._now())
+
+    def stored_schedules(self) -> List[ScheduleRecord]:
+        """Every periodic schedule in the database, whichever service
+        registered it, by name: spec, queue, task, last tick and next run
+        (``TaskService.schedules`` gives one service's own)."""
+        self._check_open()
+        return self._store.schedules()
+
+    def remove_schedule(self, name: str) -> bool:
+        """Deletes the stored schedule ``name`` (one no code registers any
+        more; a service still serving it registers it again); returns
+        whether it existed."""
+        if not isinstance(name, str):
+            raise TypeError(f"a schedule name must be a str, not {type(name).__name__}")
+        self._check_open()
+        return self._store.remove_schedule(name)
 
     def send_callback_success(self, callback_id: str, result: bytes) -> None:
         """Signals success to a task's callback: the task, if suspended

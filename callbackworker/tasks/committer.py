@@ -6,6 +6,18 @@ DESIGN
   go on; the committer thread settles everything that piled up while the
   previous batch was being committed in one ``TaskStore.settle``
   transaction (at most ``BATCH_MAX`` outcomes).
+* Starts.  ``start`` puts a run's "start" record (its attempt counted)
+  in the next batch like an outcome and waits until that batch is
+  committed: the handler runs only once its attempt is durable, and starts
+  of concurrent runs share transactions with the outcomes of finished
+  ones.  A starting thread that finds no commit under way leads the next
+  one itself rather than waking the committer thread and waiting for it
+  (group commit with a leader): one hand-off less per start.  Where the
+  store commits starts faster on their own (``TaskStore.starts_apart``:
+  PostgreSQL does not wait for its flush), a batch's starts are committed
+  first and their runs begin while its outcomes commit.  Only one
+  batch is committed at a time (``_busy``), so order is kept whoever
+  leads.
 * Crash safety.  A crash before that commit loses the outcome but not the
   task: its lease expires and it runs again (at-least-once execution).
   An outcome the store rejects (its lease was lost and the task recovered
@@ -36,7 +48,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from ..errors import StorageBusyError
 from .storage import Outcome, TaskStore
@@ -69,6 +81,7 @@ class GroupCommitter:
         self._on_settled = on_settled
         self._cond = threading.Condition()
         self._queue: List[Outcome] = []
+        self._answers: Dict[int, Optional[bool]] = {}  # id() of a start -> applied
         self._busy = False
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="callbackworker-task-commit",
@@ -81,6 +94,24 @@ class GroupCommitter:
             self._queue.append(outcome)
             if len(self._queue) == 1:
                 self._cond.notify_all()
+
+    def start(self, record: Outcome) -> Optional[bool]:
+        """Queues a "start" record for the next batch and returns once it is
+        committed: True if it applied, False if the store rejected it (the
+        lease was lost), None if ``close`` gave up committing it.  When no
+        commit is under way, the calling thread commits the batch itself
+        (no hand-off to the committer thread)."""
+        key = id(record)
+        with self._cond:
+            self._queue.append(record)
+            while key not in self._answers:
+                if self._queue and not self._busy:
+                    self._lead_locked(starts_only=self._store.starts_apart)
+                elif self._thread.is_alive():
+                    self._cond.wait()
+                else:
+                    break
+            return self._answers.pop(key, None)
 
     def flush(self) -> None:
         """Returns once everything put so far has been committed (or its
@@ -99,24 +130,56 @@ class GroupCommitter:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._stopping:
+                while not (self._queue and not self._busy) and not (
+                        self._stopping and not self._busy):
                     self._cond.wait()
                 if not self._queue:
                     return
-                batch = self._queue[:self.BATCH_MAX]
-                del self._queue[:self.BATCH_MAX]
-                self._busy = True
-            try:
-                self._commit(batch)
-            finally:
-                with self._cond:
-                    self._busy = False
-                    self._cond.notify_all()
+                self._lead_locked()
+
+    def _lead_locked(self, starts_only: bool = False) -> None:
+        """Commits the next batch (under ``_cond``, with no commit under
+        way; the lock is released while the store works).  Whichever thread
+        leads, batches are committed one at a time, in order.  With
+        ``starts_only`` the batch is the queued starts alone, and the
+        outcomes are left to the committer thread (a start never needs an
+        outcome queued before it: a run's outcome follows its start)."""
+        if starts_only:
+            batch = [o for o in self._queue if o.kind == "start"][:self.BATCH_MAX]
+            taken = {id(o) for o in batch}
+            self._queue = [o for o in self._queue if id(o) not in taken]
+        else:
+            batch = self._queue[:self.BATCH_MAX]
+            del self._queue[:self.BATCH_MAX]
+        self._busy = True
+        self._cond.release()
+        try:
+            self._commit(batch)
+        finally:
+            self._cond.acquire()
+            self._busy = False
+            self._cond.notify_all()  # the committer thread takes what is left
 
     def _commit(self, batch: List[Outcome]) -> None:
+        if self._store.starts_apart and any(o.kind == "start" for o in batch):
+            ends = [o for o in batch if o.kind != "start"]
+            self._commit_part([o for o in batch if o.kind == "start"])
+            if ends:
+                self._commit_part(ends)
+            return
+        self._commit_part(batch)
+
+    def _commit_part(self, batch: List[Outcome]) -> None:
         applied = self._settle(batch)
-        if self._on_settled is not None:
-            self._on_settled([o.task_id for o in batch])
+        starts = [(id(o), None if applied is None else ok)
+                  for o, ok in zip(batch, applied or [None] * len(batch)) if o.kind == "start"]
+        if starts:
+            with self._cond:
+                self._answers.update(starts)
+                self._cond.notify_all()
+        ended = [o.task_id for o in batch if o.kind != "start"]
+        if ended and self._on_settled is not None:
+            self._on_settled(ended)
         if applied is None:
             return
         for outcome, ok in zip(batch, applied):

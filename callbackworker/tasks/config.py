@@ -17,15 +17,19 @@ DESIGN
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import re
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Optional
 
+from .._validate import CONCURRENCY_MAX
+from .._validate import check_range as check_int  # the package's one int rule
 from .progress import report_progress
 
 __all__ = ["QueueConfig", "TaskInfo", "TaskContext", "Handler", "MAX_PAYLOAD", "MAX_QUEUE_NAME",
-           "MAX_BACKOFF_MS", "retry_delay_ms"]
+           "MAX_BACKOFF_MS", "retry_delay_ms", "config_to_json", "config_from_json"]
 
 Handler = Callable[[memoryview], Optional[str]]
 """``handler(payload) -> message``: a read-only view of the task's payload;
@@ -44,7 +48,6 @@ RETENTION_MIN_MS = 60_000
 RETENTION_MAX_MS = 604_800_000
 INTERVAL_MAX_MS = RETENTION_MAX_MS
 """The longest lease, backoff or delay between starts (one week)."""
-CONCURRENCY_MAX = 1024
 TIMEOUT_MAX_MS = 2**31 - 1
 RETRIES_MAX = 2**31 - 1
 
@@ -52,16 +55,6 @@ RETRIES_MAX = 2**31 - 1
 def wall_clock_ms() -> int:
     """The default clock of the task queues: wall-clock milliseconds."""
     return time.time_ns() // 1_000_000
-
-
-def check_int(value: object, name: str, low: int, high: int) -> int:
-    """``value`` if it is an int in ``low..high``; else a ``TypeError`` or
-    ``ValueError`` naming ``name``."""
-    if type(value) is not int:
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be between {low} and {high}, not {value}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -147,6 +140,18 @@ class TaskContext(NamedTuple):
         value is always written before the attempt's outcome.  Only from
         the thread running the task."""
         report_progress(self.id, value)
+
+
+def config_to_json(config: QueueConfig) -> str:
+    """``config`` as the JSON text a store keeps (``declare_queue``)."""
+    return json.dumps(dataclasses.asdict(config), separators=(",", ":"), sort_keys=True)
+
+
+def config_from_json(text: str) -> QueueConfig:
+    """The ``QueueConfig`` that ``config_to_json`` wrote; fields this
+    version does not know (written by a newer one) are ignored."""
+    fields = {f.name for f in dataclasses.fields(QueueConfig)}
+    return QueueConfig(**{k: v for k, v in json.loads(text).items() if k in fields})
 
 
 def retry_delay_ms(backoff_ms: int, attempt: int) -> int:

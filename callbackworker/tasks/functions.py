@@ -258,10 +258,10 @@ class FunctionRegistry:
         with self._lock:
             self._configs[queue] = config
 
-    def config(self, queue: str) -> QueueConfig:
-        """The config declared for ``queue``, or the default one."""
+    def declared(self, queue: str) -> Optional[QueueConfig]:
+        """The config this service declared for ``queue``, or None."""
         with self._lock:
-            return self._configs.get(queue) or QueueConfig()
+            return self._configs.get(queue)
 
     def limits(self, name: Optional[str], config: QueueConfig) -> Tuple[int, int]:
         """``(max_retries, backoff_ms)`` of a call of task ``name``: its

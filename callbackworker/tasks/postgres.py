@@ -154,8 +154,11 @@ _STATEMENTS = {
             next_run_at = CASE WHEN o.kind IN ('retry', 'release') THEN o.at
                                WHEN o.kind = 'suspend' THEN {NEVER}
                                ELSE t.next_run_at END,
-            attempt = CASE WHEN o.kind = 'release' THEN t.attempt - (t.awaiting IS NULL)::int
-                           ELSE t.attempt END,
+            attempt = CASE WHEN o.kind = 'release'
+                           THEN t.attempt - (t.started_at IS NOT NULL AND t.awaiting IS NULL)::int
+                           ELSE t.attempt + (t.started_at IS NULL AND t.awaiting IS NULL)::int
+                      END,
+            started_at = CASE WHEN o.kind = 'release' THEN NULL ELSE t.started_at END,
             awaiting = CASE o.kind WHEN 'release' THEN t.awaiting
                                    WHEN 'suspend' THEN o.awaiting END,
             owner = NULL, lease_expires_at = NULL, token = NULL
@@ -168,6 +171,18 @@ _STATEMENTS = {
             SELECT pg_notify(:channel, queue) FROM (SELECT DISTINCT queue FROM settled
                                                     WHERE status = {PENDING}) AS requeued)
         SELECT id, token, (SELECT count(*) FROM woken) FROM settled""",
+    # Runs that start: the attempt is counted (not a replay's), once.  The
+    # statement's own transaction commits without waiting for the flush
+    # (see ``settle``); ``quick`` is a one-row join so that it is set.
+    "start": """
+        WITH quick AS (SELECT set_config('synchronous_commit', 'off', true) AS setting)
+        UPDATE {tasks} t SET started_at = o.at,
+               lease_expires_at = coalesce(o.lease_until, t.lease_expires_at),
+               attempt = t.attempt + (t.started_at IS NULL AND t.awaiting IS NULL)::int
+        FROM quick, unnest(:ids::text[], :tokens::text[], :ats::bigint[], :leases::bigint[])
+             AS o(id, token, at, lease_until)
+        WHERE t.id = o.id AND t.token = o.token AND t.status = {RUNNING}
+        RETURNING t.id, o.token""",
     # The second half of a suspension, run after "settle" in its
     # transaction, with the callbacks read afresh (``_suspensions``): the
     # task is due when its callback expires (NEVER: only a signal wakes
@@ -280,6 +295,7 @@ _MIGRATIONS: List[List[str]] = [
     # 3: tasks as functions: name, arguments, result, traceback, progress,
     # priority and deduplication.
     [
+        "ALTER TABLE cbw_queues ADD COLUMN config text",
         """ALTER TABLE cbw_tasks ADD COLUMN name text, ADD COLUMN args text,
                ADD COLUMN result text, ADD COLUMN traceback text, ADD COLUMN progress text,
                ADD COLUMN priority integer NOT NULL DEFAULT 0, ADD COLUMN dedup_key text""",
@@ -290,7 +306,23 @@ _MIGRATIONS: List[List[str]] = [
         "CREATE UNIQUE INDEX cbw_tasks_dedup ON cbw_tasks(queue, dedup_key) "
         "WHERE dedup_key IS NOT NULL AND status IN ('pending', 'running', 'suspended')",
     ],
-    # 4: listing tasks newest first by queue, task name, or failed tasks.
+    # 4: periodic schedules.
+    [
+        """CREATE TABLE cbw_schedules (
+               name        text PRIMARY KEY,
+               spec        text NOT NULL,
+               queue       text NOT NULL,
+               task        text NOT NULL,
+               last_tick   bigint NOT NULL,
+               next_run_at bigint NOT NULL,
+               updated_at  bigint NOT NULL
+           )""",
+    ],
+    # 5: attempts counted when their run starts, not at claim.
+    [
+        "ALTER TABLE cbw_tasks ADD COLUMN started_at bigint",
+    ],
+    # 6: listing tasks newest first by queue, task name, or failed tasks.
     [
         "CREATE INDEX cbw_tasks_by_queue ON cbw_tasks(queue, seq)",
         "CREATE INDEX cbw_tasks_by_name ON cbw_tasks(name, seq) WHERE name IS NOT NULL",
@@ -476,39 +508,65 @@ class PostgresTaskStore(SQLTaskStore):
 
     # ---- consuming -----------------------------------------------------
 
+    starts_apart = True
+
     def settle(self, outcomes: Sequence[Outcome]) -> List[bool]:
+        """See ``TaskStore.settle``.  Starts are one ``UPDATE`` over
+        ``unnest``, the other outcomes another; with both in the batch they
+        run in one transaction, starts first.  A batch of starts alone
+        commits without waiting for the server's flush
+        (``synchronous_commit = off`` for that transaction): a start is
+        about a worker that may die, and only a server crash can lose it,
+        which costs that run its count, never a run that did not happen."""
         for o in outcomes:
             if o.kind not in Outcome.KINDS:
                 raise ValueError(f"unknown outcome kind {o.kind!r}; expected one of "
                                  f"{Outcome.KINDS}")
         if not outcomes:
             return []
-        params = {"ids": [o.task_id for o in outcomes], "tokens": [o.token for o in outcomes],
-                  "kinds": [o.kind for o in outcomes], "messages": [o.message for o in outcomes],
-                  "ats": [o.at for o in outcomes], "awaiting": [o.awaiting for o in outcomes],
-                  "results": [o.result for o in outcomes],
-                  "tracebacks": [o.traceback for o in outcomes],
+        starts = [o for o in outcomes if o.kind == "start"]
+        ends = [o for o in outcomes if o.kind != "start"]
+        start_params = {"ids": [o.task_id for o in starts], "tokens": [o.token for o in starts],
+                        "ats": [o.at for o in starts],
+                        "leases": [o.lease_until for o in starts]}
+        params = {"ids": [o.task_id for o in ends], "tokens": [o.token for o in ends],
+                  "kinds": [o.kind for o in ends], "messages": [o.message for o in ends],
+                  "ats": [o.at for o in ends], "awaiting": [o.awaiting for o in ends],
+                  "results": [o.result for o in ends],
+                  "tracebacks": [o.traceback for o in ends],
                   "channel": CHANNEL}
         sql = _DIALECT.sql("settle")
-        suspends = [o for o in outcomes if o.kind == "suspend"]
+        suspends = [o for o in ends if o.kind == "suspend"]
 
-        def body(conn: "psycopg.Connection[Any]") -> List[Any]:
-            if not suspends:
-                return conn.execute(sql, params).fetchall()
-            # Two statements: the second reads the callbacks after the first
-            # holds the tasks' rows, so a signal either committed before (and
-            # is seen) or waits for this transaction (and sees it suspended).
-            with conn.transaction():
-                rows = conn.execute(sql, params).fetchall()
+        def statements(conn: "psycopg.Connection[Any]") -> "tuple[List[Any], List[Any]]":
+            started = (conn.execute(_DIALECT.sql("start"), start_params).fetchall()
+                       if starts else [])
+            if not ends:
+                return started, []
+            rows = conn.execute(sql, params).fetchall()
+            if suspends:
+                # The second statement reads the callbacks after the first
+                # holds the tasks' rows, so a signal either committed before
+                # (and is seen) or waits for this transaction (and sees it
+                # suspended).
                 self._suspensions(conn, suspends, {(r[0], r[1]) for r in rows})
-                return rows
+            return started, rows
 
-        applied = {(task_id, token) for task_id, token, _ in self._run(body)}
+        def body(conn: "psycopg.Connection[Any]") -> "tuple[List[Any], List[Any]]":
+            if not suspends and (not starts or not ends):
+                return statements(conn)
+            with conn.transaction():
+                return statements(conn)
+
+        started, rows = self._run(body)
+        applied_starts = {(r[0], r[1]) for r in started}
+        applied = {(r[0], r[1]) for r in rows}
         results = []
         for o in outcomes:  # a repeated outcome applies once, the first time
             key = (o.task_id, o.token)
-            results.append(key in applied)
-            applied.discard(key)
+            done = applied_starts if o.kind == "start" else applied
+            results.append(key in done)
+            done.discard(key)
         return results
 
     def _suspensions(self, conn: "psycopg.Connection[Any]", suspends: Sequence[Outcome],

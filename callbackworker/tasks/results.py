@@ -92,17 +92,24 @@ def wait_for_result(read: Callable[[], TaskInfo], task_id: str, timeout_ms: int,
         info = read()
         if info.status in _FINISHED:
             return outcome_of(info)
-        wait_s = pause_ms / 1000
-        if deadline is not None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise _timed_out(task_id, timeout_ms)
-            wait_s = min(wait_s, left)
+        wait_s = _next_wait(pause_ms, deadline, task_id, timeout_ms)
         if completions is not None:
             completions.wait(seen, wait_s)
         else:
             time.sleep(wait_s)
         pause_ms = min(pause_ms * 2, MAX_PAUSE_MS)
+
+
+def _next_wait(pause_ms: int, deadline: Optional[float], task_id: str, timeout_ms: int) -> float:
+    """How long to sleep before reading the task again: the pause, cut to
+    what is left of the wait; raises ``WaitTimeoutError`` once none is."""
+    wait_s = pause_ms / 1000
+    if deadline is not None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise _timed_out(task_id, timeout_ms)
+        wait_s = min(wait_s, left)
+    return wait_s
 
 
 async def wait_for_result_async(read: Callable[[], Awaitable[TaskInfo]], task_id: str,
@@ -114,11 +121,5 @@ async def wait_for_result_async(read: Callable[[], Awaitable[TaskInfo]], task_id
         info = await read()
         if info.status in _FINISHED:
             return outcome_of(info)
-        wait_s = pause_ms / 1000
-        if deadline is not None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise _timed_out(task_id, timeout_ms)
-            wait_s = min(wait_s, left)
-        await asyncio.sleep(wait_s)
+        await asyncio.sleep(_next_wait(pause_ms, deadline, task_id, timeout_ms))
         pause_ms = min(pause_ms * 2, MAX_PAUSE_MS)

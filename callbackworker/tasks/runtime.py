@@ -4,20 +4,30 @@ DESIGN
 
 * Execution.  The runtime owns a ``Worker`` with one route per queue it
   serves (``task:<name>``, ``concurrency`` threads).  A dispatcher thread
-  claims due tasks, never more than the queue's free slots (plus
-  ``prefetch``), and starts each as a job on that route
+  claims due tasks, never more than the queue's free slots plus
+  ``prefetch`` (default: the queue's concurrency again), and starts each
+  as a job on that route
   (``Worker.run_detached``, one ``_Attempt`` work item per claimed task).
   Handlers run on the C threads.  The worker, the committer and the
   dispatcher are created with the first queue: a service that only
   enqueues and inspects starts no thread.
 * Leases.  A claim leases the task to this runtime (``owner`` =
   host/pid/nonce, ``owners.py``) until ``now + lease_ms`` and gives it a
-  fresh token.  The dispatcher renews its leases every ``lease_ms / 3``; a
-  task whose lease expires (its process died or stalled) is taken back by
-  whichever runtime serves the queue: pending again with the attempt
-  counted, or failed when no attempt is left.  Serving a queue also takes
-  back, at once, tasks of a predecessor that is provably dead: same host,
-  process gone.
+  fresh token.  Every ``lease_ms / 3`` the dispatcher renews the leases of
+  the tasks it holds (claimed and not yet settled by the committer), by
+  id: a claim whose answer was lost with its connection, or an outcome a
+  crashed server lost after confirming it, expires.  A task whose lease
+  expires (its process died or stalled) is taken back by whichever runtime
+  serves the queue: pending again, with the attempt counted if its run
+  had started, or failed when no attempt is left.  Serving a queue also
+  takes back, at once, tasks of a predecessor that is provably dead: same
+  host, process gone.
+* Attempts.  The attempt is counted when the run starts, not at claim:
+  the route thread hands a "start" record (which also renews the lease)
+  to the group committer and calls the handler once it is committed, so a
+  prefetched task that never ran, or a claim whose answer was lost, comes
+  back as it was.  Starts share transactions with the outcomes and starts
+  of other runs.
 * Sweep.  Every minute the dispatcher deletes the finished tasks of its
   queues that are past their retention.
 * Outcomes.  A finished handler's outcome goes to the group committer
@@ -26,10 +36,10 @@ DESIGN
 * Wake-ups.  ``wake`` (an enqueue or a signal in this process, and every
   finished attempt) makes the dispatcher look again; so does the store,
   from its own thread, when it learns that another process added work
-  (``TaskStore.set_waker``: PostgreSQL's LISTEN/NOTIFY; SQLite has no such
-  thing).  Otherwise it sleeps until the next due time, at most
-  ``poll_ms``, which is how it notices work written by other processes
-  when no notification came.
+  (``TaskStore.set_waker``: PostgreSQL's LISTEN/NOTIFY, SQLite's wake-up
+  sockets, ``wakeups.py``).  Otherwise it sleeps until the next due time,
+  at most ``poll_ms``, which is how it notices work written by other
+  processes when no notification came.
 * Durable tasks.  A handler may use ``current_job().create_callback`` /
   ``callback_result`` / ``step`` (``callbackworker.durable``); the
   runtime's worker hands it a ``DurableRun`` over the task's own store
@@ -77,6 +87,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Callable, Dict, List, NoReturn, Optional, Set, Tuple
 
+from .._validate import ROUTE_NAME_MAX
 from ..durable import DurableBackend, DurableRun, SuspendJob
 from ..errors import (
     CallbackInterrupt,
@@ -101,7 +112,6 @@ __all__ = ["TaskRuntime", "current_task"]
 
 log = logging.getLogger(__name__)
 
-_ROUTE_NAME_MAX = 128
 ABANDON_GRACE_S = 1.0
 """How long past its time limit a run may go on before it is abandoned."""
 _SWEEP_EVERY_S = 60.0
@@ -146,7 +156,7 @@ def _route_for(queue: str) -> str:
     when that would pass the worker's 128-byte limit ("task#" cannot clash
     with a "task:" name)."""
     route = f"task:{queue}"
-    if len(route.encode("utf-8", "surrogatepass")) <= _ROUTE_NAME_MAX:
+    if len(route.encode("utf-8", "surrogatepass")) <= ROUTE_NAME_MAX:
         return route
     return "task#" + hashlib.blake2b(queue.encode("utf-8", "surrogatepass"), digest_size=24).hexdigest()
 
@@ -188,7 +198,7 @@ class TaskRuntime:
     thread runs and ``dispatch_once`` does one pass."""
 
     def __init__(self, store: TaskStore, clock: Callable[[], int], *, lease_ms: int,
-                 poll_ms: int, prefetch: int, background: bool,
+                 poll_ms: int, prefetch: Optional[int], background: bool,
                  calls: Optional[FunctionRegistry] = None,
                  completions: Optional[Completions] = None,
                  events: Optional[TaskEvents] = None) -> None:
@@ -398,7 +408,7 @@ class TaskRuntime:
         """Claims due tasks up to each queue's free slots and starts them.
         Returns how many started and how long (ms) until more may be due."""
         with self._cond:
-            free = [(q, q.config.concurrency + self._prefetch - q.in_flight)
+            free = [(q, q.config.concurrency + self._prefetch_of(q) - q.in_flight)
                     for q in self._queues.values()]
         started, wait_ms = 0, float(self._poll_ms)
         for queue, slots in free:
@@ -414,6 +424,10 @@ class TaskRuntime:
                 if due is not None:
                     wait_ms = min(wait_ms, max(0, due - now))
         return started, wait_ms
+
+    def _prefetch_of(self, queue: _Queue) -> int:
+        """How many tasks the queue claims beyond its free slots."""
+        return queue.config.concurrency if self._prefetch is None else self._prefetch
 
     def _start(self, queue: _Queue, claimed: List[ClaimedTask]) -> None:
         if not claimed:
@@ -455,8 +469,14 @@ class TaskRuntime:
         if not closing:
             self._events.started(task.id, queue.name, task.name, task.attempt)
         outcome: Optional[Outcome] = None
+        began = None if closing else self._begin(attempt)
+        if began is False:  # the lease was lost: the task is someone else's now
+            with self._cond:
+                self._held.discard(task.id)
+            self._settle(attempt, None)
+            return
         try:
-            if closing:  # close() has begun: no handler starts any more
+            if not began:  # close() has begun, or the start could not be recorded
                 outcome = Outcome(task.id, task.token, "release", "", self._now())
             else:
                 outcome = self._attempt(queue, task)
@@ -471,9 +491,24 @@ class TaskRuntime:
                 outcome = self._failure(queue, task, "interrupted: the handler did not return")
             self._settle(attempt, outcome)
 
-    def _settle(self, attempt: _Attempt, outcome: Outcome) -> None:
-        """Hands the attempt's outcome to the committer and counts it out,
-        once: the watchdog (``_abandon_overdue``) may have done it first.
+    def _begin(self, attempt: _Attempt) -> Optional[bool]:
+        """Records the start of the attempt's run through the committer and
+        waits until it is committed: its attempt is counted before the
+        handler runs (see ``GroupCommitter.start``)."""
+        assert self._committer is not None
+        task = attempt.task
+        now = self._now()
+        began = self._committer.start(Outcome(task.id, task.token, "start", "", now,
+                                              lease_until=now + self._lease_ms))
+        if began is False:  # it waited past its lease (not renewed before a start)
+            log.info("task %s: its claim expired before its run started; not run here",
+                     task.id)
+        return began
+
+    def _settle(self, attempt: _Attempt, outcome: Optional[Outcome]) -> None:
+        """Hands the attempt's outcome (None: nothing to settle) to the
+        committer and counts it out, once: the watchdog
+        (``_abandon_overdue``) may have done it first.
         (An interrupt for a deadline that passed as the run ended may land
         here; the flag is set between the two steps, so whatever part ran,
         a later pass neither loses nor repeats the count.)"""
@@ -481,7 +516,8 @@ class TaskRuntime:
         with self._cond:
             if attempt.settled:
                 return
-            self._committer.put(outcome)
+            if outcome is not None:
+                self._committer.put(outcome)
             attempt.settled = True
             self._started.discard(attempt)
             self._finished_locked(attempt)

@@ -16,7 +16,7 @@ from typing import Dict, NamedTuple, Tuple
 
 __all__ = ["SCHEMA_VERSION", "Column", "TABLES", "TYPES", "INDEXES", "expected_columns"]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 6
 """The schema version this callbackworker creates and understands."""
 
 
@@ -34,6 +34,9 @@ TABLES: Dict[str, Tuple[Column, ...]] = {
         Column("name", "text"),
         # The next time a claim under a global delay may start a task.
         Column("next_start_at", "bigint"),
+        # The config declared for the queue (version 3): JSON of the
+        # ``QueueConfig`` fields, NULL if none was declared.
+        Column("config", "text", True),
     ),
     "tasks": (
         Column("seq", "bigint"),  # insertion order, the claim's tie-break
@@ -63,6 +66,22 @@ TABLES: Dict[str, Tuple[Column, ...]] = {
         Column("progress", "text", True),
         Column("priority", "int"),
         Column("dedup_key", "text", True),
+        # When the current attempt's run started (version 5): NULL while a
+        # claimed task waits for its run, so a claim that never ran is
+        # taken back without counting an attempt.
+        Column("started_at", "bigint", True),
+    ),
+    # Periodic schedules (version 4), one row per name: the spec the last
+    # service started with, the task it enqueues, the last tick enqueued
+    # (the compare-and-set that makes each tick run once) and the next.
+    "schedules": (
+        Column("name", "text"),
+        Column("spec", "text"),
+        Column("queue", "text"),
+        Column("task", "text"),
+        Column("last_tick", "bigint"),
+        Column("next_run_at", "bigint"),
+        Column("updated_at", "bigint"),
     ),
     "durable_ops": (
         Column("task_id", "text"),
@@ -109,7 +128,7 @@ INDEXES: Dict[str, Dict[str, str]] = {
         "tasks_dedup": "UNIQUE tasks(queue, dedup_key) WHERE dedup_key IS NOT NULL "
                        "AND status IN ('pending', 'running', 'suspended')",
         # Listing newest first by queue, task name, or failed tasks
-        # (version 4); no index has the status, which changes at every claim
+        # (version 6); no index has the status, which changes at every claim
         # and settle, except for failed tasks, which seldom change.
         "tasks_by_queue": "tasks(queue, seq)",
         "tasks_by_name": "tasks(name, seq) WHERE name IS NOT NULL",

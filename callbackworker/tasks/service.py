@@ -21,9 +21,14 @@ DESIGN
   through it.  Its tasks enqueue through the client.  A ``Completions``
   shared by the runtime's committer and the client wakes ``result``
   waiters as soon as this service settles an outcome.
-* Close.  ``close`` first makes the client refuse callers, then closes the
-  runtime (running handlers finish, claimed tasks are given back), then
-  the store.  At interpreter exit, live services are closed before any
+* Periodic tasks.  ``periodic`` files a function as a task and its
+  schedule in the service's ``Scheduler`` (``scheduler.py``); ``serve``
+  has the scheduler claim the ticks of the schedules of the queues it
+  serves, each through the store, and wake the runtime for each tick it
+  enqueues.
+* Close.  ``close`` first makes the client refuse callers, then stops the
+  scheduler, then closes the runtime (running handlers finish, claimed
+  tasks are given back), then the store.  At interpreter exit, live services are closed before any
   worker (the package's one exit hook, ``_lifecycle.py``).
 """
 
@@ -47,13 +52,17 @@ from .config import (
     TaskInfo,
     check_int,
     check_queue_name,
+    config_from_json,
+    config_to_json,
     retry_delay_ms,
     wall_clock_ms,
 )
 from .events import TaskEvents
-from .functions import FunctionRegistry, Task
+from .functions import FunctionRegistry, Task, encode_arguments
 from .results import Completions
 from .runtime import TaskRuntime, current_task
+from .scheduler import Periodic, Scheduler, ScheduleInfo
+from .schedules import Schedule
 
 __all__ = ["TaskService", "QueueConfig", "TaskInfo", "TaskContext", "current_task", "Handler", "MAX_PAYLOAD", "MAX_QUEUE_NAME",
            "MAX_BACKOFF_MS", "retry_delay_ms"]
@@ -80,16 +89,16 @@ class TaskService:
     ``poll_ms`` bounds how long work written by another process may wait
     to be noticed.
 
-    ``prefetch`` (default 0) lets each queue claim that many tasks beyond
-    its free slots, in one transaction, so they wait in the queue's route
-    instead of being claimed one by one: far higher throughput, at a cost
-    on a crash: a prefetched task's attempt was counted at claim, so it
-    comes back with one attempt fewer left (or fails if it had none) though
-    its handler never ran.  A graceful ``close()`` gives those attempts
-    back.  With 0, only tasks that are about to run hold a lease.
+    ``prefetch`` lets each queue claim that many tasks beyond its free
+    slots, in one transaction, so they wait in the queue's route instead
+    of being claimed one by one (default None: as many as the queue's
+    ``concurrency``; 0 claims only tasks about to run).  It costs no
+    attempt on a crash: an attempt is counted when its run starts, so a
+    prefetched task that never ran comes back as it was.
 
     With ``background=False`` nothing runs by itself: each
-    ``_dispatch_once()`` call does one pass (tests drive a fake clock so).
+    ``_dispatch_once()`` call does one pass, and each ``_schedule_once()``
+    one pass of the periodic scheduler (tests drive a fake clock so).
 
     The verbs that need no thread (``enqueue``, ``get``, ``cancel``,
     ``counts``, the signals...) are those of its ``client``.  Use it as a
@@ -98,13 +107,15 @@ class TaskService:
 
     def __init__(self, dsn: "str | os.PathLike[str]" = "callbackworker.db", *,
                  durability: str = "normal", clock: Optional[Callable[[], int]] = None,
-                 lease_ms: int = 30_000, poll_ms: int = 200, prefetch: int = 0,
+                 lease_ms: int = 30_000, poll_ms: int = 200,
+                 prefetch: Optional[int] = None,
                  background: bool = True) -> None:
         if clock is not None and not callable(clock):
             raise TypeError(f"clock must be callable, not {type(clock).__name__}")
         check_int(lease_ms, "lease_ms", 100, INTERVAL_MAX_MS)
         check_int(poll_ms, "poll_ms", 1, 60_000)
-        check_int(prefetch, "prefetch", 0, 100_000)
+        if prefetch is not None:
+            check_int(prefetch, "prefetch", 0, 100_000)
         if type(background) is not bool:
             raise TypeError(f"background must be a bool, not {type(background).__name__}")
         self._store = open_store(dsn, durability)
@@ -118,6 +129,8 @@ class TaskService:
                                     events=self._events)
         self._client = TaskClient(self._store, clock=clock, on_commit=self._runtime.wake,
                                   completions=completions, events=self._events)
+        self._scheduler = Scheduler(self._store, clock, self._runtime.wake,
+                                    background=background)
         self._close_lock = threading.Lock()
         self._closed = False
         live_services.add(self)
@@ -146,6 +159,7 @@ class TaskService:
                 return
             self._closed = True
         self._client.close()
+        self._scheduler.close()
         self._runtime.close()
         self._store.close()
         live_services.discard(self)
@@ -310,23 +324,27 @@ class TaskService:
                                          dedup_key=dedup_key)
 
     def declare_queue(self, name: str, config: Optional[QueueConfig] = None) -> None:
-        """Creates the queue in the database if it does not exist, without
-        serving it; ``config`` (default ``QueueConfig()``) is the policy
-        this service serves it with (``serve``).  Enqueueing a task into a
-        queue that does not exist creates it too."""
+        """Creates the queue if it does not exist and stores ``config``
+        (default ``QueueConfig()``) as its declared config in the database,
+        without serving it: every service that serves the queue for its
+        task functions (``serve``, here or in another process, later) uses
+        it.  Declaring again updates it (a service already serving the queue
+        keeps the config it started with).  Enqueueing a task into a queue
+        that does not exist creates it with the default config."""
         name = check_queue_name(name)
         config = QueueConfig() if config is None else config
         if not isinstance(config, QueueConfig):
             raise TypeError(f"config must be a QueueConfig, not {type(config).__name__}")
         self._check_open()
-        self._store.ensure_queue(name)
+        self._store.declare_queue(name, config_to_json(config))
         self._functions.declare(name, config)
 
     def serve(self, queues: Optional[Iterable[str]] = None) -> None:
         """Starts running registered tasks: on every queue a registered task
-        uses, or on the ``queues`` named (each must have one).  Returns at
-        once; ``close()`` stops.  A queue this service serves already is
-        left as it is."""
+        uses, or on the ``queues`` named (each must have one), each with
+        its declared config (``declare_queue``; the default without one).
+        Returns at once; ``close()`` stops.  A queue this service serves
+        already is left as it is."""
         registered = self._functions.queues()
         if queues is None:
             wanted = registered
@@ -342,10 +360,69 @@ class TaskService:
         self._check_open()
         for queue in wanted:
             if queue not in self._runtime.queue_names():
+                config = self._functions.declared(queue)
+                if config is None:
+                    stored = self._store.queue_config(queue)
+                    config = QueueConfig() if stored is None else config_from_json(stored)
                 try:
-                    self._runtime.serve(queue, self._functions.config(queue), None)
+                    self._runtime.serve(queue, config, None)
                 except QueueExistsError:
                     pass  # served meanwhile by a concurrent serve()
+        self._scheduler.serve(wanted)
+
+    # ---- periodic tasks (``scheduler.py``, ``schedules.py``) -------------------
+
+    def periodic(self, *, cron: Optional[str] = None, every_ms: Optional[int] = None,
+                 name: Optional[str] = None, queue: str = "default", args: Sequence[Any] = (),
+                 kwargs: Optional[Mapping[str, Any]] = None,
+                 tz: Optional[str] = None) -> Callable[[Callable[..., Any]], Task]:
+        """Registers a function as a task (as ``task(name=..., queue=...)``
+        does) that runs by itself on a schedule: ``@svc.periodic(cron="0 3
+        * * *")`` or ``@svc.periodic(every_ms=60_000)``, exactly one of
+        them.  Returns the ``Task``.
+
+        ``cron`` is a five-field expression in UTC, or in the IANA time
+        zone ``tz`` (daylight-saving transitions as ``croniter`` defines
+        them: see ``callbackworker.tasks.schedules``); ``every_ms`` ticks on
+        its multiples since the Unix epoch.  Each tick enqueues one call
+        with ``args`` / ``kwargs`` (JSON-encodable, checked here), once
+        across every service on the database however many serve the
+        schedule.  A service serves the schedule once it serves ``queue``
+        (``serve()``, or ``callbackworker worker``).  Ticks missed while no
+        service ran coalesce into one run; a new or changed schedule first
+        runs at its next tick.  ``TypeError`` / ``ValueError`` for a spec or
+        arguments that cannot run.
+        """
+        schedule = Schedule(cron=cron, every_ms=every_ms, tz=tz)
+        if not isinstance(args, (list, tuple)):
+            raise TypeError(f"args must be a list or tuple, not {type(args).__name__}")
+
+        def register(fn: Callable[..., Any]) -> Task:
+            self._check_open()
+            label = name if name is not None else getattr(fn, "__qualname__", repr(fn))
+            call = encode_arguments(label, args, {} if kwargs is None else kwargs)
+            task = self._functions.register(fn, name, queue, None, None, None, 0)
+            self._scheduler.add(Periodic(task.name, schedule, task.name, task.queue, call,
+                                         task.priority))
+            return task
+
+        return register
+
+    def schedules(self) -> List[ScheduleInfo]:
+        """This service's periodic schedules, by name, as ``(name,
+        next_run_at_ms)``: the next run as stored by whichever service
+        claimed the last tick (at or before now: due, it runs at the next
+        pass), or, for a schedule not registered in the database yet or
+        registered there with another spec, its first tick after now."""
+        self._check_open()
+        return self._scheduler.schedules()
+
+    def _schedule_once(self) -> int:
+        """Test hook (documented, for ``background=False``): one scheduler
+        pass, synchronously: enqueues every due tick of the schedules this
+        service serves.  Returns how many it enqueued."""
+        self._check_open()
+        return self._scheduler.run_due()
 
     def result(self, task_id: str, timeout_ms: int = -1) -> Any:
         """As ``TaskClient.result``: blocks until the task is finished and

@@ -37,22 +37,25 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..durable import CallbackRecord
 from ..errors import NonDeterminismError, StorageBusyError, UnknownCallbackError, UnknownTaskError
-from ..errors import TaskNotRetryableError
+from .sqlmanage import MANAGE_STATEMENTS, ManagedTasks
 from .status import RETRYABLE, TERMINAL, UNFINISHED, WAITING, TaskStatus, literal, literals
 from .storage import (
     CALLBACK_COLUMNS,
     NEVER,
     STATUSES,
+    TASK_COLUMNS,
     ClaimedTask,
     NewCall,
+    ScheduleRecord,
     TaskRecord,
     TaskStore,
     apply_signal,
     callback_record,
     check_signal_state,
 )
+from .wakeups import WORK
 
-__all__ = ["Dialect", "SQLTaskStore", "TransientError", "STATEMENTS", "LIST_FILTERS", "listing"]
+__all__ = ["Dialect", "SQLTaskStore", "TransientError", "STATEMENTS"]
 
 log = logging.getLogger(__name__)
 
@@ -62,29 +65,37 @@ Conn = Any
 """A DB-API connection whose ``execute(sql, params)`` returns a cursor
 (``sqlite3.Connection`` and ``psycopg.Connection`` both do)."""
 
-_TASK_FIELDS = "id, queue, status, message, attempt, next_run_at, finished_at, owner, " \
-               "lease_expires_at, name, result, traceback, progress, created_at"
+_TASK_FIELDS = TASK_COLUMNS
 
 # The message a task gets when its worker was lost, with no attempt left
 # and with one left.
 _LOST = ("'worker lost during attempt ' || attempt || ' (lease expired); no attempts left'",
          "'worker lost during attempt ' || attempt || '; retrying'")
 
+# A lost run that used up the attempts: started, and the last allowed.
+_SPENT = "started_at IS NOT NULL AND attempt >= :max_attempts"
+
 STATEMENTS: Dict[str, str] = {
     "ensure_queue": "INSERT INTO {queues}(name) VALUES (:name) ON CONFLICT (name) DO NOTHING",
     "queues": "SELECT name FROM {queues} ORDER BY name",
+    "declare_queue": "INSERT INTO {queues}(name, config) VALUES (:name, :config) "
+                     "ON CONFLICT (name) DO UPDATE SET config = excluded.config",
+    "queue_config": "SELECT config FROM {queues} WHERE name = :name",
     "queue_start": "SELECT next_start_at FROM {queues} WHERE name = :queue{lock_row}",
     "space_starts": "UPDATE {queues} SET next_start_at = :next_start WHERE name = :queue",
     # The first due tasks in claim order (the order of the claim index, so
-    # the scan stops after ``limit`` due rows), claimed under a lease; a
-    # replay of a suspended task (``awaiting`` set) stays in its attempt.
+    # the scan stops after ``limit`` due rows), claimed under a lease.  The
+    # attempt is counted when the run starts ("start" in settle), not here;
+    # the claim returns the number the run will have (a replay of a
+    # suspended task, ``awaiting`` set, stays in its attempt).
     "claim": """
-        UPDATE {tasks} SET status = {RUNNING}, attempt = attempt + (awaiting IS NULL){as_int},
+        UPDATE {tasks} SET status = {RUNNING}, started_at = NULL,
                owner = :owner, lease_expires_at = :expires, token = :token
         WHERE seq IN (SELECT seq FROM {tasks}
                       WHERE queue = :queue AND status IN {WAITING} AND next_run_at <= :now
                       ORDER BY priority DESC, next_run_at, seq LIMIT :limit{skip_locked})
-        RETURNING priority, next_run_at, seq, id, payload, attempt, name, args""",
+        RETURNING priority, next_run_at, seq, id, payload,
+                  attempt + (awaiting IS NULL){as_int}, name, args""",
     # A function call; with a dedup key, nothing while an unfinished task of
     # the queue holds it (the partial unique index decides, race-free).
     "enqueue_call": """
@@ -105,16 +116,22 @@ STATEMENTS: Dict[str, str] = {
     "running_owners": "SELECT DISTINCT owner FROM {tasks} "
                       "WHERE queue = :queue AND status = {RUNNING} ORDER BY owner",
     # Lost leases: back to pending with the attempt counted, or failed
-    # once the attempts are used up.  ``{dead_owners}`` is the dialect's
-    # test of ``owner`` against the ``owners`` of the call.
+    # once the attempts are used up.  A claim whose run never started
+    # (``started_at`` NULL: the worker died first, or the claim's answer
+    # was lost with its connection) goes back to pending as it was, its
+    # attempt not counted.  ``{dead_owners}`` is the dialect's test of
+    # ``owner`` against the ``owners`` of the call.
     "recover": f"""
         UPDATE {{tasks}} SET
-            status = CASE WHEN attempt >= :max_attempts THEN {{FAILED}} ELSE {{PENDING}} END,
-            finished_at = CASE WHEN attempt >= :max_attempts THEN :now{{as_bigint}} END,
-            next_run_at = CASE WHEN attempt >= :max_attempts THEN next_run_at
-                               ELSE :now{{as_bigint}} END,
-            message = CASE WHEN attempt >= :max_attempts THEN {_LOST[0]} ELSE {_LOST[1]} END,
-            awaiting = NULL, owner = NULL, lease_expires_at = NULL, token = NULL
+            status = CASE WHEN {_SPENT} THEN {{FAILED}} ELSE {{PENDING}} END,
+            finished_at = CASE WHEN {_SPENT} THEN :now{{as_bigint}} END,
+            next_run_at = CASE WHEN {_SPENT} THEN next_run_at ELSE :now{{as_bigint}} END,
+            message = CASE WHEN started_at IS NULL THEN message
+                           WHEN attempt >= :max_attempts THEN {_LOST[0]} ELSE {_LOST[1]} END,
+            -- a lost run is the last failed attempt, and has no traceback
+            traceback = CASE WHEN started_at IS NULL THEN traceback END,
+            awaiting = CASE WHEN started_at IS NULL THEN awaiting END,
+            owner = NULL, lease_expires_at = NULL, token = NULL
         WHERE queue = :queue AND status = {{RUNNING}}
               AND (lease_expires_at <= :now OR {{dead_owners}})""",
     "get": f"SELECT {_TASK_FIELDS} FROM {{tasks}} WHERE id = :id",
@@ -136,28 +153,30 @@ STATEMENTS: Dict[str, str] = {
                    AND status IN {TERMINAL}
                    AND finished_at < CASE status WHEN {FAILED} THEN :failed_before{as_bigint}
                                                  ELSE :before{as_bigint} END""",
-    # Listing, newest first: the filters the call gives are appended
-    # (``LIST_FILTERS``), then ``list_order``.  Every row is read newest
-    # first from an index ending in seq (migration 4) or from the key, so
-    # a page stops after ``limit`` matches: a queue's or a task function's
-    # through its index, failed tasks through theirs (the status is
-    # written as a literal so that the partial index applies), others by
-    # the key, quickly where the status is common among recent tasks.
-    "list_tasks": f"SELECT {_TASK_FIELDS} FROM {{tasks}} WHERE seq < :before",
-    "list_order": " ORDER BY seq DESC LIMIT :limit",
-    "task_seq": "SELECT seq FROM {tasks} WHERE id = :id",
-    "retry_check": "SELECT status, queue, dedup_key FROM {tasks} WHERE id = :id{lock_update}",
-    # A failed or cancelled task runs again from a fresh attempt count; its
-    # last message and traceback stay until its next attempt ends.
-    "retry_task": """UPDATE {tasks} SET status = {PENDING}, next_run_at = :now, attempt = 0,
-                            finished_at = NULL, result = NULL, progress = NULL, awaiting = NULL
-                     WHERE id = :id AND status IN {RETRYABLE}""",
-    # One batch of a purge, oldest first, one statement per finished
-    # status: the status is a literal, so failed tasks' partial index
-    # applies.
-    **{f"purge_{status.value}": f"""DELETE FROM {{tasks}} WHERE seq IN (
-                    SELECT seq FROM {{tasks}} WHERE queue = :queue AND status = {{{status.name}}}
-                    ORDER BY seq LIMIT :limit)""" for status in TERMINAL},
+    # A starting service files its schedule: a new name, or a changed
+    # spec, starts from the given baseline; an unchanged spec keeps its
+    # last tick, so ticks missed while no service ran coalesce into one.
+    # (Every right-hand side reads the row as it was.)
+    "register_schedule": """
+        INSERT INTO {schedules}(name, spec, queue, task, last_tick, next_run_at, updated_at)
+        VALUES (:name, :spec, :queue, :task, :baseline, :next_run, :now)
+        ON CONFLICT (name) DO UPDATE SET
+            queue = excluded.queue, task = excluded.task, updated_at = excluded.updated_at,
+            last_tick = CASE WHEN {schedules}.spec = excluded.spec THEN {schedules}.last_tick
+                             ELSE excluded.last_tick END,
+            next_run_at = CASE WHEN {schedules}.spec = excluded.spec
+                               THEN {schedules}.next_run_at ELSE excluded.next_run_at END,
+            spec = excluded.spec""",
+    # The compare-and-set that makes a tick run once: it moves the last
+    # tick forward only from an older one, under the spec the schedule has
+    # now.  Concurrent claims of one tick serialise on the row (the write
+    # lock on SQLite, the row lock on PostgreSQL, where the loser re-reads
+    # the committed row and matches nothing).
+    "claim_tick": "UPDATE {schedules} SET last_tick = :tick, next_run_at = :next_run "
+                  "WHERE name = :name AND spec = :spec AND last_tick < :tick",
+    "schedules": "SELECT name, spec, queue, task, last_tick, next_run_at, updated_at "
+                 "FROM {schedules} ORDER BY name",
+    "remove_schedule": "DELETE FROM {schedules} WHERE name = :name",
     "durable_ops": "SELECT kind, name, value FROM {ops} WHERE task_id = :task_id ORDER BY seq",
     # Durable rows are refused for a task that does not exist: the insert
     # adds nothing (and a foreign key, where there is one, catches a task
@@ -191,23 +210,10 @@ STATEMENTS: Dict[str, str] = {
     # A terminal signal wakes the task suspended on it: due now.
     "wake": "UPDATE {tasks} SET status = {PENDING}, next_run_at = :now WHERE id = :task_id "
             "AND status = {SUSPENDED} AND awaiting = :id",
+    **MANAGE_STATEMENTS,
 }
 """Every statement the stores share, by name, in the dialect-neutral form
 ``Dialect.sql`` renders."""
-
-LIST_FILTERS: Dict[str, str] = {"queue": " AND queue = :queue", "name": " AND name = :name",
-                                "status": " AND status = {status}"}
-"""The filters of ``list_tasks``, appended to its statement when given."""
-
-
-def listing(dialect: "Dialect", filters: Tuple[str, ...], status: str = "") -> str:
-    """The ``list_tasks`` statement with the ``filters`` (keys of
-    ``LIST_FILTERS``) given, rendered in ``dialect``; ``status`` (a
-    ``TaskStatus`` value, else ``ValueError``) when they include it."""
-    text = "".join(LIST_FILTERS[f] for f in filters)
-    if "status" in filters:
-        text = text.replace("{status}", literal(TaskStatus(status)))
-    return dialect.render(STATEMENTS["list_tasks"] + text + STATEMENTS["list_order"])
 
 _PLACEHOLDER = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
 
@@ -231,6 +237,7 @@ class Dialect:
         self.named = named
         self._fields: Dict[str, str] = {
             "tasks": f"{prefix}tasks", "queues": f"{prefix}queues",
+            "schedules": f"{prefix}schedules",
             "ops": f"{prefix}durable_ops", "callbacks": f"{prefix}durable_callbacks",
             "lock_row": lock_row, "lock_update": lock_update, "skip_locked": skip_locked,
             "as_int": as_int, "as_bigint": as_bigint, "as_bytes": as_bytes,
@@ -260,7 +267,7 @@ class TransientError(Exception):
     (the ``__cause__``) is one another attempt may get past."""
 
 
-class SQLTaskStore(TaskStore):
+class SQLTaskStore(ManagedTasks, TaskStore):
     """The ``TaskStore`` operations both SQL backends run the same way.  A
     subclass sets ``dialect`` and supplies the primitives below."""
 
@@ -292,6 +299,12 @@ class SQLTaskStore(TaskStore):
 
     foreign_key_violation: Tuple[Type[BaseException], ...] = ()
     """The driver's errors for a row whose parent row is missing."""
+
+    def _wake_others(self, message: bytes) -> None:
+        """Called after a commit that may concern other processes: ``WORK``
+        + a queue's name (empty: any queue) or ``FINISHED``
+        (``wakeups.py``).  A backend whose statements notify by
+        themselves keeps this default, which does nothing."""
 
     # ---- the retry loop --------------------------------------------------
 
@@ -330,6 +343,13 @@ class SQLTaskStore(TaskStore):
     def queues(self) -> List[str]:
         return [row[0] for row in self._rows("queues", {})]
 
+    def declare_queue(self, name: str, config: str) -> None:
+        self._rowcount("declare_queue", {"name": name, "config": config})
+
+    def queue_config(self, name: str) -> Optional[str]:
+        rows = self._rows("queue_config", {"name": name})
+        return rows[0][0] if rows else None
+
     # ---- producing -------------------------------------------------------
 
     def enqueue_call(self, queue: str, call: NewCall, now: int) -> str:
@@ -352,7 +372,9 @@ class SQLTaskStore(TaskStore):
                 if held is not None:
                     return str(held[0])
 
-        return self._atomic(body)
+        task_id = self._atomic(body)
+        self._wake_others(WORK + queue.encode("utf-8", "surrogatepass"))
+        return task_id
 
     # ---- consuming -------------------------------------------------------
 
@@ -451,53 +473,38 @@ class SQLTaskStore(TaskStore):
                                         "failed_before": failed,
                                         "latest": max(finished_before, failed)})
 
-    def list_tasks(self, *, queue: Optional[str] = None, status: Optional[str] = None,
-                   name: Optional[str] = None, limit: int = 100,
-                   before_id: Optional[str] = None) -> List[TaskRecord]:
-        """See ``TaskStore.list_tasks``."""
-        before = NEVER
-        if before_id is not None:
-            rows = self._rows("task_seq", {"id": before_id})
-            if not rows:
-                raise UnknownTaskError(before_id)
-            before = int(rows[0][0])
-        params: Dict[str, Any] = {"queue": queue, "status": status, "name": name}
-        given = tuple(column for column in LIST_FILTERS if params[column] is not None)
-        params.update(before=before, limit=limit)
-        sql = listing(self.dialect, given, status or "")
-        return [TaskRecord(*row) for row in self._query(sql, params)]
+    # ---- periodic schedules ------------------------------------------------
 
-    def retry_task(self, task_id: str, now: int) -> Optional[str]:
-        """See ``TaskStore.retry_task``.  One transaction reads the task
-        (locking its row where rows lock), checks that no unfinished task
-        holds its dedup key, and makes it pending."""
+    def register_schedule(self, name: str, spec: str, *, queue: str, task: str,
+                          baseline: int, next_run_at: int, now: int) -> None:
+        self._rowcount("register_schedule", {
+            "name": name, "spec": spec, "queue": queue, "task": task,
+            "baseline": baseline, "next_run": next_run_at, "now": now})
+
+    def claim_tick(self, name: str, spec: str, tick: int, next_run_at: int, queue: str,
+                   call: NewCall, now: int) -> bool:
+        """See ``TaskStore.claim_tick``: one transaction runs the
+        compare-and-set and, when it wins, the enqueue."""
         sql = self.dialect.sql
-        params = {"id": task_id, "now": now}
+        claim = {"name": name, "spec": spec, "tick": tick, "next_run": next_run_at}
+        enqueue = {"queue": queue, "id": call.id, "empty": b"", "run_at": call.run_at,
+                   "now": now, "name": call.name, "args": call.args, "priority": call.priority,
+                   "dedup_key": call.dedup_key}
 
-        def body(conn: Conn) -> Optional[str]:
-            row = conn.execute(sql("retry_check"), params).fetchone()
-            if row is None:
-                return None
-            status, queue, dedup_key = row
-            if status not in RETRYABLE:
-                return str(status)
-            if dedup_key is not None:
-                held = conn.execute(sql("dedup_holder"),
-                                    {"queue": queue, "dedup_key": dedup_key}).fetchone()
-                if held is not None:
-                    raise TaskNotRetryableError(task_id, str(status), str(held[0]))
-            conn.execute(sql("retry_task"), params)
-            return str(status)
+        def body(conn: Conn) -> bool:
+            if conn.execute(sql("claim_tick"), claim).rowcount != 1:
+                return False
+            conn.execute(sql("ensure_queue"), {"name": queue})
+            conn.execute(sql("enqueue_call"), enqueue).fetchall()
+            return True
 
-        try:
-            return self._atomic(body)
-        except self.unique_violation:  # the key was taken meanwhile
-            raise TaskNotRetryableError(task_id, "failed", holder="") from None
+        return self._atomic(body)
 
-    def purge(self, queue: str, status: str, limit: int) -> int:
-        if status not in TERMINAL:
-            raise ValueError(f"only finished tasks are purged, not {status!r} ones")
-        return self._rowcount(f"purge_{status}", {"queue": queue, "limit": limit})
+    def schedules(self) -> List[ScheduleRecord]:
+        return [ScheduleRecord(*row) for row in self._rows("schedules", {})]
+
+    def remove_schedule(self, name: str) -> bool:
+        return self._rowcount("remove_schedule", {"name": name}) == 1
 
     # ---- durable operation logs and callbacks ------------------------------
 
@@ -573,4 +580,6 @@ class SQLTaskStore(TaskStore):
                 conn.execute(sql("wake"), params)
             return record
 
-        return self._atomic(body)
+        record = self._atomic(body)
+        self._wake_others(WORK)  # the task it woke, in whichever queue
+        return record

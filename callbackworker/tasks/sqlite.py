@@ -33,6 +33,13 @@ DESIGN
   other).
 * A claim is one ``UPDATE … RETURNING`` over the oldest due pending tasks
   (SQLite ≥ 3.35).
+* Wake-ups.  After a commit that adds due work (an enqueue, a signal, a
+  retry, a release, a recovery) or finishes tasks, the store tells the
+  other processes on the file through its ``WakeChannel`` (UNIX datagram
+  sockets in ``<file>.wake/``, ``wakeups.py``); ``set_waker`` and
+  ``watch_finished`` listen there.  Where the channel cannot exist
+  (``:memory:``, a path too long for a socket address) they do nothing and
+  polling finds the work.
 """
 
 from __future__ import annotations
@@ -41,12 +48,14 @@ import logging
 import os
 import sqlite3
 import threading
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, TypeVar
+from typing import (Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set,
+                    TypeVar)
 
 from ..errors import UnknownQueueError
 from .schema import SCHEMA_VERSION
 from .sql import Dialect, SQLTaskStore, TransientError
-from .storage import Outcome, callback_record, place_suspension
+from .storage import Outcome, Waker, callback_record, place_suspension
+from .wakeups import FINISHED, WORK, WakeChannel
 
 __all__ = ["SQLiteTaskStore", "DURABILITY"]
 
@@ -133,6 +142,7 @@ _MIGRATIONS: List[List[str]] = [
     # 3: tasks as functions: name, arguments, result, traceback, progress,
     # priority and deduplication.
     [
+        "ALTER TABLE queues ADD COLUMN config TEXT",
         "ALTER TABLE tasks ADD COLUMN name TEXT",
         "ALTER TABLE tasks ADD COLUMN args TEXT",
         "ALTER TABLE tasks ADD COLUMN result TEXT",
@@ -148,7 +158,23 @@ _MIGRATIONS: List[List[str]] = [
         "CREATE UNIQUE INDEX tasks_dedup ON tasks(queue, dedup_key) "
         "WHERE dedup_key IS NOT NULL AND status IN ('pending', 'running', 'suspended')",
     ],
-    # 4: listing tasks newest first by queue, task name, or failed tasks
+    # 4: periodic schedules.
+    [
+        """CREATE TABLE schedules (
+               name        TEXT PRIMARY KEY,
+               spec        TEXT NOT NULL,
+               queue       TEXT NOT NULL,
+               task        TEXT NOT NULL,
+               last_tick   INTEGER NOT NULL,
+               next_run_at INTEGER NOT NULL,
+               updated_at  INTEGER NOT NULL
+           ) WITHOUT ROWID""",
+    ],
+    # 5: attempts counted when their run starts, not at claim.
+    [
+        "ALTER TABLE tasks ADD COLUMN started_at INTEGER",
+    ],
+    # 6: listing tasks newest first by queue, task name, or failed tasks
     # (the listing names the status as a literal, so the partial index
     # applies).
     [
@@ -160,24 +186,34 @@ _MIGRATIONS: List[List[str]] = [
 ]
 
 
+_FINISHING = frozenset({"complete", "fail"})
+_REQUEUEING = frozenset({"retry", "release", "suspend"})
+
 _QUEUE_EXISTS = _DIALECT.render("SELECT 1 FROM {queues} WHERE name = ?")
 _ENQUEUE = _DIALECT.render("INSERT INTO {tasks}(id, queue, payload, status, next_run_at, "
                            "created_at) VALUES (?, ?, ?, {PENDING}, ?, ?)")
 
 # One statement per outcome kind; each applies only while the task runs
-# under the outcome's token.  A release gives the attempt back unless the
-# claim was the replay of a suspended task.
+# under the outcome's token.  A start counts the attempt (not a replay's);
+# an outcome whose start was never recorded counts it itself.  A release
+# gives back the attempt its start counted (the handler never ran).
+_COUNTED = "attempt = attempt + (started_at IS NULL AND awaiting IS NULL)"
 _LEASE_ENDS = "owner = NULL, lease_expires_at = NULL, token = NULL"
 _WHILE_RUNNING = "WHERE id = ? AND token = ? AND status = {RUNNING}"
-_SETTLE_SQL = {kind: _DIALECT.render(f"UPDATE {{tasks}} SET {change}, {_LEASE_ENDS} "
-                                     f"{_WHILE_RUNNING}") for kind, change in {
-    "complete": "status = {COMPLETED}, message = ?, result = ?, finished_at = ?, "
-                "awaiting = NULL",
-    "fail": "status = {FAILED}, message = ?, traceback = ?, finished_at = ?, awaiting = NULL",
-    "retry": "status = {PENDING}, message = ?, traceback = ?, next_run_at = ?, awaiting = NULL",
-    "release": "status = {PENDING}, message = ?, next_run_at = ?, "
-               "attempt = attempt - (awaiting IS NULL)",
-    "suspend": "status = ?, message = ?, next_run_at = ?, awaiting = ?",
+_SETTLE_SQL = {kind: _DIALECT.render(f"UPDATE {{tasks}} SET {change} {_WHILE_RUNNING}")
+               for kind, change in {
+    "start": f"{_COUNTED}, started_at = ?, lease_expires_at = coalesce(?, lease_expires_at)",
+    "complete": f"status = {{COMPLETED}}, message = ?, result = ?, finished_at = ?, "
+                f"awaiting = NULL, {_COUNTED}, {_LEASE_ENDS}",
+    "fail": f"status = {{FAILED}}, message = ?, traceback = ?, finished_at = ?, "
+            f"awaiting = NULL, {_COUNTED}, {_LEASE_ENDS}",
+    "retry": f"status = {{PENDING}}, message = ?, traceback = ?, next_run_at = ?, "
+             f"awaiting = NULL, {_COUNTED}, {_LEASE_ENDS}",
+    "release": f"status = {{PENDING}}, message = ?, next_run_at = ?, started_at = NULL, "
+               f"attempt = attempt - (started_at IS NOT NULL AND awaiting IS NULL), "
+               f"{_LEASE_ENDS}",
+    "suspend": f"status = ?, message = ?, next_run_at = ?, awaiting = ?, {_COUNTED}, "
+               f"{_LEASE_ENDS}",
 }.items()}
 
 
@@ -232,6 +268,9 @@ class SQLiteTaskStore(SQLTaskStore):
         self._patience_s = patience_s
         self._lock = threading.Lock()
         _create_private(self.path)
+        self._waker: Optional[Waker] = None
+        self._on_finished: Optional[Callable[[], None]] = None
+        self._wake = WakeChannel.open(self.path)
         self._db: Optional[sqlite3.Connection] = sqlite3.connect(
             self.path, isolation_level=None, check_same_thread=False,
             timeout=_BUSY_TIMEOUT_MS / 1000)
@@ -239,6 +278,8 @@ class SQLiteTaskStore(SQLTaskStore):
             self._configure()
         except BaseException:
             self._db.close()
+            if self._wake is not None:
+                self._wake.close()
             raise
 
     # ---- connection and transactions -----------------------------------
@@ -320,6 +361,7 @@ class SQLiteTaskStore(SQLTaskStore):
                                       for task_id, payload in tasks])
 
         self._atomic(body)
+        self._wake_others(WORK + queue.encode("utf-8", "surrogatepass"))
 
     # ---- consuming -----------------------------------------------------
 
@@ -333,13 +375,23 @@ class SQLiteTaskStore(SQLTaskStore):
             return [db.execute(_SETTLE_SQL[o.kind], self._settle_params(db, o)).rowcount == 1
                     for o in outcomes]
 
-        return self._atomic(body) if outcomes else []
+        if not outcomes:
+            return []
+        applied = self._atomic(body)
+        kinds = {o.kind for o in outcomes}
+        if kinds & _FINISHING:
+            self._wake_others(FINISHED)
+        if kinds & _REQUEUEING:
+            self._wake_others(WORK)
+        return applied
 
     def _settle_params(self, db: sqlite3.Connection, o: Outcome) -> Sequence[Any]:
         if o.kind == "complete":
             return (o.message, o.result, o.at, o.task_id, o.token)
         if o.kind in ("fail", "retry"):
             return (o.message, o.traceback, o.at, o.task_id, o.token)
+        if o.kind == "start":
+            return (o.at, o.lease_until, o.task_id, o.token)
         if o.kind != "suspend":
             return (o.message, o.at, o.task_id, o.token)
         row = db.execute(_DIALECT.sql("callback"), {"id": o.awaiting}).fetchone()
@@ -355,11 +407,49 @@ class SQLiteTaskStore(SQLTaskStore):
         params.update(queue=queue, now=now, max_attempts=max_attempts)
         marks = ", ".join(f":owner{i}" for i in range(len(dead)))
         sql = _DIALECT.sql("recover").replace(_DEAD_OWNERS, f"owner IN ({marks})")
-        return int(self._single(lambda db: db.execute(sql, params).rowcount))
+        recovered = int(self._single(lambda db: db.execute(sql, params).rowcount))
+        if recovered:
+            self._wake_others(WORK + queue.encode("utf-8", "surrogatepass"))
+        return recovered
+
+    # ---- wake-ups ------------------------------------------------------
+
+    def _wake_others(self, message: bytes) -> None:
+        if self._wake is not None:
+            self._wake.notify(message)
+
+    def set_waker(self, waker: Optional[Waker]) -> None:
+        """Calls ``waker(queue)`` when another process on the file enqueues,
+        signals, requeues or recovers (see the module notes)."""
+        self._waker = waker
+        self._listen()
+
+    def watch_finished(self, callback: Optional[Callable[[], None]]) -> None:
+        """Calls ``callback()`` when another process on the file finishes
+        tasks."""
+        self._on_finished = callback
+        self._listen()
+
+    def _listen(self) -> None:
+        if self._wake is not None:
+            wanted = self._waker is not None or self._on_finished is not None
+            self._wake.listen(self._woken if wanted else None)
+
+    def _woken(self, messages: Set[bytes]) -> None:
+        waker, on_finished = self._waker, self._on_finished
+        if FINISHED in messages and on_finished is not None:
+            on_finished()
+        if waker is not None:
+            for message in messages:
+                if message.startswith(WORK):
+                    queue = message[len(WORK):].decode("utf-8", "surrogatepass")
+                    waker(queue or None)
 
     # ---- lifecycle -----------------------------------------------------
 
     def close(self) -> None:
+        if self._wake is not None:
+            self._wake.close()
         with self._lock:
             if self._db is not None:
                 self._db.close()

@@ -11,12 +11,14 @@ it unchanged.
 The life of a task::
 
     pending --claim--> running --complete--> completed
-       ^                  |  \\--fail-----> failed
+       ^               (start) \\--fail-----> failed
        |                  |
        +----retry---------+      (attempt kept; due at run_at)
-       +----release-------+      (graceful shutdown: attempt given back)
-       +----recover-------+      (lease lost: attempt kept, or failed when
-                                  the attempts are used up)
+       +----release-------+      (graceful shutdown: no attempt counted)
+       +----recover-------+      (lease lost: attempt kept if the run had
+                                  started, or failed when the attempts are
+                                  used up; a claim that never started is
+                                  free)
     pending --cancel / clear--> cancelled
 
     running --suspend--> suspended        (a durable handler awaits a callback;
@@ -40,7 +42,11 @@ The store keeps step values as opaque bytes: serializing them is the
 caller's business.
 
 A claim is a lease: the task records its ``owner``, ``lease_expires_at`` and
-a fresh ``token``, and ``attempt`` grows by one.  Every transition out of
+a fresh ``token``.  ``attempt`` grows by one when the run starts (a
+``"start"`` outcome, or the outcome ending a run whose start was not
+recorded), so a task claimed but never run, whether its worker died or the
+claim's answer was lost, is taken back with no attempt counted.  Every
+transition out of
 ``running`` names the token; a token that no longer matches (the lease was
 recovered and the task claimed again, or it was settled already) is
 rejected and changes nothing.
@@ -57,11 +63,16 @@ from ..errors import CallbackAlreadyCompletedError
 from .status import TaskStatus
 
 __all__ = [
-    "STATUSES", "TaskStatus", "NEVER", "TaskRecord", "ClaimedTask", "NewCall", "Outcome",
+    "STATUSES", "TASK_COLUMNS", "TaskStatus", "NEVER", "TaskRecord", "ClaimedTask", "NewCall", "Outcome",
+    "ScheduleRecord",
     "TaskStore",
     "Waker", "CALLBACK_COLUMNS", "callback_record", "check_signal_state", "apply_signal",
     "place_suspension", "storable_text", "MAX_MESSAGE_CHARS",
 ]
+
+TASK_COLUMNS = ("id, queue, status, message, attempt, next_run_at, finished_at, owner, "
+                "lease_expires_at, name, result, traceback, progress, created_at")
+"""The columns of a ``TaskRecord``, in its order, for a ``SELECT``."""
 
 STATUSES: Tuple[str, ...] = tuple(status.value for status in TaskStatus)
 """Every task status as stored, in the order tables show them."""
@@ -120,14 +131,35 @@ class NewCall(NamedTuple):
     dedup_key: Optional[str] = None
 
 
+class ScheduleRecord(NamedTuple):
+    """A periodic schedule as stored: its ``spec`` (``Schedule.spec``), the
+    ``queue`` and ``task`` name it enqueues, the ``last_tick`` enqueued (or
+    the baseline it was registered with), the ``next_run_at`` after it and
+    when a service last registered it (``updated_at``); times in epoch
+    milliseconds."""
+
+    name: str
+    spec: str
+    queue: str
+    task: str
+    last_tick: int
+    next_run_at: int
+    updated_at: int
+
+
 @dataclass(frozen=True)
 class Outcome:
     """How one attempt ended, for ``TaskStore.settle``.
 
-    ``kind`` is ``"complete"`` or ``"fail"`` (terminal: ``at`` is the finish
+    ``kind`` ``"start"`` records that the attempt's run has begun (``at``,
+    its start time): the task stays running, its lease runs until
+    ``lease_until`` (if given), and the attempt is counted then (once per
+    claim; not for the replay of a suspended task).  An
+    outcome that ends the run counts the attempt itself if no start was
+    recorded.  ``kind`` is ``"complete"`` or ``"fail"`` (terminal: ``at`` is the finish
     time), ``"retry"`` (back to pending with the attempt counted: ``at`` is
     when it is due again), ``"release"`` (back to pending, due at ``at``,
-    and the attempt is given back: the handler never ran) or ``"suspend"``
+    with no attempt counted: the handler never ran) or ``"suspend"``
     (a durable handler waits for the callback ``awaiting``: the task
     becomes suspended, still in its attempt, due when that callback
     expires, or never; if the callback was signalled or has expired by the
@@ -145,8 +177,9 @@ class Outcome:
     awaiting: str = ""
     result: Optional[str] = None
     traceback: Optional[str] = None
+    lease_until: Optional[int] = None
 
-    KINDS = ("complete", "fail", "retry", "release", "suspend")
+    KINDS = ("start", "complete", "fail", "retry", "release", "suspend")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "message", storable_text(self.message))
@@ -191,6 +224,16 @@ class TaskStore(ABC):
     def queues(self) -> List[str]:
         """The names of every queue, sorted."""
 
+    @abstractmethod
+    def declare_queue(self, name: str, config: str) -> None:
+        """Creates the queue if needed and stores ``config`` (JSON text, the
+        caller's business) as its declared config, replacing any other."""
+
+    @abstractmethod
+    def queue_config(self, name: str) -> Optional[str]:
+        """The queue's declared config, or None (no such queue, or none
+        declared)."""
+
     # ---- producing ----------------------------------------------------
 
     @abstractmethod
@@ -221,7 +264,8 @@ class TaskStore(ABC):
         suspended tasks (``next_run_at <= now``; highest ``priority`` first,
         then oldest ``next_run_at``, then insertion order, read in that order
         from an index) to running under a lease: ``owner``, expiry
-        ``now + lease_ms``, a fresh token, ``attempt + 1``.  Returns them in
+        ``now + lease_ms``, a fresh token; each carries the number its run
+        will have (``attempt + 1``, counted when it starts).  Returns them in
         that order.
 
         With ``delay_ms > 0`` it claims at most one task, and only when the
@@ -231,12 +275,26 @@ class TaskStore(ABC):
         Claiming a task that suspended (a replay) does not count an attempt.
         """
 
+    starts_apart: bool = False
+    """True when a batch of ``"start"`` records alone commits markedly
+    faster than with outcomes (PostgreSQL: starts need not wait for the
+    server's flush); the group committer then settles them first, on
+    their own, and lets their runs begin before the outcomes commit."""
+
     @abstractmethod
     def settle(self, outcomes: Sequence[Outcome]) -> List[bool]:
         """Applies the outcomes in one transaction (a group commit).  Each
         applies only if its task is running with its token; the result says,
         per outcome, whether it applied (False: stale token, nothing
         changed)."""
+
+    def start(self, task_id: str, token: str, now: int,
+              lease_until: Optional[int] = None) -> bool:
+        """Records that the claimed task's run began at ``now``: its attempt
+        is counted, and its lease runs until ``lease_until`` (None: as it
+        was).  False if the token is stale."""
+        return self.settle([Outcome(task_id, token, "start", "", now,
+                                    lease_until=lease_until)])[0]
 
     def complete(self, task_id: str, token: str, message: str, now: int) -> bool:
         """Running → completed with ``message``.  False if the token is stale."""
@@ -252,8 +310,9 @@ class TaskStore(ABC):
         return self.settle([Outcome(task_id, token, "retry", message, run_at)])[0]
 
     def release(self, task_id: str, token: str, now: int) -> bool:
-        """Running → pending, due at ``now``, the attempt given back (the
-        handler never started).  False if the token is stale."""
+        """Running → pending, due at ``now``, with no attempt counted (the
+        handler never ran; a recorded start is taken back).  False if the
+        token is stale."""
         return self.settle([Outcome(task_id, token, "release", "", now)])[0]
 
     @abstractmethod
@@ -280,8 +339,10 @@ class TaskStore(ABC):
                 owners: Iterable[str] = ()) -> int:
         """Takes back the queue's running tasks whose lease expired
         (``lease_expires_at <= now``) or whose owner is in ``owners`` (known
-        dead).  A task with ``attempt < max_attempts`` goes back to pending,
-        due at ``now``, its attempt still counted; the others fail, with a
+        dead).  A task whose run never started goes back to pending as it
+        was (no attempt counted).  A started one with ``attempt <
+        max_attempts`` goes back to pending, due at ``now``, its attempt
+        still counted; the others fail, with a
         message saying the worker was lost.  Returns how many."""
 
     # ---- management ---------------------------------------------------
@@ -348,6 +409,41 @@ class TaskStore(ABC):
         terminal one), oldest first, in one transaction; returns how many.
         Their durable logs and callbacks go with them."""
 
+    # ---- periodic schedules ---------------------------------------------
+
+    @abstractmethod
+    def register_schedule(self, name: str, spec: str, *, queue: str, task: str,
+                          baseline: int, next_run_at: int, now: int) -> None:
+        """Files schedule ``name`` as a starting service has it.  A new name,
+        or a ``spec`` other than the stored one, starts afresh: its last
+        tick becomes ``baseline`` and its next run ``next_run_at``.  The
+        same spec keeps the stored last tick and next run, so ticks missed
+        while no service ran are still due (and coalesce).  ``queue`` and
+        ``task`` are overwritten either way."""
+
+    @abstractmethod
+    def claim_tick(self, name: str, spec: str, tick: int, next_run_at: int, queue: str,
+                   call: NewCall, now: int) -> bool:
+        """Enqueues ``call`` on ``queue`` (creating the queue if needed) as
+        tick ``tick`` of schedule ``name``, in one transaction with a
+        compare-and-set of the schedule's last tick: it applies only while
+        the stored spec is ``spec`` and the stored last tick is older than
+        ``tick``, and then moves the last tick to ``tick`` and the next run
+        to ``next_run_at``.  Returns whether it applied.  However many
+        services claim one tick at once, exactly one call is enqueued; no
+        lock outlives the transaction, so a process that dies holds
+        nothing."""
+
+    @abstractmethod
+    def schedules(self) -> List[ScheduleRecord]:
+        """Every stored schedule, by name."""
+
+    @abstractmethod
+    def remove_schedule(self, name: str) -> bool:
+        """Deletes schedule ``name`` (one no code registers any more);
+        returns whether it existed.  A service still serving it registers
+        it again, from its next tick."""
+
     # ---- wake-ups -----------------------------------------------------
 
     def set_waker(self, waker: Optional[Waker]) -> None:
@@ -356,6 +452,12 @@ class TaskStore(ABC):
         (``None`` stops it).  Optional: a store without notifications keeps
         this default, which does nothing, and its users find such work by
         polling.  ``close`` stops the calls."""
+
+    def watch_finished(self, callback: Optional[Callable[[], None]]) -> None:
+        """Asks the store to call ``callback()``, from a thread of its own,
+        whenever another process may have finished tasks (``None`` stops
+        it), so result waiters read again.  Optional, like ``set_waker``:
+        this default does nothing, and waiters poll."""
 
     # ---- durable operation logs and callbacks ---------------------------
 

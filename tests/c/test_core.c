@@ -911,6 +911,47 @@ static void test_wait_copy_copies_small_responses(void)
     cbw_worker_release(w);
 }
 
+static void test_wait_many_stops_at_a_failure_or_a_failed_wait(void)
+{
+    cbw_worker *w = new_worker(1);
+    cbw_job_info info;
+    cbw_result out[4];
+    size_t done = 99;
+    int64_t ids[4];
+    ids[0] = start_text(w, CBW_DEFAULT_ROUTE, OP_UPPER, "ab", CBW_TIMEOUT_INFINITE);
+    ids[1] = start_text(w, CBW_DEFAULT_ROUTE, OP_FAIL, "", CBW_TIMEOUT_INFINITE);
+    ids[2] = start_text(w, CBW_DEFAULT_ROUTE, OP_UPPER, "cd", CBW_TIMEOUT_INFINITE);
+    ids[3] = start_text(w, CBW_DEFAULT_ROUTE, OP_BLOCK, "", CBW_TIMEOUT_INFINITE);
+    /* A failed job: detached, last of the results; the ones after it untouched. */
+    CHECK_EQ(cbw_wait_many(w, ids, 4, WAIT_MS, out, &done), CBW_OK);
+    CHECK_EQ(done, 2);
+    CHECK(out[0].status == CBW_STATUS_OK && out[0].size == 2 && memcmp(out[0].data, "AB", 2) == 0);
+    CHECK(out[1].status == CBW_STATUS_ERROR && strcmp(out[1].error, "deliberate failure") == 0);
+    cbw_result_release_many(out, done);
+    CHECK(out[0].job_ == NULL && out[1].job_ == NULL);
+    CHECK_EQ(cbw_job_info_get(w, ids[0], &info), CBW_EUNKNOWN);
+    CHECK_EQ(cbw_job_info_get(w, ids[2], &info), CBW_OK);
+    /* A wait that times out: its error, for ids[done], which is untouched. */
+    CHECK_EQ(cbw_wait_many(w, ids + 2, 2, 30, out, &done), CBW_ETIMEDOUT);
+    CHECK_EQ(done, 1);
+    CHECK(out[0].size == 2 && memcmp(out[0].data, "CD", 2) == 0);
+    cbw_result_release_many(out, done);
+    CHECK_EQ(cbw_job_info_get(w, ids[3], &info), CBW_OK);
+    /* Unknown ids, arguments. */
+    CHECK_EQ(cbw_wait_many(w, ids, 1, WAIT_MS, out, &done), CBW_EUNKNOWN);
+    CHECK_EQ(done, 0);
+    CHECK_EQ(cbw_wait_many(w, ids, 1, -2, out, &done), CBW_EINVAL);
+    CHECK_EQ(cbw_wait_many(w, NULL, 1, WAIT_MS, out, &done), CBW_EINVAL);
+    CHECK_EQ(cbw_wait_many(w, ids, 0, WAIT_MS, NULL, &done), CBW_OK);
+    CHECK_EQ(cbw_wait_many(w, ids, 1, WAIT_MS, out, NULL), CBW_EINVAL);
+    open_gate();
+    CHECK_EQ(cbw_wait_many(w, ids + 3, 1, WAIT_MS, out, &done), CBW_OK);
+    CHECK_EQ(done, 1);
+    cbw_result_release_many(out, 1);
+    cbw_result_release_many(out, 1); /* a second release is harmless */
+    cbw_worker_release(w);
+}
+
 /* More jobs pass their deadline at once than the timer delivers in one go. */
 static void test_timer_handles_many_simultaneous_deadlines(void)
 {
@@ -2167,6 +2208,7 @@ static const test_case tests[] = {
     TEST(test_stuck_thread_is_replaced_after_grace),
     TEST(test_wait_timeout_leaves_job_intact),
     TEST(test_wait_copy_copies_small_responses),
+    TEST(test_wait_many_stops_at_a_failure_or_a_failed_wait),
     TEST(test_timer_handles_many_simultaneous_deadlines),
     TEST(test_many_jobs_taken_in_random_order),
     TEST(test_keep_alive_keeps_the_request_valid),
