@@ -8,7 +8,8 @@ Subcommands:
   task     show a task's status, message and attempt
   queues   a table of task counts per queue and status
   schedules  the periodic schedules in the database, their specs and next runs
-  serve    the HTTP endpoint outside systems signal durable callbacks through
+  serve    the HTTP endpoint outside systems signal durable callbacks through,
+           with metrics and the web dashboard
   tasks    list tasks, newest first, filtered (cli_tasks.py)
   retry    run a failed or cancelled task again (cli_tasks.py)
   purge    delete a queue's finished tasks of one status (cli_tasks.py)
@@ -418,6 +419,8 @@ def serve(args: argparse.Namespace) -> int:
         shown_host = f"[{host}]" if ":" in host else host
         print(f"serving callbacks for {redact_dsn(args.db)} on http://{shown_host}:{port}",
               flush=True)
+        print(f"dashboard: http://{shown_host}:{port}/ui/ (log in with the bearer token)",
+              flush=True)
         server.run(sockets=[sock])
     print("stopped", file=sys.stderr, flush=True)
     return 0
@@ -505,11 +508,12 @@ def _add_task_commands(sub: Any) -> None:
                    help="delete the schedule NAME (one no code registers any more)")
     p.set_defaults(func=schedules)
 
-    p = sub.add_parser("serve", help="HTTP endpoint for external callback signals",
-                       description="Serves POST /v1/callbacks/{id}/success|failure|heartbeat "
-                                   "and GET /v1/tasks/{id} over the task database, with "
-                                   f"bearer-token auth (--token-file, or ${TOKEN_ENV}), until "
-                                   "SIGINT or SIGTERM. Needs callbackworker[http].")
+    p = sub.add_parser("serve", help="HTTP endpoint for callback signals, and the dashboard",
+                       description="Serves POST /v1/callbacks/{id}/success|failure|heartbeat, "
+                                   "GET /v1/tasks/{id} and GET /metrics over the task database, "
+                                   f"with bearer-token auth (--token-file, or ${TOKEN_ENV}), and "
+                                   "the web dashboard under /ui/ (log in with the same token), "
+                                   "until SIGINT or SIGTERM. Needs callbackworker[http].")
     _add_db(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")

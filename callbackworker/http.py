@@ -5,7 +5,7 @@
 ``callbackworker serve`` runs it under uvicorn.  Both come with the
 optional extra ``callbackworker[http]``.
 
-Routes (every one needs ``Authorization: Bearer <token>``)::
+Routes (every one but the dashboard's needs ``Authorization: Bearer <token>``)::
 
     POST /v1/callbacks/{id}/success    raw body = the result (at most 1 MiB)
     POST /v1/callbacks/{id}/failure    JSON {"error": "..."}
@@ -20,6 +20,10 @@ Routes (every one needs ``Authorization: Bearer <token>``)::
                                        database's pending/running/suspended
                                        gauges per queue, this process's
                                        counters
+    /ui/...                            the web dashboard (``callbackworker.ui``):
+                                       HTML pages behind a login form that takes
+                                       the same token once and sets a session
+                                       cookie
 
 Answers: 200 with a JSON body on success; 401 for a missing or wrong token
 (checked with ``hmac.compare_digest`` before anything else, so an
@@ -40,7 +44,6 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import re
 from typing import Any, Awaitable, Callable, Dict, Union
 
 from starlette.applications import Starlette
@@ -49,7 +52,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .durable import MAX_RESULT_BYTES, check_callback_id, check_error
@@ -61,29 +64,35 @@ from .errors import (
     UnknownTaskError,
 )
 from .tasks.client import TaskClient
+from .tasks.config import is_task_id
 from .tasks.service import TaskService
 from .tasks.storage import TaskStore
+from .ui import create_dashboard
 
-__all__ = ["create_app", "MAX_BODY_BYTES"]
+__all__ = ["create_app", "MAX_BODY_BYTES", "DASHBOARD_PATH"]
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = MAX_RESULT_BYTES
 """Largest request body accepted (1 MiB)."""
 
+DASHBOARD_PATH = "/ui"
+"""Where the web dashboard is mounted."""
+
 _Target = Union[TaskService, TaskClient, TaskStore]
 
 
 class _BearerAuth:
     """ASGI middleware: a request without the right bearer token gets 401
-    before routing (so unknown paths are 401 too, never 404)."""
+    before routing (so unknown paths are 401 too, never 404).  Paths under
+    ``/ui`` pass: the dashboard checks its own session cookie."""
 
     def __init__(self, app: ASGIApp, token: str) -> None:
         self.app = app
         self._expected = b"Bearer " + token.encode("utf-8")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
+        if scope["type"] == "http" and not _is_dashboard(scope):
             given = next((value for name, value in scope["headers"]
                           if name == b"authorization"), b"")
             if not hmac.compare_digest(given, self._expected):
@@ -92,6 +101,15 @@ class _BearerAuth:
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def _is_dashboard(scope: Scope) -> bool:
+    """Whether the request is for the dashboard, wherever the app itself is
+    mounted (``root_path``)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root + "/"):
+        path = path[len(root):]
+    return path == DASHBOARD_PATH or path.startswith(DASHBOARD_PATH + "/")
 
 
 async def _body(request: Request) -> bytes:
@@ -165,6 +183,7 @@ def create_app(service_or_store: _Target, token: str) -> Starlette:
               methods=["POST"]),
         Route("/v1/tasks/{task_id}", get_task, methods=["GET"]),
         Route("/metrics", get_metrics, methods=["GET"]),
+        Mount(DASHBOARD_PATH, app=create_dashboard(client, token)),
     ]
     app = Starlette(routes=routes, middleware=[Middleware(_BearerAuth, token=token)],
                     exception_handlers=_EXCEPTION_HANDLERS)
@@ -203,14 +222,9 @@ def _signal_endpoint(state: str, send: Callable[[str, bytes], None]
     return endpoint
 
 
-_TASK_ID = re.compile(r"[0-9a-f]{32}")
-
-
 def _task_id(text: str) -> str:
-    """A well-formed task id (32 lowercase hex digits, as ``enqueue``
-    makes them), or ``UnknownTaskError``: a malformed one (a NUL, say,
-    which PostgreSQL cannot even compare) never reaches the store."""
-    if not _TASK_ID.fullmatch(text):
+    """A well-formed task id (``is_task_id``), or ``UnknownTaskError``."""
+    if not is_task_id(text):
         raise UnknownTaskError(text)
     return text
 

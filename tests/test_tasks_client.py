@@ -157,3 +157,47 @@ def test_a_services_client_shares_its_store_and_closes_with_it(db: str, clock: F
     service.close()
     with pytest.raises(ServiceClosedError):
         client.get(task)
+
+
+def test_callbacks_lists_the_durable_callbacks_a_task_still_holds(db: str,
+                                                                  clock: FakeClock) -> None:
+    def two_approvals(payload: memoryview) -> str:
+        ctx = callbackworker.current_job()
+        first = ctx.create_callback("first", timeout_ms=1000)
+        second = ctx.create_callback("second")
+        return (ctx.callback_result(first) + ctx.callback_result(second)).decode()
+
+    with TaskService(db, clock=clock, background=False) as service:
+        service.create_queue("q", handler=two_approvals)
+        task_id = service.enqueue("q", b"")
+        service._dispatch_once()
+        client = service.client
+        assert client.callbacks("no-such-task") == []
+        first, second = client.callbacks(task_id)
+        assert (first.owner, first.name, first.state, first.timeout_ms) == (task_id, "first",
+                                                                            "pending", 1000)
+        assert (second.name, second.state, second.timeout_ms) == ("second", "pending", 0)
+        client.send_callback_success(first.callback_id, b"a")
+        service._dispatch_once()
+        assert [(c.name, c.state, c.result) for c in client.callbacks(task_id)] == [
+            ("first", "succeeded", b"a"), ("second", "pending", None)]
+        clock.advance(5000)  # past the first's limit, but it has succeeded already
+        assert [c.state for c in client.callbacks(task_id)] == ["succeeded", "pending"]
+        client.send_callback_success(second.callback_id, b"b")
+        service._dispatch_once()
+        assert service.get(task_id).message == "ab"
+        assert client.callbacks(task_id) == []
+
+
+def test_callbacks_shows_a_pending_callback_past_its_limit_as_timed_out(
+        db: str, clock: FakeClock) -> None:
+    def approval(payload: memoryview) -> str:
+        ctx = callbackworker.current_job()
+        return ctx.callback_result(ctx.create_callback("ok", timeout_ms=1000)).decode()
+
+    with TaskService(db, clock=clock, background=False) as service:
+        service.create_queue("q", handler=approval)
+        task_id = service.enqueue("q", b"")
+        service._dispatch_once()
+        clock.advance(1000)
+        assert [c.state for c in service.client.callbacks(task_id)] == ["timed_out"]

@@ -31,11 +31,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pickle
 import threading
 import uuid
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
-from ..durable import check_callback_id, check_error, check_result
+from ..durable import CallbackRecord, check_callback_id, check_error, check_result
 from ..errors import (
     ServiceClosedError,
     TaskNotCancellableError,
@@ -399,6 +400,22 @@ class TaskClient:
         task's due time) moves to now plus that interval.  Errors as
         ``send_callback_success``."""
         self._signal(check_callback_id(callback_id), "pending", None, None)
+
+    def callbacks(self, task_id: str) -> List[CallbackRecord]:
+        """The durable callbacks the task has created and still holds, in
+        the order it created them, each as stored (a pending one past its
+        limit shows as ``timed_out``).  A finished task holds none: its
+        operation log ends with it.  ``[]`` for an unknown task."""
+        task_id = check_task_id(task_id)
+        self._check_open()
+        records = []
+        for kind, _name, value in self._store.durable_ops(task_id):
+            if kind == "callback":
+                record = self._store.durable_callback(pickle.loads(value))
+                if record is not None:
+                    record.expire_if_due(self._now())
+                    records.append(record)
+        return records
 
     def _signal(self, callback_id: str, state: str, result: Optional[bytes],
                 error: Optional[str]) -> None:

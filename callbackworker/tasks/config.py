@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Optional
@@ -187,6 +188,17 @@ def check_payload(payload: object) -> bytes:
     if view.nbytes > MAX_PAYLOAD:
         raise ValueError(f"payload is {view.nbytes} bytes; the limit is {MAX_PAYLOAD} (1 MiB)")
     return payload if type(payload) is bytes else view.tobytes()
+
+
+_TASK_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def is_task_id(text: str) -> bool:
+    """Whether ``text`` looks like the ids ``enqueue`` makes (32 lowercase
+    hex digits).  Endpoints that take an id from outside check it first,
+    so a malformed one (a NUL, say, which PostgreSQL cannot even compare)
+    never reaches the store."""
+    return _TASK_ID.fullmatch(text) is not None
 
 
 def check_task_id(task_id: object) -> str:
