@@ -597,9 +597,12 @@ class Worker(JobQueries, RouteVerbs, AsyncWaits, DurableSignals):
 def _release_native(native: Any, table: CallbackTable) -> None:
     """Finalizer: closes (if still open) and frees the core worker.  The
     table (and its handle) stays alive until then, so no C thread can call
-    into a freed handle."""
+    into a freed handle.  Its callbacks stay, as after ``close()``: the
+    collector may run this on one of the worker's own threads, whose job
+    still runs after the release returns; the core releases each callback
+    as its last job goes, and the rest with the worker."""
     lib.cbw_worker_release(native)
-    table.clear()
+    table.failures.clear()
 
 
 def _note_main_thread() -> None:

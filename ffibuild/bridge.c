@@ -27,7 +27,12 @@
  * its first job is visible, release removes the entries the core reports
  * dead, holding the interpreter lock throughout (see csrc/cbw_token.c).
  * A callback token is the callable's address, and the registry holds the
- * callable while jobs may run it, so the run hook calls it directly.
+ * callable while jobs may run it, so the run hook calls it directly.  The
+ * run hook takes a reference of its own before it does anything that can
+ * run Python code: allocating the request's view may run the cyclic
+ * collector on the worker's own thread, and a collected Worker's finalizer
+ * releases the worker and clears the registry there and then, with this
+ * thread's job not yet called.
  *
  * Request views: the callback's memoryview is made over a cbwpy_memory
  * (request_memory.c, compiled just before this file), which exports the
@@ -255,9 +260,15 @@ static int cbwpy_run_hook(void *ctx, cbw_slot *slot, cbw_run *run)
     cbwpy_ctx *c = ctx;
     PyObject *callable = (PyObject *)(uintptr_t)run->callback;
     PyObject *view = NULL, *out, *exc = NULL, *res;
-    cbwpy_memory *memory = cbwpy_slot_memory(slot);
+    cbwpy_memory *memory;
     int status = CBW_STATUS_OK;
 
+    /* First of all: whatever allocates below may run the cyclic collector
+     * on this thread, and a finalizer it runs may release or close this
+     * worker and drop the registry's reference (the Worker's finalizer
+     * clears its CallbackTable). */
+    Py_INCREF(callable);
+    memory = cbwpy_slot_memory(slot);
     if (memory != NULL) {
         memory->data = run->data;
         memory->size = (Py_ssize_t)run->size;
@@ -268,9 +279,9 @@ static int cbwpy_run_hook(void *ctx, cbw_slot *slot, cbw_run *run)
         if (memory != NULL)
             memory->data = NULL;
         cbw_run_set_error(run, "MemoryError: no memory for the request's view");
+        Py_DECREF(callable);
         return CBW_STATUS_ERROR;
     }
-    Py_INCREF(callable); /* the registry may drop it while it runs (a close) */
     cbwpy_slot_lock(slot);
     slot->exec_job = run->id;
     slot->exec_flags = 1;

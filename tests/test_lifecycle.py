@@ -717,19 +717,63 @@ def test_callbacks_on_two_routes_waiting_on_each_other_in_turn() -> None:
 
 
 def test_gc_of_an_unclosed_worker_with_queued_jobs() -> None:
+    # The collector runs here, not on a route thread (the worker is in a
+    # reference cycle): collected there, the worker's finalizer returns
+    # while that thread's own job is still to run, and a gc.collect() here
+    # meanwhile returns at once (the test below covers that case).
     ran: List[int] = []
-    w = Worker(concurrency=2)
-    w.start(lambda m: time.sleep(0.1), b"")
-    w.start_many(lambda m: ran.append(1), [b"q"] * 5000)
-    ref = weakref.ref(w)
-    t0 = time.monotonic()
-    del w
-    gc.collect()
+    gc.disable()
+    try:
+        w = Worker(concurrency=2)
+        w.start(lambda m: time.sleep(0.1), b"")
+        w.start_many(lambda m: ran.append(1), [b"q"] * 5000)
+        ref = weakref.ref(w)
+        t0 = time.monotonic()
+        del w
+        gc.collect()
+    finally:
+        gc.enable()
     assert ref() is None
     assert time.monotonic() - t0 < SETTLE
     count = len(ran)
     time.sleep(0.1)
     assert len(ran) == count  # nothing runs after the worker was collected
+
+
+def test_worker_collected_on_its_own_thread_before_a_job_calls_its_callback() -> None:
+    # The collector runs on the route thread as the bridge allocates the next
+    # job's request view: the Worker's finalizer releases the worker and
+    # clears its registry, which held the only reference to that job's
+    # callback.  The job must still run its callback, not a freed object
+    # (this crashed the test process with a segmentation fault).
+    proc, elapsed = _run_script("""
+        import gc, threading, weakref, callbackworker as cw
+        gate, collected = threading.Lock(), threading.Lock()
+        gate.acquire()
+        collected.acquire()
+        where, ran = [], []
+        def first(m):
+            gate.acquire()      # held until the worker is garbage
+            gc.set_threshold(1)
+            gc.enable()         # the next allocation, the view, collects
+        def note():
+            where.append(threading.get_ident())
+            collected.release()
+        gc.collect()
+        gc.disable()
+        w = cw.Worker(concurrency=1)
+        weakref.finalize(w, note)
+        w.start(first, b"")
+        w.start_many(lambda m: ran.append(1), [b"q"] * 50)  # only the registry holds it
+        del w                   # a reference cycle: only the collector frees it
+        gate.release()
+        assert collected.acquire(timeout=10)
+        gc.set_threshold(700)
+        assert where != [threading.get_ident()], "collected on the main thread"
+        print("ok", flush=True)
+    """)
+    _assert_clean_exit(proc, elapsed, limit=SUBPROCESS_TIMEOUT)
+    assert proc.stdout.split() == ["ok"]
 
 
 def test_gc_of_an_idle_unclosed_worker_and_many_workers() -> None:

@@ -26,8 +26,13 @@ What a test does
    shared pool; then 20 rounds of ``close()`` racing with threads blocked in
    ``wait`` (bounded and unbounded), starting, cancelling and taking —
    plain close, ``close(drain=True)`` and the interrupting close of
-   interpreter exit, which abandons stuck callbacks.  Finally every core
-   block must be freed (``lib.cbw_live_allocations()``).
+   interpreter exit, which abandons stuck callbacks; then 10 rounds
+   (``CBW_SAN_COLLECT_ROUNDS``) of an unclosed worker with queued jobs
+   dropped in a reference cycle and collected on its own route thread as
+   the bridge allocates a job's request view (its finalizer releases the
+   worker there), and of two closes at once, every pairing of plain, drain
+   and interrupting, one of them sometimes from inside a callback.
+   Finally every core block must be freed (``lib.cbw_live_allocations()``).
 4. Asserts exit status 0 and no sanitizer report in the output.
 
 ``test_memory_safety_tests_under_asan_and_ubsan`` runs
@@ -219,6 +224,7 @@ STRESS_SCRIPT = textwrap.dedent('''\
     SECONDS = float(os.environ.get("CBW_SAN_SECONDS", "3"))
     THREADS = int(os.environ.get("CBW_SAN_THREADS", "4"))
     CLOSE_ROUNDS = int(os.environ.get("CBW_SAN_CLOSE_ROUNDS", "20"))
+    COLLECT_ROUNDS = int(os.environ.get("CBW_SAN_COLLECT_ROUNDS", "10"))
     BENIGN = (WaitTimeoutError, UnknownJobError, JobNotCompleteError, JobFailedError,
               WorkerClosedError, DeadlockError)
 
@@ -438,12 +444,83 @@ STRESS_SCRIPT = textwrap.dedent('''\
             gc.collect()
 
 
+    def collected_on_own_thread(r):
+        # An unclosed worker with queued jobs, dropped in a reference cycle:
+        # the collector runs on its route thread as the next job's request
+        # view is allocated, and the finalizer releases the worker there,
+        # with that job's callback held by nothing but the registry.
+        gate = threading.Lock()
+        gate.acquire()
+
+        def first(m):
+            gate.acquire()
+            gc.set_threshold(1)
+            gc.enable()  # the next allocation collects, on this thread
+
+        gc.collect()
+        gc.disable()
+        w = Worker(concurrency=1)
+        w.start(first, b"")
+        if r % 2:
+            w.start(cb_overdue, b"o", timeout_ms=5)
+        w.start_many(lambda m: None, [b"q"] * 100)
+        del w
+        gate.release()
+        time.sleep(0.05)
+        gc.set_threshold(700, 10, 10)
+        gc.enable()
+        gc.collect()
+        count("collected")
+
+
+    def closed_from_two_threads(r):
+        # Two closes at once, with every pairing of strengths (an interrupting
+        # one escalates a weaker one), one of them sometimes from inside a
+        # callback; then the worker is dropped unreferenced.
+        w = Worker(concurrency=2)
+        plain, drain, interrupt = 0, int(lib.CBW_CLOSE_DRAIN), int(lib.CBW_CLOSE_INTERRUPT)
+        first, second = [(plain, interrupt), (drain, interrupt), (plain, plain),
+                         (drain, plain), (interrupt, interrupt)][r % 5]
+        closers = [threading.Thread(target=w._close, args=(flags, 1),
+                                    kwargs={"interruptible": False})
+                   for flags in (first, second)]
+        inside = threading.Event()
+
+        def closes_inside(m):
+            inside.set()
+            w._close(interrupt, 1, interruptible=False)
+
+        w.start(cb_overdue, b"o")
+        w.start_many(cb_grow, [b"q"] * 100)
+        if r % 2:
+            w.start(closes_inside, b"i")
+        closers[0].start()
+        time.sleep(random.random() * 0.005)
+        closers[1].start()
+        for t in closers:
+            t.join(30)
+            if t.is_alive():
+                problem(f"two closers, round {r}: a close did not return")
+        if r % 2 and inside.is_set():
+            count("closed inside")
+        del w
+        gc.collect()
+        count("closed twice")
+
+
+    def phase_collected(rounds):
+        for r in range(rounds):
+            collected_on_own_thread(r)
+            closed_from_two_threads(r)
+
+
     def main():
         base = lib.cbw_live_allocations()
         t0 = time.monotonic()
         phase_mixed()
         t1 = time.monotonic()
         phase_close_races()
+        phase_collected(COLLECT_ROUNDS)
         t2 = time.monotonic()
         gc.collect()
         # Abandoned threads leave by themselves once their callback returns.
@@ -458,7 +535,9 @@ STRESS_SCRIPT = textwrap.dedent('''\
               f"errors {len(errors)}", flush=True)
         for e in errors[:20]:
             print("STRESS ERROR:", e, flush=True)
-        if counts.get("succeeded", 0) < 100 or counts.get("closes", 0) != CLOSE_ROUNDS:
+        if (counts.get("succeeded", 0) < 100 or counts.get("closes", 0) != CLOSE_ROUNDS
+                or counts.get("collected", 0) != COLLECT_ROUNDS
+                or counts.get("closed twice", 0) != COLLECT_ROUNDS):
             print("STRESS ERROR: the stress did too little", flush=True)
             return 1
         return 1 if errors else 0
@@ -554,7 +633,8 @@ def run_stress(san: Sanitizer, runtime: str, pkg_root: Path,
     env.update(sanitizer_env(san, runtime, pkg_root))
     env["CBW_SAN_EXPECT_DIR"] = str(pkg_root)
     env["CBW_SAN_RUNTIME"] = Path(runtime).name.split(".so")[0]
-    for key in ("CBW_SAN_SECONDS", "CBW_SAN_THREADS", "CBW_SAN_CLOSE_ROUNDS"):
+    for key in ("CBW_SAN_SECONDS", "CBW_SAN_THREADS", "CBW_SAN_CLOSE_ROUNDS",
+                "CBW_SAN_COLLECT_ROUNDS"):
         if key in os.environ:
             env[key] = os.environ[key]
     command = [*prefix, sys.executable, *SAFE_PATH_OPTION, str(script)]
