@@ -134,7 +134,11 @@ class Worker(JobQueries, RouteVerbs, AsyncWaits, DurableSignals):
         self._items: Dict[int, list] = {}  # item key -> [item, job id], until it runs
         self._item_keys: Dict[int, int] = {}  # detached job id -> item key, for cancel
         self._next_item_key = itertools.count(1).__next__
-        self._run_item_cb = self._run_item  # one callable for every detached job
+        # One callable for every detached job; it holds the two maps, not the
+        # worker, so a Worker is in no reference cycle and goes as soon as its
+        # last reference does (not whenever, on whatever thread, the cyclic
+        # collector runs).
+        self._run_item_cb = _item_runner(self._items, self._item_keys)
         _lifecycle.live_workers.add(self)
 
     def _new_native(self) -> Any:
@@ -216,6 +220,7 @@ class Worker(JobQueries, RouteVerbs, AsyncWaits, DurableSignals):
         self._progress = {}
         self._items = {}
         self._item_keys = {}
+        self._run_item_cb = _item_runner(self._items, self._item_keys)
         if self._closed:
             self._w = ffi.NULL
             return
@@ -318,7 +323,7 @@ class Worker(JobQueries, RouteVerbs, AsyncWaits, DurableSignals):
         # stored before the start: the job may run at once, no lock may be
         # held across the start (an idle route's thread takes its first job
         # while the start waits, see csrc/cbw_thread.c), and reading the key
-        # in _run_item makes no core call (which would let another thread
+        # in the item runner makes no core call (which would let another thread
         # take the interpreter lock between jobs of a burst).  The holder
         # gets the job id after the start, for cancel's map; whichever of
         # the run and the start comes last empties that map's entry.
@@ -335,13 +340,6 @@ class Worker(JobQueries, RouteVerbs, AsyncWaits, DurableSignals):
         if key not in self._items:  # it ran already: nothing left to cancel
             self._item_keys.pop(jid, None)
         return jid
-
-    def _run_item(self, request: memoryview) -> None:
-        """The callback of every detached job: runs the job's item."""
-        holder = self._items.pop(int.from_bytes(request, "little"), None)
-        if holder is not None:
-            self._item_keys.pop(holder[1], None)
-            holder[0].run()
 
     def start_text(self, callback: Callback, text: str, timeout_ms: int = _UNSET,
                    *, route: Optional[str] = None) -> int:
@@ -592,6 +590,20 @@ class Worker(JobQueries, RouteVerbs, AsyncWaits, DurableSignals):
         if not may_be_job_id(jid):
             raise_for(lib.CBW_EUNKNOWN, job_id)
         return jid, timeout_ms
+
+
+def _item_runner(items: Dict[int, list],
+                 item_keys: Dict[int, int]) -> Callable[[memoryview], None]:
+    """The callback of every detached job of one worker: runs the item its
+    request's key names (``Worker.run_detached``)."""
+
+    def run_item(request: memoryview) -> None:
+        holder = items.pop(int.from_bytes(request, "little"), None)
+        if holder is not None:
+            item_keys.pop(holder[1], None)
+            holder[0].run()
+
+    return run_item
 
 
 def _release_native(native: Any, table: CallbackTable) -> None:

@@ -762,10 +762,11 @@ def test_worker_collected_on_its_own_thread_before_a_job_calls_its_callback() ->
         gc.collect()
         gc.disable()
         w = cw.Worker(concurrency=1)
+        w.itself = w            # a user's reference cycle: only the collector frees it
         weakref.finalize(w, note)
         w.start(first, b"")
         w.start_many(lambda m: ran.append(1), [b"q"] * 50)  # only the registry holds it
-        del w                   # a reference cycle: only the collector frees it
+        del w
         gate.release()
         assert collected.acquire(timeout=10)
         gc.set_threshold(700)

@@ -192,3 +192,26 @@ def test_signals_to_a_worker_with_a_foreign_backend_are_unknown() -> None:
     with Worker(durable_backend=RecordingBackend()) as w:
         with pytest.raises(callbackworker.UnknownCallbackError):
             w.send_callback_success("a" * 32, b"")
+
+
+def test_a_worker_is_freed_by_its_last_reference_without_the_cyclic_collector() -> None:
+    """The seam's one callable holds the item maps, not the worker: a Worker
+    in a reference cycle would be freed by the collector, on whatever thread
+    it runs (a route thread included), instead of where it was dropped."""
+    import gc
+    import weakref
+
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        w = Worker()
+        item = Item()
+        w.run_detached(item)
+        assert item.ran.wait(5)
+        w.close()
+        ref = weakref.ref(w)
+        del w
+        assert ref() is None
+    finally:
+        if enabled:
+            gc.enable()
