@@ -796,3 +796,45 @@ def test_serve_after_close_raises(service: TaskService) -> None:
         service.serve()
     with pytest.raises(ServiceClosedError):
         service.enqueue_task("x")
+
+
+# ---- a lost worker and the task's own retry limit --------------------------
+
+
+def _lose_the_worker_of(service: TaskService, clock: FakeClock, task_id: str) -> None:
+    """A worker of another process claims the task, starts its run and
+    vanishes; its lease then expires."""
+    store = service._store  # noqa: SLF001 - stands for the other process
+    (claimed,) = store.claim("q", owner="elsewhere/1/gone", limit=1, now=clock(), lease_ms=100)
+    assert claimed.id == task_id
+    store.start(claimed.id, claimed.token, clock())
+    clock.advance(100)
+
+
+def test_a_lost_worker_leaves_a_task_its_own_retries(service: TaskService,
+                                                     clock: FakeClock) -> None:
+    runs: List[int] = []
+    flaky = service.task(name="own-retries", queue="q", max_retries=2)(
+        lambda: runs.append(1) or "done")
+    service.serve()
+    tid = flaky.enqueue()
+    _lose_the_worker_of(service, clock, tid)
+    drain(service)
+    assert service.get(tid).status == "completed", service.get(tid)
+    assert runs == [1]
+
+
+def test_a_lost_worker_ends_a_task_without_retries_of_its_own(db: str,
+                                                             clock: FakeClock) -> None:
+    with TaskService(db, clock=clock, background=False) as service:
+        service.declare_queue("q", QueueConfig(max_retries=3))
+        runs: List[int] = []
+        once = service.task(name="no-retries", queue="q", max_retries=0)(
+            lambda: runs.append(1) or "done")
+        service.serve()
+        tid = once.enqueue()
+        _lose_the_worker_of(service, clock, tid)
+        drain(service)
+        info = service.get(tid)
+        assert (info.status, runs) == ("failed", []), info
+        assert "no attempts left" in info.message

@@ -248,6 +248,15 @@ class FunctionRegistry:
         with self._lock:
             return self._tasks.get(name) if name is not None else None
 
+    def most_retries(self, config: QueueConfig) -> int:
+        """The most retries any call may be given: the queue's, or more where
+        a registered task asks for more.  Lease recovery counts attempts
+        against it, so that no task fails before its own limit; a call past
+        its own limit is failed when claimed (``past_limit``)."""
+        with self._lock:
+            own = [t.max_retries for t in self._tasks.values() if t.max_retries is not None]
+        return max([config.max_retries, *own])
+
     def queues(self) -> List[str]:
         """Every queue a registered task uses, sorted."""
         with self._lock:

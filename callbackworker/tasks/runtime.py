@@ -252,7 +252,8 @@ class TaskRuntime:
             self._store.ensure_queue(name)
             dead = [o for o in self._store.running_owners(name) if owner_is_dead(o)]
             recovered = self._store.recover(name, now=self._now(),
-                                            max_attempts=config.max_retries + 1, owners=dead)
+                                            max_attempts=self._recovery_limit(config),
+                                            owners=dead)
             if recovered:
                 self._events.recovered(name, recovered, "lease expired or process gone")
             queue = _Queue(name, _route_for(name), config, handler)
@@ -397,7 +398,7 @@ class TaskRuntime:
             queues = list(self._queues.values())
         for q in queues:
             recovered = self._store.recover(q.name, now=now,
-                                            max_attempts=q.config.max_retries + 1)
+                                            max_attempts=self._recovery_limit(q.config))
             if recovered:
                 self._events.recovered(q.name, recovered, "lease expired")
             if sweep:
@@ -582,9 +583,22 @@ class TaskRuntime:
                            awaiting=durable.suspended_on)
         return outcome
 
+    def _recovery_limit(self, config: QueueConfig) -> int:
+        """The attempts a lost lease may use up in a queue before recovery
+        fails its task: the queue's, or a registered task's if more."""
+        retries = (self._calls.most_retries(config) if self._calls is not None
+                   else config.max_retries)
+        return retries + 1
+
     def _call(self, queue: _Queue, task: ClaimedTask, view: memoryview) -> Outcome:
         """Runs the task: a stored call through the registry, a raw payload
         through the queue's handler.  What they raise propagates."""
+        if task.name is not None and self._calls is not None:
+            retries, _ = self._calls.limits(task.name, queue.config)
+            if task.attempt > retries + 1:  # recovery let it through for a longer limit
+                return Outcome(task.id, task.token, "fail",
+                               f"worker lost during attempt {task.attempt - 1}; "
+                               f"no attempts left (max_retries={retries})", self._now())
         if task.name is not None:
             done = (self._calls.run(task) if self._calls is not None
                     else CallResult(None, "this runtime runs no task functions"))
