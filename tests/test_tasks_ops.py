@@ -4,6 +4,7 @@ backends."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import List
 
 import pytest
@@ -211,3 +212,17 @@ def test_a_declared_queue_keeps_its_failed_retention(db: str, clock: FakeClock) 
         svc._dispatch_once()
         with pytest.raises(UnknownTaskError):
             svc.get(task_id)
+
+
+@pytest.mark.parametrize("name", ["a\x00b", "\x00", "line\nbreak"])
+def test_list_tasks_refuses_a_name_filter_no_task_can_have(db: str, name: str) -> None:
+    with TaskService(db) as service:
+        with pytest.raises(ValueError, match="name must be printable"):
+            service.list_tasks(name=name)
+
+
+def test_a_database_path_in_a_missing_directory_creates_no_directory(tmp_path: Path) -> None:
+    missing = tmp_path / "no" / "such" / "dir" / "x.db"
+    with pytest.raises(Exception):
+        TaskService(str(missing)).close()
+    assert not (tmp_path / "no").exists()

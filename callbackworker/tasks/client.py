@@ -232,6 +232,8 @@ class TaskClient:
             status = _check_status(status, STATUSES, "list_tasks")
         if name is not None and not isinstance(name, str):
             raise TypeError(f"name must be a str, not {type(name).__name__}")
+        if name is not None and ("\x00" in name or not name.isprintable()):
+            raise ValueError("name must be printable text (no NUL or control characters)")
         check_int(limit, "limit", 1, LIST_LIMIT_MAX)
         if before_id is not None:
             before_id = check_task_id(before_id)

@@ -90,8 +90,12 @@ class WakeChannel:
         if database in ("", ":memory:") or not hasattr(socket, "AF_UNIX"):
             return None
         directory = cls.directory_for(database)
-        try:
-            os.makedirs(directory, exist_ok=True)
+        try:  # the leaf only: a mistyped path must not grow directories
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            if not os.path.isdir(directory):
+                log.debug("%s: not a directory; polling only", directory)
+                return None
         except OSError as exc:
             log.debug("%s: no wake-up channel (%s); polling only", directory, exc)
             return None
