@@ -460,6 +460,7 @@ STRESS_SCRIPT = textwrap.dedent('''\
         gc.collect()
         gc.disable()
         w = Worker(concurrency=1)
+        w.itself = w  # the cycle: a Worker alone is freed by its last reference
         w.start(first, b"")
         if r % 2:
             w.start(cb_overdue, b"o", timeout_ms=5)
