@@ -717,10 +717,9 @@ def test_callbacks_on_two_routes_waiting_on_each_other_in_turn() -> None:
 
 
 def test_gc_of_an_unclosed_worker_with_queued_jobs() -> None:
-    # The collector runs here, not on a route thread (the worker is in a
-    # reference cycle): collected there, the worker's finalizer returns
-    # while that thread's own job is still to run, and a gc.collect() here
-    # meanwhile returns at once (the test below covers that case).
+    # The worker goes here, not on a route thread: were it in a reference
+    # cycle and collected there, its finalizer would return while that
+    # thread's own job is still to run (the test below covers that case).
     ran: List[int] = []
     gc.disable()
     try:
