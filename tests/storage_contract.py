@@ -234,6 +234,22 @@ class StorageContract:
         (again,) = store.claim("q", owner="me", limit=1, now=2, lease_ms=LEASE)
         assert again.id == orphan.id and again.attempt == 1
 
+    def test_a_claim_taken_back_unstarted_marks_the_task_confirm_start(
+            self, store: TaskStore) -> None:
+        store.ensure_queue("q")
+        _enqueue(store, "q", 2)
+        orphan, ran = store.claim("q", owner="dead", limit=2, now=0, lease_ms=LEASE)
+        assert not orphan.confirm_start and not ran.confirm_start
+        assert store.start(ran.id, ran.token, 1) is True
+        assert store.recover("q", now=2, max_attempts=5, owners=["dead"]) == 2
+        claimed = {t.id: t for t in store.claim("q", owner="me", limit=2, now=2, lease_ms=LEASE)}
+        assert claimed[orphan.id].confirm_start, "its run may have begun uncounted"
+        assert not claimed[ran.id].confirm_start, "its run was counted"
+        again = claimed[orphan.id]
+        assert store.retry(again.id, again.token, "E: x", 3) is True
+        (third,) = store.claim("q", owner="me", limit=1, now=3, lease_ms=LEASE)
+        assert third.id == orphan.id and third.confirm_start, "the mark is for good"
+
     def test_stale_token_is_rejected(self, store: TaskStore) -> None:
         task = _claimed_one(store)
         assert store.recover("q", now=LEASE, max_attempts=5) == 1

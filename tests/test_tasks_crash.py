@@ -3,7 +3,11 @@
 * kill -9: a worker serving thousands of tasks is killed at random points,
   again and again, and restarted; in the end every task has finished
   (completed or failed) exactly once, none is lost, none is left running,
-  and the attempts the database counted match the runs the handler logged.
+  and the attempts the database counted match the runs the handler logged:
+  a run's start is committed with the group commit after its handler
+  began, so a kill in between leaves that run uncounted and the task runs
+  that attempt again, but once at most per task (its later runs wait for
+  their starts to be committed).
 * Two worker processes on one file: no task runs twice, let alone
   concurrently, and "database is locked" never reaches anyone.
 
@@ -101,7 +105,8 @@ def run_kill9(tmp_path: Path, n_tasks: int, kills: int, seed: int,
         for task_id, payload in zip(ids, payloads):
             info = reader.get(task_id)
             logged = runs.get(task_id, [])
-            assert len(logged) == len(set(logged)), f"{task_id}: an attempt ran twice: {logged}"
+            uncounted = len(logged) - len(set(logged))
+            assert uncounted <= 1, f"{task_id}: more than one run went uncounted: {logged}"
             assert all(1 <= a <= info.attempt for a in logged), (task_id, info, logged)
             if info.status == "completed":
                 assert info.message == f"done {info.attempt}" and max(logged) == info.attempt
@@ -111,8 +116,9 @@ def run_kill9(tmp_path: Path, n_tasks: int, kills: int, seed: int,
             else:
                 assert info.status == "failed" and info.message.startswith("worker lost"), info
             unlogged += info.attempt - len(logged)
-    # An attempt is counted at claim; only tasks claimed but not yet started
-    # when a worker was killed can have an attempt without a logged run.
+    # An attempt is counted when its run's start is committed; only runs
+    # killed between that commit and the handler's first line can have an
+    # attempt without a logged run.
     assert unlogged <= kills * CONCURRENCY
 
 

@@ -74,8 +74,8 @@ def test_three_workers_on_one_queue_run_every_task_exactly_once(
 def test_kill9_of_a_worker_mid_task_runs_the_task_again_elsewhere(
         pg_schema_dsn: str, tmp_path: Path) -> None:
     """Each task sleeps 1 s; the victim is killed as soon as it has logged
-    the "start" of a task.  With a 1 s lease a survivor takes the task back
-    and runs it as attempt 2."""
+    the "start" of a task and that start is committed.  With a 1 s lease a
+    survivor takes the task back and runs it as attempt 2."""
     log = tmp_path / "runs.log"
     workers = [_spawn(pg_schema_dsn, "task_apps:slow_retrying", log, "--lease-ms", "1000")
                for _ in range(3)]
@@ -83,9 +83,15 @@ def test_kill9_of_a_worker_mid_task_runs_the_task_again_elsewhere(
         ids = producer.enqueue_many("slow", [b"1.0"] * 6)
     victim = workers[0]
     deadline = time.monotonic() + 30
-    while not any(e == "start" and pid == str(victim.pid) for e, _, _, pid in _events(log)):
-        assert time.monotonic() < deadline, "the victim never started a task"
-        time.sleep(0.01)
+    started: List[str] = []
+    with TaskService(pg_schema_dsn) as reader:
+        # A run's start is committed with the next group commit, after its
+        # handler began: killed before that, the run would go uncounted.
+        while not any(reader.get(t).attempt == 1 for t in started):
+            assert time.monotonic() < deadline, "the victim never started a task"
+            time.sleep(0.01)
+            started = [t for e, t, _, pid in _events(log)
+                       if e == "start" and pid == str(victim.pid)]
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     counts = _wait_for(pg_schema_dsn, len(ids), deadline_s=60)

@@ -30,7 +30,7 @@ from callbackworker import (
 from callbackworker.tasks import owners
 from callbackworker.tasks.client import open_store as open_task_store
 from callbackworker.tasks.service import retry_delay_ms
-from callbackworker.tasks.storage import TaskStore
+from callbackworker.tasks.storage import Outcome, TaskStore
 
 from helpers import FakeClock
 
@@ -557,7 +557,7 @@ def test_close_gives_back_claimed_but_unstarted_tasks(service: TaskService, db: 
     (claimed,) = service._store.claim("q", owner=runtime._owner, limit=1, now=runtime._now(),
                                        lease_ms=30_000)
     with runtime._cond:  # as if handed to the worker, which has not run it yet
-        runtime._track_locked(runtime._queues["q"], [claimed])
+        runtime._track_locked(runtime._queues["q"], [claimed], runtime._now() + 30_000)
     service.close()
     store = open_store(db)
     record = store.get(task)
@@ -616,7 +616,8 @@ def test_a_prefetched_task_whose_worker_dies_costs_no_attempt(db: str, clock: Fa
     service.create_queue("q", handler=hold)
     ids = service.enqueue_many("q", [b"1", b"2", b"3"])
     started, _ = service._runtime._claim_and_start()
-    assert started == 3 and running.wait(30)  # its start is committed before it runs
+    assert started == 3 and running.wait(30)
+    service._runtime._committer.flush()  # its start goes with the next group commit
     with TaskService(db, clock=clock, background=False) as reader:
         assert [reader.get(i)[:3:2] for i in ids] == [("running", 1), ("running", 0),
                                                       ("running", 0)]
@@ -630,6 +631,103 @@ def test_a_prefetched_task_whose_worker_dies_costs_no_attempt(db: str, clock: Fa
         assert [heir.get(i)[:3] for i in ids[1:]] == [("completed", "ok 2", 1),
                                                       ("completed", "ok 3", 1)]
     gate.set()
+    service.close()
+
+
+class HeldStarts:
+    """Wraps a store: a batch holding a "start" record is committed only
+    once ``released`` is set (or after ``patience_s``), so a handler can
+    look at the database before its start is committed, if it runs then."""
+
+    def __init__(self, store: TaskStore, patience_s: float = 0.5) -> None:
+        self._store = store
+        self.patience_s = patience_s
+        self.released = threading.Event()
+
+    def settle(self, outcomes: "List[Outcome]") -> List[bool]:
+        if any(o.kind == "start" for o in outcomes):
+            self.released.wait(self.patience_s)
+        return self._store.settle(outcomes)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._store, name)
+
+
+def _attempt_seen_by_handler(db: str, clock: FakeClock, task_id: str) -> List[int]:
+    """Runs the queue "q" once with a handler that reads its task's counted
+    attempt from the database while its start is being committed."""
+    seen: List[int] = []
+    service = TaskService(db, clock=clock, background=False)
+
+    def look(payload: memoryview) -> None:
+        reader = open_store(db)
+        seen.append(reader.get(task_id).attempt)  # type: ignore[union-attr]
+        reader.close()
+        held.released.set()
+
+    service.create_queue("q", handler=look)
+    committer = service._runtime._committer
+    assert committer is not None
+    held = HeldStarts(committer._store)
+    committer._store = held  # type: ignore[assignment]
+    service._dispatch_once()
+    service.close()
+    return seen
+
+
+def test_a_run_begins_before_its_start_is_committed(db: str, clock: FakeClock) -> None:
+    """The start goes with the next group commit; the handler does not
+    wait for it (the outcome counts the attempt if the start is not in)."""
+    store = open_store(db)
+    store.ensure_queue("q")
+    store.enqueue("q", "t", b"x", clock())
+    store.close()
+    assert _attempt_seen_by_handler(db, clock, "t") == [0]
+    with TaskService(db, clock=clock, background=False) as reader:
+        assert reader.get("t")[:3] == ("completed", "", 1)
+
+
+def test_a_task_taken_back_unstarted_runs_only_once_its_start_is_committed(
+        db: str, clock: FakeClock) -> None:
+    """A claim lost before its run's start was committed may have run
+    uncounted; every later run of that task is counted before it begins,
+    so a handler that kills its process is charged its attempts."""
+    store = open_store(db)
+    store.ensure_queue("q")
+    store.enqueue("q", "t", b"x", clock())
+    store.claim("q", owner="dead", limit=1, now=clock(), lease_ms=1000)
+    assert store.recover("q", now=clock(), max_attempts=3, owners=["dead"]) == 1
+    store.close()
+    assert _attempt_seen_by_handler(db, clock, "t") == [1]
+
+
+def test_a_prefetched_run_whose_lease_may_have_run_out_is_not_run_unconfirmed(
+        db: str, clock: FakeClock) -> None:
+    """A run that begins with more than half of its lease gone waits for
+    its start; if the claim was lost meanwhile, the run does not happen."""
+    gate, running = threading.Event(), threading.Event()
+    ran: List[bytes] = []
+
+    def hold(payload: memoryview) -> None:
+        ran.append(bytes(payload))
+        running.set()
+        gate.wait(30)
+
+    service = TaskService(db, clock=clock, background=False, lease_ms=1000, prefetch=1)
+    service.create_queue("q", QueueConfig(concurrency=1), handler=hold)
+    first, second = service.enqueue_many("q", [b"1", b"2"])
+    started, _ = service._runtime._claim_and_start()
+    assert started == 2 and running.wait(30)
+    clock.advance(1000)  # unrenewed: the prefetched claim expires
+    heir = open_store(db)
+    assert heir.recover("q", now=clock(), max_attempts=3) == 2
+    assert [t.id for t in heir.claim("q", owner="heir", limit=2, now=clock(),
+                                     lease_ms=60_000)] == [first, second]
+    gate.set()
+    service._runtime.flush()
+    assert ran == [b"1"]
+    assert heir.get(second).owner == "heir"  # type: ignore[union-attr]
+    heir.close()
     service.close()
 
 

@@ -6,18 +6,21 @@ DESIGN
   go on; the committer thread settles everything that piled up while the
   previous batch was being committed in one ``TaskStore.settle``
   transaction (at most ``BATCH_MAX`` outcomes).
-* Starts.  ``start`` puts a run's "start" record (its attempt counted)
-  in the next batch like an outcome and waits until that batch is
-  committed: the handler runs only once its attempt is durable, and starts
-  of concurrent runs share transactions with the outcomes of finished
-  ones.  A starting thread that finds no commit under way leads the next
-  one itself rather than waking the committer thread and waiting for it
+* Starts.  A run's "start" record (its attempt counted) goes in the next
+  batch like an outcome.  Usually nobody waits for it (``put``): the
+  handler runs at once, and a run that ends before its start was taken
+  into a batch settles start and end as one outcome (the end counts the
+  attempt itself; the start record is dropped), so a short task costs its
+  share of one transaction.  ``start`` instead waits until its batch is
+  committed, for runs that must not begin uncounted (see the runtime);
+  a starting thread that finds no commit under way leads the next one
+  itself rather than waking the committer thread and waiting for it
   (group commit with a leader): one hand-off less per start.  Where the
   store commits starts faster on their own (``TaskStore.starts_apart``:
-  PostgreSQL does not wait for its flush), a batch's starts are committed
-  first and their runs begin while its outcomes commit.  Only one
-  batch is committed at a time (``_busy``), so order is kept whoever
-  leads.
+  PostgreSQL does not wait for its flush), a batch holding a waited start
+  commits its starts first, and their runs begin while its outcomes
+  commit.  Only one batch is committed at a time (``_busy``), so order is
+  kept whoever leads.
 * Crash safety.  A crash before that commit loses the outcome but not the
   task: its lease expires and it runs again (at-least-once execution).
   An outcome the store rejects (its lease was lost and the task recovered
@@ -48,7 +51,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Set
 
 from ..errors import StorageBusyError
 from .storage import Outcome, TaskStore
@@ -81,7 +84,8 @@ class GroupCommitter:
         self._on_settled = on_settled
         self._cond = threading.Condition()
         self._queue: List[Outcome] = []
-        self._answers: Dict[int, Optional[bool]] = {}  # id() of a start -> applied
+        self._waiting: Set[int] = set()  # id() of the starts a thread waits for
+        self._answers: Dict[int, Optional[bool]] = {}  # id() of a waited start -> applied
         self._busy = False
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="callbackworker-task-commit",
@@ -89,7 +93,8 @@ class GroupCommitter:
         self._thread.start()
 
     def put(self, outcome: Outcome) -> None:
-        """Queues ``outcome`` for the next batch; returns at once."""
+        """Queues ``outcome`` (a "start" record too) for the next batch;
+        returns at once."""
         with self._cond:
             self._queue.append(outcome)
             if len(self._queue) == 1:
@@ -104,6 +109,7 @@ class GroupCommitter:
         key = id(record)
         with self._cond:
             self._queue.append(record)
+            self._waiting.add(key)
             while key not in self._answers:
                 if self._queue and not self._busy:
                     self._lead_locked(starts_only=self._store.starts_apart)
@@ -111,6 +117,7 @@ class GroupCommitter:
                     self._cond.wait()
                 else:
                     break
+            self._waiting.discard(key)
             return self._answers.pop(key, None)
 
     def flush(self) -> None:
@@ -149,30 +156,33 @@ class GroupCommitter:
             taken = {id(o) for o in batch}
             self._queue = [o for o in self._queue if id(o) not in taken]
         else:
-            batch = self._queue[:self.BATCH_MAX]
+            batch = _merge_starts(self._queue[:self.BATCH_MAX], self._waiting)
             del self._queue[:self.BATCH_MAX]
+        waited = {id(o) for o in batch if id(o) in self._waiting}
         self._busy = True
         self._cond.release()
         try:
-            self._commit(batch)
+            self._commit(batch, waited)
         finally:
             self._cond.acquire()
             self._busy = False
             self._cond.notify_all()  # the committer thread takes what is left
 
-    def _commit(self, batch: List[Outcome]) -> None:
-        if self._store.starts_apart and any(o.kind == "start" for o in batch):
+    def _commit(self, batch: List[Outcome], waited: Set[int]) -> None:
+        """Commits ``batch``; ``waited`` holds the ``id()`` of its starts
+        that threads wait for."""
+        if self._store.starts_apart and waited:
             ends = [o for o in batch if o.kind != "start"]
-            self._commit_part([o for o in batch if o.kind == "start"])
+            self._commit_part([o for o in batch if o.kind == "start"], waited)
             if ends:
-                self._commit_part(ends)
+                self._commit_part(ends, waited)
             return
-        self._commit_part(batch)
+        self._commit_part(batch, waited)
 
-    def _commit_part(self, batch: List[Outcome]) -> None:
+    def _commit_part(self, batch: List[Outcome], waited: Set[int]) -> None:
         applied = self._settle(batch)
         starts = [(id(o), None if applied is None else ok)
-                  for o, ok in zip(batch, applied or [None] * len(batch)) if o.kind == "start"]
+                  for o, ok in zip(batch, applied or [None] * len(batch)) if id(o) in waited]
         if starts:
             with self._cond:
                 self._answers.update(starts)
@@ -234,6 +244,17 @@ class GroupCommitter:
             return [False]  # not even the fixed failure: leave the task to lease expiry
         return self._settle([Outcome(outcome.task_id, outcome.token, "fail", UNSTORABLE,
                                      self._clock())])
+
+
+def _merge_starts(batch: List[Outcome], waited: Set[int]) -> List[Outcome]:
+    """``batch`` without the start records whose run's end is in it too
+    (that end counts the attempt itself), unless a thread waits for the
+    start's answer."""
+    ends = {(o.task_id, o.token) for o in batch if o.kind != "start"}
+    if not ends or len(ends) == len(batch):
+        return batch
+    return [o for o in batch if o.kind != "start" or id(o) in waited
+            or (o.task_id, o.token) not in ends]
 
 
 UNSTORABLE = "the task's outcome could not be stored; see the worker's log"

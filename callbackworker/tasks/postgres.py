@@ -330,6 +330,11 @@ _MIGRATIONS: List[List[str]] = [
         "CREATE INDEX cbw_tasks_failed_by_queue ON cbw_tasks(queue, seq) "
         "WHERE status = 'failed'",
     ],
+    # 7: a task whose claim was lost before its run's start was recorded
+    # records the start of its later runs before their handlers run.
+    [
+        "ALTER TABLE cbw_tasks ADD COLUMN confirm_start integer NOT NULL DEFAULT 0",
+    ],
 ]
 
 

@@ -22,12 +22,19 @@ DESIGN
   had started, or failed when no attempt is left.  Serving a queue also
   takes back, at once, tasks of a predecessor that is provably dead: same
   host, process gone.
-* Attempts.  The attempt is counted when the run starts, not at claim:
-  the route thread hands a "start" record (which also renews the lease)
-  to the group committer and calls the handler once it is committed, so a
-  prefetched task that never ran, or a claim whose answer was lost, comes
-  back as it was.  Starts share transactions with the outcomes and starts
-  of other runs.
+* Attempts.  The attempt is counted when the run starts, not at claim,
+  so a prefetched task that never ran, or a claim whose answer was lost,
+  comes back as it was.  The route thread hands a "start" record (which
+  also renews the lease) to the group committer and calls the handler at
+  once: the start shares the next transaction with the outcomes and
+  starts of other runs, and a run that ends before that transaction
+  settles start and end in one outcome.  A crash before the start is
+  committed (a few milliseconds) takes the task back uncounted, marked
+  ``confirm_start``; a run of such a task, or one whose lease may have run
+  out meanwhile (claimed or renewed more than half a lease ago), waits
+  until its start is committed before the handler runs.  So a handler
+  that kills its process runs uncounted once at most, and a claim that
+  was lost is never run.
 * Sweep.  Every minute the dispatcher deletes the finished tasks of its
   queues that are past their retention.
 * Outcomes.  A finished handler's outcome goes to the group committer
@@ -174,14 +181,15 @@ class _Attempt:
     """The work item of one claimed task's job (``Worker.run_detached``)."""
 
     __slots__ = ("runtime", "queue", "task", "epoch", "timeout_ms", "started", "settled",
-                 "begun")
+                 "begun", "lease_until")
 
     def __init__(self, runtime: "TaskRuntime", queue: _Queue, task: ClaimedTask,
-                 epoch: int) -> None:
+                 epoch: int, lease_until: int) -> None:
         self.runtime = runtime
         self.queue = queue
         self.task = task
         self.epoch = epoch  # of the runtime's flushes, when it was claimed
+        self.lease_until = lease_until  # the store's clock, as last claimed or renewed
         self.timeout_ms = queue.config.timeout_ms  # the attempt's limit, -1: none
         self.started = 0.0  # monotonic, when its run began
         self.settled = False  # its outcome is with the committer and it is counted out
@@ -299,10 +307,12 @@ class TaskRuntime:
                 self._cond.wait()
         self._committer.flush()
 
-    def _track_locked(self, queue: _Queue, claimed: List[ClaimedTask]) -> List[_Attempt]:
-        """The attempts of tasks just claimed in ``queue``, counted in flight
-        and unstarted until they run (under ``_cond``)."""
-        attempts = [_Attempt(self, queue, task, self._epoch) for task in claimed]
+    def _track_locked(self, queue: _Queue, claimed: List[ClaimedTask],
+                      lease_until: int) -> List[_Attempt]:
+        """The attempts of tasks just claimed in ``queue`` (leased until
+        ``lease_until``), counted in flight and unstarted until they run
+        (under ``_cond``)."""
+        attempts = [_Attempt(self, queue, task, self._epoch, lease_until) for task in claimed]
         self._unstarted.update(attempts)
         self._held.update(task.id for task in claimed)
         self._active[self._epoch] = self._active.get(self._epoch, 0) + len(attempts)
@@ -393,8 +403,14 @@ class TaskRuntime:
         now = self._now()
         with self._cond:
             held = sorted(self._held)
-        self._store.renew_leases(self._owner, now + self._lease_ms, held)
+        renewed = self._store.renew_leases(self._owner, now + self._lease_ms, held)
+        # The leases unstarted runs may count on; if any was lost, none is
+        # trusted (their starts wait for their answers).
+        ids = set(held) if renewed == len(held) else set()
         with self._cond:
+            for attempt in self._unstarted:
+                if attempt.task.id in ids:
+                    attempt.lease_until = max(attempt.lease_until, now + self._lease_ms)
             queues = list(self._queues.values())
         for q in queues:
             recovered = self._store.recover(q.name, now=now,
@@ -418,7 +434,7 @@ class TaskRuntime:
             now = self._now()
             claimed = self._store.claim(queue.name, owner=self._owner, limit=slots, now=now,
                                         lease_ms=self._lease_ms, delay_ms=queue.config.delay_ms)
-            self._start(queue, claimed)
+            self._start(queue, claimed, now + self._lease_ms)
             started += len(claimed)
             if len(claimed) < slots:
                 due = self._store.next_due(queue.name)
@@ -430,12 +446,12 @@ class TaskRuntime:
         """How many tasks the queue claims beyond its free slots."""
         return queue.config.concurrency if self._prefetch is None else self._prefetch
 
-    def _start(self, queue: _Queue, claimed: List[ClaimedTask]) -> None:
+    def _start(self, queue: _Queue, claimed: List[ClaimedTask], lease_until: int) -> None:
         if not claimed:
             return
         assert self._worker is not None and self._committer is not None
         with self._cond:
-            attempts = self._track_locked(queue, claimed)
+            attempts = self._track_locked(queue, claimed, lease_until)
         for attempt in attempts:
             own = self._calls.timeout_ms(attempt.task.name) if self._calls is not None else None
             if own is not None:
@@ -493,14 +509,21 @@ class TaskRuntime:
             self._settle(attempt, outcome)
 
     def _begin(self, attempt: _Attempt) -> Optional[bool]:
-        """Records the start of the attempt's run through the committer and
-        waits until it is committed: its attempt is counted before the
-        handler runs (see ``GroupCommitter.start``)."""
+        """Records the start of the attempt's run through the committer.
+        Returns True at once, the start on its way in the next group
+        commit; or, for a task marked ``confirm_start`` or a lease that may
+        have run out (more than half of it gone), waits until the start is
+        committed: True if it applied, False if the lease was lost, None if
+        ``close`` gave up committing it (see ``GroupCommitter.start``)."""
         assert self._committer is not None
         task = attempt.task
         now = self._now()
-        began = self._committer.start(Outcome(task.id, task.token, "start", "", now,
-                                              lease_until=now + self._lease_ms))
+        record = Outcome(task.id, task.token, "start", "", now,
+                         lease_until=now + self._lease_ms)
+        if not task.confirm_start and now < attempt.lease_until - self._lease_ms // 2:
+            self._committer.put(record)
+            return True
+        began = self._committer.start(record)
         if began is False:  # it waited past its lease (not renewed before a start)
             log.info("task %s: its claim expired before its run started; not run here",
                      task.id)

@@ -16,7 +16,7 @@ from typing import Dict, NamedTuple, Tuple
 
 __all__ = ["SCHEMA_VERSION", "Column", "TABLES", "TYPES", "INDEXES", "expected_columns"]
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 """The schema version this callbackworker creates and understands."""
 
 
@@ -70,6 +70,13 @@ TABLES: Dict[str, Tuple[Column, ...]] = {
         # claimed task waits for its run, so a claim that never ran is
         # taken back without counting an attempt.
         Column("started_at", "bigint", True),
+        # 1 once a claim of the task was taken back before its run's start
+        # was recorded (version 7): the start of a run is written through
+        # the group commit while the handler already runs, so a crash in
+        # that moment costs no attempt; every later run of such a task
+        # waits for its start to be recorded, so a handler that kills its
+        # process runs uncounted once at most.
+        Column("confirm_start", "int"),
     ),
     # Periodic schedules (version 4), one row per name: the spec the last
     # service started with, the task it enqueues, the last tick enqueued

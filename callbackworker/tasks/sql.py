@@ -87,7 +87,8 @@ STATEMENTS: Dict[str, str] = {
     # the scan stops after ``limit`` due rows), claimed under a lease.  The
     # attempt is counted when the run starts ("start" in settle), not here;
     # the claim returns the number the run will have (a replay of a
-    # suspended task, ``awaiting`` set, stays in its attempt).
+    # suspended task, ``awaiting`` set, stays in its attempt) and whether
+    # the run must wait for its start to be recorded (``confirm_start``).
     "claim": """
         UPDATE {tasks} SET status = {RUNNING}, started_at = NULL,
                owner = :owner, lease_expires_at = :expires, token = :token
@@ -95,7 +96,7 @@ STATEMENTS: Dict[str, str] = {
                       WHERE queue = :queue AND status IN {WAITING} AND next_run_at <= :now
                       ORDER BY priority DESC, next_run_at, seq LIMIT :limit{skip_locked})
         RETURNING priority, next_run_at, seq, id, payload,
-                  attempt + (awaiting IS NULL){as_int}, name, args""",
+                  attempt + (awaiting IS NULL){as_int}, name, args, confirm_start""",
     # A function call; with a dedup key, nothing while an unfinished task of
     # the queue holds it (the partial unique index decides, race-free).
     "enqueue_call": """
@@ -119,8 +120,10 @@ STATEMENTS: Dict[str, str] = {
     # once the attempts are used up.  A claim whose run never started
     # (``started_at`` NULL: the worker died first, or the claim's answer
     # was lost with its connection) goes back to pending as it was, its
-    # attempt not counted.  ``{dead_owners}`` is the dialect's test of
-    # ``owner`` against the ``owners`` of the call.
+    # attempt not counted, and marked ``confirm_start``: its run may have
+    # begun before its start was recorded, so later runs wait for theirs.
+    # ``{dead_owners}`` is the dialect's test of ``owner`` against the
+    # ``owners`` of the call.
     "recover": f"""
         UPDATE {{tasks}} SET
             status = CASE WHEN {_SPENT} THEN {{FAILED}} ELSE {{PENDING}} END,
@@ -131,6 +134,7 @@ STATEMENTS: Dict[str, str] = {
             -- a lost run is the last failed attempt, and has no traceback
             traceback = CASE WHEN started_at IS NULL THEN traceback END,
             awaiting = CASE WHEN started_at IS NULL THEN awaiting END,
+            confirm_start = CASE WHEN started_at IS NULL THEN 1 ELSE confirm_start END,
             owner = NULL, lease_expires_at = NULL, token = NULL
         WHERE queue = :queue AND status = {{RUNNING}}
               AND (lease_expires_at <= :now OR {{dead_owners}})""",
@@ -405,7 +409,8 @@ class SQLTaskStore(ManagedTasks, TaskStore):
         else:
             rows = self._single(lambda conn: list(conn.execute(claim, params).fetchall()))
         rows.sort(key=lambda r: (-r[0], r[1], r[2]))
-        return [ClaimedTask(r[3], bytes(r[4]), r[5], token, r[6], r[7]) for r in rows]
+        return [ClaimedTask(r[3], bytes(r[4]), r[5], token, r[6], r[7], bool(r[8]))
+                for r in rows]
 
     def set_progress(self, task_id: str, token: str, progress: str) -> bool:
         return self._rowcount("set_progress", {"id": task_id, "token": token,

@@ -183,6 +183,11 @@ _MIGRATIONS: List[List[str]] = [
         "CREATE INDEX tasks_failed ON tasks(seq) WHERE status = 'failed'",
         "CREATE INDEX tasks_failed_by_queue ON tasks(queue, seq) WHERE status = 'failed'",
     ],
+    # 7: a task whose claim was lost before its run's start was recorded
+    # records the start of its later runs before their handlers run.
+    [
+        "ALTER TABLE tasks ADD COLUMN confirm_start INTEGER NOT NULL DEFAULT 0",
+    ],
 ]
 
 

@@ -108,7 +108,10 @@ class TaskRecord(NamedTuple):
 class ClaimedTask(NamedTuple):
     """A task handed out by ``TaskStore.claim``: run it, then settle it with
     its ``token``.  A function call (``enqueue_call``) has its ``name`` and
-    ``args``; a raw task has its ``payload``."""
+    ``args``; a raw task has its ``payload``.  ``confirm_start`` is set for
+    a task taken back once from a claim whose run's start was never
+    recorded: its run must wait until its start is (``settle``) before the
+    handler runs."""
 
     id: str
     payload: bytes
@@ -116,6 +119,7 @@ class ClaimedTask(NamedTuple):
     token: str
     name: Optional[str] = None
     args: Optional[str] = None
+    confirm_start: bool = False
 
 
 class NewCall(NamedTuple):
@@ -339,8 +343,9 @@ class TaskStore(ABC):
                 owners: Iterable[str] = ()) -> int:
         """Takes back the queue's running tasks whose lease expired
         (``lease_expires_at <= now``) or whose owner is in ``owners`` (known
-        dead).  A task whose run never started goes back to pending as it
-        was (no attempt counted).  A started one with ``attempt <
+        dead).  A task whose run's start was never recorded goes back to
+        pending as it was (no attempt counted), marked so that its later
+        claims carry ``confirm_start``.  A started one with ``attempt <
         max_attempts`` goes back to pending, due at ``now``, its attempt
         still counted; the others fail, with a
         message saying the worker was lost.  Returns how many."""
