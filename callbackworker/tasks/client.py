@@ -33,7 +33,6 @@ import json
 import os
 import pickle
 import threading
-import uuid
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
 from ..durable import CallbackRecord, check_callback_id, check_error, check_result
@@ -53,6 +52,7 @@ from .results import Completions, wait_for_result, wait_for_result_async
 from .sqlite import SQLiteTaskStore
 from .status import RETRYABLE, TERMINAL, WAITING
 from .storage import STATUSES, NewCall, ScheduleRecord, TaskRecord, TaskStore
+from .taskids import new_task_id, new_task_ids
 
 
 __all__ = ["TaskClient", "open_store", "PURGE_BATCH", "LIST_LIMIT_MAX"]
@@ -199,7 +199,8 @@ class TaskClient:
         if isinstance(payloads, (str, bytes, bytearray, memoryview)):
             raise TypeError("payloads must be an iterable of bytes-like objects, "
                             f"not one {type(payloads).__name__}")
-        tasks = [(uuid.uuid4().hex, check_payload(p)) for p in payloads]
+        checked = [check_payload(p) for p in payloads]
+        tasks = list(zip(new_task_ids(len(checked)), checked))
         self._check_open()
         if tasks:
             self._store.enqueue_many(name, tasks, self._now())
@@ -309,7 +310,7 @@ class TaskClient:
         self._check_open()
         now = self._now()
         run_at = now + delay_ms if run_at_ms is None else run_at_ms
-        call_id = uuid.uuid4().hex
+        call_id = new_task_id()
         task_id = self._store.enqueue_call(queue, NewCall(call_id, name, text,
                                                           check_priority(priority), run_at,
                                                           check_dedup_key(dedup_key)), now)
