@@ -28,6 +28,7 @@ from callbackworker import (
     UnknownTaskError,
 )
 from callbackworker.tasks import owners
+from callbackworker.tasks import runtime as runtime_mod
 from callbackworker.tasks.client import open_store as open_task_store
 from callbackworker.tasks.service import retry_delay_ms
 from callbackworker.tasks.storage import Outcome, TaskStore
@@ -158,6 +159,45 @@ def test_default_prefetch_claims_the_concurrency_again(service: TaskService) -> 
     service.create_queue("q", QueueConfig(concurrency=3), handler=ok)
     service.enqueue_many("q", [b"x"] * 7)
     assert [service._dispatch_once() for _ in range(3)] == [6, 1, 0]
+
+
+def test_default_prefetch_grows_to_what_the_queue_finishes_in_the_horizon(
+        service: TaskService) -> None:
+    service.create_queue("q", QueueConfig(concurrency=2), handler=ok)
+    runtime = service._runtime
+    queue = runtime._queues["q"]
+    with runtime._cond:
+        assert runtime._prefetch_of(queue, 100.0) == 2  # no rate yet: the concurrency
+        queue.finished = 5_000  # in the next second
+        assert runtime._prefetch_of(queue, 101.0) == int(5_000 * runtime_mod.PREFETCH_HORIZON_S)
+        queue.finished += 10**7
+        assert runtime._prefetch_of(queue, 102.0) == runtime_mod.PREFETCH_MAX
+
+
+def test_a_set_prefetch_stays_as_set(db: str, clock: FakeClock) -> None:
+    with TaskService(db, clock=clock, background=False, prefetch=3) as service:
+        service.create_queue("q", QueueConfig(concurrency=2), handler=ok)
+        runtime = service._runtime
+        queue = runtime._queues["q"]
+        with runtime._cond:
+            queue.finished = 10**6
+            assert runtime._prefetch_of(queue, 100.0) == runtime._prefetch_of(queue, 101.0) == 3
+
+
+def test_while_every_handler_is_busy_claims_wait_for_half_the_window(
+        db: str, clock: FakeClock) -> None:
+    with TaskService(db, clock=clock, background=False, prefetch=6) as service:
+        service.create_queue("q", QueueConfig(concurrency=2), handler=ok)
+        runtime = service._runtime
+        queue = runtime._queues["q"]
+        with runtime._cond:
+            slots = []
+            for in_flight in (0, 1, 2, 4, 5, 8):
+                queue.in_flight = in_flight
+                slots.append(runtime._slots_locked(queue, 100.0))
+            queue.in_flight = 0
+        # window 8: an idle handler claims at once; busy ones once 4 are free
+        assert slots == [8, 7, 6, 4, 0, 0]
 
 
 # ---- retries and backoff ----------------------------------------------

@@ -198,6 +198,10 @@ _STATEMENTS = {
         SELECT pg_notify(:channel, queue)
         FROM (SELECT DISTINCT queue FROM placed WHERE next_run_at < {NEVER}) AS due""",
     "callbacks": f"SELECT {CALLBACK_COLUMNS} FROM {{callbacks}} WHERE id = ANY(:ids)",
+    # The leases of the tasks named, in one statement (a prefetching
+    # service holds hundreds).
+    "renew_some": "UPDATE {tasks} SET lease_expires_at = :expires "
+                  "WHERE id = ANY(:ids::text[]) AND owner = :owner AND status = {RUNNING}",
     # A function call added notifies its queue.
     "enqueue_call": f"""
         WITH added AS ({STATEMENTS["enqueue_call"]}),
@@ -599,6 +603,17 @@ class PostgresTaskStore(SQLTaskStore):
                      {"ids": ids, "statuses": statuses, "ats": ats, "channel": CHANNEL})
 
     # ---- leases --------------------------------------------------------
+
+    def renew_leases(self, owner: str, expires_at: int,
+                     task_ids: Optional[Sequence[str]] = None) -> int:
+        """See ``TaskStore.renew_leases``; the tasks named are renewed in
+        one statement."""
+        if task_ids is None:
+            return super().renew_leases(owner, expires_at)
+        if not task_ids:
+            return 0
+        return self._rowcount("renew_some", {"ids": list(task_ids), "owner": owner,
+                                             "expires": expires_at})
 
     def recover(self, queue: str, *, now: int, max_attempts: int,
                 owners: Iterable[str] = ()) -> int:

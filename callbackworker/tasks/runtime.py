@@ -4,13 +4,21 @@ DESIGN
 
 * Execution.  The runtime owns a ``Worker`` with one route per queue it
   serves (``task:<name>``, ``concurrency`` threads).  A dispatcher thread
-  claims due tasks, never more than the queue's free slots plus
-  ``prefetch`` (default: the queue's concurrency again), and starts each
-  as a job on that route
+  claims due tasks, never more than the queue's free slots plus its
+  prefetch (below), and starts each as a job on that route
   (``Worker.run_detached``, one ``_Attempt`` work item per claimed task).
   Handlers run on the C threads.  The worker, the committer and the
   dispatcher are created with the first queue: a service that only
   enqueues and inspects starts no thread.
+* Prefetch.  ``prefetch`` when set; by default a queue prefetches what it
+  finishes in ``PREFETCH_HORIZON_S`` at its rate over the last
+  ``_RATE_EVERY_S`` (at least its concurrency, at most ``PREFETCH_MAX``):
+  short tasks are claimed hundreds at a time, long ones no further ahead
+  than their concurrency, and a prefetched task waits in this process
+  about the horizon at most while another process could have run it.
+  While every handler of the queue is busy, the dispatcher claims only
+  once half of that window is free, so claims come in batches, not one
+  per finished task.
 * Leases.  A claim leases the task to this runtime (``owner`` =
   host/pid/nonce, ``owners.py``) until ``now + lease_ms`` and gives it a
   fresh token.  Every ``lease_ms / 3`` the dispatcher renews the leases of
@@ -168,6 +176,13 @@ def _route_for(queue: str) -> str:
     return "task#" + hashlib.blake2b(queue.encode("utf-8", "surrogatepass"), digest_size=24).hexdigest()
 
 
+PREFETCH_HORIZON_S = 0.02
+"""The default prefetch holds what the queue finishes in this long."""
+PREFETCH_MAX = 1000
+"""The most tasks the default prefetch claims beyond the free slots."""
+_RATE_EVERY_S = 0.1
+
+
 @dataclass(eq=False)
 class _Queue:
     name: str
@@ -175,6 +190,18 @@ class _Queue:
     config: QueueConfig
     handler: Optional[Handler]  # None: the queue serves task functions only
     in_flight: int = 0  # claimed by this runtime and not yet finished
+    finished: int = 0  # attempts finished so far
+    rate: float = 0.0  # attempts finished per second, lately
+    rate_since: float = 0.0  # monotonic, when ``rate_count`` was taken
+    rate_count: int = 0  # ``finished`` then
+
+    def measure_rate(self, mono: float) -> None:
+        """Updates ``rate`` once ``_RATE_EVERY_S`` has passed (under the
+        runtime's ``_cond``)."""
+        elapsed = mono - self.rate_since
+        if elapsed >= _RATE_EVERY_S:
+            self.rate = (self.finished - self.rate_count) / elapsed
+            self.rate_since, self.rate_count = mono, self.finished
 
 
 class _Attempt:
@@ -332,6 +359,7 @@ class TaskRuntime:
         """Counts ``attempt`` out of its queue's and its epoch's in-flight
         counts (under ``_cond``; its outcome is with the committer)."""
         attempt.queue.in_flight -= 1
+        attempt.queue.finished += 1
         left = self._active[attempt.epoch] - 1
         if left:
             self._active[attempt.epoch] = left
@@ -424,9 +452,9 @@ class TaskRuntime:
     def _claim_and_start(self) -> Tuple[int, float]:
         """Claims due tasks up to each queue's free slots and starts them.
         Returns how many started and how long (ms) until more may be due."""
+        mono = time.monotonic()
         with self._cond:
-            free = [(q, q.config.concurrency + self._prefetch_of(q) - q.in_flight)
-                    for q in self._queues.values()]
+            free = [(q, self._slots_locked(q, mono)) for q in self._queues.values()]
         started, wait_ms = 0, float(self._poll_ms)
         for queue, slots in free:
             if slots <= 0:
@@ -442,9 +470,27 @@ class TaskRuntime:
                     wait_ms = min(wait_ms, max(0, due - now))
         return started, wait_ms
 
-    def _prefetch_of(self, queue: _Queue) -> int:
-        """How many tasks the queue claims beyond its free slots."""
-        return queue.config.concurrency if self._prefetch is None else self._prefetch
+    def _slots_locked(self, queue: _Queue, mono: float) -> int:
+        """How many tasks to claim in ``queue`` now (under ``_cond``): up to
+        its free slots plus its prefetch, but while every handler is busy
+        only once half of that window is free, so that claims come in
+        batches rather than one per finished task."""
+        window = queue.config.concurrency + self._prefetch_of(queue, mono)
+        free = window - queue.in_flight
+        if queue.in_flight >= queue.config.concurrency and free * 2 < window:
+            return 0
+        return free
+
+    def _prefetch_of(self, queue: _Queue, mono: float) -> int:
+        """How many tasks the queue claims beyond its free slots: as set,
+        or by default what it finishes in ``PREFETCH_HORIZON_S`` at its
+        recent rate (at most ``PREFETCH_MAX``), and at least its
+        concurrency."""
+        if self._prefetch is not None:
+            return self._prefetch
+        queue.measure_rate(mono)
+        return max(queue.config.concurrency,
+                   min(PREFETCH_MAX, int(queue.rate * PREFETCH_HORIZON_S)))
 
     def _start(self, queue: _Queue, claimed: List[ClaimedTask], lease_until: int) -> None:
         if not claimed:
