@@ -247,14 +247,15 @@ class GroupCommitter:
 
 
 def _merge_starts(batch: List[Outcome], waited: Set[int]) -> List[Outcome]:
-    """``batch`` without the start records whose run's end is in it too
-    (that end counts the attempt itself), unless a thread waits for the
-    start's answer."""
-    ends = {(o.task_id, o.token) for o in batch if o.kind != "start"}
+    """``batch`` without the start records of tasks whose end is in it too
+    (that end counts the attempt itself; a start under an older claim's
+    token would be refused anyway), unless a thread waits for the start's
+    answer."""
+    ends = {o.task_id for o in batch if o.kind != "start"}
     if not ends or len(ends) == len(batch):
         return batch
-    return [o for o in batch if o.kind != "start" or id(o) in waited
-            or (o.task_id, o.token) not in ends]
+    return [o for o in batch if o.kind != "start" or o.task_id not in ends
+            or id(o) in waited]
 
 
 UNSTORABLE = "the task's outcome could not be stored; see the worker's log"
