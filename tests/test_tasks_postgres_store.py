@@ -190,6 +190,31 @@ def test_closed_store_refuses_use(pg_schema_dsn: str) -> None:
         s.queues()
 
 
+# ---- starts ------------------------------------------------------------------
+
+def test_only_a_batch_of_starts_alone_skips_the_servers_flush(
+        store: PostgresTaskStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Starts alone commit with ``synchronous_commit = off``; a batch that
+    also holds outcomes must keep the server's setting for them."""
+    store.ensure_queue("q")
+    store.enqueue_many("q", [("a", b""), ("b", b"")], now=0)
+    a, b = store.claim("q", owner="me", limit=2, now=0, lease_ms=60_000)
+    statements: List[str] = []
+    execute = psycopg.Connection.execute
+
+    def spy(self: psycopg.Connection, query: str, *args: object, **kwargs: object) -> object:
+        statements.append(str(query))
+        return execute(self, query, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(psycopg.Connection, "execute", spy)
+    assert store.settle([Outcome(a.id, a.token, "start", "", 1)]) == [True]
+    assert any("synchronous_commit" in q for q in statements)
+    statements.clear()
+    assert store.settle([Outcome(b.id, b.token, "start", "", 1),
+                         Outcome(a.id, a.token, "complete", "", 2)]) == [True, True]
+    assert statements and not any("synchronous_commit" in q for q in statements)
+
+
 # ---- transient failures -----------------------------------------------------
 
 def test_serialization_failure_in_a_completion_is_retried(store: PostgresTaskStore) -> None:

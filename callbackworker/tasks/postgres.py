@@ -10,12 +10,13 @@ DESIGN
   (``pgconn.py`` holds the pool and the listener).
 * Statements.  What this store runs like the SQLite one comes from
   ``sql.SQLTaskStore``, rendered in this store's dialect (``_DIALECT``); its
-  own statements (batches over ``unnest``, ``NOTIFY``) are kept by name in
-  ``_STATEMENTS``.  Nearly every method is one SQL statement, hence atomic
-  on its own in autocommit mode and one round trip: enqueue is one ``INSERT
-  … SELECT FROM unnest(…)`` for the whole batch, a group commit is one
-  ``UPDATE … FROM unnest(…)`` for every outcome, recovery one ``UPDATE``
-  that decides per row between retry and failure.  A claim under
+  own statements (batches over ``unnest`` or a JSON array, ``NOTIFY``) are
+  kept by name in ``_STATEMENTS``.  Nearly every method is one SQL
+  statement, hence atomic on its own in autocommit mode and one round trip:
+  enqueue is one ``INSERT … SELECT FROM unnest(…)`` for the whole batch, a
+  group commit is one ``UPDATE … FROM json_array_elements(…)`` for every
+  outcome (one JSON text dumps faster than eight list parameters),
+  recovery one ``UPDATE`` that decides per row between retry and failure.  A claim under
   ``delay_ms`` (below), a cancel, a group commit holding a suspension and a
   callback signal (below) are explicit transactions.
 * Claims.  ``UPDATE … WHERE seq IN (SELECT seq … ORDER BY next_run_at, seq
@@ -85,6 +86,7 @@ DESIGN
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, TypeVar
@@ -115,6 +117,19 @@ def _notifying(update: str) -> str:
     return (f"WITH changed AS ({update} RETURNING queue) "
             f"SELECT pg_notify('{CHANNEL}', queue) FROM (SELECT DISTINCT queue FROM changed) AS q")
 
+
+# A batch of starts or outcomes travels as one JSON parameter, an array of
+# arrays: psycopg dumps a list parameter element by element in Python,
+# json.dumps works in C.
+_START = """
+        UPDATE {{tasks}} t SET started_at = o.at,
+               lease_expires_at = coalesce(o.lease_until, t.lease_expires_at),
+               attempt = t.attempt + (t.started_at IS NULL AND t.awaiting IS NULL)::int
+        FROM {quick}(SELECT v->>0 AS id, v->>1 AS token, (v->>2)::bigint AS at,
+                            (v->>3)::bigint AS lease_until
+                     FROM json_array_elements(:batch::json) AS e(v)) AS o
+        WHERE t.id = o.id AND t.token = o.token AND t.status = {{RUNNING}}
+        RETURNING t.id, o.token"""
 
 _STATEMENTS = {
     # A signal that wakes a suspended task notifies its queue.
@@ -162,27 +177,23 @@ _STATEMENTS = {
             awaiting = CASE o.kind WHEN 'release' THEN t.awaiting
                                    WHEN 'suspend' THEN o.awaiting END,
             owner = NULL, lease_expires_at = NULL, token = NULL
-        FROM unnest(:ids::text[], :tokens::text[], :kinds::text[], :messages::text[],
-                    :ats::bigint[], :awaiting::text[], :results::text[], :tracebacks::text[])
-             AS o(id, token, kind, message, at, awaiting, result, traceback)
+        FROM (SELECT v->>0 AS id, v->>1 AS token, v->>2 AS kind, v->>3 AS message,
+                     (v->>4)::bigint AS at, v->>5 AS awaiting, v->>6 AS result,
+                     v->>7 AS traceback
+              FROM json_array_elements(:batch::json) AS e(v)) AS o
         WHERE t.id = o.id AND t.token = o.token AND t.status = {RUNNING}
         RETURNING t.id, o.token, t.queue, t.status),
         woken AS (
             SELECT pg_notify(:channel, queue) FROM (SELECT DISTINCT queue FROM settled
                                                     WHERE status = {PENDING}) AS requeued)
         SELECT id, token, (SELECT count(*) FROM woken) FROM settled""",
-    # Runs that start: the attempt is counted (not a replay's), once.  The
-    # statement's own transaction commits without waiting for the flush
-    # (see ``settle``); ``quick`` is a one-row join so that it is set.
-    "start": """
-        WITH quick AS (SELECT set_config('synchronous_commit', 'off', true) AS setting)
-        UPDATE {tasks} t SET started_at = o.at,
-               lease_expires_at = coalesce(o.lease_until, t.lease_expires_at),
-               attempt = t.attempt + (t.started_at IS NULL AND t.awaiting IS NULL)::int
-        FROM quick, unnest(:ids::text[], :tokens::text[], :ats::bigint[], :leases::bigint[])
-             AS o(id, token, at, lease_until)
-        WHERE t.id = o.id AND t.token = o.token AND t.status = {RUNNING}
-        RETURNING t.id, o.token""",
+    # Runs that start: the attempt is counted (not a replay's), once.  In
+    # "start_quick", starts alone in their transaction, it commits without
+    # waiting for the flush (see ``settle``); ``quick`` is a one-row join so
+    # that it is set.  Beside outcomes, it must not be.
+    "start": _START.format(quick=""),
+    "start_quick": _START.format(
+        quick="(SELECT set_config('synchronous_commit', 'off', true) AS setting) AS quick, "),
     # The second half of a suspension, run after "settle" in its
     # transaction, with the callbacks read afresh (``_suspensions``): the
     # task is due when its callback expires (NEVER: only a signal wakes
@@ -520,13 +531,14 @@ class PostgresTaskStore(SQLTaskStore):
     starts_apart = True
 
     def settle(self, outcomes: Sequence[Outcome]) -> List[bool]:
-        """See ``TaskStore.settle``.  Starts are one ``UPDATE`` over
-        ``unnest``, the other outcomes another; with both in the batch they
-        run in one transaction, starts first.  A batch of starts alone
-        commits without waiting for the server's flush
-        (``synchronous_commit = off`` for that transaction): a start is
-        about a worker that may die, and only a server crash can lose it,
-        which costs that run its count, never a run that did not happen."""
+        """See ``TaskStore.settle``.  Starts are one ``UPDATE`` over a JSON
+        array, the other outcomes another; with both in the batch they run
+        in one transaction, starts first.  A batch of starts alone commits
+        without waiting for the server's flush (``synchronous_commit = off``
+        for that transaction): a start is about a worker that may die, and
+        only a server crash can lose it, which costs that run its count,
+        never a run that did not happen.  Beside outcomes, the transaction
+        keeps the server's setting."""
         for o in outcomes:
             if o.kind not in Outcome.KINDS:
                 raise ValueError(f"unknown outcome kind {o.kind!r}; expected one of "
@@ -535,21 +547,17 @@ class PostgresTaskStore(SQLTaskStore):
             return []
         starts = [o for o in outcomes if o.kind == "start"]
         ends = [o for o in outcomes if o.kind != "start"]
-        start_params = {"ids": [o.task_id for o in starts], "tokens": [o.token for o in starts],
-                        "ats": [o.at for o in starts],
-                        "leases": [o.lease_until for o in starts]}
-        params = {"ids": [o.task_id for o in ends], "tokens": [o.token for o in ends],
-                  "kinds": [o.kind for o in ends], "messages": [o.message for o in ends],
-                  "ats": [o.at for o in ends], "awaiting": [o.awaiting for o in ends],
-                  "results": [o.result for o in ends],
-                  "tracebacks": [o.traceback for o in ends],
+        start_params = {"batch": json.dumps([[o.task_id, o.token, o.at, o.lease_until]
+                                             for o in starts])}
+        params = {"batch": json.dumps([[o.task_id, o.token, o.kind, o.message, o.at,
+                                        o.awaiting, o.result, o.traceback] for o in ends]),
                   "channel": CHANNEL}
         sql = _DIALECT.sql("settle")
+        start_sql = _DIALECT.sql("start" if ends else "start_quick")
         suspends = [o for o in ends if o.kind == "suspend"]
 
         def statements(conn: "psycopg.Connection[Any]") -> "tuple[List[Any], List[Any]]":
-            started = (conn.execute(_DIALECT.sql("start"), start_params).fetchall()
-                       if starts else [])
+            started = conn.execute(start_sql, start_params).fetchall() if starts else []
             if not ends:
                 return started, []
             rows = conn.execute(sql, params).fetchall()
