@@ -180,7 +180,7 @@ PREFETCH_HORIZON_S = 0.02
 """The default prefetch holds what the queue finishes in this long."""
 PREFETCH_MAX = 1000
 """The most tasks the default prefetch claims beyond the free slots."""
-_RATE_EVERY_S = 0.1
+_RATE_EVERY_S = 0.02
 
 
 @dataclass(eq=False)
