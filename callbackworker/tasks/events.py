@@ -99,8 +99,9 @@ class TaskEvents:
 
     def started(self, task_id: str, queue: str, name: Optional[str], attempt: int) -> None:
         """Attempt ``attempt`` of the task began running in this process."""
-        log.debug("task %s%s started (queue %r, attempt %d)", task_id, _called(name), queue,
-                  attempt, extra=_fields(task_id, queue, name, attempt))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("task %s%s started (queue %r, attempt %d)", task_id, _called(name), queue,
+                      attempt, extra=_fields(task_id, queue, name, attempt))
         self._tell("started", queue, name)
 
     def finished(self, task_id: str, queue: str, name: Optional[str], attempt: int,
@@ -108,10 +109,10 @@ class TaskEvents:
                  traceback: Optional[str] = None) -> None:
         """An attempt ended with ``outcome`` (an ``Outcome.kind``) after
         ``seconds``; ``message`` and ``traceback`` are a failed attempt's."""
-        fields = _fields(task_id, queue, name, attempt)
-        fields.update(duration_ms=round(seconds * 1000, 3), outcome=outcome)
         level = _LEVELS.get(outcome, logging.DEBUG)
         if log.isEnabledFor(level):
+            fields = _fields(task_id, queue, name, attempt)
+            fields.update(duration_ms=round(seconds * 1000, 3), outcome=outcome)
             if outcome == "complete":
                 text = "task %s%s completed in %.0f ms (queue %r, attempt %d)"
                 args: Tuple[object, ...] = (task_id, _called(name), seconds * 1000, queue, attempt)

@@ -17,12 +17,11 @@ DESIGN
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import threading
 import time
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 __all__ = ["PROGRESS_EVERY_MS", "MAX_PROGRESS", "ProgressReporter", "reporting", "report_progress"]
 
@@ -80,16 +79,23 @@ class ProgressReporter:
             log.exception("task %s: could not store its progress", self.task_id)
 
 
-@contextlib.contextmanager
-def reporting(reporter: ProgressReporter) -> Iterator[ProgressReporter]:
+class reporting:  # noqa: N801 - used as a function: ``with reporting(r):``
     """Makes ``reporter`` the calling thread's for the block; closes it at
-    the end (writing the last value)."""
-    _current.reporter = reporter
-    try:
-        yield reporter
-    finally:
+    the end (writing the last value).  A class, not a generator: it runs
+    once per task."""
+
+    __slots__ = ("_reporter",)
+
+    def __init__(self, reporter: ProgressReporter) -> None:
+        self._reporter = reporter
+
+    def __enter__(self) -> ProgressReporter:
+        _current.reporter = self._reporter
+        return self._reporter
+
+    def __exit__(self, *exc: object) -> None:
         _current.reporter = None
-        reporter.close()
+        self._reporter.close()
 
 
 def report_progress(task_id: str, value: Any) -> None:
