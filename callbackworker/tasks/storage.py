@@ -151,9 +151,11 @@ class ScheduleRecord(NamedTuple):
     updated_at: int
 
 
-@dataclass(frozen=True)
+@dataclass
 class Outcome:
-    """How one attempt ended, for ``TaskStore.settle``.
+    """How one attempt ended, for ``TaskStore.settle``.  Nothing changes
+    one once made (it is not frozen only because a frozen dataclass takes
+    four times as long to make, and every run makes two).
 
     ``kind`` ``"start"`` records that the attempt's run has begun (``at``,
     its start time): the task stays running, its lease runs until
@@ -186,9 +188,9 @@ class Outcome:
     KINDS = ("start", "complete", "fail", "retry", "release", "suspend")
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "message", storable_text(self.message))
+        self.message = storable_text(self.message)
         if self.traceback is not None:
-            object.__setattr__(self, "traceback", storable_text(self.traceback))
+            self.traceback = storable_text(self.traceback)
 
 
 MAX_MESSAGE_CHARS = 64 * 1024
