@@ -281,6 +281,21 @@ class StorageContract:
         assert results == [True, False, True]
         assert [store.get(t.id).status for t in (a, b, c)] == ["completed", "running", "pending"]  # type: ignore[union-attr]
 
+    def test_a_batch_with_a_runs_start_and_its_end_counts_one_attempt(
+            self, store: TaskStore) -> None:
+        store.ensure_queue("q")
+        _enqueue(store, "q", 2)
+        a, b = store.claim("q", owner="me", limit=2, now=0, lease_ms=LEASE)
+        assert store.settle([Outcome(a.id, a.token, "start", "", 1),
+                             Outcome(b.id, b.token, "start", "", 1),
+                             Outcome(a.id, a.token, "complete", "ok", 2),
+                             Outcome(a.id, a.token, "complete", "again", 3)]) == [
+            True, True, True, False]
+        done, running = store.get(a.id), store.get(b.id)
+        assert done is not None and (done.status, done.attempt, done.message) == (
+            "completed", 1, "ok")
+        assert running is not None and (running.status, running.attempt) == ("running", 1)
+
     def test_settle_rejects_an_unknown_kind(self, store: TaskStore) -> None:
         with pytest.raises(ValueError):
             store.settle([Outcome("t", "tok", "explode", "", 0)])

@@ -191,6 +191,16 @@ _MIGRATIONS: List[List[str]] = [
 ]
 
 
+_BULK_KINDS = ("start", "complete")
+"""Outcome kinds a group commit writes with one ``executemany`` each, as
+long as every row applies."""
+
+
+class _NotAllApplied(Exception):
+    """A bulk write matched fewer rows than it had: the group commit is
+    rolled back and written one outcome at a time, to tell which."""
+
+
 _FINISHING = frozenset({"complete", "fail"})
 _REQUEUEING = frozenset({"retry", "release", "suspend"})
 
@@ -376,13 +386,27 @@ class SQLiteTaskStore(SQLTaskStore):
                 raise ValueError(f"unknown outcome kind {o.kind!r}; expected one of "
                                  f"{Outcome.KINDS}")
 
-        def body(db: sqlite3.Connection) -> List[bool]:
+        def one_by_one(db: sqlite3.Connection) -> List[bool]:
             return [db.execute(_SETTLE_SQL[o.kind], self._settle_params(db, o)).rowcount == 1
+                    for o in outcomes]
+
+        def in_bulk(db: sqlite3.Connection) -> List[bool]:
+            # Every start first (a run's start precedes its end), then every
+            # completion, each kind in one executemany; the rest one by one.
+            for kind in _BULK_KINDS:
+                rows = [self._settle_params(db, o) for o in outcomes if o.kind == kind]
+                if rows and db.executemany(_SETTLE_SQL[kind], rows).rowcount != len(rows):
+                    raise _NotAllApplied()
+            return [True if o.kind in _BULK_KINDS else
+                    db.execute(_SETTLE_SQL[o.kind], self._settle_params(db, o)).rowcount == 1
                     for o in outcomes]
 
         if not outcomes:
             return []
-        applied = self._atomic(body)
+        try:
+            applied = self._atomic(in_bulk)
+        except _NotAllApplied:  # rolled back: which ones, is told row by row
+            applied = self._atomic(one_by_one)
         kinds = {o.kind for o in outcomes}
         if kinds & _FINISHING:
             self._wake_others(FINISHED)
