@@ -411,12 +411,17 @@ def serve(args: argparse.Namespace) -> int:
         import uvicorn
 
         from .http import create_app
+        from .ui import normalize_origin
     except ImportError as exc:
         raise CommandError(f"serve needs the http extra "
                            f"(pip install 'callbackworker[http]'): {exc}") from None
+    try:
+        origins = [normalize_origin(origin) for origin in args.allowed_origin]
+    except ValueError as exc:
+        raise CommandError(f"--allowed-origin: {exc}", EXIT_USAGE) from None
     with _open_service(args, TaskService) as service, _listen(args.host, args.port) as sock:
-        config = uvicorn.Config(create_app(service, token), lifespan="off", access_log=False,
-                                log_level="info")
+        config = uvicorn.Config(create_app(service, token, allowed_origins=origins),
+                                lifespan="off", access_log=False, log_level="info")
         server = uvicorn.Server(config)
 
         def request_stop(signum: int, frame: object) -> None:
@@ -531,6 +536,11 @@ def _add_task_commands(sub: Any) -> None:
     p.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
     p.add_argument("--token-file", metavar="FILE",
                    help=f"file holding the bearer token (default: ${TOKEN_ENV})")
+    p.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
+                   help="an address browsers reach the dashboard at, as scheme://host[:port] "
+                        "(e.g. https://jobs.example.com), accepted as its forms' Origin besides "
+                        "the request's own; give it when a proxy in front rewrites the Host "
+                        "header or terminates TLS (repeatable)")
     p.set_defaults(func=serve)
     add_commands(sub)
 

@@ -44,7 +44,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-from typing import Any, Awaitable, Callable, Dict, Union
+from typing import Any, Awaitable, Callable, Dict, Sequence, Union
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -143,13 +143,15 @@ def _client_of(target: _Target) -> TaskClient:
                     f"{type(target).__name__}")
 
 
-def create_app(service_or_store: _Target, token: str) -> Starlette:
+def create_app(service_or_store: _Target, token: str, *,
+               allowed_origins: Sequence[str] = ()) -> Starlette:
     """The endpoint's ASGI app over a ``TaskService`` (signals go through
     its client, and wake its dispatcher at once when it serves the queue),
     a ``TaskClient``, or a bare ``TaskStore`` (signals are written with the
     wall clock; whichever service serves the queue notices within its
     ``poll_ms``).  ``token`` is the bearer token every request must carry
-    (non-empty)."""
+    (non-empty).  ``allowed_origins`` are the dashboard's other accepted
+    origins (``callbackworker.ui.create_dashboard``)."""
     client = _client_of(service_or_store)
     if not isinstance(token, str) or not token.strip():
         raise ValueError("the HTTP endpoint needs a non-empty bearer token")
@@ -183,7 +185,8 @@ def create_app(service_or_store: _Target, token: str) -> Starlette:
               methods=["POST"]),
         Route("/v1/tasks/{task_id}", get_task, methods=["GET"]),
         Route("/metrics", get_metrics, methods=["GET"]),
-        Mount(DASHBOARD_PATH, app=create_dashboard(client, token)),
+        Mount(DASHBOARD_PATH, app=create_dashboard(client, token,
+                                                   allowed_origins=allowed_origins)),
     ]
     app = Starlette(routes=routes, middleware=[Middleware(_BearerAuth, token=token)],
                     exception_handlers=_EXCEPTION_HANDLERS)
