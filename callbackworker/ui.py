@@ -46,13 +46,13 @@ from typing import (Any, Awaitable, Callable, Dict, List, NamedTuple, Optional, 
 
 import jinja2
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from ._webcall import RETRY_AFTER_S, call_store
 from .errors import ServiceClosedError, StorageBusyError, TaskError, UnknownTaskError
 from .tasks.client import TaskClient
 from .tasks.config import TaskInfo, is_task_id
@@ -182,7 +182,7 @@ def create_dashboard(client: TaskClient, token: str, *,
         return response
 
     async def overview(request: Request, session: Session) -> Response:
-        rows, failed = await run_in_threadpool(_overview, client, now_ms())
+        rows, failed = await call_store(_overview, client, now_ms())
         return _render(request, "overview.html",
                        {"session": session, "rows": rows, "failed": failed})
 
@@ -197,7 +197,7 @@ def create_dashboard(client: TaskClient, token: str, *,
             return _error_page(request, 404, "That page does not exist: start again from "
                                              "the first.", session)
         try:
-            tasks = await run_in_threadpool(lambda: client.list_tasks(
+            tasks = await call_store(lambda: client.list_tasks(
                 limit=PAGE_SIZE, before_id=before, **filters))
         except UnknownTaskError:
             return _error_page(request, 404, "That page no longer exists: start again "
@@ -221,9 +221,11 @@ def create_dashboard(client: TaskClient, token: str, *,
             if not is_task_id(task_id):
                 return _error_page(request, 404, "There is no such task.", session)
             try:
-                await run_in_threadpool(verb, task_id)
+                await call_store(verb, task_id)
             except UnknownTaskError:
                 return _error_page(request, 404, "There is no such task.", session)
+            except (StorageBusyError, ServiceClosedError):
+                raise  # the database cannot answer: 503 (_unavailable), not a conflict
             except TaskError as exc:
                 return await _task_page(request, session, client, error=str(exc), status=409)
             return RedirectResponse(_task_url(request, task_id) + "?done=" + done, 303)
@@ -318,7 +320,7 @@ async def _task_page(request: Request, session: Session, client: TaskClient, *,
     if not is_task_id(task_id):
         return _error_page(request, 404, "There is no such task.", session)
     try:
-        info, callbacks = await run_in_threadpool(
+        info, callbacks = await call_store(
             lambda: (client.get(task_id), client.callbacks(task_id)))
     except UnknownTaskError:
         return _error_page(request, 404, "There is no such task (it may have been swept "
@@ -438,8 +440,10 @@ def _error_page(request: Request, status: int, message: str,
 
 
 async def _unavailable(request: Request, exc: Exception) -> Response:
-    return _error_page(request, 503, f"The task database cannot answer now ({exc}); "
+    page = _error_page(request, 503, f"The task database cannot answer now ({exc}); "
                                      "reload in a moment.")
+    page.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return page
 
 
 async def _stylesheet(request: Request) -> Response:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,7 @@ from starlette.testclient import TestClient
 import callbackworker
 from callbackworker import QueueConfig, TaskService
 from callbackworker import ui
+from callbackworker._webcall import REQUEST_PATIENCE_S, RETRY_AFTER_S
 from callbackworker.http import create_app
 from callbackworker.uisession import SESSION_MAX_AGE_S
 
@@ -589,6 +591,23 @@ def test_names_messages_and_tracebacks_are_escaped_everywhere(dash: Dashboard) -
         assert "<script>" not in page and "<img" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in pages[3]
     assert "&#34;&gt;&lt;img src=x onerror=alert(2)&gt;" in pages[0]
+
+
+def test_an_action_on_a_locked_database_is_503_after_a_short_bound(dash: Dashboard,
+                                                                   tmp_path: Path) -> None:
+    task_id = failing_task(dash.service)
+    login(dash.http)
+    csrf = csrf_of(dash.http)
+    blocker = sqlite3.connect(tmp_path / "t.db", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        r = dash.http.post(f"/ui/tasks/{task_id}/retry", data={"csrf": csrf}, headers=ORIGIN)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert r.status_code == 503 and r.headers["retry-after"] == str(RETRY_AFTER_S)
+    assert f"stayed locked by other connections for {REQUEST_PATIENCE_S:g} s" in r.text
+    assert dash.service.get(task_id).status == "failed"
 
 
 # ---- mounted by create_app -------------------------------------------------------

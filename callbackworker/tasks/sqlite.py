@@ -334,9 +334,9 @@ class SQLiteTaskStore(SQLTaskStore):
                 raise TransientError() from exc
             raise
 
-    def _busy_message(self, exc: BaseException) -> str:
+    def _busy_message(self, exc: BaseException, waited_s: float) -> str:
         return (f"{self.path}: the database stayed locked by other connections "
-                f"for {self._patience_s:g} s")
+                f"for {round(waited_s, 1):g} s")
 
     def _atomic(self, body: Callable[[sqlite3.Connection], T]) -> T:
         """Runs ``body`` in one ``BEGIN IMMEDIATE`` transaction, retried as a
