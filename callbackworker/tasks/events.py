@@ -93,8 +93,9 @@ class TaskEvents:
 
     def enqueued(self, queue: str, name: Optional[str], count: int) -> None:
         """``count`` tasks were committed into ``queue`` by this process."""
-        log.debug("%d task(s) enqueued in queue %r", count, queue,
-                  extra={"queue": queue, "task_name": name})
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%d task(s) enqueued in queue %r", count, queue,
+                      extra={"queue": queue, "task_name": name})
         self._tell("enqueued", queue, name, count)
 
     def started(self, task_id: str, queue: str, name: Optional[str], attempt: int) -> None:
