@@ -48,8 +48,9 @@ DESIGN
 * Outcomes.  A finished handler's outcome goes to the group committer
   (``committer.py``); at-least-once execution, never two holders at once
   while leases are renewed.
-* Wake-ups.  ``wake`` (an enqueue or a signal in this process, and every
-  finished attempt) makes the dispatcher look again; so does the store,
+* Wake-ups.  ``wake`` (an enqueue or a signal in this process, and a
+  finished attempt that leaves its queue room to claim) makes the
+  dispatcher look again; so does the store,
   from its own thread, when it learns that another process added work
   (``TaskStore.set_waker``: PostgreSQL's LISTEN/NOTIFY, SQLite's wake-up
   sockets, ``wakeups.py``).  Otherwise it sleeps until the next due time,
@@ -365,7 +366,7 @@ class TaskRuntime:
             self._active[attempt.epoch] = left
         else:
             del self._active[attempt.epoch]
-        self._cond.notify_all()
+            self._cond.notify_all()  # what flush() waits for
 
     def close(self) -> None:
         """Stops claiming, lets running handlers finish, commits their
@@ -420,9 +421,13 @@ class TaskRuntime:
                 log.exception("task dispatcher: pass failed; retrying")
                 wait_ms = self._poll_ms
             wait_ms = min(wait_ms, max(0.0, next_renewal - time.monotonic()) * 1000)
-            with self._cond:
-                if not self._kicked and not self._closed and wait_ms > 0:
-                    self._cond.wait(wait_ms / 1000)
+            deadline = time.monotonic() + wait_ms / 1000
+            with self._cond:  # woken by a kick or close, not by flush()'s notifications
+                while not self._kicked and not self._closed:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
 
     def _maintain(self, sweep: bool) -> None:
         """Renews this runtime's leases, takes back expired ones in its
@@ -591,7 +596,8 @@ class TaskRuntime:
             attempt.settled = True
             self._started.discard(attempt)
             self._finished_locked(attempt)
-            self._kick_locked()
+            if self._slots_locked(attempt.queue, time.monotonic()) > 0:
+                self._kick_locked()  # else a later one will: no pass would claim now
         task = attempt.task
         self._events.finished(task.id, attempt.queue.name, task.name, task.attempt, outcome.kind,
                               time.monotonic() - attempt.begun, outcome.message,
