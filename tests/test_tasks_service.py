@@ -771,6 +771,34 @@ def test_a_prefetched_run_whose_lease_may_have_run_out_is_not_run_unconfirmed(
     service.close()
 
 
+def test_a_failed_hand_off_gives_back_every_claimed_task_not_yet_handed_over(
+        db: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    service = TaskService(db, clock=clock, background=False, prefetch=2)
+    service.create_queue("q", handler=ok)
+    ids = service.enqueue_many("q", [b"1", b"2", b"3"])
+    runtime = service._runtime
+    assert runtime._worker is not None
+    real = runtime._worker.run_detached
+    calls: List[object] = []
+
+    def second_fails(item: object, **kwargs: object) -> int:
+        calls.append(item)
+        if len(calls) == 2:
+            raise MemoryError("no room for the job")
+        return real(item, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(runtime._worker, "run_detached", second_fails)
+    with pytest.raises(MemoryError):
+        runtime._claim_and_start()
+    with runtime._cond:  # the one handed over finishes; none is left stranded
+        assert runtime._cond.wait_for(lambda: runtime._queues["q"].in_flight == 0, timeout=30)
+    assert runtime._committer is not None
+    runtime._committer.flush()
+    assert [service.get(i)[:3] for i in ids] == [("completed", "ok 1", 1), ("pending", "", 0),
+                                                 ("pending", "", 0)]
+    service.close()
+
+
 def test_prefetch_claims_beyond_free_slots_and_close_gives_them_back(db: str, clock: FakeClock) -> None:
     gate, running = threading.Event(), threading.Event()
 

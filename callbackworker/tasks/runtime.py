@@ -498,31 +498,42 @@ class TaskRuntime:
                    min(PREFETCH_MAX, int(queue.rate * PREFETCH_HORIZON_S)))
 
     def _start(self, queue: _Queue, claimed: List[ClaimedTask], lease_until: int) -> None:
+        """Hands the attempts of ``claimed`` to the queue's route, in claim
+        order, each with its time limit (a registered task's own, else the
+        route's)."""
         if not claimed:
             return
-        assert self._worker is not None and self._committer is not None
+        assert self._worker is not None
         with self._cond:
             attempts = self._track_locked(queue, claimed, lease_until)
-        for attempt in attempts:
+        for i, attempt in enumerate(attempts):
             own = self._calls.timeout_ms(attempt.task.name) if self._calls is not None else None
-            if own is not None:
-                attempt.timeout_ms = own
             try:
                 if own is None:
                     self._worker.run_detached(attempt, route=queue.route)
                 else:
+                    attempt.timeout_ms = own
                     self._worker.run_detached(attempt, route=queue.route, timeout_ms=own)
             except Exception:
-                with self._cond:
-                    taken = attempt in self._unstarted  # else close() released it
-                    self._unstarted.discard(attempt)
-                if taken:  # the job never ran: give the attempt back
-                    task = attempt.task
-                    self._committer.put(Outcome(task.id, task.token, "release", "", self._now()))
-                    with self._cond:
-                        self._finished_locked(attempt)
+                self._give_back(attempts[i:])  # none of them will run
                 if not self._closed:
                     raise
+                return
+
+    def _give_back(self, attempts: List[_Attempt]) -> None:
+        """Releases claimed attempts whose jobs never run (those ``close``
+        has not released already): pending again, no attempt counted."""
+        assert self._committer is not None
+        with self._cond:
+            taken = [a for a in attempts if a in self._unstarted]
+            self._unstarted.difference_update(taken)
+        now = self._now()
+        for attempt in taken:
+            task = attempt.task
+            self._committer.put(Outcome(task.id, task.token, "release", "", now))
+        with self._cond:
+            for attempt in taken:
+                self._finished_locked(attempt)
 
     def _run(self, attempt: _Attempt) -> None:
         """Runs one claimed task's handler (``_Attempt.run``, on a C thread)."""
