@@ -250,7 +250,9 @@ int cbw_wait_many(cbw_worker *w, const int64_t *ids, size_t n, int32_t timeout_m
     for (i = 0; i < n; i++) {
         if ((job = lookup(w, ids[i], &rc)) == NULL)
             break;
-        rc = wait_locked(w, job, ms_left(timeout_ms, deadline));
+        rc = job->phase == CBW_PHASE_COMPLETED
+                 ? CBW_OK
+                 : wait_locked(w, job, ms_left(timeout_ms, deadline));
         if (rc != CBW_OK)
             break;
         if ((job = cbw__table_get(&w->table, ids[i])) == NULL) {

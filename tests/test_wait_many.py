@@ -144,6 +144,30 @@ def test_wait_many_id_that_was_never_possible_raises_before_waiting(worker: Work
     assert worker.wait(jid) == b"A"
 
 
+def test_wait_many_takes_any_iterable_of_ints_and_int_subclasses(worker: Worker) -> None:
+    class JobId(int):
+        pass
+
+    ids = [worker.start(upper, b"%d" % i) for i in range(3)]
+    assert worker.wait_many(iter([ids[0], JobId(ids[1])])) == [b"0", b"1"]
+    assert worker.wait_many(jid for jid in ids[2:]) == [b"2"]
+
+
+def test_wait_many_ids_out_of_the_cores_range_raise_before_waiting(worker: Worker) -> None:
+    jid = worker.start(upper, b"a")
+    for impossible in (-1, 2 ** 63, 2 ** 70, -(2 ** 70)):
+        with pytest.raises(UnknownJobError):
+            worker.wait_many([jid, impossible])
+    assert worker.wait(jid) == b"A"
+
+
+def test_wait_many_a_bool_id_is_a_type_error_before_waiting(worker: Worker) -> None:
+    jid = worker.start(upper, b"a")
+    with pytest.raises(TypeError, match="job_id must be an int, not bool"):
+        worker.wait_many([jid, True])
+    assert worker.wait(jid) == b"A"
+
+
 def test_wait_many_checks_its_arguments(worker: Worker) -> None:
     with pytest.raises(TypeError, match="job_id must be an int"):
         worker.wait_many(["1"])  # type: ignore[list-item]
