@@ -96,6 +96,58 @@ def test_wait_many_failed_job_raises_its_error_and_stops_there(worker: Worker) -
     assert worker.wait(ids[2]) == b"C"
 
 
+def test_wait_many_reports_a_failure_while_a_later_job_still_runs() -> None:
+    """A failed job is reported as soon as it has failed: not once every
+    later job of the call has completed."""
+    with Worker(concurrency=2) as w:
+        started, release = threading.Event(), threading.Event()
+
+        def blocked(request: memoryview) -> None:
+            started.set()
+            release.wait(WAIT_S)
+
+        slow = w.start(blocked, b"slow")
+        assert started.wait(WAIT_S)
+        failing = w.start(fail, b"x")
+        try:
+            with pytest.raises(JobFailedError, match="bad x"):
+                w.wait_many([failing, slow])
+            assert not release.is_set() and w.phase(slow) == Phase.RUNNING
+        finally:
+            release.set()
+        assert w.wait(slow) == b"slow"
+
+
+def test_wait_many_reports_a_job_cancelled_while_it_waits_for_later_jobs(
+        worker: Worker) -> None:
+    """A job of the call cancelled while the call waits is reported at
+    once, with the later jobs still queued."""
+    release, _ = occupy(worker)
+    cancelled = worker.start(upper, b"c")
+    last = worker.start(upper, b"l")
+    outcome: List[BaseException] = []
+
+    def wait_many() -> None:
+        try:
+            worker.wait_many([cancelled, last])
+        except BaseException as exc:  # handed to the test
+            outcome.append(exc)
+
+    waiter = threading.Thread(target=wait_many)
+    try:
+        waiter.start()
+        threading.Event().wait(SHORT_MS / 1000)  # lets it block, if it can
+        assert worker.cancel(cancelled)
+        waiter.join(WAIT_S)
+        assert not waiter.is_alive(), "wait_many waited for the later job"
+        assert [type(e) for e in outcome] == [JobCancelledError]
+        assert worker.phase(last) == Phase.QUEUED
+    finally:
+        release.set()
+        waiter.join(WAIT_S)
+    assert worker.wait(last) == b"L"
+
+
 def test_wait_many_cancelled_job_raises_job_cancelled_error(worker: Worker) -> None:
     release, gate = occupy(worker)
     queued = worker.start(upper, b"q")
