@@ -351,6 +351,7 @@ class Executor(futures.Executor):
         self._broken: Optional[str] = None  # why, once an initializer failed
         self._queue: Deque[_Call] = deque()  # calls submitted, not yet taken by a job
         self._jobs = 0  # jobs started (by submit) that have not ended
+        self._waking = False  # a job was started and none has begun since
         self._ready: Set[int] = set()  # idents of threads set up for our calls
         self._setup_lock = threading.Lock()
         if route is None:
@@ -412,15 +413,23 @@ class Executor(futures.Executor):
                 raise RuntimeError("cannot schedule new futures after shutdown")
             call = (future, fn, args, kwargs)
             self._queue.append(call)
-            if self._jobs < self._max_jobs:
+            if self._jobs < self._max_jobs or self._waking:
                 self._start_job(call)
         return future
 
     submit.__doc__ = futures.Executor.submit.__doc__
 
     def _start_job(self, call: _Call) -> None:
-        """Starts a job that will make queued calls; ``_lock`` held."""
+        """Starts a job that will make queued calls; ``_lock`` held.
+
+        Until one of the started jobs has begun, every submit starts one
+        more: a start is what lets a thread woken on an idle route take the
+        interpreter lock for its first job while the producer waits (see
+        csrc/cbw_thread.c, prompt start), so an idle pool's first call
+        starts at once even while the producer keeps submitting.  The extra
+        job finds the queue taken, or drains it too."""
         self._jobs += 1
+        self._waking = True
         try:
             self._worker.run_detached(_Drain(self), route=self._route)
         except WorkerClosedError:
@@ -442,6 +451,7 @@ class Executor(futures.Executor):
         A job leaves only after finding the queue empty under ``_lock``,
         where submit appends and decides whether to start a job: no call is
         ever queued with no job to take it."""
+        self._waking = False
         queue, one_call = self._queue, self._route is not None
         call: Optional[_Call] = None
         counted = True
