@@ -35,9 +35,11 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import sys
 import threading
+import time
 from collections import deque
 from concurrent import futures
 from concurrent.futures.thread import BrokenThreadPool
@@ -67,6 +69,13 @@ _ENDED = (_CANCELLED, _NOTIFIED, _FINISHED)
 # ThreadPoolExecutor reports a failing initializer on this logger; so do we.
 _pool_log = logging.getLogger("concurrent.futures")
 _executor_numbers = itertools.count()
+
+_WAKE_STARTS = 1024
+"""How many submits may start an extra job while a started one has not
+begun (see ``Executor._start_job``)."""
+_ASLEEP_S = 0.001
+"""An idle pool's threads sleep after this long (the core's threads spin for
+50 us first)."""
 
 _get_ident = threading.get_ident
 _guard = threading.Lock()
@@ -351,7 +360,8 @@ class Executor(futures.Executor):
         self._broken: Optional[str] = None  # why, once an initializer failed
         self._queue: Deque[_Call] = deque()  # calls submitted, not yet taken by a job
         self._jobs = 0  # jobs started (by submit) that have not ended
-        self._waking = False  # a job was started and none has begun since
+        self._waking = 0  # extra starts left while no started job has begun
+        self._idle_since = -math.inf  # when the last running job ended
         self._ready: Set[int] = set()  # idents of threads set up for our calls
         self._setup_lock = threading.Lock()
         if route is None:
@@ -413,7 +423,7 @@ class Executor(futures.Executor):
                 raise RuntimeError("cannot schedule new futures after shutdown")
             call = (future, fn, args, kwargs)
             self._queue.append(call)
-            if self._jobs < self._max_jobs or self._waking:
+            if self._jobs < self._max_jobs or self._waking > 0:
                 self._start_job(call)
         return future
 
@@ -422,14 +432,22 @@ class Executor(futures.Executor):
     def _start_job(self, call: _Call) -> None:
         """Starts a job that will make queued calls; ``_lock`` held.
 
-        Until one of the started jobs has begun, every submit starts one
-        more: a start is what lets a thread woken on an idle route take the
-        interpreter lock for its first job while the producer waits (see
-        csrc/cbw_thread.c, prompt start), so an idle pool's first call
-        starts at once even while the producer keeps submitting.  The extra
-        job finds the queue taken, or drains it too."""
+        When the pool has been idle long enough for its threads to sleep,
+        then until one of the started jobs has begun, the next submits (at
+        most ``_WAKE_STARTS``) start one more each: a start is what lets a
+        thread woken on an idle route take the interpreter lock for its
+        first job while the producer waits (see csrc/cbw_thread.c, prompt
+        start), so an idle pool's first call starts at once even while the
+        producer keeps submitting.  An extra job finds the queue taken, or
+        drains it too.  A pool whose last job ended moments ago has a
+        thread still awake, which that rule does not concern: it starts
+        no extra jobs."""
+        if self._jobs < self._max_jobs:
+            if self._jobs == 0 and time.monotonic() - self._idle_since > _ASLEEP_S:
+                self._waking = _WAKE_STARTS
+        else:
+            self._waking -= 1
         self._jobs += 1
-        self._waking = True
         try:
             self._worker.run_detached(_Drain(self), route=self._route)
         except WorkerClosedError:
@@ -451,7 +469,7 @@ class Executor(futures.Executor):
         A job leaves only after finding the queue empty under ``_lock``,
         where submit appends and decides whether to start a job: no call is
         ever queued with no job to take it."""
-        self._waking = False
+        self._waking = 0
         queue, one_call = self._queue, self._route is not None
         call: Optional[_Call] = None
         counted = True
@@ -490,6 +508,7 @@ class Executor(futures.Executor):
         """``_lock`` held."""
         self._jobs -= 1
         if self._jobs <= 0:
+            self._idle_since = time.monotonic()
             self._idle.notify_all()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
