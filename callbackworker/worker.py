@@ -363,7 +363,9 @@ class Worker(JobQueries, RouteVerbs, AsyncWaits, DurableSignals):
     def start_many(self, callback: Callback, requests: Iterable[Request],
                    timeout_ms: int = _UNSET, *, route: Optional[str] = None) -> List[int]:
         """Starts one job per request with one call into the core; all or
-        none.  Same semantics as ``start`` for each; ids are in order."""
+        none.  Same semantics as ``start`` for each; ids are in order.  A
+        request that is not a buffer is a ``TypeError``, one that is not
+        C-contiguous a ``BufferError``; either way no job is started."""
         rid, timeout_ms = self._prepare(callback, timeout_ms, route)
         requests = list(requests)  # a list of our own: see bridge_verbs.c
         if not requests:
@@ -376,9 +378,9 @@ class Worker(JobQueries, RouteVerbs, AsyncWaits, DurableSignals):
                          timeout_ms, ffi.cast("void *", id(ids)), where)
         if rc == _EBADREQUEST:
             bad = requests[where[0]]
-            if is_buffer(bad):
-                raise TypeError(f"every request must be a C-contiguous buffer; request "
-                                f"{where[0]} ({type(bad).__name__}) is not")
+            if is_buffer(bad):  # start() raises the same for such a request
+                raise BufferError(f"every request must be a C-contiguous buffer; request "
+                                  f"{where[0]} ({type(bad).__name__}) is not")
             raise TypeError(f"every request must be a bytes-like object, not "
                             f"{type(bad).__name__}")
         if rc < 0:

@@ -18,7 +18,7 @@ int64_t cbwpy_start_text(cbw_worker *w, int32_t route, uint64_t callback,
                          void *text, int32_t timeout_ms);
 int cbwpy_start_many(cbw_worker *w, int32_t route, uint64_t callback, void *requests,
                      int32_t timeout_ms, void *out, size_t *bad);
-#define CBWPY_EBADREQUEST ...  /* cbwpy_start_many: a request is not a buffer */
+#define CBWPY_EBADREQUEST ...  /* cbwpy_start_many: a request is not a C-contiguous buffer */
 int cbwpy_read_ids(void *list, int64_t *ids, size_t n);
 #define CBWPY_EFAILED ...
 #define CBWPY_WAIT_CHUNK ...

@@ -282,7 +282,7 @@ def test_start_many_reads_every_kind_of_buffer(worker):
 
 def test_start_many_with_a_non_contiguous_request_starts_nothing(worker):
     gate, _ = occupy(worker)
-    with pytest.raises(TypeError, match="request 1 \\(memoryview\\) is not"):
+    with pytest.raises(BufferError, match="request 1 \\(memoryview\\) is not"):
         worker.start_many(noop, [b"a", memoryview(b"abcd")[::2], b"c"])
     assert worker.route_meta("default", RouteMetaKey.QUEUED) == 0
     gate.release.set()
