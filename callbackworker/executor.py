@@ -162,11 +162,12 @@ class _CallFuture(futures.Future):
                     cond = self._cond = threading.Condition()
         return cond
 
-    def _claim(self) -> bool:
+    def _claim(self, strict: bool = False) -> bool:
         """For whoever took the call off the queue: PENDING becomes RUNNING
         (True: make the call).  A cancelled future becomes
         CANCELLED_AND_NOTIFIED unless ``cancel`` did that already (False:
-        nobody makes the call)."""
+        nobody makes the call).  ``strict``: any other state is a
+        RuntimeError, as ``set_running_or_notify_cancel`` says."""
         with _guard:
             if self._cond is None:
                 state = self._state
@@ -175,9 +176,11 @@ class _CallFuture(futures.Future):
                     return True
                 if state == _CANCELLED:
                     self._state = _NOTIFIED
+                elif strict:
+                    raise RuntimeError(f"Future in unexpected state: {state}")
                 return False
         with self._cond:  # reentrant: the stdlib's method takes it again
-            if self._state not in (_PENDING, _CANCELLED):
+            if not strict and self._state not in (_PENDING, _CANCELLED):
                 return False
             return super().set_running_or_notify_cancel()
 
@@ -268,17 +271,7 @@ class _CallFuture(futures.Future):
             futures._base.LOGGER.exception("exception calling callback for %r", self)  # noqa: SLF001
 
     def set_running_or_notify_cancel(self) -> bool:
-        with _guard:
-            if self._cond is None:
-                state = self._state
-                if state == _PENDING:
-                    self._state = _RUNNING
-                    return True
-                if state == _CANCELLED:
-                    self._state = _NOTIFIED
-                    return False
-                raise RuntimeError(f"Future in unexpected state: {state}")
-        return super().set_running_or_notify_cancel()
+        return self._claim(strict=True)
 
     def _settle(self, result: Any, exception: Optional[BaseException]) -> bool:
         """set_result/set_exception while no condition exists: True if the
