@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 import threading
 import weakref
 from typing import Any, Callable, List
@@ -100,3 +101,70 @@ def off_the_main_thread(call: Callable[[], int]) -> int:
     if not ok:
         raise value
     return value  # type: ignore[no-any-return]
+
+
+# ---- a finalizer's wait, interruptible --------------------------------------------
+
+
+def wait_in_finalizer(call: Callable[[], Any], finalizer_code: Any) -> None:
+    """Runs ``call`` (a collected worker's release, which waits for its
+    running callbacks) for a finalizer on the main thread, so that Ctrl-C
+    interrupts the wait as it interrupts ``close()``.
+
+    The call runs on a thread of its own while this thread waits on a plain
+    lock (which a signal interrupts).  When the wait is interrupted, the
+    call goes on in the background, and the exception (``KeyboardInterrupt``
+    from Ctrl-C) cannot leave here: the interpreter would print it as
+    "Exception ignored" and drop it.  It is delivered in the code that let
+    the worker go instead (``_deliver_after_finalizers``).  ``threading`` is
+    not used: the collector may run this while the thread holds one of that
+    module's locks."""
+    import _thread
+
+    done = _thread.allocate_lock()
+    done.acquire()
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException:  # a finalizer's thread has no one to hand it to
+            _native.log.exception("callbackworker: error releasing a collected worker")
+        finally:
+            done.release()
+
+    try:
+        _thread.start_new_thread(run, ())
+    except RuntimeError:  # no new thread at interpreter shutdown: wait here
+        call()
+        return
+    try:
+        done.acquire()
+    except BaseException as exc:  # from a signal handler: Ctrl-C
+        _deliver_after_finalizers(exc, finalizer_code)
+
+
+def _deliver_after_finalizers(exc: BaseException, finalizer_code: Any) -> None:
+    """Raises ``exc`` in the main thread's code at its first function call
+    outside every finalizer (``finalizer_code``, ``weakref.finalize``, a
+    ``WeakSet``'s bookkeeping), through a profile function set for this
+    thread alone and removed as it raises.  Under a profiler already set
+    (which must not be displaced) it is raised where Python next checks
+    for signals instead, even if that is still inside the finalizer."""
+    inside = {finalizer_code, weakref.finalize.__call__.__code__,
+              getattr(live_workers._remove, "__code__", None)}
+    exc = exc.with_traceback(None)
+    if sys.getprofile() is not None:
+        import _thread
+        _thread.interrupt_main()
+        return
+
+    def watch(frame: Any, event: str, arg: Any) -> None:
+        scan = frame
+        while scan is not None:
+            if scan.f_code in inside:
+                return
+            scan = scan.f_back
+        sys.setprofile(None)
+        raise exc
+
+    sys.setprofile(watch)

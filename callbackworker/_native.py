@@ -107,7 +107,7 @@ class CallbackTable:
     """
 
     __slots__ = ("callbacks", "failures", "watchers", "handle", "generation", "durable",
-                 "__weakref__")
+                 "closed", "__weakref__")
 
     def __init__(self) -> None:
         self.generation = FORK_GENERATION[0]
@@ -117,6 +117,9 @@ class CallbackTable:
         self.handle = ffi.new_handle(self)
         self.durable: Optional[DurableBackend] = None
         """Where the worker's durable jobs keep their logs; the worker sets it."""
+        self.closed = False
+        """Set once the worker's ``close()`` returned: releasing it then
+        waits for no callback."""
 
     def clear(self) -> None:
         self.callbacks.clear()

@@ -68,8 +68,9 @@ opened or used, the port is taken, the task or queue is unknown."""
 
 EXIT_USAGE = 2
 """Exit status of a command given wrong arguments (argparse's own status
-too): an ``--app`` that cannot be imported, a port out of range, a bearer
-token missing or too short."""
+too): an ``--app`` that cannot be imported (or raises while imported), an
+app with no queue to serve, a port out of range, a bearer token missing or
+too short."""
 
 EXIT_ABANDONED = 3
 """Exit status of a ``worker`` that stopped with handlers still running (a
@@ -169,8 +170,8 @@ def _report(args: argparse.Namespace, exc: Exception) -> int:
 
 def _load_app(spec: str) -> Any:
     """The object ``--app module:attr`` names; a ``CommandError`` (usage)
-    when the module cannot be imported or lacks the attribute.  Any other
-    exception while importing is a bug in the app and keeps its traceback."""
+    when the module cannot be imported, raises while being imported, or
+    lacks the attribute: one line naming the module and the exception."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise CommandError(f"--app must look like module:attribute, not {spec!r}", EXIT_USAGE)
@@ -181,6 +182,9 @@ def _load_app(spec: str) -> Any:
     except ImportError as exc:
         raise CommandError(f"--app {spec}: cannot import {module_name}: {exc}",
                            EXIT_USAGE) from exc
+    except Exception as exc:  # the app's own code failed while being imported
+        raise CommandError(f"--app {spec}: importing {module_name} raised "
+                           f"{type(exc).__name__}: {exc}", EXIT_USAGE) from exc
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise CommandError(f"--app {spec}: {module_name} has no attribute {attr}",
@@ -224,8 +228,9 @@ def worker(args: argparse.Namespace) -> int:
     if args.shutdown_timeout is not None and not args.shutdown_timeout >= 0:
         raise CommandError(f"--shutdown-timeout must be a number of seconds >= 0, "
                            f"not {args.shutdown_timeout}", EXIT_USAGE)
-    from .cli_tasks import start_metrics, worker_service_options
+    from .cli_tasks import check_metrics_port, start_metrics, worker_service_options
 
+    check_metrics_port(args.metrics_port)
     shutdown = WorkerShutdown(args.lease_ms, args.shutdown_timeout, EXIT_ABANDONED)
     configure_logging(args.log_level, args.log_format)
     shutdown.install()  # before the app's import, which may be slow
@@ -250,9 +255,16 @@ def worker(args: argparse.Namespace) -> int:
             names = service.served_queues()
         else:
             names = setup_app(service, app)
+        if not names:
+            raise CommandError(f"--app {args.app} defines no queue to serve: register a task "
+                               "on the TaskService, or give a callable that creates queues or "
+                               "a dict of queues", EXIT_USAGE)
+        metrics_server = start_metrics(service, args.metrics_port)
         print(f"serving {len(names)} queue(s) on {shown}: "
               f"{', '.join(printable(n) for n in names)}", flush=True)
-        metrics_server = start_metrics(service, args.metrics_port)
+        if metrics_server is not None:
+            print(f"metrics on http://127.0.0.1:{metrics_server.server_port}/metrics",
+                  flush=True)
     except BaseException:
         service.close()
         raise
@@ -399,12 +411,17 @@ def serve(args: argparse.Namespace) -> int:
         import uvicorn
 
         from .http import create_app
+        from .ui import normalize_origin
     except ImportError as exc:
         raise CommandError(f"serve needs the http extra "
                            f"(pip install 'callbackworker[http]'): {exc}") from None
+    try:
+        origins = [normalize_origin(origin) for origin in args.allowed_origin]
+    except ValueError as exc:
+        raise CommandError(f"--allowed-origin: {exc}", EXIT_USAGE) from None
     with _open_service(args, TaskService) as service, _listen(args.host, args.port) as sock:
-        config = uvicorn.Config(create_app(service, token), lifespan="off", access_log=False,
-                                log_level="info")
+        config = uvicorn.Config(create_app(service, token, allowed_origins=origins),
+                                lifespan="off", access_log=False, log_level="info")
         server = uvicorn.Server(config)
 
         def request_stop(signum: int, frame: object) -> None:
@@ -519,6 +536,11 @@ def _add_task_commands(sub: Any) -> None:
     p.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
     p.add_argument("--token-file", metavar="FILE",
                    help=f"file holding the bearer token (default: ${TOKEN_ENV})")
+    p.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
+                   help="an address browsers reach the dashboard at, as scheme://host[:port] "
+                        "(e.g. https://jobs.example.com), accepted as its forms' Origin besides "
+                        "the request's own; give it when a proxy in front rewrites the Host "
+                        "header or terminates TLS (repeatable)")
     p.set_defaults(func=serve)
     add_commands(sub)
 

@@ -21,8 +21,8 @@ from .tasks.client import LIST_LIMIT_MAX
 from .tasks.storage import STATUSES
 from .tasks.status import TERMINAL
 
-__all__ = ["add_commands", "add_worker_options", "worker_service_options", "start_metrics",
-           "task_table"]
+__all__ = ["add_commands", "add_worker_options", "worker_service_options",
+           "check_metrics_port", "start_metrics", "task_table"]
 
 MESSAGE_WIDTH = 60
 """Characters of a task's message the ``tasks`` table shows."""
@@ -65,19 +65,31 @@ def worker_service_options(args: argparse.Namespace, own_service: bool) -> Dict[
     return given
 
 
-def start_metrics(service: TaskService, port: Optional[int]) -> Any:
-    """Serves ``service``'s metrics on 127.0.0.1:``port`` when a port is
-    given, printing where; returns the server (``shutdown()`` stops it), or
-    None."""
+def check_metrics_port(port: Optional[int]) -> None:
+    """A usage ``CommandError`` when ``--metrics-port`` is out of range or
+    the metrics extra is missing; the worker checks it before anything
+    else, so a mistake never follows a "serving" banner."""
     if port is None:
-        return None
+        return
     if not 0 <= port <= 65535:
         raise CommandError(f"--metrics-port must be 0..65535, not {port}", EXIT_USAGE)
     try:
-        from .metrics import TaskMetrics
+        from . import metrics  # noqa: F401
     except ImportError as exc:
         raise CommandError(f"--metrics-port needs the metrics extra "
                            f"(pip install 'callbackworker[metrics]'): {exc}", EXIT_USAGE) from None
+
+
+def start_metrics(service: TaskService, port: Optional[int]) -> Any:
+    """Serves ``service``'s metrics on 127.0.0.1:``port`` when a port is
+    given (checked by ``check_metrics_port``); returns the server
+    (``server_port`` is where it listens, ``shutdown()`` stops it), or
+    None.  A ``CommandError`` when the port cannot be bound."""
+    if port is None:
+        return None
+    check_metrics_port(port)
+    from .metrics import TaskMetrics
+
     metrics = TaskMetrics(service)
     try:
         server, _ = metrics.serve(port)
@@ -85,7 +97,6 @@ def start_metrics(service: TaskService, port: Optional[int]) -> Any:
         raise CommandError(f"cannot serve metrics on 127.0.0.1 port {port}: "
                            f"{exc.strerror or exc}") from None
     server.metrics = metrics  # the server keeps the metrics (and their counting) alive
-    print(f"metrics on http://127.0.0.1:{server.server_port}/metrics", flush=True)
     return server
 
 

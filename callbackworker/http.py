@@ -34,7 +34,10 @@ takes no more signals (``{"state": "succeeded" | "failed" | "timed_out" |
 nested too deeply to parse), 422 for JSON of the wrong shape or an error
 text holding a NUL or a lone surrogate (no store can hold those); 413 for
 a body over 1 MiB (by ``Content-Length`` and by the bytes actually
-received); 503 while the database stays locked or the service is closed.
+received); 503 with ``Retry-After`` when the database stays locked or
+unreachable for ``REQUEST_PATIENCE_S`` (a few seconds: a request never
+waits out the store's own patience, ``_webcall.py``) or the service is
+closed.
 Every refusal is a one-line JSON ``{"error": "..."}``.  A callback id is a
 capability: the app does not log request paths.
 """
@@ -44,10 +47,9 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-from typing import Any, Awaitable, Callable, Dict, Union
+from typing import Any, Awaitable, Callable, Dict, Sequence, Union
 
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -55,6 +57,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from ._webcall import RETRY_AFTER_S, call_store
 from .durable import MAX_RESULT_BYTES, check_callback_id, check_error
 from .errors import (
     CallbackAlreadyCompletedError,
@@ -143,13 +146,15 @@ def _client_of(target: _Target) -> TaskClient:
                     f"{type(target).__name__}")
 
 
-def create_app(service_or_store: _Target, token: str) -> Starlette:
+def create_app(service_or_store: _Target, token: str, *,
+               allowed_origins: Sequence[str] = ()) -> Starlette:
     """The endpoint's ASGI app over a ``TaskService`` (signals go through
     its client, and wake its dispatcher at once when it serves the queue),
     a ``TaskClient``, or a bare ``TaskStore`` (signals are written with the
     wall clock; whichever service serves the queue notices within its
     ``poll_ms``).  ``token`` is the bearer token every request must carry
-    (non-empty)."""
+    (non-empty).  ``allowed_origins`` are the dashboard's other accepted
+    origins (``callbackworker.ui.create_dashboard``)."""
     client = _client_of(service_or_store)
     if not isinstance(token, str) or not token.strip():
         raise ValueError("the HTTP endpoint needs a non-empty bearer token")
@@ -162,7 +167,7 @@ def create_app(service_or_store: _Target, token: str) -> Starlette:
 
     async def get_task(request: Request) -> Response:
         task_id = _task_id(request.path_params["task_id"])
-        info = await run_in_threadpool(client.get, task_id)
+        info = await call_store(client.get, task_id)
         return JSONResponse(info._asdict())
 
     metrics = _metrics_of(client)
@@ -171,7 +176,7 @@ def create_app(service_or_store: _Target, token: str) -> Starlette:
         if metrics is None:
             return JSONResponse({"error": "metrics need prometheus_client (pip install "
                                           "'callbackworker[metrics]')"}, 501)
-        body = await run_in_threadpool(metrics.render)
+        body = await call_store(metrics.render)
         return Response(body, media_type=metrics_content_type())
 
     routes = [
@@ -183,7 +188,8 @@ def create_app(service_or_store: _Target, token: str) -> Starlette:
               methods=["POST"]),
         Route("/v1/tasks/{task_id}", get_task, methods=["GET"]),
         Route("/metrics", get_metrics, methods=["GET"]),
-        Mount(DASHBOARD_PATH, app=create_dashboard(client, token)),
+        Mount(DASHBOARD_PATH, app=create_dashboard(client, token,
+                                                   allowed_origins=allowed_origins)),
     ]
     app = Starlette(routes=routes, middleware=[Middleware(_BearerAuth, token=token)],
                     exception_handlers=_EXCEPTION_HANDLERS)
@@ -216,7 +222,7 @@ def _signal_endpoint(state: str, send: Callable[[str, bytes], None]
     async def endpoint(request: Request) -> Response:
         callback_id = check_callback_id(request.path_params["callback_id"])
         body = await _body(request)
-        await run_in_threadpool(send, callback_id, body)
+        await call_store(send, callback_id, body)
         return JSONResponse({"callback_id": callback_id, "state": state})
 
     return endpoint
@@ -254,11 +260,13 @@ def _error_text(body: bytes) -> str:
 
 
 def _answer(status: int, **fields: Any) -> Callable[[Request, Exception], Awaitable[Response]]:
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+
     async def handler(request: Request, exc: Exception) -> Response:
         body: Dict[str, Any] = {"error": str(exc), **fields}
         if isinstance(exc, CallbackAlreadyCompletedError):
             body["state"] = exc.state
-        return JSONResponse(body, status)
+        return JSONResponse(body, status, headers=headers)
 
     return handler
 

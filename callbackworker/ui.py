@@ -17,12 +17,16 @@ has it).  Paths, relative to where it is mounted::
     POST /logout
     GET  /static/dashboard.css
 
-Every page but the login page and the stylesheet needs a session
-(``callbackworker.uisession``): without one, a GET is redirected to the
-login page and a POST refused.  A POST must also carry its session's CSRF
-token in the hidden ``csrf`` field and come from this site: its ``Origin``
-header (which browsers send with every form POST) must name the host the
-request was sent to.  The cookie is ``HttpOnly`` and ``SameSite=Strict``
+Every path but the login page and the stylesheet needs a session
+(``callbackworker.uisession``), unknown paths too, so that nobody learns
+which paths exist before logging in: without one, a GET is redirected to
+the login page and anything else refused.  Log out revokes the session on
+the server.  A POST must also carry its session's CSRF token in the hidden
+``csrf`` field and come from this site: its ``Origin`` header (which
+browsers send with every form POST) must be the request's own origin
+(scheme, host and port, as the ``Host`` header names them) or one of the
+``allowed_origins`` (the address a browser uses when a proxy in front
+rewrites ``Host``).  The cookie is ``HttpOnly`` and ``SameSite=Strict``
 (``Secure`` too over HTTPS).  Templates are Jinja2 with autoescaping, so
 task names, messages, tracebacks and queue names show as text whatever
 they contain; pages forbid framing and any script (Content-Security-Policy).
@@ -37,22 +41,26 @@ import json
 import time
 import urllib.parse
 from importlib import resources
-from typing import Any, Awaitable, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import (Any, Awaitable, Callable, Dict, List, NamedTuple, Optional, Sequence,
+                    Tuple)
 
 import jinja2
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from ._webcall import RETRY_AFTER_S, call_store
 from .errors import ServiceClosedError, StorageBusyError, TaskError, UnknownTaskError
 from .tasks.client import TaskClient
 from .tasks.config import TaskInfo, is_task_id
 from .tasks.status import TaskStatus
 from .uisession import SESSION_MAX_AGE_S, Session, SessionSigner
 
-__all__ = ["create_dashboard", "COOKIE_NAME", "PAGE_SIZE", "THROUGHPUT_SCAN"]
+__all__ = ["create_dashboard", "normalize_origin", "COOKIE_NAME", "PAGE_SIZE",
+           "THROUGHPUT_SCAN"]
 
 COOKIE_NAME = "cbw_session"
 """The session cookie's name."""
@@ -99,15 +107,26 @@ class QueueRow(NamedTuple):
     exact: bool
 
 
+_PUBLIC_PATHS = frozenset({"/login", "/static/dashboard.css"})
+"""The paths, relative to the mount, that need no session."""
+
+_SESSION_ENDED = "Your session has ended: log in again."
+
+
 def create_dashboard(client: TaskClient, token: str, *,
                      clock: Optional[Callable[[], int]] = None,
-                     max_age_s: int = SESSION_MAX_AGE_S) -> Starlette:
+                     max_age_s: int = SESSION_MAX_AGE_S,
+                     allowed_origins: Sequence[str] = ()) -> Starlette:
     """The dashboard's ASGI app over ``client``; ``token`` is what the login
     form must be given.  ``clock`` (wall-clock milliseconds by default)
     dates sessions and measures recent throughput; ``max_age_s`` is how
-    long a login lasts."""
+    long a login lasts.  ``allowed_origins`` (``scheme://host[:port]``
+    each) are accepted as a POST's ``Origin`` besides the request's own:
+    give the address browsers use when a proxy in front rewrites ``Host``.
+    ``ValueError`` for an origin of another form."""
     now_ms: Callable[[], int] = clock or (lambda: int(time.time() * 1000))
     signer = SessionSigner(token, now_ms, max_age_s)
+    origins = frozenset(normalize_origin(origin) for origin in allowed_origins)
 
     def page(view: Callable[[Request, Session], Awaitable[Response]]
              ) -> Callable[[Request], Awaitable[Response]]:
@@ -124,8 +143,8 @@ def create_dashboard(client: TaskClient, token: str, *,
         async def endpoint(request: Request) -> Response:
             session = signer.check(request.cookies.get(COOKIE_NAME))
             if session is None:
-                return _error_page(request, 403, "Your session has ended: log in again.")
-            refusal = _cross_site(request)
+                return _error_page(request, 403, _SESSION_ENDED)
+            refusal = _cross_site(request, origins)
             if refusal is not None:
                 return _error_page(request, 403, refusal)
             form = await _form(request)
@@ -142,7 +161,7 @@ def create_dashboard(client: TaskClient, token: str, *,
         return _render(request, "login.html", {"error": None})
 
     async def login(request: Request) -> Response:
-        refusal = _cross_site(request)
+        refusal = _cross_site(request, origins)
         if refusal is not None:
             return _error_page(request, 403, refusal)
         form = await _form(request)
@@ -155,6 +174,7 @@ def create_dashboard(client: TaskClient, token: str, *,
         return response
 
     async def logout(request: Request, session: Session) -> Response:
+        signer.revoke(session)  # the cookie is refused from now on, wherever it was copied
         response = RedirectResponse(_base(request) + "/login", 303)
         response.delete_cookie(COOKIE_NAME, path=_base(request) + "/",
                                secure=request.url.scheme == "https", httponly=True,
@@ -162,7 +182,7 @@ def create_dashboard(client: TaskClient, token: str, *,
         return response
 
     async def overview(request: Request, session: Session) -> Response:
-        rows, failed = await run_in_threadpool(_overview, client, now_ms())
+        rows, failed = await call_store(_overview, client, now_ms())
         return _render(request, "overview.html",
                        {"session": session, "rows": rows, "failed": failed})
 
@@ -177,7 +197,7 @@ def create_dashboard(client: TaskClient, token: str, *,
             return _error_page(request, 404, "That page does not exist: start again from "
                                              "the first.", session)
         try:
-            tasks = await run_in_threadpool(lambda: client.list_tasks(
+            tasks = await call_store(lambda: client.list_tasks(
                 limit=PAGE_SIZE, before_id=before, **filters))
         except UnknownTaskError:
             return _error_page(request, 404, "That page no longer exists: start again "
@@ -201,9 +221,11 @@ def create_dashboard(client: TaskClient, token: str, *,
             if not is_task_id(task_id):
                 return _error_page(request, 404, "There is no such task.", session)
             try:
-                await run_in_threadpool(verb, task_id)
+                await call_store(verb, task_id)
             except UnknownTaskError:
                 return _error_page(request, 404, "There is no such task.", session)
+            except (StorageBusyError, ServiceClosedError):
+                raise  # the database cannot answer: 503 (_unavailable), not a conflict
             except TaskError as exc:
                 return await _task_page(request, session, client, error=str(exc), status=409)
             return RedirectResponse(_task_url(request, task_id) + "?done=" + done, 303)
@@ -223,8 +245,41 @@ def create_dashboard(client: TaskClient, token: str, *,
         Route("/logout", action(logout), methods=["POST"]),
         Route("/static/dashboard.css", _stylesheet, methods=["GET"]),
     ]
-    return Starlette(routes=routes, exception_handlers={
-        ServiceClosedError: _unavailable, StorageBusyError: _unavailable})
+    return Starlette(routes=routes, middleware=[Middleware(_SessionGate, signer=signer)],
+                     exception_handlers={ServiceClosedError: _unavailable,
+                                         StorageBusyError: _unavailable})
+
+
+class _SessionGate:
+    """ASGI middleware: a request for any path but ``_PUBLIC_PATHS``
+    without a valid session is answered before routing (a GET or HEAD is
+    redirected to the login page, anything else refused with 403), so an
+    unknown path says nothing before login either."""
+
+    def __init__(self, app: ASGIApp, signer: SessionSigner) -> None:
+        self.app = app
+        self._signer = signer
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and _route_path(scope) not in _PUBLIC_PATHS:
+            request = Request(scope, receive)
+            if self._signer.check(request.cookies.get(COOKIE_NAME)) is None:
+                response: Response
+                if request.method in ("GET", "HEAD"):
+                    response = RedirectResponse(_base(request) + "/login", 303)
+                else:
+                    response = _error_page(request, 403, _SESSION_ENDED)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _route_path(scope: Scope) -> str:
+    """The request's path below where the dashboard is mounted."""
+    path, root = str(scope["path"]), str(scope.get("root_path", ""))
+    if root and path.startswith(root):
+        path = path[len(root):]
+    return path or "/"
 
 
 def _overview(client: TaskClient, now: int) -> Tuple[List[QueueRow], List[TaskInfo]]:
@@ -265,7 +320,7 @@ async def _task_page(request: Request, session: Session, client: TaskClient, *,
     if not is_task_id(task_id):
         return _error_page(request, 404, "There is no such task.", session)
     try:
-        info, callbacks = await run_in_threadpool(
+        info, callbacks = await call_store(
             lambda: (client.get(task_id), client.callbacks(task_id)))
     except UnknownTaskError:
         return _error_page(request, 404, "There is no such task (it may have been swept "
@@ -290,14 +345,63 @@ def _tasks_url(request: Request, **filters: Optional[str]) -> str:
     return f"{_base(request)}/tasks" + (f"?{query}" if query else "")
 
 
-def _cross_site(request: Request) -> Optional[str]:
-    """Why a POST is refused as coming from another site, or None: its
-    ``Origin`` must be present and name the host it was sent to."""
-    origin = request.headers.get("origin")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def normalize_origin(origin: str) -> str:
+    """``origin`` (``scheme://host[:port]``, http or https, nothing after)
+    as browsers send it in ``Origin``: lower case, the scheme's default port
+    left out.  ``ValueError`` for anything else."""
+    try:
+        parts = urllib.parse.urlsplit(origin.strip())
+        port = parts.port
+    except ValueError:
+        parts, port = None, None
+    if (parts is None or parts.scheme.lower() not in _DEFAULT_PORTS or not parts.hostname
+            or parts.username is not None or parts.password is not None
+            or parts.path not in ("", "/") or parts.query or parts.fragment):
+        raise ValueError(f"an allowed origin must look like https://host or "
+                         f"https://host:port, not {origin!r}")
+    return _origin(parts.scheme, parts.hostname, port)
+
+
+def _origin(scheme: str, host: str, port: Optional[int]) -> str:
+    scheme, host = scheme.lower(), host.lower()
+    if ":" in host:  # an IPv6 address
+        host = f"[{host}]"
+    shown_port = "" if port is None or port == _DEFAULT_PORTS.get(scheme) else f":{port}"
+    return f"{scheme}://{host}{shown_port}"
+
+
+def _own_origin(request: Request) -> Optional[str]:
+    """The origin the request was sent to: its scheme, and the host and
+    port its ``Host`` header names; None without a usable ``Host``."""
     host = request.headers.get("host")
-    if not origin or not host or urllib.parse.urlsplit(origin).netloc != host:
-        return "This form was not sent from this dashboard's own page."
-    return None
+    if not host:
+        return None
+    try:
+        return normalize_origin(f"{request.url.scheme}://{host}")
+    except ValueError:
+        return None
+
+
+def _cross_site(request: Request, allowed: "frozenset[str]") -> Optional[str]:
+    """Why a POST is refused as coming from another site, or None: its
+    ``Origin`` must be present and be the request's own origin (scheme,
+    host and port) or one of ``allowed``."""
+    given = request.headers.get("origin")
+    own = _own_origin(request)
+    try:
+        origin = normalize_origin(given) if given else None
+    except ValueError:
+        origin = None
+    if origin is not None and (origin == own or origin in allowed):
+        return None
+    expected = " or ".join(([own] if own else []) + sorted(allowed - {own}))
+    return (f"This form was not sent from this dashboard's own page: it came from "
+            f"{given or 'an unnamed origin'}, not {expected or 'this address'}. If a proxy "
+            f"in front of the dashboard changes its address, start serve with "
+            f"--allowed-origin set to the address the browser shows.")
 
 
 async def _form(request: Request) -> Dict[str, str]:
@@ -336,8 +440,10 @@ def _error_page(request: Request, status: int, message: str,
 
 
 async def _unavailable(request: Request, exc: Exception) -> Response:
-    return _error_page(request, 503, f"The task database cannot answer now ({exc}); "
+    page = _error_page(request, 503, f"The task database cannot answer now ({exc}); "
                                      "reload in a moment.")
+    page.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return page
 
 
 async def _stylesheet(request: Request) -> Response:

@@ -200,6 +200,7 @@ class Worker(JobQueries, RouteVerbs, AsyncWaits, DurableSignals):
             raise DeadlockError("close(drain=True) cannot be called from inside one of "
                                 "the worker's own callbacks: that callback keeps it busy")
         self._closed = True
+        self._table.closed = True
         # The callbacks stay: a close that returned early (a callback's, while
         # another thread drains) must not take them from queued jobs; the
         # core releases each one as its last job goes.  Items of detached
@@ -626,9 +627,18 @@ def _release_native(native: Any, table: CallbackTable) -> None:
     into a freed handle.  Its callbacks stay, as after ``close()``: the
     collector may run this on one of the worker's own threads, whose job
     still runs after the release returns; the core releases each callback
-    as its last job goes, and the rest with the worker."""
-    lib.cbw_worker_release(native)
-    table.failures.clear()
+    as its last job goes, and the rest with the worker.  On the main thread
+    Ctrl-C interrupts the wait for running callbacks; the release then goes
+    on in the background, holding the table."""
+
+    def release() -> None:
+        lib.cbw_worker_release(native)
+        table.failures.clear()
+
+    if not table.closed and threading.get_ident() == _main_ident:
+        _lifecycle.wait_in_finalizer(release, _release_native.__code__)  # Ctrl-C ends the wait
+    else:
+        release()
 
 
 def _note_main_thread() -> None:

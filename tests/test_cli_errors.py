@@ -27,10 +27,12 @@ TOKEN = "t" * 40
 
 
 def cli(*args: str, env: Optional[Dict[str, str]] = None,
-        stdout: "int | None" = subprocess.PIPE) -> "subprocess.CompletedProcess[str]":
+        stdout: "int | None" = subprocess.PIPE,
+        cwd: Optional[Path] = None) -> "subprocess.CompletedProcess[str]":
     return subprocess.run([sys.executable, "-m", "callbackworker", *args], stdout=stdout,
                           stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-                          timeout=60, env=dict(os.environ, PYTHONPATH=str(TESTS), **(env or {})))
+                          timeout=60, cwd=cwd,
+                          env=dict(os.environ, PYTHONPATH=str(TESTS), **(env or {})))
 
 
 def assert_one_line(out: "subprocess.CompletedProcess[str]", status: int, command: str,
@@ -162,6 +164,37 @@ def test_an_app_that_cannot_be_loaded_is_a_usage_error(tmp_path: Path, app: str,
                                                        expected: str) -> None:
     out = cli("worker", "--db", str(tmp_path / "t.db"), "--app", app)
     assert_one_line(out, EXIT_USAGE, "worker", expected)
+
+
+@pytest.mark.parametrize("source, raised", [
+    ("raise RuntimeError('no settings file')\n", "RuntimeError: no settings file"),
+    ("import json\nSETTINGS = json.loads('{not json')\n", "JSONDecodeError: Expecting"),
+])
+def test_an_app_that_raises_while_imported_is_one_line_naming_it(tmp_path: Path, source: str,
+                                                                  raised: str) -> None:
+    (tmp_path / "crashing_app.py").write_text(source + "queues = {}\n")
+    out = cli("worker", "--db", str(tmp_path / "t.db"), "--app", "crashing_app:queues",
+              cwd=tmp_path)
+    assert_one_line(out, EXIT_USAGE, "worker", "--app crashing_app:queues",
+                    f"importing crashing_app raised {raised}")
+    assert out.stdout == ""
+
+
+@pytest.mark.parametrize("source, app", [
+    ("queues = {}\n", "idle_app:queues"),
+    ("def setup(service):\n    pass\n", "idle_app:setup"),
+    ("import os\nfrom callbackworker import TaskService\n"
+     "svc = TaskService(os.path.join(os.path.dirname(__file__), 'own.db'))\n", "idle_app:svc"),
+])
+def test_a_worker_with_no_queue_to_serve_is_refused(tmp_path: Path, source: str,
+                                                    app: str) -> None:
+    (tmp_path / "idle_app.py").write_text(source)
+    db = [] if app.endswith(":svc") else ["--db", str(tmp_path / "t.db")]
+    out = cli("worker", *db, "--app", app, cwd=tmp_path)
+    assert out.returncode == EXIT_USAGE and out.stdout == "", out.stderr
+    assert "Traceback" not in out.stderr  # the log may say the schema was created first
+    assert out.stderr.splitlines()[-1].startswith(
+        f"callbackworker worker: --app {app} defines no queue to serve: ")
 
 
 def test_serve_refuses_a_port_out_of_range(tmp_path: Path) -> None:

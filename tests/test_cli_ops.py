@@ -234,3 +234,12 @@ def test_worker_metrics_port_taken_is_one_line(tmp_path: Path) -> None:
     assert out.returncode == 1
     assert out.stderr.splitlines()[-1] == (f"callbackworker worker: cannot serve metrics on "
                                            f"127.0.0.1 port {port}: Address already in use")
+    assert out.stdout == ""  # no "serving" banner before the refusal
+
+
+def test_worker_metrics_port_out_of_range_is_refused_before_anything_else(
+        tmp_path: Path) -> None:
+    out = cli("worker", "--app", "ops_app:svc", "--metrics-port", "70000",
+              env={"CBW_APP_DB": str(tmp_path / "t.db")})
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr == "callbackworker worker: --metrics-port must be 0..65535, not 70000\n"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -20,9 +21,13 @@ from starlette.applications import Starlette
 
 import callbackworker
 from callbackworker import CallbackFailedError, TaskClient, TaskService
+from callbackworker._webcall import REQUEST_PATIENCE_S, RETRY_AFTER_S
 from callbackworker.cli import EXIT_USAGE
+from callbackworker.errors import StorageBusyError
 from callbackworker.http import MAX_BODY_BYTES, create_app
 from callbackworker.tasks.client import open_store
+from callbackworker.tasks.sql import bounded_patience, patience_left
+from callbackworker.tasks.sqlite import SQLiteTaskStore
 
 from helpers import FakeClock
 
@@ -316,6 +321,76 @@ def test_an_app_over_a_client_or_a_bare_store_signals_through_the_database(
             store.close()
         service._dispatch_once()
         assert service.get(task).message == "approved over http"
+
+
+# ---- a database that cannot answer -----------------------------------------
+
+def _assert_unavailable(r: httpx.Response) -> None:
+    """A 503 that says to come back, with a one-line JSON error naming the
+    request's bound (not the store's own patience)."""
+    assert r.status_code == 503, r.text
+    assert r.headers["retry-after"] == str(RETRY_AFTER_S)
+    error = r.json()["error"]
+    assert "\n" not in error and f"for {REQUEST_PATIENCE_S:g} s" in error, error
+
+
+def test_a_request_on_a_locked_database_is_503_after_a_short_bound(endpoint: Endpoint,
+                                                                   tmp_path: Path) -> None:
+    """The store would wait 60 s for the lock (a worker's patience); a
+    request answers within ``REQUEST_PATIENCE_S`` and a moment."""
+    _suspended(endpoint)
+    blocker = sqlite3.connect(tmp_path / "t.db", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        _assert_unavailable(endpoint.client.post(_url(endpoint, "success"), content=b"x",
+                                                 headers=AUTH))
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert endpoint.client.post(_url(endpoint, "success"), content=b"x",
+                                headers=AUTH).status_code == 200
+
+
+def test_a_request_while_postgresql_is_down_is_503_after_a_short_bound() -> None:
+    pytest.importorskip("psycopg")
+    from pg_server import PostgresCluster, find_bindir
+
+    bindir = find_bindir()
+    if bindir is None or sys.platform == "win32":
+        pytest.skip("needs the PostgreSQL server programs to stop a cluster of its own")
+    cluster = PostgresCluster(bindir).start()
+    try:
+        with TaskService(cluster.dsn, background=False) as service:
+            task = service.enqueue_task("jobs.x", queue="q")
+            with _serving(create_app(service, TOKEN)) as http:
+                assert http.get(f"/v1/tasks/{task}", headers=AUTH).status_code == 200
+                cluster.stop()
+                _assert_unavailable(http.get(f"/v1/tasks/{task}", headers=AUTH))
+                assert http.get(f"/v1/tasks/{task}", headers=AUTH).status_code == 503
+    finally:
+        cluster.stop()
+
+
+def test_bounded_patience_shortens_store_calls_in_its_own_context_only(
+        tmp_path: Path) -> None:
+    store = SQLiteTaskStore(tmp_path / "t.db", patience_s=3600)
+    store.ensure_queue("q")
+    blocker = sqlite3.connect(tmp_path / "t.db", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    elsewhere: List[object] = []
+    try:
+        with bounded_patience(0.1):
+            assert patience_left() is not None and patience_left() <= 0.1
+            thread = threading.Thread(target=lambda: elsewhere.append(patience_left()))
+            thread.start()
+            thread.join()
+            with pytest.raises(StorageBusyError, match="for 0.1 s"):
+                store.enqueue("q", "t1", b"x", 0)
+        assert patience_left() is None and elsewhere == [None]
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        store.close()
 
 
 def test_create_app_refuses_anything_but_a_service_client_or_store() -> None:

@@ -4,6 +4,7 @@ connections."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sqlite3
 import threading
@@ -126,6 +127,45 @@ def test_a_lock_held_past_patience_is_storage_busy_error(tmp_path: Path) -> None
         blocker.execute("ROLLBACK")
         blocker.close()
         store.close()
+
+
+def test_opening_a_current_database_reads_while_another_connection_writes(
+        tmp_path: Path) -> None:
+    """A store on a database already at ``SCHEMA_VERSION`` takes no write
+    lock to open, so the commands and pages that only read never wait
+    behind a writer (a write lock held past the store's patience would
+    make the open fail)."""
+    path = tmp_path / "t.db"
+    with contextlib.closing(SQLiteTaskStore(path)) as first:
+        first.ensure_queue("q")
+        first.enqueue("q", "t1", b"x", 0)
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    blocker.execute("UPDATE tasks SET message = 'being written'")
+    try:
+        with contextlib.closing(SQLiteTaskStore(path, patience_s=0.1)) as reader:
+            assert reader.counts()["q"]["pending"] == 1
+            assert reader.get("t1").message == ""  # the last committed state
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+
+
+def test_an_older_database_is_migrated_under_the_write_lock(tmp_path: Path) -> None:
+    """A database that needs a migration waits for the write lock (and past
+    the patience says so), since migrating writes."""
+    path = tmp_path / "t.db"
+    SQLiteTaskStore(path).close()
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION - 1}")
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(StorageBusyError, match="stayed locked"):
+            SQLiteTaskStore(path, patience_s=0.1)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
 
 
 def test_closed_store_refuses_use(tmp_path: Path) -> None:

@@ -8,13 +8,17 @@ patience: polling cannot be what ends it.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import stat
 import subprocess
 import sys
 import threading
 from pathlib import Path
 from typing import List, Optional
+
+import pytest
 
 from callbackworker import QueueConfig, TaskService
 from callbackworker.tasks.sqlite import SQLiteTaskStore
@@ -151,3 +155,75 @@ def test_no_channel_for_an_in_memory_database() -> None:
         store.enqueue("q", "t1", b"x", 0)
     finally:
         store.close()
+
+
+def _refused_once(db: str, caplog: pytest.LogCaptureFixture, reason: str) -> None:
+    """Opening the channel of ``db`` twice gives no channel, and one
+    warning naming the directory and ``reason``."""
+    caplog.set_level(logging.WARNING, logger="callbackworker.tasks.wakeups")
+    directory = WakeChannel.directory_for(db)
+    assert WakeChannel.open(db) is None
+    assert WakeChannel.open(db) is None
+    warnings = [r.getMessage() for r in caplog.records
+                if r.name == "callbackworker.tasks.wakeups" and directory in r.getMessage()]
+    assert len(warnings) == 1 and reason in warnings[0], warnings
+    assert "polling only" in warnings[0]
+
+
+def test_the_wake_directory_is_made_private(tmp_path: Path) -> None:
+    db = str(tmp_path / "tasks.db")
+    channel = WakeChannel.open(db)
+    assert channel is not None
+    try:
+        assert stat.S_IMODE(os.stat(channel.directory).st_mode) == 0o700
+    finally:
+        channel.close()
+
+
+def test_a_wake_directory_writable_by_others_is_refused(tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    db = str(tmp_path / "tasks.db")
+    os.mkdir(WakeChannel.directory_for(db))
+    os.chmod(WakeChannel.directory_for(db), 0o777)
+    _refused_once(db, caplog, "writable by other users (mode 0777)")
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
+                    reason="giving a directory to another user needs root")
+def test_a_wake_directory_of_another_user_is_refused(tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    db = str(tmp_path / "tasks.db")
+    directory = WakeChannel.directory_for(db)
+    os.mkdir(directory, 0o700)
+    os.chown(directory, 65534, 65534)
+    _refused_once(db, caplog, "owned by user id 65534")
+
+
+def test_a_wake_directory_that_is_a_symbolic_link_is_refused(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    db = str(tmp_path / "tasks.db")
+    (tmp_path / "elsewhere").mkdir(mode=0o700)
+    os.symlink(tmp_path / "elsewhere", WakeChannel.directory_for(db))
+    _refused_once(db, caplog, "symbolic link")
+
+
+def test_a_tmp_wake_directory_made_by_someone_else_first_is_refused(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The short directory for a long path lives in /tmp, where any local
+    user may make it first."""
+    deep = tmp_path / ("e" * 120)
+    deep.mkdir()
+    db = str(deep / "tasks.db")
+    directory = WakeChannel.directory_for(db)
+    assert directory.startswith("/tmp/callbackworker-wake-")
+    os.mkdir(directory)
+    try:
+        os.chmod(directory, 0o1777)
+        _refused_once(db, caplog, "writable by other users")
+        with TaskService(db, poll_ms=20) as service:  # polling still finds the work
+            ran = threading.Event()
+            service.create_queue("q", handler=lambda payload: ran.set())
+            service.enqueue("q", b"x")
+            assert ran.wait(PATIENCE_S)
+    finally:
+        os.rmdir(directory)

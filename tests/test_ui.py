@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,7 @@ from starlette.testclient import TestClient
 import callbackworker
 from callbackworker import QueueConfig, TaskService
 from callbackworker import ui
+from callbackworker._webcall import REQUEST_PATIENCE_S, RETRY_AFTER_S
 from callbackworker.http import create_app
 from callbackworker.uisession import SESSION_MAX_AGE_S
 
@@ -115,6 +117,27 @@ def test_the_login_page_and_the_stylesheet_need_no_session(dash: Dashboard) -> N
     assert css.status_code == 200 and css.headers["content-type"].startswith("text/css")
 
 
+@pytest.mark.parametrize("path", ["/ui/no-such-page", "/ui/tasks/abc/no-such-verb",
+                                  "/ui/static/other.css", "/ui/admin/"])
+def test_unknown_paths_redirect_to_the_login_page_before_login(dash: Dashboard,
+                                                               path: str) -> None:
+    """Before login an unknown path answers as a known one does, so nobody
+    learns which paths exist; after login it is 404."""
+    r = dash.http.get(path)
+    assert r.status_code == 303 and r.headers["location"] == "/ui/login"
+    r = dash.http.post(path, data={"csrf": "x"}, headers=ORIGIN)
+    assert r.status_code == 403 and "log in again" in r.text
+    login(dash.http)
+    assert dash.http.get(path).status_code == 404
+
+
+def test_unknown_dashboard_paths_of_create_app_redirect_before_login(tmp_path: Path) -> None:
+    with TaskService(tmp_path / "t.db", background=False) as service:
+        with TestClient(create_app(service, TOKEN), follow_redirects=False) as http:
+            r = http.get("/ui/no-such-page")
+            assert r.status_code == 303 and r.headers["location"] == "/ui/login"
+
+
 # ---- login, the cookie, logout -------------------------------------------
 
 def test_login_sets_a_signed_httponly_samesite_strict_cookie_for_12_hours(
@@ -187,6 +210,42 @@ def test_logout_ends_the_session_in_the_browser(dash: Dashboard) -> None:
     assert dash.http.get("/ui/").status_code == 303
 
 
+def test_logout_revokes_the_session_on_the_server(dash: Dashboard) -> None:
+    """A copy of the cookie taken before log out is worth nothing after."""
+    task_id = failing_task(dash.service)
+    login(dash.http)
+    cookie, csrf = dash.http.cookies[ui.COOKIE_NAME], csrf_of(dash.http)
+    dash.http.post("/ui/logout", data={"csrf": csrf}, headers=ORIGIN)
+    dash.http.cookies.set(ui.COOKIE_NAME, cookie, path="/ui/")
+    r = dash.http.get("/ui/")
+    assert r.status_code == 303 and r.headers["location"] == "/ui/login"
+    r = dash.http.post(f"/ui/tasks/{task_id}/retry", data={"csrf": csrf}, headers=ORIGIN)
+    assert r.status_code == 403 and "log in again" in r.text
+    assert dash.service.get(task_id).status == "failed"
+
+
+def test_logout_ends_only_its_own_session(dash: Dashboard) -> None:
+    other = TestClient(dash.http.app, follow_redirects=False)
+    login(dash.http)
+    login(other)
+    dash.http.post("/ui/logout", data={"csrf": csrf_of(dash.http)}, headers=ORIGIN)
+    assert other.get("/ui/").status_code == 200
+    login(dash.http)  # logging in again gives a new session
+    assert dash.http.get("/ui/").status_code == 200
+
+
+def test_a_session_is_good_only_with_the_dashboard_that_issued_it(dash: Dashboard) -> None:
+    """A restarted dashboard (a new one, same token) refuses the sessions of
+    the old one: nothing a logged-out session left behind comes back."""
+    login(dash.http)
+    cookie = dash.http.cookies[ui.COOKIE_NAME]
+    restarted = Starlette(routes=[Mount("/ui", app=ui.create_dashboard(
+        dash.service.client, TOKEN, clock=dash.clock))])
+    with TestClient(restarted, follow_redirects=False) as http:
+        http.cookies.set(ui.COOKIE_NAME, cookie, path="/ui/")
+        assert http.get("/ui/").status_code == 303
+
+
 # ---- CSRF and origin --------------------------------------------------------
 
 @pytest.mark.parametrize("form", [{}, {"csrf": ""}, {"csrf": "0" * 64}])
@@ -224,6 +283,83 @@ def test_a_login_from_another_origin_is_refused(dash: Dashboard) -> None:
     r = dash.http.post("/ui/login", data={"token": TOKEN},
                        headers={"Origin": "https://evil.example"})
     assert r.status_code == 403 and "set-cookie" not in r.headers
+
+
+def test_an_action_from_the_same_host_over_another_scheme_is_refused(dash: Dashboard) -> None:
+    """The origin is scheme, host and port: a plain-HTTP page of the same
+    host (say, one a network attacker injects) is another origin."""
+    task_id = failing_task(dash.service)
+    http = TestClient(dash.http.app, base_url="https://testserver", follow_redirects=False)
+    r = http.post("/ui/login", data={"token": TOKEN}, headers={"Origin": "https://testserver"})
+    assert r.status_code == 303
+    r = http.post(f"/ui/tasks/{task_id}/retry", data={"csrf": csrf_of(http)},
+                  headers={"Origin": "http://testserver"})
+    assert r.status_code == 403 and "not sent from this dashboard" in r.text
+    assert dash.service.get(task_id).status == "failed"
+
+
+def test_an_origin_with_the_schemes_default_port_is_the_same_origin(dash: Dashboard) -> None:
+    r = dash.http.post("/ui/login", data={"token": TOKEN},
+                       headers={"Origin": "http://TestServer:80"})
+    assert r.status_code == 303
+
+
+def _behind_a_proxy(service: TaskService, clock: FakeClock, *allowed: str) -> TestClient:
+    """The dashboard as a proxy that rewrites ``Host`` reaches it."""
+    app = Starlette(routes=[Mount("/ui", app=ui.create_dashboard(
+        service.client, TOKEN, clock=clock, allowed_origins=allowed))])
+    return TestClient(app, base_url="http://127.0.0.1:8080", follow_redirects=False)
+
+
+def test_behind_a_proxy_that_rewrites_host_the_configured_origin_is_accepted(
+        dash: Dashboard) -> None:
+    task_id = failing_task(dash.service)
+    browser = {"Origin": "https://jobs.example.com"}
+    http = _behind_a_proxy(dash.service, dash.clock, "https://jobs.example.com/")
+    assert http.post("/ui/login", data={"token": TOKEN}, headers=browser).status_code == 303
+    r = http.post(f"/ui/tasks/{task_id}/retry", data={"csrf": csrf_of(http)}, headers=browser)
+    assert r.status_code == 303
+    assert dash.service.get(task_id).status == "pending"
+
+
+def test_create_app_passes_the_allowed_origins_to_the_dashboard(tmp_path: Path) -> None:
+    with TaskService(tmp_path / "t.db", background=False) as service:
+        app = create_app(service, TOKEN, allowed_origins=["https://jobs.example.com"])
+        with TestClient(app, base_url="http://127.0.0.1:8080", follow_redirects=False) as http:
+            r = http.post("/ui/login", data={"token": TOKEN},
+                          headers={"Origin": "https://jobs.example.com"})
+            assert r.status_code == 303
+
+
+def test_behind_a_proxy_an_origin_not_configured_is_refused_saying_what_to_do(
+        dash: Dashboard) -> None:
+    http = _behind_a_proxy(dash.service, dash.clock)
+    r = http.post("/ui/login", data={"token": TOKEN},
+                  headers={"Origin": "https://jobs.example.com"})
+    assert r.status_code == 403 and "set-cookie" not in r.headers
+    assert "it came from https://jobs.example.com, not http://127.0.0.1:8080" in r.text
+    assert "--allowed-origin" in r.text
+
+
+@pytest.mark.parametrize("origin", ["jobs.example.com", "ftp://jobs.example.com",
+                                    "https://jobs.example.com/ui", "https://ada@jobs.example.com",
+                                    "https://jobs.example.com:99999", "https://", "null"])
+def test_an_allowed_origin_of_another_form_is_a_value_error(dash: Dashboard,
+                                                            origin: str) -> None:
+    with pytest.raises(ValueError, match="must look like https://host"):
+        ui.create_dashboard(dash.service.client, TOKEN, allowed_origins=[origin])
+
+
+def test_serve_refuses_a_malformed_allowed_origin(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "callbackworker", "serve", "--db",
+                          str(tmp_path / "t.db"), "--port", "0", "--allowed-origin",
+                          "jobs.example.com"], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "CALLBACKWORKER_TOKEN": "t" * 32})
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.startswith("callbackworker serve: --allowed-origin: an allowed origin "
+                                 "must look like"), out.stderr
+    assert len(out.stderr.splitlines()) == 1
+    assert not (tmp_path / "t.db").exists()
 
 
 # ---- pages ------------------------------------------------------------------
@@ -455,6 +591,23 @@ def test_names_messages_and_tracebacks_are_escaped_everywhere(dash: Dashboard) -
         assert "<script>" not in page and "<img" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in pages[3]
     assert "&#34;&gt;&lt;img src=x onerror=alert(2)&gt;" in pages[0]
+
+
+def test_an_action_on_a_locked_database_is_503_after_a_short_bound(dash: Dashboard,
+                                                                   tmp_path: Path) -> None:
+    task_id = failing_task(dash.service)
+    login(dash.http)
+    csrf = csrf_of(dash.http)
+    blocker = sqlite3.connect(tmp_path / "t.db", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        r = dash.http.post(f"/ui/tasks/{task_id}/retry", data={"csrf": csrf}, headers=ORIGIN)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert r.status_code == 503 and r.headers["retry-after"] == str(RETRY_AFTER_S)
+    assert f"stayed locked by other connections for {REQUEST_PATIENCE_S:g} s" in r.text
+    assert dash.service.get(task_id).status == "failed"
 
 
 # ---- mounted by create_app -------------------------------------------------------

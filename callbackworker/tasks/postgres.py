@@ -86,6 +86,7 @@ DESIGN
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, TypeVar
 
@@ -93,7 +94,7 @@ from ..errors import UnknownQueueError
 from .dsn import redact_dsn  # re-exported: listed in __all__
 from .pgconn import CHANNEL, Listener, Pool, is_transient, psycopg, require_psycopg
 from .schema import SCHEMA_VERSION
-from .sql import STATEMENTS, Dialect, SQLTaskStore, TransientError
+from .sql import STATEMENTS, Dialect, SQLTaskStore, TransientError, patience_left
 from .storage import CALLBACK_COLUMNS, Outcome, Waker, callback_record, place_suspension
 
 if psycopg is not None:
@@ -393,7 +394,12 @@ class PostgresTaskStore(SQLTaskStore):
     # ---- connections and transactions ----------------------------------
 
     def _connect(self, application_name: str = "callbackworker") -> "psycopg.Connection[Any]":
-        conn = psycopg.connect(self.dsn, autocommit=True, application_name=application_name)
+        options: Dict[str, Any] = {}
+        left = patience_left()
+        if left is not None:  # an unreachable host must not outlast a bounded call
+            options["connect_timeout"] = max(2, math.ceil(left))
+        conn = psycopg.connect(self.dsn, autocommit=True, application_name=application_name,
+                               **options)
         if self.durability == "full":
             conn.execute("SET synchronous_commit = on")
         self._reached = True
@@ -431,8 +437,9 @@ class PostgresTaskStore(SQLTaskStore):
     def _query(self, sql: str, params: Mapping[str, Any]) -> List[Any]:
         return self._run(lambda conn: conn.execute(sql, params).fetchall())
 
-    def _busy_message(self, exc: BaseException) -> str:
-        return f"the PostgreSQL task store kept failing for {self._patience_s:g} s: {exc}"
+    def _busy_message(self, exc: BaseException, waited_s: float) -> str:
+        reason = " ".join(str(exc).split())  # libpq's messages run over several lines
+        return f"the PostgreSQL task store kept failing for {round(waited_s, 1):g} s: {reason}"
 
     def _migrate(self, conn: "psycopg.Connection[Any]") -> None:
         with conn.transaction():

@@ -20,20 +20,25 @@ DESIGN
   a serialization failure) are retried by ``_retry``, the one loop both
   use: an attempt raises ``TransientError`` to ask for another, and the
   loop backs off exponentially with jitter until ``patience_s`` has passed,
-  then raises ``StorageBusyError``.
+  then raises ``StorageBusyError``.  A caller that must answer sooner (an
+  HTTP request) shortens it for its own calls with ``bounded_patience``,
+  a context variable, so no other thread's patience changes.
 * Lock order, where the database locks rows (PostgreSQL): a task's row
   before its callbacks' rows, in every operation that takes both.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import random
 import re
 import time
 import uuid
 from abc import abstractmethod
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar
+from typing import (Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple,
+                    Type, TypeVar)
 
 from ..durable import CallbackRecord
 from ..errors import NonDeterminismError, StorageBusyError, UnknownCallbackError, UnknownTaskError
@@ -55,7 +60,8 @@ from .storage import (
 )
 from .wakeups import WORK
 
-__all__ = ["Dialect", "SQLTaskStore", "TransientError", "STATEMENTS"]
+__all__ = ["Dialect", "SQLTaskStore", "TransientError", "STATEMENTS", "bounded_patience",
+           "patience_left"]
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +268,33 @@ class Dialect:
         return self._sql[name]
 
 
+_deadline: "contextvars.ContextVar[Optional[float]]" = contextvars.ContextVar(
+    "callbackworker_store_deadline", default=None)
+
+
+@contextlib.contextmanager
+def bounded_patience(seconds: float) -> Iterator[None]:
+    """Within the block, in this context (this thread, or this task), every
+    SQL store call gives up transient failures ``seconds`` after the block
+    was entered at the latest (``StorageBusyError``), however patient its
+    store is otherwise; an enclosing, earlier bound still holds.  Other
+    threads keep their store's ``patience_s``."""
+    deadline = time.monotonic() + seconds
+    outer = _deadline.get()
+    reset = _deadline.set(deadline if outer is None else min(outer, deadline))
+    try:
+        yield
+    finally:
+        _deadline.reset(reset)
+
+
+def patience_left() -> Optional[float]:
+    """Seconds left under the innermost ``bounded_patience`` (at least 0),
+    or None outside one."""
+    deadline = _deadline.get()
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
 class TransientError(Exception):
     """Raised by one attempt of ``SQLTaskStore._retry`` when its failure
     (the ``__cause__``) is one another attempt may get past."""
@@ -291,8 +324,9 @@ class SQLTaskStore(ManagedTasks, TaskStore):
         as a whole."""
 
     @abstractmethod
-    def _busy_message(self, exc: BaseException) -> str:
-        """The ``StorageBusyError`` message once ``_retry`` gives up."""
+    def _busy_message(self, exc: BaseException, waited_s: float) -> str:
+        """The ``StorageBusyError`` message once ``_retry`` gives up after
+        ``waited_s`` seconds of patience."""
 
     unique_violation: Tuple[Type[BaseException], ...] = ()
     """The driver's errors for a duplicate key."""
@@ -311,8 +345,13 @@ class SQLTaskStore(ManagedTasks, TaskStore):
     def _retry(self, attempt: Callable[[], T]) -> T:
         """Runs ``attempt`` (a whole transaction) until it returns or raises
         something other than ``TransientError``; after ``patience_s`` of
-        transient failures, raises ``StorageBusyError``."""
-        deadline = time.monotonic() + self._patience_s
+        transient failures (less under ``bounded_patience``), raises
+        ``StorageBusyError``."""
+        patience = self._patience_s
+        left = patience_left()
+        if left is not None:
+            patience = min(patience, left)
+        deadline = time.monotonic() + patience
         pause = 0.001
         while True:
             try:
@@ -320,7 +359,7 @@ class SQLTaskStore(ManagedTasks, TaskStore):
             except TransientError as wrapped:
                 exc = wrapped.__cause__ or wrapped
                 if time.monotonic() >= deadline:
-                    raise StorageBusyError(self._busy_message(exc)) from exc
+                    raise StorageBusyError(self._busy_message(exc, patience)) from exc
                 log.debug("%r: transient failure (%s); retrying in %.0f ms",
                           self, exc, pause * 1000)
                 time.sleep(pause * (0.5 + random.random()))

@@ -28,7 +28,10 @@ DESIGN
   is refused with ``UnknownTaskError``, as on PostgreSQL, where a foreign
   key does it: here the insert adds a row only if the task exists.
 * The schema is versioned by ``PRAGMA user_version``; ``_MIGRATIONS`` holds
-  every step, each applied once, in one transaction with the version bump;
+  every step, each applied once, in one transaction with the version bump.
+  Opening reads the version first and takes the write lock only when a
+  migration is due, so a store on a current file never waits for writers
+  before its first read;
   ``schema.py`` describes the result (the tests check one against the
   other).
 * A claim is one ``UPDATE … RETURNING`` over the oldest due pending tasks
@@ -290,13 +293,23 @@ class SQLiteTaskStore(SQLTaskStore):
                                           .fetchone()))
         db.execute(f"PRAGMA synchronous={DURABILITY[self.durability]}")
         db.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
-        self._atomic(self._migrate)
+        # Reading the version takes no write lock: a database already at
+        # this version opens without waiting for writers (the commands and
+        # pages that only read); the lock is taken only to migrate.
+        if self._retry(lambda: self._attempt(lambda: self._schema_version(db))) != SCHEMA_VERSION:
+            self._atomic(self._migrate)
 
-    def _migrate(self, db: sqlite3.Connection) -> None:
-        version = db.execute("PRAGMA user_version").fetchone()[0]
+    def _schema_version(self, db: sqlite3.Connection) -> int:
+        """The file's schema version; a ``RuntimeError`` if it is newer than
+        this callbackworker knows."""
+        version = int(db.execute("PRAGMA user_version").fetchone()[0])
         if version > SCHEMA_VERSION:
             raise RuntimeError(f"{self.path}: task schema version {version} is newer than this "
                                f"callbackworker knows ({SCHEMA_VERSION}); upgrade callbackworker")
+        return version
+
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        version = self._schema_version(db)  # again, under the lock: another may have migrated
         for step in range(version, SCHEMA_VERSION):
             for statement in _MIGRATIONS[step]:
                 db.execute(statement)
@@ -321,9 +334,9 @@ class SQLiteTaskStore(SQLTaskStore):
                 raise TransientError() from exc
             raise
 
-    def _busy_message(self, exc: BaseException) -> str:
+    def _busy_message(self, exc: BaseException, waited_s: float) -> str:
         return (f"{self.path}: the database stayed locked by other connections "
-                f"for {self._patience_s:g} s")
+                f"for {round(waited_s, 1):g} s")
 
     def _atomic(self, body: Callable[[sqlite3.Connection], T]) -> T:
         """Runs ``body`` in one ``BEGIN IMMEDIATE`` transaction, retried as a

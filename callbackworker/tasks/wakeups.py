@@ -22,8 +22,14 @@ DESIGN
 * Stale sockets.  A socket left by a process that died refuses datagrams
   (``ECONNREFUSED``); the sender deletes it.  A process never sends to
   itself: its own commits wake it directly.
+* Ownership.  The directory is made 0700.  One found already there is
+  used only if it is a real directory (not a symbolic link) owned by this
+  process's user and writable by nobody else: another local user who made
+  it first (``/tmp`` is everyone's) could otherwise read the wake-ups or
+  plant sockets in it.  Anything else is refused with one warning per
+  directory and process, and polling takes over.
 * Fallback.  The channel is best effort: where the directory cannot be
-  made (or is not a directory), for an in-memory database, or where the
+  made or is refused (above), for an in-memory database, or where the
   platform has no UNIX sockets, ``WakeChannel.open`` returns None
   and the store's users find work and results by polling, as they always
   also do.
@@ -42,6 +48,7 @@ import hashlib
 import logging
 import os
 import socket
+import stat
 import threading
 import time
 import uuid
@@ -61,6 +68,38 @@ _MAX_DATAGRAM = 1024
 _MAX_SOCKET_PATH = 100  # sun_path holds 104 bytes on macOS, 108 on Linux
 _RELIST_S = 0.05  # how long a listing is trusted: a new listener may miss that much
 _NAME_BYTES = 34  # "/<pid>-<12 hex digits>" with room to spare
+
+
+_warned: Set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def _unsafe(directory: str) -> Optional[str]:
+    """Why the existing ``directory`` must not hold wake-up sockets, or None
+    when it is a real directory of this user that no one else may write."""
+    try:
+        st = os.lstat(directory)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symbolic link"
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a directory"
+    if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
+        return f"is owned by user id {st.st_uid}, not by this process's ({os.geteuid()})"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"is writable by other users (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+def _warn_once(directory: str, message: str) -> None:
+    """Logs ``message`` as a warning the first time ``directory`` is
+    refused in this process."""
+    with _warned_lock:
+        if directory in _warned:
+            return
+        _warned.add(directory)
+    log.warning("%s", message)
 
 
 class WakeChannel:
@@ -93,8 +132,11 @@ class WakeChannel:
         try:  # the leaf only: a mistyped path must not grow directories
             os.mkdir(directory, 0o700)
         except FileExistsError:
-            if not os.path.isdir(directory):
-                log.debug("%s: not a directory; polling only", directory)
+            refusal = _unsafe(directory)
+            if refusal is not None:
+                _warn_once(directory, f"{directory}: {refusal}: no wake-ups through it, polling "
+                                      f"only (remove it, or make it a 0700 directory of this "
+                                      f"user)")
                 return None
         except OSError as exc:
             log.debug("%s: no wake-up channel (%s); polling only", directory, exc)
