@@ -9,12 +9,15 @@ cancel_futures)`` and the context manager.  Its futures are
 ``cancel``, ``add_done_callback``, ``concurrent.futures.wait`` and
 ``as_completed``, ``asyncio.wrap_future``; typed ``Future[T]``).
 
-Each submitted call is one job on a C worker thread, started with
-``Worker.run_detached``: the future is the job's work item, its ``run()``
-makes the call, and the future carries the outcome (the job record
-disappears as it completes).  On a named route the route's ``timeout_ms``
-applies: an overdue call is interrupted and its future fails with
-``JobTimeoutError``.
+Calls wait in the executor's queue; jobs on C worker threads, started
+with ``Worker.run_detached``, make them.  A submit starts a job only while
+fewer than ``max_workers`` of the executor's jobs are running, and a job
+makes queued calls one after another until the queue is empty (the shape
+of ThreadPoolExecutor's threads, with the core's threads and wake-ups): a
+burst of calls costs a few jobs, not one each, and an idle pool's first
+call starts at once.  On a named route each call is a job of its own, so
+the route's ``timeout_ms`` applies to each: an overdue call is interrupted
+and its future fails with ``JobTimeoutError``.
 ``Executor(max_workers=N)`` owns a worker with N threads; with
 ``route="name"`` it submits to that route of the default worker instead
 (opening it with ``concurrency=max_workers`` if it does not exist), and
@@ -24,25 +27,29 @@ Cost: a stdlib ``Future`` makes a ``threading.Condition`` (a lock, a
 reentrant lock and a Python object) when it is created.  This Executor's
 futures make theirs only when a thread has to block on one (``result()``
 before the call ended, ``wait()``, ``as_completed()``); until then their
-state changes under one module-wide lock (see ``_CallFuture``).
+state changes under one module-wide lock (see ``_CallFuture``), and making
+one runs no Python code.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
+import sys
 import threading
+import time
+from collections import deque
 from concurrent import futures
 from concurrent.futures.thread import BrokenThreadPool
-from typing import Any, Callable, Optional, Set
+from typing import Any, Callable, Deque, Iterator, Optional, Set, Tuple
 
 from ._validate import check_concurrency, check_int
 from .errors import (
     CallbackInterrupt,
     CallbackWorkerError,
     JobTimeoutError,
-    UnknownJobError,
     UnknownRouteError,
     WorkerClosedError,
 )
@@ -62,6 +69,13 @@ _ENDED = (_CANCELLED, _NOTIFIED, _FINISHED)
 # ThreadPoolExecutor reports a failing initializer on this logger; so do we.
 _pool_log = logging.getLogger("concurrent.futures")
 _executor_numbers = itertools.count()
+
+_WAKE_STARTS = 1024
+"""How many submits may start an extra job while a started one has not
+begun (see ``Executor._start_job``)."""
+_ASLEEP_S = 0.001
+"""An idle pool's threads sleep after this long (the core's threads spin for
+50 us first)."""
 
 _get_ident = threading.get_ident
 _guard = threading.Lock()
@@ -108,9 +122,7 @@ def _resolve_interrupted(future: futures.Future) -> None:
 
 
 class _CallFuture(futures.Future):
-    """The Future of one submitted call, and the work item of its job:
-    ``run()`` makes the call; cancelling the future also takes its job out
-    of the queue.
+    """The Future of one submitted call.
 
     A stdlib ``Future`` whose condition is made on first use.  The stdlib's
     methods, and ``wait()``/``as_completed()``, reach the condition through
@@ -122,26 +134,20 @@ class _CallFuture(futures.Future):
     happens either entirely before the condition exists (whoever then takes
     the condition sees the new state) or entirely under the condition, as in
     the stdlib.  ``result()`` and friends read a final state without any
-    lock: a finished future never changes again."""
+    lock: a finished future never changes again.
 
-    # Slots: no instance dict (one allocation less per call).  _waiters is
-    # made with the condition (wait() appends to it); _done_callbacks
-    # becomes a list with the first callback or the condition.
-    __slots__ = ("_state", "_result", "_exception", "_cond", "_waiters", "_done_callbacks",
-                 "executor", "call", "job")
+    Making one runs no Python code: every attribute starts as the class's
+    default below and becomes the instance's own when it first changes."""
 
-    def __init__(self, executor: "Executor", fn: Callable[..., Any], args: tuple,
-                 kwargs: dict) -> None:
-        # Deliberately not Future.__init__: no condition until one is needed.
-        self._state = _PENDING
-        self._result: Any = None
-        self._exception: Optional[BaseException] = None
-        self._cond: Optional[threading.Condition] = None
-        self._waiters: Any = ()
-        self._done_callbacks: Any = ()
-        self.executor = executor
-        self.call: Optional[tuple] = (fn, args, kwargs)
-        self.job = 0
+    # Not Future.__init__: no condition until one is needed, and no
+    # attribute stored until one changes.
+    __init__ = object.__init__  # type: ignore[assignment]
+    _state = _PENDING
+    _result: Any = None
+    _exception: Optional[BaseException] = None
+    _cond: Optional[threading.Condition] = None
+    _waiters: Any = ()  # made with the condition (wait() appends to it)
+    _done_callbacks: Any = ()  # a list with the first callback or the condition
 
     @property  # type: ignore[override]
     def _condition(self) -> threading.Condition:
@@ -156,48 +162,58 @@ class _CallFuture(futures.Future):
                     cond = self._cond = threading.Condition()
         return cond
 
-    def run(self) -> None:
-        """Runs on a worker thread: makes the call, unless it was cancelled."""
-        call, self.call = self.call, None
-        executor = self.executor
-        try:
-            if call is None:
-                return
-            if ((executor._broken is not None or _get_ident() not in executor._ready)
-                    and not executor._thread_ready()):
-                self._fail_broken()
-                return
-            if not self.set_running_or_notify_cancel():
-                return
-            fn, args, kwargs = call
-            try:
-                result = fn(*args, **kwargs)
-            except CallbackInterrupt:  # the route's run-time limit passed
-                self.set_exception(_overdue())
-            except BaseException as exc:  # the future carries every outcome
-                self.set_exception(exc)
-            else:
-                self.set_result(result)
-        finally:
-            # On a route with a run-time limit (or at interpreter exit) the
-            # job's interrupt may land here, outside fn (it is raised once
-            # per job, so not twice); without a waiter or a limit there is
-            # nothing to repair.
-            if (executor._route is not None or self._cond is not None
-                    or self._state not in _ENDED):
-                _resolve_interrupted(self)
-            executor._live.discard(self)
+    def _claim(self, strict: bool = False) -> bool:
+        """For whoever took the call off the queue: PENDING becomes RUNNING
+        (True: make the call).  A cancelled future becomes
+        CANCELLED_AND_NOTIFIED unless ``cancel`` did that already (False:
+        nobody makes the call).  ``strict``: any other state is a
+        RuntimeError, as ``set_running_or_notify_cancel`` says."""
+        with _guard:
+            if self._cond is None:
+                state = self._state
+                if state == _PENDING:
+                    self._state = _RUNNING
+                    return True
+                if state == _CANCELLED:
+                    self._state = _NOTIFIED
+                elif strict:
+                    raise RuntimeError(f"Future in unexpected state: {state}")
+                return False
+        with self._cond:  # reentrant: the stdlib's method takes it again
+            if not strict and self._state not in (_PENDING, _CANCELLED):
+                return False
+            return super().set_running_or_notify_cancel()
 
-    def _fail_broken(self) -> None:
+    def _make_call(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> bool:
+        """Runs on a worker thread: makes the call unless the future was
+        cancelled.  False if the job's interrupt (a route's run-time limit,
+        interpreter exit) cut the call short: the job is over."""
+        if not self._claim():
+            return True
+        try:
+            result = fn(*args, **kwargs)
+        except CallbackInterrupt:  # the job's time is up
+            self.set_exception(_overdue())
+            return False
+        except BaseException as exc:  # the future carries every outcome
+            self.set_exception(exc)
+        else:
+            self.set_result(result)
+        return True
+
+    def _fail_broken(self, why: str) -> None:
         """The executor broke before this call could start."""
         try:
-            self.set_exception(BrokenThreadPool(self.executor._broken))
+            self.set_exception(BrokenThreadPool(why))
         except futures.InvalidStateError:
             pass  # cancelled meanwhile
 
     # ---- the stdlib Future's methods, with the condition made lazily ------
 
     def cancel(self) -> bool:
+        """As the stdlib's; a future cancelled here is also notified at
+        once (``wait()`` and ``as_completed()`` count it as done), since no
+        call will run it: whoever takes it off the queue skips it."""
         with _guard:
             fast = self._cond is None
             if fast:
@@ -211,7 +227,7 @@ class _CallFuture(futures.Future):
                 self._invoke_callbacks()
         elif not super().cancel():
             return False
-        self.executor._cancelled(self)
+        self._claim()
         return True
 
     def cancelled(self) -> bool:
@@ -255,17 +271,7 @@ class _CallFuture(futures.Future):
             futures._base.LOGGER.exception("exception calling callback for %r", self)  # noqa: SLF001
 
     def set_running_or_notify_cancel(self) -> bool:
-        with _guard:
-            if self._cond is None:
-                state = self._state
-                if state == _PENDING:
-                    self._state = _RUNNING
-                    return True
-                if state == _CANCELLED:
-                    self._state = _NOTIFIED
-                    return False
-                raise RuntimeError(f"Future in unexpected state: {state}")
-        return super().set_running_or_notify_cancel()
+        return self._claim(strict=True)
 
     def _settle(self, result: Any, exception: Optional[BaseException]) -> bool:
         """set_result/set_exception while no condition exists: True if the
@@ -289,6 +295,23 @@ class _CallFuture(futures.Future):
     def set_exception(self, exception: Optional[BaseException]) -> None:
         if not self._settle(None, exception):
             super().set_exception(exception)
+
+
+_Call = Tuple[_CallFuture, Callable[..., Any], tuple, dict]
+"""A queued call: its future, the callable and its arguments."""
+
+
+class _Drain:
+    """The work item of every job an ``Executor`` starts (see
+    ``Executor._drain``)."""
+
+    __slots__ = ("executor",)
+
+    def __init__(self, executor: "Executor") -> None:
+        self.executor = executor
+
+    def run(self) -> None:
+        self.executor._drain()
 
 
 class Executor(futures.Executor):
@@ -325,19 +348,25 @@ class Executor(futures.Executor):
         self._initializer = initializer
         self._initargs = tuple(initargs)
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # notified when _jobs drops to 0
         self._shutdown = False
         self._broken: Optional[str] = None  # why, once an initializer failed
-        self._live: Set[_CallFuture] = set()  # futures whose call has not ended
+        self._queue: Deque[_Call] = deque()  # calls submitted, not yet taken by a job
+        self._jobs = 0  # jobs started (by submit) that have not ended
+        self._waking = 0  # extra starts left while no started job has begun
+        self._idle_since = -math.inf  # when the last running job ended
         self._ready: Set[int] = set()  # idents of threads set up for our calls
         self._setup_lock = threading.Lock()
         if route is None:
             self._worker = Worker(concurrency=max_workers)
             self._owns_worker = True
+            self._max_jobs = max_workers
         else:
             from ._default import default_worker
 
             self._worker = default_worker()
             self._owns_worker = False
+            self._max_jobs = sys.maxsize  # one job per call: the route's limits apply to each
             try:
                 self._worker.route_meta(route, 1)
             except UnknownRouteError:
@@ -345,9 +374,8 @@ class Executor(futures.Executor):
         self._route = route
 
     def _thread_ready(self) -> bool:
-        """Called by every call's run: on a thread's first call, names the
-        thread and runs the initializer.  False once the executor is
-        broken."""
+        """Called by every job: on a thread's first job, names the thread
+        and runs the initializer.  False once the executor is broken."""
         if self._broken is not None:
             return False
         ident = _get_ident()
@@ -369,55 +397,112 @@ class Executor(futures.Executor):
 
     def _initializer_failed(self) -> None:
         """As ThreadPoolExecutor: no call that has not started ever will."""
+        why = ("A thread initializer failed, the thread pool "
+               "is not usable anymore")
         with self._lock:
-            self._broken = ("A thread initializer failed, the thread pool "
-                            "is not usable anymore")
-            pending = list(self._live)
-        for future in pending:
-            if future.call is not None:
-                future.call = None
-                future._fail_broken()
-                try:
-                    self._worker.cancel(future.job)
-                except (UnknownJobError, WorkerClosedError):
-                    pass
+            self._broken = why
+        for call in _take_all(self._queue):
+            call[0]._fail_broken(why)
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> futures.Future:
         """Schedules ``fn(*args, **kwargs)``; returns its Future."""
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
-        future = _CallFuture(self, fn, args, kwargs)
+        future = _CallFuture()
         with self._lock:
             if self._broken is not None:
                 raise BrokenThreadPool(self._broken)
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            self._live.add(future)
-            try:
-                future.job = self._worker.run_detached(future, route=self._route)
-            except WorkerClosedError:
-                self._live.discard(future)
-                raise RuntimeError("cannot schedule new futures after the worker closed") from None
+            call = (future, fn, args, kwargs)
+            self._queue.append(call)
+            if self._jobs < self._max_jobs or self._waking > 0:
+                self._start_job(call)
         return future
 
-    def _cancelled(self, future: "_CallFuture") -> None:
-        """A future was cancelled before its call started.  If its job was
-        still queued, the call will never run: say so, as
-        ThreadPoolExecutor's worker does when it reaches a cancelled item, so
-        wait() and as_completed() count the future as done.  Otherwise the
-        job's ``run`` says so when it finds the future cancelled."""
-        with self._lock:  # submit may not have recorded the job yet
-            job = future.job
-        try:
-            taken = self._worker.cancel(job)
-        except (UnknownJobError, WorkerClosedError):
-            taken = False
-        if taken:
-            future.call = None
-            self._live.discard(future)
-            future.set_running_or_notify_cancel()
-
     submit.__doc__ = futures.Executor.submit.__doc__
+
+    def _start_job(self, call: _Call) -> None:
+        """Starts a job that will make queued calls; ``_lock`` held.
+
+        When the pool has been idle long enough for its threads to sleep,
+        then until one of the started jobs has begun, the next submits (at
+        most ``_WAKE_STARTS``) start one more each: a start is what lets a
+        thread woken on an idle route take the interpreter lock for its
+        first job while the producer waits (see csrc/cbw_thread.c, prompt
+        start), so an idle pool's first call starts at once even while the
+        producer keeps submitting.  An extra job finds the queue taken, or
+        drains it too.  A pool whose last job ended moments ago has a
+        thread still awake, which that rule does not concern: it starts
+        no extra jobs."""
+        if self._jobs < self._max_jobs:
+            if self._jobs == 0 and time.monotonic() - self._idle_since > _ASLEEP_S:
+                self._waking = _WAKE_STARTS
+        else:
+            self._waking -= 1
+        self._jobs += 1
+        try:
+            self._worker.run_detached(_Drain(self), route=self._route)
+        except WorkerClosedError:
+            self._jobs -= 1
+            try:
+                self._queue.remove(call)
+            except ValueError:
+                return  # a running job took it: it runs
+            raise RuntimeError("cannot schedule new futures after the worker closed") from None
+
+    def _drain(self) -> None:
+        """One job's work, on a worker thread: takes calls off the queue and
+        makes them until the queue is empty, so that a burst of submits
+        costs a few jobs, not one each (at most ``max_workers`` jobs run at
+        once).  On a named route each job makes one call, so that the
+        route's run-time limit applies to each call.  A job whose interrupt
+        cut a call short (a route's limit, interpreter exit) ends there.
+
+        A job leaves only after finding the queue empty under ``_lock``,
+        where submit appends and decides whether to start a job: no call is
+        ever queued with no job to take it."""
+        self._waking = 0
+        queue, one_call = self._queue, self._route is not None
+        call: Optional[_Call] = None
+        counted = True
+        try:
+            if not self._thread_ready():
+                return
+            while True:
+                try:
+                    call = queue.popleft()
+                except IndexError:
+                    if one_call:
+                        return
+                    with self._lock:
+                        if queue:
+                            continue
+                        self._job_ended()
+                        counted = False
+                    return
+                if self._broken is not None:
+                    call[0]._fail_broken(self._broken)
+                elif not call[0]._make_call(call[1], call[2], call[3]) or one_call:
+                    return
+        finally:
+            if counted:
+                with self._lock:
+                    self._job_ended()
+            # The job's interrupt may land outside fn, in this method (it is
+            # raised once per job, so not twice): leave no future of it
+            # unresolved, nor a waiter asleep.
+            if call is not None:
+                future = call[0]
+                if one_call or future._cond is not None or future._state not in _ENDED:
+                    _resolve_interrupted(future)
+
+    def _job_ended(self) -> None:
+        """``_lock`` held."""
+        self._jobs -= 1
+        if self._jobs <= 0:
+            self._idle_since = time.monotonic()
+            self._idle.notify_all()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """No more submissions.  ``cancel_futures=True`` cancels every call
@@ -425,13 +510,14 @@ class Executor(futures.Executor):
         was not cancelled has finished."""
         with self._lock:
             self._shutdown = True
-            pending = list(self._live)
         if cancel_futures:
-            for future in pending:
-                future.cancel()
+            for call in _take_all(self._queue):
+                call[0].cancel()
         if not self._owns_worker:
             if wait:
-                futures.wait(pending)
+                with self._lock:
+                    while self._jobs > 0:
+                        self._idle.wait()
             return
         if wait:
             self._worker.close(drain=True)
@@ -444,3 +530,12 @@ class Executor(futures.Executor):
             self._worker.close(drain=True)
         except CallbackWorkerError:
             pass
+
+
+def _take_all(queue: Deque[_Call]) -> Iterator[_Call]:
+    """Takes the queued calls off the queue, one by one, until it is empty."""
+    while True:
+        try:
+            yield queue.popleft()
+        except IndexError:
+            return

@@ -74,6 +74,9 @@ _MAIN_SLICE_MS = 50
 _start = lib.cbw_start
 _wait_copy = lib.cbw_wait_copy
 _wait_many = lib.cbwpy_wait_many
+_start_many = lib.cbwpy_start_many
+_read_ids = lib.cbwpy_read_ids
+_EBADREQUEST = int(lib.CBWPY_EBADREQUEST)
 _WAIT_CHUNK = int(lib.CBWPY_WAIT_CHUNK)
 _EFAILED = int(lib.CBWPY_EFAILED)
 _unpack = ffi.unpack
@@ -361,27 +364,29 @@ class Worker(JobQueries, RouteVerbs, AsyncWaits, DurableSignals):
     def start_many(self, callback: Callback, requests: Iterable[Request],
                    timeout_ms: int = _UNSET, *, route: Optional[str] = None) -> List[int]:
         """Starts one job per request with one call into the core; all or
-        none.  Same semantics as ``start`` for each; ids are in order."""
+        none.  Same semantics as ``start`` for each; ids are in order.  A
+        request that is not a buffer is a ``TypeError``, one that is not
+        C-contiguous a ``BufferError``; either way no job is started."""
         rid, timeout_ms = self._prepare(callback, timeout_ms, route)
-        requests = list(requests)
-        try:
-            # Views pin every buffer's size until the call returns: the blob
-            # and the sizes are taken from the same, unchangeable bytes.
-            views = [r if type(r) is bytes else memoryview(r) for r in requests]
-        except TypeError:
-            bad = next(r for r in requests if not is_buffer(r))
-            raise TypeError(f"every request must be a bytes-like object, not "
-                            f"{type(bad).__name__}") from None
-        n = len(views)
-        if n == 0:
+        requests = list(requests)  # a list of our own: see bridge_verbs.c
+        if not requests:
             return []
-        blob = b"".join(views)
-        sizes = ffi.new("size_t[]", [len(v) if type(v) is bytes else v.nbytes for v in views])
-        ids = ffi.new("int64_t[]", n)
-        rc = lib.cbw_start_many(self._w, rid, id(callback), blob, sizes, n, timeout_ms, ids)
+        ids: List[int] = []
+        where = ffi.new("size_t *")
+        # The requests are read (every buffer pinned while it is copied) and
+        # the ids made in C.
+        rc = _start_many(self._w, rid, id(callback), ffi.cast("void *", id(requests)),
+                         timeout_ms, ffi.cast("void *", id(ids)), where)
+        if rc == _EBADREQUEST:
+            bad = requests[where[0]]
+            if is_buffer(bad):  # start() raises the same for such a request
+                raise BufferError(f"every request must be a C-contiguous buffer; request "
+                                  f"{where[0]} ({type(bad).__name__}) is not")
+            raise TypeError(f"every request must be a bytes-like object, not "
+                            f"{type(bad).__name__}")
         if rc < 0:
             raise_for(rc, route)
-        return list(ids)
+        return ids
 
     # ---- waiting and taking -------------------------------------------
 
@@ -464,22 +469,31 @@ class Worker(JobQueries, RouteVerbs, AsyncWaits, DurableSignals):
         responses are lost) and the jobs after it are untouched: ``wait``,
         ``take`` or ``cancel`` them by id.  An id that can never be a job's
         raises ``UnknownJobError`` before anything is waited for."""
-        ids = [j if type(j) is int else check_id(j) for j in job_ids]
-        timeout_ms = check_timeout(timeout_ms)
+        ids = list(job_ids)  # a list of our own: see bridge_verbs.c
+        arr = ffi.new("int64_t[]", len(ids))
+        unknown = None
+        if ids and _read_ids(ffi.cast("void *", id(ids)), arr, len(ids)) < 0:
+            # Some id is not a plain int the core could have issued: check
+            # them in order, for the right error.
+            ids = [j if type(j) is int else check_id(j) for j in ids]
+            unknown = next((j for j in ids if not may_be_job_id(j)), None)
+            if unknown is None:  # int subclasses, converted
+                arr = ffi.new("int64_t[]", ids)
+        if type(timeout_ms) is not int or not -1 <= timeout_ms <= TIMEOUT_MAX:
+            timeout_ms = check_timeout(timeout_ms)
         self._check_open()
-        for jid in ids:
-            if not may_be_job_id(jid):
-                raise_for(lib.CBW_EUNKNOWN, jid)
+        if unknown is not None:
+            raise_for(lib.CBW_EUNKNOWN, unknown)
         out: List[bytes] = []
         if ids:
-            self._wait_many_into(ids, timeout_ms, out)
+            self._wait_many_into(ids, arr, timeout_ms, out)
         return out
 
-    def _wait_many_into(self, ids: List[int], timeout_ms: int, out: List[bytes]) -> None:
+    def _wait_many_into(self, ids: List[int], arr: Any, timeout_ms: int,
+                        out: List[bytes]) -> None:
         """wait_many's loop: a chunk per core call; on the main thread in
         slices, so that signal handlers (Ctrl-C) run while it waits."""
         n = len(ids)
-        arr = ffi.new("int64_t[]", ids)
         failed, consumed = ffi.new("cbw_result *"), ffi.new("size_t *")
         sliced = timeout_ms != 0 and threading.get_ident() == _main_ident
         deadline = None if timeout_ms < 0 else time.monotonic() + timeout_ms / 1000

@@ -252,7 +252,10 @@ void cbw_result_release(cbw_result *res);
  * into out[i].  Stops after the first job that completed without success
  * (its status is in out[*done - 1]) or at the first wait that fails: then
  * that error is returned, for ids[*done], and that job is untouched.  Jobs
- * after the stop are untouched.  Returns CBW_OK otherwise. */
+ * after the stop are untouched.  Returns CBW_OK otherwise.  A caller that
+ * is not one of the worker's threads waits for the last job first (one
+ * wake-up per call, not per job) and notices a job that failed, or was
+ * taken, meanwhile within a millisecond. */
 int cbw_wait_many(cbw_worker *w, const int64_t *ids, size_t n, int32_t timeout_ms,
                   cbw_result *out, size_t *done);
 /* cbw_result_release for n results, taking the worker's mutex once. */

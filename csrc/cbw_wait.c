@@ -8,7 +8,8 @@
  * awake (ids are never reused, so a taken job simply is not found).  A
  * waiter blocked on a job of its own route, from one of the worker's own
  * threads, is refused with CBW_EDEADLOCK when nothing could ever run that
- * job.  Everything runs under w->mu.
+ * job.  wait_many waits for the last job of its batch first, so that a
+ * batch costs its caller one wake-up.  Everything runs under w->mu.
  */
 #include <string.h>
 
@@ -230,6 +231,49 @@ static int32_t ms_left(int32_t timeout_ms, int64_t deadline)
     return left <= 0 ? 0 : (int32_t)((left + 999999) / 1000000);
 }
 
+/* How often wait_for_last looks for a job of the batch that failed. */
+#define WAIT_MANY_LOOK_MS 1
+
+/* The last job of ids[0..n) if every job there is known and none has
+ * completed without success (else NULL); w->mu held. */
+static cbw__job *batch_last(cbw_worker *w, const int64_t *ids, size_t n)
+{
+    cbw__job *job = NULL;
+    size_t i;
+    for (i = 0; i < n; i++) {
+        job = cbw__table_get(&w->table, ids[i]);
+        if (job == NULL || (job->phase == CBW_PHASE_COMPLETED && job->status != CBW_STATUS_OK))
+            return NULL;
+    }
+    return job;
+}
+
+/* cbw_wait_many's first step, for a caller that is not one of the worker's
+ * threads: waits for the batch's last job first.  The others mostly
+ * complete before it, so the batch costs the caller one wake-up instead of
+ * one per job (each of which would also contend with the running thread
+ * for w->mu).  Every WAIT_MANY_LOOK_MS it looks again at the whole batch
+ * and stops as soon as a job has failed, been taken or is unknown: the
+ * in-order loop that follows then meets it as it would have, at most that
+ * much later.  Called and returns with w->mu held. */
+static void wait_for_last(cbw_worker *w, const int64_t *ids, size_t n, int32_t timeout_ms)
+{
+    int64_t deadline = cbw__deadline_after_ms(timeout_ms);
+    int32_t left;
+    cbw__job *last;
+    if (n < 2 || (cbw__self != NULL && cbw__self->w == w))
+        return;
+    while (!w->stopping && (last = batch_last(w, ids, n)) != NULL &&
+           last->phase != CBW_PHASE_COMPLETED) {
+        left = ms_left(timeout_ms, deadline);
+        if (left == 0)
+            return;
+        if (wait_locked(w, last, left < 0 || left > WAIT_MANY_LOOK_MS ? WAIT_MANY_LOOK_MS : left) !=
+            CBW_ETIMEDOUT)
+            return;
+    }
+}
+
 int cbw_wait_many(cbw_worker *w, const int64_t *ids, size_t n, int32_t timeout_ms,
                   cbw_result *out, size_t *done)
 {
@@ -247,10 +291,13 @@ int cbw_wait_many(cbw_worker *w, const int64_t *ids, size_t n, int32_t timeout_m
     memset(out, 0, n * sizeof(*out));
     deadline = cbw__deadline_after_ms(timeout_ms);
     cbw__mutex_lock(&w->mu);
+    wait_for_last(w, ids, n, timeout_ms);
     for (i = 0; i < n; i++) {
         if ((job = lookup(w, ids[i], &rc)) == NULL)
             break;
-        rc = wait_locked(w, job, ms_left(timeout_ms, deadline));
+        rc = job->phase == CBW_PHASE_COMPLETED
+                 ? CBW_OK
+                 : wait_locked(w, job, ms_left(timeout_ms, deadline));
         if (rc != CBW_OK)
             break;
         if ((job = cbw__table_get(&w->table, ids[i])) == NULL) {

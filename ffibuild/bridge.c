@@ -41,6 +41,9 @@
  * escaped is kept alive (cbw_run_keep_alive) before any Python code runs
  * for it.
  *
+ * The verbs that make or read Python objects in C (start_text, start_many,
+ * wait_many) are in bridge_verbs.c, compiled after this file.
+ *
  * C API: the bridge uses only public, documented CPython API (checked
  * against the 3.9 and 3.13 headers).  It used to read the memoryview's
  * internals (PyMemoryViewObject.exports/flags/mbuf and
@@ -91,10 +94,6 @@ typedef char cbwpy_slot_lock_fits[sizeof(PyMutex) <= sizeof(uintptr_t) ? 1 : -1]
 #endif
 
 static void cbwpy_completed(void *ctx, int64_t *ids, size_t n); /* Python */
-
-#define CBWPY_EENCODE (-100)
-#define CBWPY_EFAILED (-101)
-#define CBWPY_WAIT_CHUNK 128
 
 static PyObject *cbwpy_interrupt_type;
 static PyObject *cbwpy_release_name;  /* "release" */
@@ -486,140 +485,4 @@ static void *cbwpy_current_table(void)
 {
     cbwpy_ctx *c = cbw_current_context();
     return c != NULL ? c->handle : NULL;
-}
-
-/* A str's code points, for encoding without the interpreter lock (a str is
- * immutable, and the caller keeps it alive). */
-typedef struct cbwpy_text {
-    int kind;
-    const void *data;
-    Py_ssize_t length;
-} cbwpy_text;
-
-/* The UTF-8 size of the text, or -1 if it holds a lone surrogate (which
- * UTF-8 cannot encode). */
-static Py_ssize_t cbwpy_utf8_size(const cbwpy_text *t)
-{
-    Py_ssize_t i, size = 0;
-    for (i = 0; i < t->length; i++) {
-        Py_UCS4 c = PyUnicode_READ(t->kind, t->data, i);
-        if (c < 0x80)
-            size += 1;
-        else if (c < 0x800)
-            size += 2;
-        else if (c >= 0xD800 && c <= 0xDFFF)
-            return -1;
-        else if (c < 0x10000)
-            size += 3;
-        else
-            size += 4;
-    }
-    return size;
-}
-
-static void cbwpy_fill_utf8(void *arg, unsigned char *dst, size_t size)
-{
-    const cbwpy_text *t = arg;
-    Py_ssize_t i;
-    (void)size;
-    for (i = 0; i < t->length; i++) {
-        Py_UCS4 c = PyUnicode_READ(t->kind, t->data, i);
-        if (c < 0x80) {
-            *dst++ = (unsigned char)c;
-        } else if (c < 0x800) {
-            *dst++ = (unsigned char)(0xC0 | (c >> 6));
-            *dst++ = (unsigned char)(0x80 | (c & 0x3F));
-        } else if (c < 0x10000) {
-            *dst++ = (unsigned char)(0xE0 | (c >> 12));
-            *dst++ = (unsigned char)(0x80 | ((c >> 6) & 0x3F));
-            *dst++ = (unsigned char)(0x80 | (c & 0x3F));
-        } else {
-            *dst++ = (unsigned char)(0xF0 | (c >> 18));
-            *dst++ = (unsigned char)(0x80 | ((c >> 12) & 0x3F));
-            *dst++ = (unsigned char)(0x80 | ((c >> 6) & 0x3F));
-            *dst++ = (unsigned char)(0x80 | (c & 0x3F));
-        }
-    }
-}
-
-/* Starts a job whose request is the UTF-8 form of a str, given by address;
- * the caller keeps the str alive for the call.  The text is copied once:
- * ASCII straight from the str's storage, anything else encoded straight
- * into the job.  Returns what cbw_start returns, or CBWPY_EENCODE when the
- * text cannot be encoded (the caller then encodes it itself to raise the
- * proper error). */
-static int64_t cbwpy_start_text(cbw_worker *w, int32_t route, uint64_t callback,
-                                void *text, int32_t timeout_ms)
-{
-    PyObject *obj = (PyObject *)text;
-    PyGILState_STATE st = PyGILState_Ensure();
-    cbwpy_text t;
-    Py_ssize_t size;
-    const char *ascii = NULL;
-#if PY_VERSION_HEX < 0x030C0000
-    if (PyUnicode_READY(obj) < 0) {
-        PyErr_Clear();
-        PyGILState_Release(st);
-        return CBWPY_EENCODE;
-    }
-#endif
-    if (PyUnicode_IS_ASCII(obj))
-        ascii = PyUnicode_AsUTF8AndSize(obj, &size); /* the str's own bytes */
-    t.kind = PyUnicode_KIND(obj);
-    t.data = PyUnicode_DATA(obj);
-    t.length = PyUnicode_GET_LENGTH(obj);
-    PyGILState_Release(st);
-    if (ascii != NULL)
-        return cbw_start(w, route, callback, ascii, (size_t)size, timeout_ms);
-    size = cbwpy_utf8_size(&t);
-    if (size < 0)
-        return CBWPY_EENCODE;
-    return cbw_start_fill(w, route, callback, (size_t)size, timeout_ms, cbwpy_fill_utf8, &t);
-}
-
-/* Waits for jobs ids[0..n) in order (n at most CBWPY_WAIT_CHUNK) with
- * cbw_wait_many, without the interpreter lock, then takes that lock once to
- * append each successful job's response to the list `out` as bytes.
- * *consumed counts the jobs destroyed.  Returns CBW_OK; or the core's error
- * for ids[*consumed], which is untouched; or CBWPY_EFAILED when
- * ids[*consumed - 1] completed without success: its detached result is in
- * *failed, for the caller to raise and release; or CBW_ENOMEM when a bytes
- * object could not be made (the jobs are destroyed, the responses from there
- * on lost).  The caller keeps `out` alive for the call. */
-static int cbwpy_wait_many(cbw_worker *w, const int64_t *ids, size_t n, int32_t timeout_ms,
-                           void *out, cbw_result *failed, size_t *consumed)
-{
-    cbw_result res[CBWPY_WAIT_CHUNK];
-    PyObject *list = (PyObject *)out, *item;
-    PyGILState_STATE st;
-    size_t done = 0, i;
-    int rc;
-
-    *consumed = 0;
-    if (n > CBWPY_WAIT_CHUNK)
-        return CBW_EINVAL;
-    rc = cbw_wait_many(w, ids, n, timeout_ms, res, &done);
-    *consumed = done;
-    if (done > 0 && res[done - 1].status != CBW_STATUS_OK) {
-        *failed = res[--done]; /* the caller raises and releases it */
-        rc = CBWPY_EFAILED;
-    }
-    if (done == 0)
-        return rc;
-    st = PyGILState_Ensure();
-    for (i = 0; i < done; i++) {
-        item = PyBytes_FromStringAndSize((const char *)res[i].data, (Py_ssize_t)res[i].size);
-        if (item == NULL || PyList_Append(list, item) < 0) {
-            Py_XDECREF(item);
-            PyErr_Clear();
-            if (rc == CBWPY_EFAILED)
-                cbw_result_release(failed);
-            rc = CBW_ENOMEM;
-            break;
-        }
-        Py_DECREF(item);
-    }
-    PyGILState_Release(st);
-    cbw_result_release_many(res, done);
-    return rc;
 }

@@ -1,8 +1,9 @@
 """cffi build script for ``callbackworker._cbw_native``.
 
 Out-of-line API mode: the C core in ``csrc/`` and the executor glue in
-``request_memory.c`` and ``bridge.c`` are compiled into one extension module;
-``cdef_core.h`` and ``cdef_bridge.h`` are the declarations Python sees.
+``request_memory.c``, ``bridge.c`` and ``bridge_verbs.c`` are compiled into
+one extension module; ``cdef_core.h`` and ``cdef_bridge.h`` are the
+declarations Python sees.
 setup.py names this file in ``cffi_modules``.
 """
 
@@ -22,7 +23,7 @@ CORE_SOURCES = sorted(
     os.path.relpath(p, ROOT).replace(os.sep, "/") for p in CSRC.glob("cbw_*.c")
 )
 # The executor glue: one translation unit after cffi's prelude, in this order.
-BRIDGE_SOURCES = ("request_memory.c", "bridge.c")
+BRIDGE_SOURCES = ("request_memory.c", "bridge.c", "bridge_verbs.c")
 
 
 def compile_args() -> list[str]:

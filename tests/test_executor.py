@@ -816,15 +816,38 @@ def fresh_route() -> str:
     return f"ex-{os.getpid()}-{next(_route_numbers)}"
 
 
-def test_executor_runs_calls_as_core_jobs():
-    """Each call runs inside a job: current_job() works in it and the ids
-    are distinct."""
+def test_executor_runs_calls_inside_core_jobs():
+    """Calls run inside jobs of the executor's own worker: current_job()
+    works in them.  A burst of calls shares a few jobs (each job makes
+    queued calls until none is left), never more than max_workers at once."""
     with Executor(max_workers=2) as ex:
         ids = [ex.submit(lambda: current_job().id) for _ in range(10)]
         routes = [ex.submit(lambda: current_job().route) for _ in range(3)]
-    assert len({f.result(0) for f in ids}) == 10
     assert all(f.result(0) > 0 for f in ids)
+    assert 1 <= len({f.result(0) for f in ids}) <= 10
     assert [f.result(0) for f in routes] == [1, 1, 1]  # its own worker's default route
+
+
+def test_executor_one_worker_runs_a_burst_in_one_job(gates):
+    """With one worker, calls submitted while a call runs are made by the
+    job that runs it: no job per call."""
+    gate = gates()
+    with Executor(max_workers=1) as ex:
+        first = ex.submit(gate, "first")
+        gate.wait_started()
+        later = [ex.submit(lambda: current_job().id) for _ in range(20)]
+        gate.go.set()
+    assert first.result(0) == "first"
+    assert len({f.result(0) for f in later}) == 1
+
+
+def test_executor_route_runs_each_call_as_its_own_job():
+    """On a route each call is a job of its own, so the route's run-time
+    limit applies to each call."""
+    name = fresh_route()
+    with Executor(max_workers=2, route=name) as ex:
+        ids = [ex.submit(lambda: current_job().id) for _ in range(10)]
+    assert len({f.result(0) for f in ids}) == 10
 
 
 def test_executor_default_max_workers_is_thread_pool_executors():
@@ -961,7 +984,7 @@ def test_executor_futures_work_in_a_child_forked_while_a_thread_held_their_lock(
         if pid == 0:  # the child: the holder thread does not exist here
             code = 1
             try:
-                fut = executor_module._CallFuture(None, mul, (2, 3), {})  # type: ignore[arg-type]
+                fut = executor_module._CallFuture()
                 fut.set_running_or_notify_cancel()
                 fut.set_result(6)
                 code = 0 if fut.result(0) == 6 else 1

@@ -30,6 +30,7 @@ from callbackworker import (
     JobTimeoutError,
     Phase,
     Profile,
+    RouteMetaKey,
     ShutdownError,
     State,
     Status,
@@ -265,6 +266,26 @@ def test_start_many_same_semantics_as_start(worker):
     ids = worker.start_many(double, iter([b"a", bytearray(b"bc"), memoryview(b"d")]))
     assert [worker.wait(j, WAIT_MS) for j in ids] == [b"aa", b"bcbc", b"dd"]
     assert [worker.job_known(j) for j in ids] == [False] * 3
+
+
+def test_start_many_reads_every_kind_of_buffer(worker):
+    """Each request is copied as its bytes, whatever object exports them."""
+
+    class Blob(bytes):
+        pass
+
+    requests = [b"", Blob(b"sub"), bytearray(b"ba"), array.array("H", [1, 2]),
+                memoryview(b"abcdef")[1:4], memoryview(bytearray(b"wxyz")).cast("I")]
+    ids = worker.start_many(noop, requests)
+    assert worker.wait_many(ids, WAIT_MS) == [bytes(memoryview(r)) for r in requests]
+
+
+def test_start_many_with_a_non_contiguous_request_starts_nothing(worker):
+    gate, _ = occupy(worker)
+    with pytest.raises(BufferError, match="request 1 \\(memoryview\\) is not"):
+        worker.start_many(noop, [b"a", memoryview(b"abcd")[::2], b"c"])
+    assert worker.route_meta("default", RouteMetaKey.QUEUED) == 0
+    gate.release.set()
 
 
 def test_start_many_empty_returns_empty_list(worker):

@@ -315,7 +315,11 @@ STRESS_SCRIPT = textwrap.dedent('''\
                         ids = [(w.start_text(cb, text), text.encode())]
                     else:
                         reqs = [req + b".%d" % k for k in range(rng.randint(1, 8))]
-                        ids = list(zip(w.start_many(cb, reqs), reqs))
+                        # every kind of buffer: bytes are read in place, the
+                        # others through the buffer protocol
+                        given = [[r, bytearray(r), memoryview(r)][k % 3]
+                                 for k, r in enumerate(reqs)]
+                        ids = list(zip(w.start_many(cb, given), reqs))
                     count("started", len(ids))
                     with pool_lock:
                         for jid, r in ids:

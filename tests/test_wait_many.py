@@ -96,6 +96,58 @@ def test_wait_many_failed_job_raises_its_error_and_stops_there(worker: Worker) -
     assert worker.wait(ids[2]) == b"C"
 
 
+def test_wait_many_reports_a_failure_while_a_later_job_still_runs() -> None:
+    """A failed job is reported as soon as it has failed: not once every
+    later job of the call has completed."""
+    with Worker(concurrency=2) as w:
+        started, release = threading.Event(), threading.Event()
+
+        def blocked(request: memoryview) -> None:
+            started.set()
+            release.wait(WAIT_S)
+
+        slow = w.start(blocked, b"slow")
+        assert started.wait(WAIT_S)
+        failing = w.start(fail, b"x")
+        try:
+            with pytest.raises(JobFailedError, match="bad x"):
+                w.wait_many([failing, slow])
+            assert not release.is_set() and w.phase(slow) == Phase.RUNNING
+        finally:
+            release.set()
+        assert w.wait(slow) == b"slow"
+
+
+def test_wait_many_reports_a_job_cancelled_while_it_waits_for_later_jobs(
+        worker: Worker) -> None:
+    """A job of the call cancelled while the call waits is reported at
+    once, with the later jobs still queued."""
+    release, _ = occupy(worker)
+    cancelled = worker.start(upper, b"c")
+    last = worker.start(upper, b"l")
+    outcome: List[BaseException] = []
+
+    def wait_many() -> None:
+        try:
+            worker.wait_many([cancelled, last])
+        except BaseException as exc:  # handed to the test
+            outcome.append(exc)
+
+    waiter = threading.Thread(target=wait_many)
+    try:
+        waiter.start()
+        threading.Event().wait(SHORT_MS / 1000)  # lets it block, if it can
+        assert worker.cancel(cancelled)
+        waiter.join(WAIT_S)
+        assert not waiter.is_alive(), "wait_many waited for the later job"
+        assert [type(e) for e in outcome] == [JobCancelledError]
+        assert worker.phase(last) == Phase.QUEUED
+    finally:
+        release.set()
+        waiter.join(WAIT_S)
+    assert worker.wait(last) == b"L"
+
+
 def test_wait_many_cancelled_job_raises_job_cancelled_error(worker: Worker) -> None:
     release, gate = occupy(worker)
     queued = worker.start(upper, b"q")
@@ -141,6 +193,30 @@ def test_wait_many_id_that_was_never_possible_raises_before_waiting(worker: Work
     jid = worker.start(upper, b"a")
     with pytest.raises(UnknownJobError):
         worker.wait_many([jid, 0])
+    assert worker.wait(jid) == b"A"
+
+
+def test_wait_many_takes_any_iterable_of_ints_and_int_subclasses(worker: Worker) -> None:
+    class JobId(int):
+        pass
+
+    ids = [worker.start(upper, b"%d" % i) for i in range(3)]
+    assert worker.wait_many(iter([ids[0], JobId(ids[1])])) == [b"0", b"1"]
+    assert worker.wait_many(jid for jid in ids[2:]) == [b"2"]
+
+
+def test_wait_many_ids_out_of_the_cores_range_raise_before_waiting(worker: Worker) -> None:
+    jid = worker.start(upper, b"a")
+    for impossible in (-1, 2 ** 63, 2 ** 70, -(2 ** 70)):
+        with pytest.raises(UnknownJobError):
+            worker.wait_many([jid, impossible])
+    assert worker.wait(jid) == b"A"
+
+
+def test_wait_many_a_bool_id_is_a_type_error_before_waiting(worker: Worker) -> None:
+    jid = worker.start(upper, b"a")
+    with pytest.raises(TypeError, match="job_id must be an int, not bool"):
+        worker.wait_many([jid, True])
     assert worker.wait(jid) == b"A"
 
 
