@@ -41,7 +41,8 @@ def add_worker_options(p: argparse.ArgumentParser) -> None:
                         "task fields, traceback) for log shippers (default: text)")
     p.add_argument("--prefetch", type=int, metavar="N",
                    help="tasks each queue claims beyond its free slots, for throughput "
-                        "(default: the queue's concurrency again; 0 claims only free "
+                        "(default: what the queue finishes in 20 ms at its recent rate, "
+                        "at least its concurrency, at most 1000; 0 claims only free "
                         "slots; not with a TaskService app)")
     p.add_argument("--poll-ms", type=int, metavar="MS",
                    help="how long work written by another process may wait to be noticed "
