@@ -95,3 +95,25 @@ def test_defect_r2_ctrl_c_during_a_finalizer_nested_in_a_del_is_not_dropped() ->
                           capture_output=True, text=True, timeout=30)
     assert "Exception ignored" not in proc.stderr, proc.stderr
     assert proc.stdout.splitlines()[:1] == ["KeyboardInterrupt"], (proc.stdout, proc.stderr)
+
+
+def test_defect_r6_a_refused_start_on_a_route_leaves_no_phantom_job() -> None:
+    """DEFECT R6: ``Executor._start_job`` undoes its ``_jobs += 1`` and
+    takes the call back off the queue only for ``WorkerClosedError``.  Any
+    other refusal of ``run_detached`` (the route closed:
+    ``RouteClosedError``; an interrupt between the count and the start)
+    leaves a phantom job counted and its call queued, and a route
+    executor's ``shutdown(wait=True)`` then waits for it forever."""
+    from callbackworker import Executor
+    from callbackworker._default import default_worker
+    from callbackworker.errors import CallbackWorkerError
+
+    ex = Executor(max_workers=1, route="review-defect-r6")
+    assert ex.submit(lambda: 1).result(timeout=5) == 1
+    default_worker().close_route("review-defect-r6")
+    with pytest.raises((RuntimeError, CallbackWorkerError)):
+        ex.submit(lambda: 2)
+    stopper = threading.Thread(target=ex.shutdown, daemon=True)
+    stopper.start()
+    stopper.join(5)
+    assert not stopper.is_alive(), "shutdown(wait=True) hangs on a job that never started"
