@@ -50,6 +50,7 @@ from .errors import (
     CallbackInterrupt,
     CallbackWorkerError,
     JobTimeoutError,
+    RouteClosedError,
     UnknownRouteError,
     WorkerClosedError,
 )
@@ -443,13 +444,15 @@ class Executor(futures.Executor):
         self._jobs += 1
         try:
             self._worker.run_detached(_Drain(self), route=self._route)
-        except WorkerClosedError:
-            self._jobs -= 1
+        except BaseException as exc:  # refused (closed, route gone, memory) or interrupted
+            self._job_ended()
             try:
                 self._queue.remove(call)
             except ValueError:
                 return  # a running job took it: it runs
-            raise RuntimeError("cannot schedule new futures after the worker closed") from None
+            if isinstance(exc, (WorkerClosedError, RouteClosedError, UnknownRouteError)):
+                raise RuntimeError(f"cannot schedule new futures: {exc}") from None
+            raise
 
     def _drain(self) -> None:
         """One job's work, on a worker thread: takes calls off the queue and

@@ -65,6 +65,17 @@ def _wait_for(db: "Path | str", done: int, deadline_s: float) -> Dict[str, int]:
         time.sleep(0.05)
 
 
+def _wait_until_running(db: "Path | str", deadline_s: float = 10.0) -> None:
+    """Returns once some task is running (or the deadline passed, or none
+    is left to run)."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        counts = _counts(db)
+        if counts["running"] > 0 or counts["pending"] == 0:
+            return
+        time.sleep(0.01)
+
+
 def _runs(log: Path) -> Dict[str, List[int]]:
     runs: Dict[str, List[int]] = defaultdict(list)
     for line in log.read_text().splitlines():
@@ -87,7 +98,8 @@ def run_kill9(tmp_path: Path, n_tasks: int, kills: int, seed: int,
         ids = producer.enqueue_many("crash", payloads)
     killed_busy = 0
     for _ in range(kills):
-        time.sleep(rng.uniform(0.05, 0.4))
+        _wait_until_running(db)  # a kill while nothing runs would test nothing
+        time.sleep(rng.uniform(0.01, 0.1))
         proc.send_signal(signal.SIGKILL)
         killed_busy += _counts(db)["running"] > 0
         proc.wait()  # reaped: its pid is provably gone for the next worker

@@ -152,4 +152,4 @@ def test_delay_ms_spaces_starts_across_all_workers(pg_schema_dsn: str, tmp_path:
 
 
 def test_kill9_repeatedly_loses_no_task(pg_schema_dsn: str, tmp_path: Path) -> None:
-    run_kill9(tmp_path, n_tasks=2000, kills=4, seed=int(time.time()), db=pg_schema_dsn)
+    run_kill9(tmp_path, n_tasks=4000, kills=4, seed=int(time.time()), db=pg_schema_dsn)
