@@ -19,6 +19,7 @@ its configuration.
 from __future__ import annotations
 
 import atexit
+import inspect
 import os
 import sys
 import threading
@@ -145,26 +146,52 @@ def wait_in_finalizer(call: Callable[[], Any], finalizer_code: Any) -> None:
 
 def _deliver_after_finalizers(exc: BaseException, finalizer_code: Any) -> None:
     """Raises ``exc`` in the main thread's code at its first function call
-    outside every finalizer (``finalizer_code``, ``weakref.finalize``, a
-    ``WeakSet``'s bookkeeping), through a profile function set for this
-    thread alone and removed as it raises.  Under a profiler already set
-    (which must not be displaced) it is raised where Python next checks
-    for signals instead, even if that is still inside the finalizer."""
+    outside every finalizer, through a profile function set for this thread
+    alone and removed as it raises.  Finalizers are the worker's own
+    (``finalizer_code``), ``weakref.finalize`` and a ``WeakSet``'s
+    bookkeeping, and any ``__del__``: the collector may run this inside one,
+    or run others after it.  A newer ``KeyboardInterrupt`` being handled
+    when the hook fires means the user pressed Ctrl-C again: the old one is
+    dropped rather than raised into their handler.  A profile function
+    already set in Python is kept (a profile function that raises is
+    unset): it is called first, and outside the finalizers the hook has
+    SIGINT sent to this thread from another, which lands as soon as this
+    one lets it run (a blocking call, or the interpreter's switch
+    interval).  A profiler
+    written in C (``cProfile``) cannot be chained: the interrupt is asked
+    for at once, and a finalizer may still drop it."""
+    import _thread
+    import signal
+
     inside = {finalizer_code, weakref.finalize.__call__.__code__,
               getattr(live_workers._remove, "__code__", None)}
     exc = exc.with_traceback(None)
-    if sys.getprofile() is not None:
-        import _thread
+    main = _thread.get_ident()
+    previous = sys.getprofile()
+    if previous is not None and not inspect.isfunction(previous) \
+            and not inspect.ismethod(previous):
         _thread.interrupt_main()
         return
 
     def watch(frame: Any, event: str, arg: Any) -> None:
+        if previous is not None:
+            previous(frame, event, arg)
         scan = frame
         while scan is not None:
-            if scan.f_code in inside:
+            if scan.f_code in inside or scan.f_code.co_name == "__del__":
                 return
             scan = scan.f_back
-        sys.setprofile(None)
-        raise exc
+        sys.setprofile(previous)
+        handling = sys.exc_info()[1]
+        if isinstance(handling, KeyboardInterrupt) and handling is not exc:
+            return  # a newer Ctrl-C is being handled: this one is stale
+        if previous is None:
+            raise exc
+        # Raising here would unset the program's profiler; a signal sent
+        # from another thread lands once this thread lets it run.
+        if hasattr(signal, "pthread_kill"):
+            _thread.start_new_thread(signal.pthread_kill, (main, signal.SIGINT))
+        else:
+            _thread.interrupt_main()
 
     sys.setprofile(watch)

@@ -1094,3 +1094,20 @@ class TestInterruptedRuns:
         fut.cancel()
         _resolve_interrupted(fut)
         assert fut.cancelled()
+
+
+def test_a_refused_start_on_a_route_leaves_no_job_counted() -> None:
+    """A refused start (here: the route closed) is undone: no job stays
+    counted and the call is not left queued, so ``shutdown(wait=True)``
+    returns (it waited for ever)."""
+    from callbackworker._default import default_worker
+
+    ex = Executor(max_workers=1, route="executor-refused-start")
+    assert ex.submit(lambda: 1).result(timeout=5) == 1
+    default_worker().close_route("executor-refused-start")
+    with pytest.raises(RuntimeError, match="cannot schedule new futures: route"):
+        ex.submit(lambda: 2)
+    stopper = threading.Thread(target=ex.shutdown, daemon=True)
+    stopper.start()
+    stopper.join(5)
+    assert not stopper.is_alive(), "shutdown(wait=True) hangs on a job that never started"

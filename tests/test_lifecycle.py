@@ -1378,3 +1378,98 @@ def test_waiting_behind_a_thread_that_waits_on_another_route_is_not_a_deadlock()
         assert outcome["b"] == b"later", outcome
     finally:
         w.close()
+
+
+# ---- Ctrl-C during a collected worker's close: where the interrupt lands -----------
+
+GC_SIGINT_PREAMBLE = r"""
+import os, signal, sys, threading, time, callbackworker as cw
+signal.signal(signal.SIGINT, signal.default_int_handler)
+started = threading.Event()
+def slow(*args):
+    started.set(); time.sleep(3.0); return b"done"
+w = cw.Worker(); w.start(slow, b"x"); started.wait()
+"""
+
+HOLDER_DEL_SCRIPT = GC_SIGINT_PREAMBLE + r"""
+class Holder:
+    def __init__(self, w): self.w = w
+    def __del__(self):
+        self.w = None      # the worker's finalizer runs here, Ctrl-C comes during it
+        len("x")           # a call in this __del__ after it
+threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+try:
+    h = Holder(w); del w; del h
+    time.sleep(2)
+    print("not interrupted", flush=True)
+except KeyboardInterrupt:
+    print("KeyboardInterrupt", flush=True)
+"""
+
+PROFILER_SCRIPT = GC_SIGINT_PREAMBLE + r"""
+calls = []
+def profiler(frame, event, arg):
+    calls.append(event)
+sys.setprofile(profiler)
+threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+try:
+    del w
+    time.sleep(2)
+    print("not interrupted", flush=True)
+except KeyboardInterrupt:
+    print("KeyboardInterrupt", flush=True)
+print("profiler kept" if sys.getprofile() is profiler and calls else "profiler lost", flush=True)
+"""
+
+STALE_SCRIPT = GC_SIGINT_PREAMBLE + r"""
+print("ready", flush=True)
+try:
+    del w                    # Ctrl-C during the release: delivered at the next call
+    i = 0
+    while i < 10 ** 10:      # no call here: a second Ctrl-C ends the loop first
+        i += 1
+    print("loop ended", flush=True)
+except KeyboardInterrupt:
+    print("KeyboardInterrupt", flush=True)   # the first interrupt must not land here
+print("after", flush=True)
+"""
+
+
+@pytest.mark.skipif(not POSIX, reason="sends SIGINT")
+@pytest.mark.parametrize("script", ["holder_del", "profiler"])
+def test_ctrl_c_during_a_collected_workers_close_reaches_the_code(script: str) -> None:
+    """The interrupt is raised at the first call outside every finalizer:
+    not inside an object's ``__del__`` that let the worker go (where the
+    interpreter would print "Exception ignored" and drop it), and through a
+    profile function the program had set, which stays set."""
+    source = HOLDER_DEL_SCRIPT if script == "holder_del" else PROFILER_SCRIPT
+    proc = subprocess.run([sys.executable, "-c", source], capture_output=True, text=True,
+                          timeout=SUBPROCESS_TIMEOUT)
+    assert "Exception ignored" not in proc.stderr, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[:1] == ["KeyboardInterrupt"], (proc.stdout, proc.stderr)
+    if script == "profiler":
+        assert lines[1:] == ["profiler kept"], proc.stdout
+
+
+@pytest.mark.skipif(not POSIX, reason="sends SIGINT")
+def test_a_second_ctrl_c_drops_the_interrupt_still_to_be_delivered() -> None:
+    """Ctrl-C during a collected worker's close, then code that makes no
+    call, then Ctrl-C again: the second interrupt ends the code, and the
+    first, still pending, is not raised into the handler of the second."""
+    proc = subprocess.Popen([sys.executable, "-c", STALE_SCRIPT], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)  # during the release
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)  # during the loop
+        out, err = proc.communicate(timeout=SUBPROCESS_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert out.splitlines() == ["KeyboardInterrupt", "after"], (out, err)
