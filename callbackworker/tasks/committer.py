@@ -247,14 +247,15 @@ class GroupCommitter:
 
 
 def _merge_starts(batch: List[Outcome], waited: Set[int]) -> List[Outcome]:
-    """``batch`` without the start records of tasks whose end is in it too
-    (that end counts the attempt itself; a start under an older claim's
-    token would be refused anyway), unless a thread waits for the start's
-    answer."""
-    ends = {o.task_id for o in batch if o.kind != "start"}
+    """``batch`` without the start records of runs whose end is in it too
+    (that end counts the attempt itself), unless a thread waits for the
+    start's answer.  A run is a task under one claim's token: the end of
+    an earlier claim of the same task does not stand for a new run's
+    start."""
+    ends = {(o.task_id, o.token) for o in batch if o.kind != "start"}
     if not ends or len(ends) == len(batch):
         return batch
-    return [o for o in batch if o.kind != "start" or o.task_id not in ends
+    return [o for o in batch if o.kind != "start" or (o.task_id, o.token) not in ends
             or id(o) in waited]
 
 
