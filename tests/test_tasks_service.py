@@ -10,8 +10,10 @@ test sleeps or depends on timing.
 from __future__ import annotations
 
 import os
+import time
 import socket
 import threading
+from pathlib import Path
 from typing import Iterator, List, Optional
 
 import pytest
@@ -821,3 +823,31 @@ def test_prefetch_claims_beyond_free_slots_and_close_gives_them_back(db: str, cl
     with TaskService(db, clock=clock, background=False) as reader:
         assert reader.get(ids[0])[:3] == ("completed", "", 1)
         assert [reader.get(i)[:3] for i in ids[1:]] == [("pending", "", 0)] * 3
+
+
+def test_claims_waiting_beyond_a_shrunken_window_are_given_back(tmp_path: Path) -> None:
+    """Quick tasks raise the default prefetch; the claim after them takes
+    the slow tasks queued behind by the dozen.  Those that wait beyond the
+    window the queue's new rate allows are given back (pending, for any
+    process) instead of being held here while one runs at a time."""
+    gate = threading.Event()
+
+    def handler(payload: memoryview) -> None:
+        if bytes(payload) == b"slow":
+            gate.wait(30)
+
+    with TaskService(str(tmp_path / "shed.db"), poll_ms=20) as svc:
+        svc.create_queue("q", QueueConfig(concurrency=1), handler=handler)
+        svc.enqueue_many("q", [b"fast"] * 3000 + [b"slow"] * 300)
+        peak, deadline = 0, time.monotonic() + 30
+        try:
+            while time.monotonic() < deadline:
+                counts = svc.counts()["q"]
+                peak = max(peak, counts["running"])
+                if counts["completed"] >= 3000 and counts["running"] <= 3:
+                    break
+                time.sleep(0.02)
+        finally:
+            gate.set()
+        assert peak > 3, "the prefetch never claimed beyond the window: nothing was tested"
+        assert counts["running"] <= 3, counts

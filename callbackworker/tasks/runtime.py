@@ -182,6 +182,12 @@ PREFETCH_HORIZON_S = 0.02
 PREFETCH_MAX = 1000
 """The most tasks the default prefetch claims beyond the free slots."""
 _RATE_EVERY_S = 0.02
+SHED_AFTER_S = 0.25
+"""Claimed tasks that have waited this long to run while more wait than
+their queue's window now holds (its tasks became slower, so its default
+prefetch shrank) are given back beyond the window: pending again, for any
+process to run."""
+_SHED_EVERY_S = 0.05
 
 
 @dataclass(eq=False)
@@ -209,7 +215,7 @@ class _Attempt:
     """The work item of one claimed task's job (``Worker.run_detached``)."""
 
     __slots__ = ("runtime", "queue", "task", "epoch", "timeout_ms", "started", "settled",
-                 "begun", "lease_until")
+                 "begun", "lease_until", "claimed", "seq")
 
     def __init__(self, runtime: "TaskRuntime", queue: _Queue, task: ClaimedTask,
                  epoch: int, lease_until: int) -> None:
@@ -222,6 +228,8 @@ class _Attempt:
         self.started = 0.0  # monotonic, when its run began
         self.settled = False  # its outcome is with the committer and it is counted out
         self.begun = 0.0  # monotonic, when its run began (for the events)
+        self.claimed = time.monotonic()
+        self.seq = 0  # claim order in the runtime
 
     def run(self) -> None:
         self.runtime._run(self)
@@ -261,6 +269,8 @@ class TaskRuntime:
         # counts of the earlier ones.
         self._epoch = 0
         self._active: Dict[int, int] = {}
+        self._claims = 0  # attempts tracked so far (their ``seq``)
+        self._next_shed = 0.0
         self._kicked = False
         self._closed = False
         self._worker: Optional[Worker] = None
@@ -341,6 +351,9 @@ class TaskRuntime:
         ``lease_until``), counted in flight and unstarted until they run
         (under ``_cond``)."""
         attempts = [_Attempt(self, queue, task, self._epoch, lease_until) for task in claimed]
+        for attempt in attempts:
+            self._claims += 1
+            attempt.seq = self._claims
         self._unstarted.update(attempts)
         self._held.update(task.id for task in claimed)
         self._active[self._epoch] = self._active.get(self._epoch, 0) + len(attempts)
@@ -356,11 +369,13 @@ class TaskRuntime:
         if self._completions is not None:
             self._completions.notify()
 
-    def _finished_locked(self, attempt: _Attempt) -> None:
+    def _finished_locked(self, attempt: _Attempt, ran: bool = True) -> None:
         """Counts ``attempt`` out of its queue's and its epoch's in-flight
-        counts (under ``_cond``; its outcome is with the committer)."""
+        counts (under ``_cond``; its outcome is with the committer), and
+        into the queue's rate if it ``ran``."""
         attempt.queue.in_flight -= 1
-        attempt.queue.finished += 1
+        if ran:
+            attempt.queue.finished += 1
         left = self._active[attempt.epoch] - 1
         if left:
             self._active[attempt.epoch] = left
@@ -458,6 +473,7 @@ class TaskRuntime:
         """Claims due tasks up to each queue's free slots and starts them.
         Returns how many started and how long (ms) until more may be due."""
         mono = time.monotonic()
+        self._shed_excess(mono)
         with self._cond:
             free = [(q, self._slots_locked(q, mono)) for q in self._queues.values()]
         started, wait_ms = 0, float(self._poll_ms)
@@ -533,12 +549,44 @@ class TaskRuntime:
             self._committer.put(Outcome(task.id, task.token, "release", "", now))
         with self._cond:
             for attempt in taken:
-                self._finished_locked(attempt)
+                self._finished_locked(attempt, ran=False)
+
+    def _shed_excess(self, mono: float) -> None:
+        """Gives back (``_give_back``) the newest claimed tasks waiting
+        beyond their queue's window once its oldest has waited
+        ``SHED_AFTER_S``: after a burst of quick tasks the default prefetch
+        may have claimed hundreds of slow ones, which other processes
+        should run.  Looked at every ``_SHED_EVERY_S``."""
+        if mono < self._next_shed:
+            return
+        self._next_shed = mono + _SHED_EVERY_S
+        excess: List[_Attempt] = []
+        with self._cond:
+            if self._closed or not self._unstarted:
+                return
+            waiting: Dict[str, List[_Attempt]] = {}
+            for attempt in self._unstarted:
+                waiting.setdefault(attempt.queue.name, []).append(attempt)
+            for attempts in waiting.values():
+                queue = attempts[0].queue
+                if mono - min(a.claimed for a in attempts) < SHED_AFTER_S:
+                    continue
+                running = queue.in_flight - len(attempts)
+                keep = max(0, queue.config.concurrency + self._prefetch_of(queue, mono) - running)
+                if len(attempts) > keep:
+                    attempts.sort(key=lambda a: a.seq)
+                    excess.extend(attempts[keep:])
+        if excess:
+            log.debug("gave back %d claimed task(s) waiting beyond their queues' windows",
+                      len(excess))
+            self._give_back(excess)
 
     def _run(self, attempt: _Attempt) -> None:
         """Runs one claimed task's handler (``_Attempt.run``, on a C thread)."""
         queue, task = attempt.queue, attempt.task
         with self._cond:
+            if attempt not in self._unstarted:
+                return  # given back unstarted (_shed_excess): its release is on its way
             self._unstarted.discard(attempt)
             closing = self._closed
             attempt.begun = time.monotonic()
