@@ -231,19 +231,26 @@ static int32_t ms_left(int32_t timeout_ms, int64_t deadline)
     return left <= 0 ? 0 : (int32_t)((left + 999999) / 1000000);
 }
 
-/* How often wait_for_last looks for a job of the batch that failed. */
-#define WAIT_MANY_LOOK_MS 1
+/* How often wait_for_last looks for a job of the batch that failed: after
+ * WAIT_MANY_LOOK_MIN_MS, then twice as long after each look that found no
+ * newly completed job in the batch, up to WAIT_MANY_LOOK_MAX_MS; a look
+ * that finds one starts over at the minimum. */
+#define WAIT_MANY_LOOK_MIN_MS 1
+#define WAIT_MANY_LOOK_MAX_MS 16
 
 /* The last job of ids[0..n) if every job there is known and none has
- * completed without success (else NULL); w->mu held. */
-static cbw__job *batch_last(cbw_worker *w, const int64_t *ids, size_t n)
+ * completed without success (else NULL), counting in *completed those that
+ * have completed; w->mu held. */
+static cbw__job *batch_last(cbw_worker *w, const int64_t *ids, size_t n, size_t *completed)
 {
     cbw__job *job = NULL;
     size_t i;
+    *completed = 0;
     for (i = 0; i < n; i++) {
         job = cbw__table_get(&w->table, ids[i]);
         if (job == NULL || (job->phase == CBW_PHASE_COMPLETED && job->status != CBW_STATUS_OK))
             return NULL;
+        *completed += job->phase == CBW_PHASE_COMPLETED;
     }
     return job;
 }
@@ -252,25 +259,32 @@ static cbw__job *batch_last(cbw_worker *w, const int64_t *ids, size_t n)
  * threads: waits for the batch's last job first.  The others mostly
  * complete before it, so the batch costs the caller one wake-up instead of
  * one per job (each of which would also contend with the running thread
- * for w->mu).  Every WAIT_MANY_LOOK_MS it looks again at the whole batch
- * and stops as soon as a job has failed, been taken or is unknown: the
- * in-order loop that follows then meets it as it would have, at most that
- * much later.  Called and returns with w->mu held. */
+ * for w->mu).  Every so often (WAIT_MANY_LOOK_MIN_MS backing off to
+ * WAIT_MANY_LOOK_MAX_MS while nothing in the batch completes, so a long
+ * wait costs few wake-ups) it looks again at the whole batch and stops as
+ * soon as a job has failed, been taken or is unknown: the in-order loop
+ * that follows then meets it as it would have, at most one interval later.
+ * Called and returns with w->mu held. */
 static void wait_for_last(cbw_worker *w, const int64_t *ids, size_t n, int32_t timeout_ms)
 {
     int64_t deadline = cbw__deadline_after_ms(timeout_ms);
-    int32_t left;
+    int32_t left, look = WAIT_MANY_LOOK_MIN_MS;
+    size_t completed, seen = 0;
     cbw__job *last;
     if (n < 2 || (cbw__self != NULL && cbw__self->w == w))
         return;
-    while (!w->stopping && (last = batch_last(w, ids, n)) != NULL &&
+    while (!w->stopping && (last = batch_last(w, ids, n, &completed)) != NULL &&
            last->phase != CBW_PHASE_COMPLETED) {
+        if (completed != seen)
+            look = WAIT_MANY_LOOK_MIN_MS;
+        seen = completed;
         left = ms_left(timeout_ms, deadline);
         if (left == 0)
             return;
-        if (wait_locked(w, last, left < 0 || left > WAIT_MANY_LOOK_MS ? WAIT_MANY_LOOK_MS : left) !=
-            CBW_ETIMEDOUT)
+        if (wait_locked(w, last, left < 0 || left > look ? look : left) != CBW_ETIMEDOUT)
             return;
+        if (look < WAIT_MANY_LOOK_MAX_MS)
+            look *= 2;
     }
 }
 

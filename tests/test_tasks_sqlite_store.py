@@ -8,6 +8,7 @@ import contextlib
 import re
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator, List, Mapping
 
@@ -17,6 +18,7 @@ from callbackworker.durable import CallbackRecord
 from callbackworker.errors import StorageBusyError
 from callbackworker.tasks.schema import SCHEMA_VERSION, expected_columns
 from callbackworker.tasks.sqlmanage import listing
+from callbackworker.tasks.sql import bounded_patience
 from callbackworker.tasks.sqlite import SQLiteTaskStore
 from callbackworker.tasks.storage import Outcome
 
@@ -126,6 +128,97 @@ def test_a_lock_held_past_patience_is_storage_busy_error(tmp_path: Path) -> None
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
+        store.close()
+
+
+_BOUND_S = 0.5
+"""The ``bounded_patience`` of the tests below: well under ``busy_timeout``
+(2 s), the wait one attempt used to make inside SQLite whatever the bound."""
+
+
+def _bounded_enqueue(store: SQLiteTaskStore, task_id: str,
+                     ended: List["tuple[str, float, BaseException | None]"]) -> None:
+    """``store.enqueue`` under ``bounded_patience(_BOUND_S)``; appends the
+    task id, the seconds it took and what it raised to ``ended``."""
+    started = time.monotonic()
+    try:
+        with bounded_patience(_BOUND_S):
+            store.enqueue("q", task_id, b"x", 0)
+        error = None
+    except BaseException as exc:  # noqa: BLE001 - reported by the caller
+        error = exc
+    ended.append((task_id, time.monotonic() - started, error))
+
+
+def test_concurrent_bounded_calls_on_a_locked_database_each_end_with_their_bound(
+        tmp_path: Path) -> None:
+    """Calls of several threads under ``bounded_patience`` (HTTP requests)
+    each give up about when their own bound runs out: none waits for the
+    store's lock while another call's retries, or SQLite's busy wait, run
+    past it.  (The limit is generous: twice the bound.)"""
+    path = tmp_path / "t.db"
+    store = SQLiteTaskStore(path, patience_s=3600)
+    store.ensure_queue("q")
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    ended: List["tuple[str, float, BaseException | None]"] = []
+    try:
+        callers = [threading.Thread(target=_bounded_enqueue, args=(store, f"t{i}", ended))
+                   for i in range(4)]
+        for caller in callers:
+            caller.start()
+        for caller in callers:
+            caller.join()
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    try:
+        assert len(ended) == 4
+        for task_id, took_s, error in ended:
+            assert isinstance(error, StorageBusyError), (task_id, error)
+            assert f"for {_BOUND_S:g} s" in str(error)
+            assert took_s < 2 * _BOUND_S, (task_id, took_s)
+        # SQLite's busy wait is back to the store's own for unbounded calls.
+        assert store._conn().execute("PRAGMA busy_timeout").fetchone()[0] == 2000
+        store.enqueue("q", "after", b"x", 0)
+    finally:
+        store.close()
+
+
+def test_a_bounded_call_behind_an_unbounded_one_ends_with_its_bound(tmp_path: Path) -> None:
+    """An unbounded call (a worker's, patient for the store's ``patience_s``)
+    retrying on a locked database does not hold a bounded call of another
+    thread past the bound; once the lock is released the unbounded call
+    succeeds."""
+    path = tmp_path / "t.db"
+    store = SQLiteTaskStore(path, patience_s=5)  # patient enough, and no hang before the fix
+    store.ensure_queue("q")
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    patient_errors: List[BaseException] = []
+
+    def patient() -> None:
+        try:
+            store.enqueue("q", "patient", b"x", 0)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            patient_errors.append(exc)
+
+    worker = threading.Thread(target=patient)
+    ended: List["tuple[str, float, BaseException | None]"] = []
+    try:
+        worker.start()
+        time.sleep(0.1)  # the patient call is in SQLite's busy wait, holding the store
+        _bounded_enqueue(store, "bounded", ended)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        worker.join()
+    try:
+        [(_, took_s, error)] = ended
+        assert took_s < 2 * _BOUND_S, took_s
+        assert isinstance(error, StorageBusyError) and f"for {_BOUND_S:g} s" in str(error)
+        assert patient_errors == [] and store.get("patient") is not None
+    finally:
         store.close()
 
 

@@ -3,9 +3,10 @@
 DESIGN
 
 * One connection per store, in autocommit mode, guarded by one lock: every
-  method takes the lock, so threads of one process never interleave
-  statements.  Other processes may open the same file; SQLite's file locks
-  arbitrate between them.
+  attempt of a method's transaction takes the lock, so threads of one
+  process never interleave statements; the pauses between retried attempts
+  hold no lock.  Other processes may open the same file; SQLite's file
+  locks arbitrate between them.
 * WAL journal: readers never block the writer.  ``durability="normal"``
   sets ``synchronous=NORMAL``: a committed transaction survives the process
   being killed (kill -9), but the last transactions before a power loss or
@@ -18,7 +19,10 @@ DESIGN
   still held, the whole transaction is rolled back and retried with
   exponential backoff by the loop both stores share
   (``SQLTaskStore._retry``), so "database is locked" never reaches a
-  caller (past ``patience_s`` it raises ``StorageBusyError``).
+  caller (past ``patience_s`` it raises ``StorageBusyError``).  Under
+  ``bounded_patience`` the wait for the store's lock and ``busy_timeout``
+  are cut to the time left, so a bounded call (an HTTP request) ends with
+  its bound even when queued behind this process's other calls.
 * What this store runs like the PostgreSQL one comes from
   ``sql.SQLTaskStore`` (statements kept by name, rendered in this store's
   ``_DIALECT``); its own are the per-kind settle statements and the
@@ -54,9 +58,9 @@ import threading
 from typing import (Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set,
                     TypeVar)
 
-from ..errors import UnknownQueueError
+from ..errors import StorageBusyError, UnknownQueueError
 from .schema import SCHEMA_VERSION
-from .sql import Dialect, SQLTaskStore, TransientError
+from .sql import Dialect, SQLTaskStore, TransientError, patience_left
 from .storage import Outcome, Waker, callback_record, place_suspension
 from .wakeups import FINISHED, WORK, WakeChannel
 
@@ -356,28 +360,60 @@ class SQLiteTaskStore(SQLTaskStore):
     def _atomic(self, body: Callable[[sqlite3.Connection], T]) -> T:
         """Runs ``body`` in one ``BEGIN IMMEDIATE`` transaction, retried as a
         whole on lock contention."""
-        with self._lock:
-            db = self._conn()
+        def transaction(db: sqlite3.Connection) -> T:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                result = body(db)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            return result
 
-            def attempt() -> T:
-                db.execute("BEGIN IMMEDIATE")
-                try:
-                    result = body(db)
-                    db.execute("COMMIT")
-                except BaseException:
-                    if db.in_transaction:
-                        db.execute("ROLLBACK")
-                    raise
-                return result
-
-            return self._retry(lambda: self._attempt(attempt))
+        return self._locked(transaction)
 
     _single = _atomic
 
     def _query(self, sql: str, params: Mapping[str, Any]) -> List[Any]:
-        with self._lock:
-            db = self._conn()
-            return self._retry(lambda: self._attempt(lambda: db.execute(sql, params).fetchall()))
+        return self._locked(lambda db: db.execute(sql, params).fetchall())
+
+    def _locked(self, body: Callable[[sqlite3.Connection], T]) -> T:
+        """``body`` on the connection through ``_retry``, the store's lock held
+        for each attempt only, so the retry loop's pauses leave the
+        connection to this process's other calls.  Under
+        ``bounded_patience`` the wait for the lock and SQLite's own wait for
+        a file lock (``busy_timeout``) both end with the bound: a call
+        queued behind others gives up with ``StorageBusyError`` when its
+        bound runs out, never when theirs do."""
+        bound = patience_left()
+        if bound is None:
+            def attempt() -> T:
+                with self._lock:
+                    return self._attempt(lambda: body(self._conn()))
+            return self._retry(attempt)
+
+        def bounded_attempt() -> T:
+            if not self._lock.acquire(timeout=patience_left() or 0.0):
+                raise StorageBusyError(
+                    f"{self.path}: the store stayed busy with this process's other calls for "
+                    f"{round(min(bound, self._patience_s), 1):g} s")
+            try:
+                return self._attempt(lambda: self._within_bound(body))
+            finally:
+                self._lock.release()
+        return self._retry(bounded_attempt)
+
+    def _within_bound(self, body: Callable[[sqlite3.Connection], T]) -> T:
+        """``body`` with SQLite's wait for a file lock cut to the time left
+        under ``bounded_patience`` (the caller holds the store's lock)."""
+        db = self._conn()
+        wait_ms = min(_BUSY_TIMEOUT_MS, int((patience_left() or 0.0) * 1000))
+        db.execute(f"PRAGMA busy_timeout={wait_ms}")
+        try:
+            return body(db)
+        finally:
+            db.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
 
     # ---- producing -----------------------------------------------------
 
