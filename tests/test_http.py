@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Iterator, List, NamedTuple
 
@@ -18,6 +19,7 @@ import httpx
 import pytest
 import uvicorn
 from starlette.applications import Starlette
+from starlette.testclient import TestClient
 
 import callbackworker
 from callbackworker import CallbackFailedError, TaskClient, TaskService
@@ -495,3 +497,43 @@ def test_serve_signals_a_task_and_stops_gracefully(tmp_path: Path) -> None:
             _stop(proc)
         service._dispatch_once()
         assert service.get(task).message == "approved via cli"
+
+
+R1_TOKEN = "a-token-long-enough-for-serve-32-chars"
+
+
+def test_a_request_is_answered_within_its_bound_while_the_service_waits_for_a_lock(
+        tmp_path: Path) -> None:
+    """The app's service also serves a queue, and another connection holds
+    the database's write lock: the dispatcher's claim retries, but the store's
+    own lock is held per attempt, not across its retries, so a request is
+    answered (a WAL read) or refused with 503 within its bound.  It waited
+    for the store's lock up to the store's whole patience (60 s)."""
+    db = tmp_path / "t.db"
+    svc = TaskService(db, poll_ms=20)
+
+    @svc.task(queue="q", name="jobs.x")
+    def x() -> int:
+        return 1
+
+    task = x.enqueue()
+    svc.serve(["q"])
+    blocker = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    release = threading.Timer(15, lambda: blocker.execute("ROLLBACK"))
+    try:
+        client = TestClient(create_app(svc, R1_TOKEN))
+        auth = {"Authorization": f"Bearer {R1_TOKEN}"}
+        assert client.get(f"/v1/tasks/{task}", headers=auth).status_code == 200
+        blocker.execute("BEGIN IMMEDIATE")
+        release.start()
+        time.sleep(0.5)  # the dispatcher's next claim waits for the lock, in the store's lock
+        began = time.monotonic()
+        r = client.get(f"/v1/tasks/{task}", headers=auth)
+        took = time.monotonic() - began
+        assert r.status_code in (200, 503) and took < REQUEST_PATIENCE_S + 3, (r.status_code, took)
+    finally:
+        release.cancel()
+        if blocker.in_transaction:
+            blocker.execute("ROLLBACK")
+        blocker.close()
+        svc.close()
