@@ -1166,23 +1166,36 @@ w.close()
 """
 
 
-@pytest.mark.skipif(not POSIX, reason="sends SIGINT")
-@pytest.mark.parametrize("verb", ["wait", "wait_complete", "wait_timeout", "wait_drained"])
-def test_keyboard_interrupt_while_the_main_thread_waits(verb: str) -> None:
-    proc = subprocess.Popen([sys.executable, "-c", SIGINT_SCRIPT, verb],
+def _interrupt(script: str, *args: str, pauses: Tuple[float, ...] = (0.5,)
+               ) -> Tuple[int, str, str, float]:
+    """Runs ``script`` (which prints "ready" first), sends it SIGINT after
+    each of ``pauses`` (seconds) and returns its exit status, stdout,
+    stderr and when the first SIGINT was sent (CLOCK_MONOTONIC, shared
+    with the child)."""
+    proc = subprocess.Popen([sys.executable, "-c", script, *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "ready"
-        time.sleep(0.5)
-        sent = time.monotonic()  # CLOCK_MONOTONIC: shared with the child
-        proc.send_signal(signal.SIGINT)
+        sent = 0.0
+        for i, pause in enumerate(pauses):
+            time.sleep(pause)
+            if i == 0:
+                sent = time.monotonic()
+            proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=SUBPROCESS_TIMEOUT)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 0, err
+    return proc.returncode, out, err, sent
+
+
+@pytest.mark.skipif(not POSIX, reason="sends SIGINT")
+@pytest.mark.parametrize("verb", ["wait", "wait_complete", "wait_timeout", "wait_drained"])
+def test_keyboard_interrupt_while_the_main_thread_waits(verb: str) -> None:
+    returncode, out, err, sent = _interrupt(SIGINT_SCRIPT, verb)
+    assert returncode == 0, err
     assert "Traceback" not in err, err
     lines = out.splitlines()
     assert lines[0].startswith("KeyboardInterrupt "), out
@@ -1248,20 +1261,8 @@ def test_keyboard_interrupt_while_the_main_thread_closes(verb: str) -> None:
     in the code that let the worker go, not printed as "Exception ignored"
     and dropped); the close goes on in the background and the interpreter
     still exits cleanly."""
-    proc = subprocess.Popen([sys.executable, "-c", CLOSE_SIGINT_SCRIPT, verb],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "ready"
-        time.sleep(0.5)
-        sent = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=SUBPROCESS_TIMEOUT)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, err
+    returncode, out, err, sent = _interrupt(CLOSE_SIGINT_SCRIPT, verb)
+    assert returncode == 0, err
     assert "Traceback" not in err, err
     lines = out.splitlines()
     assert "Exception ignored" not in err, err
@@ -1457,19 +1458,6 @@ def test_a_second_ctrl_c_drops_the_interrupt_still_to_be_delivered() -> None:
     """Ctrl-C during a collected worker's close, then code that makes no
     call, then Ctrl-C again: the second interrupt ends the code, and the
     first, still pending, is not raised into the handler of the second."""
-    proc = subprocess.Popen([sys.executable, "-c", STALE_SCRIPT], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "ready"
-        time.sleep(0.5)
-        proc.send_signal(signal.SIGINT)  # during the release
-        time.sleep(1.0)
-        proc.send_signal(signal.SIGINT)  # during the loop
-        out, err = proc.communicate(timeout=SUBPROCESS_TIMEOUT)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, err
+    returncode, out, err, _ = _interrupt(STALE_SCRIPT, pauses=(0.5, 1.0))  # release, loop
+    assert returncode == 0, err
     assert out.splitlines() == ["KeyboardInterrupt", "after"], (out, err)
