@@ -29,7 +29,8 @@ from typing import Any, Callable, List
 from . import _native
 from ._native import lib
 
-__all__ = ["live_workers", "live_services", "on_fork_in_child", "off_the_main_thread", "EXIT_GRACE_MS"]
+__all__ = ["live_workers", "live_services", "on_fork_in_child", "off_the_main_thread",
+           "wait_in_finalizer", "EXIT_GRACE_MS"]
 
 EXIT_GRACE_MS = 200
 """How long exit waits for a worker's busy threads before abandoning them."""

@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 from typing import List
 
+from .. import _lifecycle
+
 __all__ = ["new_task_id", "new_task_ids"]
 
 BATCH = 256
@@ -51,5 +53,4 @@ def _draw(n: int) -> List[str]:
     return [text[i:i + 32] for i in range(0, 32 * n, 32)]
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_spare.clear)
+_lifecycle.on_fork_in_child(_spare.clear)
