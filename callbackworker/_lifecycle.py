@@ -151,16 +151,15 @@ def _deliver_after_finalizers(exc: BaseException, finalizer_code: Any) -> None:
     alone and removed as it raises.  Finalizers are the worker's own
     (``finalizer_code``), ``weakref.finalize`` and a ``WeakSet``'s
     bookkeeping, and any ``__del__``: the collector may run this inside one,
-    or run others after it.  A newer ``KeyboardInterrupt`` being handled
-    when the hook fires means the user pressed Ctrl-C again: the old one is
-    dropped rather than raised into their handler.  A profile function
-    already set in Python is kept (a profile function that raises is
-    unset): it is called first, and outside the finalizers the hook has
+    or run others after it.  While it is pending, SIGINT's handler is
+    wrapped: a newer Ctrl-C drops it (it is stale) and is handled as
+    usual, so it never lands in the handler of the newer one.  A profile
+    function already set in Python is kept (a profile function that raises
+    is unset): it is called first, and outside the finalizers the hook has
     SIGINT sent to this thread from another, which lands as soon as this
     one lets it run (a blocking call, or the interpreter's switch
-    interval).  A profiler
-    written in C (``cProfile``) cannot be chained: the interrupt is asked
-    for at once, and a finalizer may still drop it."""
+    interval).  A profiler written in C (``cProfile``) cannot be chained:
+    the interrupt is asked for at once, and a finalizer may still drop it."""
     import _thread
     import signal
 
@@ -173,19 +172,40 @@ def _deliver_after_finalizers(exc: BaseException, finalizer_code: Any) -> None:
             and not inspect.ismethod(previous):
         _thread.interrupt_main()
         return
+    try:
+        handler = signal.getsignal(signal.SIGINT)
+    except ValueError:  # not the main interpreter: no handler to wrap
+        handler = None
+
+    stale = []
+
+    def restore_handler() -> None:
+        if callable(handler) and signal.getsignal(signal.SIGINT) is on_sigint:
+            signal.signal(signal.SIGINT, handler)
+
+    def on_sigint(signum: int, frame: Any) -> Any:
+        # A newer Ctrl-C: the pending interrupt is stale.  The hook removes
+        # itself at its next call (Python 3.13 mishandles the exception
+        # below if the profile function changes in a signal handler).
+        stale.append(True)
+        restore_handler()
+        return handler(signum, frame)  # type: ignore[misc]
+
+    inside.add(on_sigint.__code__)  # Python 3.13 profiles the signal handler's call
 
     def watch(frame: Any, event: str, arg: Any) -> None:
         if previous is not None:
             previous(frame, event, arg)
+        if stale:
+            sys.setprofile(previous)
+            return
         scan = frame
         while scan is not None:
             if scan.f_code in inside or scan.f_code.co_name == "__del__":
                 return
             scan = scan.f_back
         sys.setprofile(previous)
-        handling = sys.exc_info()[1]
-        if isinstance(handling, KeyboardInterrupt) and handling is not exc:
-            return  # a newer Ctrl-C is being handled: this one is stale
+        restore_handler()
         if previous is None:
             raise exc
         # Raising here would unset the program's profiler; a signal sent
@@ -196,3 +216,5 @@ def _deliver_after_finalizers(exc: BaseException, finalizer_code: Any) -> None:
             _thread.interrupt_main()
 
     sys.setprofile(watch)
+    if callable(handler):
+        signal.signal(signal.SIGINT, on_sigint)

@@ -1454,6 +1454,10 @@ def test_ctrl_c_during_a_collected_workers_close_reaches_the_code(script: str) -
 
 
 @pytest.mark.skipif(not POSIX, reason="sends SIGINT")
+@pytest.mark.skipif(sys.version_info[:2] == (3, 13),
+                    reason="CPython 3.13: while any profile function is set, a "
+                           "KeyboardInterrupt a signal raises in a loop escapes the "
+                           "enclosing try (exit 130), with or without this package")
 def test_a_second_ctrl_c_drops_the_interrupt_still_to_be_delivered() -> None:
     """Ctrl-C during a collected worker's close, then code that makes no
     call, then Ctrl-C again: the second interrupt ends the code, and the
