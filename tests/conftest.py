@@ -10,7 +10,7 @@ from typing import Iterator
 import pytest
 
 import callbackworker
-from callbackworker import Worker
+from callbackworker import TaskService, Worker
 from helpers import FakeClock
 
 SOURCE_PACKAGE = Path(__file__).resolve().parents[1] / "callbackworker"
@@ -111,3 +111,14 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "postgresql":
         return str(request.getfixturevalue("pg_schema_dsn"))
     return str(tmp_path / "tasks.db")
+
+
+@pytest.fixture
+def service(db: str, clock: FakeClock) -> Iterator[TaskService]:
+    """A ``TaskService`` on ``db`` and ``clock`` with no background thread
+    (tests dispatch by hand); files may override it."""
+    s = TaskService(db, clock=clock, background=False)
+    try:
+        yield s
+    finally:
+        s.close()

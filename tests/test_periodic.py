@@ -5,7 +5,7 @@ refused at registration."""
 
 from __future__ import annotations
 
-from typing import Iterator, List
+from typing import List
 
 import pytest
 
@@ -14,16 +14,6 @@ from callbackworker.tasks.scheduler import ScheduleInfo
 from helpers import FakeClock, epoch_ms as ms
 
 MINUTE = 60_000
-
-
-
-@pytest.fixture
-def service(db: str, clock: FakeClock) -> Iterator[TaskService]:
-    s = TaskService(db, clock=clock, background=False)
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def test_a_periodic_task_runs_with_its_arguments_at_each_tick(service: TaskService,

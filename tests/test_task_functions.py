@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any, Iterator, List
+from typing import Any, List
 
 import pytest
 
@@ -19,15 +19,6 @@ from callbackworker import (NoRetry, QueueConfig, Retry, ServiceClosedError, Tas
                             TaskService)
 
 from helpers import FakeClock
-
-
-@pytest.fixture
-def service(db: str, clock: FakeClock) -> Iterator[TaskService]:
-    s = TaskService(db, clock=clock, background=False)
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def result_of(service: TaskService, task_id: str) -> Any:

@@ -14,7 +14,7 @@ import time
 import socket
 import threading
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import List, Optional
 
 import pytest
 
@@ -42,15 +42,6 @@ def open_store(db: str) -> TaskStore:
     """A second handle on the service's database, as another process would
     open it."""
     return open_task_store(db, "normal")
-
-
-@pytest.fixture
-def service(db: str, clock: FakeClock) -> Iterator[TaskService]:
-    s = TaskService(db, clock=clock, background=False)
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def ok(payload: memoryview) -> str:
