@@ -396,17 +396,10 @@ class TaskRuntime:
             self._dispatcher.join()
         if self._worker is not None:
             self._worker.close()  # running handlers finish; queued jobs never run
-        now = self._now()
-        with self._cond:
-            unstarted = list(self._unstarted)
-            self._unstarted.clear()
         if self._committer is not None:
-            for attempt in unstarted:  # their jobs never run: give them back
-                task = attempt.task
-                self._committer.put(Outcome(task.id, task.token, "release", "", now))
             with self._cond:
-                for attempt in unstarted:
-                    self._finished_locked(attempt)
+                unstarted = list(self._unstarted)
+            self._give_back(unstarted)  # their jobs never run
             self._committer.close()
 
     def _kick(self) -> None:
