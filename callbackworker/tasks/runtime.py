@@ -479,7 +479,7 @@ class TaskRuntime:
                                         lease_ms=self._lease_ms, delay_ms=queue.config.delay_ms)
             self._start(queue, claimed, now + self._lease_ms)
             started += len(claimed)
-            if len(claimed) < slots:
+            if len(claimed) < slots and not self._kicked:  # kicked: no sleep after this pass
                 due = self._store.next_due(queue.name)
                 if due is not None:
                     wait_ms = min(wait_ms, max(0, due - now))
