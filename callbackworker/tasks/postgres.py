@@ -14,11 +14,12 @@ DESIGN
   kept by name in ``_STATEMENTS``.  Nearly every method is one SQL
   statement, hence atomic on its own in autocommit mode and one round trip:
   enqueue is one ``INSERT … SELECT FROM unnest(…)`` for the whole batch, a
-  group commit is one ``UPDATE … FROM json_array_elements(…)`` for every
-  outcome (one JSON text dumps faster than eight list parameters),
-  recovery one ``UPDATE`` that decides per row between retry and failure.  A claim under
-  ``delay_ms`` (below), a cancel, a group commit holding a suspension and a
-  callback signal (below) are explicit transactions.
+  group commit is one ``UPDATE … FROM jsonb_array_elements(…)`` for every
+  outcome (one JSON text dumps faster than eight list parameters, and the
+  server parses it once as ``jsonb``), recovery one ``UPDATE`` that
+  decides per row between retry and failure.  A claim under ``delay_ms``
+  (below), a cancel, a group commit holding a suspension and a callback
+  signal (below) are explicit transactions.
 * Claims.  ``UPDATE … WHERE seq IN (SELECT seq … ORDER BY next_run_at, seq
   LIMIT n FOR UPDATE SKIP LOCKED) RETURNING …``: concurrent claimers on any
   host skip each other's rows instead of waiting, and no row is handed out
@@ -121,14 +122,18 @@ def _notifying(update: str) -> str:
 
 # A batch of starts or outcomes travels as one JSON parameter, an array of
 # arrays: psycopg dumps a list parameter element by element in Python,
-# json.dumps works in C.
+# json.dumps works in C.  The server reads it as ``jsonb``, parsed once
+# (``->>`` on ``json`` parses the element's text again at every use), and
+# ``OFFSET 0`` keeps the subquery from being flattened, so that each field
+# is extracted once per row rather than once per ``CASE`` that reads it:
+# together a fifth of a settle's server time.
 _START = """
         UPDATE {{tasks}} t SET started_at = o.at,
                lease_expires_at = coalesce(o.lease_until, t.lease_expires_at),
                attempt = t.attempt + (t.started_at IS NULL AND t.awaiting IS NULL)::int
         FROM {quick}(SELECT v->>0 AS id, v->>1 AS token, (v->>2)::bigint AS at,
                             (v->>3)::bigint AS lease_until
-                     FROM json_array_elements(:batch::json) AS e(v)) AS o
+                     FROM jsonb_array_elements(:batch::jsonb) AS e(v) OFFSET 0) AS o
         WHERE t.id = o.id AND t.token = o.token AND t.status = {{RUNNING}}
         RETURNING t.id, o.token"""
 
@@ -181,7 +186,7 @@ _STATEMENTS = {
         FROM (SELECT v->>0 AS id, v->>1 AS token, v->>2 AS kind, v->>3 AS message,
                      (v->>4)::bigint AS at, v->>5 AS awaiting, v->>6 AS result,
                      v->>7 AS traceback
-              FROM json_array_elements(:batch::json) AS e(v)) AS o
+              FROM jsonb_array_elements(:batch::jsonb) AS e(v) OFFSET 0) AS o
         WHERE t.id = o.id AND t.token = o.token AND t.status = {RUNNING}
         RETURNING t.id, o.token, t.queue, t.status),
         woken AS (
