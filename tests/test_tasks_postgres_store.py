@@ -215,6 +215,31 @@ def test_only_a_batch_of_starts_alone_skips_the_servers_flush(
     assert statements and not any("synchronous_commit" in q for q in statements)
 
 
+def test_a_claim_alone_skips_the_servers_flush_but_not_a_spaced_one(
+        store: PostgresTaskStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain claim commits with ``synchronous_commit = off``; a claim
+    under ``delay_ms`` (which moves the queue's next start in the same
+    transaction) keeps the server's setting, so the gap survives a crash."""
+    store.ensure_queue("q")
+    store.enqueue_many("q", [("a", b""), ("b", b"")], now=0)
+    statements: List[str] = []
+    execute = psycopg.Connection.execute
+
+    def spy(self: psycopg.Connection, query: str, *args: object, **kwargs: object) -> object:
+        statements.append(str(query))
+        return execute(self, query, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(psycopg.Connection, "execute", spy)
+    a, = store.claim("q", owner="me", limit=1, now=0, lease_ms=60_000)
+    assert a.id == "a"
+    assert len(statements) == 1 and "synchronous_commit" in statements[0]
+    statements.clear()
+    b, = store.claim("q", owner="me", limit=5, now=0, lease_ms=60_000, delay_ms=1000)
+    assert b.id == "b" and b.token != a.token
+    assert statements and not any("synchronous_commit" in q for q in statements)
+    assert store.settle([Outcome(a.id, a.token, "complete", "", 1)]) == [True]
+
+
 # ---- transient failures -----------------------------------------------------
 
 def test_serialization_failure_in_a_completion_is_retried(store: PostgresTaskStore) -> None:

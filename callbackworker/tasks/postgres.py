@@ -79,10 +79,16 @@ DESIGN
   and bumps the version in the same transaction, so hosts starting at once
   migrate exactly once and the others wait, then see the new version.
 * Durability is the server's: a commit that returned is as durable as its
-  ``synchronous_commit`` and ``fsync`` settings make it.
-  ``durability="full"`` sets ``synchronous_commit = on`` on the store's
-  connections (the commit is flushed to disk before it returns, whatever
-  the server's default); ``"normal"`` keeps the server's default.
+  ``synchronous_commit`` and ``fsync`` settings make it.  Two records
+  commit without waiting for the flush, whatever the setting: a claim
+  without ``delay_ms`` and a batch of starts alone (``claim``,
+  ``settle``).  Only a crash of the server can lose them, and losing one
+  costs at most a run's count and, for a claim, a run again (execution is
+  at-least-once anyway); any later commit that waits for the flush
+  flushes them too.  ``durability="full"`` sets ``synchronous_commit =
+  on`` on the store's connections (every other commit is flushed to disk
+  before it returns, whatever the server's default); ``"normal"`` keeps
+  the server's default.
 """
 
 from __future__ import annotations
@@ -91,6 +97,7 @@ import json
 import logging
 import math
 import threading
+import uuid
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, TypeVar
 
 from ..errors import UnknownQueueError
@@ -98,7 +105,8 @@ from .dsn import redact_dsn  # re-exported: listed in __all__
 from .pgconn import CHANNEL, Listener, Pool, is_transient, psycopg, require_psycopg
 from .schema import SCHEMA_VERSION
 from .sql import STATEMENTS, Dialect, SQLTaskStore, TransientError, patience_left
-from .storage import CALLBACK_COLUMNS, Outcome, Waker, callback_record, place_suspension
+from .storage import (CALLBACK_COLUMNS, ClaimedTask, Outcome, Waker, callback_record,
+                      place_suspension)
 
 if psycopg is not None:
     from psycopg import errors as pg_errors
@@ -136,6 +144,10 @@ _START = """
                      FROM jsonb_array_elements(:batch::jsonb) AS e(v) OFFSET 0) AS o
         WHERE t.id = o.id AND t.token = o.token AND t.status = {{RUNNING}}
         RETURNING t.id, o.token"""
+
+# A one-row join that makes the transaction of the statement it is joined
+# to commit without waiting for the server's flush (``settle``, ``claim``).
+_QUICK = "(SELECT set_config('synchronous_commit', 'off', true) AS setting) AS quick"
 
 _STATEMENTS = {
     # A signal that wakes a suspended task notifies its queue.
@@ -198,8 +210,10 @@ _STATEMENTS = {
     # waiting for the flush (see ``settle``); ``quick`` is a one-row join so
     # that it is set.  Beside outcomes, it must not be.
     "start": _START.format(quick=""),
-    "start_quick": _START.format(
-        quick="(SELECT set_config('synchronous_commit', 'off', true) AS setting) AS quick, "),
+    "start_quick": _START.format(quick=_QUICK + ", "),
+    # A claim alone in its transaction commits without waiting for the
+    # flush either (see ``claim``).
+    "claim_quick": STATEMENTS["claim"].replace("WHERE seq IN", f"FROM {_QUICK} WHERE seq IN", 1),
     # The second half of a suspension, run after "settle" in its
     # transaction, with the callbacks read afresh (``_suspensions``): the
     # task is due when its callback expires (NEVER: only a signal wakes
@@ -539,6 +553,35 @@ class PostgresTaskStore(SQLTaskStore):
             raise UnknownQueueError(queue) from None
 
     # ---- consuming -----------------------------------------------------
+
+    def claim(self, queue: str, *, owner: str, limit: int, now: int, lease_ms: int,
+              delay_ms: int = 0) -> List[ClaimedTask]:
+        """See ``TaskStore.claim``.  Without ``delay_ms`` the claim is one
+        statement that commits without waiting for the server's flush
+        (``synchronous_commit = off`` for its transaction), as starts do:
+        the server's CPU and the dispatcher's wait for that flush were a
+        good part of a task's cost.  Nothing a claim records needs it: the
+        commit is visible to every other claimer at once (no task is handed
+        out twice), and only a crash of the server can lose it, which puts
+        its tasks back as they were before the claim, their attempts not
+        counted; a run that began meanwhile ends with an outcome that no
+        longer matches and is rejected, and the task runs again, as after
+        any lost claim.  A later commit that waits for the flush (an
+        outcome of one of those tasks, say) flushes the claim with it, as
+        the server's log is written in order.  Under ``delay_ms`` the claim
+        and the move of the queue's next start commit with the server's
+        setting, so that the gap between starts survives a crash."""
+        if delay_ms > 0 or limit <= 0:
+            return super().claim(queue, owner=owner, limit=limit, now=now, lease_ms=lease_ms,
+                                 delay_ms=delay_ms)
+        token = uuid.uuid4().hex  # unique per claim; a task appears once in a claim
+        params = {"owner": owner, "expires": now + lease_ms, "token": token, "queue": queue,
+                  "now": now, "limit": limit}
+        sql = _DIALECT.sql("claim_quick")
+        rows = self._run(lambda conn: list(conn.execute(sql, params).fetchall()))
+        rows.sort(key=lambda r: (-r[0], r[1], r[2]))  # claim order
+        return [ClaimedTask(r[3], bytes(r[4]), r[5], token, r[6], r[7], bool(r[8]))
+                for r in rows]
 
     starts_apart = True
 
