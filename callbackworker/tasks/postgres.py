@@ -578,7 +578,7 @@ class PostgresTaskStore(SQLTaskStore):
         params = {"owner": owner, "expires": now + lease_ms, "token": token, "queue": queue,
                   "now": now, "limit": limit}
         sql = _DIALECT.sql("claim_quick")
-        rows = self._run(lambda conn: list(conn.execute(sql, params).fetchall()))
+        rows = self._run(lambda conn: list(conn.execute(sql, params, prepare=True).fetchall()))
         rows.sort(key=lambda r: (-r[0], r[1], r[2]))  # claim order
         return [ClaimedTask(r[3], bytes(r[4]), r[5], token, r[6], r[7], bool(r[8]))
                 for r in rows]
@@ -612,10 +612,11 @@ class PostgresTaskStore(SQLTaskStore):
         suspends = [o for o in ends if o.kind == "suspend"]
 
         def statements(conn: "psycopg.Connection[Any]") -> "tuple[List[Any], List[Any]]":
-            started = conn.execute(start_sql, start_params).fetchall() if starts else []
+            started = (conn.execute(start_sql, start_params, prepare=True).fetchall()
+                       if starts else [])
             if not ends:
                 return started, []
-            rows = conn.execute(sql, params).fetchall()
+            rows = conn.execute(sql, params, prepare=True).fetchall()
             if suspends:
                 # The second statement reads the callbacks after the first
                 # holds the tasks' rows, so a signal either committed before
