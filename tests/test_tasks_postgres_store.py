@@ -5,6 +5,7 @@ through LISTEN/NOTIFY that survive a dropped connection."""
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import threading
@@ -191,6 +192,42 @@ def test_closed_store_refuses_use(pg_schema_dsn: str) -> None:
 
 
 # ---- starts ------------------------------------------------------------------
+
+def _rows_read_from_tasks(plan: dict) -> int:
+    """The most rows any one scan of ``cbw_tasks`` in ``plan`` (EXPLAIN
+    ANALYZE's JSON) returned in one loop."""
+    most = plan.get("Actual Rows", 0) if plan.get("Relation Name") == "cbw_tasks" and \
+        plan.get("Node Type") != "ModifyTable" else 0
+    return max([most, *(_rows_read_from_tasks(p) for p in plan.get("Plans", []))])
+
+
+@pytest.mark.parametrize("kind", ["start", "complete"])
+def test_a_settle_reads_only_the_tasks_it_settles(store: PostgresTaskStore, kind: str) -> None:
+    """Many tasks running for other workers: a settle finds its own
+    through their ids, never scanning the others."""
+    store.ensure_queue("q")
+    store.ensure_queue("busy")
+    store.enqueue_many("busy", [(f"b{i}", b"") for i in range(400)], now=0)
+    assert len(store.claim("busy", owner="other", limit=400, now=0, lease_ms=60_000)) == 400
+    store.enqueue_many("q", [("a", b""), ("b", b"")], now=0)
+    mine = store.claim("q", owner="me", limit=2, now=0, lease_ms=60_000)
+    if kind == "start":
+        sql = postgres._DIALECT.sql("start")
+        params = {"batch": json.dumps([[t.id, t.token, 1, None] for t in mine])}
+    else:
+        sql = postgres._DIALECT.sql("settle")
+        params = {"batch": json.dumps([[t.id, t.token, "complete", "", 1, "", None, None]
+                                       for t in mine]), "channel": postgres.CHANNEL}
+
+    def explain(conn: psycopg.Connection) -> dict:
+        conn.execute("ANALYZE cbw_tasks")
+        with conn.transaction(force_rollback=True):
+            row = conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + sql, params).fetchone()
+        assert row is not None
+        return row[0][0]["Plan"]
+
+    assert _rows_read_from_tasks(store._run(explain)) <= len(mine)
+
 
 def test_only_a_batch_of_starts_alone_skips_the_servers_flush(
         store: PostgresTaskStore, monkeypatch: pytest.MonkeyPatch) -> None:
