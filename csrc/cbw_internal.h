@@ -197,6 +197,10 @@ struct cbw_worker {
     int64_t timer_wake_ns;     /* when it will next look; INT64_MIN: awake */
     int64_t completions;       /* jobs ever completed (spinning waiters watch
                                   it); written with cbw__atomic_add */
+    int32_t batch_waiters;     /* callers of wait_many waiting for a batch's
+                                  last job */
+    int64_t unsuccessful;      /* jobs ever completed without success while
+                                  batch_waiters > 0: wakes those callers */
     uint8_t manual_clock;      /* route schedules read clock_ns, not the OS */
     int64_t clock_ns;
 };

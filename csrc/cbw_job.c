@@ -59,6 +59,14 @@ void cbw__job_complete(cbw_worker *w, cbw__job *job, int status, const char *why
         job->error = cbw__strdup(why); /* on ENOMEM the text stays empty */
     if (job->waiters > 0)
         cbw__cond_broadcast(&w->waitc[(uint64_t)job->run.id % CBW__WAIT_STRIPES]);
+    if (status != CBW_STATUS_OK && w->batch_waiters > 0) {
+        /* A wait_many caller sleeps on its batch's last job, whichever
+         * stripe that is: wake them all to look at their batches. */
+        int i;
+        w->unsuccessful++;
+        for (i = 0; i < CBW__WAIT_STRIPES; i++)
+            cbw__cond_broadcast(&w->waitc[i]);
+    }
     if (job->flags & CBW_JOB_NOTIFY) {
         job->flags &= (uint8_t)~CBW_JOB_NOTIFY;
         w->done_ids[w->done_len++] = job->run.id;

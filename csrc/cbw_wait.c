@@ -109,7 +109,20 @@ static void spin_for_completion(cbw_worker *w, int64_t deadline)
  * job under the waiter.  Called and returns with w->mu held; afterwards the
  * caller must look the job up again by id (another thread may have taken
  * it, and ids are never reused). */
+static int wait_watching(cbw_worker *w, cbw__job *job, int32_t timeout_ms,
+                         const int64_t *unsuccessful);
+
 static int wait_locked(cbw_worker *w, cbw__job *job, int32_t timeout_ms)
+{
+    return wait_watching(w, job, timeout_ms, NULL);
+}
+
+/* wait_locked that, given unsuccessful (the value of w->unsuccessful the
+ * caller last saw, the caller counted in w->batch_waiters), also returns
+ * CBW_ETIMEDOUT as soon as some job of the worker completes without
+ * success. */
+static int wait_watching(cbw_worker *w, cbw__job *job, int32_t timeout_ms,
+                         const int64_t *unsuccessful)
 {
     cbw__cond *c = &w->waitc[(uint64_t)job->run.id % CBW__WAIT_STRIPES];
     cbw__thread_rec *self = cbw__self;
@@ -136,7 +149,8 @@ static int wait_locked(cbw_worker *w, cbw__job *job, int32_t timeout_ms)
     }
     if (job->phase != CBW_PHASE_COMPLETED && !w->stopping)
         spin_for_completion(w, deadline);
-    while (job->phase != CBW_PHASE_COMPLETED && !w->stopping)
+    while (job->phase != CBW_PHASE_COMPLETED && !w->stopping &&
+           (unsuccessful == NULL || *unsuccessful == w->unsuccessful))
         if (cbw__cond_wait_until(c, &w->mu, deadline))
             break;
     if (own)
@@ -231,26 +245,23 @@ static int32_t ms_left(int32_t timeout_ms, int64_t deadline)
     return left <= 0 ? 0 : (int32_t)((left + 999999) / 1000000);
 }
 
-/* How often wait_for_last looks for a job of the batch that failed: after
- * WAIT_MANY_LOOK_MIN_MS, then twice as long after each look that found no
- * newly completed job in the batch, up to WAIT_MANY_LOOK_MAX_MS; a look
- * that finds one starts over at the minimum. */
-#define WAIT_MANY_LOOK_MIN_MS 1
-#define WAIT_MANY_LOOK_MAX_MS 16
+/* How often wait_for_last looks again at its whole batch for a job that
+ * another thread took meanwhile (the only change no completion signals):
+ * after WAIT_MANY_LOOK_MIN_MS, then twice as long after each look, up to
+ * WAIT_MANY_LOOK_MAX_MS. */
+#define WAIT_MANY_LOOK_MIN_MS 16
+#define WAIT_MANY_LOOK_MAX_MS 256
 
 /* The last job of ids[0..n) if every job there is known and none has
- * completed without success (else NULL), counting in *completed those that
- * have completed; w->mu held. */
-static cbw__job *batch_last(cbw_worker *w, const int64_t *ids, size_t n, size_t *completed)
+ * completed without success (else NULL); w->mu held. */
+static cbw__job *batch_last(cbw_worker *w, const int64_t *ids, size_t n)
 {
     cbw__job *job = NULL;
     size_t i;
-    *completed = 0;
     for (i = 0; i < n; i++) {
         job = cbw__table_get(&w->table, ids[i]);
         if (job == NULL || (job->phase == CBW_PHASE_COMPLETED && job->status != CBW_STATUS_OK))
             return NULL;
-        *completed += job->phase == CBW_PHASE_COMPLETED;
     }
     return job;
 }
@@ -259,33 +270,33 @@ static cbw__job *batch_last(cbw_worker *w, const int64_t *ids, size_t n, size_t 
  * threads: waits for the batch's last job first.  The others mostly
  * complete before it, so the batch costs the caller one wake-up instead of
  * one per job (each of which would also contend with the running thread
- * for w->mu).  Every so often (WAIT_MANY_LOOK_MIN_MS backing off to
- * WAIT_MANY_LOOK_MAX_MS while nothing in the batch completes, so a long
- * wait costs few wake-ups) it looks again at the whole batch and stops as
- * soon as a job has failed, been taken or is unknown: the in-order loop
- * that follows then meets it as it would have, at most one interval later.
- * Called and returns with w->mu held. */
+ * for w->mu).  A job that completes without success (failed, cancelled,
+ * timed out) while such a caller waits wakes it (w->unsuccessful), and it
+ * looks at its batch again, stopping as soon as a job has failed, been
+ * taken or is unknown: the in-order loop that follows then meets it as it
+ * would have.  A job taken by another thread is seen at the next periodic
+ * look (WAIT_MANY_LOOK_*).  Called and returns with w->mu held. */
 static void wait_for_last(cbw_worker *w, const int64_t *ids, size_t n, int32_t timeout_ms)
 {
-    int64_t deadline = cbw__deadline_after_ms(timeout_ms);
+    int64_t deadline = cbw__deadline_after_ms(timeout_ms), seen;
     int32_t left, look = WAIT_MANY_LOOK_MIN_MS;
-    size_t completed, seen = 0;
     cbw__job *last;
     if (n < 2 || (cbw__self != NULL && cbw__self->w == w))
         return;
-    while (!w->stopping && (last = batch_last(w, ids, n, &completed)) != NULL &&
+    w->batch_waiters++;
+    while (!w->stopping && (last = batch_last(w, ids, n)) != NULL &&
            last->phase != CBW_PHASE_COMPLETED) {
-        if (completed != seen)
-            look = WAIT_MANY_LOOK_MIN_MS;
-        seen = completed;
         left = ms_left(timeout_ms, deadline);
         if (left == 0)
-            return;
-        if (wait_locked(w, last, left < 0 || left > look ? look : left) != CBW_ETIMEDOUT)
-            return;
+            break;
+        seen = w->unsuccessful;
+        if (wait_watching(w, last, left < 0 || left > look ? look : left, &seen) !=
+            CBW_ETIMEDOUT)
+            break;
         if (look < WAIT_MANY_LOOK_MAX_MS)
             look *= 2;
     }
+    w->batch_waiters--;
 }
 
 int cbw_wait_many(cbw_worker *w, const int64_t *ids, size_t n, int32_t timeout_ms,

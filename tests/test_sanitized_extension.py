@@ -339,10 +339,30 @@ STRESS_SCRIPT = textwrap.dedent('''\
                 elif op < 0.85:
                     with pool_lock:
                         jid = pool.pop(rng.randrange(len(pool))) if pool else None
+                        more = [pool.pop(rng.randrange(len(pool)))
+                                for _ in range(min(len(pool), rng.randint(1, 5)))]
                     if jid is None:
                         continue
+                    how = rng.random()
+                    if how >= 0.15:
+                        with pool_lock:
+                            pool.extend(more)
+                    else:
+                        # a batch: it sleeps on its last job, woken early by
+                        # a failure or cancel of another job in it
+                        batch = [jid] + more
+                        try:
+                            got_all = w.wait_many(batch, rng.choice([0, 5, 50, 500]))
+                        except BENIGN:
+                            with pool_lock:
+                                pool.extend(batch)  # some are gone: unknown later
+                            continue
+                        count("succeeded", len(batch))
+                        for j, got in zip(batch, got_all):
+                            if j in expected and got != expected.pop(j):
+                                problem(f"job {j}: wrong response {got!r:.60}")
+                        continue
                     try:
-                        how = rng.random()
                         if how < 0.35:
                             got = w.wait(jid, rng.choice([0, 1, 5, 50]))
                         elif how < 0.5:
