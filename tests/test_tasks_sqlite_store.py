@@ -22,7 +22,8 @@ from callbackworker.tasks.sql import bounded_patience
 from callbackworker.tasks.sqlite import SQLiteTaskStore
 from callbackworker.tasks.storage import Outcome
 
-from storage_contract import StorageContract, source_indexes
+from storage_contract import (StorageContract, check_seeded_tasks_run_on, seed_durable_tasks,
+                              source_indexes)
 
 
 @pytest.fixture
@@ -416,6 +417,30 @@ def test_a_version_2_database_is_upgraded_in_place_and_keeps_its_tasks(tmp_path:
         assert (task.id, task.payload, task.name) == ("todo", b"\x01", None)
     finally:
         store.close()
+
+
+def test_a_version_7_database_with_durable_tasks_migrates_and_runs_on(tmp_path: Path) -> None:
+    """Version 8 marks the tasks that have durable state: a database made
+    before it, with pending, running and suspended tasks holding logs and
+    callbacks, migrates, and each task's state still ends with it."""
+    from callbackworker.tasks.sqlite import _MIGRATIONS
+
+    path = tmp_path / "v7.db"
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
+        for step in _MIGRATIONS[:7]:
+            for statement in step:
+                db.execute(statement)
+        db.execute("PRAGMA user_version = 7")
+        seed_durable_tasks(db.execute, "", "x'01'")
+    store = SQLiteTaskStore(path)
+    try:
+        assert _pragma(path, "user_version") == SCHEMA_VERSION
+        check_seeded_tasks_run_on(store)
+    finally:
+        store.close()
+    columns, indexes = _live_schema(path)
+    assert columns == expected_columns("sqlite")
+    assert indexes == source_indexes("sqlite")
 
 
 def test_the_claim_reads_the_claim_index_in_order(store: SQLiteTaskStore) -> None:

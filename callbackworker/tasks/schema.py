@@ -16,7 +16,7 @@ from typing import Dict, NamedTuple, Tuple
 
 __all__ = ["SCHEMA_VERSION", "Column", "TABLES", "TYPES", "INDEXES", "expected_columns"]
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 """The schema version this callbackworker creates and understands."""
 
 
@@ -77,6 +77,10 @@ TABLES: Dict[str, Tuple[Column, ...]] = {
         # waits for its start to be recorded, so a handler that kills its
         # process runs uncounted once at most.
         Column("confirm_start", "int"),
+        # 1 once the task has had durable state (an operation log or
+        # callbacks; version 8): the trigger that ends that state when the
+        # task finishes runs for these tasks only.
+        Column("durable", "int"),
     ),
     # Periodic schedules (version 4), one row per name: the spec the last
     # service started with, the task it enqueues, the last tick enqueued

@@ -195,6 +195,27 @@ _MIGRATIONS: List[List[str]] = [
     [
         "ALTER TABLE tasks ADD COLUMN confirm_start INTEGER NOT NULL DEFAULT 0",
     ],
+    # 8: durable state is ended only for the tasks that have some.  The
+    # first row of a task's log or callbacks marks the task ``durable``
+    # (the insert's trigger, in its transaction); the trigger that ends
+    # the state runs for marked tasks only, and only on the statements
+    # that finish a task: each sets ``finished_at`` with the terminal
+    # status (as the finished-tasks index and the sweep need), while a
+    # claim or a start, which set the status or nothing of it, no longer
+    # run a trigger program for every row.
+    [
+        "ALTER TABLE tasks ADD COLUMN durable INTEGER NOT NULL DEFAULT 0",
+        "UPDATE tasks SET durable = 1 WHERE id IN (SELECT task_id FROM durable_ops "
+        "UNION SELECT task_id FROM durable_callbacks)",
+        *(f"""CREATE TRIGGER {table}_marked AFTER INSERT ON {table}
+              BEGIN UPDATE tasks SET durable = 1 WHERE id = NEW.task_id AND durable = 0;
+              END""" for table in ("durable_ops", "durable_callbacks")),
+        "DROP TRIGGER tasks_durable_ended",
+        f"""CREATE TRIGGER tasks_durable_ended AFTER UPDATE OF finished_at ON tasks
+           WHEN NEW.durable = 1 AND NEW.status IN ('completed', 'failed', 'cancelled')
+           BEGIN {_DIALECT.sql("end_durable_state")}
+           END""",
+    ],
 ]
 
 
