@@ -210,6 +210,27 @@ class StorageContract:
         assert (record.status, record.message, record.attempt, record.finished_at) == ("completed", "done", 1, 7)
         assert record.owner is None and record.lease_expires_at is None
 
+    @pytest.mark.parametrize("n", [3, 30])
+    def test_a_group_commit_keeps_text_and_times_exactly(self, store: TaskStore, n: int) -> None:
+        """Messages, results and times settled together (few, or many at
+        once) come back as they were given, whatever characters the text
+        holds."""
+        store.ensure_queue("q")
+        _enqueue(store, "q", n)
+        claimed = store.claim("q", owner="me", limit=n, now=0, lease_ms=LEASE)
+        texts = ['tab\t nl\n quote" back\\ é ☃ 😀 \u2028 \x7f \x01',
+                 '{"a": [1, "x\\u0000y"], "b": null}', "[1, 2]"] * (n // 3)
+        later = 2**62
+        outcomes = [Outcome(t.id, t.token, "start", "", 1, lease_until=later) for t in claimed]
+        outcomes += [Outcome(t.id, t.token, "complete", text, later + i, result=text)
+                     for i, (t, text) in enumerate(zip(claimed, texts))]
+        assert store.settle(outcomes) == [True] * 2 * n
+        for i, (t, text) in enumerate(zip(claimed, texts)):
+            record = store.get(t.id)
+            assert record is not None
+            assert (record.message, record.result, record.finished_at, record.attempt) == \
+                (text, text, later + i, 1)
+
     def test_fail_is_terminal(self, store: TaskStore) -> None:
         task = _claimed_one(store)
         assert store.fail(task.id, task.token, "ValueError: no", 3) is True
@@ -324,6 +345,24 @@ class StorageContract:
         ])
         assert results == [True, False, True]
         assert [store.get(t.id).status for t in (a, b, c)] == ["completed", "running", "pending"]  # type: ignore[union-attr]
+
+    def test_a_large_batch_tells_which_outcomes_applied(self, store: TaskStore) -> None:
+        """A group commit of many starts and completions, one of each stale
+        and one completion given twice: each outcome's answer is its own."""
+        store.ensure_queue("q")
+        _enqueue(store, "q", 20)
+        claimed = store.claim("q", owner="me", limit=20, now=0, lease_ms=LEASE)
+        tokens = [t.token for t in claimed]
+        tokens[3] = "stale"
+        outcomes = [Outcome(t.id, token, "start", "", 1) for t, token in zip(claimed, tokens)]
+        outcomes += [Outcome(t.id, token, "complete", "ok", 2)
+                     for t, token in zip(claimed, tokens)]
+        outcomes.append(Outcome(claimed[5].id, claimed[5].token, "complete", "again", 3))
+        expected = [i != 3 for i in range(20)] * 2 + [False]
+        assert store.settle(outcomes) == expected
+        records = [store.get(t.id) for t in claimed]
+        assert [(r.status, r.attempt) for r in records] == [  # type: ignore[union-attr]
+            ("running", 0) if i == 3 else ("completed", 1) for i in range(20)]
 
     def test_a_batch_with_a_runs_start_and_its_end_counts_one_attempt(
             self, store: TaskStore) -> None:
