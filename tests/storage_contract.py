@@ -126,10 +126,13 @@ class StorageContract:
         assert (record.queue, record.status, record.message, record.attempt) == ("q", "pending", "", 0)
         assert record.next_run_at == 5
 
-    def test_enqueue_to_unknown_queue_raises_and_adds_nothing(self, store: TaskStore) -> None:
+    @pytest.mark.parametrize("n", [1, 3])
+    def test_enqueue_to_unknown_queue_raises_and_adds_nothing(self, store: TaskStore,
+                                                              n: int) -> None:
+        store.ensure_queue("other")
         with pytest.raises(UnknownQueueError):
-            store.enqueue_many("nope", [("t1", b"x")], 0)
-        assert store.get("t1") is None
+            store.enqueue_many("nope", [(f"t{i}", b"x") for i in range(n)], 0)
+        assert [store.get(f"t{i}") for i in range(n)] == [None] * n
 
     def test_enqueue_many_is_all_or_nothing(self, store: TaskStore) -> None:
         store.ensure_queue("q")
