@@ -262,6 +262,16 @@ def test_an_older_database_is_migrated_under_the_write_lock(tmp_path: Path) -> N
         blocker.close()
 
 
+def test_a_sqlite_without_json_functions_is_refused_in_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from callbackworker.tasks import sqlite as backend
+
+    monkeypatch.setattr(backend, "_has_json", lambda: False)
+    with pytest.raises(RuntimeError, match=r"^callbackworker task queues need SQLite's JSON "
+                                           r"functions \(built in since 3\.38\); [^\n]*$"):
+        SQLiteTaskStore(tmp_path / "t.db")
+
+
 def test_closed_store_refuses_use(tmp_path: Path) -> None:
     s = SQLiteTaskStore(tmp_path / "t.db")
     s.close()
