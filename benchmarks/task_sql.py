@@ -1,10 +1,11 @@
-"""What the SQLite task store's SQL costs per task, without the service:
+"""What the task store's SQL costs per task, without the service:
 ``python benchmarks/task_sql.py [-n 50000] [--batch 1000] [--runs 3]
-[--history 0] [--one 5000]``.
+[--history 0] [--one 5000] [--cpu] [--backend sqlite|postgresql]``.
 
-Each run opens a fresh store (``SQLiteTaskStore``, durability "normal") on
-a temporary file with one queue, optionally fills it with ``--history``
-finished tasks (as a queue that has run for a while holds), then times:
+Each run opens a fresh store (``SQLiteTaskStore``, durability "normal", on
+a temporary file; or ``PostgresTaskStore`` in a fresh schema) with one
+queue, optionally fills it with ``--history`` finished tasks (as a queue
+that has run for a while holds), then times:
 
 * ``enqueue one``: ``--one`` tasks, one ``enqueue_many`` call (one
   committed transaction) each, as ``TaskService.enqueue`` does;
@@ -18,6 +19,10 @@ finished tasks (as a queue that has run for a while holds), then times:
   counted.
 
 Task ids come from ``taskids.new_task_ids``, as the service makes them.
+PostgreSQL is a throwaway server started from the server programs found
+as ``tests/pg_server.py`` finds them (with fsync on), or ``$CBW_PG_DSN``;
+``--cpu`` there counts this process only, not the server's work.
+
 It prints, per phase, the median over ``--runs`` runs of the microseconds
 per task, and each run's figures, so the spread shows; ``--cpu`` counts
 the process's CPU time instead of wall-clock time, which other programs on
@@ -28,16 +33,19 @@ the two agree on an idle machine, apart from waits for the disk).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
 import tempfile
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, ContextManager, Dict, Iterator, List, Optional
 
-from callbackworker.tasks.sqlite import SQLiteTaskStore
-from callbackworker.tasks.storage import Outcome
-from callbackworker.tasks.taskids import new_task_ids
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+
+from callbackworker.tasks.sqlite import SQLiteTaskStore  # noqa: E402
+from callbackworker.tasks.storage import Outcome, TaskStore  # noqa: E402
+from callbackworker.tasks.taskids import new_task_ids  # noqa: E402
 
 QUEUE = "bench"
 PAYLOAD = b"task payload 16b"
@@ -48,7 +56,7 @@ clock: Callable[[], float] = time.perf_counter
 process's CPU time."""
 
 
-def _fill(store: SQLiteTaskStore, n: int, batch: int, now: int) -> float:
+def _fill(store: TaskStore, n: int, batch: int, now: int) -> float:
     """Enqueues ``n`` tasks in calls of ``batch``; returns the seconds."""
     elapsed = 0.0
     for start in range(0, n, batch):
@@ -59,7 +67,7 @@ def _fill(store: SQLiteTaskStore, n: int, batch: int, now: int) -> float:
     return elapsed
 
 
-def _drain(store: SQLiteTaskStore, batch: int, now: int,
+def _drain(store: TaskStore, batch: int, now: int,
            outcomes: Callable[[str, str], List[Outcome]]) -> "tuple[float, float, int]":
     """Claims ``batch`` at a time until the queue is empty, settling each
     claim with ``outcomes(id, token)`` per task; returns the seconds spent
@@ -83,7 +91,56 @@ def _drain(store: SQLiteTaskStore, batch: int, now: int,
         count += len(claimed)
 
 
-def one_run(n: int, batch: int, one: int, history: int) -> Dict[str, float]:
+@contextlib.contextmanager
+def sqlite_stores() -> Iterator[Callable[[], ContextManager[TaskStore]]]:
+    """Fresh SQLite stores, each on a new temporary file."""
+    @contextlib.contextmanager
+    def fresh() -> Iterator[TaskStore]:
+        with tempfile.TemporaryDirectory() as tmp:
+            store = SQLiteTaskStore(os.path.join(tmp, "bench.db"))
+            try:
+                yield store
+            finally:
+                store.close()
+    yield fresh
+
+
+@contextlib.contextmanager
+def postgres_stores() -> Iterator[Callable[[], ContextManager[TaskStore]]]:
+    """Fresh PostgreSQL stores, each in a new schema of one server."""
+    from pg_server import PostgresCluster, find_bindir, fresh_schema
+
+    from callbackworker.tasks.postgres import PostgresTaskStore
+
+    cluster = None
+    base = os.environ.get("CBW_PG_DSN")
+    if base is None:
+        bindir = find_bindir()
+        if bindir is None:
+            raise SystemExit("no PostgreSQL server programs found; set CBW_PG_DSN")
+        cluster = PostgresCluster(bindir, fast=False).start()
+        base = cluster.dsn
+
+    @contextlib.contextmanager
+    def fresh() -> Iterator[TaskStore]:
+        with fresh_schema(base) as dsn:
+            store = PostgresTaskStore(dsn)
+            try:
+                yield store
+            finally:
+                store.close()
+    try:
+        yield fresh
+    finally:
+        if cluster is not None:
+            cluster.stop()
+
+
+BACKENDS = {"sqlite": sqlite_stores, "postgresql": postgres_stores}
+
+
+def one_run(opened: ContextManager[TaskStore], n: int, batch: int, one: int,
+            history: int) -> Dict[str, float]:
     """One fresh store; microseconds per task of each phase."""
     now = int(time.time() * 1000)
 
@@ -94,27 +151,23 @@ def one_run(n: int, batch: int, one: int, history: int) -> Dict[str, float]:
         return [Outcome(task_id, token, "start", "", now),
                 Outcome(task_id, token, "complete", "", now)]
 
-    with tempfile.TemporaryDirectory() as tmp:
-        store = SQLiteTaskStore(os.path.join(tmp, "bench.db"))
-        try:
-            store.ensure_queue(QUEUE)
-            if history:
-                _fill(store, history, batch, now)
-                _drain(store, batch, now, complete)
-            figures: Dict[str, float] = {}
-            began = clock()
-            for task_id in new_task_ids(one):
-                store.enqueue_many(QUEUE, [(task_id, PAYLOAD)], now)
-            figures["enqueue one"] = (clock() - began) / one
-            figures["enqueue many"] = _fill(store, n, batch, now) / n
-            claiming, settling, count = _drain(store, batch, now, complete)
-            figures["claim"] = claiming / count
-            figures["settle"] = settling / count
-            _fill(store, n, batch, now)
-            _, settling, count = _drain(store, batch, now, start_complete)
-            figures["start+complete"] = settling / count
-        finally:
-            store.close()
+    figures: Dict[str, float] = {}
+    with opened as store:
+        store.ensure_queue(QUEUE)
+        if history:
+            _fill(store, history, batch, now)
+            _drain(store, batch, now, complete)
+        began = clock()
+        for task_id in new_task_ids(one):
+            store.enqueue_many(QUEUE, [(task_id, PAYLOAD)], now)
+        figures["enqueue one"] = (clock() - began) / one
+        figures["enqueue many"] = _fill(store, n, batch, now) / n
+        claiming, settling, count = _drain(store, batch, now, complete)
+        figures["claim"] = claiming / count
+        figures["settle"] = settling / count
+        _fill(store, n, batch, now)
+        _, settling, count = _drain(store, batch, now, start_complete)
+        figures["start+complete"] = settling / count
     return {phase: seconds * 1e6 for phase, seconds in figures.items()}
 
 
@@ -131,12 +184,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--cpu", action="store_true",
                         help="time with the process's CPU time, not wall-clock time")
+    parser.add_argument("--backend", choices=sorted(BACKENDS), default="sqlite")
     args = parser.parse_args(argv)
     global clock
     if args.cpu:
         clock = time.process_time
-    runs = [one_run(args.n, args.batch, args.one, args.history) for _ in range(args.runs)]
-    print(f"SQLite store, {'CPU' if args.cpu else 'wall-clock'} us/task, median of "
+    with BACKENDS[args.backend]() as stores:
+        runs = [one_run(stores(), args.n, args.batch, args.one, args.history)
+                for _ in range(args.runs)]
+    print(f"{args.backend} store, {'CPU' if args.cpu else 'wall-clock'} us/task, median of "
           f"{args.runs} runs (n={args.n}, "
           f"batch={args.batch}, history={args.history}):")
     for phase in PHASES:
