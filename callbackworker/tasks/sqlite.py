@@ -16,8 +16,9 @@ DESIGN
 * Every write is one explicit ``BEGIN IMMEDIATE`` transaction, which takes
   the write lock up front, so two processes never deadlock upgrading a read
   lock; or, where one statement does it all (enqueuing one task), that
-  statement on its own, which takes the write lock as it starts.  ``busy_timeout`` waits for a lock inside SQLite; if the lock is
-  still held, the whole transaction is rolled back and retried with
+  statement on its own, which takes the write lock as it starts.
+  ``busy_timeout`` waits for a lock inside SQLite; if the lock is still
+  held, the whole transaction is rolled back and retried with
   exponential backoff by the loop both stores share
   (``SQLTaskStore._retry``), so "database is locked" never reaches a
   caller (past ``patience_s`` it raises ``StorageBusyError``).  Under
