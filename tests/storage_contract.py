@@ -851,7 +851,8 @@ class StorageContract:
         assert store.complete(plain.id, plain.token, "", 4) is (finish != "recover")
         assert store.get(task.id).status != "running"  # type: ignore[union-attr]
         assert store.get(task.id).finished_at is not None  # type: ignore[union-attr]
-        ended, kept = store.durable_callback(f"cb-{task.id}"), store.durable_callback(f"cb-{other.id}")
+        ended = store.durable_callback(f"cb-{task.id}")
+        kept = store.durable_callback(f"cb-{other.id}")
         assert store.durable_ops(task.id) == [] and ended is not None and ended.state == "closed"
         assert store.durable_ops(other.id) == [("step", "a", b"1")]
         assert kept is not None and kept.state == "pending"
