@@ -850,7 +850,10 @@ class StorageContract:
                 assert store.clear("q", 3) == 1
         assert store.complete(plain.id, plain.token, "", 4) is (finish != "recover")
         assert store.get(task.id).status != "running"  # type: ignore[union-attr]
-        assert store.get(task.id).finished_at is not None  # type: ignore[union-attr]
+        finished = store.get(task.id)
+        assert finished is not None and finished.finished_at is not None
+        counts = store.counts()["q"]
+        assert sum(counts.values()) == 3 and counts[finished.status] >= 1, counts
         ended = store.durable_callback(f"cb-{task.id}")
         kept = store.durable_callback(f"cb-{other.id}")
         assert store.durable_ops(task.id) == [] and ended is not None and ended.state == "closed"

@@ -453,6 +453,43 @@ def test_a_version_7_database_with_durable_tasks_migrates_and_runs_on(tmp_path: 
     assert indexes == source_indexes("sqlite")
 
 
+def _plan(store: SQLiteTaskStore, name: str, **params: Any) -> str:
+    sql = store.dialect.sql(name)
+    with contextlib.closing(sqlite3.connect(store.path)) as db:
+        return " / ".join(row[3] for row in db.execute("EXPLAIN QUERY PLAN " + sql, params))
+
+
+def test_the_counts_per_status_read_indexes_only(store: SQLiteTaskStore) -> None:
+    """The dashboard's counts read each status from the index of its phase
+    (waiting, running, finished) and never a task's row."""
+    plan = _plan(store, "counts")
+    assert [step for step in plan.split(" / ") if "tasks" in step] == [
+        f"SCAN tasks USING COVERING INDEX {index}"
+        for index in ("tasks_waiting", "tasks_running", "tasks_finished")], plan
+
+
+@pytest.mark.parametrize("name, index", [
+    ("next_due", "COVERING INDEX tasks_waiting (queue=? AND status=? AND next_run_at<?)"),
+    ("clear", "COVERING INDEX tasks_waiting (queue=? AND status=?)"),
+    ("recover", "INDEX tasks_running (queue=? AND status=?)"),
+    ("running_owners", "COVERING INDEX tasks_running (queue=? AND status=?)"),
+    ("sweep", "COVERING INDEX tasks_finished (queue=? AND status=? AND finished_at<?)")])
+def test_a_queue_s_tasks_in_one_phase_are_found_through_its_index(
+        store: SQLiteTaskStore, name: str, index: str) -> None:
+    sql = store.dialect.sql(name).replace("owner IN (:dead_owners)", "owner IN (:owner)")
+    names = set(re.findall(r"(?<![:\w]):([A-Za-z_]\w*)", sql))
+    with contextlib.closing(sqlite3.connect(store.path)) as db:
+        plan = " / ".join(row[3] for row in db.execute("EXPLAIN QUERY PLAN " + sql,
+                                                       dict.fromkeys(names, 0)))
+    assert f"SEARCH tasks USING {index}" in plan, plan
+
+
+def test_renewing_an_owner_s_leases_reads_the_running_tasks_only(
+        store: SQLiteTaskStore) -> None:
+    plan = _plan(store, "renew_leases", owner="o", expires=1)
+    assert plan == "SCAN tasks USING INDEX tasks_running", plan
+
+
 def test_the_claim_reads_the_claim_index_in_order(store: SQLiteTaskStore) -> None:
     """The claim's plan: a search of ``tasks_claim`` on the queue, in the
     index's order (no sort of every due task), so it stops after ``limit``

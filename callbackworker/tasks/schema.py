@@ -126,12 +126,14 @@ PREFIX: Dict[str, str] = {"sqlite": "", "postgresql": "cbw_"}
 """What each backend puts before a table's name."""
 
 INDEXES: Dict[str, Dict[str, str]] = {
-    # One index serves both the claim and next_due: SQLite has no partial
-    # index a claim over two statuses would use.
     "sqlite": {
-        "tasks_due": "tasks(queue, status, next_run_at, seq)",
-        "tasks_finished": "tasks(queue, finished_at) WHERE finished_at IS NOT NULL",
-        "tasks_leased": "tasks(owner) WHERE status = 'running'",
+        # One index per phase of a task's life (version 8), so a claim or
+        # a settle changes only the entries of the phases it moves the
+        # task between; the counts per status read all three.
+        "tasks_waiting": "tasks(queue, status, next_run_at) "
+                         "WHERE status IN ('pending', 'suspended')",
+        "tasks_running": "tasks(queue, status, owner) WHERE status = 'running'",
+        "tasks_finished": "tasks(queue, status, finished_at) WHERE finished_at IS NOT NULL",
         "durable_callbacks_task": "durable_callbacks(task_id)",
         # The claim's order, due tasks read first to last (version 3).
         "tasks_claim": "tasks(queue, priority DESC, next_run_at, seq) "
