@@ -141,7 +141,7 @@ INDEXES: Dict[str, Dict[str, str]] = {
         "tasks_dedup": "UNIQUE tasks(queue, dedup_key) WHERE dedup_key IS NOT NULL "
                        "AND status IN ('pending', 'running', 'suspended')",
         # Listing newest first by queue, task name, or failed tasks
-        # (version 6); no index has the status, which changes at every claim
+        # (version 6); none has the status, which changes at every claim
         # and settle, except for failed tasks, which seldom change.
         "tasks_by_queue": "tasks(queue, seq)",
         "tasks_by_name": "tasks(name, seq) WHERE name IS NOT NULL",
