@@ -5,6 +5,7 @@ through LISTEN/NOTIFY that survive a dropped connection."""
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import threading
@@ -193,6 +194,57 @@ def test_closed_store_refuses_use(pg_schema_dsn: str) -> None:
 
 # ---- starts ------------------------------------------------------------------
 
+def _rows_read_from_tasks(plan: dict) -> int:
+    """The most rows any one scan of ``cbw_tasks`` or of one of its indexes
+    in ``plan`` (EXPLAIN ANALYZE's JSON) read in one loop, those its filter
+    removed included."""
+    scans = plan.get("Node Type") != "ModifyTable" and (
+        plan.get("Relation Name") == "cbw_tasks"
+        or str(plan.get("Index Name", "")).startswith("cbw_tasks"))
+    most = plan.get("Actual Rows", 0) + plan.get("Rows Removed by Filter", 0) if scans else 0
+    return max([most, *(_rows_read_from_tasks(p) for p in plan.get("Plans", []))])
+
+
+@pytest.mark.parametrize("kind", ["start", "complete"])
+def test_a_settle_reads_only_the_tasks_it_settles(store: PostgresTaskStore, kind: str) -> None:
+    """Many tasks running for other workers: a settle finds its own
+    through their ids, never scanning the others."""
+    store.ensure_queue("q")
+    store.ensure_queue("busy")
+    store.enqueue_many("busy", [(f"b{i}", b"") for i in range(2000)], now=0)
+    store.enqueue_many("q", [(f"q{i}", b"") for i in range(1000)], now=0)
+    assert len(store.claim("busy", owner="other", limit=2000, now=0, lease_ms=60_000)) == 2000
+    mine = store.claim("q", owner="me", limit=40, now=0, lease_ms=60_000)
+    if kind == "start":
+        sql = postgres._DIALECT.sql("start")
+        params = {"batch": json.dumps([[t.id, t.token, 1, None] for t in mine])}
+    else:
+        sql = postgres._DIALECT.sql("settle")
+        params = {"batch": json.dumps([[t.id, t.token, "complete", "", 1, "", None, None]
+                                       for t in mine]), "channel": postgres.CHANNEL}
+
+    def explain(conn: psycopg.Connection, mode: str) -> dict:
+        # As prepared on a pooled connection: the plan for these values, or
+        # the generic plan the server settles on after a few executions.
+        cur = psycopg.ClientCursor(conn)
+        with conn.transaction(force_rollback=True):
+            cur.execute(f"SET LOCAL plan_cache_mode = {mode}")
+            cur.execute("PREPARE cbw_probe AS " + sql.replace("%(batch)s", "$1")
+                        .replace("%(channel)s", "$2::text"))
+            args = ", ".join(["%(batch)s", "%(channel)s"][:len(params)])
+            row = cur.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE cbw_probe({args})",
+                              params).fetchone()
+            cur.execute("DEALLOCATE cbw_probe")
+        assert row is not None
+        return row[0][0]["Plan"]
+
+    for mode in ("force_custom_plan", "force_generic_plan"):
+        # Each task's earlier row versions are still indexed (not vacuumed
+        # yet): a few reads per task, not one per task running elsewhere.
+        assert _rows_read_from_tasks(store._run(lambda conn: explain(conn, mode))) \
+            <= 4 * len(mine)
+
+
 def test_only_a_batch_of_starts_alone_skips_the_servers_flush(
         store: PostgresTaskStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """Starts alone commit with ``synchronous_commit = off``; a batch that
@@ -214,6 +266,31 @@ def test_only_a_batch_of_starts_alone_skips_the_servers_flush(
     assert store.settle([Outcome(b.id, b.token, "start", "", 1),
                          Outcome(a.id, a.token, "complete", "", 2)]) == [True, True]
     assert statements and not any("synchronous_commit" in q for q in statements)
+
+
+def test_a_claim_alone_skips_the_servers_flush_but_not_a_spaced_one(
+        store: PostgresTaskStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain claim commits with ``synchronous_commit = off``; a claim
+    under ``delay_ms`` (which moves the queue's next start in the same
+    transaction) keeps the server's setting, so the gap survives a crash."""
+    store.ensure_queue("q")
+    store.enqueue_many("q", [("a", b""), ("b", b"")], now=0)
+    statements: List[str] = []
+    execute = psycopg.Connection.execute
+
+    def spy(self: psycopg.Connection, query: str, *args: object, **kwargs: object) -> object:
+        statements.append(str(query))
+        return execute(self, query, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(psycopg.Connection, "execute", spy)
+    a, = store.claim("q", owner="me", limit=1, now=0, lease_ms=60_000)
+    assert a.id == "a"
+    assert len(statements) == 1 and "synchronous_commit" in statements[0]
+    statements.clear()
+    b, = store.claim("q", owner="me", limit=5, now=0, lease_ms=60_000, delay_ms=1000)
+    assert b.id == "b" and b.token != a.token
+    assert statements and not any("synchronous_commit" in q for q in statements)
+    assert store.settle([Outcome(a.id, a.token, "complete", "", 1)]) == [True]
 
 
 # ---- transient failures -----------------------------------------------------

@@ -764,6 +764,44 @@ def test_a_prefetched_run_whose_lease_may_have_run_out_is_not_run_unconfirmed(
     service.close()
 
 
+def test_a_run_whose_claim_was_lost_before_it_began_ends_without_an_error(
+        db: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The start of a run whose claim expired and was taken back is
+    rejected: the run ends there, quietly (nothing ran, nothing to tell)."""
+    errors: List[BaseException] = []
+    real_run = runtime_mod._Attempt.run
+
+    def run(attempt: "runtime_mod._Attempt") -> None:
+        try:
+            real_run(attempt)
+        except BaseException as exc:
+            errors.append(exc)
+            raise
+
+    monkeypatch.setattr(runtime_mod._Attempt, "run", run)
+    store = open_task_store(db)
+    store.ensure_queue("q")
+    store.enqueue("q", "t", b"x", clock())
+    store.close()
+    service = TaskService(db, clock=clock, background=False, lease_ms=1000)
+    service.create_queue("q", QueueConfig(concurrency=1), handler=ok)
+    runtime = service._runtime
+    real_start = runtime._start
+
+    def start_after_the_lease(queue: object, claimed: list, lease_until: int) -> None:
+        clock.advance(1000)  # unrenewed: the claim expires before the run
+        heir = open_task_store(db)
+        assert heir.recover("q", now=clock(), max_attempts=3) == 1
+        heir.close()
+        real_start(queue, claimed, lease_until)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(runtime, "_start", start_after_the_lease)
+    assert runtime.dispatch_once() == 1
+    assert errors == []
+    assert service.get("t")[:3] == ("pending", "", 0)
+    service.close()
+
+
 def test_a_failed_hand_off_gives_back_every_claimed_task_not_yet_handed_over(
         db: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> None:
     service = TaskService(db, clock=clock, background=False, prefetch=2)

@@ -218,7 +218,7 @@ class _Attempt:
                  "begun", "lease_until", "claimed", "seq")
 
     def __init__(self, runtime: "TaskRuntime", queue: _Queue, task: ClaimedTask,
-                 epoch: int, lease_until: int) -> None:
+                 epoch: int, lease_until: int, claimed: float) -> None:
         self.runtime = runtime
         self.queue = queue
         self.task = task
@@ -228,7 +228,7 @@ class _Attempt:
         self.started = 0.0  # monotonic, when its run began
         self.settled = False  # its outcome is with the committer and it is counted out
         self.begun = 0.0  # monotonic, when its run began (for the events)
-        self.claimed = time.monotonic()
+        self.claimed = claimed  # monotonic, when its batch was claimed
         self.seq = 0  # claim order in the runtime
 
     def run(self) -> None:
@@ -350,10 +350,11 @@ class TaskRuntime:
         """The attempts of tasks just claimed in ``queue`` (leased until
         ``lease_until``), counted in flight and unstarted until they run
         (under ``_cond``)."""
-        attempts = [_Attempt(self, queue, task, self._epoch, lease_until) for task in claimed]
-        for attempt in attempts:
-            self._claims += 1
-            attempt.seq = self._claims
+        mono, epoch = time.monotonic(), self._epoch
+        attempts = [_Attempt(self, queue, task, epoch, lease_until, mono) for task in claimed]
+        for seq, attempt in enumerate(attempts, self._claims + 1):
+            attempt.seq = seq
+        self._claims += len(attempts)
         self._unstarted.update(attempts)
         self._held.update(task.id for task in claimed)
         self._active[self._epoch] = self._active.get(self._epoch, 0) + len(attempts)
@@ -478,7 +479,7 @@ class TaskRuntime:
                                         lease_ms=self._lease_ms, delay_ms=queue.config.delay_ms)
             self._start(queue, claimed, now + self._lease_ms)
             started += len(claimed)
-            if len(claimed) < slots:
+            if len(claimed) < slots and not self._kicked:  # kicked: no sleep after this pass
                 due = self._store.next_due(queue.name)
                 if due is not None:
                     wait_ms = min(wait_ms, max(0, due - now))
@@ -515,14 +516,16 @@ class TaskRuntime:
         assert self._worker is not None
         with self._cond:
             attempts = self._track_locked(queue, claimed, lease_until)
+        calls, run_detached, route = self._calls, self._worker.run_detached, queue.route
         for i, attempt in enumerate(attempts):
-            own = self._calls.timeout_ms(attempt.task.name) if self._calls is not None else None
+            name = attempt.task.name  # a raw task (None) has no registered limit
+            own = calls.timeout_ms(name) if calls is not None and name is not None else None
             try:
                 if own is None:
-                    self._worker.run_detached(attempt, route=queue.route)
+                    run_detached(attempt, route=route)
                 else:
                     attempt.timeout_ms = own
-                    self._worker.run_detached(attempt, route=queue.route, timeout_ms=own)
+                    run_detached(attempt, route=route, timeout_ms=own)
             except Exception:
                 self._give_back(attempts[i:])  # none of them will run
                 if not self._closed:
@@ -580,11 +583,11 @@ class TaskRuntime:
         with self._cond:
             if attempt not in self._unstarted:
                 return  # given back unstarted (_shed_excess): its release is on its way
-            self._unstarted.discard(attempt)
+            self._unstarted.remove(attempt)
             closing = self._closed
-            attempt.begun = time.monotonic()
+            attempt.begun = begun = time.monotonic()
             if attempt.timeout_ms >= 0:
-                attempt.started = attempt.begun
+                attempt.started = begun
                 self._started.add(attempt)
         if not closing:
             self._events.started(task.id, queue.name, task.name, task.attempt)
@@ -648,8 +651,12 @@ class TaskRuntime:
             attempt.settled = True
             self._started.discard(attempt)
             self._finished_locked(attempt)
-            if self._slots_locked(attempt.queue, time.monotonic()) > 0:
-                self._kick_locked()  # else a later one will: no pass would claim now
+            # A kick still pending brings a pass anyway; else kick if that
+            # pass would claim (if not, a later finish will).
+            if not self._kicked and self._slots_locked(attempt.queue, time.monotonic()) > 0:
+                self._kick_locked()
+        if outcome is None:
+            return  # the lease was lost before the run: nothing ran here
         task = attempt.task
         self._events.finished(task.id, attempt.queue.name, task.name, task.attempt, outcome.kind,
                               time.monotonic() - attempt.begun, outcome.message,
@@ -720,27 +727,29 @@ class TaskRuntime:
     def _call(self, queue: _Queue, task: ClaimedTask, view: memoryview) -> Outcome:
         """Runs the task: a stored call through the registry, a raw payload
         through the queue's handler.  What they raise propagates."""
-        if task.name is not None and self._calls is not None:
+        if task.name is None:
+            if queue.handler is None:
+                return Outcome(task.id, task.token, "fail",
+                               f"queue {queue.name!r} serves task functions only: a raw "
+                               "payload needs a handler (create_queue)", self._now())
+            message = queue.handler(view)
+            if message is None:
+                message = ""
+            elif not isinstance(message, str):
+                raise TypeError(f"the handler must return a str or None, "
+                                f"not {type(message).__name__}")
+            return Outcome(task.id, task.token, "complete", message, self._now())
+        if self._calls is not None:
             retries, _ = self._calls.limits(task.name, queue.config)
             if task.attempt > retries + 1:  # recovery let it through for a longer limit
                 return Outcome(task.id, task.token, "fail",
                                f"worker lost during attempt {task.attempt - 1}; "
                                f"no attempts left (max_retries={retries})", self._now())
-        if task.name is not None:
-            done = (self._calls.run(task) if self._calls is not None
-                    else CallResult(None, "this runtime runs no task functions"))
-            if done.refusal is not None:
-                return Outcome(task.id, task.token, "fail", done.refusal, self._now())
-            return Outcome(task.id, task.token, "complete", "", self._now(), result=done.result)
-        if queue.handler is None:
-            return Outcome(task.id, task.token, "fail",
-                           f"queue {queue.name!r} serves task functions only: a raw payload "
-                           "needs a handler (create_queue)", self._now())
-        message = queue.handler(view)
-        if message is not None and not isinstance(message, str):
-            raise TypeError(f"the handler must return a str or None, "
-                            f"not {type(message).__name__}")
-        return Outcome(task.id, task.token, "complete", message or "", self._now())
+        done = (self._calls.run(task) if self._calls is not None
+                else CallResult(None, "this runtime runs no task functions"))
+        if done.refusal is not None:
+            return Outcome(task.id, task.token, "fail", done.refusal, self._now())
+        return Outcome(task.id, task.token, "complete", "", self._now(), result=done.result)
 
     def _failure(self, queue: _Queue, task: ClaimedTask, text: str,
                  delay_ms: Optional[int] = None, tb: Optional[str] = None) -> Outcome:

@@ -203,6 +203,8 @@ def storable_text(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
     or PostgreSQL refuse, are written as backslash escapes, and text over
     ``limit`` characters is cut, saying how much was left out.  Text that
     needs none of this is returned as it is."""
+    if len(text) <= limit and text.isascii() and "\x00" not in text:
+        return text  # the usual case, checked in C (ASCII holds no surrogate)
     if "\x00" in text:
         text = text.replace("\x00", "\\x00")
     try:
