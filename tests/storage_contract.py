@@ -8,7 +8,7 @@ contract (``callbackworker.tasks.storage``), explicit times, and no sleeps.
 from __future__ import annotations
 
 import threading
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import pytest
 
@@ -63,6 +63,50 @@ def source_indexes(backend: str) -> Dict[str, Tuple[str, Tuple[str, ...]]]:
     return parsed
 
 
+def seed_durable_tasks(execute: Callable[[str], object], prefix: str, blob: str) -> None:
+    """Fills a schema at version 7 (before tasks were marked ``durable``)
+    through ``execute``: queue "q" with a pending task that has a log, a
+    running one (token "tok") with a log and a pending callback, a
+    suspended one waiting for callback "cb-s", and a plain pending one.
+    ``prefix`` goes before table names; ``blob`` is a payload literal."""
+    execute(f"INSERT INTO {prefix}queues(name) VALUES ('q')")
+    execute(f"""INSERT INTO {prefix}tasks(id, queue, payload, status, attempt, next_run_at,
+                                         created_at, owner, lease_expires_at, token,
+                                         started_at, awaiting)
+                VALUES ('pend', 'q', {blob}, 'pending', 1, 0, 0, NULL, NULL, NULL, NULL, NULL),
+                       ('run', 'q', {blob}, 'running', 1, 0, 0, 'old', {LEASE}, 'tok', 0, NULL),
+                       ('susp', 'q', {blob}, 'suspended', 1, {NEVER}, 0, NULL, NULL, NULL,
+                        NULL, 'cb-s'),
+                       ('plain', 'q', {blob}, 'pending', 0, 0, 0, NULL, NULL, NULL, NULL,
+                        NULL)""")
+    execute(f"""INSERT INTO {prefix}durable_ops(task_id, seq, kind, name, value)
+                VALUES ('pend', 0, 'step', 'a', {blob}), ('run', 0, 'step', 'a', {blob}),
+                       ('susp', 0, 'callback', 'b', {blob})""")
+    execute(f"""INSERT INTO {prefix}durable_callbacks(id, task_id, name, created_at,
+                                                     last_beat_at, timeout_ms,
+                                                     heartbeat_timeout_ms)
+                VALUES ('cb-r', 'run', 'n', 0, 0, 0, 0), ('cb-s', 'susp', 'n', 0, 0, 0, 0)""")
+
+
+def check_seeded_tasks_run_on(store: TaskStore) -> None:
+    """After ``seed_durable_tasks`` and a migration: every task runs on, and
+    each one's durable state ends when it finishes, as a new task's does."""
+    assert store.complete("run", "tok", "", 1) is True
+    assert store.durable_ops("run") == []
+    assert store.durable_callback("cb-r").state == "closed"  # type: ignore[union-attr]
+    store.durable_signal("cb-s", "succeeded", b"r", None, 2)
+    assert store.get("susp").status == "pending"  # type: ignore[union-attr]
+    _enqueue(store, "q", 1, now=2, prefix="new")
+    claimed = store.claim("q", owner="me", limit=10, now=3, lease_ms=LEASE)
+    assert sorted(t.id for t in claimed) == ["new0", "pend", "plain", "susp"]
+    store.durable_record("new0", 0, "step", "a", b"v")
+    assert all(store.settle([Outcome(t.id, t.token, "complete", "", 4) for t in claimed]))
+    for task_id in ("pend", "susp", "new0"):
+        assert store.durable_ops(task_id) == [], task_id
+    done = store.durable_callback("cb-s")
+    assert done is not None and (done.state, done.result) == ("succeeded", None)
+
+
 class StorageContract:
     """Every documented behaviour of ``TaskStore``."""
 
@@ -82,10 +126,13 @@ class StorageContract:
         assert (record.queue, record.status, record.message, record.attempt) == ("q", "pending", "", 0)
         assert record.next_run_at == 5
 
-    def test_enqueue_to_unknown_queue_raises_and_adds_nothing(self, store: TaskStore) -> None:
+    @pytest.mark.parametrize("n", [1, 3])
+    def test_enqueue_to_unknown_queue_raises_and_adds_nothing(self, store: TaskStore,
+                                                              n: int) -> None:
+        store.ensure_queue("other")
         with pytest.raises(UnknownQueueError):
-            store.enqueue_many("nope", [("t1", b"x")], 0)
-        assert store.get("t1") is None
+            store.enqueue_many("nope", [(f"t{i}", b"x") for i in range(n)], 0)
+        assert [store.get(f"t{i}") for i in range(n)] == [None] * n
 
     def test_enqueue_many_is_all_or_nothing(self, store: TaskStore) -> None:
         store.ensure_queue("q")
@@ -165,6 +212,27 @@ class StorageContract:
         assert record is not None
         assert (record.status, record.message, record.attempt, record.finished_at) == ("completed", "done", 1, 7)
         assert record.owner is None and record.lease_expires_at is None
+
+    @pytest.mark.parametrize("n", [3, 30])
+    def test_a_group_commit_keeps_text_and_times_exactly(self, store: TaskStore, n: int) -> None:
+        """Messages, results and times settled together (few, or many at
+        once) come back as they were given, whatever characters the text
+        holds."""
+        store.ensure_queue("q")
+        _enqueue(store, "q", n)
+        claimed = store.claim("q", owner="me", limit=n, now=0, lease_ms=LEASE)
+        texts = ['tab\t nl\n quote" back\\ é ☃ 😀 \u2028 \x7f \x01',
+                 '{"a": [1, "x\\u0000y"], "b": null}', "[1, 2]"] * (n // 3)
+        later = 2**62
+        outcomes = [Outcome(t.id, t.token, "start", "", 1, lease_until=later) for t in claimed]
+        outcomes += [Outcome(t.id, t.token, "complete", text, later + i, result=text)
+                     for i, (t, text) in enumerate(zip(claimed, texts))]
+        assert store.settle(outcomes) == [True] * 2 * n
+        for i, (t, text) in enumerate(zip(claimed, texts)):
+            record = store.get(t.id)
+            assert record is not None
+            assert (record.message, record.result, record.finished_at, record.attempt) == \
+                (text, text, later + i, 1)
 
     def test_fail_is_terminal(self, store: TaskStore) -> None:
         task = _claimed_one(store)
@@ -280,6 +348,24 @@ class StorageContract:
         ])
         assert results == [True, False, True]
         assert [store.get(t.id).status for t in (a, b, c)] == ["completed", "running", "pending"]  # type: ignore[union-attr]
+
+    def test_a_large_batch_tells_which_outcomes_applied(self, store: TaskStore) -> None:
+        """A group commit of many starts and completions, one of each stale
+        and one completion given twice: each outcome's answer is its own."""
+        store.ensure_queue("q")
+        _enqueue(store, "q", 20)
+        claimed = store.claim("q", owner="me", limit=20, now=0, lease_ms=LEASE)
+        tokens = [t.token for t in claimed]
+        tokens[3] = "stale"
+        outcomes = [Outcome(t.id, token, "start", "", 1) for t, token in zip(claimed, tokens)]
+        outcomes += [Outcome(t.id, token, "complete", "ok", 2)
+                     for t, token in zip(claimed, tokens)]
+        outcomes.append(Outcome(claimed[5].id, claimed[5].token, "complete", "again", 3))
+        expected = [i != 3 for i in range(20)] * 2 + [False]
+        assert store.settle(outcomes) == expected
+        records = [store.get(t.id) for t in claimed]
+        assert [(r.status, r.attempt) for r in records] == [  # type: ignore[union-attr]
+            ("running", 0) if i == 3 else ("completed", 1) for i in range(20)]
 
     def test_a_batch_with_a_runs_start_and_its_end_counts_one_attempt(
             self, store: TaskStore) -> None:
@@ -735,6 +821,44 @@ class StorageContract:
         with pytest.raises(CallbackAlreadyCompletedError) as info:
             store.durable_signal("open", "succeeded", b"", None, 3)
         assert info.value.state == "closed"
+
+    @pytest.mark.parametrize("finish", ["complete", "fail", "recover", "cancel", "clear"])
+    def test_every_way_to_finish_a_task_ends_its_durable_state_only(
+            self, store: TaskStore, finish: str) -> None:
+        """However a task reaches a terminal status, its log goes and its
+        pending callbacks close in that transaction; another task's durable
+        state stays, as does a task that never had any."""
+        store.ensure_queue("q")
+        _enqueue(store, "q", 3)
+        claimed = store.claim("q", owner="me", limit=3, now=0, lease_ms=LEASE)
+        task, other, plain = sorted(claimed, key=lambda t: t.id)
+        for t in (task, other):
+            store.durable_record(t.id, 0, "step", "a", b"1")
+            store.durable_add_callback(CallbackRecord(f"cb-{t.id}", t.id, "approval", 0))
+        assert store.start(task.id, task.token, 1) is True
+        if finish == "complete":
+            assert store.complete(task.id, task.token, "", 2) is True
+        elif finish == "fail":
+            assert store.fail(task.id, task.token, "E", 2) is True
+        elif finish == "recover":  # the other two never started: pending again
+            assert store.recover("q", now=2, max_attempts=1, owners=["me"]) == 3
+        else:
+            assert store.release(task.id, task.token, 2) is True
+            if finish == "cancel":
+                assert store.cancel(task.id, 3) == "pending"
+            else:
+                assert store.clear("q", 3) == 1
+        assert store.complete(plain.id, plain.token, "", 4) is (finish != "recover")
+        assert store.get(task.id).status != "running"  # type: ignore[union-attr]
+        finished = store.get(task.id)
+        assert finished is not None and finished.finished_at is not None
+        counts = store.counts()["q"]
+        assert sum(counts.values()) == 3 and counts[finished.status] >= 1, counts
+        ended = store.durable_callback(f"cb-{task.id}")
+        kept = store.durable_callback(f"cb-{other.id}")
+        assert store.durable_ops(task.id) == [] and ended is not None and ended.state == "closed"
+        assert store.durable_ops(other.id) == [("step", "a", b"1")]
+        assert kept is not None and kept.state == "pending"
 
     def test_cancel_a_suspended_task_closes_its_callbacks(self, store: TaskStore) -> None:
         _suspended_one(store)

@@ -14,7 +14,8 @@ from typing import Iterator, List, Optional
 
 import pytest
 
-from storage_contract import StorageContract, source_indexes
+from storage_contract import (StorageContract, check_seeded_tasks_run_on, seed_durable_tasks,
+                              source_indexes)
 
 psycopg = pytest.importorskip("psycopg", reason="psycopg 3 is not installed: "
                                                 "pip install 'callbackworker[postgres]'")
@@ -522,6 +523,29 @@ def test_a_version_2_schema_is_upgraded_in_place_and_keeps_its_tasks(pg_schema_d
                 done.finished_at) == ("completed", "ok", None, None, 5, 9)
         (task,) = store.claim("q", owner="me", limit=5, now=0, lease_ms=1000)
         assert (task.id, task.payload, task.name) == ("todo", b"\x01", None)
+    finally:
+        store.close()
+    columns, indexes = _live_schema(pg_schema_dsn)
+    assert columns == expected_columns("postgresql")
+    assert indexes == source_indexes("postgresql")
+
+
+def test_a_version_7_schema_with_durable_tasks_migrates_and_runs_on(pg_schema_dsn: str) -> None:
+    """Version 8 marks the tasks that have durable state: a schema made
+    before it, with pending, running and suspended tasks holding logs and
+    callbacks, migrates, and each task's state still ends with it."""
+    _sql(pg_schema_dsn, "CREATE TABLE cbw_schema_version (one boolean PRIMARY KEY DEFAULT true "
+                        "CHECK (one), version integer NOT NULL)")
+    for step in postgres._MIGRATIONS[:7]:
+        for statement in step:
+            _sql(pg_schema_dsn, statement)
+    _sql(pg_schema_dsn, "INSERT INTO cbw_schema_version(version) VALUES (7)")
+    seed_durable_tasks(lambda sql: _sql(pg_schema_dsn, sql), "cbw_", "'\\x01'::bytea")
+    store = PostgresTaskStore(pg_schema_dsn)
+    try:
+        assert _sql(pg_schema_dsn, "SELECT version FROM cbw_schema_version") == \
+            [(SCHEMA_VERSION,)]
+        check_seeded_tasks_run_on(store)
     finally:
         store.close()
     columns, indexes = _live_schema(pg_schema_dsn)

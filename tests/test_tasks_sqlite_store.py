@@ -22,7 +22,8 @@ from callbackworker.tasks.sql import bounded_patience
 from callbackworker.tasks.sqlite import SQLiteTaskStore
 from callbackworker.tasks.storage import Outcome
 
-from storage_contract import StorageContract, source_indexes
+from storage_contract import (StorageContract, check_seeded_tasks_run_on, seed_durable_tasks,
+                              source_indexes)
 
 
 @pytest.fixture
@@ -261,6 +262,16 @@ def test_an_older_database_is_migrated_under_the_write_lock(tmp_path: Path) -> N
         blocker.close()
 
 
+def test_a_sqlite_without_json_functions_is_refused_in_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from callbackworker.tasks import sqlite as backend
+
+    monkeypatch.setattr(backend, "_has_json", lambda: False)
+    with pytest.raises(RuntimeError, match=r"^callbackworker task queues need SQLite's JSON "
+                                           r"functions \(built in since 3\.38\); [^\n]*$"):
+        SQLiteTaskStore(tmp_path / "t.db")
+
+
 def test_closed_store_refuses_use(tmp_path: Path) -> None:
     s = SQLiteTaskStore(tmp_path / "t.db")
     s.close()
@@ -416,6 +427,67 @@ def test_a_version_2_database_is_upgraded_in_place_and_keeps_its_tasks(tmp_path:
         assert (task.id, task.payload, task.name) == ("todo", b"\x01", None)
     finally:
         store.close()
+
+
+def test_a_version_7_database_with_durable_tasks_migrates_and_runs_on(tmp_path: Path) -> None:
+    """Version 8 marks the tasks that have durable state: a database made
+    before it, with pending, running and suspended tasks holding logs and
+    callbacks, migrates, and each task's state still ends with it."""
+    from callbackworker.tasks.sqlite import _MIGRATIONS
+
+    path = tmp_path / "v7.db"
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
+        for step in _MIGRATIONS[:7]:
+            for statement in step:
+                db.execute(statement)
+        db.execute("PRAGMA user_version = 7")
+        seed_durable_tasks(db.execute, "", "x'01'")
+    store = SQLiteTaskStore(path)
+    try:
+        assert _pragma(path, "user_version") == SCHEMA_VERSION
+        check_seeded_tasks_run_on(store)
+    finally:
+        store.close()
+    columns, indexes = _live_schema(path)
+    assert columns == expected_columns("sqlite")
+    assert indexes == source_indexes("sqlite")
+
+
+def _plan(store: SQLiteTaskStore, name: str, **params: Any) -> str:
+    sql = store.dialect.sql(name)
+    with contextlib.closing(sqlite3.connect(store.path)) as db:
+        return " / ".join(row[3] for row in db.execute("EXPLAIN QUERY PLAN " + sql, params))
+
+
+def test_the_counts_per_status_read_indexes_only(store: SQLiteTaskStore) -> None:
+    """The dashboard's counts read each status from the index of its phase
+    (waiting, running, finished) and never a task's row."""
+    plan = _plan(store, "counts")
+    assert [step for step in plan.split(" / ") if "tasks" in step] == [
+        f"SCAN tasks USING COVERING INDEX {index}"
+        for index in ("tasks_waiting", "tasks_running", "tasks_finished")], plan
+
+
+@pytest.mark.parametrize("name, index", [
+    ("next_due", "COVERING INDEX tasks_waiting (queue=? AND status=? AND next_run_at<?)"),
+    ("clear", "COVERING INDEX tasks_waiting (queue=? AND status=?)"),
+    ("recover", "INDEX tasks_running (queue=? AND status=?)"),
+    ("running_owners", "COVERING INDEX tasks_running (queue=? AND status=?)"),
+    ("sweep", "COVERING INDEX tasks_finished (queue=? AND status=? AND finished_at<?)")])
+def test_a_queue_s_tasks_in_one_phase_are_found_through_its_index(
+        store: SQLiteTaskStore, name: str, index: str) -> None:
+    sql = store.dialect.sql(name).replace("owner IN (:dead_owners)", "owner IN (:owner)")
+    names = set(re.findall(r"(?<![:\w]):([A-Za-z_]\w*)", sql))
+    with contextlib.closing(sqlite3.connect(store.path)) as db:
+        plan = " / ".join(row[3] for row in db.execute("EXPLAIN QUERY PLAN " + sql,
+                                                       dict.fromkeys(names, 0)))
+    assert f"SEARCH tasks USING {index}" in plan, plan
+
+
+def test_renewing_an_owner_s_leases_reads_the_running_tasks_only(
+        store: SQLiteTaskStore) -> None:
+    plan = _plan(store, "renew_leases", owner="o", expires=1)
+    assert plan == "SCAN tasks USING INDEX tasks_running", plan
 
 
 def test_the_claim_reads_the_claim_index_in_order(store: SQLiteTaskStore) -> None:

@@ -441,8 +441,8 @@ def test_the_failed_list_shows_every_failed_task_with_its_traceback(dash: Dashbo
     second = failing_task(dash.service, "jobs.two")
     login(dash.http)
     page = dash.http.get("/ui/tasks?status=failed").text
-    assert first[:12] in page and second[:12] in page
-    assert page.index(second[:12]) < page.index(first[:12])  # newest first
+    assert first[-12:] in page and second[-12:] in page
+    assert page.index(second[-12:]) < page.index(first[-12:])  # newest first
     assert page.count('<pre class="traceback">') == 2
 
 
@@ -452,7 +452,7 @@ def test_the_task_list_filters_by_queue_status_and_name(dash: Dashboard) -> None
     c = dash.service.enqueue_task("jobs.a", queue="q2")
     login(dash.http)
     page = dash.http.get("/ui/tasks?queue=q1&name=jobs.a").text
-    assert a[:12] in page and b[:12] not in page and c[:12] not in page
+    assert a[-12:] in page and b[-12:] not in page and c[-12:] not in page
     assert dash.http.get("/ui/tasks?status=completed").text.count("/ui/tasks/") == 0
 
 
@@ -462,11 +462,11 @@ def test_the_task_list_pages_to_older_tasks(dash: Dashboard,
     ids = [dash.service.enqueue_task("jobs.a", queue="q") for _ in range(3)]
     login(dash.http)
     first = dash.http.get("/ui/tasks?queue=q").text
-    assert ids[2][:12] in first and ids[1][:12] in first and ids[0][:12] not in first
+    assert ids[2][-12:] in first and ids[1][-12:] in first and ids[0][-12:] not in first
     older = re.search(r'href="([^"]+)">Older tasks', first)
     assert older
     second = dash.http.get(older.group(1).replace("&amp;", "&")).text
-    assert ids[0][:12] in second and ids[1][:12] not in second
+    assert ids[0][-12:] in second and ids[1][-12:] not in second
     assert "Older tasks" not in second
 
 

@@ -382,6 +382,31 @@ _MIGRATIONS: List[List[str]] = [
     [
         "ALTER TABLE cbw_tasks ADD COLUMN confirm_start integer NOT NULL DEFAULT 0",
     ],
+    # 8: durable state is ended only for the tasks that have some.  The
+    # first row of a task's log or callbacks marks the task ``durable``
+    # (the insert's trigger, in its transaction, after the foreign key
+    # found the task); the trigger that ends the state calls its function
+    # for marked tasks only.
+    [
+        "ALTER TABLE cbw_tasks ADD COLUMN durable integer NOT NULL DEFAULT 0",
+        "UPDATE cbw_tasks SET durable = 1 WHERE id IN (SELECT task_id FROM cbw_durable_ops "
+        "UNION SELECT task_id FROM cbw_durable_callbacks)",
+        """CREATE FUNCTION cbw_tasks_durable_marked() RETURNS trigger
+           LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+           BEGIN
+               UPDATE cbw_tasks SET durable = 1 WHERE id = NEW.task_id AND durable = 0;
+               RETURN NULL;
+           END $$""",
+        *(f"""CREATE TRIGGER {table}_marked AFTER INSERT ON {table} FOR EACH ROW
+              EXECUTE FUNCTION cbw_tasks_durable_marked()"""
+          for table in ("cbw_durable_ops", "cbw_durable_callbacks")),
+        "DROP TRIGGER cbw_tasks_durable_ended ON cbw_tasks",
+        """CREATE TRIGGER cbw_tasks_durable_ended AFTER UPDATE OF status ON cbw_tasks
+           FOR EACH ROW
+           WHEN (NEW.durable = 1 AND NEW.status IN ('completed', 'failed', 'cancelled')
+                 AND OLD.status NOT IN ('completed', 'failed', 'cancelled'))
+           EXECUTE FUNCTION cbw_tasks_durable_ended()""",
+    ],
 ]
 
 

@@ -16,7 +16,7 @@ from typing import Dict, NamedTuple, Tuple
 
 __all__ = ["SCHEMA_VERSION", "Column", "TABLES", "TYPES", "INDEXES", "expected_columns"]
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 """The schema version this callbackworker creates and understands."""
 
 
@@ -77,6 +77,10 @@ TABLES: Dict[str, Tuple[Column, ...]] = {
         # waits for its start to be recorded, so a handler that kills its
         # process runs uncounted once at most.
         Column("confirm_start", "int"),
+        # 1 once the task has had durable state (an operation log or
+        # callbacks; version 8): the trigger that ends that state when the
+        # task finishes runs for these tasks only.
+        Column("durable", "int"),
     ),
     # Periodic schedules (version 4), one row per name: the spec the last
     # service started with, the task it enqueues, the last tick enqueued
@@ -122,12 +126,14 @@ PREFIX: Dict[str, str] = {"sqlite": "", "postgresql": "cbw_"}
 """What each backend puts before a table's name."""
 
 INDEXES: Dict[str, Dict[str, str]] = {
-    # One index serves both the claim and next_due: SQLite has no partial
-    # index a claim over two statuses would use.
     "sqlite": {
-        "tasks_due": "tasks(queue, status, next_run_at, seq)",
-        "tasks_finished": "tasks(queue, finished_at) WHERE finished_at IS NOT NULL",
-        "tasks_leased": "tasks(owner) WHERE status = 'running'",
+        # One index per phase of a task's life (version 8), so a claim or
+        # a settle changes only the entries of the phases it moves the
+        # task between; the counts per status read all three.
+        "tasks_waiting": "tasks(queue, status, next_run_at) "
+                         "WHERE status IN ('pending', 'suspended')",
+        "tasks_running": "tasks(queue, status, owner) WHERE status = 'running'",
+        "tasks_finished": "tasks(queue, status, finished_at) WHERE finished_at IS NOT NULL",
         "durable_callbacks_task": "durable_callbacks(task_id)",
         # The claim's order, due tasks read first to last (version 3).
         "tasks_claim": "tasks(queue, priority DESC, next_run_at, seq) "
@@ -135,7 +141,7 @@ INDEXES: Dict[str, Dict[str, str]] = {
         "tasks_dedup": "UNIQUE tasks(queue, dedup_key) WHERE dedup_key IS NOT NULL "
                        "AND status IN ('pending', 'running', 'suspended')",
         # Listing newest first by queue, task name, or failed tasks
-        # (version 6); no index has the status, which changes at every claim
+        # (version 6); none has the status, which changes at every claim
         # and settle, except for failed tasks, which seldom change.
         "tasks_by_queue": "tasks(queue, seq)",
         "tasks_by_name": "tasks(name, seq) WHERE name IS NOT NULL",

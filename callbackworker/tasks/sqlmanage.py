@@ -5,8 +5,8 @@ retrying them and purging them.
 ``MANAGE_STATEMENTS`` with its other statements, in each dialect.  Every
 listing reads rows newest first from an index ending in ``seq`` (schema
 migration 6) or from the table's key, so a page stops after ``limit``
-matches; no index holds the status, which every claim and settle changes,
-except the partial ones of failed tasks, which seldom change.
+matches; no listing index holds the status, which every claim and settle
+changes, except the partial ones of failed tasks, which seldom change.
 """
 
 from __future__ import annotations
