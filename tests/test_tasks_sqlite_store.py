@@ -21,6 +21,7 @@ from callbackworker.tasks.sqlmanage import listing
 from callbackworker.tasks.sql import bounded_patience
 from callbackworker.tasks.sqlite import SQLiteTaskStore
 from callbackworker.tasks.storage import Outcome
+from callbackworker.tasks.taskids import new_task_ids
 
 from storage_contract import (StorageContract, check_seeded_tasks_run_on, seed_durable_tasks,
                               source_indexes)
@@ -262,14 +263,24 @@ def test_an_older_database_is_migrated_under_the_write_lock(tmp_path: Path) -> N
         blocker.close()
 
 
-def test_a_sqlite_without_json_functions_is_refused_in_one_line(
+def test_a_sqlite_without_json_functions_settles_row_by_row(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from callbackworker.tasks import sqlite as backend
 
     monkeypatch.setattr(backend, "_has_json", lambda: False)
-    with pytest.raises(RuntimeError, match=r"^callbackworker task queues need SQLite's JSON "
-                                           r"functions \(built in since 3\.38\); [^\n]*$"):
-        SQLiteTaskStore(tmp_path / "t.db")
+    # as if json_each were missing: the joined statements cannot run
+    monkeypatch.setattr(backend, "_BULK_SQL", {k: "SELECT json_each_missing()"
+                                               for k in backend._BULK_SQL})
+    s = SQLiteTaskStore(tmp_path / "t.db")
+    try:
+        s.ensure_queue("q")
+        s.enqueue_many("q", [(task_id, b"x") for task_id in new_task_ids(20)], 1)
+        claimed = s.claim("q", owner="me", limit=20, now=1, lease_ms=60_000)
+        outcomes = [Outcome(t.id, t.token, "complete", "done", 2) for t in claimed]
+        assert s.settle(outcomes) == [True] * 20
+        assert {s.get(t.id).status for t in claimed} == {"completed"}
+    finally:
+        s.close()
 
 
 def test_closed_store_refuses_use(tmp_path: Path) -> None:

@@ -331,15 +331,12 @@ def _check_sqlite_version() -> None:
         raise RuntimeError(
             f"callbackworker task queues need SQLite >= 3.35 (UPDATE ... RETURNING); "
             f"this Python is linked with SQLite {sqlite3.sqlite_version}")
-    if not _has_json():
-        raise RuntimeError(
-            f"callbackworker task queues need SQLite's JSON functions (built in since 3.38); "
-            f"this Python's SQLite {sqlite3.sqlite_version} was built without them")
 
 
 @functools.lru_cache(maxsize=None)
 def _has_json() -> bool:
-    """Whether this Python's SQLite has ``json_each`` (settles use it)."""
+    """Whether this Python's SQLite has ``json_each`` (built in since 3.38,
+    an option before): without it, settles go by ``executemany`` only."""
     db = sqlite3.connect(":memory:")
     try:
         db.execute("SELECT value FROM json_each('[1]')").fetchall()
@@ -558,7 +555,7 @@ class SQLiteTaskStore(SQLTaskStore):
             # completion, each kind in one executemany; the rest one by one.
             for kind in _BULK_KINDS:
                 rows = [self._settle_params(db, o) for o in outcomes if o.kind == kind]
-                if len(rows) >= _BULK_MIN:
+                if len(rows) >= _BULK_MIN and _has_json():
                     # ensure_ascii=False: text that SQLite cannot take (a
                     # lone surrogate) fails to bind here, as a row's would.
                     batch = json.dumps(rows, ensure_ascii=False)
