@@ -707,7 +707,8 @@ class SQLiteTaskStore(SQLTaskStore):
             return super().renew_leases(owner, expires_at, task_ids)
         params = {"owner": owner, "expires": expires_at,
                   "ids": json.dumps(list(task_ids), ensure_ascii=False)}
-        return int(self._single(lambda db: db.execute(_RENEW_LISTED, params).rowcount))
+        # one statement: on its own, it takes the write lock as it starts
+        return int(self._locked(lambda db: db.execute(_RENEW_LISTED, params).rowcount))
 
     def settle(self, outcomes: Sequence[Outcome]) -> List[bool]:
         for o in outcomes:
