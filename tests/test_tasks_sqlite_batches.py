@@ -133,7 +133,8 @@ def _seed(store: SQLiteTaskStore) -> None:
                          Outcome(retried.id, retried.token, "start", "", 5),
                          Outcome(retried.id, retried.token, "retry", "E: x", 6)]) == [True] * 4
     assert store.recover("q", now=7, max_attempts=5, owners=["dead"]) == 1
-    assert store.get(lost.id).status == "pending"
+    record = store.get(lost.id)
+    assert record is not None and record.status == "pending"
 
 
 def _claims(store: SQLiteTaskStore) -> List[List[Tuple[Any, ...]]]:
@@ -280,7 +281,8 @@ def test_renewing_listed_leases_counts_the_tasks_still_held(store: SQLiteTaskSto
     listed = [t.id for t in held] + [ids[3], "no-such-task"]
     assert store.renew_leases("me", 99_999, listed) == 2
     assert store.renew_leases("other", 99_999, listed) == 0
-    assert [store.get(t.id).lease_expires_at for t in held[1:]] == [99_999, 99_999]
+    records = [store.get(t.id) for t in held[1:]]
+    assert [r.lease_expires_at for r in records if r is not None] == [99_999, 99_999]
 
 
 # ---- without JSON functions ------------------------------------------------
