@@ -189,6 +189,19 @@ class _opened:
         self.store.close()
 
 
+def test_a_claim_of_many_reads_larger_payloads_apart(store: SQLiteTaskStore) -> None:
+    """Under a large limit, payloads above the limit's share of what a
+    claim reads inline come by a statement of their own."""
+    tasks = [(i, bytes([n]) * (n * 100)) for n, i in enumerate(new_task_ids(20))]
+    store.enqueue_many("q", tasks, 5)
+    counting = _Counting.install(store)
+    claimed = store.claim("q", owner="me", limit=100_000, now=5, lease_ms=LEASE)
+    assert [(t.id, t.payload) for t in claimed] == tasks
+    assert counting.count(backend._CLAIM_BIG) == 1
+    inline = backend._CHUNK_BYTES // 100_000  # 671 bytes
+    assert counting.rows == 1 + sum(len(p) > inline for _, p in tasks) == 1 + 13
+
+
 def test_the_claim_reads_its_tasks_from_the_claim_index(store: SQLiteTaskStore) -> None:
     plan = store._conn().execute(
         "EXPLAIN QUERY PLAN " + backend._CLAIM_READ,
