@@ -202,6 +202,19 @@ def test_a_claim_of_many_reads_larger_payloads_apart(store: SQLiteTaskStore) -> 
     assert counting.rows == 1 + sum(len(p) > inline for _, p in tasks) == 1 + 13
 
 
+def test_a_file_in_utf16_claims_every_payload_byte_for_byte(tmp_path: Path) -> None:
+    """A claim joins payloads as text, which is byte for byte in UTF-8
+    only: a UTF-16 file is claimed row by row."""
+    path = tmp_path / "utf16.db"
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA encoding = 'UTF-16le'")
+    with _opened(path) as s:
+        tasks = list(zip(new_task_ids(len(PAYLOADS)), PAYLOADS))
+        s.enqueue_many("q", tasks, 1)
+        claimed = s.claim("q", owner="me", limit=100, now=1, lease_ms=LEASE)
+        assert [(t.id, t.payload) for t in claimed] == tasks
+
+
 def test_the_claim_reads_its_tasks_from_the_claim_index(store: SQLiteTaskStore) -> None:
     plan = store._conn().execute(
         "EXPLAIN QUERY PLAN " + backend._CLAIM_READ,

@@ -496,6 +496,7 @@ class SQLiteTaskStore(SQLTaskStore):
         self._waker: Optional[Waker] = None
         self._on_finished: Optional[Callable[[], None]] = None
         self._wake = WakeChannel.open(self.path)
+        self._joins_blobs = False  # set by _configure
         self._db: Optional[sqlite3.Connection] = sqlite3.connect(
             self.path, isolation_level=None, check_same_thread=False,
             timeout=_BUSY_TIMEOUT_MS / 1000)
@@ -520,6 +521,10 @@ class SQLiteTaskStore(SQLTaskStore):
         # pages that only read); the lock is taken only to migrate.
         if self._retry(lambda: self._attempt(lambda: self._schema_version(db))) != SCHEMA_VERSION:
             self._atomic(self._migrate)
+        # group_concat joins blobs as text: byte for byte in UTF-8 only
+        encoding = self._retry(lambda: self._attempt(
+            lambda: db.execute("PRAGMA encoding").fetchone()[0]))
+        self._joins_blobs = _has_json() and encoding == "UTF-8"
 
     def _schema_version(self, db: sqlite3.Connection) -> int:
         """The file's schema version; a ``RuntimeError`` if it is newer than
@@ -658,8 +663,10 @@ class SQLiteTaskStore(SQLTaskStore):
         ``_INLINE_BYTES`` costs a row of its own.  Under ``delay_ms`` the
         transaction first reads the queue's next allowed start, claims at
         most one task and moves that start on.  Without SQLite's JSON
-        functions, the shared ``UPDATE ... RETURNING``."""
-        if not _has_json() or limit <= 0:
+        functions, or in a file whose text is not UTF-8 (which would make
+        the joined payloads text of another encoding), the shared
+        ``UPDATE ... RETURNING``."""
+        if not self._joins_blobs or limit <= 0:
             return super().claim(queue, owner=owner, limit=limit, now=now, lease_ms=lease_ms,
                                  delay_ms=delay_ms)
         token = uuid.uuid4().hex  # unique per claim; a task appears once in a claim
