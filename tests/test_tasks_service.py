@@ -167,6 +167,24 @@ def test_default_prefetch_grows_to_what_the_queue_finishes_in_the_horizon(
         assert runtime._prefetch_of(queue, 102.0) == runtime_mod.PREFETCH_MAX
 
 
+def test_default_prefetch_grows_as_soon_as_a_few_attempts_finish(service: TaskService) -> None:
+    # A queue that starts on a backlog of short tasks must not claim one or
+    # two at a time for a whole rate period before its window grows.
+    service.create_queue("q", QueueConfig(concurrency=1), handler=ok)
+    runtime = service._runtime
+    queue = runtime._queues["q"]
+    few, soon = runtime_mod._RATE_MIN_COUNT, runtime_mod._RATE_MIN_S
+    with runtime._cond:
+        assert runtime._prefetch_of(queue, 100.0) == 1  # no rate yet
+        queue.finished += few - 1  # too few to tell a rate, however soon
+        assert runtime._prefetch_of(queue, 100.0 + soon) == 1
+        queue.finished += 1
+        assert runtime._prefetch_of(queue, 100.0 + soon / 2) == 1  # too soon
+        expected = int(few / ((100.0 + soon) - 100.0) * runtime_mod.PREFETCH_HORIZON_S)
+        assert runtime._prefetch_of(queue, 100.0 + soon) == expected > few
+        assert soon < runtime_mod._RATE_EVERY_S
+
+
 def test_a_set_prefetch_stays_as_set(db: str, clock: FakeClock) -> None:
     with TaskService(db, clock=clock, background=False, prefetch=3) as service:
         service.create_queue("q", QueueConfig(concurrency=2), handler=ok)

@@ -12,7 +12,11 @@ DESIGN
   enqueues and inspects starts no thread.
 * Prefetch.  ``prefetch`` when set; by default a queue prefetches what it
   finishes in ``PREFETCH_HORIZON_S`` at its rate over the last
-  ``_RATE_EVERY_S`` (at least its concurrency, at most ``PREFETCH_MAX``):
+  ``_RATE_EVERY_S``, or over a shorter span once ``_RATE_MIN_COUNT``
+  attempts have finished in it, so that a queue that starts on a backlog
+  of short tasks grows its window within milliseconds instead of claiming
+  one or two at a time (at least its concurrency, at most
+  ``PREFETCH_MAX``):
   short tasks are claimed hundreds at a time, long ones no further ahead
   than their concurrency, and a prefetched task waits in this process
   about the horizon at most while another process could have run it.
@@ -182,6 +186,8 @@ PREFETCH_HORIZON_S = 0.02
 PREFETCH_MAX = 1000
 """The most tasks the default prefetch claims beyond the free slots."""
 _RATE_EVERY_S = 0.02
+_RATE_MIN_COUNT = 8
+_RATE_MIN_S = 0.001
 SHED_AFTER_S = 0.25
 """Claimed tasks that have waited this long to run while more wait than
 their queue's window now holds (its tasks became slower, so its default
@@ -203,11 +209,13 @@ class _Queue:
     rate_count: int = 0  # ``finished`` then
 
     def measure_rate(self, mono: float) -> None:
-        """Updates ``rate`` once ``_RATE_EVERY_S`` has passed (under the
-        runtime's ``_cond``)."""
+        """Updates ``rate`` once ``_RATE_EVERY_S`` has passed, or once
+        ``_RATE_MIN_COUNT`` attempts have finished in at least
+        ``_RATE_MIN_S`` (under the runtime's ``_cond``)."""
         elapsed = mono - self.rate_since
-        if elapsed >= _RATE_EVERY_S:
-            self.rate = (self.finished - self.rate_count) / elapsed
+        finished = self.finished - self.rate_count
+        if elapsed >= _RATE_EVERY_S or (finished >= _RATE_MIN_COUNT and elapsed >= _RATE_MIN_S):
+            self.rate = finished / elapsed
             self.rate_since, self.rate_count = mono, self.finished
 
 
