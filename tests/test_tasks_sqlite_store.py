@@ -283,6 +283,43 @@ def test_a_sqlite_without_json_functions_settles_row_by_row(
         s.close()
 
 
+def _settle_completions(store: SQLiteTaskStore, results: List[str]) -> List[bool]:
+    """Claims one task per result and settles them as completed with those
+    results in one call (a batch the joined statement would take)."""
+    store.ensure_queue("q")
+    ids = new_task_ids(len(results))
+    store.enqueue_many("q", [(task_id, b"x") for task_id in ids], 1)
+    claimed = {t.id: t for t in store.claim("q", owner="me", limit=len(ids), now=1,
+                                            lease_ms=60_000)}
+    return store.settle([Outcome(task_id, claimed[task_id].token, "complete", "", 2,
+                                 result=result) for task_id, result in zip(ids, results)])
+
+
+def test_a_batch_of_completions_keeps_text_after_a_nul_character(
+        store: SQLiteTaskStore) -> None:
+    """A NUL character goes into the joined statement's JSON as ``\\u0000``,
+    where SQLite's JSON functions end the text: such a batch is written row
+    by row, so every result is stored whole, as a smaller batch's is."""
+    results = [f'"r{i}"' for i in range(9)] + ['"before\x00after"']
+    assert _settle_completions(store, results) == [True] * len(results)
+    stored = {r[0] for r in store._conn().execute("SELECT result FROM tasks")}
+    assert stored == set(results)
+
+
+@pytest.mark.skipif(not hasattr(sqlite3.Connection, "setlimit"),
+                    reason="Connection.setlimit is Python 3.11+")
+def test_a_batch_of_completions_longer_than_one_sqlite_value_is_written_row_by_row(
+        store: SQLiteTaskStore) -> None:
+    """The joined statement takes the whole batch as one text, which SQLite
+    refuses past its length limit (10^9 bytes by default: a thousand results
+    of 1 MiB) although every row fits: such a batch is written row by row."""
+    store._conn().setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 64 * 1024)
+    results = [f'"{i:02}{"x" * 10_000}"' for i in range(10)]  # 100 kB in all
+    assert _settle_completions(store, results) == [True] * len(results)
+    stored = {r[0] for r in store._conn().execute("SELECT result FROM tasks")}
+    assert stored == set(results)
+
+
 def test_closed_store_refuses_use(tmp_path: Path) -> None:
     s = SQLiteTaskStore(tmp_path / "t.db")
     s.close()

@@ -449,6 +449,28 @@ def _has_json() -> bool:
     return True
 
 
+def _apply_joined(db: sqlite3.Connection, kind: str, rows: List[Sequence[Any]]) -> Optional[int]:
+    """How many of ``rows`` (a kind's parameter lists) the kind's joined
+    statement applied, or None where it cannot take them and they must go
+    by ``executemany``: no ``json_each`` in this SQLite, a NUL character
+    in some text (``json_extract`` ends the text there; the test also
+    sends text with a backslash before ``u0000`` row by row, which costs
+    only time), or a batch longer than SQLite takes as one value
+    (``SQLITE_MAX_LENGTH``, 10^9 bytes by default: a thousand results of
+    1 MiB), though each row fits."""
+    if not _has_json():
+        return None
+    # ensure_ascii=False: text that SQLite cannot take (a lone surrogate)
+    # fails to bind here, as a row's would.
+    batch = json.dumps(rows, ensure_ascii=False)
+    if "\\u0000" in batch:
+        return None
+    try:
+        return int(db.execute(_BULK_SQL[kind], {"batch": batch}).rowcount)
+    except sqlite3.DataError:  # too big to bind: nothing ran
+        return None
+
+
 def _is_busy(exc: BaseException) -> bool:
     """True for the lock contention that another attempt may get past."""
     if not isinstance(exc, sqlite3.OperationalError):
@@ -732,15 +754,12 @@ class SQLiteTaskStore(SQLTaskStore):
 
         def in_bulk(db: sqlite3.Connection) -> List[bool]:
             # Every start first (a run's start precedes its end), then every
-            # completion, each kind in one executemany; the rest one by one.
+            # completion, each kind in one statement (``_apply_joined``) or one
+            # executemany; the rest one by one.
             for kind in _BULK_KINDS:
                 rows = [self._settle_params(db, o) for o in outcomes if o.kind == kind]
-                if len(rows) >= _BULK_MIN and _has_json():
-                    # ensure_ascii=False: text that SQLite cannot take (a
-                    # lone surrogate) fails to bind here, as a row's would.
-                    batch = json.dumps(rows, ensure_ascii=False)
-                    applied = db.execute(_BULK_SQL[kind], {"batch": batch}).rowcount
-                else:
+                applied = _apply_joined(db, kind, rows) if len(rows) >= _BULK_MIN else None
+                if applied is None:
                     applied = db.executemany(_SETTLE_SQL[kind], rows).rowcount if rows else 0
                 if applied != len(rows):
                     raise _NotAllApplied()
