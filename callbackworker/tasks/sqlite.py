@@ -513,6 +513,9 @@ class SQLiteTaskStore(SQLTaskStore):
         self.path = os.fspath(path)
         self.durability = durability
         self._patience_s = patience_s
+        # SQLite's own wait for a file lock, within one attempt: never
+        # longer than the patience, which it would otherwise overrun.
+        self._busy_ms = max(1, min(_BUSY_TIMEOUT_MS, int(patience_s * 1000)))
         self._lock = threading.Lock()
         _create_private(self.path)
         self._waker: Optional[Waker] = None
@@ -521,7 +524,7 @@ class SQLiteTaskStore(SQLTaskStore):
         self._joins_blobs = False  # set by _configure
         self._db: Optional[sqlite3.Connection] = sqlite3.connect(
             self.path, isolation_level=None, check_same_thread=False,
-            timeout=_BUSY_TIMEOUT_MS / 1000)
+            timeout=self._busy_ms / 1000)
         try:
             self._configure()
         except BaseException:
@@ -537,7 +540,7 @@ class SQLiteTaskStore(SQLTaskStore):
         self._retry(lambda: self._attempt(lambda: db.execute("PRAGMA journal_mode=WAL")
                                           .fetchone()))
         db.execute(f"PRAGMA synchronous={DURABILITY[self.durability]}")
-        db.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
+        db.execute(f"PRAGMA busy_timeout={self._busy_ms}")
         # Reading the version takes no write lock: a database already at
         # this version opens without waiting for writers (the commands and
         # pages that only read); the lock is taken only to migrate.
@@ -638,12 +641,12 @@ class SQLiteTaskStore(SQLTaskStore):
         """``body`` with SQLite's wait for a file lock cut to the time left
         under ``bounded_patience`` (the caller holds the store's lock)."""
         db = self._conn()
-        wait_ms = min(_BUSY_TIMEOUT_MS, int((patience_left() or 0.0) * 1000))
+        wait_ms = min(self._busy_ms, int((patience_left() or 0.0) * 1000))
         db.execute(f"PRAGMA busy_timeout={wait_ms}")
         try:
             return body(db)
         finally:
-            db.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
+            db.execute(f"PRAGMA busy_timeout={self._busy_ms}")
 
     # ---- producing -----------------------------------------------------
 
