@@ -25,29 +25,13 @@ import argparse
 import os
 import statistics
 import tempfile
-import threading
 import time
-from typing import Callable, Dict, List
+from typing import Dict, List
 
+from callbackworker.bench_tasks import counting_handler
 from callbackworker.tasks import QueueConfig, TaskService
 
 PAYLOAD = b"task payload 16b"
-
-
-def _counting_handler(n: int) -> "tuple[Callable[[memoryview], str], threading.Event]":
-    """A handler that sets the returned event once it has run ``n`` times."""
-    done = threading.Event()
-    left = [n]
-    lock = threading.Lock()
-
-    def handler(payload: memoryview) -> str:
-        with lock:
-            left[0] -= 1
-            if left[0] == 0:
-                done.set()
-        return "ok"
-
-    return handler, done
 
 
 def run_once(mode: str, n: int) -> "tuple[float, float]":
@@ -55,7 +39,7 @@ def run_once(mode: str, n: int) -> "tuple[float, float]":
     through a fresh service in ``mode``."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "bench.db")
-        handler, done = _counting_handler(n)
+        handler, done = counting_handler(n)
         if mode == "drain":
             with TaskService(path, background=False) as service:
                 service.create_queue("bench", QueueConfig(), handler=handler)

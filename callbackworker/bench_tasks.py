@@ -32,10 +32,9 @@ def tasks_rate(kind: str, n: int, end_to_end: bool) -> float:
         return _TASK_RUNNERS[kind](path, n, end_to_end)
 
 
-def _cbw_tasks(path: str, n: int, end_to_end: bool, prefetch: Optional[int] = None,
-               batch: bool = False) -> float:
-    from .tasks import QueueConfig, TaskService
-
+def counting_handler(n: int) -> Tuple[Callable[[memoryview], str], threading.Event]:
+    """A trivial task handler, and an event it sets once it has run ``n``
+    times (``benchmarks/task_drain.py`` uses it too)."""
     done = threading.Event()
     left = [n]
     lock = threading.Lock()
@@ -47,6 +46,14 @@ def _cbw_tasks(path: str, n: int, end_to_end: bool, prefetch: Optional[int] = No
                 done.set()
         return "ok"
 
+    return handler, done
+
+
+def _cbw_tasks(path: str, n: int, end_to_end: bool, prefetch: Optional[int] = None,
+               batch: bool = False) -> float:
+    from .tasks import QueueConfig, TaskService
+
+    handler, done = counting_handler(n)
     with TaskService(path, background=end_to_end, prefetch=prefetch) as service:
         service.create_queue("bench", QueueConfig(), handler=handler)
         enqueue, payload = service.enqueue, TASK_PAYLOAD

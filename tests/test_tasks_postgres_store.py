@@ -93,14 +93,21 @@ def test_hosts_starting_at_once_migrate_exactly_once(pg_schema_dsn: str) -> None
     assert _sql(pg_schema_dsn, "SELECT version FROM cbw_schema_version") == [(SCHEMA_VERSION,)]
 
 
+def _schema_at_version(dsn: str, version: int) -> None:
+    """Builds the schema as the release at ``version`` left it, with its
+    own migrations."""
+    _sql(dsn, "CREATE TABLE cbw_schema_version (one boolean PRIMARY KEY DEFAULT true "
+              "CHECK (one), version integer NOT NULL)")
+    for step in postgres._MIGRATIONS[:version]:
+        for statement in step:
+            _sql(dsn, statement)
+    _sql(dsn, f"INSERT INTO cbw_schema_version(version) VALUES ({version})")
+
+
 def test_a_version_1_schema_is_migrated_keeping_its_tasks(pg_schema_dsn: str) -> None:
     """A deployment made before durable callbacks: its tasks survive the
     upgrade, and can then suspend."""
-    _sql(pg_schema_dsn, "CREATE TABLE cbw_schema_version (one boolean PRIMARY KEY DEFAULT true "
-                        "CHECK (one), version integer NOT NULL)")
-    for statement in postgres._MIGRATIONS[0]:
-        _sql(pg_schema_dsn, statement)
-    _sql(pg_schema_dsn, "INSERT INTO cbw_schema_version(version) VALUES (1)")
+    _schema_at_version(pg_schema_dsn, 1)
     _sql(pg_schema_dsn, "INSERT INTO cbw_queues(name) VALUES ('q')")
     _sql(pg_schema_dsn, "INSERT INTO cbw_tasks(id, queue, payload, status, next_run_at, "
                         "created_at) VALUES ('old', 'q', 'x', 'pending', 0, 0)")
@@ -245,13 +252,9 @@ def test_a_settle_reads_only_the_tasks_it_settles(store: PostgresTaskStore, kind
             <= 4 * len(mine)
 
 
-def test_only_a_batch_of_starts_alone_skips_the_servers_flush(
-        store: PostgresTaskStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Starts alone commit with ``synchronous_commit = off``; a batch that
-    also holds outcomes must keep the server's setting for them."""
-    store.ensure_queue("q")
-    store.enqueue_many("q", [("a", b""), ("b", b"")], now=0)
-    a, b = store.claim("q", owner="me", limit=2, now=0, lease_ms=60_000)
+def _spy_statements(monkeypatch: pytest.MonkeyPatch) -> List[str]:
+    """The text of every statement the store's connections execute from
+    now on, in order."""
     statements: List[str] = []
     execute = psycopg.Connection.execute
 
@@ -260,6 +263,17 @@ def test_only_a_batch_of_starts_alone_skips_the_servers_flush(
         return execute(self, query, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(psycopg.Connection, "execute", spy)
+    return statements
+
+
+def test_only_a_batch_of_starts_alone_skips_the_servers_flush(
+        store: PostgresTaskStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Starts alone commit with ``synchronous_commit = off``; a batch that
+    also holds outcomes must keep the server's setting for them."""
+    store.ensure_queue("q")
+    store.enqueue_many("q", [("a", b""), ("b", b"")], now=0)
+    a, b = store.claim("q", owner="me", limit=2, now=0, lease_ms=60_000)
+    statements = _spy_statements(monkeypatch)
     assert store.settle([Outcome(a.id, a.token, "start", "", 1)]) == [True]
     assert any("synchronous_commit" in q for q in statements)
     statements.clear()
@@ -275,14 +289,7 @@ def test_a_claim_alone_skips_the_servers_flush_but_not_a_spaced_one(
     transaction) keeps the server's setting, so the gap survives a crash."""
     store.ensure_queue("q")
     store.enqueue_many("q", [("a", b""), ("b", b"")], now=0)
-    statements: List[str] = []
-    execute = psycopg.Connection.execute
-
-    def spy(self: psycopg.Connection, query: str, *args: object, **kwargs: object) -> object:
-        statements.append(str(query))
-        return execute(self, query, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(psycopg.Connection, "execute", spy)
+    statements = _spy_statements(monkeypatch)
     a, = store.claim("q", owner="me", limit=1, now=0, lease_ms=60_000)
     assert a.id == "a"
     assert len(statements) == 1 and "synchronous_commit" in statements[0]
@@ -503,12 +510,7 @@ def test_a_signal_racing_the_suspension_is_never_lost(store: PostgresTaskStore) 
 def test_a_version_2_schema_is_upgraded_in_place_and_keeps_its_tasks(pg_schema_dsn: str) -> None:
     """A deployment made by the release before tasks as functions (schema
     2, written by its own migrations): its tasks are found and run on."""
-    _sql(pg_schema_dsn, "CREATE TABLE cbw_schema_version (one boolean PRIMARY KEY DEFAULT true "
-                        "CHECK (one), version integer NOT NULL)")
-    for step in postgres._MIGRATIONS[:2]:
-        for statement in step:
-            _sql(pg_schema_dsn, statement)
-    _sql(pg_schema_dsn, "INSERT INTO cbw_schema_version(version) VALUES (2)")
+    _schema_at_version(pg_schema_dsn, 2)
     _sql(pg_schema_dsn, "INSERT INTO cbw_queues(name) VALUES ('q')")
     _sql(pg_schema_dsn, "INSERT INTO cbw_tasks(id, queue, payload, status, message, next_run_at, "
                         "created_at, finished_at) VALUES ('done', 'q', '\\x01', 'completed', "
@@ -534,12 +536,7 @@ def test_a_version_7_schema_with_durable_tasks_migrates_and_runs_on(pg_schema_ds
     """Version 8 marks the tasks that have durable state: a schema made
     before it, with pending, running and suspended tasks holding logs and
     callbacks, migrates, and each task's state still ends with it."""
-    _sql(pg_schema_dsn, "CREATE TABLE cbw_schema_version (one boolean PRIMARY KEY DEFAULT true "
-                        "CHECK (one), version integer NOT NULL)")
-    for step in postgres._MIGRATIONS[:7]:
-        for statement in step:
-            _sql(pg_schema_dsn, statement)
-    _sql(pg_schema_dsn, "INSERT INTO cbw_schema_version(version) VALUES (7)")
+    _schema_at_version(pg_schema_dsn, 7)
     seed_durable_tasks(lambda sql: _sql(pg_schema_dsn, sql), "cbw_", "'\\x01'::bytea")
     store = PostgresTaskStore(pg_schema_dsn)
     try:
