@@ -515,7 +515,7 @@ class SQLiteTaskStore(SQLTaskStore):
         self._patience_s = patience_s
         # SQLite's own wait for a file lock, within one attempt: never
         # longer than the patience, which it would otherwise overrun.
-        self._busy_ms = max(1, min(_BUSY_TIMEOUT_MS, int(patience_s * 1000)))
+        self._busy_ms = max(1, int(min(_BUSY_TIMEOUT_MS, patience_s * 1000)))
         self._lock = threading.Lock()
         _create_private(self.path)
         self._waker: Optional[Waker] = None
