@@ -225,9 +225,16 @@ def test_a_file_in_utf16_claims_every_payload_byte_for_byte(tmp_path: Path) -> N
     """A claim joins payloads as text, which is byte for byte in UTF-8
     only: a UTF-16 file is claimed row by row."""
     path = tmp_path / "utf16.db"
-    with sqlite3.connect(path) as db:
+    db = sqlite3.connect(path)
+    try:  # the encoding is the file's once its first table is written
         db.execute("PRAGMA encoding = 'UTF-16le'")
+        db.execute("CREATE TABLE first (x)")
+        db.execute("DROP TABLE first")
+        db.commit()
+    finally:
+        db.close()
     with _opened(path) as s:
+        assert s._conn().execute("PRAGMA encoding").fetchone()[0] == "UTF-16le"
         tasks = list(zip(new_task_ids(len(PAYLOADS)), PAYLOADS))
         s.enqueue_many("q", tasks, 1)
         claimed = s.claim("q", owner="me", limit=100, now=1, lease_ms=LEASE)
