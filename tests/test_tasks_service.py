@@ -185,6 +185,27 @@ def test_default_prefetch_grows_as_soon_as_a_few_attempts_finish(service: TaskSe
         assert soon < runtime_mod._RATE_EVERY_S
 
 
+def test_one_round_of_finishes_does_not_tell_the_rate(service: TaskService) -> None:
+    # Tasks that start together finish together: one finish per slot within
+    # a millisecond or two says nothing of how long the next ones take.  A
+    # rate read over that burst alone would claim hundreds of tasks that run
+    # one round per task duration, held here while other processes idle.
+    concurrency = 32
+    service.create_queue("q", QueueConfig(concurrency=concurrency), handler=ok)
+    runtime = service._runtime
+    queue = runtime._queues["q"]
+    soon = runtime_mod._RATE_MIN_S
+    with runtime._cond:
+        assert runtime._prefetch_of(queue, 100.0) == concurrency  # no rate yet
+        queue.finished += concurrency  # every slot finishes, within 2 ms
+        assert runtime._prefetch_of(queue, 100.0 + 2 * soon) == concurrency
+        # a second round by then: these tasks are short, the window grows
+        queue.finished += concurrency
+        finished = 2 * concurrency
+        expected = int(finished / (3 * soon) * runtime_mod.PREFETCH_HORIZON_S)
+        assert runtime._prefetch_of(queue, 100.0 + 3 * soon) == expected > concurrency
+
+
 def test_a_set_prefetch_stays_as_set(db: str, clock: FakeClock) -> None:
     with TaskService(db, clock=clock, background=False, prefetch=3) as service:
         service.create_queue("q", QueueConfig(concurrency=2), handler=ok)

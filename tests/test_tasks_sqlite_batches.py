@@ -189,6 +189,25 @@ class _opened:
         self.store.close()
 
 
+def test_a_claim_whose_listing_exceeds_the_length_limit_claims_row_by_row(
+        store: SQLiteTaskStore, tmp_path: Path) -> None:
+    """The claim's one row lists every task's id as JSON: under a low
+    length limit, a claim of many small tasks would not fit it, and every
+    claim would fail alike.  It claims as the row-by-row statement did."""
+    db = store._conn()
+    if not hasattr(db, "setlimit"):
+        pytest.skip("Connection.setlimit needs Python 3.11")
+    tasks = [(i, b"ab") for i in new_task_ids(600)]
+    store.enqueue_many("q", tasks, 5)
+    db.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 20_000)  # 500 ids alone list 18 kB
+    claimed = store.claim("q", owner="me", limit=500, now=5, lease_ms=LEASE)
+    assert [(t.id, t.payload, t.attempt) for t in claimed] == [(i, p, 1) for i, p in tasks[:500]]
+    assert len({t.token for t in claimed}) == 1
+    with sqlite3.connect(tmp_path / "tasks.db") as check:
+        assert check.execute("SELECT count(*) FROM tasks WHERE status = 'running'"
+                             ).fetchone()[0] == 500
+
+
 def test_a_claim_of_many_reads_larger_payloads_apart(store: SQLiteTaskStore) -> None:
     """Under a large limit, payloads above the limit's share of what a
     claim reads inline come by a statement of their own."""
@@ -206,9 +225,16 @@ def test_a_file_in_utf16_claims_every_payload_byte_for_byte(tmp_path: Path) -> N
     """A claim joins payloads as text, which is byte for byte in UTF-8
     only: a UTF-16 file is claimed row by row."""
     path = tmp_path / "utf16.db"
-    with sqlite3.connect(path) as db:
+    db = sqlite3.connect(path)
+    try:  # the encoding is the file's once its first table is written
         db.execute("PRAGMA encoding = 'UTF-16le'")
+        db.execute("CREATE TABLE first (x)")
+        db.execute("DROP TABLE first")
+        db.commit()
+    finally:
+        db.close()
     with _opened(path) as s:
+        assert s._conn().execute("PRAGMA encoding").fetchone()[0] == "UTF-16le"
         tasks = list(zip(new_task_ids(len(PAYLOADS)), PAYLOADS))
         s.enqueue_many("q", tasks, 1)
         claimed = s.claim("q", owner="me", limit=100, now=1, lease_ms=LEASE)

@@ -5,6 +5,7 @@ connections."""
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 import sqlite3
 import threading
@@ -113,6 +114,18 @@ def test_writes_wait_out_another_connection_holding_the_lock(tmp_path: Path) -> 
     try:
         assert errors == []
         assert store.get("t1") is not None
+    finally:
+        store.close()
+
+
+def test_an_endless_patience_keeps_sqlite_s_own_wait(tmp_path: Path) -> None:
+    """``patience_s=math.inf`` (retry for as long as it takes) opens a store
+    whose SQLite waits its usual time for a file lock."""
+    store = SQLiteTaskStore(tmp_path / "t.db", patience_s=math.inf)
+    try:
+        store.ensure_queue("q")
+        store.enqueue("q", "t1", b"x", 0)
+        assert store._conn().execute("PRAGMA busy_timeout").fetchone()[0] == 2000
     finally:
         store.close()
 

@@ -13,7 +13,8 @@ DESIGN
 * Prefetch.  ``prefetch`` when set; by default a queue prefetches what it
   finishes in ``PREFETCH_HORIZON_S`` at its rate over the last
   ``_RATE_EVERY_S``, or over a shorter span once ``_RATE_MIN_COUNT``
-  attempts have finished in it, so that a queue that starts on a backlog
+  attempts, and twice its concurrency (more than one round of a burst),
+  have finished in it, so that a queue that starts on a backlog
   of short tasks grows its window within milliseconds instead of claiming
   one or two at a time (at least its concurrency, at most
   ``PREFETCH_MAX``):
@@ -210,11 +211,17 @@ class _Queue:
 
     def measure_rate(self, mono: float) -> None:
         """Updates ``rate`` once ``_RATE_EVERY_S`` has passed, or once
-        ``_RATE_MIN_COUNT`` attempts have finished in at least
-        ``_RATE_MIN_S`` (under the runtime's ``_cond``)."""
+        ``_RATE_MIN_COUNT`` attempts, and twice the concurrency, have
+        finished in at least ``_RATE_MIN_S`` (under the runtime's
+        ``_cond``).  Tasks started together finish together: a span
+        shorter than a task's run holds at most one finish per slot, so
+        twice as many finishes take a run at least, and the rate read over
+        them is at most twice the true one, where one round of a burst
+        alone would read it hundreds of times too high."""
         elapsed = mono - self.rate_since
         finished = self.finished - self.rate_count
-        if elapsed >= _RATE_EVERY_S or (finished >= _RATE_MIN_COUNT and elapsed >= _RATE_MIN_S):
+        enough = max(_RATE_MIN_COUNT, 2 * self.config.concurrency)
+        if elapsed >= _RATE_EVERY_S or (finished >= enough and elapsed >= _RATE_MIN_S):
             self.rate = finished / elapsed
             self.rate_since, self.rate_count = mono, self.finished
 

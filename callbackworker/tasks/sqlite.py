@@ -515,7 +515,7 @@ class SQLiteTaskStore(SQLTaskStore):
         self._patience_s = patience_s
         # SQLite's own wait for a file lock, within one attempt: never
         # longer than the patience, which it would otherwise overrun.
-        self._busy_ms = max(1, min(_BUSY_TIMEOUT_MS, int(patience_s * 1000)))
+        self._busy_ms = max(1, int(min(_BUSY_TIMEOUT_MS, patience_s * 1000)))
         self._lock = threading.Lock()
         _create_private(self.path)
         self._waker: Optional[Waker] = None
@@ -689,7 +689,8 @@ class SQLiteTaskStore(SQLTaskStore):
         transaction first reads the queue's next allowed start, claims at
         most one task and moves that start on.  Without SQLite's JSON
         functions, or in a file whose text is not UTF-8 (which would make
-        the joined payloads text of another encoding), the shared
+        the joined payloads text of another encoding), or where the one
+        row would be longer than SQLite's length limit, the shared
         ``UPDATE ... RETURNING``."""
         if not self._joins_blobs or limit <= 0:
             return super().claim(queue, owner=owner, limit=limit, now=now, lease_ms=lease_ms,
@@ -731,7 +732,14 @@ class SQLiteTaskStore(SQLTaskStore):
             claimed.sort(key=lambda c: c[0])  # claim order, as read
             return [task for _, task in claimed]
 
-        return self._atomic(body)
+        try:
+            return self._atomic(body)
+        except sqlite3.DataError:
+            # The listing (ids, names, inline arguments as JSON) is longer
+            # than the connection takes as one value: rolled back, nothing
+            # claimed; the row-by-row statement returns a row per task.
+            return super().claim(queue, owner=owner, limit=limit, now=now, lease_ms=lease_ms,
+                                 delay_ms=delay_ms)
 
     def renew_leases(self, owner: str, expires_at: int,
                      task_ids: Optional[Sequence[str]] = None) -> int:
