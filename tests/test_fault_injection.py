@@ -216,6 +216,12 @@ def run_scenario(n: int) -> Tuple[Outcome, "weakref.ref[Worker]" | None]:
             jid = call(out, name, fn, *args, **kwargs)
             if jid is not FAILED:
                 jobs.append(Job(name, jid, expect, kind))
+                if kind == "alloc":
+                    # Its result is allocated on the worker's thread: let it
+                    # complete before this thread allocates again, so that
+                    # allocation keeps its place in the numbering from run
+                    # to run (else the scan of N can miss it by timing).
+                    w.wait_complete(jid, WAIT_MS)
             return jid
 
         side = call(out, "open_route", w.open_route, "side", concurrency=1)
