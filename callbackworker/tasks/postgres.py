@@ -81,7 +81,7 @@ DESIGN
 * Durability is the server's: a commit that returned is as durable as its
   ``synchronous_commit`` and ``fsync`` settings make it.  Two records
   commit without waiting for the flush, whatever the setting: a claim
-  without ``delay_ms`` and a batch of starts alone (``claim``,
+  without ``delay_ms`` and a batch of starts alone (``_claim_rows``,
   ``settle``).  Only a crash of the server can lose them, and losing one
   costs at most a run's count and, for a claim, a run again (execution is
   at-least-once anyway); any later commit that waits for the flush
@@ -97,7 +97,6 @@ import json
 import logging
 import math
 import threading
-import uuid
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, TypeVar
 
 from ..errors import UnknownQueueError
@@ -105,8 +104,7 @@ from .dsn import redact_dsn  # re-exported: listed in __all__
 from .pgconn import CHANNEL, Listener, Pool, is_transient, psycopg, require_psycopg
 from .schema import SCHEMA_VERSION
 from .sql import STATEMENTS, Dialect, SQLTaskStore, TransientError, patience_left
-from .storage import (CALLBACK_COLUMNS, ClaimedTask, Outcome, Waker, callback_record,
-                      place_suspension)
+from .storage import CALLBACK_COLUMNS, Outcome, Waker, callback_record, place_suspension
 
 if psycopg is not None:
     from psycopg import errors as pg_errors
@@ -224,7 +222,7 @@ _STATEMENTS = {
     "start": _START.format(quick=""),
     "start_quick": _START.format(quick=_QUICK + ", "),
     # A claim alone in its transaction commits without waiting for the
-    # flush either (see ``claim``).
+    # flush either (see ``_claim_rows``).
     "claim_quick": STATEMENTS["claim"].replace("WHERE seq IN", f"FROM {_QUICK} WHERE seq IN", 1),
     # The second half of a suspension, run after "settle" in its
     # transaction, with the callbacks read afresh (``_suspensions``): the
@@ -591,34 +589,26 @@ class PostgresTaskStore(SQLTaskStore):
 
     # ---- consuming -----------------------------------------------------
 
-    def claim(self, queue: str, *, owner: str, limit: int, now: int, lease_ms: int,
-              delay_ms: int = 0) -> List[ClaimedTask]:
-        """See ``TaskStore.claim``.  Without ``delay_ms`` the claim is one
-        statement that commits without waiting for the server's flush
-        (``synchronous_commit = off`` for its transaction), as starts do:
-        the server's CPU and the dispatcher's wait for that flush were a
-        good part of a task's cost.  Nothing a claim records needs it: the
-        commit is visible to every other claimer at once (no task is handed
-        out twice), and only a crash of the server can lose it, which puts
-        its tasks back as they were before the claim, their attempts not
-        counted; a run that began meanwhile ends with an outcome that no
-        longer matches and is rejected, and the task runs again, as after
-        any lost claim.  A later commit that waits for the flush (an
-        outcome of one of those tasks, say) flushes the claim with it, as
-        the server's log is written in order.  Under ``delay_ms`` the claim
-        and the move of the queue's next start commit with the server's
+    def _claim_rows(self, params: Mapping[str, Any], spaced: bool) -> List[Any]:
+        """A claim without ``delay_ms``: one prepared statement that commits
+        without waiting for the server's flush (``synchronous_commit =
+        off`` for its transaction), as starts do: the server's CPU and the
+        dispatcher's wait for that flush were a good part of a task's cost.
+        Nothing a claim records needs it: the commit is visible to every
+        other claimer at once (no task is handed out twice), and only a
+        crash of the server can lose it, which puts its tasks back as they
+        were before the claim, their attempts not counted; a run that began
+        meanwhile ends with an outcome that no longer matches and is
+        rejected, and the task runs again, as after any lost claim.  A
+        later commit that waits for the flush (an outcome of one of those
+        tasks, say) flushes the claim with it, as the server's log is
+        written in order.  Under ``delay_ms`` (``spaced``) the claim and
+        the move of the queue's next start commit with the server's
         setting, so that the gap between starts survives a crash."""
-        if delay_ms > 0 or limit <= 0:
-            return super().claim(queue, owner=owner, limit=limit, now=now, lease_ms=lease_ms,
-                                 delay_ms=delay_ms)
-        token = uuid.uuid4().hex  # unique per claim; a task appears once in a claim
-        params = {"owner": owner, "expires": now + lease_ms, "token": token, "queue": queue,
-                  "now": now, "limit": limit}
+        if spaced:
+            return super()._claim_rows(params, spaced)
         sql = _DIALECT.sql("claim_quick")
-        rows = self._run(lambda conn: list(conn.execute(sql, params, prepare=True).fetchall()))
-        rows.sort(key=lambda r: (-r[0], r[1], r[2]))  # claim order
-        return [ClaimedTask(r[3], bytes(r[4]), r[5], token, r[6], r[7], bool(r[8]))
-                for r in rows]
+        return self._run(lambda conn: list(conn.execute(sql, params, prepare=True).fetchall()))
 
     starts_apart = True
 

@@ -432,24 +432,32 @@ class SQLTaskStore(ManagedTasks, TaskStore):
         params = {"owner": owner, "expires": now + lease_ms, "token": token, "queue": queue,
                   "now": now, "limit": limit if delay_ms <= 0 else 1,
                   "next_start": now + delay_ms}
-        claim = self.dialect.sql("claim")
-
-        def spaced(conn: Conn) -> List[Any]:
-            row = conn.execute(self.dialect.sql("queue_start"), params).fetchone()
-            if row is None or row[0] > now:
-                return []
-            rows = conn.execute(claim, params).fetchall()
-            if rows:
-                conn.execute(self.dialect.sql("space_starts"), params)
-            return list(rows)
-
-        if delay_ms > 0:
-            rows = self._atomic(spaced)
-        else:
-            rows = self._single(lambda conn: list(conn.execute(claim, params).fetchall()))
+        rows = self._claim_rows(params, spaced=delay_ms > 0)
         rows.sort(key=lambda r: (-r[0], r[1], r[2]))
         return [ClaimedTask(r[3], bytes(r[4]), r[5], token, r[6], r[7], bool(r[8]))
                 for r in rows]
+
+    def _claim_rows(self, params: Mapping[str, Any], spaced: bool) -> List[Any]:
+        """The claimed tasks as ``claim`` statement rows (priority, due time,
+        seq, id, payload, attempt, name, args, confirm_start), in any order.
+        ``spaced`` (under ``delay_ms``): in one transaction with reading the
+        queue's next allowed start and moving it on; else the ``claim``
+        statement on its own."""
+        sql = self.dialect.sql
+        claim = sql("claim")
+        if not spaced:
+            return self._single(lambda conn: list(conn.execute(claim, params).fetchall()))
+
+        def body(conn: Conn) -> List[Any]:
+            row = conn.execute(sql("queue_start"), params).fetchone()
+            if row is None or row[0] > params["now"]:
+                return []
+            rows = conn.execute(claim, params).fetchall()
+            if rows:
+                conn.execute(sql("space_starts"), params)
+            return list(rows)
+
+        return self._atomic(body)
 
     def set_progress(self, task_id: str, token: str, progress: str) -> bool:
         return self._rowcount("set_progress", {"id": task_id, "token": token,

@@ -69,14 +69,13 @@ import logging
 import os
 import sqlite3
 import threading
-import uuid
 from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence,
                     Set, TypeVar)
 
 from ..errors import StorageBusyError, UnknownQueueError
 from .schema import SCHEMA_VERSION
 from .sql import Dialect, SQLTaskStore, TransientError, patience_left
-from .storage import ClaimedTask, Outcome, Waker, callback_record, place_suspension
+from .storage import Outcome, Waker, callback_record, place_suspension
 from .wakeups import FINISHED, WORK, WakeChannel
 
 __all__ = ["SQLiteTaskStore", "DURABILITY"]
@@ -680,29 +679,22 @@ class SQLiteTaskStore(SQLTaskStore):
 
     # ---- consuming -----------------------------------------------------
 
-    def claim(self, queue: str, *, owner: str, limit: int, now: int, lease_ms: int,
-              delay_ms: int = 0) -> List[ClaimedTask]:
-        """See ``TaskStore.claim``.  One ``BEGIN IMMEDIATE`` transaction
-        reads the due tasks in claim order as one row (``_CLAIM_READ``) and
-        marks them claimed with one ``UPDATE``; a task larger than
-        ``_INLINE_BYTES`` costs a row of its own.  Under ``delay_ms`` the
-        transaction first reads the queue's next allowed start, claims at
-        most one task and moves that start on.  Without SQLite's JSON
-        functions, or in a file whose text is not UTF-8 (which would make
-        the joined payloads text of another encoding), or where the one
-        row would be longer than SQLite's length limit, the shared
-        ``UPDATE ... RETURNING``."""
-        if not self._joins_blobs or limit <= 0:
-            return super().claim(queue, owner=owner, limit=limit, now=now, lease_ms=lease_ms,
-                                 delay_ms=delay_ms)
-        token = uuid.uuid4().hex  # unique per claim; a task appears once in a claim
-        if delay_ms > 0:
-            limit = 1
-        params = {"owner": owner, "expires": now + lease_ms, "token": token, "queue": queue,
-                  "now": now, "limit": limit, "next_start": now + delay_ms}
+    def _claim_rows(self, params: Mapping[str, Any], spaced: bool) -> List[Any]:
+        """See ``SQLTaskStore._claim_rows``.  One ``BEGIN IMMEDIATE``
+        transaction reads the due tasks in claim order as one row
+        (``_CLAIM_READ``) and marks them claimed with one ``UPDATE``; a task
+        larger than ``_INLINE_BYTES`` costs a row of its own; ``spaced``,
+        the transaction first reads the queue's next allowed start and
+        then moves it on.  Without SQLite's JSON functions, or in a file
+        whose text is not UTF-8 (which would make the joined payloads text
+        of another encoding), or where the one row would be longer than
+        SQLite's length limit, the shared ``UPDATE ... RETURNING``."""
+        if not self._joins_blobs:
+            return super()._claim_rows(params, spaced)
+        now, limit = params["now"], params["limit"]
 
-        def body(db: sqlite3.Connection) -> List[ClaimedTask]:
-            if delay_ms > 0:
+        def body(db: sqlite3.Connection) -> List[Any]:
+            if spaced:
                 row = db.execute(_DIALECT.sql("queue_start"), params).fetchone()
                 if row is None or row[0] > now:
                     return []
@@ -711,13 +703,12 @@ class SQLiteTaskStore(SQLTaskStore):
             rows = json.loads(listed)
             if not rows:
                 return []
-            seqs = json.dumps([r[2] for r in rows])
             big = [r[2] for r in rows if r[9]]
             apart = {} if not big else {
                 seq: (bytes(payload), args) for seq, payload, args in
                 db.execute(_CLAIM_BIG, {"seqs": json.dumps(big)}).fetchall()}
-            db.execute(_CLAIM_MARK, dict(params, seqs=seqs))
-            if delay_ms > 0:
+            db.execute(_CLAIM_MARK, dict(params, seqs=json.dumps([r[2] for r in rows])))
+            if spaced:
                 db.execute(_DIALECT.sql("space_starts"), params)
             joined = joined or b""
             claimed, offset = [], 0
@@ -727,10 +718,9 @@ class SQLiteTaskStore(SQLTaskStore):
                 else:  # the inline payloads, joined in the order of the rows
                     payload = joined[offset:offset + length]
                     offset += length
-                claimed.append(((-priority, due, seq), ClaimedTask(
-                    task_id, payload, attempt, token, name, args, bool(confirm))))
-            claimed.sort(key=lambda c: c[0])  # claim order, as read
-            return [task for _, task in claimed]
+                claimed.append((priority, due, seq, task_id, payload, attempt, name, args,
+                                confirm))
+            return claimed
 
         try:
             return self._atomic(body)
@@ -738,8 +728,7 @@ class SQLiteTaskStore(SQLTaskStore):
             # The listing (ids, names, inline arguments as JSON) is longer
             # than the connection takes as one value: rolled back, nothing
             # claimed; the row-by-row statement returns a row per task.
-            return super().claim(queue, owner=owner, limit=limit, now=now, lease_ms=lease_ms,
-                                 delay_ms=delay_ms)
+            return super()._claim_rows(params, spaced)
 
     def renew_leases(self, owner: str, expires_at: int,
                      task_ids: Optional[Sequence[str]] = None) -> int:
