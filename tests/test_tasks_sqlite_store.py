@@ -89,6 +89,21 @@ def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
         SQLiteTaskStore(path)
 
 
+def _enqueue_on_a_thread(store: SQLiteTaskStore,
+                         task_id: str) -> "tuple[threading.Thread, List[BaseException]]":
+    """A thread (not started) that enqueues ``task_id`` into queue "q", and
+    the list that gets what the enqueue raises."""
+    errors: List[BaseException] = []
+
+    def enqueue() -> None:
+        try:
+            store.enqueue("q", task_id, b"x", 0)
+        except BaseException as exc:  # noqa: BLE001 - reported by the caller
+            errors.append(exc)
+
+    return threading.Thread(target=enqueue), errors
+
+
 def test_writes_wait_out_another_connection_holding_the_lock(tmp_path: Path) -> None:
     """A write lock held by another connection longer than busy_timeout is
     retried, never reported as "database is locked"."""
@@ -97,15 +112,7 @@ def test_writes_wait_out_another_connection_holding_the_lock(tmp_path: Path) -> 
     store.ensure_queue("q")
     blocker = sqlite3.connect(path, isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
-    errors: List[BaseException] = []
-
-    def enqueue() -> None:
-        try:
-            store.enqueue("q", "t1", b"x", 0)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    writer = threading.Thread(target=enqueue)
+    writer, errors = _enqueue_on_a_thread(store, "t1")
     writer.start()
     writer.join(2.5)  # past busy_timeout (2 s): the store is in its retry loop
     blocker.execute("COMMIT")
@@ -213,15 +220,7 @@ def test_a_bounded_call_behind_an_unbounded_one_ends_with_its_bound(tmp_path: Pa
     store.ensure_queue("q")
     blocker = sqlite3.connect(path, isolation_level=None)
     blocker.execute("BEGIN EXCLUSIVE")
-    patient_errors: List[BaseException] = []
-
-    def patient() -> None:
-        try:
-            store.enqueue("q", "patient", b"x", 0)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            patient_errors.append(exc)
-
-    worker = threading.Thread(target=patient)
+    worker, patient_errors = _enqueue_on_a_thread(store, "patient")
     ended: List["tuple[str, float, BaseException | None]"] = []
     try:
         worker.start()
